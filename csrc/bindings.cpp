@@ -1,0 +1,16 @@
+// The only PYBIND11_MODULE of accel's CPU extension: declarations and m.def lines.
+#include <torch/extension.h>
+
+std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                torch::Tensor lengths,
+                                                c10::optional<torch::Tensor> indices,
+                                                c10::optional<torch::Tensor> valid, double scale,
+                                                bool return_lse, int64_t num_threads);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "accel CPU kernels (C++/OpenMP)";
+  m.def("decode_attention", &decode_attention_cpu, "GQA decode attention over a strided KV cache",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("lengths"),
+        pybind11::arg("indices") = pybind11::none(), pybind11::arg("valid") = pybind11::none(),
+        pybind11::arg("scale"), pybind11::arg("return_lse") = false, pybind11::arg("num_threads") = 0);
+}

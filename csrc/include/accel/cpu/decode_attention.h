@@ -1,0 +1,245 @@
+// Decode attention (one new query per sequence) over accel's preallocated KV cache, CPU.
+// Torch-free: raw pointers and strides only, so the same header is usable from any binding.
+//
+// Layout: K/V element (b, h, t, d) lives at base + b*sb + h*sh + t*st + d (d contiguous), which
+// matches accel's cache buffers [B, Hkv, capacity, D] and any strided view of them.
+// Per (b, kv-head) a token count `lengths[b*Hkv+h]` (ragged per head, for KV compression) and,
+// optionally, an index list `indices[(b*Hkv+h)*idx_stride + i]` (sparse decode: the i-th attended
+// token is indices[...]) and a per-sequence validity mask `valid[b*valid_sb + t]` (left padding,
+// sliding windows). GQA: the G = H/Hkv query heads of a group are processed together so every K/V
+// row is read from memory exactly once per step.
+//
+// Numerics: fp32 accumulation, online (streaming) softmax in tiles of 32 tokens, flash-decoding
+// style split over the token axis with a log-sum-exp merge for parallelism.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "accel/cpu/vec_math.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace accel {
+namespace cpu {
+
+struct DecodeParams {
+  const float* q = nullptr;  // [B, H, D] contiguous fp32
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t k_sb = 0, k_sh = 0, k_st = 0;
+  int64_t v_sb = 0, v_sh = 0, v_st = 0;
+  const int32_t* lengths = nullptr;  // [B*Hkv]
+  const int32_t* indices = nullptr;  // [B*Hkv*idx_stride] or nullptr
+  int64_t idx_stride = 0;
+  const uint8_t* valid = nullptr;    // [B*valid_sb] or nullptr (only with position-addressed tokens)
+  int64_t valid_sb = 0;
+  int64_t valid_len = 0;             // positions >= valid_len count as valid
+  float scale = 1.0f;
+  float* out = nullptr;  // [B, H, D] fp32
+  float* lse = nullptr;  // [B, H] fp32 or nullptr
+  int B = 0, H = 0, Hkv = 0, D = 0;
+  int num_threads = 0;   // 0: OpenMP default
+};
+
+constexpr int kTile = 32;
+constexpr int kMaxGroup = 64;
+
+// Attend the query heads of (b, kh) over list positions [i0, i1). Writes the running max m[G],
+// the softmax denominator l[G] and the unnormalised accumulator acc[G*D].
+template <typename T, int DC>
+static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_t i1, float* m,
+                        float* l, float* acc) {
+  const int D = DC > 0 ? DC : p.D;
+  const int G = p.H / p.Hkv;
+  const float* q = p.q + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(kh) * G) * D;
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kh * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + kh * p.v_sh;
+  const int32_t* idx = p.indices ? p.indices + (static_cast<int64_t>(b) * p.Hkv + kh) * p.idx_stride : nullptr;
+  const uint8_t* valid = p.valid ? p.valid + b * p.valid_sb : nullptr;
+
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int g = 0; g < G; ++g) {
+    m[g] = ninf;
+    l[g] = 0.f;
+  }
+  std::fill(acc, acc + static_cast<int64_t>(G) * D, 0.f);
+
+  float s[kMaxGroup][kTile];
+  int64_t tok[kTile];
+  bool ok[kTile];
+  for (int64_t i = i0; i < i1; i += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, i1 - i));
+    for (int j = 0; j < n; ++j) {
+      const int64_t t = idx ? idx[i + j] : i + j;
+      tok[j] = t;
+      ok[j] = valid == nullptr || t >= p.valid_len || valid[t] != 0;
+    }
+    // scores: the group's queries are held in registers; the tile's K rows come from memory once
+    // (first head) and from L1 for the other heads of the group
+    if constexpr (DC > 0 && DC % 16 == 0) {
+      constexpr int NV = DC / 16;
+      for (int g = 0; g < G; ++g) {
+        v16f qv[NV];
+        for (int c = 0; c < NV; ++c) qv[c] = load16(q + static_cast<int64_t>(g) * D + 16 * c);
+        for (int j = 0; j < n; ++j) {
+          if (!ok[j]) {
+            s[g][j] = ninf;
+            continue;
+          }
+          const T* kr = kb + tok[j] * p.k_st;
+          v16f a = qv[0] * load16(kr);
+          for (int c = 1; c < NV; ++c) a += qv[c] * load16(kr + 16 * c);
+          s[g][j] = hsum16(a) * p.scale;
+        }
+      }
+    } else {
+      for (int j = 0; j < n; ++j) {
+        if (!ok[j]) {
+          for (int g = 0; g < G; ++g) s[g][j] = ninf;
+          continue;
+        }
+        const T* kr = kb + tok[j] * p.k_st;
+        for (int g = 0; g < G; ++g) {
+          const float* qg = q + static_cast<int64_t>(g) * D;
+          float dot = 0.f;
+          for (int d = 0; d < D; ++d) dot += qg[d] * Load<T>::get(kr, d);
+          s[g][j] = dot * p.scale;
+        }
+      }
+    }
+    // online softmax update, once per tile
+    for (int g = 0; g < G; ++g) {
+      float mx = ninf;
+#pragma omp simd reduction(max : mx)
+      for (int j = 0; j < n; ++j) mx = s[g][j] > mx ? s[g][j] : mx;
+      if (mx == ninf) {
+        for (int j = 0; j < n; ++j) s[g][j] = 0.f;
+        continue;
+      }
+      const float newm = std::max(m[g], mx);
+      if (newm > m[g]) {
+        const float alpha = (m[g] == ninf) ? 0.f : fast_exp(m[g] - newm);
+        l[g] *= alpha;
+        float* a = acc + static_cast<int64_t>(g) * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) a[d] *= alpha;
+        m[g] = newm;
+      }
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < n; ++j) {
+        const float e = fast_exp(s[g][j] - newm);
+        const float pj = (s[g][j] == ninf) ? 0.f : e;
+        s[g][j] = pj;
+        sum += pj;
+      }
+      l[g] += sum;
+    }
+    // values: the accumulator of one head stays in registers across the tile
+    if constexpr (DC > 0 && DC % 16 == 0) {
+      constexpr int NV = DC / 16;
+      for (int g = 0; g < G; ++g) {
+        float* ag = acc + static_cast<int64_t>(g) * D;
+        v16f a[NV];
+        for (int c = 0; c < NV; ++c) a[c] = load16(ag + 16 * c);
+        for (int j = 0; j < n; ++j) {
+          const float pj = s[g][j];
+          if (pj == 0.f) continue;
+          const T* vr = vb + tok[j] * p.v_st;
+          const v16f pv = splat16(pj);
+          for (int c = 0; c < NV; ++c) a[c] += pv * load16(vr + 16 * c);
+        }
+        for (int c = 0; c < NV; ++c) store16(ag + 16 * c, a[c]);
+      }
+    } else {
+      for (int j = 0; j < n; ++j) {
+        if (!ok[j]) continue;
+        const T* vr = vb + tok[j] * p.v_st;
+        for (int g = 0; g < G; ++g) {
+          const float pj = s[g][j];
+          float* a = acc + static_cast<int64_t>(g) * D;
+          for (int d = 0; d < D; ++d) a[d] += pj * Load<T>::get(vr, d);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int DC>
+static void decode_attention_impl(const DecodeParams& p) {
+  const int D = DC > 0 ? DC : p.D;
+  const int G = p.H / p.Hkv;
+  const int64_t BH = static_cast<int64_t>(p.B) * p.Hkv;
+  int64_t max_len = 0;
+  for (int64_t i = 0; i < BH; ++i) max_len = std::max<int64_t>(max_len, p.lengths[i]);
+
+  int threads = 1;
+#ifdef _OPENMP
+  threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+#endif
+  // Split the token axis when there are fewer (b, kv-head) items than ~4 per thread.
+  int64_t splits = 1;
+  if (threads > 1 && BH < 4 * threads) {
+    splits = std::max<int64_t>(1, std::min<int64_t>((4 * threads + BH - 1) / BH, max_len / 512));
+  }
+  const int64_t chunk = splits > 1 ? (max_len + splits - 1) / splits : std::max<int64_t>(max_len, 1);
+  const int64_t items = BH * splits;
+  std::vector<float> pm(items * G), pl(items * G), pacc(items * G * static_cast<int64_t>(D));
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && items > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t bh = it / splits, sp = it % splits;
+    const int b = static_cast<int>(bh / p.Hkv), kh = static_cast<int>(bh % p.Hkv);
+    const int64_t len = p.lengths[bh];
+    const int64_t i0 = std::min(len, sp * chunk), i1 = std::min(len, (sp + 1) * chunk);
+    attend_span<T, DC>(p, b, kh, i0, i1, pm.data() + it * G, pl.data() + it * G,
+                       pacc.data() + it * G * static_cast<int64_t>(D));
+  }
+
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int b = static_cast<int>(bh / p.Hkv), kh = static_cast<int>(bh % p.Hkv);
+    for (int g = 0; g < G; ++g) {
+      const int64_t head = static_cast<int64_t>(b) * p.H + static_cast<int64_t>(kh) * G + g;
+      float M = ninf;
+      for (int64_t sp = 0; sp < splits; ++sp) M = std::max(M, pm[(bh * splits + sp) * G + g]);
+      float* o = p.out + head * D;
+      std::fill(o, o + D, 0.f);
+      float L = 0.f;
+      if (M != ninf) {
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const int64_t it = bh * splits + sp;
+          const float mi = pm[it * G + g];
+          if (mi == ninf) continue;
+          const float w = std::exp(mi - M);
+          L += w * pl[it * G + g];
+          const float* a = pacc.data() + (it * G + g) * D;
+          for (int d = 0; d < D; ++d) o[d] += w * a[d];
+        }
+        const float inv = 1.f / L;
+        for (int d = 0; d < D; ++d) o[d] *= inv;
+      }
+      if (p.lse) p.lse[head] = (M == ninf) ? ninf : M + std::log(L);
+    }
+  }
+}
+
+template <typename T>
+inline void decode_attention(const DecodeParams& p) {
+  switch (p.D) {
+    case 64: decode_attention_impl<T, 64>(p); break;
+    case 80: decode_attention_impl<T, 80>(p); break;
+    case 96: decode_attention_impl<T, 96>(p); break;
+    case 128: decode_attention_impl<T, 128>(p); break;
+    case 256: decode_attention_impl<T, 256>(p); break;
+    default: decode_attention_impl<T, 0>(p); break;
+  }
+}
+
+}  // namespace cpu
+}  // namespace accel

@@ -1,0 +1,91 @@
+// Torch-facing launcher for the CPU decode-attention kernel. Every precondition is checked here so
+// that a bad call fails with a message naming the argument, never inside the kernel.
+#include <torch/extension.h>
+
+#include "accel/cpu/decode_attention.h"
+
+namespace {
+
+void check_kv(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, name, " must be [B, Hkv, capacity, D], got ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1, name, " must be contiguous in the head dimension");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                torch::Tensor lengths,
+                                                c10::optional<torch::Tensor> indices,
+                                                c10::optional<torch::Tensor> valid, double scale,
+                                                bool return_lse, int64_t num_threads) {
+  TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor");
+  TORCH_CHECK(q.dim() == 3, "q must be [B, H, D], got ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32, "q must be float32 (cast in the caller)");
+  q = q.contiguous();
+  check_kv(k, "k");
+  check_kv(v, "v");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must have the same dtype");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k.size(1);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, "k/v batch ", k.size(0), " != q batch ", B);
+  TORCH_CHECK(k.size(3) == D && v.size(3) == D, "k/v head_dim must equal q head_dim ", D);
+  TORCH_CHECK(v.size(1) == Hkv, "k and v must have the same number of KV heads");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads ", H, " must be a multiple of KV heads ", Hkv);
+  TORCH_CHECK(H / Hkv <= accel::cpu::kMaxGroup, "GQA group size ", H / Hkv, " exceeds ",
+              accel::cpu::kMaxGroup);
+  TORCH_CHECK(lengths.scalar_type() == torch::kInt32 && lengths.numel() == B * Hkv,
+              "lengths must be int32 with B*Hkv = ", B * Hkv, " entries");
+  lengths = lengths.contiguous();
+  const int64_t cap = std::min(k.size(2), v.size(2));
+
+  accel::cpu::DecodeParams p;
+  if (indices.has_value() && indices->defined()) {
+    auto& ix = *indices;
+    TORCH_CHECK(ix.scalar_type() == torch::kInt32 && ix.dim() == 3 && ix.size(0) == B &&
+                    ix.size(1) == Hkv && ix.stride(2) == 1,
+                "indices must be int32 [B, Hkv, S] contiguous in the last dimension");
+    TORCH_CHECK(lengths.max().item<int32_t>() <= ix.size(2), "lengths exceed the index list size");
+    TORCH_CHECK(ix.numel() == 0 || (ix.min().item<int32_t>() >= 0 && ix.max().item<int32_t>() < cap),
+                "indices must lie in [0, capacity=", cap, ")");
+    TORCH_CHECK(ix.stride(1) == ix.size(2) && ix.stride(0) == Hkv * ix.size(2), "indices must be contiguous");
+    p.indices = ix.data_ptr<int32_t>();
+    p.idx_stride = ix.size(2);
+  } else {
+    TORCH_CHECK(lengths.numel() == 0 || lengths.max().item<int32_t>() <= cap, "lengths exceed the cache capacity ", cap);
+  }
+  torch::Tensor valid_c;
+  if (valid.has_value() && valid->defined()) {
+    valid_c = valid->to(torch::kUInt8);
+    TORCH_CHECK(valid_c.dim() == 2 && valid_c.size(0) == B, "valid must be [B, T]");
+    TORCH_CHECK(valid_c.stride(1) == 1, "valid must be contiguous in T");
+    p.valid = valid_c.data_ptr<uint8_t>();
+    p.valid_sb = valid_c.stride(0);
+    p.valid_len = valid_c.size(1);
+  }
+  auto out = torch::empty({B, H, D}, q.options());
+  torch::Tensor lse;
+  if (return_lse) lse = torch::empty({B, H}, q.options());
+  p.q = q.data_ptr<float>();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2);
+  p.lengths = lengths.data_ptr<int32_t>();
+  p.scale = static_cast<float>(scale);
+  p.out = out.data_ptr<float>();
+  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Hkv = static_cast<int>(Hkv); p.D = static_cast<int>(D);
+  p.num_threads = static_cast<int>(num_threads > 0 ? num_threads : at::get_num_threads());
+  {
+    pybind11::gil_scoped_release nogil;
+    if (k.scalar_type() == torch::kFloat32)
+      accel::cpu::decode_attention<float>(p);
+    else
+      accel::cpu::decode_attention<uint16_t>(p);
+  }
+  if (return_lse) return {out, lse};
+  return {out};
+}

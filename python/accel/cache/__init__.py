@@ -1,0 +1,3 @@
+from .accel_cache import AccelCache, AccelLayer
+
+__all__ = ["AccelCache", "AccelLayer"]

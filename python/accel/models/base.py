@@ -1,0 +1,80 @@
+"""Architecture adapters: where a model's decoder layers and attention modules are, and what is
+special about it. One file per architecture; ``registry.py`` maps ``config.model_type`` to them."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..policies.base import ModelInfo
+
+
+class ModelAdapter:
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: attribute of the attention module that must exist (checks we are looking at the expected code)
+    required_attention_attrs: ClassVar[tuple[str, ...]] = ("layer_idx",)
+    notes: ClassVar[str] = ""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        self.check()
+
+    # -- structure --------------------------------------------------------------------------------
+    def decoder(self) -> torch.nn.Module:
+        """The module that owns ``layers`` (``model.model`` for *ForCausalLM)."""
+        m = self.model
+        for path in ("model", "model.language_model", "language_model"):
+            cur = m
+            ok = True
+            for part in path.split("."):
+                cur = getattr(cur, part, None)
+                if cur is None:
+                    ok = False
+                    break
+            if ok and hasattr(cur, "layers"):
+                return cur
+        if hasattr(m, "layers"):
+            return m
+        raise UnsupportedModelError(f"{type(m).__name__}: could not find the decoder layers")
+
+    def layers(self) -> list[torch.nn.Module]:
+        return list(self.decoder().layers)
+
+    def attention_modules(self) -> list[torch.nn.Module]:
+        return [layer.self_attn for layer in self.layers()]
+
+    def check(self) -> None:
+        attns = self.attention_modules()
+        if not attns:
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no decoder layers")
+        for a in attns:
+            for attr in self.required_attention_attrs:
+                if not hasattr(a, attr):
+                    raise UnsupportedModelError(
+                        f"{type(a).__name__} lacks `{attr}`: this transformers version's {self.model_types[0]} "
+                        "code differs from what accel's adapter expects"
+                    )
+
+    # -- facts ------------------------------------------------------------------------------------
+    def sliding_windows(self) -> list[int | None]:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(self.config)
+        return [kw.get("sliding_window") if t != "full_attention" else None for t, kw in zip(types, kwargs)]
+
+    def info(self) -> ModelInfo:
+        c = self.config
+        heads = c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return ModelInfo(
+            model_type=c.model_type,
+            num_layers=c.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            max_context=getattr(c, "max_position_embeddings", None),
+            sliding_windows=self.sliding_windows(),
+        )

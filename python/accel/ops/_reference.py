@@ -1,0 +1,53 @@
+"""Pure-torch reference implementations: the test oracle for every kernel and the fallback backend.
+
+Written for clarity, not speed; all arithmetic in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    indices: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """One-query-per-sequence attention over a [B, Hkv, capacity, D] cache.
+
+    ``lengths[b, h]`` tokens are attended for KV head ``h`` of sequence ``b``: positions
+    ``0..lengths-1``, or ``indices[b, h, :lengths]`` when an index list is given. ``valid[b, t]``
+    (optional, bool) removes positions (left padding, windows). GQA: query head ``i`` uses KV head
+    ``i // (H // Hkv)``. Returns ``out`` [B, H, D] (fp32) and optionally ``lse`` [B, H].
+    """
+    B, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(B, H, D, dtype=torch.float32)
+    lse = torch.full((B, H), -math.inf, dtype=torch.float32)
+    lengths = lengths.reshape(B, Hkv)
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(lengths[b, h])
+            pos = indices[b, h, :n].long() if indices is not None else torch.arange(n)
+            if valid is not None:
+                keep = torch.ones(n, dtype=torch.bool)
+                inside = pos < valid.shape[1]
+                keep[inside] = valid[b, pos[inside]].bool()
+                pos = pos[keep]
+            if pos.numel() == 0:
+                continue
+            kk = k[b, h, pos].float()
+            vv = v[b, h, pos].float()
+            qq = q[b, h * G : (h + 1) * G].float()
+            s = (qq @ kk.T) * scale
+            lse[b, h * G : (h + 1) * G] = torch.logsumexp(s, dim=-1)
+            out[b, h * G : (h + 1) * G] = torch.softmax(s, dim=-1) @ vv
+    return (out, lse) if return_lse else out

@@ -1,0 +1,104 @@
+"""Decode-attention op with backend dispatch.
+
+Backends, in priority order for a tensor's device:
+  CPU:  ``cpp`` (accel._C, OpenMP + vectorised C++) -> ``torch`` (pure-torch reference)
+  CUDA: ``cuda`` (accel._C_cuda) -> ``triton`` (accel.kernels) -> ``torch``
+``backend_report()`` explains why each backend is or is not usable (shown by ``accel info``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _ext
+from ..config import forced_backend
+from ._reference import decode_attention_ref
+
+
+def _triton_reason() -> str:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        return f"triton is not installed ({type(exc).__name__})"
+    if not torch.cuda.is_available():
+        return "triton is installed but no CUDA device is visible (CPU tensors run only under TRITON_INTERPRET=1, used in tests)"
+    return ""
+
+
+def backend_report() -> dict[str, str]:
+    """Map backend name -> '' if usable, else the reason it is not."""
+    return {
+        "cpp": "" if _ext.HAS_CPU_EXT else _ext.CPU_EXT_REASON,
+        "cuda": (
+            "" if (_ext.HAS_CUDA_EXT and torch.cuda.is_available())
+            else (_ext.CUDA_EXT_REASON or "no CUDA device is visible")
+        ),
+        "triton": _triton_reason(),
+        "torch": "",
+    }
+
+
+def choose_backend(device: torch.device) -> str:
+    forced = forced_backend()
+    report = backend_report()
+    if forced != "auto":
+        if report[forced]:
+            from ..errors import AccelError
+
+            raise AccelError(f"ACCEL_BACKEND={forced} cannot run: {report[forced]}")
+        return forced
+    order = ["cpp", "torch"] if device.type == "cpu" else ["cuda", "triton", "torch"]
+    for name in order:
+        if not report[name]:
+            return name
+    return "torch"
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    indices: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention of one new query per sequence over a KV cache.
+
+    Args:
+        q: [B, H, D] queries (any float dtype; computed in fp32).
+        k, v: [B, Hkv, T, D] keys/values (fp32 or bf16), contiguous in D; any strides otherwise, so
+            views of accel's preallocated cache are passed without a copy.
+        lengths: [B, Hkv] int32 tokens attended per KV head (default: all T).
+        indices: optional [B, Hkv, S] int32 token positions (sparse decode); ``lengths`` then counts
+            the valid entries of each list.
+        valid: optional [B, T'] bool: False marks positions to skip (padding, windows).
+        scale: softmax scale (default 1/sqrt(D)).
+    Returns:
+        out [B, H, D] in q's dtype, and lse [B, H] (fp32) if ``return_lse``.
+    """
+    B, H, D = q.shape
+    Hkv = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if lengths is None:
+        lengths = torch.full((B, Hkv), k.shape[2], dtype=torch.int32, device=k.device)
+    backend = backend or choose_backend(q.device)
+    if backend == "cpp":
+        res = _ext.cpu_ext().decode_attention(
+            q.float().contiguous(), k, v, lengths.to(torch.int32), indices, valid, scale, return_lse, 0
+        )
+        out = res[0].to(q.dtype)
+        return (out, res[1]) if return_lse else out
+    if backend == "triton":
+        from accel.kernels.attention.decode import decode_attention_triton
+
+        res = decode_attention_triton(q, k, v, lengths, indices=indices, valid=valid, scale=scale)
+        return res if return_lse else res[0]
+    res = decode_attention_ref(q, k, v, lengths, indices=indices, valid=valid, scale=scale, return_lse=return_lse)
+    if return_lse:
+        return res[0].to(q.dtype), res[1]
+    return res.to(q.dtype)

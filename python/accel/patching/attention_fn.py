@@ -1,0 +1,102 @@
+"""accel's entry in transformers' attention registry (``AttentionInterface``) and the dense helpers.
+
+Registration happens on the first ``accel.patch()`` (never at import). The registered function
+looks up the calling attention module in the patch runtime and hands the call to that model's
+policy: ``prefill`` for several queries, ``decode`` for one query per sequence. Modules that are not
+patched (or calls accel cannot serve, e.g. ``output_attentions``/dropout/softcap) go to
+transformers' own implementations, so behaviour is never silently different.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from ..ops.attention import decode_attention
+
+logger = logging.getLogger("accel")
+
+ATTN_NAME = "accel"
+#: attention module -> (ModelRuntime, layer_idx); weak so a deleted model leaves nothing behind
+MODULE_RUNTIME: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_registered = False
+
+
+def ensure_registered() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, accel_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    _registered = True
+
+
+def hf_sdpa(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("sliding_window", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def hf_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' eager attention of the module's own architecture (handles softcap etc.)."""
+    import importlib
+
+    mod = importlib.import_module(type(module).__module__)
+    fn = getattr(mod, "eager_attention_forward")
+    return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def valid_from_mask(attention_mask, batch: int, kv_len: int):
+    """Turn a decode-step mask (bool or additive, [B|1, 1, 1, T]) into a [B, T] bool validity
+    vector for the kernel. Returns (ok, valid): ok=False means the mask has a form the decode kernel
+    does not take (per-head masks), and the caller must fall back."""
+    if attention_mask is None:
+        return True, None
+    m = attention_mask
+    if m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != 1:
+        return False, None
+    m = m[:, 0, 0, :kv_len]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    if m.shape[0] != batch:
+        m = m.expand(batch, -1)
+    if m.shape[1] < kv_len:  # positions past the mask are valid (mask shorter than the cache view)
+        m = torch.cat([m, m.new_ones(batch, kv_len - m.shape[1])], dim=1)
+    if bool(m.all()):
+        return True, None
+    return True, m.contiguous()
+
+
+def dense_decode(ctx, query, key, value, attention_mask, scaling):
+    """Exact decode attention with accel's kernel. query [B, H, 1, D], key/value [B, Hkv, T, D]."""
+    B, H, _, D = query.shape
+    if key.shape[-1] != value.shape[-1]:
+        return hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling)[0]
+    ok, valid = valid_from_mask(attention_mask, B, key.shape[2])
+    if not ok:
+        return hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling)[0]
+    out = decode_attention(query[:, :, 0, :], key, value, valid=valid, scale=scaling)
+    return out.unsqueeze(1)  # [B, 1, H, D], the layout HF attention functions return
+
+
+def accel_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, **kwargs):
+    entry = MODULE_RUNTIME.get(module)
+    needs_hf = (
+        entry is None
+        or dropout > 0.0
+        or kwargs.get("output_attentions", False)
+        or kwargs.get("softcap") is not None
+        or kwargs.get("position_bias") is not None
+    )
+    if needs_hf:
+        if kwargs.get("softcap") is not None or kwargs.get("output_attentions", False):
+            return hf_eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return hf_sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    runtime, layer_idx = entry
+    return runtime.attend(layer_idx, module, query, key, value, attention_mask, scaling, **kwargs)

@@ -1,0 +1,273 @@
+"""``accel.patch()``: scoped, reversible patching through transformers' public extension points.
+
+What patching does to a model, and nothing else:
+  1. registers accel's attention function under the name "accel" in transformers'
+     ``AttentionInterface`` (once per process) and switches the model's configs to it with
+     ``set_attn_implementation`` -- the original values are recorded;
+  2. adds one forward pre-hook (``register_forward_pre_hook(with_kwargs=True)``) on the top-level
+     model that gives each new generation an ``AccelCache`` and checks the inputs;
+  3. records which attention module is which layer in a weak dictionary outside the model.
+``PatchHandle.remove()`` undoes exactly these, so the model is as it was (parameters are never touched).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from pathlib import Path
+
+import torch
+
+from ..cache.accel_cache import AccelCache
+from ..errors import AlreadyPatchedError, InputError
+from ..models.registry import get_adapter
+from ..policies.base import ComposedPolicy, KVCachePolicy, LayerContext
+from ..policies.registry import make_policy
+from ..scheduler.plan import Plan
+from .attention_fn import ATTN_NAME, MODULE_RUNTIME, ensure_registered
+
+logger = logging.getLogger("accel")
+
+_PATCHED: "weakref.WeakKeyDictionary[torch.nn.Module, PatchHandle]" = weakref.WeakKeyDictionary()
+
+
+class ModelRuntime:
+    """Per-patched-model state shared by all layers during a forward pass."""
+
+    def __init__(self, model, adapter, info, policy, plan: Plan, reserve: int, check_context: bool):
+        self.model_ref = weakref.ref(model)
+        self.adapter = adapter
+        self.info = info
+        if isinstance(policy, ComposedPolicy):
+            self.attention, self.kv = policy.attention, list(policy.kv)
+        elif isinstance(policy, KVCachePolicy):
+            from ..policies.dense import DensePolicy
+
+            self.attention, self.kv = DensePolicy(), [policy]
+        else:
+            self.attention, self.kv = policy, []
+        self.policy = policy
+        self.plan = plan
+        self.reserve = reserve
+        self.check_context = check_context
+        self.cache: AccelCache | None = None
+        self.layer_state: dict[int, dict] = {}
+        self.shared: dict = {}  # cross-layer data within a step (e.g. donor indices)
+        self.step = 0
+
+    def new_sequence(self) -> None:
+        self.layer_state = {}
+        self.shared = {}
+        self.step = 0
+
+    def context(self, layer_idx: int, module) -> LayerContext:
+        cache_layer = None
+        if self.cache is not None and layer_idx < len(self.cache.layers):
+            cache_layer = self.cache.layers[layer_idx]
+        return LayerContext(
+            layer_idx=layer_idx, module=module, plan=self.plan.layers[layer_idx], runtime=self,
+            cache_layer=cache_layer, state=self.layer_state.setdefault(layer_idx, {}),
+        )
+
+    def attend(self, layer_idx, module, query, key, value, attention_mask, scaling, **kwargs):
+        ctx = self.context(layer_idx, module)
+        if query.shape[2] == 1:
+            out = self.attention.decode(ctx, query, key, value, attention_mask, scaling, **kwargs)
+            for p in self.kv:
+                p.after_decode(ctx, query, attention_mask)
+        else:
+            out = self.attention.prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
+            if isinstance(out, tuple):
+                out = out[0]
+            for p in self.kv:
+                p.after_prefill(ctx, query, attention_mask)
+        return out, None
+
+    # -- the pre-hook -------------------------------------------------------------------------------
+    def pre_forward(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = input_ids if input_ids is not None else embeds
+        if ref is not None and ref.shape[1] == 0:
+            raise InputError("empty prompt: the input has 0 tokens; give at least one token")
+        q_len = ref.shape[1] if ref is not None else 0
+        cfg = module.config
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(cfg, "use_cache", True)
+        pkv = kwargs.get("past_key_values")
+        if use_cache and not module.training:
+            from transformers.cache_utils import DynamicCache
+
+            fresh_dynamic = type(pkv) is DynamicCache and pkv.get_seq_length() == 0
+            if pkv is None or fresh_dynamic:
+                pkv = AccelCache(cfg, reserve=self.reserve)
+                kwargs["past_key_values"] = pkv
+        if isinstance(pkv, AccelCache):
+            if pkv is not self.cache:
+                self.new_sequence()
+            self.cache = pkv
+        else:
+            if self.cache is not None:
+                self.new_sequence()
+            self.cache = None
+        past = pkv.get_seq_length() if pkv is not None else 0
+        if past == 0:
+            self.new_sequence()
+        else:
+            self.step += 1
+        limit = self.info.max_context
+        if self.check_context and limit and past + q_len > limit:
+            raise InputError(
+                f"sequence of {past + q_len} tokens ({past} cached + {q_len} new) exceeds the model's context "
+                f"window of {limit} tokens (config.max_position_embeddings); shorten the prompt or lower "
+                "max_new_tokens (or patch with check_context=False to run past it anyway)"
+            )
+        am = kwargs.get("attention_mask")
+        if past == 0 and isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] > 1:
+            a = am.bool()
+            # a row is left-padded (or unpadded) iff once a 1 appears, no 0 follows
+            seen = torch.cumsum(a.int(), dim=1) > 0
+            if bool((seen & ~a).any()):
+                raise InputError(
+                    "the batch is right-padded (a 0 follows a 1 in attention_mask); decoder-only generation needs "
+                    "left padding: set tokenizer.padding_side = 'left' before tokenizing"
+                )
+        return args, kwargs
+
+
+class PatchHandle:
+    """Returned by ``accel.patch``. A context manager; ``remove()`` restores the model exactly."""
+
+    def __init__(self, model, runtime: ModelRuntime, hook, saved_impls):
+        self._model_ref = weakref.ref(model)
+        self.runtime = runtime
+        self._hook = hook
+        self._saved_impls = saved_impls
+        self.active = True
+
+    @property
+    def plan(self) -> Plan:
+        return self.runtime.plan
+
+    @property
+    def policy(self):
+        return self.runtime.policy
+
+    @property
+    def cache(self) -> AccelCache | None:
+        """The cache of the most recent forward pass (for KV-byte accounting)."""
+        return self.runtime.cache
+
+    def summary(self) -> str:
+        info = self.runtime.info
+        modes: dict[str, int] = {}
+        for lp in self.plan.layers:
+            key = lp.mode if lp.mode != "reuse" else "reuse"
+            modes[key] = modes.get(key, 0) + 1
+        mode_s = ", ".join(f"{k}: {v}" for k, v in sorted(modes.items()))
+        return (f"accel policy={self.runtime.policy.name} on {info.model_type} "
+                f"({info.num_layers} layers, {info.num_heads}/{info.num_kv_heads} heads, head_dim {info.head_dim}); "
+                f"layers by mode: {mode_s}")
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        model = self._model_ref()
+        self._hook.remove()
+        if model is not None:
+            for cfg, impl in self._saved_impls:
+                cfg._attn_implementation_internal = impl
+            for m in self.runtime.adapter.attention_modules():
+                MODULE_RUNTIME.pop(m, None)
+            _PATCHED.pop(model, None)
+        self.runtime.cache = None
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        return f"<PatchHandle {'active' if self.active else 'removed'}: {self.summary()}>"
+
+
+def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *, reserve: int = 0,
+          check_context: bool = True, **overrides) -> PatchHandle:
+    """Patch a loaded transformers model in place.
+
+    Args:
+        model: a ``*ForCausalLM`` of a supported architecture (see ``accel.supported_model_types()``).
+        policy: a registered policy name (``accel.list_policies()``), a composition
+            ``"attention+kv"`` (e.g. ``"hylra+snapkv"``) or a policy object.
+        plan: a ``Plan`` (or path / dict of one) from the scheduler; default: the policy's own plan.
+        reserve: tokens to preallocate per layer in accel's cache (0 = grow as needed).
+        check_context: raise when prompt + generated tokens exceed the model's context window.
+        **overrides: policy knobs, e.g. ``topk=512``; ``name.knob=value`` targets one policy of a
+            composition.
+    Returns:
+        a ``PatchHandle`` (context manager, ``.remove()``).
+    """
+    if model in _PATCHED:
+        prev = _PATCHED[model]
+        raise AlreadyPatchedError(
+            f"this model is already patched by accel (policy {prev.runtime.policy.name!r}); call "
+            "handle.remove() (or accel.unpatch(model)) before patching it again"
+        )
+    adapter = get_adapter(model)
+    info = adapter.info()
+    pol = make_policy(policy, overrides)
+    reasons = []
+    for p in ([pol.attention] + list(pol.kv)) if isinstance(pol, ComposedPolicy) else [pol]:
+        reasons += p.not_supported_reasons(info)
+    if reasons:
+        from ..errors import AccelError
+
+        raise AccelError(f"policy {pol.name!r} cannot run on this model: " + "; ".join(reasons))
+    if plan is None:
+        plan_obj = pol.build_plan(info)
+    elif isinstance(plan, Plan):
+        plan_obj = plan
+    elif isinstance(plan, dict):
+        plan_obj = Plan.from_dict(plan)
+    else:
+        plan_obj = Plan.load(plan)
+    plan_obj.validate(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads)
+
+    ensure_registered()
+    runtime = ModelRuntime(model, adapter, info, pol, plan_obj, reserve, check_context)
+    # record every config whose attention implementation we change
+    saved = []
+    seen = set()
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            saved.append((cfg, cfg._attn_implementation_internal))
+    model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:  # pragma: no cover - defensive
+        for cfg, impl in saved:
+            cfg._attn_implementation_internal = impl
+        raise RuntimeError("transformers refused accel's attention implementation")
+    for i, m in enumerate(adapter.attention_modules()):
+        MODULE_RUNTIME[m] = (runtime, getattr(m, "layer_idx", i))
+    hook = model.register_forward_pre_hook(runtime.pre_forward, with_kwargs=True)
+    handle = PatchHandle(model, runtime, hook, saved)
+    _PATCHED[model] = handle
+    logger.info("%s", handle.summary())
+    return handle
+
+
+def unpatch(model) -> bool:
+    """Remove accel from ``model`` if patched; returns whether it was."""
+    h = _PATCHED.get(model)
+    if h is None:
+        return False
+    h.remove()
+    return True
+
+
+def get_handle(model) -> PatchHandle | None:
+    return _PATCHED.get(model)

@@ -1,0 +1,145 @@
+"""Policy base classes: the plumbing lives here, subclasses write only the method's maths.
+
+Two families compose on one model (house-style "template method", after kvpress' BasePress):
+
+* ``AttentionPolicy`` decides how a layer computes attention: ``prefill`` (many queries) and
+  ``decode`` (one query per sequence). The defaults are exact dense attention: prefill through
+  transformers' own SDPA function, decode through accel's bandwidth-bound kernel over accel's cache.
+* ``KVCachePolicy`` decides what the cache keeps: ``after_prefill`` (compress the prompt's KV) and
+  ``after_decode`` (evict as tokens arrive), per KV head, on ``AccelLayer`` storage.
+
+A policy is a ``@dataclass``; its fields are its knobs, validated in ``__post_init__`` with errors
+that name the knob and its valid range. ``build_plan`` turns the policy into a per-layer ``Plan``;
+policies driven by calibration override it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import AccelError
+from ..scheduler.plan import Plan
+
+
+@dataclass
+class ModelInfo:
+    """What a policy may need to know about the model (filled by the architecture adapter)."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int | None
+    sliding_windows: list[int | None]
+
+
+@dataclass(eq=False)
+class LayerContext:
+    """Per-layer, per-call context handed to policies.
+
+    Attributes:
+        layer_idx: decoder layer index.
+        module: the layer's attention module (read-only for policies).
+        plan: this layer's ``LayerPlan``.
+        runtime: the model-wide ``ModelRuntime`` (current cache, step counter, cross-layer data such
+            as a donor layer's selected indices).
+        cache_layer: the layer's ``AccelLayer`` when accel's cache is in use, else ``None``.
+        state: persistent per-layer dict for the policy (survives across decode steps of one
+            generation; cleared when a new cache starts).
+    """
+
+    layer_idx: int
+    module: torch.nn.Module
+    plan: Any
+    runtime: Any
+    cache_layer: Any
+    state: dict
+
+
+class Policy:
+    """Common base. ``name`` is the registry name; ``kind`` is 'attention' or 'kv'."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    lossy: ClassVar[bool] = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``AccelError`` naming any knob that is out of range."""
+
+    def not_supported_reasons(self, info: ModelInfo) -> list[str]:
+        return []
+
+    def build_plan(self, info: ModelInfo) -> Plan:
+        return Plan.uniform(
+            self.name, info.num_layers,
+            attention=self.name if self.kind == "attention" else "dense",
+            kv=self.name if self.kind == "kv" else None,
+            num_kv_heads=info.num_kv_heads, model_type=info.model_type, **self.knobs(),
+        )
+
+    def knobs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+
+    @classmethod
+    def from_overrides(cls, **overrides):
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        bad = set(overrides) - fields
+        if bad:
+            raise AccelError(
+                f"policy {cls.name!r} has no option(s) {sorted(bad)}; its options are {sorted(fields) or 'none'}"
+            )
+        return cls(**overrides)
+
+
+class AttentionPolicy(Policy):
+    kind: ClassVar[str] = "attention"
+
+    def prefill(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
+        from ..patching.attention_fn import hf_sdpa
+
+        return hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
+        from ..patching.attention_fn import dense_decode
+
+        return dense_decode(ctx, query, key, value, attention_mask, scaling)
+
+
+class KVCachePolicy(Policy):
+    kind: ClassVar[str] = "kv"
+
+    def after_prefill(self, ctx: LayerContext, query, attention_mask) -> None:
+        """Compress ``ctx.cache_layer`` after the prompt's KV was written."""
+
+    def after_decode(self, ctx: LayerContext, query, attention_mask) -> None:
+        """Evict from ``ctx.cache_layer`` after a decode step."""
+
+
+@dataclass
+class ComposedPolicy:
+    """One attention policy plus any number of KV-cache policies on the same model."""
+
+    attention: AttentionPolicy
+    kv: list[KVCachePolicy]
+
+    @property
+    def name(self) -> str:
+        return "+".join([self.attention.name] + [p.name for p in self.kv])
+
+    def build_plan(self, info: ModelInfo) -> Plan:
+        plan = self.attention.build_plan(info)
+        plan.policy = self.name
+        if self.kv:
+            kv_name = "+".join(p.name for p in self.kv)
+            for lp in plan.layers:
+                lp.kv = kv_name
+            for p in self.kv:
+                plan.params.update({f"{p.name}.{k}": v for k, v in p.knobs().items()})
+        return plan

@@ -1,0 +1,79 @@
+"""Policy registry: name -> class, with lazy imports and helpful unknown-name errors."""
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from ..errors import AccelError, UnknownPolicyError
+
+_REGISTRY: dict[str, type] = {}
+# name -> "module:Class" for policies whose module is imported only when first asked for
+_LAZY: dict[str, str] = {
+    "dense": "accel.policies.dense:DensePolicy",
+}
+
+
+def register_policy(name: str):
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_policies() -> list[str]:
+    return sorted(set(_LAZY) | set(_REGISTRY))
+
+
+def get_policy_class(name: str) -> type:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _LAZY:
+        mod, cls = _LAZY[name].split(":")
+        importlib.import_module(mod)
+        return _REGISTRY[name]
+    hint = difflib.get_close_matches(name, list_policies(), n=1)
+    extra = f" Did you mean {hint[0]!r}?" if hint else ""
+    raise UnknownPolicyError(f"unknown policy {name!r}. Registered policies: {', '.join(list_policies())}.{extra}")
+
+
+def make_policy(spec, overrides: dict | None = None):
+    """Build a policy object from a name (``"dense"``), a composition (``"hylra+snapkv"`` or a list of
+    names) or an existing policy object. Overrides go to the attention policy unless prefixed with a
+    policy name and a dot (``snapkv.budget=512``)."""
+    from .base import AttentionPolicy, ComposedPolicy, KVCachePolicy, Policy
+
+    overrides = dict(overrides or {})
+    if isinstance(spec, (Policy, ComposedPolicy)):
+        if overrides:
+            raise AccelError("pass overrides either to the policy object or to patch(), not both")
+        return spec
+    if isinstance(spec, str):
+        names = [s.strip() for s in spec.split("+") if s.strip()]
+    elif isinstance(spec, (list, tuple)):
+        names = [str(s) for s in spec]
+    else:
+        raise AccelError(f"policy must be a name, a list of names or a Policy object, got {type(spec).__name__}")
+    if not names:
+        raise UnknownPolicyError(f"empty policy name. Registered policies: {', '.join(list_policies())}")
+    classes = [get_policy_class(n) for n in names]
+    per: dict[str, dict] = {n: {} for n in names}
+    for key, val in overrides.items():
+        if "." in key:
+            pname, knob = key.split(".", 1)
+            if pname not in per:
+                raise AccelError(f"override {key!r} names policy {pname!r}, which is not in {names}")
+            per[pname][knob] = val
+        else:
+            per[names[0]][key] = val
+    objs = [cls.from_overrides(**per[n]) for n, cls in zip(names, classes)]
+    attn = [o for o in objs if isinstance(o, AttentionPolicy)]
+    kv = [o for o in objs if isinstance(o, KVCachePolicy)]
+    if len(attn) > 1:
+        raise AccelError(f"at most one attention policy per model, got {[o.name for o in attn]}")
+    if not attn:
+        attn = [get_policy_class("dense")()]
+    if len(objs) == 1 and isinstance(objs[0], AttentionPolicy):
+        return objs[0]
+    return ComposedPolicy(attention=attn[0], kv=kv)

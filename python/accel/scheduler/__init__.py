@@ -1,0 +1,3 @@
+from .plan import SCHEMA_VERSION, HeadPlan, LayerPlan, Plan
+
+__all__ = ["Plan", "LayerPlan", "HeadPlan", "SCHEMA_VERSION"]
