@@ -1,0 +1,95 @@
+"""C++ CPU decode attention vs the pure-torch reference, over shapes that catch bugs."""
+import math
+
+import pytest
+import torch
+
+from accel import _ext
+from accel.ops.attention import decode_attention
+from accel.ops._reference import decode_attention_ref
+
+pytestmark = pytest.mark.skipif(not _ext.HAS_CPU_EXT, reason=_ext.CPU_EXT_REASON or "cpu ext missing")
+
+# (dtype, atol): fp32 cache is exact up to reduction order; bf16 cache is compared against the
+# reference run on the same bf16 values upcast, so only accumulation order differs as well.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5}
+
+
+def _case(B, H, Hkv, D, cap, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, D, generator=g)
+    k = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 80, 128, 256, 40])
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+def test_matches_reference_ragged_lengths(dtype, D, G):
+    Hkv = 2
+    B, cap = 3, 97
+    q, k, v = _case(B, G * Hkv, Hkv, D, cap, dtype)
+    lengths = torch.tensor([[97, 1], [50, 33], [64, 96]], dtype=torch.int32)
+    out, lse = decode_attention(q, k, v, lengths, scale=1 / math.sqrt(D), return_lse=True, backend="cpp")
+    ro, rl = decode_attention_ref(q, k, v, lengths, scale=1 / math.sqrt(D), return_lse=True)
+    torch.testing.assert_close(out, ro, atol=TOL[dtype], rtol=1e-4)
+    torch.testing.assert_close(lse, rl, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_valid_mask_and_strided_views(dtype):
+    B, H, Hkv, D, cap = 2, 6, 2, 64, 300
+    q, kbuf, vbuf = _case(B, H, Hkv, D, cap, dtype, seed=1)
+    k, v = kbuf[:, :, 10:250], vbuf[:, :, 10:250]  # non-contiguous views, as the cache hands out
+    valid = torch.rand(B, 240, generator=torch.Generator().manual_seed(2)) > 0.3
+    out = decode_attention(q, k, v, valid=valid, backend="cpp")
+    ref = decode_attention_ref(q, k, v, torch.full((B, Hkv), 240, dtype=torch.int32), valid=valid, scale=1 / 8)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_sel", [1, 17, 64, 200])
+def test_index_lists_unsorted(n_sel):
+    B, H, Hkv, D, cap = 2, 8, 2, 128, 200
+    q, k, v = _case(B, H, Hkv, D, cap, torch.float32, seed=3)
+    g = torch.Generator().manual_seed(4)
+    idx = torch.stack([torch.stack([torch.randperm(cap, generator=g)[:n_sel] for _ in range(Hkv)]) for _ in range(B)]).int()
+    lengths = torch.full((B, Hkv), n_sel, dtype=torch.int32)
+    out = decode_attention(q, k, v, lengths, indices=idx, backend="cpp")
+    ref = decode_attention_ref(q, k, v, lengths, indices=idx, scale=1 / math.sqrt(D))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_selecting_every_token_equals_dense_sdpa():
+    B, H, Hkv, D, T = 2, 8, 2, 64, 333
+    q, k, v = _case(B, H, Hkv, D, T, torch.float32, seed=5)
+    idx = torch.arange(T, dtype=torch.int32).expand(B, Hkv, T).contiguous()
+    out = decode_attention(q, k, v, torch.full((B, Hkv), T, dtype=torch.int32), indices=idx, backend="cpp")
+    sd = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(out, sd, atol=2e-5, rtol=1e-4)
+
+
+def test_multithreaded_split_matches_single_thread():
+    B, H, Hkv, D, T = 1, 9, 3, 64, 5000
+    q, k, v = _case(B, H, Hkv, D, T, torch.float32, seed=6)
+    ln = torch.full((B, Hkv), T, dtype=torch.int32)
+    ext = _ext.cpu_ext()
+    one = ext.decode_attention(q, k, v, ln, None, None, 0.125, True, 1)
+    two = ext.decode_attention(q, k, v, ln, None, None, 0.125, True, 2)
+    torch.testing.assert_close(one[0], two[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one[1], two[1], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_raise_clear_errors():
+    ext = _ext.cpu_ext()
+    q = torch.randn(1, 4, 64)
+    k = torch.randn(1, 2, 10, 64)
+    with pytest.raises(RuntimeError, match="lengths exceed the cache capacity"):
+        ext.decode_attention(q, k, k, torch.full((1, 2), 11, dtype=torch.int32), None, None, 1.0, False, 1)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        ext.decode_attention(torch.randn(1, 4, 32), k, k, torch.full((1, 2), 10, dtype=torch.int32), None, None, 1.0, False, 1)
+    with pytest.raises(RuntimeError, match="multiple of KV heads"):
+        ext.decode_attention(torch.randn(1, 3, 64), k, k, torch.full((1, 2), 10, dtype=torch.int32), None, None, 1.0, False, 1)
+    with pytest.raises(RuntimeError, match="indices must lie in"):
+        ext.decode_attention(q, k, k, torch.full((1, 2), 1, dtype=torch.int32),
+                             torch.full((1, 2, 1), 10, dtype=torch.int32), None, 1.0, False, 1)

@@ -1,0 +1,93 @@
+"""Bad input gets a clear error naming the problem and the fix."""
+import pytest
+import torch
+
+import accel
+from accel.errors import AlreadyPatchedError, InputError, UnknownPolicyError, UnsupportedModelError
+
+from .conftest import tiny_model
+
+
+def test_unknown_policy_lists_valid_names():
+    model = tiny_model("llama")
+    with pytest.raises(UnknownPolicyError, match="Registered policies: .*dense"):
+        accel.patch(model, "dnese")
+    with pytest.raises(UnknownPolicyError, match="Did you mean 'dense'"):
+        accel.patch(model, "dnese")
+    assert model.config._attn_implementation == "sdpa"  # nothing half-applied
+
+
+def test_unknown_override_names_the_options():
+    model = tiny_model("llama")
+    with pytest.raises(accel.AccelError, match="has no option"):
+        accel.patch(model, "dense", topk=5)
+
+
+def test_unsupported_model_lists_supported_types():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="Supported model types: gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
+        accel.patch(m, "dense")
+
+
+def test_patching_twice():
+    model = tiny_model("llama")
+    h = accel.patch(model, "dense")
+    with pytest.raises(AlreadyPatchedError, match="already patched.*remove"):
+        accel.patch(model, "dense")
+    h.remove()
+
+
+def test_prompt_longer_than_context():
+    model = tiny_model("llama")  # max_position_embeddings=256
+    ids = torch.randint(3, 256, (1, 300))
+    with accel.patch(model, "dense"), pytest.raises(InputError, match="exceeds the model's context window of 256"):
+        model.generate(ids, max_new_tokens=2)
+    ids = torch.randint(3, 256, (1, 250))
+    with accel.patch(model, "dense"), pytest.raises(InputError, match="context window"):
+        model.generate(ids, max_new_tokens=20, do_sample=False)
+
+
+def test_empty_prompt():
+    model = tiny_model("llama")
+    with accel.patch(model, "dense"), pytest.raises(InputError, match="empty prompt"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_right_padding_is_refused():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    with accel.patch(model, "dense"), pytest.raises(InputError, match="padding_side = 'left'"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_bad_plan_file(tmp_path):
+    model = tiny_model("llama")
+    p = tmp_path / "plan.json"
+    p.write_text("{not json")
+    with pytest.raises(accel.PlanValidationError, match="not valid JSON"):
+        accel.patch(model, "dense", plan=p)
+    with pytest.raises(accel.PlanValidationError, match="does not exist"):
+        accel.patch(model, "dense", plan=tmp_path / "missing.json")
+
+
+def test_decode_goes_through_accel_kernel(monkeypatch):
+    """Guard against a silent fallback: every decode step of every layer calls accel's op."""
+    import accel.patching.attention_fn as af
+
+    calls = []
+    real = af.decode_attention
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(af, "decode_attention", spy)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 12))
+    with accel.patch(model, "dense"):
+        model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert len(calls) == 2 * 5  # 2 layers x 5 decode steps (the first new token comes from prefill)

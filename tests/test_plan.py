@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from accel.errors import PlanValidationError
+from accel.scheduler.plan import SCHEMA_VERSION, HeadPlan, LayerPlan, Plan
+
+
+def _plan():
+    layers = [LayerPlan(mode="full"), LayerPlan(mode="reuse", reuse_src=0, topk=64, sink=4, recent=16),
+              LayerPlan(mode="select", topk=64, heads=[HeadPlan(kind="retrieval"), HeadPlan(kind="streaming", budget=32)])]
+    return Plan(policy="hylra", num_layers=3, num_kv_heads=2, model_type="llama", layers=layers,
+                provenance={"command": "accel plan ..."})
+
+
+def test_roundtrip(tmp_path):
+    p = _plan()
+    p.save(tmp_path / "p.json")
+    q = Plan.load(tmp_path / "p.json")
+    assert q == p
+    assert json.loads((tmp_path / "p.json").read_text())["schema_version"] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda d: d.update(schema_version=99), r"schema_version"),
+    (lambda d: d["layers"][1].update(reuse_src=2), r"layers\[1\]\.reuse_src"),
+    (lambda d: d["layers"][1].update(reuse_src=None), r"layers\[1\]\.reuse_src"),
+    (lambda d: d["layers"][0].update(mode="fast"), r"layers\[0\]\.mode: 'fast'"),
+    (lambda d: d["layers"][2].update(topk=-1), r"layers\[2\]\.topk"),
+    (lambda d: d["layers"][2]["heads"][1].update(kind="weird"), r"layers\[2\]\.heads\[1\]\.kind"),
+    (lambda d: d["layers"][2].update(bogus=1), r"layers\[2\]: unknown field"),
+    (lambda d: d.update(num_layers=4), r"plan.layers: has 3 entries"),
+    (lambda d: d.pop("policy"), r"plan.policy: required"),
+    (lambda d: d["layers"][2].update(heads=[{"kind": "full"}]), r"layers\[2\]\.heads: has 1 entries"),
+])
+def test_validation_names_the_field(mutate, msg):
+    d = _plan().to_dict()
+    mutate(d)
+    with pytest.raises(PlanValidationError, match=msg):
+        Plan.from_dict(d)
+
+
+def test_plan_must_fit_model():
+    with pytest.raises(PlanValidationError, match="model has 30"):
+        _plan().validate(num_layers=30)
