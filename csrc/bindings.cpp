@@ -1,4 +1,4 @@
-// The only PYBIND11_MODULE of accel's CPU extension: declarations and m.def lines.
+// The only pybind11 module of accel's CPU extension: declarations and m.def lines, nothing else.
 #include <torch/extension.h>
 
 std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v,
@@ -6,6 +6,8 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                                                 c10::optional<torch::Tensor> indices,
                                                 c10::optional<torch::Tensor> valid, double scale,
                                                 bool return_lse, int64_t num_threads);
+torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
+                                 int64_t num_threads);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "accel CPU kernels (C++/OpenMP)";
@@ -13,4 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("lengths"),
         pybind11::arg("indices") = pybind11::none(), pybind11::arg("valid") = pybind11::none(),
         pybind11::arg("scale"), pybind11::arg("return_lse") = false, pybind11::arg("num_threads") = 0);
+  m.def("small_m_linear", &small_m_linear_cpu, "decode linear y = x W^T + b for 1..64 rows",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("num_threads") = 0);
 }

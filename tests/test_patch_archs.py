@@ -108,6 +108,7 @@ def test_remove_restores_model_exactly():
     assert model.config.to_dict() == before_cfg
     assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == before_hooks
     assert repr(model) == before_repr
+    assert not any("forward" in m.__dict__ for m in model.modules()), "instance-bound forwards must be gone"
     after_sd = model.state_dict()
     assert before_sd.keys() == after_sd.keys()
     assert all(torch.equal(before_sd[k], after_sd[k]) for k in before_sd)

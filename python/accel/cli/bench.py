@@ -1,0 +1,126 @@
+"""`accel bench`: prefill latency and decode tokens/s against context length, for the unpatched
+HF model and accel policies in one run, with the achieved fraction of the memory-bandwidth limit.
+
+Every row of the CSV carries the machine facts. Prompts are real text (the Paul Graham essays)
+cut to the exact token count; generation is forced to ``--new-tokens`` tokens.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .common import BASELINE, load_model, parse_overrides, patch_for, setup
+
+
+def _kv_held(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from ..eval.text import text_of_tokens
+    from ..perf import TimingStreamer, kv_bytes_read, machine_facts, measure_copy_bandwidth, measure_read_bandwidth, weight_bytes
+
+    setup(args)
+    model, tok = load_model(args.model, args.dtype)
+    policies = [BASELINE] + [p for p in args.policies.split(",") if p and p != BASELINE]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    overrides = parse_overrides(args.set)
+    facts = machine_facts()
+    read_bw = measure_read_bandwidth()
+    copy_bw = measure_copy_bandwidth()
+    wbytes = weight_bytes(model)
+    dbytes = next(model.parameters()).element_size()
+    print(f"bandwidth: read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s (1 process, {facts['threads']} threads); "
+          f"weights {wbytes / 1e6:.0f} MB", file=sys.stderr)
+    rows = []
+    runs = [(c, p) for c in contexts for p in policies]
+    for ctx, pol in tqdm(runs, desc="bench", unit="run"):
+        prompt = text_of_tokens(tok, ctx - 1)  # +BOS where the tokenizer adds one
+        enc = tok([prompt] * args.batch, return_tensors="pt", padding=True)
+        n_prompt = enc["input_ids"].shape[1]
+        handle = patch_for(model, pol, overrides if pol != BASELINE else None, reserve=n_prompt + args.new_tokens)
+        try:
+            st = TimingStreamer()
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     do_sample=False, pad_token_id=tok.pad_token_id, streamer=st,
+                                     return_dict_in_generate=True)
+            held = _kv_held(out.past_key_values)
+        finally:
+            if handle is not None:
+                handle.remove()
+        step_s = st.decode_s / max(1, st.decode_steps)
+        mid_ctx = n_prompt + args.new_tokens // 2
+        kv_read = kv_bytes_read(model, mid_ctx, args.batch, dbytes)
+        byts = wbytes + kv_read
+        rows.append({
+            "model": args.model, "policy": pol, "context": n_prompt, "batch": args.batch, "new_tokens": args.new_tokens,
+            "prefill_s": round(st.prefill_s, 3), "decode_step_ms": round(1e3 * step_s, 3),
+            "decode_tok_s": round(args.batch / step_s, 3), "bytes_per_step_mb": round(byts / 1e6, 1),
+            "achieved_gbs": round(byts / step_s / 1e9, 2), "frac_read_bw": round(byts / step_s / 1e9 / read_bw, 3),
+            "read_bw_gbs": round(read_bw, 2), "copy_bw_gbs": round(copy_bw, 2), "kv_held_mb": round(held / 1e6, 2),
+            "dtype": args.dtype, "synthetic_kv": False, **facts,
+        })
+        time.sleep(0.1)
+    base = {(r["context"], r["batch"]): r["decode_tok_s"] for r in rows if r["policy"] == BASELINE}
+    for r in rows:
+        b = base.get((r["context"], r["batch"]))
+        r["speedup_vs_hf"] = round(r["decode_tok_s"] / b, 3) if b else ""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    _print_table(rows)
+    _plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+    return 0
+
+
+def _print_table(rows):
+    hdr = f"{'policy':10s} {'ctx':>6s} {'B':>2s} {'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s} {'x HF':>6s} {'GB/s':>6s} {'%BW':>5s} {'KV MB':>8s}"
+    print(hdr)
+    for r in rows:
+        print(f"{r['policy']:10s} {r['context']:6d} {r['batch']:2d} {r['prefill_s']:9.2f} {r['decode_step_ms']:8.2f} "
+              f"{r['decode_tok_s']:8.2f} {r['speedup_vs_hf']!s:>6s} {r['achieved_gbs']:6.2f} "
+              f"{100 * r['frac_read_bw']:5.0f} {r['kv_held_mb']:8.1f}")
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for pol in sorted({r["policy"] for r in rows}):
+        rs = sorted([r for r in rows if r["policy"] == pol], key=lambda r: r["context"])
+        axes[0].plot([r["context"] for r in rs], [r["decode_tok_s"] for r in rs], marker="o", label=pol)
+        axes[1].plot([r["context"] for r in rs], [100 * r["frac_read_bw"] for r in rs], marker="o", label=pol)
+    for ax, yl in zip(axes, ["decode tokens/s", "% of measured read bandwidth"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    r0 = rows[0]
+    fig.suptitle(f"{r0['model']} decode, batch {r0['batch']}, {r0['dtype']}, {r0['threads']} thread(s), {r0['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""Shared CLI helpers: argument parsing of overrides, model loading, generation with timing."""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from ..errors import AccelError
+
+BASELINE = "hf"  # the unpatched transformers model
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise AccelError(f"--set expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def setup(args) -> None:
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def load_model(name: str, dtype: str = "float32"):
+    from ..models import load
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return load(name, dtype=dt)
+
+
+def patch_for(model, policy: str, overrides: dict | None = None, plan=None, reserve: int = 0):
+    """Patch ``model`` with ``policy`` unless it is the unpatched baseline; returns the handle or None."""
+    if policy == BASELINE:
+        return None
+    from ..patching.core import patch
+
+    return patch(model, policy, plan=plan, reserve=reserve, **(overrides or {}))
+
+
+def timed_generate(model, tok, prompts: list[str], max_new_tokens: int, force_length: bool = False, **gen):
+    """Run ``model.generate`` on a left-padded batch; returns (texts, TimingStreamer, n_prompt_tokens)."""
+    from ..errors import InputError
+    from ..perf import TimingStreamer
+
+    if any(not p for p in prompts):
+        raise InputError("empty prompt: give a non-empty --prompt / --prompt-file / JSONL 'prompt'")
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    n_prompt = enc["input_ids"].shape[1]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and n_prompt + max_new_tokens > limit:
+        raise InputError(
+            f"prompt ({n_prompt} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's context window "
+            f"of {limit} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+    st = TimingStreamer()
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, streamer=st)
+    if force_length:
+        kw["min_new_tokens"] = max_new_tokens
+    kw.update(gen)
+    with torch.no_grad():
+        out = model.generate(**enc, **kw)
+    texts = tok.batch_decode(out[:, n_prompt:], skip_special_tokens=True)
+    return texts, st, n_prompt

@@ -1,0 +1,1 @@
+"""Evaluation tasks built offline from packaged data."""

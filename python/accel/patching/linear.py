@@ -1,0 +1,52 @@
+"""Decode-time linear layers on the CPU: accel's small-M GEMV kernel instead of BLAS.
+
+A decode step multiplies one (or a few) token rows by every weight matrix of the model, so its cost
+is streaming the weights from memory. Single-thread BLAS SGEMV reaches about half the machine's
+read bandwidth here; ``accel._C.small_m_linear`` streams each weight row once through 16-lane FMAs
+and reaches ~80% of it (bench/bench_linear.py). This module binds a replacement ``forward`` to each
+``nn.Linear`` *instance* of a patched model (house style: instance binding, reversible; the class
+and other models are untouched). Calls it cannot serve exactly (training, autograd, GPU tensors,
+more than ``max_rows`` rows, other dtypes) go to ``torch.nn.functional.linear`` unchanged.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+
+MAX_ROWS = 8
+
+
+def _fast_forward(self, x):
+    w = self.weight
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and w.dtype in (torch.float32, torch.bfloat16)
+        and not torch.is_grad_enabled()
+        and x.dim() >= 1
+        and 0 < x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
+        and w.stride(-1) == 1
+    ):
+        return _ext.cpu_ext().small_m_linear(x, w, self.bias, 0)
+    return F.linear(x, w, self.bias)
+
+
+def bind_fast_linear(modules) -> list[torch.nn.Linear]:
+    """Bind the fast forward to each ``nn.Linear`` among ``modules``; returns those bound."""
+    if not _ext.HAS_CPU_EXT:
+        return []
+    bound = []
+    for m in modules:
+        if type(m) is torch.nn.Linear and "forward" not in m.__dict__:
+            m.forward = types.MethodType(_fast_forward, m)
+            bound.append(m)
+    return bound
+
+
+def unbind_fast_linear(bound) -> None:
+    for m in bound:
+        m.__dict__.pop("forward", None)

@@ -1,0 +1,113 @@
+"""Measurement helpers shared by the CLI and bench/: timing of generate(), bandwidth, machine facts."""
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+
+class TimingStreamer:
+    """A ``generate()`` streamer that timestamps tokens: the first ``put`` is the prompt, the second
+    the first new token (end of prefill), every later one a decode step."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.stamps: list[float] = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        self.t_end = time.perf_counter()
+
+    @property
+    def prefill_s(self) -> float:
+        return self.stamps[1] - self.t0 if len(self.stamps) > 1 else float("nan")
+
+    @property
+    def decode_steps(self) -> int:
+        return max(0, len(self.stamps) - 2)
+
+    @property
+    def decode_s(self) -> float:
+        return self.stamps[-1] - self.stamps[1] if len(self.stamps) > 2 else float("nan")
+
+    def decode_step_ms(self) -> float:
+        return 1e3 * self.decode_s / max(1, self.decode_steps)
+
+
+def measure_read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Single-threaded read bandwidth (GB/s) from ``sum`` over a buffer far larger than the caches."""
+    x = torch.ones(mb * 1024 * 1024 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def measure_copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth (GB/s), counting bytes read + bytes written."""
+    x = torch.ones(mb * 1024 * 1024 // 4)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        y.copy_(x)
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.numel() * 4 / best / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes of parameters a decode step reads (shared/tied tensors counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    # the input embedding reads one row per token, not the matrix, unless it is tied to the LM head
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    if out is None or out.weight.data_ptr() != emb.data_ptr():
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def kv_bytes_read(model, context: int, batch: int = 1, dtype_bytes: int = 4) -> int:
+    """KV bytes one dense decode step reads at ``context`` tokens (sliding layers read their window)."""
+    from .models.registry import get_adapter
+
+    info = get_adapter(model).info()
+    total = 0
+    for w in info.sliding_windows:
+        t = min(context, w) if w else context
+        total += 2 * batch * info.num_kv_heads * t * info.head_dim * dtype_bytes
+    return total
+
+
+def machine_facts() -> dict:
+    import transformers
+
+    from ._version import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accel": __version__,
+    }
