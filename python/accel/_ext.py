@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch  # noqa: F401  (the extensions link against libtorch; load it first)
+
 _cpu = None
 _cuda = None
 CPU_EXT_REASON = ""

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="passkey on the embedded SmolLM2: unpatched vs accel, answers and speed")
     common(d)
     d.add_argument("--policy", default="dense")
-    d.add_argument("--context", type=int, default=3500)
+    d.add_argument("--context", type=int, default=3000)
     d.add_argument("--depth", type=float, default=0.5)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-new-tokens", type=int, default=24)

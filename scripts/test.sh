@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs everything, then runs the whole test suite (what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export OMP_NUM_THREADS=1
+python -m pytest -q tests

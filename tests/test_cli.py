@@ -1,0 +1,79 @@
+"""The command line on a tiny random Llama that uses SmolLM2's real tokenizer (saved to a folder)."""
+import json
+
+import pytest
+import torch
+
+from accel.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from accel.models.loader import converted_path, load
+
+    load("smollm2-135m")  # make sure the converted folder (and its tokenizer) exists
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(converted_path("smollm2-135m")))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg)
+    d = tmp_path_factory.mktemp("tiny")
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpp" in out and "policies: dense" in out and "unavailable:" in out
+
+
+def test_generate_single_prompt(tiny_folder, capsys):
+    assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hello there", "--max-new-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill" in err and "tok/s" in err
+
+
+def test_generate_jsonl_batched_and_resumable(tiny_folder, tmp_path):
+    inp = tmp_path / "p.jsonl"
+    inp.write_text("\n".join(json.dumps({"id": i, "prompt": f"Item {i} is"}) for i in range(5)) + "\n")
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--model", str(tiny_folder), "--input", str(inp), "--output", str(out),
+                 "--batch-size", "2", "--max-new-tokens", "4"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == list(range(5))
+    # resume: add one prompt, only it is generated
+    inp.write_text(inp.read_text() + json.dumps({"id": 5, "prompt": "Item 5 is"}) + "\n")
+    assert main(["generate", "--model", str(tiny_folder), "--input", str(inp), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == list(range(6))
+
+
+def test_generate_errors_are_clean(tiny_folder, capsys):
+    assert main(["generate", "--model", str(tiny_folder), "--prompt", "", "--max-new-tokens", "4"]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_folder), "--policy", "nope", "--prompt", "x"]) == 2
+    assert "unknown policy 'nope'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_folder), "--prompt", "x " * 1100, "--max-new-tokens", "4"]) == 2
+    assert "context window of 1024" in capsys.readouterr().err
+    assert main(["generate", "--model", "/no/such/model", "--prompt", "x"]) == 2
+    assert "never downloads" in capsys.readouterr().err
+
+
+def test_bench_writes_csv_and_png(tiny_folder, tmp_path):
+    out = tmp_path / "b.csv"
+    assert main(["bench", "--model", str(tiny_folder), "--contexts", "64,128", "--new-tokens", "4",
+                 "--out", str(out)]) == 0
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert {r["policy"] for r in rows} == {"hf", "dense"}
+    assert len(rows) == 4 and all(float(r["decode_tok_s"]) > 0 for r in rows)
+    assert out.with_suffix(".png").stat().st_size > 1000

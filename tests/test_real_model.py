@@ -1,0 +1,50 @@
+"""Truth on the real embedded model (SmolLM2-135M, converted from the packaged GGUF once and cached)."""
+import pytest
+import torch
+
+import accel
+from accel.eval.passkey import make_passkey, passkey_correct
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from accel.models import load
+
+    return load("smollm2-135m")
+
+
+def test_passkey_dense_same_tokens_as_unpatched(smollm):
+    model, tok = smollm
+    s = make_passkey(tok, 1000, depth=0.5, seed=1)
+    enc = tok(s.prompt, return_tensors="pt")
+    gen = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True,
+               pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        ref = model.generate(**enc, **gen)
+        with accel.patch(model, "dense") as h:
+            out = model.generate(**enc, **gen)
+            assert h.cache.get_seq_length() == enc["input_ids"].shape[1] + 11
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-4, atol=2e-4)
+    n = enc["input_ids"].shape[1]
+    assert passkey_correct(tok.decode(out.sequences[0, n:]), s.answer)
+
+
+def test_batch_of_three_left_padded_and_streamer(smollm, capsys):
+    from transformers import TextStreamer
+
+    model, tok = smollm
+    prompts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
+               "def fibonacci(n):"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert enc["attention_mask"][0, 0] == 0  # really left-padded
+    gen = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        ref = model.generate(**enc, **gen)
+        with accel.patch(model, "dense"):
+            out = model.generate(**enc, **gen)
+            one = tok(prompts[1:2], return_tensors="pt")
+            streamed = model.generate(**one, streamer=TextStreamer(tok, skip_prompt=True), **gen)
+    assert torch.equal(out, ref)
+    printed = capsys.readouterr().out
+    assert tok.decode(streamed[0, one["input_ids"].shape[1]:], skip_special_tokens=True).strip()[:20] in printed
