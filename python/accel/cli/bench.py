@@ -49,8 +49,11 @@ def run(args) -> int:
           f"weights {wbytes / 1e6:.0f} MB", file=sys.stderr)
     rows = []
     runs = [(c, p) for c in contexts for p in policies]
+    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     for ctx, pol in tqdm(runs, desc="bench", unit="run"):
-        prompt = text_of_tokens(tok, ctx - 1)  # +BOS where the tokenizer adds one
+        # prompt + generated tokens must fit the context window; the context reported is the prompt's
+        n_ctx = min(ctx, limit - args.new_tokens)
+        prompt = text_of_tokens(tok, n_ctx - 1)  # +BOS where the tokenizer adds one
         enc = tok([prompt] * args.batch, return_tensors="pt", padding=True)
         n_prompt = enc["input_ids"].shape[1]
         handle = patch_for(model, pol, overrides if pol != BASELINE else None, reserve=n_prompt + args.new_tokens)

@@ -46,7 +46,7 @@ struct DecodeParams {
   int num_threads = 0;   // 0: OpenMP default
 };
 
-constexpr int kTile = 32;
+constexpr int kTile = 16;
 constexpr int kMaxGroup = 64;
 
 // Attend the query heads of (b, kh) over list positions [i0, i1). Writes the running max m[G],
