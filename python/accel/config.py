@@ -16,7 +16,10 @@ def cache_dir() -> Path:
 
 
 def forced_backend() -> str:
-    b = os.environ.get("ACCEL_BACKEND", "auto").strip().lower()
+    b = os.environ.get("ACCEL_BACKEND", "auto")
+    if b == "auto":
+        return b
+    b = b.strip().lower()
     valid = ("auto", "cpp", "triton", "cuda", "torch")
     if b not in valid:
         from .errors import AccelError

@@ -39,8 +39,19 @@ def backend_report() -> dict[str, str]:
     }
 
 
+_CHOICE: dict[tuple[str, str], str] = {}
+
+
 def choose_backend(device: torch.device) -> str:
+    """Backend for tensors on ``device`` (memoised per device type and ACCEL_BACKEND value)."""
     forced = forced_backend()
+    key = (device.type, forced)
+    if key not in _CHOICE:
+        _CHOICE[key] = _choose_backend(device, forced)
+    return _CHOICE[key]
+
+
+def _choose_backend(device: torch.device, forced: str) -> str:
     report = backend_report()
     if forced != "auto":
         if report[forced]:
@@ -88,10 +99,11 @@ def decode_attention(
         lengths = torch.full((B, Hkv), k.shape[2], dtype=torch.int32, device=k.device)
     backend = backend or choose_backend(q.device)
     if backend == "cpp":
-        res = _ext.cpu_ext().decode_attention(
-            q.float().contiguous(), k, v, lengths.to(torch.int32), indices, valid, scale, return_lse, 0
-        )
-        out = res[0].to(q.dtype)
+        qf = q if q.dtype == torch.float32 else q.float()
+        if lengths.dtype != torch.int32:
+            lengths = lengths.to(torch.int32)
+        res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0)
+        out = res[0] if q.dtype == torch.float32 else res[0].to(q.dtype)
         return (out, res[1]) if return_lse else out
     if backend == "triton":
         from accel.kernels.attention.decode import decode_attention_triton
