@@ -48,3 +48,29 @@ def test_batch_of_three_left_padded_and_streamer(smollm, capsys):
     assert torch.equal(out, ref)
     printed = capsys.readouterr().out
     assert tok.decode(streamed[0, one["input_ids"].shape[1]:], skip_special_tokens=True).strip()[:20] in printed
+
+
+def test_gemma3_sliding_and_global_layers_real_model():
+    """The second embedded model: Gemma-3-270m (15 sliding-window layers of 512 + 3 global layers).
+    Dense accel gives the unpatched tokens and logits; sliding layers hold only their window."""
+    from accel.models import load
+
+    model, tok = load("gemma3-270m")
+    s = make_passkey(tok, 1500, depth=0.5, seed=1)
+    enc = tok(s.prompt, return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    gen = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True,
+               pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        ref = model.generate(**enc, **gen)
+        with accel.patch(model, "dense") as h:
+            out = model.generate(**enc, **gen)
+            layers = h.cache.layers
+            per_tok = 2 * 256 * 4  # K+V, 1 KV head, head_dim 256, fp32
+            for i, layer in enumerate(layers):
+                expect = min(n + 7, 511) if layer.is_sliding else n + 7
+                assert layer.nbytes() == expect * per_tok, i
+            assert sum(lyr.is_sliding for lyr in layers) == 15
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-4, atol=1e-3)
+    assert passkey_correct(tok.decode(out.sequences[0, n:]), s.answer)

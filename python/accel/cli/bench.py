@@ -76,6 +76,7 @@ def run(args) -> int:
             "prefill_s": round(st.prefill_s, 3), "decode_step_ms": round(1e3 * step_s, 3),
             "decode_tok_s": round(args.batch / step_s, 3), "bytes_per_step_mb": round(byts / 1e6, 1),
             "achieved_gbs": round(byts / step_s / 1e9, 2), "frac_read_bw": round(byts / step_s / 1e9 / read_bw, 3),
+            "frac_copy_bw": round(byts / step_s / 1e9 / copy_bw, 3),
             "read_bw_gbs": round(read_bw, 2), "copy_bw_gbs": round(copy_bw, 2), "kv_held_mb": round(held / 1e6, 2),
             "dtype": args.dtype, "synthetic_kv": False, **facts,
         })
