@@ -37,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--out", default="bench/results/decode.csv")
 
+    e = sub.add_parser("eval", help="accuracy of unpatched vs accel policies on passkey / NIAH / RULER / perplexity")
+    common(e)
+    e.add_argument("--policies", default="dense", help="comma-separated accel policies (HF baseline always runs)")
+    e.add_argument("--tasks", default="passkey,niah,ruler_niah_single_1,ruler_niah_multikey_1,ruler_niah_multivalue,ruler_vt,ruler_cwe,lm")
+    e.add_argument("--contexts", default="1024,2048,4096")
+    e.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths for passkey/niah (cycled over samples)")
+    e.add_argument("--samples", type=int, default=20, help="samples per task and context")
+    e.add_argument("--lm-tokens", type=int, default=128, help="held-out tokens scored by the lm task")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--speed-csv", default=None, help="CSV from `accel bench` for the accuracy-vs-speed plot")
+    e.add_argument("--quick", action="store_true", help="a few samples at 512 tokens (smoke test, ~2 min)")
+    e.add_argument("--out", default="bench/results/eval.csv")
+
     d = sub.add_parser("demo", help="passkey on the embedded SmolLM2: unpatched vs accel, answers and speed")
     common(d)
     d.add_argument("--policy", default="dense")
@@ -58,6 +71,8 @@ def main(argv=None) -> int:
             from .generate import run
         elif args.cmd == "bench":
             from .bench import run
+        elif args.cmd == "eval":
+            from .evaluate import run
         else:
             from .demo import run
         return run(args)

@@ -66,6 +66,8 @@ class Policy:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     lossy: ClassVar[bool] = True
+    #: prefill is exact dense attention (the evaluation harness then shares one prefill per sample)
+    dense_prefill: ClassVar[bool] = True
 
     def __post_init__(self):
         self.validate()

