@@ -77,3 +77,20 @@ def test_bench_writes_csv_and_png(tiny_folder, tmp_path):
     assert {r["policy"] for r in rows} == {"hf", "dense"}
     assert len(rows) == 4 and all(float(r["decode_tok_s"]) > 0 for r in rows)
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_bench_batches_and_synthetic_kv(tiny_folder, tmp_path):
+    import csv
+
+    out = tmp_path / "s.csv"
+    assert main(["bench", "--model", str(tiny_folder), "--contexts", "96", "--batch", "1,2", "--new-tokens", "3",
+                 "--synthetic-kv", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["policy"], r["batch"]) for r in rows} == {(p, b) for p in ("hf", "dense") for b in ("1", "2")}
+    for r in rows:
+        assert r["synthetic_kv"] == "True" and r["prefill_s"] == ""
+        assert float(r["peak_rss_mb"]) > 0 and float(r["decode_tok_s"]) > 0
+    dense2 = [r for r in rows if r["policy"] == "dense" and r["batch"] == "2"][0]
+    # KV held: 2 layers x batch 2 x 2 KV heads x (prompt + generated - 1) tokens x 16 dims x K+V x fp32
+    assert float(dense2["kv_held_mb"]) == round(2 * 2 * 2 * (int(dense2["context"]) + 2) * 16 * 2 * 4 / 1e6, 2)
+    assert dense2["speedup_vs_accel_dense"] == "1.0"

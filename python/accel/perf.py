@@ -37,6 +37,47 @@ class TimingStreamer:
         return 1e3 * self.decode_s / max(1, self.decode_steps)
 
 
+class PeakRSS:
+    """Peak resident memory (bytes) of this process while the ``with`` block runs, sampled from
+    /proc/self/statm every ``interval`` seconds by a background thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self.start = 0
+
+    @staticmethod
+    def rss() -> int:
+        import os
+
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.peak = self.rss()
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.rss())
+                self._stop.wait(self.interval)
+
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+        return False
+
+
 def measure_read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     """Single-threaded read bandwidth (GB/s) from ``sum`` over a buffer far larger than the caches."""
     x = torch.ones(mb * 1024 * 1024 // 4)

@@ -33,12 +33,13 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..eval.text import text_of_tokens
-    from ..perf import TimingStreamer, kv_bytes_read, machine_facts, measure_copy_bandwidth, measure_read_bandwidth, weight_bytes
+    from ..perf import PeakRSS, TimingStreamer, kv_bytes_read, machine_facts, measure_copy_bandwidth, measure_read_bandwidth, weight_bytes
 
     setup(args)
     model, tok = load_model(args.model, args.dtype)
     policies = [BASELINE] + [p for p in args.policies.split(",") if p and p != BASELINE]
     contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in str(args.batch).split(",")]
     overrides = parse_overrides(args.set)
     facts = machine_facts()
     read_bw = measure_read_bandwidth()
@@ -48,43 +49,54 @@ def run(args) -> int:
     print(f"bandwidth: read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s (1 process, {facts['threads']} threads); "
           f"weights {wbytes / 1e6:.0f} MB", file=sys.stderr)
     rows = []
-    runs = [(c, p) for c in contexts for p in policies]
+    runs = [(c, b, p) for c in contexts for b in batches for p in policies]
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
-    for ctx, pol in tqdm(runs, desc="bench", unit="run"):
+    if args.synthetic_kv:
+        print("speed-only run: the KV cache is filled with random keys/values instead of running the prefill "
+              "(decode speed does not depend on the content for these policies); prefill_s is not measured",
+              file=sys.stderr)
+    for ctx, batch, pol in tqdm(runs, desc="bench", unit="run"):
         # prompt + generated tokens must fit the context window; the context reported is the prompt's
         n_ctx = min(ctx, limit - args.new_tokens)
         prompt = text_of_tokens(tok, n_ctx - 1)  # +BOS where the tokenizer adds one
-        enc = tok([prompt] * args.batch, return_tensors="pt", padding=True)
+        enc = tok([prompt] * batch, return_tensors="pt", padding=True)
         n_prompt = enc["input_ids"].shape[1]
+        cache = _synthetic_cache(model, batch, n_prompt - 1, for_hf=(pol == BASELINE)) if args.synthetic_kv else None
         handle = patch_for(model, pol, overrides if pol != BASELINE else None, reserve=n_prompt + args.new_tokens)
         try:
             st = TimingStreamer()
-            with torch.no_grad():
+            with torch.no_grad(), PeakRSS() as mem:
                 out = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                      do_sample=False, pad_token_id=tok.pad_token_id, streamer=st,
-                                     return_dict_in_generate=True)
+                                     return_dict_in_generate=True, past_key_values=cache)
             held = _kv_held(out.past_key_values)
+            del out, cache
         finally:
             if handle is not None:
                 handle.remove()
         step_s = st.decode_s / max(1, st.decode_steps)
         mid_ctx = n_prompt + args.new_tokens // 2
-        kv_read = kv_bytes_read(model, mid_ctx, args.batch, dbytes)
+        kv_read = kv_bytes_read(model, mid_ctx, batch, dbytes)
         byts = wbytes + kv_read
         rows.append({
-            "model": args.model, "policy": pol, "context": n_prompt, "batch": args.batch, "new_tokens": args.new_tokens,
-            "prefill_s": round(st.prefill_s, 3), "decode_step_ms": round(1e3 * step_s, 3),
-            "decode_tok_s": round(args.batch / step_s, 3), "bytes_per_step_mb": round(byts / 1e6, 1),
+            "model": args.model, "policy": pol, "context": n_prompt, "batch": batch, "new_tokens": args.new_tokens,
+            "prefill_s": round(st.prefill_s, 3) if not args.synthetic_kv else "",
+            "decode_step_ms": round(1e3 * step_s, 3),
+            "decode_tok_s": round(batch / step_s, 3), "bytes_per_step_mb": round(byts / 1e6, 1),
             "achieved_gbs": round(byts / step_s / 1e9, 2), "frac_read_bw": round(byts / step_s / 1e9 / read_bw, 3),
             "frac_copy_bw": round(byts / step_s / 1e9 / copy_bw, 3),
             "read_bw_gbs": round(read_bw, 2), "copy_bw_gbs": round(copy_bw, 2), "kv_held_mb": round(held / 1e6, 2),
-            "dtype": args.dtype, "synthetic_kv": False, **facts,
+            "peak_rss_mb": round(mem.peak / 1e6, 1), "rss_growth_mb": round((mem.peak - mem.start) / 1e6, 1),
+            "dtype": args.dtype, "synthetic_kv": bool(args.synthetic_kv), **facts,
         })
         time.sleep(0.1)
     base = {(r["context"], r["batch"]): r["decode_tok_s"] for r in rows if r["policy"] == BASELINE}
+    dense = {(r["context"], r["batch"]): r["decode_tok_s"] for r in rows if r["policy"] == "dense"}
     for r in rows:
         b = base.get((r["context"], r["batch"]))
         r["speedup_vs_hf"] = round(r["decode_tok_s"] / b, 3) if b else ""
+        d = dense.get((r["context"], r["batch"]))
+        r["speedup_vs_accel_dense"] = round(r["decode_tok_s"] / d, 3) if d else ""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
@@ -97,11 +109,29 @@ def run(args) -> int:
     return 0
 
 
+def _synthetic_cache(model, batch: int, length: int, for_hf: bool):
+    """A cache of ``length`` random tokens per layer (speed-only runs): AccelCache, or a DynamicCache
+    copy of it for the unpatched baseline."""
+    from ..cache.accel_cache import AccelCache
+    from ..eval.runner import fork_cache
+    from ..models.registry import get_adapter
+
+    info = get_adapter(model).info()
+    dt = next(model.parameters()).dtype
+    cache = AccelCache(model.config, reserve=length + 64)
+    g = torch.Generator().manual_seed(0)
+    for i in range(info.num_layers):
+        kv = torch.randn(batch, info.num_kv_heads, length, info.head_dim, generator=g).to(dt)
+        cache.update(kv, kv.clone(), i)
+    return fork_cache(cache, for_hf=True) if for_hf else cache
+
+
 def _print_table(rows):
     hdr = f"{'policy':10s} {'ctx':>6s} {'B':>2s} {'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s} {'x HF':>6s} {'GB/s':>6s} {'%BW':>5s} {'KV MB':>8s}"
     print(hdr)
     for r in rows:
-        print(f"{r['policy']:10s} {r['context']:6d} {r['batch']:2d} {r['prefill_s']:9.2f} {r['decode_step_ms']:8.2f} "
+        pre = f"{r['prefill_s']:9.2f}" if r["prefill_s"] != "" else f"{'-':>9s}"
+        print(f"{r['policy']:10s} {r['context']:6d} {r['batch']:2d} {pre} {r['decode_step_ms']:8.2f} "
               f"{r['decode_tok_s']:8.2f} {r['speedup_vs_hf']!s:>6s} {r['achieved_gbs']:6.2f} "
               f"{100 * r['frac_read_bw']:5.0f} {r['kv_held_mb']:8.1f}")
 
@@ -114,9 +144,11 @@ def _plot(rows, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for pol in sorted({r["policy"] for r in rows}):
-        rs = sorted([r for r in rows if r["policy"] == pol], key=lambda r: r["context"])
-        axes[0].plot([r["context"] for r in rs], [r["decode_tok_s"] for r in rs], marker="o", label=pol)
-        axes[1].plot([r["context"] for r in rs], [100 * r["frac_read_bw"] for r in rs], marker="o", label=pol)
+        for b in sorted({r["batch"] for r in rows}):
+            rs = sorted([r for r in rows if r["policy"] == pol and r["batch"] == b], key=lambda r: r["context"])
+            lab = f"{pol} (batch {b})"
+            axes[0].plot([r["context"] for r in rs], [r["decode_tok_s"] for r in rs], marker="o", label=lab)
+            axes[1].plot([r["context"] for r in rs], [100 * r["frac_read_bw"] for r in rs], marker="o", label=lab)
     for ax, yl in zip(axes, ["decode tokens/s", "% of measured read bandwidth"]):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
@@ -124,7 +156,7 @@ def _plot(rows, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     r0 = rows[0]
-    fig.suptitle(f"{r0['model']} decode, batch {r0['batch']}, {r0['dtype']}, {r0['threads']} thread(s), {r0['cpu']}", fontsize=9)
+    fig.suptitle(f"{r0['model']} decode{' (synthetic KV)' if r0['synthetic_kv'] else ''}, {r0['dtype']}, {r0['threads']} thread(s), {r0['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

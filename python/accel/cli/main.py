@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--policies", default="dense", help="comma-separated accel policies (HF baseline always runs)")
     b.add_argument("--contexts", default="1024,4096,8192")
     b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--batch", default="1", help="batch size(s), comma-separated, e.g. 1,8 (8 = throughput mode)")
+    b.add_argument("--synthetic-kv", action="store_true",
+                   help="speed only: fill the cache with random K/V instead of running the prefill")
     b.add_argument("--out", default="bench/results/decode.csv")
 
     e = sub.add_parser("eval", help="accuracy of unpatched vs accel policies on passkey / NIAH / RULER / perplexity")

@@ -1,0 +1,83 @@
+"""The evaluation harness: metrics, cache forks, deterministic samples, and the quick mode end to end
+on the real SmolLM2 (so the harness cannot silently break)."""
+import csv
+
+import pytest
+import torch
+
+from accel.eval import runner
+from accel.eval.ruler import string_match_all
+
+
+def test_wilson_interval():
+    lo, hi = runner.wilson(10, 10)
+    assert hi == 1.0 and 0.69 < lo < 0.73
+    lo, hi = runner.wilson(5, 10)
+    assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 1e-9
+
+
+def test_ruler_metric_and_scorers():
+    assert string_match_all("The numbers are 123 and 456.", ["123", "456"]) == 1.0
+    assert string_match_all("The numbers are 123.", ["123", "456"]) == 0.5
+    assert runner.score("passkey", " 60494. The pass key", ["60494"]) == 1.0
+    assert runner.score("passkey", " 6049", ["60494"]) == 0.0
+    assert runner.score("niah", " ride the yellow tram to the old castle.", ["ride the yellow tram to the old castle"]) == 1.0
+    assert runner.score("niah", " ride a bike.", ["ride the yellow tram to the old castle"]) == 0.0
+
+
+def test_fork_cache_is_independent_and_hf_equivalent():
+    from accel.cache import AccelCache
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config("gemma3_text")
+    c = AccelCache(cfg)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 40, 16, generator=g)
+    for layer in range(4):
+        c.update(k, k, layer)
+    f = runner.fork_cache(c)
+    h = runner.fork_cache(c, for_hf=True)
+    t = torch.randn(1, 2, 1, 16, generator=g)
+    for layer in range(4):
+        fa = f.update(t, t, layer)[0]
+        hb = h.update(t, t, layer)[0]
+        assert torch.equal(fa, hb)
+    assert c.get_seq_length() == 40 and f.get_seq_length() == 41 == h.get_seq_length()
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from accel.models import load
+
+    return load("smollm2-135m")
+
+
+def test_samples_are_deterministic_and_cached(smollm):
+    _, tok = smollm
+    a = runner.build_samples("passkey", tok, "smollm2-135m", [300], [0.2, 0.8], 3, seed=5)
+    b = runner.build_samples("passkey", tok, "smollm2-135m", [300], [0.2, 0.8], 3, seed=5)
+    assert [s.prompt for s in a] == [s.prompt for s in b] and len({s.answers[0] for s in a}) == 3
+    assert [s.depth for s in a] == [0.2, 0.8, 0.2]
+    assert all(abs(s.n_tokens - 300) <= 30 for s in a)
+
+
+def test_quick_mode_end_to_end(tmp_path):
+    from accel.cli.main import main
+
+    out = tmp_path / "eval.csv"
+    assert main(["eval", "--quick", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    tasks = {(r["task"], r["policy"]) for r in rows}
+    assert tasks == {(t, p) for t in ("passkey", "niah", "ruler_niah_single_1", "lm") for p in ("hf", "dense")}
+    by = {(r["task"], r["policy"]): r for r in rows}
+    for t in ("passkey", "niah", "ruler_niah_single_1"):
+        assert by[(t, "dense")]["accuracy"] == by[(t, "hf")]["accuracy"]  # exact policy, same answers
+    assert float(by[("lm", "dense")]["top1_agree"]) == 1.0
+    assert abs(float(by[("lm", "hf")]["ppl"]) - float(by[("lm", "dense")]["ppl"])) < 1e-3
+    samples = list(csv.DictReader((tmp_path / "eval_samples.csv").open()))
+    pred = {(s["task"], s["idx"], s["policy"]): s["prediction"] for s in samples}
+    for (task, idx, pol), p in pred.items():
+        if pol == "dense":
+            assert p == pred[(task, idx, "hf")]
+    assert (tmp_path / "eval.png").stat().st_size > 1000
