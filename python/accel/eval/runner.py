@@ -211,7 +211,9 @@ def run_lm(model, tok, policies: list[str], lengths: list[int], n_eval: int, n_s
     text = essays_text()
     results = []
     refs = ["dense"] + [p for p in policies if p != "dense"]
-    for L in lengths:
+    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
+    for L_req in lengths:
+        L = min(L_req, limit - n_eval)  # prefix + scored tokens must fit the context window
         for i in range(n_samples):
             start = ((seed * 7919 + i) * 104_729) % max(1, len(text) // 2)
             ids = tok(text[start : start + int((L + n_eval) * 6)], return_tensors="pt")["input_ids"][:, : L + n_eval]
@@ -242,7 +244,7 @@ def run_lm(model, tok, policies: list[str], lengths: list[int], n_eval: int, n_s
                 agree = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
                 if pol in policies:
-                    results.append(Result(pol, "lm", L, L, None, i, agree, "", extra={
+                    results.append(Result(pol, "lm", L_req, L, None, i, agree, "", extra={
                         "ppl": math.exp(nll), "nll": nll, "top1_agree": agree, "kl": kl}))
             if progress is not None:
                 progress.update(1)
