@@ -8,6 +8,10 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                                                 bool return_lse, int64_t num_threads);
 torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
                                  int64_t num_threads);
+std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lengths, int64_t budget,
+                                           int64_t agg, int64_t chunk, int64_t sink, int64_t recent, double scale);
+torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
+                                       torch::Tensor counts, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "accel CPU kernels (C++/OpenMP)";
@@ -18,4 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_m_linear", &small_m_linear_cpu, "decode linear y = x W^T + b for 1..64 rows",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("num_threads") = 0);
+  m.def("select_topk", &select_topk_cpu, "group-aggregated top-k token selection with forced sink/recent");
+  m.def("block_sparse_prefill", &block_sparse_prefill_cpu, "block-sparse causal prefill attention (64-token blocks)");
 }

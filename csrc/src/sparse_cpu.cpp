@@ -1,0 +1,85 @@
+// Torch-facing launchers for token selection and block-sparse prefill (CPU).
+#include <torch/extension.h>
+
+#include "accel/cpu/block_sparse_prefill.h"
+#include "accel/cpu/select.h"
+
+namespace {
+void check_cache(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, name, " must be [B, Hkv, T, D] contiguous in D");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, name,
+              " must be float32 or bfloat16");
+}
+}  // namespace
+
+std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lengths, int64_t budget,
+                                           int64_t agg, int64_t chunk, int64_t sink, int64_t recent, double scale) {
+  TORCH_CHECK(q.dim() == 3, "q must be [B, H, D]");
+  q = q.to(torch::kFloat32).contiguous();
+  check_cache(k, "k");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "k must be [B, Hkv, T, D] matching q");
+  TORCH_CHECK(H % Hkv == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(agg >= 0 && agg <= 3, "agg must be 0 (max), 1 (mean), 2 (sum) or 3 (shared)");
+  TORCH_CHECK(chunk >= 1 && budget >= 1 && sink >= 0 && recent >= 0, "chunk/budget must be >= 1, sink/recent >= 0");
+  lengths = lengths.to(torch::kInt32).contiguous();
+  TORCH_CHECK(lengths.numel() == B, "lengths must have B entries");
+  const int32_t max_len = lengths.max().item<int32_t>();
+  TORCH_CHECK(max_len <= k.size(2), "lengths exceed the cache length");
+  const int64_t n_chunks = (max_len + chunk - 1) / chunk;
+  const int64_t max_sel = std::min<int64_t>(max_len, (std::max<int64_t>(budget / chunk, 1) +
+                                                      (sink + chunk - 1) / chunk + recent / chunk + 2) * chunk);
+  const int64_t cap = budget >= max_len ? std::max<int64_t>(max_len, 1) : std::max<int64_t>(std::min<int64_t>(max_sel, n_chunks * chunk), 1);
+  const int64_t Hsel = agg == 3 ? 1 : Hkv;
+  auto out = torch::empty({B, Hsel, cap}, torch::dtype(torch::kInt32));
+  auto counts = torch::empty({B, Hsel}, torch::dtype(torch::kInt32));
+  accel::cpu::SelectParams p;
+  p.q = q.data_ptr<float>(); p.k = k.data_ptr();
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
+  p.lengths = lengths.data_ptr<int32_t>();
+  p.B = B; p.H = H; p.Hkv = Hkv; p.D = D; p.scale = static_cast<float>(scale);
+  p.agg = static_cast<accel::cpu::Agg>(agg);
+  p.chunk = chunk; p.sink = sink; p.recent = recent; p.budget = budget;
+  p.out = out.data_ptr<int32_t>(); p.counts = counts.data_ptr<int32_t>(); p.max_sel = cap;
+  {
+    pybind11::gil_scoped_release nogil;
+    if (k.scalar_type() == torch::kFloat32) accel::cpu::select_topk<float>(p);
+    else accel::cpu::select_topk<uint16_t>(p);
+  }
+  return {out, counts};
+}
+
+torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
+                                       torch::Tensor counts, double scale) {
+  TORCH_CHECK(q.dim() == 4, "q must be [B, H, Tq, D]");
+  q = q.to(torch::kFloat32).contiguous();
+  check_cache(k, "k");
+  check_cache(v, "v");
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
+  TORCH_CHECK(D <= 256, "head_dim up to 256 is supported, got ", D);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(3) == D, "k/v shapes must match q");
+  TORCH_CHECK(H % Hkv == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(Tq <= Tk, "more queries than keys");
+  const int64_t nqb = (Tq + accel::cpu::kBS - 1) / accel::cpu::kBS;
+  blocks = blocks.to(torch::kInt32).contiguous();
+  counts = counts.to(torch::kInt32).contiguous();
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(0) == H && blocks.size(1) == nqb,
+              "blocks must be [H, n_query_blocks=", nqb, ", max_kblocks]");
+  TORCH_CHECK(counts.dim() == 2 && counts.size(0) == H && counts.size(1) == nqb, "counts must be [H, n_query_blocks]");
+  TORCH_CHECK(counts.numel() == 0 || counts.max().item<int32_t>() <= blocks.size(2), "counts exceed the block lists");
+  auto out = torch::empty({B, H, Tq, D}, q.options());
+  accel::cpu::BlockSparseParams p;
+  p.q = q.data_ptr<float>(); p.k = k.data_ptr(); p.v = v.data_ptr();
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2);
+  p.blocks = blocks.data_ptr<int32_t>(); p.counts = counts.data_ptr<int32_t>(); p.max_kb = blocks.size(2);
+  p.B = B; p.H = H; p.Hkv = Hkv; p.D = D; p.Tq = Tq; p.Tk = Tk; p.scale = static_cast<float>(scale);
+  p.out = out.data_ptr<float>();
+  {
+    pybind11::gil_scoped_release nogil;
+    if (k.scalar_type() == torch::kFloat32) accel::cpu::block_sparse_prefill<float>(p);
+    else accel::cpu::block_sparse_prefill<uint16_t>(p);
+  }
+  return out;
+}
