@@ -57,3 +57,23 @@ def test_quest_bound_is_an_upper_bound():
         s = torch.einsum("bd,btd->bt", q[:, h], k[:, h // G, :64])
         per_page = s.view(2, 4, 16).max(-1).values
         assert torch.all(ub[:, h] >= per_page - 1e-5)
+
+
+def test_quest_metadata_incremental_equals_reference():
+    from accel.cache import AccelCache
+    from accel.cache.quest import QuestMetadata
+
+    g = torch.Generator().manual_seed(9)
+    cache = AccelCache(num_layers=1)
+    meta = QuestMetadata(page_size=16)
+    for n in (37, 1, 1, 14, 1, 40, 3, 1):
+        kv = torch.randn(2, 2, n, 32, generator=g)
+        keys, _ = cache.update(kv, kv, 0)
+        mn, mx = meta.bounds(keys)
+        rmn, rmx = page_minmax_ref(keys, keys.shape[2], 16)
+        assert torch.equal(mn, rmn) and torch.equal(mx, rmx)
+    q = torch.randn(2, 6, 32, generator=g)
+    ub = meta.page_scores(q, keys, agg="max")
+    ref = quest_page_scores_ref(q, *page_minmax_ref(keys, keys.shape[2], 16), agg="max")
+    torch.testing.assert_close(ub, ref)
+    assert meta.full_pages == keys.shape[2] // 16

@@ -35,6 +35,26 @@ SCRIPT = textwrap.dedent(
             out, _ = decode_attention_triton(q, k, v, ln, indices=idx)
             ro = decode_attention_ref(q, k, v, ln, indices=idx, scale=1 / math.sqrt(D))
             assert (out - ro).abs().max() < 1e-4, ("sparse", dtype, H, D)
+    # token selection
+    from accel.kernels.attention.select import select_topk_triton
+    from accel.ops._selection_reference import select_topk_ref
+    for agg in ("max", "mean", "sum", "shared"):
+        q = torch.randn(2, 6, 64, generator=g)
+        k = torch.randn(2, 2, 100, 64, generator=g)
+        idx, cnt = select_topk_triton(q, k, [100, 100], 24, agg=agg, chunk=4, sink=4, recent=8)
+        ref = select_topk_ref(q, k, 100, 24, agg=agg, chunk=4, sink=4, recent=8)
+        assert torch.equal(idx[..., : ref.shape[-1]].long(), ref), ("select", agg)
+    # block-sparse prefill
+    from accel.kernels.attention.block_sparse import block_sparse_prefill_triton
+    from accel.ops.sparse import block_sparse_prefill_ref, sink_window_blocks
+    for D in (64, 40):
+        q = torch.randn(1, 4, 100, D, generator=g)
+        k = torch.randn(1, 2, 150, D, generator=g)
+        v = torch.randn(1, 2, 150, D, generator=g)
+        blocks, counts = sink_window_blocks(4, 100, 150, sink=[64, 0, 64, 0], window=[64, 64, 0, 128])
+        out = block_sparse_prefill_triton(q, k, v, blocks, counts)
+        ref = block_sparse_prefill_ref(q, k, v, blocks, counts)
+        assert (out - ref).abs().max() < 1e-4, ("block_sparse", D, (out - ref).abs().max())
     print("TRITON_OK")
     """
 )

@@ -1,8 +1,9 @@
 // Torch-facing launcher for the CUDA decode kernel (built only with a CUDA torch + nvcc).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include "accel/cuda/decode_attention.cuh"
+#include "accel/cuda/sparse.cuh"
 
 std::vector<torch::Tensor> decode_attention_cuda(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                  torch::Tensor lengths, c10::optional<torch::Tensor> indices,
@@ -32,7 +33,7 @@ std::vector<torch::Tensor> decode_attention_cuda(torch::Tensor q, torch::Tensor 
   a.o_part = o_part.data_ptr<float>(); a.lse_part = lse_part.data_ptr<float>();
   auto out = torch::empty({B, H, D}, q.options());
   auto lse = torch::empty({B, H}, q.options());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (k.scalar_type() == torch::kBFloat16)
     accel::cuda::launch_decode_attention<__nv_bfloat16>(a, out.data_ptr<float>(), lse.data_ptr<float>(), stream);
   else
@@ -40,6 +41,53 @@ std::vector<torch::Tensor> decode_attention_cuda(torch::Tensor q, torch::Tensor 
   return {out, lse};
 }
 
+// chunk scores for selection (top-k / sort of the small score tensor happen in torch)
+torch::Tensor chunk_scores_cuda(torch::Tensor q, torch::Tensor k, torch::Tensor lse, torch::Tensor lengths,
+                                int64_t agg, int64_t chunk, double scale) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && lse.is_cuda(), "q, k, lse must be CUDA tensors");
+  TORCH_CHECK(k.stride(3) == 1, "k must be contiguous in D");
+  q = q.to(torch::kFloat32).contiguous();
+  lse = lse.to(torch::kFloat32).contiguous();
+  lengths = lengths.to(torch::kInt32).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
+  const int max_len = lengths.max().item<int>();
+  const int64_t n_chunks = (max_len + chunk - 1) / chunk;
+  const int64_t Hsel = agg == 3 ? 1 : Hkv;
+  auto out = torch::zeros({B, Hsel, n_chunks}, q.options());
+  accel::cuda::ChunkScoreArgs a{};
+  a.q = q.data_ptr<float>(); a.k = k.data_ptr(); a.k_sb = k.stride(0); a.k_sh = k.stride(1); a.k_st = k.stride(2);
+  a.lse = lse.data_ptr<float>(); a.lengths = lengths.data_ptr<int32_t>(); a.out = out.data_ptr<float>();
+  a.B = B; a.H = H; a.Hkv = Hkv; a.D = D; a.Hsel = Hsel; a.chunk = chunk; a.n_chunks = n_chunks; a.agg = agg;
+  a.scale = static_cast<float>(scale);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (k.scalar_type() == torch::kBFloat16) accel::cuda::launch_chunk_scores<__nv_bfloat16>(a, stream);
+  else accel::cuda::launch_chunk_scores<float>(a, stream);
+  return out;
+}
+
+torch::Tensor block_sparse_prefill_cuda(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
+                                        torch::Tensor counts, double scale) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "q, k, v must be CUDA tensors");
+  TORCH_CHECK(q.size(3) <= 256, "head_dim up to 256");
+  q = q.to(torch::kFloat32).contiguous();
+  blocks = blocks.to(torch::kInt32).contiguous();
+  counts = counts.to(torch::kInt32).contiguous();
+  auto out = torch::empty_like(q);
+  accel::cuda::BlockSparseArgs a{};
+  a.q = q.data_ptr<float>(); a.k = k.data_ptr(); a.v = v.data_ptr();
+  a.k_sb = k.stride(0); a.k_sh = k.stride(1); a.k_st = k.stride(2);
+  a.v_sb = v.stride(0); a.v_sh = v.stride(1); a.v_st = v.stride(2);
+  a.blocks = blocks.data_ptr<int32_t>(); a.counts = counts.data_ptr<int32_t>(); a.max_kb = blocks.size(2);
+  a.B = q.size(0); a.H = q.size(1); a.Hkv = k.size(1); a.D = q.size(3); a.nqb = blocks.size(1);
+  a.Tq = q.size(2); a.Tk = k.size(2); a.scale = static_cast<float>(scale); a.out = out.data_ptr<float>();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (k.scalar_type() == torch::kBFloat16) accel::cuda::launch_block_sparse_prefill<__nv_bfloat16>(a, stream);
+  else accel::cuda::launch_block_sparse_prefill<float>(a, stream);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention_cuda, "GQA decode attention (CUDA)");
+  m.def("chunk_scores", &chunk_scores_cuda, "aggregated chunk scores for top-k selection (CUDA)");
+  m.def("block_sparse_prefill", &block_sparse_prefill_cuda, "block-sparse causal prefill (CUDA)");
 }

@@ -105,6 +105,10 @@ def decode_attention(
         res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0)
         out = res[0] if q.dtype == torch.float32 else res[0].to(q.dtype)
         return (out, res[1]) if return_lse else out
+    if backend == "cuda":
+        res = _ext.cuda_ext().decode_attention(q, k, v, lengths, indices, valid, scale, 4)
+        out = res[0].to(q.dtype)
+        return (out, res[1]) if return_lse else out
     if backend == "triton":
         from accel.kernels.attention.decode import decode_attention_triton
 

@@ -34,6 +34,10 @@ def select_topk(q, k, lengths, budget: int, *, agg: str = "max", chunk: int = 1,
     backend = backend or choose_backend(q.device)
     if backend == "cpp":
         return _ext.cpu_ext().select_topk(q, k, lengths, int(budget), AGGS[agg], int(chunk), int(sink), int(recent), scale)
+    if backend in ("triton", "cuda") and chunk & (chunk - 1) == 0:
+        from accel.kernels.attention.select import select_topk_triton
+
+        return select_topk_triton(q, k, lengths, budget, agg=agg, chunk=chunk, sink=sink, recent=recent, scale=scale)
     rows = []
     for b in range(q.shape[0]):
         rows.append(select_topk_ref(q[b : b + 1], k[b : b + 1], int(lengths[b]), budget, agg=agg, chunk=chunk,
@@ -69,6 +73,12 @@ def block_sparse_prefill(q, k, v, blocks, counts, scale: float | None = None, ba
     backend = backend or choose_backend(q.device)
     if backend == "cpp":
         return _ext.cpu_ext().block_sparse_prefill(q, k, v, blocks, counts, scale).to(q.dtype)
+    if backend == "cuda":
+        return _ext.cuda_ext().block_sparse_prefill(q, k, v, blocks, counts, scale).to(q.dtype)
+    if backend == "triton":
+        from accel.kernels.attention.block_sparse import block_sparse_prefill_triton
+
+        return block_sparse_prefill_triton(q, k, v, blocks, counts, scale)
     return block_sparse_prefill_ref(q, k, v, blocks, counts, scale).to(q.dtype)
 
 
