@@ -34,20 +34,23 @@ struct BlockSparseParams {
   float* out = nullptr;  // [B, H, Tq, D]
 };
 
+// kt_all: K transposed per 64-token block, [B, Hkv, n_kblocks, D, 64] fp32 (zero-padded tail)
 template <typename T, int DC>
-static void bs_block(const BlockSparseParams& p, int b, int h, int64_t qb) {
+static void bs_block(const BlockSparseParams& p, const float* kt_all, int b, int h, int64_t qb) {
   const int D = DC > 0 ? DC : p.D;
+  // rows sharing each loaded K^T / V vector, bounded by the 32 vector registers of AVX-512
+  constexpr int RB = DC == 0 ? 1 : (DC <= 64 ? 4 : (DC <= 128 ? 2 : 1));
   const int G = p.H / p.Hkv, kh = h / G;
   const int64_t off = p.Tk - p.Tq;  // absolute position of query row 0
   const int64_t i0 = qb * kBS, i1 = std::min(p.Tq, i0 + kBS);
   const int nr = static_cast<int>(i1 - i0);
   const float* q = p.q + ((static_cast<int64_t>(b) * p.H + h) * p.Tq + i0) * D;
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kh * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + kh * p.v_sh;
   float* o = p.out + ((static_cast<int64_t>(b) * p.H + h) * p.Tq + i0) * D;
   const float ninf = -std::numeric_limits<float>::infinity();
 
-  alignas(64) float kt[256 * kBS];  // K block transposed [D][64] (D <= 256)
+  const int64_t nkb = (p.Tk + kBS - 1) / kBS;
+  const float* kt_head = kt_all + (static_cast<int64_t>(b) * p.Hkv + kh) * nkb * D * kBS;
   alignas(64) float s[kBS][kBS];
   std::vector<float> acc(static_cast<size_t>(nr) * D, 0.f);
   float m[kBS], l[kBS];
@@ -60,59 +63,117 @@ static void bs_block(const BlockSparseParams& p, int b, int h, int64_t qb) {
     const int64_t j0 = static_cast<int64_t>(list[bi]) * kBS;
     if (j0 >= p.Tk || j0 > off + i1 - 1) continue;  // beyond the keys or entirely in the future
     const int nc = static_cast<int>(std::min<int64_t>(kBS, p.Tk - j0));
-    for (int c = 0; c < kBS; ++c)
-      for (int d = 0; d < D; ++d) kt[d * kBS + c] = c < nc ? Load<T>::get(kb + (j0 + c) * p.k_st, d) : 0.f;
-    // S = Q K^T, vectorised over the 64 keys
-    for (int r = 0; r < nr; ++r) {
-      v16f a0{}, a1{}, a2{}, a3{};
-      const float* qr = q + static_cast<int64_t>(r) * D;
-      for (int d = 0; d < D; ++d) {
-        const v16f qd = splat16(qr[d]);
-        const float* kr = kt + d * kBS;
-        a0 += qd * load16(kr);
-        a1 += qd * load16(kr + 16);
-        a2 += qd * load16(kr + 32);
-        a3 += qd * load16(kr + 48);
+    const float* kt = kt_head + (j0 / kBS) * D * kBS;
+    // only the diagonal / tail blocks need the element mask
+    const bool need_mask = nc < kBS || j0 + kBS - 1 > off + i0;
+    // S = Q K^T, vectorised over the 64 keys; RB query rows share each loaded K^T vector
+    {
+      int r = 0;
+      for (; r + RB <= nr; r += RB) {
+        v16f a[RB][4];
+        for (int x = 0; x < RB; ++x)
+          for (int c = 0; c < 4; ++c) a[x][c] = v16f{};
+        for (int d = 0; d < D; ++d) {
+          const float* kr = kt + d * kBS;
+          const v16f k0 = load16(kr), k1 = load16(kr + 16), k2 = load16(kr + 32), k3 = load16(kr + 48);
+          for (int x = 0; x < RB; ++x) {
+            const v16f qd = splat16(q[static_cast<int64_t>(r + x) * D + d]);
+            a[x][0] += qd * k0;
+            a[x][1] += qd * k1;
+            a[x][2] += qd * k2;
+            a[x][3] += qd * k3;
+          }
+        }
+        for (int x = 0; x < RB; ++x)
+          for (int c = 0; c < 4; ++c) store16(s[r + x] + 16 * c, a[x][c] * p.scale);
       }
-      store16(s[r], a0 * p.scale);
-      store16(s[r] + 16, a1 * p.scale);
-      store16(s[r] + 32, a2 * p.scale);
-      store16(s[r] + 48, a3 * p.scale);
-      const int64_t qpos = off + i0 + r;
-      for (int c = 0; c < kBS; ++c)
-        if (c >= nc || j0 + c > qpos) s[r][c] = ninf;
+      for (; r < nr; ++r) {
+        v16f a0{}, a1{}, a2{}, a3{};
+        const float* qr = q + static_cast<int64_t>(r) * D;
+        for (int d = 0; d < D; ++d) {
+          const v16f qd = splat16(qr[d]);
+          const float* kr = kt + d * kBS;
+          a0 += qd * load16(kr);
+          a1 += qd * load16(kr + 16);
+          a2 += qd * load16(kr + 32);
+          a3 += qd * load16(kr + 48);
+        }
+        store16(s[r], a0 * p.scale);
+        store16(s[r] + 16, a1 * p.scale);
+        store16(s[r] + 32, a2 * p.scale);
+        store16(s[r] + 48, a3 * p.scale);
+      }
+      if (need_mask)
+        for (int rr = 0; rr < nr; ++rr) {
+          const int64_t qpos = off + i0 + rr;
+          for (int c = 0; c < kBS; ++c)
+            if (c >= nc || j0 + c > qpos) s[rr][c] = ninf;
+        }
     }
-    // online softmax + O += P V
+    // online softmax per row (probabilities overwrite s; alpha rescales the row's accumulator)
+    float alpha_r[kBS];
     for (int r = 0; r < nr; ++r) {
-      float mx = ninf;
-      for (int c = 0; c < kBS; ++c) mx = std::max(mx, s[r][c]);
-      if (mx == ninf) continue;
+      const float mx = hmax16(vmax16(vmax16(load16(s[r]), load16(s[r] + 16)), vmax16(load16(s[r] + 32), load16(s[r] + 48))));
+      if (mx == ninf) {
+        alpha_r[r] = 1.f;
+        for (int c = 0; c < kBS; ++c) s[r][c] = 0.f;
+        continue;
+      }
       const float newm = std::max(m[r], mx);
       const float alpha = m[r] == ninf ? 0.f : fast_exp(m[r] - newm);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int c = 0; c < kBS; ++c) {
-        const float e = s[r][c] == ninf ? 0.f : fast_exp(s[r][c] - newm);
-        s[r][c] = e;
-        sum += e;
+      const v16f nm = splat16(newm);
+      v16f sv = v16f{};
+      for (int c = 0; c < kBS; c += 16) {
+        const v16f e = fast_exp16(load16(s[r] + c) - nm);
+        store16(s[r] + c, e);
+        sv += e;
       }
+      const float sum = hsum16(sv);
       l[r] = l[r] * alpha + sum;
       m[r] = newm;
-      float* ar = acc.data() + static_cast<int64_t>(r) * D;
-      if constexpr (DC > 0 && DC % 16 == 0) {
-        constexpr int NV = DC / 16;
-        v16f a[NV];
-        for (int x = 0; x < NV; ++x) a[x] = load16(ar + 16 * x) * alpha;
-        for (int c = 0; c < nc; ++c) {
-          const float pc = s[r][c];
-          if (pc == 0.f) continue;
-          const T* vr = vb + (j0 + c) * p.v_st;
-          const v16f pv = splat16(pc);
-          for (int x = 0; x < NV; ++x) a[x] += pv * load16(vr + 16 * x);
+      alpha_r[r] = alpha;
+    }
+    // O = alpha * O + P V; RB rows share each loaded V row
+    if constexpr (DC > 0 && DC % 16 == 0) {
+      constexpr int NV = DC / 16;
+      int r = 0;
+      for (; r + RB <= nr; r += RB) {
+        v16f a[RB][NV];
+        for (int x = 0; x < RB; ++x) {
+          const float* ar = acc.data() + static_cast<int64_t>(r + x) * D;
+          const v16f al = splat16(alpha_r[r + x]);
+          for (int y = 0; y < NV; ++y) a[x][y] = load16(ar + 16 * y) * al;
         }
-        for (int x = 0; x < NV; ++x) store16(ar + 16 * x, a[x]);
-      } else {
-        for (int d = 0; d < D; ++d) ar[d] *= alpha;
+        for (int c = 0; c < nc; ++c) {
+          const T* vr = vb + (j0 + c) * p.v_st;
+          v16f vv[NV];
+          for (int y = 0; y < NV; ++y) vv[y] = load16(vr + 16 * y);
+          for (int x = 0; x < RB; ++x) {
+            const v16f pv = splat16(s[r + x][c]);
+            for (int y = 0; y < NV; ++y) a[x][y] += pv * vv[y];
+          }
+        }
+        for (int x = 0; x < RB; ++x) {
+          float* ar = acc.data() + static_cast<int64_t>(r + x) * D;
+          for (int y = 0; y < NV; ++y) store16(ar + 16 * y, a[x][y]);
+        }
+      }
+      for (; r < nr; ++r) {
+        float* ar = acc.data() + static_cast<int64_t>(r) * D;
+        v16f a[NV];
+        const v16f al = splat16(alpha_r[r]);
+        for (int y = 0; y < NV; ++y) a[y] = load16(ar + 16 * y) * al;
+        for (int c = 0; c < nc; ++c) {
+          const T* vr = vb + (j0 + c) * p.v_st;
+          const v16f pv = splat16(s[r][c]);
+          for (int y = 0; y < NV; ++y) a[y] += pv * load16(vr + 16 * y);
+        }
+        for (int y = 0; y < NV; ++y) store16(ar + 16 * y, a[y]);
+      }
+    } else {
+      for (int r = 0; r < nr; ++r) {
+        float* ar = acc.data() + static_cast<int64_t>(r) * D;
+        for (int d = 0; d < D; ++d) ar[d] *= alpha_r[r];
         for (int c = 0; c < nc; ++c) {
           const float pc = s[r][c];
           if (pc == 0.f) continue;
@@ -130,13 +191,34 @@ static void bs_block(const BlockSparseParams& p, int b, int h, int64_t qb) {
 
 template <typename T, int DC>
 static void block_sparse_prefill_impl(const BlockSparseParams& p) {
+  const int D = DC > 0 ? DC : p.D;
   const int64_t nqb = (p.Tq + kBS - 1) / kBS;
+  const int64_t nkb = (p.Tk + kBS - 1) / kBS;
+  // transpose every K block once (shared by the G query heads of a KV head and all query blocks)
+  std::vector<float> kt(static_cast<size_t>(p.B) * p.Hkv * nkb * D * kBS);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int b = 0; b < p.B; ++b)
+    for (int kh = 0; kh < p.Hkv; ++kh) {
+      const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kh * p.k_sh;
+      float* dst = kt.data() + (static_cast<int64_t>(b) * p.Hkv + kh) * nkb * D * kBS;
+      for (int64_t j = 0; j < nkb; ++j)
+        for (int c = 0; c < kBS; ++c) {
+          const int64_t t = j * kBS + c;
+          float* col = dst + j * D * kBS + c;
+          if (t < p.Tk) {
+            const T* kr = kb + t * p.k_st;
+            for (int d = 0; d < D; ++d) col[d * kBS] = Load<T>::get(kr, d);
+          } else {
+            for (int d = 0; d < D; ++d) col[d * kBS] = 0.f;
+          }
+        }
+    }
   const int64_t items = static_cast<int64_t>(p.B) * p.H * nqb;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t it = 0; it < items; ++it) {
     const int b = static_cast<int>(it / (p.H * nqb));
     const int h = static_cast<int>((it / nqb) % p.H);
-    bs_block<T, DC>(p, b, h, it % nqb);
+    bs_block<T, DC>(p, kt.data(), b, h, it % nqb);
   }
 }
 

@@ -131,12 +131,17 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
         m[g] = newm;
       }
       float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int j = 0; j < n; ++j) {
-        const float e = fast_exp(s[g][j] - newm);
-        const float pj = (s[g][j] == ninf) ? 0.f : e;
-        s[g][j] = pj;
-        sum += pj;
+      if (n == kTile && kTile == 16) {
+        const v16f e = fast_exp16(load16(s[g]) - splat16(newm));  // -inf (masked) lanes give exactly 0
+        store16(s[g], e);
+        sum = hsum16(e);
+      } else {
+        for (int j = 0; j < n; ++j) {
+          const float e = fast_exp(s[g][j] - newm);
+          const float pj = (s[g][j] == ninf) ? 0.f : e;
+          s[g][j] = pj;
+          sum += pj;
+        }
       }
       l[g] += sum;
     }
