@@ -53,12 +53,15 @@ def test_valid_mask_and_strided_views(dtype):
 
 
 @pytest.mark.parametrize("n_sel", [1, 17, 64, 200])
-def test_index_lists_unsorted(n_sel):
-    B, H, Hkv, D, cap = 2, 8, 2, 128, 200
-    q, k, v = _case(B, H, Hkv, D, cap, torch.float32, seed=3)
+@pytest.mark.parametrize("D,G", [(64, 1), (80, 3), (128, 4), (256, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_lists_unsorted_ragged(n_sel, D, G, dtype):
+    """Sparse decode over unsorted, duplicate-free index lists with a different count per (b, head)."""
+    B, Hkv, cap = 2, 2, 200
+    q, k, v = _case(B, G * Hkv, Hkv, D, cap, dtype, seed=3)
     g = torch.Generator().manual_seed(4)
     idx = torch.stack([torch.stack([torch.randperm(cap, generator=g)[:n_sel] for _ in range(Hkv)]) for _ in range(B)]).int()
-    lengths = torch.full((B, Hkv), n_sel, dtype=torch.int32)
+    lengths = torch.tensor([[n_sel, max(1, n_sel // 2)], [max(1, n_sel - 3), n_sel]], dtype=torch.int32)
     out = decode_attention(q, k, v, lengths, indices=idx, backend="cpp")
     ref = decode_attention_ref(q, k, v, lengths, indices=idx, scale=1 / math.sqrt(D))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
