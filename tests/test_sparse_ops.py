@@ -85,3 +85,16 @@ def test_select_rejects_bad_arguments():
         select_topk(q, k, [10], 4, agg="median")
     with pytest.raises(accel.AccelError, match="budget and chunk must be >= 1"):
         select_topk(q, k, [10], 0)
+
+
+def test_shared_selection_decodes_every_kv_head_over_the_same_set():
+    g = torch.Generator().manual_seed(11)
+    B, H, Hkv, D, T = 2, 8, 2, 64, 150
+    q = torch.randn(B, H, D, generator=g)
+    k = torch.randn(B, Hkv, T, D, generator=g)
+    v = torch.randn(B, Hkv, T, D, generator=g)
+    idx, cnt = select_topk(q, k, [T, T], 40, agg="shared", chunk=4, sink=4, recent=8)
+    assert idx.shape[1] == 1
+    out = decode_attention(q, k, v, cnt, indices=idx)
+    ref = decode_attention_ref(q, k, v, cnt.expand(B, Hkv), indices=idx.expand(B, Hkv, -1), scale=1 / math.sqrt(D))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

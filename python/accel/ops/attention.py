@@ -85,8 +85,8 @@ def decode_attention(
         k, v: [B, Hkv, T, D] keys/values (fp32 or bf16), contiguous in D; any strides otherwise, so
             views of accel's preallocated cache are passed without a copy.
         lengths: [B, Hkv] int32 tokens attended per KV head (default: all T).
-        indices: optional [B, Hkv, S] int32 token positions (sparse decode); ``lengths`` then counts
-            the valid entries of each list.
+        indices: optional [B, Hkv, S] int32 token positions (sparse decode), or [B, 1, S] for one set
+            shared by all KV heads of the layer; ``lengths`` then counts the valid entries of each list.
         valid: optional [B, T'] bool: False marks positions to skip (padding, windows).
         scale: softmax scale (default 1/sqrt(D)).
     Returns:
@@ -97,6 +97,9 @@ def decode_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if lengths is None:
         lengths = torch.full((B, Hkv), k.shape[2], dtype=torch.int32, device=k.device)
+    if indices is not None and indices.shape[1] == 1 and Hkv > 1:  # one set shared by the whole layer
+        indices = indices.expand(B, Hkv, indices.shape[2]).contiguous()
+        lengths = lengths.reshape(B, -1)[:, :1].expand(B, Hkv).contiguous()
     backend = backend or choose_backend(q.device)
     if backend == "cpp":
         qf = q if q.dtype == torch.float32 else q.float()
