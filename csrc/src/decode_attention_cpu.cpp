@@ -48,8 +48,12 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                     ix.size(1) == Hkv && ix.stride(2) == 1,
                 "indices must be int32 [B, Hkv, S] contiguous in the last dimension");
     TORCH_CHECK(lengths.max().item<int32_t>() <= ix.size(2), "lengths exceed the index list size");
-    TORCH_CHECK(ix.numel() == 0 || (ix.min().item<int32_t>() >= 0 && ix.max().item<int32_t>() < cap),
-                "indices must lie in [0, capacity=", cap, ")");
+    if (ix.numel() > 0) {  // only the first lengths[b, h] entries of each list are used (the rest may be -1 padding)
+      auto used = ix.masked_select(torch::arange(ix.size(2), ix.options()).view({1, 1, -1}) <
+                                   lengths.view({B, Hkv, 1}));
+      TORCH_CHECK(used.numel() == 0 || (used.min().item<int32_t>() >= 0 && used.max().item<int32_t>() < cap),
+                  "indices must lie in [0, capacity=", cap, ")");
+    }
     TORCH_CHECK(ix.stride(1) == ix.size(2) && ix.stride(0) == Hkv * ix.size(2), "indices must be contiguous");
     p.indices = ix.data_ptr<int32_t>();
     p.idx_stride = ix.size(2);
