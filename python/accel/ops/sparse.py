@@ -82,6 +82,18 @@ def block_sparse_prefill(q, k, v, blocks, counts, scale: float | None = None, ba
     return block_sparse_prefill_ref(q, k, v, blocks, counts, scale).to(q.dtype)
 
 
+def _pack(lists, num_heads: int, nqb: int):
+    """Per-head, per-query-block lists of key blocks -> (blocks [H, nqb, width], counts [H, nqb])."""
+    width = max(len(x) for per_h in lists for x in per_h)
+    blocks = torch.zeros(num_heads, nqb, width, dtype=torch.int32)
+    counts = torch.zeros(num_heads, nqb, dtype=torch.int32)
+    for h, per_h in enumerate(lists):
+        for qb, sel in enumerate(per_h):
+            blocks[h, qb, : len(sel)] = torch.tensor(sel, dtype=torch.int32)
+            counts[h, qb] = len(sel)
+    return blocks, counts
+
+
 def sink_window_blocks(num_heads: int, q_len: int, k_len: int, sink: int | list[int], window: int | list[int]):
     """Block lists for sink + sliding-window attention per head (token counts rounded up to blocks).
 
@@ -102,14 +114,7 @@ def sink_window_blocks(num_heads: int, q_len: int, k_len: int, sink: int | list[
             sel = set(range(min(sb, last + 1))) | set(range(max(0, first_q - wb), last + 1))
             per_h.append(sorted(sel))
         lists.append(per_h)
-    width = max(len(x) for per_h in lists for x in per_h)
-    blocks = torch.zeros(num_heads, nqb, width, dtype=torch.int32)
-    counts = torch.zeros(num_heads, nqb, dtype=torch.int32)
-    for h, per_h in enumerate(lists):
-        for qb, sel in enumerate(per_h):
-            blocks[h, qb, : len(sel)] = torch.tensor(sel, dtype=torch.int32)
-            counts[h, qb] = len(sel)
-    return blocks, counts
+    return _pack(lists, num_heads, nqb)
 
 
 def vertical_slash_blocks(num_heads: int, q_len: int, k_len: int, vertical: list[list[int]], slash: list[list[int]]):
@@ -125,11 +130,4 @@ def vertical_slash_blocks(num_heads: int, q_len: int, k_len: int, vertical: list
             sel = {v for v in vertical[h] if v <= diag} | {diag - s for s in slash[h] if 0 <= diag - s} | {diag}
             per_h.append(sorted(sel))
         lists.append(per_h)
-    width = max(len(x) for per_h in lists for x in per_h)
-    blocks = torch.zeros(num_heads, nqb, width, dtype=torch.int32)
-    counts = torch.zeros(num_heads, nqb, dtype=torch.int32)
-    for h, per_h in enumerate(lists):
-        for qb, sel in enumerate(per_h):
-            blocks[h, qb, : len(sel)] = torch.tensor(sel, dtype=torch.int32)
-            counts[h, qb] = len(sel)
-    return blocks, counts
+    return _pack(lists, num_heads, nqb)
