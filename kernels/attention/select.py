@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from accel.ops._selection_reference import topk_chunks
+
 from .decode import decode_attention_triton
 
 AGG = {"max": 0, "mean": 1, "sum": 2, "shared": 3}
@@ -83,26 +85,13 @@ def select_topk_triton(q, k, lengths, budget: int, *, agg: str = "max", chunk: i
         CHUNKS_PER_PROG=cpp, BLOCK_H=triton.next_power_of_2(H if agg == "shared" else G),
         BLOCK_D=triton.next_power_of_2(D))
     scores = out.view(B, hsel, n_chunks)
-    idx_rows, counts = [], torch.zeros(B, hsel, dtype=torch.int32)
+    rows = []
     for b in range(B):
         Tb = int(lengths[b])
-        nb = (Tb + chunk - 1) // chunk
-        sc = scores[b, :, :nb].clone()
-        forced = torch.zeros(nb, dtype=torch.bool, device=q.device)
-        forced[: (sink + chunk - 1) // chunk] = True
-        if recent > 0:
-            forced[max(0, (Tb - recent) // chunk):] = True
-        sc[:, forced] = float("inf")
-        kc = nb if budget >= Tb else min(nb, max(1, int(forced.sum()), budget // chunk))
-        top = sc.topk(kc, dim=-1).indices.sort(-1).values
-        pos = (top.unsqueeze(-1) * chunk + torch.arange(chunk, device=q.device)).flatten(-2)
-        rows = [p[p < Tb] for p in pos]
-        idx_rows.append(rows)
-        for h, r in enumerate(rows):
-            counts[b, h] = r.numel()
-    n = int(counts.max())
+        rows.append(topk_chunks(scores[b : b + 1, :, : (Tb + chunk - 1) // chunk], Tb, budget, chunk=chunk,
+                                sink=sink, recent=recent)[0])
+    n = max(r.shape[-1] for r in rows)
     idx = torch.full((B, hsel, n), -1, dtype=torch.int32, device=q.device)
-    for b in range(B):
-        for h, r in enumerate(idx_rows[b]):
-            idx[b, h, : r.numel()] = r.int()
-    return idx, counts
+    for b, r in enumerate(rows):
+        idx[b, :, : r.shape[-1]] = r.int()
+    return idx, (idx >= 0).sum(-1).int()

@@ -52,24 +52,31 @@ def select_topk_ref(q, k, length: int, budget: int, *, agg: str = "max", chunk: 
     p = aggregate_ref(group_probs_ref(q, k, length, scale), k.shape[1], agg)  # [B, Hs, T]
     B, Hs, T = p.shape
     n_chunks = (T + chunk - 1) // chunk
-    pad = n_chunks * chunk - T
-    pc = torch.nn.functional.pad(p, (0, pad)).view(B, Hs, n_chunks, chunk).sum(-1)
-    forced = torch.zeros(n_chunks, dtype=torch.bool)
+    pc = torch.nn.functional.pad(p, (0, n_chunks * chunk - T)).view(B, Hs, n_chunks, chunk).sum(-1)
+    return topk_chunks(pc, T, budget, chunk=chunk, sink=sink, recent=recent)
+
+
+def topk_chunks(scores: torch.Tensor, length: int, budget: int, *, chunk: int = 1, sink: int = 0,
+                recent: int = 0) -> torch.Tensor:
+    """Chunk scores [B, Hs, n_chunks] of one length -> token positions [B, Hs, n] (int64, ascending,
+    -1 padded): sink/recent chunks forced in (+inf), top-k chunks, expanded to tokens < ``length``.
+    Shared by the reference and the Triton host code."""
+    B, Hs, n_chunks = scores.shape
+    forced = torch.zeros(n_chunks, dtype=torch.bool, device=scores.device)
     forced[: (sink + chunk - 1) // chunk] = True
     if recent > 0:
-        forced[max(0, (T - recent) // chunk):] = True
-    pc = pc.masked_fill(forced.view(1, 1, -1), float("inf"))
-    k_chunks = n_chunks if budget >= T else min(n_chunks, max(1, int(forced.sum()), budget // chunk))
-    top = pc.topk(k_chunks, dim=-1).indices.sort(dim=-1).values  # [B, Hs, k_chunks]
-    pos = (top.unsqueeze(-1) * chunk + torch.arange(chunk)).flatten(-2)
-    keep = pos < T
-    # every row keeps the same count except possibly a partial last chunk: gather per row
-    rows = [[pos[b, h][keep[b, h]] for h in range(Hs)] for b in range(B)]
-    n = max(r.numel() for rr in rows for r in rr)
-    out = torch.full((B, Hs, n), -1, dtype=torch.long)
+        forced[max(0, (length - recent) // chunk):] = True
+    sc = scores.masked_fill(forced.view(1, 1, -1), float("inf"))
+    k_chunks = n_chunks if budget >= length else min(n_chunks, max(1, int(forced.sum()), budget // chunk))
+    top = sc.topk(k_chunks, dim=-1).indices.sort(dim=-1).values  # [B, Hs, k_chunks]
+    pos = (top.unsqueeze(-1) * chunk + torch.arange(chunk, device=scores.device)).flatten(-2)
+    # all rows hold k_chunks chunks; only a row holding the partial last chunk has fewer tokens
+    n = int((pos < length).sum(-1).max())
+    out = torch.full((B, Hs, n), -1, dtype=torch.long, device=scores.device)
     for b in range(B):
         for h in range(Hs):
-            out[b, h, : rows[b][h].numel()] = rows[b][h]
+            r = pos[b, h][pos[b, h] < length]
+            out[b, h, : r.numel()] = r
     return out
 
 
