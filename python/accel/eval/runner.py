@@ -172,14 +172,15 @@ def run_generation(model, tok, samples: list[Sample], policies: list[str], overr
     from ..cli.common import patch_for
 
     results = []
+    shares = {p: _shares_dense_prefill(p) for p in policies}
     for s in samples:
         enc = tok(s.prompt, return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
         base = None
-        if any(_shares_dense_prefill(p) for p in policies):
+        if any(shares.values()):
             base, _ = _prefill(model, ids[:, :-1], mask[:, :-1])
         for pol in policies:
-            cache = fork_cache(base, for_hf=(pol == "hf")) if (base is not None and _shares_dense_prefill(pol)) else None
+            cache = fork_cache(base, for_hf=(pol == "hf")) if (base is not None and shares[pol]) else None
             handle = patch_for(model, pol, overrides if pol != "hf" else None)
             try:
                 t = time.perf_counter()

@@ -77,7 +77,14 @@ def dense_decode(ctx, query, key, value, attention_mask, scaling):
     B, H, _, D = query.shape
     if key.shape[-1] != value.shape[-1]:
         return hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling)[0]
-    ok, valid = valid_from_mask(attention_mask, B, key.shape[2])
+    # the model builds one mask per step (one more for sliding layers) and hands the same tensor to
+    # every layer: convert it once, not once per layer
+    memo = ctx.runtime.shared.get("valid_mask")
+    if memo is not None and memo[0] is attention_mask and memo[1] == key.shape[2]:
+        ok, valid = memo[2]
+    else:
+        ok, valid = valid_from_mask(attention_mask, B, key.shape[2])
+        ctx.runtime.shared["valid_mask"] = (attention_mask, key.shape[2], (ok, valid))
     if not ok:
         return hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling)[0]
     out = decode_attention(query[:, :, 0, :], key, value, valid=valid, scale=scaling)
