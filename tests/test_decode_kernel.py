@@ -100,3 +100,15 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(RuntimeError, match="indices must lie in"):
         ext.decode_attention(q, k, k, torch.full((1, 2), 1, dtype=torch.int32),
                              torch.full((1, 2, 1), 10, dtype=torch.int32), None, 1.0, False, 1)
+
+
+def test_scattered_read_probe_sums_the_given_rows():
+    from accel import _ext
+
+    C = _ext.cpu_ext()
+    buf = torch.randn(300, 32)
+    rows = torch.tensor([5, 7, 200, 299, 0], dtype=torch.int32)
+    for dist in (0, 2, 16):
+        assert C.scattered_read_probe(buf, rows, dist) == pytest.approx(buf[rows.long()].sum().item(), rel=1e-4, abs=1e-3)
+    with pytest.raises(RuntimeError, match="out of range"):
+        C.scattered_read_probe(buf, torch.tensor([300], dtype=torch.int32), 0)

@@ -90,6 +90,49 @@ def measure_read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+_EVICT: dict = {}
+
+
+def evict_caches(mb: int = 128) -> None:
+    """Stream through a buffer several times the size of the last-level cache so that data a kernel
+    touched before is no longer cached (the state a KV cache is in at each layer of a decode step)."""
+    buf = _EVICT.get(mb)
+    if buf is None:
+        buf = _EVICT[mb] = torch.ones(mb * 1024 * 1024 // 4)
+    buf.sum()
+
+
+def cold_call_time(fn, repeats: int = 15) -> float:
+    """Median seconds of ``fn()`` with the caches evicted before every call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        evict_caches()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_scattered_read_bandwidth(row_bytes: int, rows: int = 4096, mb: int = 256, repeats: int = 15) -> float:
+    """Read bandwidth (GB/s) of ``rows`` rows of ``row_bytes`` each at sorted random positions of a
+    buffer far larger than the caches, from cold caches: the ceiling for kernels that read selected
+    K/V rows (sparse decode). Measured by the C++ probe (best of software-prefetch distances 0, 4, 8,
+    16, median over ``repeats`` cold calls); needs the extension and raises :class:`RuntimeError`
+    without it."""
+    from accel import _ext
+
+    C = _ext.cpu_ext()
+    if C is None or not hasattr(C, "scattered_read_probe"):
+        raise RuntimeError("the scattered-read probe needs accel's C++ extension: pip install -e .")
+    buf = torch.ones(mb * 1024 * 1024 // row_bytes, row_bytes // 4)
+    g = torch.Generator().manual_seed(0)
+    sel = torch.randperm(buf.shape[0], generator=g)[:rows].sort().values.int()
+    best = min(cold_call_time(lambda d=d: C.scattered_read_probe(buf, sel, d), repeats) for d in (0, 4, 8, 16))
+    return rows * row_bytes / best / 1e9
+
+
 def measure_copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     """Copy bandwidth (GB/s), counting bytes read + bytes written."""
     x = torch.ones(mb * 1024 * 1024 // 4)

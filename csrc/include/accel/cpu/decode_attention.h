@@ -9,7 +9,7 @@
 // sliding windows). GQA: the G = H/Hkv query heads of a group are processed together so every K/V
 // row is read from memory exactly once per step.
 //
-// Numerics: fp32 accumulation, online (streaming) softmax in tiles of 32 tokens, flash-decoding
+// Numerics: fp32 accumulation, online (streaming) softmax in tiles of kTile (16) tokens, flash-decoding
 // style split over the token axis with a log-sum-exp merge for parallelism.
 #pragma once
 #include <algorithm>
@@ -72,8 +72,18 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   float s[kMaxGroup][kTile];
   int64_t tok[kTile];
   bool ok[kTile];
+  const int64_t krow_bytes = static_cast<int64_t>(D) * sizeof(T);
   for (int64_t i = i0; i < i1; i += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, i1 - i));
+    // Scattered (index-list) rows defeat the hardware prefetcher: request the K rows of the next
+    // tile now and its V rows before this tile's value pass, so that a tile's worth of cache misses
+    // is in flight while this tile computes (memory-level parallelism instead of one row's latency
+    // at a time). Contiguous rows are left to the hardware prefetcher.
+    const int64_t pf0 = i + kTile, pf1 = idx ? std::min<int64_t>(i1, pf0 + kTile) : pf0;
+    for (int64_t jj = pf0; jj < pf1; ++jj) {
+      const char* kr = reinterpret_cast<const char*>(kb + (idx ? idx[jj] : jj) * p.k_st);
+      for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(kr + off, 0, 0);
+    }
     for (int j = 0; j < n; ++j) {
       const int64_t t = idx ? idx[i + j] : i + j;
       tok[j] = t;
@@ -144,6 +154,10 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
         }
       }
       l[g] += sum;
+    }
+    for (int64_t jj = pf0; jj < pf1; ++jj) {
+      const char* vr = reinterpret_cast<const char*>(vb + (idx ? idx[jj] : jj) * p.v_st);
+      for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(vr + off, 0, 0);
     }
     // values: the accumulator of one head stays in registers across the tile
     if constexpr (DC > 0 && DC % 16 == 0) {
