@@ -103,8 +103,6 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_scattered_read_probe_sums_the_given_rows():
-    from accel import _ext
-
     C = _ext.cpu_ext()
     buf = torch.randn(300, 32)
     rows = torch.tensor([5, 7, 200, 299, 0], dtype=torch.int32)

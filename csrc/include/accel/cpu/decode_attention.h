@@ -81,7 +81,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     // at a time). Contiguous rows are left to the hardware prefetcher.
     const int64_t pf0 = i + kTile, pf1 = idx ? std::min<int64_t>(i1, pf0 + kTile) : pf0;
     for (int64_t jj = pf0; jj < pf1; ++jj) {
-      const char* kr = reinterpret_cast<const char*>(kb + (idx ? idx[jj] : jj) * p.k_st);
+      const char* kr = reinterpret_cast<const char*>(kb + idx[jj] * p.k_st);
       for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(kr + off, 0, 0);
     }
     for (int j = 0; j < n; ++j) {
@@ -156,7 +156,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
       l[g] += sum;
     }
     for (int64_t jj = pf0; jj < pf1; ++jj) {
-      const char* vr = reinterpret_cast<const char*>(vb + (idx ? idx[jj] : jj) * p.v_st);
+      const char* vr = reinterpret_cast<const char*>(vb + idx[jj] * p.v_st);
       for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(vr + off, 0, 0);
     }
     // values: the accumulator of one head stays in registers across the tile
