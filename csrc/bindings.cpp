@@ -13,6 +13,7 @@ std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, tor
 torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
                                        torch::Tensor counts, double scale);
 double scattered_read_probe_cpu(torch::Tensor buf, torch::Tensor rows, int64_t distance);
+bool flush_cache_lines_cpu(torch::Tensor t);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "accel CPU kernels (C++/OpenMP)";
@@ -25,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("num_threads") = 0);
   m.def("select_topk", &select_topk_cpu, "group-aggregated top-k token selection with forced sink/recent");
   m.def("block_sparse_prefill", &block_sparse_prefill_cpu, "block-sparse causal prefill attention (64-token blocks)");
+  m.def("flush_cache_lines", &flush_cache_lines_cpu, py::arg("t"),
+        "flush the tensor's storage from every cache level (x86 clflush); False where unsupported");
   m.def("scattered_read_probe", &scattered_read_probe_cpu,
         "sum of the given rows of a [R, W] float32 buffer with a software prefetch `distance` rows ahead "
         "(a benchmark probe of the scattered-row read bandwidth)");

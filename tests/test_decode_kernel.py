@@ -91,7 +91,7 @@ def test_bad_arguments_raise_clear_errors():
     ext = _ext.cpu_ext()
     q = torch.randn(1, 4, 64)
     k = torch.randn(1, 2, 10, 64)
-    with pytest.raises(RuntimeError, match="lengths exceed the cache capacity"):
+    with pytest.raises(RuntimeError, match="outside \\[0, cache capacity"):
         ext.decode_attention(q, k, k, torch.full((1, 2), 11, dtype=torch.int32), None, None, 1.0, False, 1)
     with pytest.raises(RuntimeError, match="head_dim"):
         ext.decode_attention(torch.randn(1, 4, 32), k, k, torch.full((1, 2), 10, dtype=torch.int32), None, None, 1.0, False, 1)
@@ -110,3 +110,20 @@ def test_scattered_read_probe_sums_the_given_rows():
         assert C.scattered_read_probe(buf, rows, dist) == pytest.approx(buf[rows.long()].sum().item(), rel=1e-4, abs=1e-3)
     with pytest.raises(RuntimeError, match="out of range"):
         C.scattered_read_probe(buf, torch.tensor([300], dtype=torch.int32), 0)
+
+
+def test_flush_cache_lines_keeps_values_and_row_read_ceiling_is_positive():
+    import platform
+
+    from accel.perf import cold_call_time, measure_row_read_bandwidth
+
+    C = _ext.cpu_ext()
+    t = torch.randn(1000, 64)
+    before = t.clone()
+    flushed = C.flush_cache_lines(t)
+    assert flushed == (platform.machine() in ("x86_64", "AMD64", "i386", "i686"))
+    assert torch.equal(t, before)
+    calls = []
+    assert cold_call_time(lambda: calls.append(1), repeats=3, flush=[t]) >= 0 and len(calls) == 4
+    bw = measure_row_read_bandwidth(t, torch.tensor([1, 50, 999]), repeats=2, flush_only_buf=True)
+    assert 0 < bw < float("inf")

@@ -33,3 +33,22 @@ double scattered_read_probe_cpu(torch::Tensor buf, torch::Tensor rows, int64_t d
   }
   return accel::cpu::hsum16(acc);
 }
+
+// Flush every cache line of `t`'s storage from all cache levels (x86 clflush). Benchmarks use it to put
+// exactly a layer's K/V data out of cache, the state it is in when that layer runs in a decode step,
+// while code and small metadata stay as warm as they are between the layers of a real step.
+bool flush_cache_lines_cpu(torch::Tensor t) {
+  TORCH_CHECK(t.device().is_cpu(), "flush_cache_lines needs a CPU tensor");
+#if defined(__x86_64__) || defined(__i386__)
+  const char* p = static_cast<const char*>(t.data_ptr());
+  const int64_t n = t.numel() * t.element_size();
+  {
+    pybind11::gil_scoped_release nogil;
+    for (int64_t off = 0; off < n; off += 64) __builtin_ia32_clflush(p + off);
+    __builtin_ia32_mfence();
+  }
+  return true;
+#else
+  return false;  // no user-level line flush on this architecture: the caller evicts by streaming
+#endif
+}

@@ -102,12 +102,31 @@ def evict_caches(mb: int = 128) -> None:
     buf.sum()
 
 
-def cold_call_time(fn, repeats: int = 15) -> float:
-    """Median seconds of ``fn()`` with the caches evicted before every call."""
+def flush_tensors(tensors) -> bool:
+    """Flush exactly these tensors' storage from every cache level with the C++ extension's x86
+    ``clflush``; returns False (nothing done) without the extension or on other architectures."""
+    from accel import _ext
+
+    C = _ext.cpu_ext()
+    if C is None or not hasattr(C, "flush_cache_lines"):
+        return False
+    return all([C.flush_cache_lines(t) for t in tensors])
+
+
+def cold_call_time(fn, repeats: int = 15, flush=None) -> float:
+    """Median seconds of ``fn()`` with data evicted before every call.
+
+    ``flush=None`` evicts everything (streams 128 MB): data, code and the framework's own state all
+    start cold, an upper bound on a call's cost. ``flush=[tensors]`` evicts exactly those tensors
+    (a layer's K/V cache) and leaves code and small metadata warm, the state one layer's attention
+    runs in during a real decode step, where the previous layer just ran the same code; it falls back
+    to full eviction where lines cannot be flushed.
+    """
     fn()
     times = []
     for _ in range(repeats):
-        evict_caches()
+        if flush is None or not flush_tensors(flush):
+            evict_caches()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -115,22 +134,32 @@ def cold_call_time(fn, repeats: int = 15) -> float:
     return times[len(times) // 2]
 
 
-def measure_scattered_read_bandwidth(row_bytes: int, rows: int = 4096, mb: int = 256, repeats: int = 15) -> float:
-    """Read bandwidth (GB/s) of ``rows`` rows of ``row_bytes`` each at sorted random positions of a
-    buffer far larger than the caches, from cold caches: the ceiling for kernels that read selected
-    K/V rows (sparse decode). Measured by the C++ probe (best of software-prefetch distances 0, 4, 8,
-    16, median over ``repeats`` cold calls); needs the extension and raises :class:`RuntimeError`
-    without it."""
+def measure_row_read_bandwidth(buf: torch.Tensor, rows: torch.Tensor, repeats: int = 15, flush_only_buf: bool = False) -> float:
+    """Bandwidth (GB/s) of reading exactly the given rows of ``buf`` (a contiguous 2-D fp32 tensor) and
+    doing nothing else, from cold caches: the ceiling for a kernel that reads those rows (sparse
+    decode over selected K/V rows). Passing the kernel's own K/V buffer and row indices keeps the
+    buffer size, density and DRAM-page locality of the real access. Measured by the C++ probe (best
+    of software-prefetch distances 0 to 64 rows, median over ``repeats`` cold calls); needs the
+    extension and raises :class:`RuntimeError` without it. ``flush_only_buf``: evict only ``buf``
+    before each call (see :func:`cold_call_time`), to compare with kernels timed the same way."""
     from accel import _ext
 
     C = _ext.cpu_ext()
     if C is None or not hasattr(C, "scattered_read_probe"):
         raise RuntimeError("the scattered-read probe needs accel's C++ extension: pip install -e .")
+    rows = rows.to(torch.int32).contiguous()
+    fl = [buf] if flush_only_buf else None
+    best = min(cold_call_time(lambda d=d: C.scattered_read_probe(buf, rows, d), repeats, fl) for d in (0, 4, 8, 16, 32, 64))
+    return rows.numel() * buf.shape[1] * buf.element_size() / best / 1e9
+
+
+def measure_scattered_read_bandwidth(row_bytes: int, rows: int = 4096, mb: int = 256, repeats: int = 15) -> float:
+    """Read bandwidth (GB/s) of ``rows`` rows of ``row_bytes`` each at sorted random positions of a
+    ``mb``-MiB buffer, from cold caches (:func:`measure_row_read_bandwidth` on a synthetic buffer)."""
     buf = torch.ones(mb * 1024 * 1024 // row_bytes, row_bytes // 4)
     g = torch.Generator().manual_seed(0)
     sel = torch.randperm(buf.shape[0], generator=g)[:rows].sort().values.int()
-    best = min(cold_call_time(lambda d=d: C.scattered_read_probe(buf, sel, d), repeats) for d in (0, 4, 8, 16))
-    return rows * row_bytes / best / 1e9
+    return measure_row_read_bandwidth(buf, sel, repeats)
 
 
 def measure_copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
