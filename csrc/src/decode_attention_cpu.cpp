@@ -20,7 +20,8 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                                                 torch::Tensor lengths,
                                                 c10::optional<torch::Tensor> indices,
                                                 c10::optional<torch::Tensor> valid, double scale,
-                                                bool return_lse, int64_t num_threads) {
+                                                bool return_lse, int64_t num_threads,
+                                                c10::optional<torch::Tensor> scores) {
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor");
   TORCH_CHECK(q.dim() == 3, "q must be [B, H, D], got ", q.sizes());
   TORCH_CHECK(q.scalar_type() == torch::kFloat32, "q must be float32 (cast in the caller)");
@@ -97,6 +98,14 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
   p.out = out.data_ptr<float>();
   p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
   p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Hkv = static_cast<int>(Hkv); p.D = static_cast<int>(D);
+  if (scores.has_value() && scores->defined()) {
+    auto& sc = *scores;
+    TORCH_CHECK(sc.scalar_type() == torch::kFloat32 && sc.dim() == 3 && sc.size(0) == B && sc.size(1) == H &&
+                    sc.is_contiguous() && sc.size(2) >= cap,
+                "scores must be a contiguous float32 [B, H, >= capacity ", cap, "] tensor");
+    p.scores = sc.data_ptr<float>();
+    p.scores_stride = sc.size(2);
+  }
   p.num_threads = static_cast<int>(num_threads > 0 ? num_threads : at::get_num_threads());
   {
     pybind11::gil_scoped_release nogil;

@@ -25,6 +25,10 @@ def __getattr__(name):  # lazy public surface: importing accel stays cheap and s
         from .scheduler import plan
 
         return getattr(plan, name)
+    if name == "calibrate":
+        from .scheduler.profiler import calibrate
+
+        return calibrate
     if name == "AccelCache":
         from .cache import AccelCache
 
@@ -40,6 +44,6 @@ def __getattr__(name):  # lazy public surface: importing accel stays cheap and s
     raise AttributeError(f"module 'accel' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "patch", "unpatch", "get_handle", "PatchHandle", "list_policies", "Plan", "LayerPlan",
+__all__ = ["__version__", "patch", "calibrate", "unpatch", "get_handle", "PatchHandle", "list_policies", "Plan", "LayerPlan",
            "HeadPlan", "AccelCache", "supported_model_types", "AccelError", "AlreadyPatchedError", "InputError",
            "PlanValidationError", "UnknownPolicyError", "UnsupportedModelError"]

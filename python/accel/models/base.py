@@ -77,4 +77,6 @@ class ModelAdapter:
             head_dim=head_dim,
             max_context=getattr(c, "max_position_embeddings", None),
             sliding_windows=self.sliding_windows(),
+            fingerprint=(f"{c.model_type}-L{c.num_hidden_layers}-H{heads}-KV{kv}-D{head_dim}-d{c.hidden_size}"
+                         f"-V{c.vocab_size}"),
         )

@@ -77,6 +77,7 @@ def decode_attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    scores: torch.Tensor | None = None,
 ):
     """Attention of one new query per sequence over a KV cache.
 
@@ -89,6 +90,10 @@ def decode_attention(
             shared by all KV heads of the layer; ``lengths`` then counts the valid entries of each list.
         valid: optional [B, T'] bool: False marks positions to skip (padding, windows).
         scale: softmax scale (default 1/sqrt(D)).
+        scores: optional fp32 [B, H, >=T] buffer that receives the scaled logits ``q.k * scale`` of
+            every attended token at its token position (-inf where masked); with ``return_lse`` the
+            attention probabilities are ``exp(scores - lse)``. Layer-reuse anchors select from them
+            without a second pass over K (C++ backend fused; other backends compute them in torch).
     Returns:
         out [B, H, D] in q's dtype, and lse [B, H] (fp32) if ``return_lse``.
     """
@@ -101,11 +106,13 @@ def decode_attention(
         indices = indices.expand(B, Hkv, indices.shape[2]).contiguous()
         lengths = lengths.reshape(B, -1)[:, :1].expand(B, Hkv).contiguous()
     backend = backend or choose_backend(q.device)
+    if scores is not None and backend != "cpp":
+        _scores_torch(q, k, lengths, indices, valid, scale, scores)
     if backend == "cpp":
         qf = q if q.dtype == torch.float32 else q.float()
         if lengths.dtype != torch.int32:
             lengths = lengths.to(torch.int32)
-        res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0)
+        res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0, scores)
         out = res[0] if q.dtype == torch.float32 else res[0].to(q.dtype)
         return (out, res[1]) if return_lse else out
     if backend == "cuda":
@@ -121,3 +128,28 @@ def decode_attention(
     if return_lse:
         return res[0].to(q.dtype), res[1]
     return res.to(q.dtype)
+
+
+def _scores_torch(q, k, lengths, indices, valid, scale, out):
+    """Fill ``out`` [B, H, >=T] with the scaled logits of the attended tokens (-inf elsewhere): the
+    non-fused twin of the C++ kernel's ``scores`` output."""
+    B, H, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = H // Hkv
+    s = torch.einsum("bhgd,bhtd->bhgt", q.float().view(B, Hkv, G, D), k.float()).reshape(B, H, T) * scale
+    keep = torch.zeros(B, Hkv, T, dtype=torch.bool, device=k.device)
+    if indices is None:
+        keep |= torch.arange(T, device=k.device).view(1, 1, -1) < lengths.view(B, Hkv, 1).to(k.device)
+    else:
+        n = indices.shape[-1]
+        used = torch.arange(n, device=k.device).view(1, 1, -1) < lengths.view(B, Hkv, 1).to(k.device)
+        ext = torch.zeros(B, Hkv, T + 1, dtype=torch.bool, device=k.device)  # slot T takes unused entries
+        ext.scatter_(2, torch.where(used, indices.long().clamp(0, T - 1), T), True)
+        keep = ext[:, :, :T]
+    if valid is not None:
+        v = valid.bool()[:, :T]
+        if v.shape[1] < T:
+            v = torch.cat([v, v.new_ones(B, T - v.shape[1])], 1)
+        keep &= v.view(B, 1, T)
+    out.fill_(float("-inf"))
+    out[:, :, :T] = s.masked_fill(~keep.repeat_interleave(G, 1), float("-inf"))

@@ -53,6 +53,8 @@ class ModelRuntime:
         self.layer_state: dict[int, dict] = {}
         self.shared: dict = {}  # cross-layer data within a step (e.g. donor indices)
         self.step = 0
+        #: layers whose selection a later layer reuses (they emit their top-k every decode step)
+        self.donors = frozenset(lp.reuse_src for lp in plan.layers if lp.mode == "reuse")
 
     def new_sequence(self) -> None:
         self.layer_state = {}
@@ -138,8 +140,9 @@ class ModelRuntime:
 class PatchHandle:
     """Returned by ``accel.patch``. A context manager; ``remove()`` restores the model exactly."""
 
-    def __init__(self, model, runtime: ModelRuntime, hook, saved_impls, fast_linears=()):
+    def __init__(self, model, runtime: ModelRuntime, hook, saved_impls, fast_linears=(), extra_hooks=()):
         self._model_ref = weakref.ref(model)
+        self._extra_hooks = list(extra_hooks)
         self._fast_linears = list(fast_linears)
         self.runtime = runtime
         self._hook = hook
@@ -175,6 +178,9 @@ class PatchHandle:
             return
         model = self._model_ref()
         self._hook.remove()
+        for h in self._extra_hooks:
+            h.remove()
+        self._extra_hooks = []
         from .linear import unbind_fast_linear
 
         unbind_fast_linear(self._fast_linears)
@@ -261,12 +267,17 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
     for i, m in enumerate(adapter.attention_modules()):
         MODULE_RUNTIME[m] = (runtime, getattr(m, "layer_idx", i))
     hook = model.register_forward_pre_hook(runtime.pre_forward, with_kwargs=True)
+    # policy-owned forward hooks (e.g. RefreshKV reads the pre-RoPE query); removed with the patch
+    extra_hooks = []
+    for p in ([pol.attention] + list(pol.kv)) if isinstance(pol, ComposedPolicy) else [pol]:
+        if hasattr(p, "install"):
+            extra_hooks += p.install(runtime, adapter)
     fast = []
     if fast_linear:
         from .linear import bind_fast_linear
 
         fast = bind_fast_linear(model.modules())
-    handle = PatchHandle(model, runtime, hook, saved, fast)
+    handle = PatchHandle(model, runtime, hook, saved, fast, extra_hooks)
     _PATCHED[model] = handle
     logger.info("%s", handle.summary())
     return handle

@@ -35,6 +35,8 @@ class ModelInfo:
     head_dim: int
     max_context: int | None
     sliding_windows: list[int | None]
+    #: identifies the checkpoint's architecture and size (shipped plans are matched on it)
+    fingerprint: str = ""
 
 
 @dataclass(eq=False)

@@ -10,6 +10,9 @@ _REGISTRY: dict[str, type] = {}
 # name -> "module:Class" for policies whose module is imported only when first asked for
 _LAZY: dict[str, str] = {
     "dense": "accel.policies.dense:DensePolicy",
+    "hylra": "accel.policies.hylra:HyLRAPolicy",
+    "delta": "accel.policies.delta:DeltaPolicy",
+    "recycled": "accel.policies.recycled:RecycledPolicy",
 }
 
 

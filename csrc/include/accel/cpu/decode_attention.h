@@ -42,6 +42,11 @@ struct DecodeParams {
   float scale = 1.0f;
   float* out = nullptr;  // [B, H, D] fp32
   float* lse = nullptr;  // [B, H] fp32 or nullptr
+  // optional: the scaled logits q.k*scale of every attended token, written at its token position,
+  // scores[(b*H + h)*scores_stride + t] (masked tokens: -inf). Layer-reuse anchors (HyLRA, DELTA)
+  // select their top-k from these instead of reading K a second time.
+  float* scores = nullptr;
+  int64_t scores_stride = 0;
   int B = 0, H = 0, Hkv = 0, D = 0;
   int num_threads = 0;   // 0: OpenMP default
 };
@@ -133,6 +138,11 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
           s[g][j] = dot * p.scale;
         }
       }
+    }
+    if (p.scores) {
+      float* sc = p.scores + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(kh) * G) * p.scores_stride;
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < n; ++j) sc[g * p.scores_stride + tok[j]] = s[g][j];
     }
     // online softmax update, once per tile
     for (int g = 0; g < G; ++g) {

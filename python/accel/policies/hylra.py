@@ -1,0 +1,132 @@
+"""HyLRA: hybrid layer-reuse attention (Ai et al., arXiv 2602.00777, 2026; runtime semantics after the
+authors' Unified Cache Management code, methods.md section 1).
+
+Per layer, from the plan (``accel.calibrate`` / ``accel plan`` produce it with the HyLRA dynamic program):
+
+* ``full``: exact attention over the whole cache. A full layer that later layers reuse (an *anchor*)
+  also emits, every decode step, the top-k token positions of its current query's attention
+  probabilities: aggregated per KV head (``agg``, default mean as in the profiler), summed into chunks
+  of ``chunk`` tokens, sink and recent chunks forced in, sorted. The C++ kernel hands out the logits
+  it computes anyway, so emitting costs no second pass over K.
+* ``reuse`` (``reuse_src`` = an earlier anchor): attends only to the anchor's positions of this
+  step, read in place from this layer's own cache with the sparse kernel; no scoring over the cache.
+* ``select`` (optional; UCM's "computing" layers): scores its own query over the cache, takes its own
+  top-k and attends sparsely.
+
+Prefill stays dense in every layer (as in UCM; methods.md 1.6). Decode is sparse once the context
+exceeds the budget (``min_context`` can hold sparsity back on short contexts). With a budget that
+covers the context every layer is exact dense attention.
+
+Without an explicit plan, ``policy="hylra"`` uses the plan shipped for a known checkpoint
+(``accel/plans/``; SmolLM2-135M and Gemma-3-270m). For any other model it refuses with the command
+that makes one ([INFER] decision: a silent quick calibration would hide a minutes-long step and give
+an unreviewed plan): ``accel plan --model PATH --policy hylra --out plan.json`` or
+``accel.calibrate(model, tok, texts)``, then ``accel.patch(model, "hylra", plan=...)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import AccelError
+from ..scheduler.plan import Plan
+from . import _selection as S
+from .base import AttentionPolicy, LayerContext, ModelInfo
+from .registry import register_policy
+
+
+class _LayerReuse(AttentionPolicy):
+    """Full / select / reuse decode driven by the plan; subclasses set the knobs and plan source."""
+
+    def _knob(self, ctx: LayerContext, name: str):
+        v = getattr(ctx.plan, name, None) if name in ("topk", "sink", "recent") else ctx.plan.params.get(name)
+        return getattr(self, name) if v is None else v
+
+    def _budget(self, ctx: LayerContext, T: int) -> int:
+        topk = ctx.plan.topk if ctx.plan.topk is not None else self.topk
+        ratio = ctx.plan.params.get("topk_ratio", self.topk_ratio)
+        return S.token_budget(T, topk, ratio)
+
+    def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
+        from ..patching.attention_fn import dense_decode
+
+        lp = ctx.plan
+        T = key.shape[2]
+        cl = ctx.cache_layer
+        if cl is not None and getattr(cl, "is_sliding", False):
+            return dense_decode(ctx, query, key, value, attention_mask, scaling)  # window layers stay exact
+        budget = self._budget(ctx, T)
+        sparse_on = budget < T and T >= self.min_context
+        if lp.mode == "reuse":
+            sel = ctx.runtime.shared.get(("sel", lp.reuse_src))
+            if not sparse_on or sel is None or sel[0] != ctx.runtime.step or sel[3] != T:
+                return dense_decode(ctx, query, key, value, attention_mask, scaling)
+            return S.sparse_attend(ctx, query, key, value, attention_mask, scaling, sel[1], sel[2])
+        if lp.mode == "select" and sparse_on:
+            scores, lse, valid = S.own_scores(query, key, attention_mask, ctx, scaling)
+            idx, counts = self._select(ctx, scores, lse, valid, budget, T, key.shape[1])
+            if ctx.layer_idx in ctx.runtime.donors:
+                ctx.runtime.shared[("sel", ctx.layer_idx)] = (ctx.runtime.step, idx, counts, T)
+            return S.sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
+        # full (or select/anchor with the budget covering the context: exact)
+        if ctx.layer_idx in ctx.runtime.donors and sparse_on:
+            res = S.dense_with_scores(ctx, query, key, value, attention_mask, scaling)
+            if res is not None:
+                out, scores, lse, valid = res
+                idx, counts = self._select(ctx, scores, lse, valid, budget, T, key.shape[1])
+                ctx.runtime.shared[("sel", ctx.layer_idx)] = (ctx.runtime.step, idx, counts, T)
+                return out
+        return dense_decode(ctx, query, key, value, attention_mask, scaling)
+
+    def _select(self, ctx, scores, lse, valid, budget, T, Hkv):
+        return S.select_from_scores(
+            scores, lse, Hkv, budget, agg=self._knob(ctx, "agg"), chunk=int(self._knob(ctx, "chunk")),
+            sink=int(self._knob(ctx, "sink")), recent=int(self._knob(ctx, "recent")),
+            first_valid=S.first_valid_positions(valid, scores.shape[0]) if valid is not None else None, T=T,
+        )
+
+    def validate(self) -> None:
+        S.check_budget_knobs(self.name, self.topk, self.topk_ratio, self.sink, self.recent, self.chunk)
+        if self.agg not in S.AGG_CHOICES:
+            raise AccelError(f"{self.name}: agg must be one of {S.AGG_CHOICES}, got {self.agg!r}")
+        if self.min_context < 0:
+            raise AccelError(f"{self.name}: min_context must be >= 0, got {self.min_context}")
+
+
+@register_policy("hylra")
+@dataclass
+class HyLRAPolicy(_LayerReuse):
+    """Knobs (global defaults; a plan's per-layer ``topk``/``sink``/``recent``/``params`` override them):
+
+    Args:
+        topk: tokens kept per KV head in reuse/select layers, sink and recent included; None: use
+            ``topk_ratio``.
+        topk_ratio: fraction of the current context kept when ``topk`` is None (default 1/8).
+        chunk: selection granularity in tokens (UCM uses 64-128-token blocks; 16 here [INFER], a
+            better fit for 2K-8K contexts of small models).
+        sink, recent: tokens always kept at the start / end [INFER defaults, methods.md 1.6 gives
+            64-128 and 512 for 32K+ contexts].
+        agg: aggregation of the group's query heads: 'mean' (HyLRA profiler), 'max', 'sum', 'shared'.
+        min_context: decode stays dense below this many cached tokens (UCM's activation threshold).
+    """
+
+    topk: int | None = None
+    topk_ratio: float | None = 0.125
+    chunk: int = 16
+    sink: int = 16
+    recent: int = 64
+    agg: str = "mean"
+    min_context: int = 0
+
+    def build_plan(self, info: ModelInfo) -> Plan:
+        from ..scheduler.shipped import shipped_plan
+
+        plan = shipped_plan("hylra", info)
+        if plan is None:
+            raise AccelError(
+                f"policy 'hylra' needs a layer plan, and accel ships none for this model ({info.fingerprint}). "
+                "Make one from calibration text (a few minutes on CPU): `accel plan --model PATH --policy hylra "
+                "--out plan.json`, or in Python `plan = accel.calibrate(model, tokenizer, texts)`; then "
+                "`accel.patch(model, 'hylra', plan=plan)`."
+            )
+        plan.params.update({f"policy.{k}": v for k, v in self.knobs().items()})
+        return plan

@@ -1,0 +1,233 @@
+"""Offline profiling on calibration text and the HyLRA planner (``accel.calibrate``).
+
+Following HyLRA's profiler (methods.md 1.2-1.5): the dense model reads calibration text; for the last
+``steps`` positions of each text, every layer's post-RoPE query attends to its causal prefix exactly as a
+decode step would (teacher forcing: one prefill yields ``steps`` decode-step queries per layer, the same
+numbers a token-by-token decode gives). From those probabilities, per layer and KV head:
+
+* sensitivity ``ratio90``: probabilities summed over the group's query heads, summed into chunks,
+  the fraction of chunks needed for 90% of the mass; outliers across steps clipped with the 1.5 IQR
+  rule, averaged over steps, then over KV heads -> ``stat[l]`` (high = diffuse = sensitive);
+* inter-layer overlap: probabilities averaged over the group, chunk sums, sink and recent chunks forced,
+  top-k chunks; ``overlap[i, j]`` = mean over steps of ``|m_i & m_j| / |m_j|``; merged over KV heads
+  with the element-wise minimum.
+
+The ``ceil(L * (1 - sparsity))`` most sensitive layers become rollback (full-attention) layers; their
+rows and columns of the overlap are zeroed (diagonal kept) so they neither donate nor receive
+(``rollback_can_donate=True`` keeps their rows [INFER]); the DP (``dp.hylra_dp``) then picks anchors
+with ``c_max = ceil(L * sparsity * computed_ratio) + |rollback|`` switches. Sliding-window layers
+(Gemma 3's local layers) stay exact and are left out of the DP.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AccelError
+from ..policies.base import AttentionPolicy
+from .dp import hylra_dp, path_value
+from .plan import LayerPlan, Plan
+
+logger = logging.getLogger("accel")
+
+
+@dataclass
+class _Recorder(AttentionPolicy):
+    """Dense prefill that keeps each layer's last ``steps`` query rows and its keys."""
+
+    steps: int = 64
+
+    def __post_init__(self):
+        self.records: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def prefill(self, ctx, query, key, value, attention_mask, scaling, **kwargs):
+        self.records[ctx.layer_idx] = (query[0, :, -self.steps:, :].float().clone(), key[0].float().clone(), float(scaling))
+        return super().prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
+
+
+_Recorder.name = "profile"
+
+
+def _ratio90(chunk_mass: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    """chunk_mass [..., S, nC] (zeros past each step's prefix), n_valid [S] chunks per step -> [..., S]."""
+    srt = chunk_mass.sort(dim=-1, descending=True).values
+    cum = srt.cumsum(-1) / srt.sum(-1, keepdim=True).clamp_min(1e-30)
+    need = (cum < 0.9).sum(-1) + 1
+    return need.float() / n_valid.float()
+
+
+def _iqr_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the last dim after clipping values outside [Q1 - 1.5 IQR, Q3 + 1.5 IQR]."""
+    q1, q3 = torch.quantile(x, 0.25, dim=-1, keepdim=True), torch.quantile(x, 0.75, dim=-1, keepdim=True)
+    iqr = q3 - q1
+    return torch.maximum(torch.minimum(x, q3 + 1.5 * iqr), q1 - 1.5 * iqr).mean(-1)
+
+
+def layer_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, *, chunk: int, preserved: int, sink: int,
+                     recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer, one text. q [H, S, D] (the last S positions), k [Hkv, T, D].
+    Returns (ratio90 per KV head [Hkv, S], top-k chunk masks [Hkv, S, nC])."""
+    H, S, D = q.shape
+    Hkv, T, _ = k.shape
+    G = H // Hkv
+    pos = torch.arange(T - S, T)  # query positions
+    logits = torch.einsum("hsd,htd->hst", q, k.repeat_interleave(G, 0)) * scale
+    causal = torch.arange(T).view(1, -1) <= pos.view(-1, 1)  # [S, T]
+    p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).view(Hkv, G, S, T)
+    nC = (T + chunk - 1) // chunk
+    pad = nC * chunk - T
+
+    def chunks(x):
+        return torch.nn.functional.pad(x, (0, pad)).view(*x.shape[:-1], nC, chunk).sum(-1)
+
+    n_valid = (pos // chunk) + 1  # chunks holding the prefix of each step
+    ratio = _ratio90(chunks(p.sum(1)), n_valid)  # [Hkv, S]
+    cm = chunks(p.mean(1))  # [Hkv, S, nC]
+    cidx = torch.arange(nC).view(1, -1)
+    valid_c = cidx < n_valid.view(-1, 1)
+    forced = (cidx < (sink + chunk - 1) // chunk) | (cidx >= ((pos + 1 - recent).clamp_min(0) // chunk).view(-1, 1))
+    forced &= valid_c
+    score = cm.masked_fill(forced, float("inf")).masked_fill(~valid_c, float("-inf"))
+    kc = max(1, preserved // chunk)
+    top = score.topk(min(kc, nC), dim=-1).indices
+    mask = torch.zeros(Hkv, S, nC, dtype=torch.bool).scatter_(-1, top, True) & valid_c
+    return ratio, mask
+
+
+def overlap_matrix(masks: list[torch.Tensor]) -> torch.Tensor:
+    """masks: per layer [Hkv, S, nC] -> [Hkv, L, L] mean over steps of |m_i & m_j| / |m_j| (i <= j)."""
+    L = len(masks)
+    Hkv = masks[0].shape[0]
+    out = torch.zeros(Hkv, L, L, dtype=torch.float64)
+    for j in range(L):
+        mj = masks[j].float()
+        den = mj.sum(-1).clamp_min(1)
+        for i in range(j + 1):
+            out[:, i, j] = ((masks[i].float() * mj).sum(-1) / den).mean(-1).double()
+    for i in range(L):
+        out[:, i, i] = 1.0
+    return out
+
+
+def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: int = 4096, steps: int = 64,
+              chunk: int = 16, preserved_ratio: float = 0.125, sink: int = 16, recent: int = 64,
+              sparsity: float = 0.91, computed_ratio: float = 0.1, rollback_can_donate: bool = False,
+              anchor_mode: str = "full", n_texts: int = 1, progress: bool = True) -> Plan:
+    """Profile ``model`` on calibration text and solve HyLRA's layer DP. Returns a ``Plan``.
+
+    Args:
+        texts: calibration strings (default: the Paul Graham essays shipped with the data extra, split
+            into ``n_texts`` windows of ``tokens`` tokens).
+        tokens: tokens per calibration text (clipped to the model's context).
+        steps: decode-step queries profiled per text (the last ``steps`` positions).
+        chunk, preserved_ratio, sink, recent: the selection the profiler emulates (chunk size, top-k as a
+            fraction of the text, forced sink / recent tokens); match them to the runtime knobs.
+        sparsity: rollback layers = ceil(L * (1 - sparsity)) most sensitive layers (UCM default 0.91).
+        computed_ratio: switch budget share (UCM default 0.3; 0.1 here [INFER]: fewer anchors, faster
+            decode, see the README's quality numbers).
+        anchor_mode: 'full' (anchors compute exact attention and emit; paper wording) or 'select'
+            (non-rollback anchors score their own top-k and attend sparsely; UCM's computing layers).
+    """
+    from ..models.registry import get_adapter
+    from ..patching.core import patch
+
+    if policy != "hylra":
+        raise AccelError(f"calibrate: policy {policy!r} has no profiler yet; calibrate supports 'hylra'")
+    if not (0.0 <= sparsity < 1.0) or not (0.0 <= computed_ratio <= 1.0):
+        raise AccelError(f"calibrate: sparsity must be in [0, 1) and computed_ratio in [0, 1], got {sparsity}, {computed_ratio}")
+    if anchor_mode not in ("full", "select"):
+        raise AccelError(f"calibrate: anchor_mode must be 'full' or 'select', got {anchor_mode!r}")
+    info = get_adapter(model).info()
+    limit = info.max_context or tokens
+    tokens = min(tokens, limit)
+    if steps >= tokens:
+        raise AccelError(f"calibrate: steps ({steps}) must be smaller than tokens ({tokens})")
+    if texts is None:
+        from ..eval.text import essays_text
+
+        text = essays_text()
+        span = len(text) // max(1, n_texts)
+        texts = [text[i * span:(i + 1) * span] for i in range(n_texts)]
+    if isinstance(texts, str):
+        texts = [texts]
+    full_layers = [i for i, w in enumerate(info.sliding_windows) if w is None]
+    preserved = max(chunk, int(preserved_ratio * tokens))
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="calibrating", unit="text")
+        except ImportError:  # pragma: no cover
+            bar = None
+    t0 = time.perf_counter()
+    stats_per_text, overlaps = [], []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :tokens]
+        if ids.shape[1] < tokens:
+            raise AccelError(f"calibrate: a calibration text has {ids.shape[1]} tokens, fewer than tokens={tokens}")
+        rec = _Recorder(steps=steps)
+        with patch(model, rec, fast_linear=False), torch.no_grad():
+            model(input_ids=ids, use_cache=True)
+        ratios, masks = {}, []
+        for li in full_layers:
+            q, k, scale = rec.records[li]
+            r, m = layer_statistics(q, k, scale, chunk=chunk, preserved=preserved, sink=sink, recent=recent)
+            ratios[li] = _iqr_mean(r).mean().item()
+            masks.append(m)
+        stats_per_text.append(ratios)
+        overlaps.append(overlap_matrix(masks).amin(0))  # min over KV heads
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    stat = {li: sum(s[li] for s in stats_per_text) / len(stats_per_text) for li in full_layers}
+    Lf = len(full_layers)
+    n_roll = math.ceil(Lf * (1 - sparsity))
+    rollback_local = sorted(sorted(range(Lf), key=lambda x: -stat[full_layers[x]])[:n_roll])
+    tables = []
+    for A in overlaps:
+        A = A.clone()
+        for r in rollback_local:
+            keep = A[r, r].item()
+            if not rollback_can_donate:
+                A[r, :] = 0
+            A[:, r] = 0
+            A[r, r] = keep
+        tables.append(A)
+    c_max = math.ceil(Lf * sparsity * computed_ratio) + len(rollback_local)
+    config = hylra_dp(tables, c_max, rollback=set(rollback_local))
+    vmin, vsum = path_value(tables, config)
+    layers = [LayerPlan(mode="full", attention="hylra") for _ in range(info.num_layers)]
+    for jl, src in enumerate(config):
+        li = full_layers[jl]
+        if src == -1:
+            is_roll = jl in rollback_local
+            layers[li] = LayerPlan(mode="full" if (is_roll or anchor_mode == "full") else "select", attention="hylra")
+        else:
+            layers[li] = LayerPlan(mode="reuse", attention="hylra", reuse_src=full_layers[src])
+    rollback = [full_layers[r] for r in rollback_local]
+    plan = Plan(
+        policy="hylra", num_layers=info.num_layers, num_kv_heads=info.num_kv_heads, model_type=info.model_type,
+        params={"chunk": chunk, "sink": sink, "recent": recent, "topk_ratio": preserved_ratio},
+        layers=layers,
+        provenance={
+            "fingerprint": info.fingerprint, "source": "accel.calibrate (HyLRA profiler + DP)",
+            "args": {"tokens": tokens, "steps": steps, "chunk": chunk, "preserved_ratio": preserved_ratio, "sink": sink,
+                     "recent": recent, "sparsity": sparsity, "computed_ratio": computed_ratio,
+                     "rollback_can_donate": rollback_can_donate, "anchor_mode": anchor_mode, "n_texts": len(texts)},
+            "rollback_layers": rollback, "c_max": c_max,
+            "sensitivity_ratio90": {str(k): round(v, 4) for k, v in stat.items()},
+            "overlap_min_over_heads": [[round(float(x), 4) for x in row] for row in tables[0].tolist()],
+            "path_min_overlap": round(vmin, 4), "path_sum_overlap": round(vsum, 4),
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+    )
+    plan.validate(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads)
+    logger.info("calibrated hylra plan: rollback %s, anchors %s", rollback,
+                [i for i, lp in enumerate(layers) if lp.mode != "reuse"])
+    return plan
