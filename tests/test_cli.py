@@ -31,7 +31,7 @@ def tiny_folder(tmp_path_factory):
 def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "cpp" in out and "policies: dense" in out and "unavailable:" in out
+    assert "cpp" in out and "dense" in out and "hylra" in out and "recycled" in out and "unavailable:" in out
 
 
 def test_generate_single_prompt(tiny_folder, capsys):
@@ -94,3 +94,17 @@ def test_bench_batches_and_synthetic_kv(tiny_folder, tmp_path):
     # KV held: 2 layers x batch 2 x 2 KV heads x (prompt + generated - 1) tokens x 16 dims x K+V x fp32
     assert float(dense2["kv_held_mb"]) == round(2 * 2 * 2 * (int(dense2["context"]) + 2) * 16 * 2 * 4 / 1e6, 2)
     assert dense2["speedup_vs_accel_dense"] == "1.0"
+
+
+def test_plan_command_writes_a_loadable_plan_and_picture(tiny_folder, tmp_path, capsys):
+    from accel.scheduler.plan import Plan
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "--model", str(tiny_folder), "--policy", "hylra", "--out", str(out), "--tokens", "512",
+                 "--steps", "16", "--sparsity", "0.5", "--computed-ratio", "0.5"]) == 0
+    p = Plan.load(out)
+    assert p.policy == "hylra" and p.num_layers == 2 and p.provenance["command"].startswith("accel ")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert "layers: 0:" in capsys.readouterr().out
+    assert main(["plan", "--model", str(tiny_folder), "--policy", "delta", "--out", str(tmp_path / "d.json")]) == 0
+    assert Plan.load(tmp_path / "d.json").policy == "delta"

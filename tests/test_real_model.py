@@ -74,3 +74,24 @@ def test_gemma3_sliding_and_global_layers_real_model():
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-4, atol=1e-3)
     assert passkey_correct(tok.decode(out.sequences[0, n:]), s.answer)
+
+
+def test_shipped_hylra_plan_is_found_and_reproducible(smollm):
+    """The plan inside the package matches SmolLM2 by fingerprint, and re-running the calibration with the
+    arguments it records gives the same layer layout."""
+    import accel
+    from accel.models.registry import get_adapter
+    from accel.scheduler.shipped import shipped_plan
+
+    model, tok = smollm
+    info = get_adapter(model).info()
+    plan = shipped_plan("hylra", info)
+    assert plan is not None and plan.provenance["fingerprint"] == info.fingerprint
+    with accel.patch(model, "hylra") as h:
+        assert [lp.mode for lp in h.plan.layers] == [lp.mode for lp in plan.layers]
+    a = plan.provenance["args"]
+    again = accel.calibrate(model, tok, tokens=a["tokens"], steps=a["steps"], chunk=a["chunk"],
+                            preserved_ratio=a["preserved_ratio"], sink=a["sink"], recent=a["recent"],
+                            sparsity=a["sparsity"], computed_ratio=a["computed_ratio"], anchor_mode=a["anchor_mode"],
+                            n_texts=a["n_texts"], progress=False)
+    assert [(lp.mode, lp.reuse_src) for lp in again.layers] == [(lp.mode, lp.reuse_src) for lp in plan.layers]

@@ -1,4 +1,4 @@
-"""The `accel` command line: info, generate, bench, demo."""
+"""The `accel` command line: info, generate, bench, eval, plan, demo."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick", action="store_true", help="a few samples at 512 tokens (smoke test, ~2 min)")
     e.add_argument("--out", default="bench/results/eval.csv")
 
+    pl = sub.add_parser("plan", help="make a layer plan: HyLRA profiling + DP on calibration text (or DELTA's layout)")
+    common(pl)
+    pl.add_argument("--policy", default="hylra", choices=["hylra", "delta"])
+    pl.add_argument("--out", required=True, help="plan JSON to write (a PNG picture is written next to it)")
+    pl.add_argument("--png", default=None, help="picture path (default: the --out path with .png)")
+    pl.add_argument("--tokens", type=int, default=4096, help="tokens per calibration text")
+    pl.add_argument("--n-texts", type=int, default=1, help="calibration texts (windows of the essays)")
+    pl.add_argument("--steps", type=int, default=64, help="decode-step queries profiled per text")
+    pl.add_argument("--chunk", type=int, default=16)
+    pl.add_argument("--preserved-ratio", type=float, default=0.125, help="profiled top-k as a fraction of the text")
+    pl.add_argument("--sink", type=int, default=16)
+    pl.add_argument("--recent", type=int, default=64)
+    pl.add_argument("--sparsity", type=float, default=0.91, help="rollback layers = ceil(L*(1-sparsity))")
+    pl.add_argument("--computed-ratio", type=float, default=0.1, help="switch budget share of the DP")
+    pl.add_argument("--anchor-mode", default="full", choices=["full", "select"])
+
     d = sub.add_parser("demo", help="passkey on the embedded SmolLM2: unpatched vs accel, answers and speed")
     common(d)
     d.add_argument("--policy", default="dense")
@@ -75,6 +91,8 @@ def main(argv=None) -> int:
             from .bench import run
         elif args.cmd == "eval":
             from .evaluate import run
+        elif args.cmd == "plan":
+            from .plan import run
         else:
             from .demo import run
         return run(args)

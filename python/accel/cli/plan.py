@@ -1,0 +1,88 @@
+"""`accel plan`: make a layer plan for a model (HyLRA: profile + DP; DELTA: its default layout), save it
+as JSON and draw it as a PNG (which layers are full, which reuse which, the overlap the DP saw)."""
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("accel")
+
+
+def draw_plan(plan, path: str | Path, title: str | None = None) -> None:
+    """Layers left to right: full (dark), select (mid), reuse (light) with an arc to the layer whose
+    selection it reuses; rollback (most sensitive) layers marked; below, the profiled overlap matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = plan.num_layers
+    prov = plan.provenance or {}
+    ov = prov.get("overlap_min_over_heads")
+    fig = plt.figure(figsize=(max(8, L * 0.42), 6.5 if ov else 2.8))
+    ax = fig.add_axes([0.04, 0.62 if ov else 0.2, 0.92, 0.3 if ov else 0.6])
+    colors = {"full": "#1f4e79", "select": "#4f8fc0", "reuse": "#bcd7ee"}
+    roll = set(prov.get("rollback_layers", []))
+    for i, lp in enumerate(plan.layers):
+        ax.add_patch(plt.Rectangle((i, 0), 0.9, 1, color=colors.get(lp.mode, "#999999")))
+        ax.text(i + 0.45, 0.5, str(i), ha="center", va="center", fontsize=8,
+                color="white" if lp.mode != "reuse" else "black")
+        if i in roll:
+            ax.text(i + 0.45, -0.25, "R", ha="center", va="center", fontsize=8, color="#b00000")
+        if lp.mode == "reuse":
+            s = lp.reuse_src
+            rad = min(0.6, 2.4 / max(1, i - s))  # arc height ~ rad * distance / 2 stays under ~1.2 layers
+            ax.annotate("", xy=(i + 0.45, 1.02), xytext=(s + 0.45, 1.02),
+                        arrowprops=dict(arrowstyle="->", color="#555555", lw=0.8, connectionstyle=f"arc3,rad=-{rad}"))
+    ax.set_xlim(-0.2, L + 0.2)
+    ax.set_ylim(-0.5, 2.6)
+    ax.axis("off")
+    n = {m: sum(lp.mode == m for lp in plan.layers) for m in ("full", "select", "reuse")}
+    fig.suptitle(title or f"{plan.policy} plan: {n['full']} full, {n['select']} select, {n['reuse']} reuse "
+                 f"(arrows: anchor -> reusing layer; R = rollback)", fontsize=10)
+    if ov:
+        import numpy as np
+
+        ax2 = fig.add_axes([0.3, 0.06, 0.4, 0.48])
+        im = ax2.imshow(np.array(ov), cmap="viridis", vmin=0, vmax=1)
+        ax2.set_title("profiled top-k overlap |m_i & m_j| / |m_j| (min over KV heads)", fontsize=8)
+        ax2.set_xlabel("layer j (reuser)", fontsize=8)
+        ax2.set_ylabel("layer i (anchor)", fontsize=8)
+        fig.colorbar(im, ax=ax2, fraction=0.046)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    from ..scheduler.plan import Plan
+    from .common import load_model, parse_overrides, setup
+
+    setup(args)
+    model, tok = load_model(args.model, args.dtype)
+    if args.policy == "hylra":
+        from ..scheduler.profiler import calibrate
+
+        plan = calibrate(model, tok, policy="hylra", tokens=args.tokens, steps=args.steps, chunk=args.chunk,
+                         preserved_ratio=args.preserved_ratio, sink=args.sink, recent=args.recent,
+                         sparsity=args.sparsity, computed_ratio=args.computed_ratio, anchor_mode=args.anchor_mode,
+                         n_texts=args.n_texts, progress=True)
+    else:
+        from ..models.registry import get_adapter
+        from ..policies.registry import make_policy
+
+        pol = make_policy(args.policy, parse_overrides(args.set))
+        plan = pol.build_plan(get_adapter(model).info())
+    plan.provenance["command"] = "accel " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "accel plan"
+    plan.provenance["model"] = args.model
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(out)
+    Plan.load(out)  # what we wrote reads back and validates
+    png = args.png or str(out.with_suffix(".png"))
+    draw_plan(plan, png)
+    modes = [lp.mode if lp.mode != "reuse" else f"reuse<{lp.reuse_src}" for lp in plan.layers]
+    print(f"wrote {out} and {png}")
+    print("layers: " + ", ".join(f"{i}:{m}" for i, m in enumerate(modes)))
+    return 0
