@@ -247,3 +247,18 @@ def test_calibrate_produces_a_valid_plan_that_round_trips(tmp_path):
     assert q.to_dict() == p.to_dict()
     ids = torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(6))
     assert same(gen(m, ids, "hylra", plan=q, topk=4096), gen(m, ids, "dense"))
+
+
+def test_runtime_counts_the_kv_bytes_decode_actually_reads():
+    m = model4("llama")
+    ids = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(7))
+    read = {}
+    for name, pol, kw in (("dense", "dense", {}), ("hylra", "hylra", {"plan": hand_plan(), "topk": 32, "sink": 4,
+                                                                         "recent": 8})):
+        with accel.patch(m, pol, **kw) as h:
+            m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            read[name] = h.runtime.stats["kv_read_bytes"] / h.runtime.stats["decode_layer_calls"]
+    # dense: every layer reads ~201-204 tokens x 2 heads x (K+V) x 16 x 4 bytes
+    assert 200 * 2 * 2 * 16 * 4 <= read["dense"] <= 205 * 2 * 2 * 16 * 4
+    # hylra: layers 0 (full), 2 (select: scores over K, then 32 rows), 1 and 3 (32 rows each)
+    assert read["hylra"] < 0.75 * read["dense"]

@@ -45,6 +45,9 @@ def run(args) -> int:
     read_bw = measure_read_bandwidth()
     copy_bw = measure_copy_bandwidth()
     wbytes = weight_bytes(model)
+    from ..models.registry import get_adapter
+
+    n_layers = get_adapter(model).info().num_layers
     dbytes = next(model.parameters()).element_size()
     print(f"bandwidth: read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s (1 process, {facts['threads']} threads); "
           f"weights {wbytes / 1e6:.0f} MB", file=sys.stderr)
@@ -70,19 +73,24 @@ def run(args) -> int:
                                      do_sample=False, pad_token_id=tok.pad_token_id, streamer=st,
                                      return_dict_in_generate=True, past_key_values=cache)
             held = _kv_held(out.past_key_values)
+            stats = dict(handle.runtime.stats) if handle is not None else None
             del out, cache
         finally:
             if handle is not None:
                 handle.remove()
         step_s = st.decode_s / max(1, st.decode_steps)
         mid_ctx = n_prompt + args.new_tokens // 2
-        kv_read = kv_bytes_read(model, mid_ctx, batch, dbytes)
+        kv_read = kv_bytes_read(model, mid_ctx, batch, dbytes)  # a dense step's KV read (HF reads at least this)
+        if stats and stats["decode_layer_calls"]:
+            # what accel's attention actually read, per step (sparse policies read less than dense)
+            kv_read = stats["kv_read_bytes"] * n_layers / stats["decode_layer_calls"]
         byts = wbytes + kv_read
         rows.append({
             "model": args.model, "policy": pol, "context": n_prompt, "batch": batch, "new_tokens": args.new_tokens,
             "prefill_s": round(st.prefill_s, 3) if not args.synthetic_kv else "",
             "decode_step_ms": round(1e3 * step_s, 3),
             "decode_tok_s": round(batch / step_s, 3), "bytes_per_step_mb": round(byts / 1e6, 1),
+            "kv_read_per_step_mb": round(kv_read / 1e6, 1),
             "achieved_gbs": round(byts / step_s / 1e9, 2), "frac_read_bw": round(byts / step_s / 1e9 / read_bw, 3),
             "frac_copy_bw": round(byts / step_s / 1e9 / copy_bw, 3),
             "read_bw_gbs": round(read_bw, 2), "copy_bw_gbs": round(copy_bw, 2), "kv_held_mb": round(held / 1e6, 2),

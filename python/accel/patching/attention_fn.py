@@ -88,7 +88,14 @@ def dense_decode(ctx, query, key, value, attention_mask, scaling):
     if not ok:
         return hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling)[0]
     out = decode_attention(query[:, :, 0, :], key, value, valid=valid, scale=scaling)
+    count_kv_read(ctx, key.shape[0] * key.shape[1] * key.shape[2], key, value)
     return out.unsqueeze(1)  # [B, 1, H, D], the layout HF attention functions return
+
+
+def count_kv_read(ctx, rows: int, key, value, values_too: bool = True) -> None:
+    """Add ``rows`` K (and V) rows to the runtime's decode KV-read counter."""
+    per = key.shape[-1] * key.element_size() + (value.shape[-1] * value.element_size() if values_too else 0)
+    ctx.runtime.stats["kv_read_bytes"] += int(rows) * per
 
 
 def accel_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,

@@ -53,6 +53,10 @@ class ModelRuntime:
         self.layer_state: dict[int, dict] = {}
         self.shared: dict = {}  # cross-layer data within a step (e.g. donor indices)
         self.step = 0
+        #: decode-time accounting: KV bytes the attention of decode calls read (dense spans, selected
+        #: rows, scoring passes) and the number of layer-level decode calls; ``accel bench`` reports
+        #: bytes per step from them instead of assuming a dense read
+        self.stats = {"kv_read_bytes": 0, "decode_layer_calls": 0}
         #: layers whose selection a later layer reuses (they emit their top-k every decode step)
         self.donors = frozenset(lp.reuse_src for lp in plan.layers if lp.mode == "reuse")
 
@@ -73,6 +77,7 @@ class ModelRuntime:
     def attend(self, layer_idx, module, query, key, value, attention_mask, scaling, **kwargs):
         ctx = self.context(layer_idx, module)
         if query.shape[2] == 1:
+            self.stats["decode_layer_calls"] += 1
             out = self.attention.decode(ctx, query, key, value, attention_mask, scaling, **kwargs)
             for p in self.kv:
                 p.after_decode(ctx, query, attention_mask)

@@ -131,6 +131,9 @@ def dense_with_scores(ctx, query, key, value, attention_mask, scaling):
     scores = torch.empty(B, H, T, dtype=torch.float32, device=query.device)
     out, lse = decode_attention(query[:, :, 0, :], key, value, valid=valid, scale=scaling, return_lse=True,
                                 scores=scores)
+    from ..patching.attention_fn import count_kv_read
+
+    count_kv_read(ctx, B * key.shape[1] * T, key, value)
     return out.unsqueeze(1), scores, lse, valid
 
 
@@ -146,6 +149,9 @@ def sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts):
         idx = idx.expand(B, Hkv, idx.shape[2]).contiguous()
         counts = counts.reshape(B, 1).expand(B, Hkv).contiguous()
     out = decode_attention(query[:, :, 0, :], key, value, lengths=counts, indices=idx, valid=valid, scale=scaling)
+    from ..patching.attention_fn import count_kv_read
+
+    count_kv_read(ctx, int(counts.sum()), key, value)
     return out.unsqueeze(1)
 
 
@@ -159,4 +165,7 @@ def own_scores(query, key, attention_mask, ctx, scaling):
                      key.float()).reshape(B, H, T) * scaling
     if valid is not None:
         s = s.masked_fill(~valid.view(B, 1, T), float("-inf"))
+    from ..patching.attention_fn import count_kv_read
+
+    count_kv_read(ctx, B * Hkv * T, key, key, values_too=False)
     return s, torch.logsumexp(s, dim=-1), valid
