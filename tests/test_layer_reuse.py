@@ -49,7 +49,7 @@ def same(a, b, tol=1e-5):
     return torch.equal(a.sequences, b.sequences) and max((x - y).abs().max().item() for x, y in zip(a.scores, b.scores)) <= tol
 
 
-SMALL = {"hylra": {"sink": 4, "recent": 8}, "delta": {"page_size": 4, "recent_pages": 2}}
+SMALL = {"hylra": {"sink": 4, "recent": 8}, "delta": {"page_size": 4, "recent_pages": 2}, "recycled": {"compact": False}}
 CASES = [("hylra", {"plan": "hand"}), ("delta", {"full_layers": [0], "delta_layers": [1]}), ("recycled", {}),
          ("recycled", {"schedule": "fixed", "stride": 3})]
 
@@ -106,7 +106,7 @@ def test_recycled_refreshkv_invariants():
 
     S.sparse_attend = spy
     try:
-        gen(m, ids, "recycled", topk=16, schedule="fixed", stride=5, new=10)
+        gen(m, ids, "recycled", topk=16, schedule="fixed", stride=5, new=10, compact=False)
     finally:
         S.sparse_attend = orig
     assert seen
@@ -262,3 +262,25 @@ def test_runtime_counts_the_kv_bytes_decode_actually_reads():
     assert 200 * 2 * 2 * 16 * 4 <= read["dense"] <= 205 * 2 * 2 * 16 * 4
     # hylra: layers 0 (full), 2 (select: scores over K, then 32 rows), 1 and 3 (32 rows each)
     assert read["hylra"] < 0.75 * read["dense"]
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "dynamic"])
+def test_recycled_compact_partial_cache_attends_the_same_tokens_as_the_index_path(schedule):
+    from accel.policies.recycled import RecycledPolicy
+
+    m = model4("llama")
+    ids = torch.randint(3, 256, (1, 150), generator=torch.Generator().manual_seed(8))
+    calls = []
+    orig = RecycledPolicy._partial_compact
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    RecycledPolicy._partial_compact = spy
+    try:
+        a = gen(m, ids, "recycled", topk=24, schedule=schedule, stride=4, qc=3, threshold=0.9, new=20)
+    finally:
+        RecycledPolicy._partial_compact = orig
+    b = gen(m, ids, "recycled", topk=24, schedule=schedule, stride=4, qc=3, threshold=0.9, new=20, compact=False)
+    assert calls and same(a, b, tol=1e-4)

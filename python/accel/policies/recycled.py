@@ -49,6 +49,9 @@ class RecycledPolicy(AttentionPolicy):
         sink, recent: tokens always kept in C_p and never evicted (the paper: 0; [INFER] knob).
         refresh: re-select C_p at full steps (False: never refresh, SnapKV-like).
         similarity_query: 'pre_rope' (hook on the query projection) or 'post_rope'.
+        compact: hold C_p as its own small contiguous cache (the paper's design; partial steps then
+            stream it) when the batch has no padding; False (or padded batches) reads C_p in place from
+            the full cache through an index list. Both attend to the same tokens.
     """
 
     topk: int | None = None
@@ -63,6 +66,7 @@ class RecycledPolicy(AttentionPolicy):
     recent: int = 0
     refresh: bool = True
     similarity_query: str = "pre_rope"
+    compact: bool = True
 
     def validate(self) -> None:
         S.check_budget_knobs("recycled", self.topk, self.topk_ratio, self.sink, self.recent, 1)
@@ -110,7 +114,7 @@ class RecycledPolicy(AttentionPolicy):
         return q
 
     # -- selection -------------------------------------------------------------------------------------
-    def _refresh(self, ctx: LayerContext, scores, lse, valid, T: int, Hkv: int, query) -> None:
+    def _refresh(self, ctx: LayerContext, scores, lse, valid, T: int, Hkv: int, query, key=None, value=None) -> None:
         st = ctx.state
         K = S.token_budget(T, self.topk, self.topk_ratio)
         B = scores.shape[0]
@@ -122,18 +126,53 @@ class RecycledPolicy(AttentionPolicy):
                                                   recent=self.recent, first_valid=fv, pool_kernel=self.pool_kernel,
                                                   T=T, return_scores=True)
             pos = idx.long().clamp(min=0)
-            key = a.gather(2, pos)
+            rank = a.gather(2, pos)
             forced = (pos < (fv + self.sink).view(B, 1, 1)) & (pos >= fv.view(B, 1, 1)) if self.sink else torch.zeros_like(pos, dtype=torch.bool)
             if self.recent:
                 forced |= pos >= T - self.recent
-            key = key.masked_fill(forced, float("inf")).masked_fill(idx < 0, float("-inf"))
-            order = pos.gather(2, key.argsort(dim=-1, stable=True))  # ascending score: evicted first
+            rank = rank.masked_fill(forced, float("inf")).masked_fill(idx < 0, float("-inf"))
+            order = pos.gather(2, rank.argsort(dim=-1, stable=True))  # ascending score: evicted first
             order = order[:, :, int((idx < 0).sum(-1).max()):]  # drop padding slots (all rows equal length)
         st["order"] = order.contiguous()
+        st.pop("kp", None)
+        if self.compact and valid is None and key is not None and order.shape[-1] < T:
+            # C_p as its own small cache, slots in ascending score order: eviction of the lowest-scored
+            # member is a moving start pointer, new tokens are appended at the end, and partial steps
+            # read one contiguous span (streaming bandwidth instead of scattered rows)
+            n = order.shape[-1]
+            room = n + max(16, n // 4)
+            gi = order.unsqueeze(-1).expand(B, Hkv, n, key.shape[-1])
+            kp = key.new_empty(B, Hkv, room, key.shape[-1])
+            vp = value.new_empty(B, Hkv, room, value.shape[-1])
+            kp[:, :, :n] = torch.gather(key, 2, gi)
+            vp[:, :, :n] = torch.gather(value, 2, order.unsqueeze(-1).expand(B, Hkv, n, value.shape[-1]))
+            st["kp"], st["vp"], st["cp_lo"], st["cp_hi"] = kp, vp, 0, n
+            st["cp_next"] = T  # the position of the next token C_p must receive
         st["t_full"] = T
         st["q_ref"] = self._query_summary(ctx, query)
         st["since_full"] = 0
         st["since_check"] = 0
+
+    def _partial_compact(self, ctx: LayerContext, key, value, T: int):
+        """Append the current token to the compact C_p, evict down to K, return the live K/V span."""
+        st = ctx.state
+        kp, vp, lo, hi = st["kp"], st["vp"], st["cp_lo"], st["cp_hi"]
+        if hi == kp.shape[2]:  # full: move the live span to the front (and grow if it fills the buffer)
+            n = hi - lo
+            if n + 16 > kp.shape[2]:
+                nk = kp.new_empty(kp.shape[0], kp.shape[1], n + max(16, n // 2), kp.shape[3])
+                nv = vp.new_empty(vp.shape[0], vp.shape[1], n + max(16, n // 2), vp.shape[3])
+            else:
+                nk, nv = kp, vp
+            nk[:, :, :n] = kp[:, :, lo:hi].clone()
+            nv[:, :, :n] = vp[:, :, lo:hi].clone()
+            kp, vp, lo, hi = nk, nv, 0, n
+        kp[:, :, hi] = key[:, :, T - 1]
+        vp[:, :, hi] = value[:, :, T - 1]
+        hi += 1
+        lo = max(lo, hi - S.token_budget(T, self.topk, self.topk_ratio))
+        st["kp"], st["vp"], st["cp_lo"], st["cp_hi"] = kp, vp, lo, hi
+        return kp[:, :, lo:hi], vp[:, :, lo:hi]
 
     def _partial_set(self, ctx: LayerContext, T: int):
         st = ctx.state
@@ -180,7 +219,7 @@ class RecycledPolicy(AttentionPolicy):
         scores, lse, valid = S.own_scores(q1, key, m, ctx, scaling)
         ctx.runtime.shared.pop("valid_mask", None)  # that memo was for the prefill's last row only
         ctx.state.clear()
-        self._refresh(ctx, scores, lse, valid, T, key.shape[1], q1)
+        self._refresh(ctx, scores, lse, valid, T, key.shape[1], q1, key, value)
         return out
 
     def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
@@ -201,8 +240,19 @@ class RecycledPolicy(AttentionPolicy):
             if res is None:
                 return dense_decode(ctx, query, key, value, attention_mask, scaling)
             out, scores, lse, valid = res
-            self._refresh(ctx, scores, lse, valid, T, key.shape[1], query)
+            self._refresh(ctx, scores, lse, valid, T, key.shape[1], query, key, value)
             return out
+        if "kp" in st and st["cp_next"] != T - 1:  # a token went by without this layer: use the index path
+            st.pop("kp")
+        if "kp" in st:
+            st["cp_next"] = T
+            kspan, vspan = self._partial_compact(ctx, key, value, T)
+            from ..patching.attention_fn import count_kv_read
+            from ..ops.attention import decode_attention
+
+            out = decode_attention(query[:, :, 0, :], kspan, vspan, scale=scaling)
+            count_kv_read(ctx, kspan.shape[0] * kspan.shape[1] * kspan.shape[2], key, value)
+            return out.unsqueeze(1)
         idx, counts = self._partial_set(ctx, T)
         if idx.shape[-1] >= T:  # C_p holds every token: exact
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
