@@ -284,3 +284,13 @@ def test_recycled_compact_partial_cache_attends_the_same_tokens_as_the_index_pat
         RecycledPolicy._partial_compact = orig
     b = gen(m, ids, "recycled", topk=24, schedule=schedule, stride=4, qc=3, threshold=0.9, new=20, compact=False)
     assert calls and same(a, b, tol=1e-4)
+
+
+def test_short_prompts_keep_at_least_min_topk_tokens():
+    assert S.token_budget(5, None, 0.125, 64) == 64 and S.token_budget(4096, None, 0.125, 64) == 512
+    assert S.token_budget(5, 3, 0.125, 64) == 3  # an explicit topk is taken as given
+    m = model4("llama")
+    ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(9))
+    ref = gen(m, ids, "dense")
+    for pol, kw in (("recycled", {}), ("delta", {}), ("hylra", {"plan": hand_plan()})):
+        assert same(gen(m, ids, pol, **kw), ref)  # 30 + 12 tokens < 64: exact with the default ratio

@@ -37,11 +37,12 @@ def check_budget_knobs(name: str, topk, topk_ratio, sink: int, recent: int, chun
                          "so lower sink/recent or raise topk")
 
 
-def token_budget(T: int, topk: int | None, topk_ratio: float | None) -> int:
-    """Tokens kept per KV head at context length ``T`` (sink and recent included)."""
+def token_budget(T: int, topk: int | None, topk_ratio: float | None, min_tokens: int = 0) -> int:
+    """Tokens kept per KV head at context length ``T`` (sink and recent included). With a ratio, never
+    fewer than ``min_tokens`` (short prompts stay exact instead of keeping one or two tokens)."""
     if topk is not None:
         return int(topk)
-    return max(1, int(math.ceil(float(topk_ratio) * T)))
+    return max(1, int(min_tokens), int(math.ceil(float(topk_ratio) * T)))
 
 
 def first_valid_positions(valid: torch.Tensor | None, B: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ class DeltaPolicy(_LayerReuse):
         page_size: tokens per page (the authors' code: 16 [likely, not confirmed]).
         recent_pages: last pages always kept (the "stable recency window", 8 in the paper's code).
         full_layers / delta_layers: layer indices; None = the scaled default layout above.
+        min_topk: with ``topk_ratio``, keep at least this many tokens ([INFER], 64).
     """
 
     topk: int | None = None
@@ -52,6 +53,7 @@ class DeltaPolicy(_LayerReuse):
     full_layers: list[int] | None = None
     delta_layers: list[int] | None = None
     min_context: int = 0
+    min_topk: int = 64
     # the machinery reads agg / chunk / sink / recent
     @property
     def agg(self) -> str:

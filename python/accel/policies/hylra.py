@@ -44,7 +44,7 @@ class _LayerReuse(AttentionPolicy):
     def _budget(self, ctx: LayerContext, T: int) -> int:
         topk = ctx.plan.topk if ctx.plan.topk is not None else self.topk
         ratio = ctx.plan.params.get("topk_ratio", self.topk_ratio)
-        return S.token_budget(T, topk, ratio)
+        return S.token_budget(T, topk, ratio, self.min_topk)
 
     def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
         from ..patching.attention_fn import dense_decode
@@ -88,8 +88,8 @@ class _LayerReuse(AttentionPolicy):
         S.check_budget_knobs(self.name, self.topk, self.topk_ratio, self.sink, self.recent, self.chunk)
         if self.agg not in S.AGG_CHOICES:
             raise AccelError(f"{self.name}: agg must be one of {S.AGG_CHOICES}, got {self.agg!r}")
-        if self.min_context < 0:
-            raise AccelError(f"{self.name}: min_context must be >= 0, got {self.min_context}")
+        if self.min_context < 0 or self.min_topk < 0:
+            raise AccelError(f"{self.name}: min_context and min_topk must be >= 0, got {self.min_context}, {self.min_topk}")
 
 
 @register_policy("hylra")
@@ -107,6 +107,8 @@ class HyLRAPolicy(_LayerReuse):
             64-128 and 512 for 32K+ contexts].
         agg: aggregation of the group's query heads: 'mean' (HyLRA profiler), 'max', 'sum', 'shared'.
         min_context: decode stays dense below this many cached tokens (UCM's activation threshold).
+        min_topk: with ``topk_ratio``, keep at least this many tokens ([INFER]: 64, so short prompts stay
+            exact rather than attending to a handful of tokens).
     """
 
     topk: int | None = None
@@ -116,6 +118,7 @@ class HyLRAPolicy(_LayerReuse):
     recent: int = 64
     agg: str = "mean"
     min_context: int = 0
+    min_topk: int = 64
 
     def build_plan(self, info: ModelInfo) -> Plan:
         from ..scheduler.shipped import shipped_plan

@@ -52,6 +52,8 @@ class RecycledPolicy(AttentionPolicy):
         compact: hold C_p as its own small contiguous cache (the paper's design; partial steps then
             stream it) when the batch has no padding; False (or padded batches) reads C_p in place from
             the full cache through an index list. Both attend to the same tokens.
+        min_topk: with ``topk_ratio``, ``K`` is at least this many tokens ([INFER], 64: the paper's
+            ``L_in/8`` would keep one token of an 8-token prompt).
     """
 
     topk: int | None = None
@@ -67,9 +69,12 @@ class RecycledPolicy(AttentionPolicy):
     refresh: bool = True
     similarity_query: str = "pre_rope"
     compact: bool = True
+    min_topk: int = 64
 
     def validate(self) -> None:
         S.check_budget_knobs("recycled", self.topk, self.topk_ratio, self.sink, self.recent, 1)
+        if not isinstance(self.min_topk, int) or self.min_topk < 0:
+            raise AccelError(f"recycled: min_topk must be a non-negative integer, got {self.min_topk!r}")
         if self.schedule not in ("dynamic", "fixed"):
             raise AccelError(f"recycled: schedule must be 'dynamic' or 'fixed', got {self.schedule!r}")
         if not isinstance(self.stride, int) or self.stride < 1:
@@ -116,7 +121,7 @@ class RecycledPolicy(AttentionPolicy):
     # -- selection -------------------------------------------------------------------------------------
     def _refresh(self, ctx: LayerContext, scores, lse, valid, T: int, Hkv: int, query, key=None, value=None) -> None:
         st = ctx.state
-        K = S.token_budget(T, self.topk, self.topk_ratio)
+        K = S.token_budget(T, self.topk, self.topk_ratio, self.min_topk)
         B = scores.shape[0]
         fv = S.first_valid_positions(valid, B)
         if K >= T:
@@ -170,14 +175,14 @@ class RecycledPolicy(AttentionPolicy):
         kp[:, :, hi] = key[:, :, T - 1]
         vp[:, :, hi] = value[:, :, T - 1]
         hi += 1
-        lo = max(lo, hi - S.token_budget(T, self.topk, self.topk_ratio))
+        lo = max(lo, hi - S.token_budget(T, self.topk, self.topk_ratio, self.min_topk))
         st["kp"], st["vp"], st["cp_lo"], st["cp_hi"] = kp, vp, lo, hi
         return kp[:, :, lo:hi], vp[:, :, lo:hi]
 
     def _partial_set(self, ctx: LayerContext, T: int):
         st = ctx.state
         order, t_full = st["order"], st["t_full"]
-        K = S.token_budget(T, self.topk, self.topk_ratio)
+        K = S.token_budget(T, self.topk, self.topk_ratio, self.min_topk)
         B, Hkv, n = order.shape
         s = T - t_full
         evict = max(0, n + s - K)
