@@ -131,6 +131,16 @@ def test_select_from_scores_matches_reference():
             assert torch.equal(idx[..., :n].long(), ref) and torch.all(counts == (ref >= 0).sum(-1))
 
 
+def test_gather_rows_equals_torch_gather_on_cache_views():
+    g = torch.Generator().manual_seed(1)
+    buf = torch.randn(4, 3, 100, 8, generator=g)
+    views = (buf, buf[1:3, :, 5:90], buf[:, 1:], buf.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :50])
+    for x in views:
+        idx = torch.randint(0, x.shape[2], (x.shape[0], x.shape[1], 7), generator=g)
+        ref = torch.gather(x, 2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+        assert torch.equal(S.gather_rows(x, idx), ref)
+
+
 def test_selection_with_left_padding_starts_the_sink_at_the_first_real_token():
     B, H, Hkv, T = 2, 2, 1, 40
     s = torch.randn(B, H, T)

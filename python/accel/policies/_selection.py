@@ -109,6 +109,22 @@ def select_from_scores(scores: torch.Tensor, lse: torch.Tensor, num_kv_heads: in
     return idx, counts
 
 
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, idx[b, h, i], :]`` for a [B, H, T, D] view of a cache buffer, as one ``index_select`` over
+    the buffer's rows (about 10x faster than ``torch.gather`` with an index expanded over D on CPU).
+    Falls back to ``torch.gather`` when the view's strides are not whole rows."""
+    B, H, n = idx.shape
+    D = x.shape[-1]
+    s0, s1, s2, s3 = x.stride()
+    if s3 == 1 and s2 >= D and s0 % s2 == 0 and s1 % s2 == 0 and x.storage_offset() % s2 == 0:
+        rows = (x.storage_offset() // s2 + (torch.arange(B).view(B, 1, 1) * (s0 // s2)
+                + torch.arange(H).view(1, H, 1) * (s1 // s2) + idx.long())).reshape(-1)
+        n_rows = x.untyped_storage().nbytes() // (x.element_size() * s2)
+        base = torch.as_strided(x, (n_rows, D), (s2, 1), 0)
+        return base.index_select(0, rows).view(B, H, n, D)
+    return torch.gather(x, 2, idx.long().unsqueeze(-1).expand(B, H, n, D))
+
+
 def valid_mask(ctx, attention_mask, B: int, T: int):
     """The step's [B, T] validity mask (or None), converted once per step and shared by all layers."""
     from ..patching.attention_fn import valid_from_mask

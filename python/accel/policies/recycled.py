@@ -146,11 +146,10 @@ class RecycledPolicy(AttentionPolicy):
             # read one contiguous span (streaming bandwidth instead of scattered rows)
             n = order.shape[-1]
             room = n + max(16, n // 4)
-            gi = order.unsqueeze(-1).expand(B, Hkv, n, key.shape[-1])
             kp = key.new_empty(B, Hkv, room, key.shape[-1])
             vp = value.new_empty(B, Hkv, room, value.shape[-1])
-            kp[:, :, :n] = torch.gather(key, 2, gi)
-            vp[:, :, :n] = torch.gather(value, 2, order.unsqueeze(-1).expand(B, Hkv, n, value.shape[-1]))
+            kp[:, :, :n] = S.gather_rows(key, order)
+            vp[:, :, :n] = S.gather_rows(value, order)
             st["kp"], st["vp"], st["cp_lo"], st["cp_hi"] = kp, vp, 0, n
             st["cp_next"] = T  # the position of the next token C_p must receive
         st["t_full"] = T

@@ -83,9 +83,16 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   // tile's worth of cache misses is in flight while a tile computes (memory-level parallelism instead
   // of one row's latency at a time). The first tile's rows are requested before the loop starts.
   // Contiguous rows are left to the hardware prefetcher. (Two tiles ahead measured no better.)
+  // Inside a run of consecutive indices (chunked selections, sink and recent spans) only the first
+  // kPfRun rows are requested: beyond that the hardware prefetcher follows the run, and software
+  // requests only compete with it (a 512-row run read at 9.4 GB/s with every row requested, 18.5 GB/s
+  // with only the run heads; indices are sorted and unique, so idx[j-n] == idx[j]-n means a run).
   constexpr int kPfK = 1;
+  constexpr int64_t kPfRun = 2;
+  auto in_run = [&](int64_t jj) { return jj >= kPfRun && idx[jj - kPfRun] == idx[jj] - kPfRun; };
   auto prefetch_rows = [&](const T* base, int64_t st, int64_t a, int64_t e) {
     for (int64_t jj = a; jj < e; ++jj) {
+      if (in_run(jj)) continue;
       const char* r = reinterpret_cast<const char*>(base + idx[jj] * st);
       for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(r + off, 0, 0);
     }
@@ -178,6 +185,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
       l[g] += sum;
     }
     for (int64_t jj = pf0; jj < pf1; ++jj) {
+      if (in_run(jj)) continue;
       const char* vr = reinterpret_cast<const char*>(vb + idx[jj] * p.v_st);
       for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(vr + off, 0, 0);
     }
