@@ -6,7 +6,8 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                                                 c10::optional<torch::Tensor> indices,
                                                 c10::optional<torch::Tensor> valid, double scale,
                                                 bool return_lse, int64_t num_threads,
-                                                c10::optional<torch::Tensor> scores);
+                                                c10::optional<torch::Tensor> scores,
+                                                c10::optional<torch::Tensor> offsets);
 torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
                                  int64_t num_threads);
 std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lengths, int64_t budget,
@@ -22,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("lengths"),
         pybind11::arg("indices") = pybind11::none(), pybind11::arg("valid") = pybind11::none(),
         pybind11::arg("scale"), pybind11::arg("return_lse") = false, pybind11::arg("num_threads") = 0,
-        pybind11::arg("scores") = pybind11::none());
+        pybind11::arg("scores") = pybind11::none(), pybind11::arg("offsets") = pybind11::none());
   m.def("small_m_linear", &small_m_linear_cpu, "decode linear y = x W^T + b for 1..64 rows",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("num_threads") = 0);

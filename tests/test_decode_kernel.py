@@ -127,3 +127,65 @@ def test_flush_cache_lines_keeps_values_and_row_read_ceiling_is_positive():
     assert cold_call_time(lambda: calls.append(1), repeats=3, flush=[t]) >= 0 and len(calls) == 4
     bw = measure_row_read_bandwidth(t, torch.tensor([1, 50, 999]), repeats=2, flush_only_buf=True)
     assert 0 < bw < float("inf")
+
+
+def _pool_case(dtype, seed=0, D=64):
+    """A ragged row pool: per-(b, h) segments of different lengths and capacities, and the same
+    tokens laid out as a padded [B, Hkv, S, D] cache for the reference."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv = 2, 6, 3
+    ln = torch.tensor([[5, 0, 17], [9, 30, 1]], dtype=torch.int32)
+    caps = ln.long() + torch.tensor([[2, 4, 0], [1, 3, 5]])
+    off = torch.zeros(B * Hkv, dtype=torch.long)
+    off[1:] = torch.cumsum(caps.flatten(), 0)[:-1]
+    off = off.view(B, Hkv)
+    R = int(caps.sum())
+    kp, vp = torch.randn(R, D, generator=g).to(dtype), torch.randn(R, D, generator=g).to(dtype)
+    kk = torch.zeros(B, Hkv, 40, D, dtype=dtype)
+    vv = torch.zeros_like(kk)
+    for b in range(B):
+        for h in range(Hkv):
+            o, n = int(off[b, h]), int(ln[b, h])
+            kk[b, h, :n], vv[b, h, :n] = kp[o : o + n], vp[o : o + n]
+    q = torch.randn(B, H, D, generator=g)
+    return q, kp, vp, kk, vv, ln, off
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ragged_pool_matches_padded_reference(backend, dtype):
+    q, kp, vp, kk, vv, ln, off = _pool_case(dtype)
+    out, lse = decode_attention(q, kp, vp, ln, offsets=off, return_lse=True, backend=backend)
+    ro, rl = decode_attention_ref(q, kk, vv, ln, scale=1 / 8, return_lse=True)
+    torch.testing.assert_close(out, ro, atol=TOL[dtype], rtol=1e-4)
+    fin = torch.isfinite(rl)
+    assert torch.equal(fin, torch.isfinite(lse))
+    torch.testing.assert_close(lse[fin], rl[fin], atol=1e-5, rtol=1e-5)
+    # sparse: index lists local to each head's segment, and the fused logits output
+    g = torch.Generator().manual_seed(3)
+    idx = torch.zeros(2, 3, 4, dtype=torch.int32)
+    n = torch.zeros(2, 3, dtype=torch.int32)
+    for b in range(2):
+        for h in range(3):
+            m = min(4, int(ln[b, h]))
+            if m:
+                idx[b, h, :m] = torch.randperm(int(ln[b, h]), generator=g)[:m].sort().values.int()
+            n[b, h] = m
+    sc = torch.empty(2, 6, 40)
+    out = decode_attention(q, kp, vp, n, offsets=off, indices=idx, backend=backend, scores=sc)
+    ro = decode_attention_ref(q, kk, vv, n, indices=idx, scale=1 / 8)
+    torch.testing.assert_close(out, ro, atol=TOL[dtype], rtol=1e-4)
+    ref_sc = torch.einsum("bhd,bhtd->bht", q, kk.float().repeat_interleave(2, 1)) / 8
+    for b in range(2):
+        for hq in range(6):
+            h = hq // 2
+            sel = idx[b, h, : n[b, h]].long()
+            torch.testing.assert_close(sc[b, hq, sel], ref_sc[b, hq, sel], atol=1e-4, rtol=1e-4)
+
+
+def test_ragged_pool_bad_offsets_are_clear_errors():
+    q, kp, vp, kk, vv, ln, off = _pool_case(torch.float32)
+    with pytest.raises(RuntimeError, match="outside"):
+        decode_attention(q, kp, vp, ln, offsets=off + kp.shape[0], backend="cpp")
+    with pytest.raises(RuntimeError, match="capacity"):
+        decode_attention(q, kp, vp, ln + 1000, offsets=off, backend="cpp")

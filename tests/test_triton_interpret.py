@@ -35,6 +35,24 @@ SCRIPT = textwrap.dedent(
             out, _ = decode_attention_triton(q, k, v, ln, indices=idx)
             ro = decode_attention_ref(q, k, v, ln, indices=idx, scale=1 / math.sqrt(D))
             assert (out - ro).abs().max() < 1e-4, ("sparse", dtype, H, D)
+    # ragged row pool (compressed cache): per-head segments at row offsets, dense and sparse
+    for dtype in (torch.float32, torch.bfloat16):
+        B, H, Hkv, D = 2, 6, 3, 64
+        ln = torch.tensor([[5, 0, 17], [9, 30, 1]], dtype=torch.int32)
+        caps = ln.long() + torch.tensor([[2, 4, 0], [1, 3, 5]])
+        off = torch.cumsum(caps.flatten(), 0).roll(1); off[0] = 0
+        R = int(caps.sum())
+        kp = torch.randn(R, D, generator=g).to(dtype); vp = torch.randn(R, D, generator=g).to(dtype)
+        q = torch.randn(B, H, D, generator=g)
+        kk = torch.zeros(B, Hkv, 40, D, dtype=dtype); vv = torch.zeros_like(kk)
+        for i in range(B * Hkv):
+            b, h = divmod(i, Hkv)
+            kk[b, h, : ln[b, h]] = kp[off[i] : off[i] + ln[b, h]]; vv[b, h, : ln[b, h]] = vp[off[i] : off[i] + ln[b, h]]
+        R4 = (R, D)
+        kx = kp.view(1, 1, *R4).expand(B, Hkv, *R4); vx = vp.view(1, 1, *R4).expand(B, Hkv, *R4)
+        out, lse = decode_attention_triton(q, kx, vx, ln, offsets=off.view(B, Hkv), num_splits=2)
+        ro, rl = decode_attention_ref(q, kk, vv, ln, scale=1 / math.sqrt(D), return_lse=True)
+        assert (out - ro).abs().max() < 1e-4, ("pool", dtype, (out - ro).abs().max())
     # token selection
     from accel.kernels.attention.select import select_topk_triton
     from accel.ops._selection_reference import select_topk_ref

@@ -2,6 +2,8 @@
 // that a bad call fails with a message naming the argument, never inside the kernel.
 #include <torch/extension.h>
 
+#include <limits>
+
 #include "accel/cpu/decode_attention.h"
 
 namespace {
@@ -21,7 +23,8 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                                                 c10::optional<torch::Tensor> indices,
                                                 c10::optional<torch::Tensor> valid, double scale,
                                                 bool return_lse, int64_t num_threads,
-                                                c10::optional<torch::Tensor> scores) {
+                                                c10::optional<torch::Tensor> scores,
+                                                c10::optional<torch::Tensor> offsets) {
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor");
   TORCH_CHECK(q.dim() == 3, "q must be [B, H, D], got ", q.sizes());
   TORCH_CHECK(q.scalar_type() == torch::kFloat32, "q must be float32 (cast in the caller)");
@@ -41,6 +44,24 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
               "lengths must be int32 with B*Hkv = ", B * Hkv, " entries");
   lengths = lengths.contiguous();
   const int64_t cap = std::min(k.size(2), v.size(2));
+  const int64_t* off_p = nullptr;
+  torch::Tensor off_c;
+  if (offsets.has_value() && offsets->defined()) {
+    // ragged pool: k/v are [B, Hkv, R, D] views with zero batch/head strides over R rows, and head bh's
+    // tokens (or index-list positions) are local to its segment starting at row offsets[bh]
+    off_c = offsets->contiguous();
+    TORCH_CHECK(off_c.scalar_type() == torch::kInt64 && off_c.numel() == B * Hkv,
+                "offsets must be int64 with B*Hkv = ", B * Hkv, " entries");
+    TORCH_CHECK(k.stride(0) == 0 && k.stride(1) == 0 && v.stride(0) == 0 && v.stride(1) == 0,
+                "with offsets, k/v must be row pools expanded to [B, Hkv, R, D] (zero batch/head strides)");
+    off_p = off_c.data_ptr<int64_t>();
+    for (int64_t bh = 0; bh < B * Hkv; ++bh)
+      TORCH_CHECK(off_p[bh] >= 0 && off_p[bh] <= cap, "offsets[", bh, "] = ", off_p[bh], " is outside the pool of ",
+                  cap, " rows");
+  }
+  // rows of head bh that may be addressed: the whole buffer, or the pool from the head's offset on
+  auto limit = [&](int64_t bh) { return off_p ? cap - off_p[bh] : cap; };
+  int64_t max_pos = 0;  // one past the largest token position addressed (size needed for `scores`)
 
   accel::cpu::DecodeParams p;
   if (indices.has_value() && indices->defined()) {
@@ -66,15 +87,19 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
         lo = std::min(lo, row[i]);
         hi = std::max(hi, row[i]);
       }
-      TORCH_CHECK(lo >= 0 && hi < cap, "indices must lie in [0, capacity=", cap, "), got [", lo, ", ", hi, "]");
+      TORCH_CHECK(lo >= 0 && hi < limit(bh), "indices must lie in [0, capacity=", limit(bh), "), got [", lo, ", ",
+                  hi, "]");
+      max_pos = std::max<int64_t>(max_pos, hi + 1);
     }
     p.indices = ix.data_ptr<int32_t>();
     p.idx_stride = ix.size(2);
   } else {
     const int32_t* ln = lengths.data_ptr<int32_t>();
-    for (int64_t bh = 0; bh < B * Hkv; ++bh)
-      TORCH_CHECK(ln[bh] >= 0 && ln[bh] <= cap, "lengths[", bh / Hkv, ", ", bh % Hkv, "] = ", ln[bh],
-                  " is outside [0, cache capacity ", cap, "]");
+    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+      TORCH_CHECK(ln[bh] >= 0 && ln[bh] <= limit(bh), "lengths[", bh / Hkv, ", ", bh % Hkv, "] = ", ln[bh],
+                  " is outside [0, cache capacity ", limit(bh), "]");
+      max_pos = std::max<int64_t>(max_pos, ln[bh]);
+    }
   }
   torch::Tensor valid_c;
   if (valid.has_value() && valid->defined()) {
@@ -94,15 +119,17 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
   p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
   p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2);
   p.lengths = lengths.data_ptr<int32_t>();
+  p.offsets = off_p;
   p.scale = static_cast<float>(scale);
   p.out = out.data_ptr<float>();
   p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
   p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Hkv = static_cast<int>(Hkv); p.D = static_cast<int>(D);
   if (scores.has_value() && scores->defined()) {
     auto& sc = *scores;
+    const int64_t need = off_p ? max_pos : cap;
     TORCH_CHECK(sc.scalar_type() == torch::kFloat32 && sc.dim() == 3 && sc.size(0) == B && sc.size(1) == H &&
-                    sc.is_contiguous() && sc.size(2) >= cap,
-                "scores must be a contiguous float32 [B, H, >= capacity ", cap, "] tensor");
+                    sc.is_contiguous() && sc.size(2) >= need,
+                "scores must be a contiguous float32 [B, H, >= ", need, "] tensor");
     p.scores = sc.data_ptr<float>();
     p.scores_stride = sc.size(2);
   }

@@ -7,7 +7,8 @@
 
 std::vector<torch::Tensor> decode_attention_cuda(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                  torch::Tensor lengths, c10::optional<torch::Tensor> indices,
-                                                 c10::optional<torch::Tensor> valid, double scale, int64_t splits) {
+                                                 c10::optional<torch::Tensor> valid, double scale, int64_t splits,
+                                                 c10::optional<torch::Tensor> offsets) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "q, k, v must be CUDA tensors");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "q [B,H,D], k/v [B,Hkv,T,D]");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k/v must be contiguous in D");
@@ -23,7 +24,13 @@ std::vector<torch::Tensor> decode_attention_cuda(torch::Tensor q, torch::Tensor 
   a.k_sb = k.stride(0); a.k_sh = k.stride(1); a.k_st = k.stride(2);
   a.v_sb = v.stride(0); a.v_sh = v.stride(1); a.v_st = v.stride(2);
   a.lengths = lengths.data_ptr<int32_t>();
-  torch::Tensor ix, vm;
+  torch::Tensor ix, vm, off;
+  if (offsets.has_value() && offsets->defined()) {
+    off = offsets->to(torch::kInt64).contiguous();
+    TORCH_CHECK(off.numel() == B * Hkv, "offsets must have B*Hkv entries");
+    TORCH_CHECK(k.stride(0) == 0 && k.stride(1) == 0, "with offsets, k/v are row pools with zero batch/head strides");
+    a.offsets = off.data_ptr<int64_t>();
+  }
   if (indices.has_value()) { ix = indices->to(torch::kInt32).contiguous(); a.indices = ix.data_ptr<int32_t>(); a.idx_stride = ix.size(2); }
   if (valid.has_value()) { vm = valid->to(torch::kUInt8).contiguous(); a.valid = vm.data_ptr<uint8_t>(); a.valid_sb = vm.stride(0); a.valid_len = vm.size(1); }
   a.scale = static_cast<float>(scale);

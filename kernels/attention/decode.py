@@ -3,7 +3,7 @@
 Grid: (B * Hkv, num_splits). A program owns one KV head and all G query heads of its GQA group
 (padded to BLOCK_G), streams the tokens of one split in blocks of BLOCK_N with an online softmax,
 and writes a normalised partial output plus its log-sum-exp; splits are merged on the host
-(flash-decoding). Supports per-head lengths, optional index lists (sparse decode) and an optional
+(flash-decoding). Supports per-head lengths, a ragged row pool (per-head row offsets), optional index lists (sparse decode) and an optional
 per-sequence validity mask, like the CPU kernel. All arithmetic in fp32; bf16 inputs are converted
 right after loading.
 
@@ -21,11 +21,11 @@ import triton.language as tl
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, LEN, IDX, VALID, O_PART, LSE_PART,
+    Q, K, V, LEN, IDX, VALID, OFF, O_PART, LSE_PART,
     sqb, sqh, skb, skh, skt, svb, svh, svt, sib, sih, svalb,
     Hkv, G, D, valid_len, scale, chunk,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_IDX: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_IDX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_OFF: tl.constexpr,
 ):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -33,6 +33,10 @@ def _decode_kernel(
     b = bh // Hkv
     h = bh % Hkv
     length = tl.load(LEN + bh)
+    if HAS_OFF:  # ragged row pool: this head's tokens start at row OFF[bh] (skb = skh = 0)
+        row0 = tl.load(OFF + bh)
+    else:
+        row0 = 0
     start = sp * chunk
     end = tl.minimum(length, start + chunk)
 
@@ -56,7 +60,7 @@ def _decode_kernel(
         if HAS_VALID:
             vm = tl.load(VALID + b * svalb + tok, mask=nmask & (tok < valid_len), other=1)
             nmask = nmask & (vm != 0)
-        kk = tl.load(K + b * skb + h * skh + tok[:, None] * skt + offs_d[None, :],
+        kk = tl.load(K + b * skb + h * skh + (row0 + tok)[:, None] * skt + offs_d[None, :],
                      mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         s = tl.sum(q[:, None, :] * kk[None, :, :], axis=2) * scale  # [G, N]
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -65,7 +69,7 @@ def _decode_kernel(
         alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_safe))
         p = tl.exp(s - m_safe[:, None])
         p = tl.where(nmask[None, :], p, 0.0)
-        vv = tl.load(V + b * svb + h * svh + tok[:, None] * svt + offs_d[None, :],
+        vv = tl.load(V + b * svb + h * svh + (row0 + tok)[:, None] * svt + offs_d[None, :],
                      mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv[None, :, :], axis=1)
@@ -79,7 +83,7 @@ def _decode_kernel(
 
 
 def decode_attention_triton(q, k, v, lengths, *, indices=None, valid=None, scale=None, num_splits=None,
-                            block_n: int = 32):
+                            block_n: int = 32, offsets=None):
     """Same contract as ``accel.ops.attention.decode_attention``; returns (out, lse)."""
     B, H, D = q.shape
     Hkv = k.shape[1]
@@ -101,12 +105,15 @@ def decode_attention_triton(q, k, v, lengths, *, indices=None, valid=None, scale
     has_valid = valid is not None
     idx = indices.to(torch.int32).contiguous() if has_idx else lengths
     val = valid.to(torch.uint8).contiguous() if has_valid else lengths
+    has_off = offsets is not None
+    off = offsets.to(device=q.device, dtype=torch.int64).contiguous() if has_off else lengths
     _decode_kernel[(B * Hkv, num_splits)](
-        q, k, v, lengths, idx, val, o_part, lse_part,
+        q, k, v, lengths, idx, val, off, o_part, lse_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0) if has_idx else 0, idx.stride(1) if has_idx else 0, val.stride(0) if has_valid else 0,
         Hkv, G, D, val.shape[1] if has_valid else 0, scale, chunk,
         BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_D=BLOCK_D, HAS_IDX=has_idx, HAS_VALID=has_valid,
+        HAS_OFF=has_off,
     )
     o_part = o_part.view(B, Hkv, num_splits, BLOCK_G, BLOCK_D)[..., :G, :D]
     lse_part = lse_part.view(B, Hkv, num_splits, BLOCK_G)[..., :G]

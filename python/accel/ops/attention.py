@@ -78,6 +78,7 @@ def decode_attention(
     return_lse: bool = False,
     backend: str | None = None,
     scores: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ):
     """Attention of one new query per sequence over a KV cache.
 
@@ -94,9 +95,16 @@ def decode_attention(
             every attended token at its token position (-inf where masked); with ``return_lse`` the
             attention probabilities are ``exp(scores - lse)``. Layer-reuse anchors select from them
             without a second pass over K (C++ backend fused; other backends compute them in torch).
+        offsets: optional [B, Hkv] int64: k and v are then ragged row pools [R, D] (accel's compressed
+            cache, ``accel.cache.ragged``) and token ``t`` of head (b, h) is row ``offsets[b, h] + t``;
+            ``indices`` are then positions inside each head's segment. ``valid`` is not allowed
+            with a pool (a compressed cache holds no padding).
     Returns:
         out [B, H, D] in q's dtype, and lse [B, H] (fp32) if ``return_lse``.
     """
+    if offsets is not None:
+        return _pooled(q, k, v, lengths, offsets, indices=indices, valid=valid, scale=scale,
+                       return_lse=return_lse, backend=backend, scores=scores)
     B, H, D = q.shape
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -116,7 +124,7 @@ def decode_attention(
         out = res[0] if q.dtype == torch.float32 else res[0].to(q.dtype)
         return (out, res[1]) if return_lse else out
     if backend == "cuda":
-        res = _ext.cuda_ext().decode_attention(q, k, v, lengths, indices, valid, scale, 4)
+        res = _ext.cuda_ext().decode_attention(q, k, v, lengths, indices, valid, scale, 4, None)
         out = res[0].to(q.dtype)
         return (out, res[1]) if return_lse else out
     if backend == "triton":
@@ -128,6 +136,76 @@ def decode_attention(
     if return_lse:
         return res[0].to(q.dtype), res[1]
     return res.to(q.dtype)
+
+
+def _pooled(q, k, v, lengths, offsets, *, indices, valid, scale, return_lse, backend, scores):
+    """Decode attention over a ragged row pool (see ``decode_attention``'s ``offsets``)."""
+    from ..errors import AccelError
+
+    B, H, D = q.shape
+    if k.dim() != 2 or v.dim() != 2 or k.shape[0] != v.shape[0]:
+        raise AccelError(f"with offsets, k and v must be row pools [R, D] of equal R, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if valid is not None:
+        raise AccelError("valid masks are not supported over a ragged pool (a compressed cache holds no padding)")
+    offsets = offsets.reshape(B, -1)
+    Hkv = offsets.shape[1]
+    R = k.shape[0]
+    if lengths is None:
+        raise AccelError("lengths are required with offsets")
+    lengths = lengths.reshape(B, Hkv)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    backend = backend or choose_backend(q.device)
+    kx = k.view(1, 1, R, k.shape[1]).expand(B, Hkv, R, k.shape[1])
+    vx = v.view(1, 1, R, v.shape[1]).expand(B, Hkv, R, v.shape[1])
+    if indices is not None and indices.shape[1] == 1 and Hkv > 1:
+        indices = indices.expand(B, Hkv, indices.shape[2]).contiguous()
+        lengths = lengths[:, :1].expand(B, Hkv).contiguous()
+    if backend == "cpp":
+        qf = q if q.dtype == torch.float32 else q.float()
+        res = _ext.cpu_ext().decode_attention(qf, kx, vx, lengths.to(torch.int32).contiguous(), indices, None, scale,
+                                              return_lse, 0, scores, offsets.to(torch.int64).contiguous())
+        out = res[0] if q.dtype == torch.float32 else res[0].to(q.dtype)
+        return (out, res[1]) if return_lse else out
+    if backend == "cuda":
+        res = _ext.cuda_ext().decode_attention(q, kx, vx, lengths, indices, None, scale, 4, offsets)
+        if scores is not None:
+            _scores_pooled(q, k, lengths, offsets, indices, scale, scores)
+        out = res[0].to(q.dtype)
+        return (out, res[1]) if return_lse else out
+    if backend == "triton":
+        from accel.kernels.attention.decode import decode_attention_triton
+
+        res = decode_attention_triton(q, kx, vx, lengths, indices=indices, scale=scale, offsets=offsets)
+        if scores is not None:
+            _scores_pooled(q, k, lengths, offsets, indices, scale, scores)
+        return res if return_lse else res[0]
+    # torch: gather each head's segment into a padded [B, Hkv, S, D] view and use the reference
+    kk, vv, n = unpool(k, v, offsets, lengths, indices)
+    if scores is not None:
+        _scores_pooled(q, k, lengths, offsets, indices, scale, scores)
+    res = decode_attention_ref(q, kk, vv, lengths, indices=indices, scale=scale, return_lse=return_lse)
+    if return_lse:
+        return res[0].to(q.dtype), res[1]
+    return res.to(q.dtype)
+
+
+def unpool(k, v, offsets, lengths, indices=None):
+    """Copy each head's segment of a ragged row pool into a padded [B, Hkv, S, D] tensor (S = the
+    longest segment addressed; rows past a segment are clamped copies, masked by ``lengths``)."""
+    B, Hkv = offsets.shape
+    R = k.shape[0]
+    if indices is not None:
+        used = torch.arange(indices.shape[-1]).view(1, 1, -1) < lengths.view(B, Hkv, 1)
+        S = int(torch.where(used, indices.long(), 0).max().item()) + 1 if indices.numel() else 1
+    else:
+        S = max(1, int(lengths.max().item()) if lengths.numel() else 1)
+    rows = (offsets.view(B, Hkv, 1).long() + torch.arange(S).view(1, 1, S)).clamp(0, max(R - 1, 0))
+    return k[rows], v[rows], S
+
+
+def _scores_pooled(q, k, lengths, offsets, indices, scale, out):
+    kk, _, S = unpool(k, k, offsets.reshape(q.shape[0], -1), lengths, indices)
+    _scores_torch(q, kk, lengths, indices, None, scale, out)
 
 
 def _scores_torch(q, k, lengths, indices, valid, scale, out):

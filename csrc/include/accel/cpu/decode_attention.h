@@ -6,7 +6,8 @@
 // Per (b, kv-head) a token count `lengths[b*Hkv+h]` (ragged per head, for KV compression) and,
 // optionally, an index list `indices[(b*Hkv+h)*idx_stride + i]` (sparse decode: the i-th attended
 // token is indices[...]) and a per-sequence validity mask `valid[b*valid_sb + t]` (left padding,
-// sliding windows). GQA: the G = H/Hkv query heads of a group are processed together so every K/V
+// sliding windows). With `offsets`, K/V are one shared pool of rows and head bh's tokens start at row
+// offsets[bh] (the ragged per-head cache of KV compression). GQA: the G = H/Hkv query heads of a group are processed together so every K/V
 // row is read from memory exactly once per step.
 //
 // Numerics: fp32 accumulation, online (streaming) softmax in tiles of kTile (16) tokens, flash-decoding
@@ -34,6 +35,9 @@ struct DecodeParams {
   int64_t k_sb = 0, k_sh = 0, k_st = 0;
   int64_t v_sb = 0, v_sh = 0, v_st = 0;
   const int32_t* lengths = nullptr;  // [B*Hkv]
+  // optional ragged pool: (b, kv-head) bh's token t lives at row offsets[bh] + t of a shared row pool
+  // (k_sb = k_sh = 0), so every head owns exactly the rows it keeps (KV compression, issue 6)
+  const int64_t* offsets = nullptr;  // [B*Hkv] or nullptr
   const int32_t* indices = nullptr;  // [B*Hkv*idx_stride] or nullptr
   int64_t idx_stride = 0;
   const uint8_t* valid = nullptr;    // [B*valid_sb] or nullptr (only with position-addressed tokens)
@@ -62,8 +66,9 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   const int D = DC > 0 ? DC : p.D;
   const int G = p.H / p.Hkv;
   const float* q = p.q + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(kh) * G) * D;
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kh * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + kh * p.v_sh;
+  const int64_t row0 = p.offsets ? p.offsets[static_cast<int64_t>(b) * p.Hkv + kh] : 0;
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kh * p.k_sh + row0 * p.k_st;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + kh * p.v_sh + row0 * p.v_st;
   const int32_t* idx = p.indices ? p.indices + (static_cast<int64_t>(b) * p.Hkv + kh) * p.idx_stride : nullptr;
   const uint8_t* valid = p.valid ? p.valid + b * p.valid_sb : nullptr;
 

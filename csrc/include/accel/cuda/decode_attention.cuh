@@ -21,6 +21,7 @@ struct DecodeArgs {
   const void* v;
   int64_t k_sb, k_sh, k_st, v_sb, v_sh, v_st;
   const int32_t* lengths;  // [B*Hkv]
+  const int64_t* offsets;  // [B*Hkv] or null: ragged row pool, head bh starts at row offsets[bh]
   const int32_t* indices;  // [B*Hkv*idx_stride] or null
   int64_t idx_stride;
   const uint8_t* valid;  // [B*valid_sb] or null
@@ -73,8 +74,9 @@ __global__ void decode_attention_kernel(DecodeArgs a) {
   const int64_t bh = static_cast<int64_t>(b) * a.Hkv + kh;
   const int len = a.lengths[bh];
   const int i0 = min(len, sp * a.chunk), i1 = min(len, (sp + 1) * a.chunk);
-  const T* kb = static_cast<const T*>(a.k) + b * a.k_sb + kh * a.k_sh;
-  const T* vb = static_cast<const T*>(a.v) + b * a.v_sb + kh * a.v_sh;
+  const int64_t row0 = a.offsets ? a.offsets[bh] : 0;
+  const T* kb = static_cast<const T*>(a.k) + b * a.k_sb + kh * a.k_sh + row0 * a.k_st;
+  const T* vb = static_cast<const T*>(a.v) + b * a.v_sb + kh * a.v_sh + row0 * a.v_st;
 
   for (int d = threadIdx.x; d < a.D; d += kThreads) {
     qs[d] = a.q[static_cast<int64_t>(head) * a.D + d];
