@@ -14,6 +14,12 @@ moved to the front when the buffer fills, and ``update`` returns exactly what HF
 Per-head variable lengths: every layer carries ``head_lengths`` [B, Hkv] (int32), the number of
 valid tokens of each KV head. In the dense layout all heads share one length; KV-compression
 policies shrink heads individually and ``nbytes()`` reports what is actually held.
+
+Compressed layers: ``compress(...)`` turns a full-attention layer into a ``RaggedKV`` (one row pool
+per layer, a segment per KV head, ``accel.cache.ragged``) and frees the dense buffers, so the bytes
+held really follow the per-head budgets. A compressed layer appends decode tokens to every head's
+segment; KV-cache policies evict from it. ``update`` then returns the row pools as [1, 1, R, D]
+views: only accel's attention reads them (through the per-head offsets).
 """
 from __future__ import annotations
 
@@ -44,10 +50,13 @@ class AccelLayer(CacheLayerMixin):
         self.cumulative_length = 0  # tokens ever appended (absolute position of the next token)
         self.head_lengths: torch.Tensor | None = None
         self.num_reallocations = 0
+        self.ragged = None  # RaggedKV once a KV-cache policy compressed this layer
 
     # -- transformers' CacheLayerMixin API -------------------------------------------------------
     @property
     def keys(self):  # type: ignore[override]
+        if self.ragged is not None:
+            return self.ragged.k.view(1, 1, *self.ragged.k.shape)
         return None if self.k_buf is None else self.k_buf[:, :, self.start : self.end]
 
     @keys.setter
@@ -57,6 +66,8 @@ class AccelLayer(CacheLayerMixin):
 
     @property
     def values(self):  # type: ignore[override]
+        if self.ragged is not None:
+            return self.ragged.v.view(1, 1, *self.ragged.v.shape)
         return None if self.v_buf is None else self.v_buf[:, :, self.start : self.end]
 
     @values.setter
@@ -124,6 +135,11 @@ class AccelLayer(CacheLayerMixin):
         self.num_reallocations += 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.ragged is not None:
+            for i in range(key_states.shape[2]):
+                self.ragged.append(key_states[:, :, i : i + 1], value_states[:, :, i : i + 1], self.cumulative_length)
+                self.cumulative_length += 1
+            return self.keys, self.values
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[2]
@@ -158,12 +174,17 @@ class AccelLayer(CacheLayerMixin):
         return self.sliding_window if self.is_sliding else -1
 
     def reset(self) -> None:
+        self.ragged = None
         self.start = self.end = 0
         self.cumulative_length = 0
         if self.head_lengths is not None:
             self.head_lengths.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.ragged is not None:
+            self.ragged.select_batch(beam_idx)
+            self.head_lengths = self.ragged.lengths
+            return
         if self.k_buf is not None:
             self.k_buf = self.k_buf.index_select(0, beam_idx.to(self.k_buf.device))
             self.v_buf = self.v_buf.index_select(0, beam_idx.to(self.v_buf.device))
@@ -175,6 +196,10 @@ class AccelLayer(CacheLayerMixin):
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
+        if self.ragged is not None:
+            from ..errors import AccelError
+
+            raise AccelError("a compressed (KV-policy) cache layer cannot be cropped; start a new cache instead")
         if self.is_sliding and self.cumulative_length >= self.sliding_window:
             raise RuntimeError("cannot crop a sliding-window layer past its window")
         self.end -= n
@@ -182,12 +207,21 @@ class AccelLayer(CacheLayerMixin):
         self.head_lengths.fill_(self.end - self.start)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.ragged is not None:
+            self.ragged.select_batch(torch.arange(self.ragged.shape[0]).repeat_interleave(repeats))
+            self.head_lengths = self.ragged.lengths
+            return
         if self.k_buf is not None:
             self.k_buf = self.k_buf.repeat_interleave(repeats, dim=0)
             self.v_buf = self.v_buf.repeat_interleave(repeats, dim=0)
             self.head_lengths = self.head_lengths.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.ragged is not None:
+            idx = torch.arange(self.ragged.shape[0])[indices]
+            self.ragged.select_batch(idx)
+            self.head_lengths = self.ragged.lengths
+            return
         if self.k_buf is not None:
             self.k_buf = self.k_buf[indices]
             self.v_buf = self.v_buf[indices]
@@ -200,14 +234,39 @@ class AccelLayer(CacheLayerMixin):
         return None
 
     # -- accel API ---------------------------------------------------------------------------------
+    def compress(self, keep: torch.Tensor, counts: torch.Tensor, caps: torch.Tensor,
+                 scores: torch.Tensor | None = None) -> None:
+        """Keep, per KV head, the tokens ``keep[b, h, :counts[b, h]]`` (indices into the current
+        ``keys`` view) in a ragged pool with ``caps[b, h]`` rows per head, and free the dense buffers.
+
+        ``scores`` ([B, Hkv, T], optional) seeds each kept token's eviction score."""
+        from .ragged import RaggedKV
+
+        if self.is_sliding:
+            raise ValueError("sliding-window layers are bounded already; accel compresses full-attention layers only")
+        if self.ragged is not None:
+            raise ValueError("this layer is compressed already")
+        keys, values = self.keys, self.values
+        T = keys.shape[2]
+        positions = (self.cumulative_length - T + torch.arange(T)).view(1, T).expand(keys.shape[0], T)
+        self.ragged = RaggedKV.from_dense(keys, values, keep, counts, caps, positions=positions, scores=scores)
+        self.k_buf = self.v_buf = None  # the memory of what was not kept is released here
+        self.start = self.end = 0
+        self.head_lengths = self.ragged.lengths
+
     def nbytes(self) -> int:
         """Bytes of KV actually held (valid tokens of every head), not the reserved capacity."""
+        if self.ragged is not None:
+            return self.ragged.nbytes()
         if self.k_buf is None:
             return 0
         per_token = self.k_buf.shape[3] * self.k_buf.element_size() + self.v_buf.shape[3] * self.v_buf.element_size()
         return int(self.head_lengths.sum().item()) * per_token
 
     def allocated_bytes(self) -> int:
+        """Bytes really allocated for this layer (buffers with their spare room; pools and metadata)."""
+        if self.ragged is not None:
+            return self.ragged.allocated_bytes()
         if self.k_buf is None:
             return 0
         return self.k_buf.numel() * self.k_buf.element_size() + self.v_buf.numel() * self.v_buf.element_size()

@@ -155,8 +155,11 @@ def _pooled(q, k, v, lengths, offsets, *, indices, valid, scale, return_lse, bac
     lengths = lengths.reshape(B, Hkv)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     backend = backend or choose_backend(q.device)
-    kx = k.view(1, 1, R, k.shape[1]).expand(B, Hkv, R, k.shape[1])
-    vx = v.view(1, 1, R, v.shape[1]).expand(B, Hkv, R, v.shape[1])
+    if k.stride(1) != 1 or v.stride(1) != 1:
+        raise AccelError("with offsets, k and v rows must be contiguous")
+    # zero batch/head strides even where B or Hkv is 1 (expand keeps the stride of size-1 dims)
+    kx = torch.as_strided(k, (B, Hkv, R, k.shape[1]), (0, 0, k.stride(0), 1))
+    vx = torch.as_strided(v, (B, Hkv, R, v.shape[1]), (0, 0, v.stride(0), 1))
     if indices is not None and indices.shape[1] == 1 and Hkv > 1:
         indices = indices.expand(B, Hkv, indices.shape[2]).contiguous()
         lengths = lengths[:, :1].expand(B, Hkv).contiguous()

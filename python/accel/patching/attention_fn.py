@@ -73,7 +73,10 @@ def valid_from_mask(attention_mask, batch: int, kv_len: int):
 
 
 def dense_decode(ctx, query, key, value, attention_mask, scaling):
-    """Exact decode attention with accel's kernel. query [B, H, 1, D], key/value [B, Hkv, T, D]."""
+    """Exact decode attention with accel's kernel. query [B, H, 1, D], key/value [B, Hkv, T, D]
+    (or a compressed layer's row pools, read through its per-head offsets)."""
+    if ctx.cache_layer is not None and ctx.cache_layer.ragged is not None:
+        return ragged_decode(ctx, query, scaling)
     B, H, _, D = query.shape
     if key.shape[-1] != value.shape[-1]:
         return hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling)[0]
@@ -90,6 +93,47 @@ def dense_decode(ctx, query, key, value, attention_mask, scaling):
     out = decode_attention(query[:, :, 0, :], key, value, valid=valid, scale=scaling)
     count_kv_read(ctx, key.shape[0] * key.shape[1] * key.shape[2], key, value)
     return out.unsqueeze(1)  # [B, 1, H, D], the layout HF attention functions return
+
+
+def ragged_decode(ctx, query, scaling):
+    """Decode attention over a compressed layer (``accel.cache.ragged.RaggedKV``): every KV head
+    attends its own kept tokens. When the layer's KV policy asks for it (``accumulate``), the
+    attention each kept token receives (mean over the GQA group) is added to its eviction score
+    (H2O-style), from the kernel's fused logits output, without a second pass over K."""
+    rg = ctx.cache_layer.ragged
+    B, H, _, D = query.shape
+    Hkv = rg.shape[1]
+    q = query[:, :, 0, :]
+    if rg.accumulate:
+        W = max(1, int(rg.lengths.max()))
+        sc = torch.empty(B, H, W)
+        out, lse = decode_attention(q, rg.k, rg.v, rg.lengths, offsets=rg.offsets, scale=scaling, return_lse=True,
+                                    scores=sc)
+        rows, live = rg.rows(W)
+        p = torch.exp(sc - lse.float().unsqueeze(-1)).view(B, Hkv, H // Hkv, W).mean(2)
+        rg.score.index_add_(0, rows[live], p[live])
+    else:
+        out = decode_attention(q, rg.k, rg.v, rg.lengths, offsets=rg.offsets, scale=scaling)
+    ctx.runtime.stats["kv_read_bytes"] += int(rg.lengths.sum()) * rg.row_bytes()
+    return out.unsqueeze(1)
+
+
+def ragged_prefill(ctx, query, scaling):
+    """Several new queries on a compressed layer (a prompt continued after compression): the new
+    tokens were appended to every head; query i sees the kept tokens and the new ones up to itself."""
+    rg = ctx.cache_layer.ragged
+    B, H, Q, D = query.shape
+    Hkv = rg.shape[1]
+    kk, vv, live = rg.padded()
+    rows, _ = rg.rows(kk.shape[2])
+    pos = rg.pos[rows]  # [B, Hkv, W]
+    qpos = ctx.cache_layer.cumulative_length - Q + torch.arange(Q)
+    allowed = live.unsqueeze(2) & (pos.unsqueeze(2) <= qpos.view(1, 1, Q, 1))  # [B, Hkv, Q, W]
+    G = H // Hkv
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), kk.float().repeat_interleave(G, 1), vv.float().repeat_interleave(G, 1),
+        attn_mask=allowed.repeat_interleave(G, 1), scale=scaling)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
 
 
 def count_kv_read(ctx, rows: int, key, value, values_too: bool = True) -> None:

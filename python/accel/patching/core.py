@@ -81,6 +81,10 @@ class ModelRuntime:
             out = self.attention.decode(ctx, query, key, value, attention_mask, scaling, **kwargs)
             for p in self.kv:
                 p.after_decode(ctx, query, attention_mask)
+        elif ctx.cache_layer is not None and ctx.cache_layer.ragged is not None:
+            from .attention_fn import ragged_prefill
+
+            out = ragged_prefill(ctx, query, scaling)
         else:
             out = self.attention.prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
             if isinstance(out, tuple):

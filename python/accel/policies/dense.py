@@ -15,3 +15,5 @@ class DensePolicy(AttentionPolicy):
     preallocated cache (GQA-aware, reads each K/V row once per step)."""
 
     lossy = False
+    #: decode reads a compressed (ragged, per-head) cache through the kernels' per-head row offsets
+    supports_compressed_cache = True

@@ -13,6 +13,10 @@ _LAZY: dict[str, str] = {
     "hylra": "accel.policies.hylra:HyLRAPolicy",
     "delta": "accel.policies.delta:DeltaPolicy",
     "recycled": "accel.policies.recycled:RecycledPolicy",
+    "streaming": "accel.policies.kvcompress:StreamingLLMPolicy",
+    "snapkv": "accel.policies.kvcompress:SnapKVPolicy",
+    "pyramidkv": "accel.policies.kvcompress:PyramidKVPolicy",
+    "h2o": "accel.policies.kvcompress:H2OPolicy",
 }
 
 
@@ -77,6 +81,11 @@ def make_policy(spec, overrides: dict | None = None):
         raise AccelError(f"at most one attention policy per model, got {[o.name for o in attn]}")
     if not attn:
         attn = [get_policy_class("dense")()]
+    if kv and not getattr(attn[0], "supports_compressed_cache", False):
+        raise AccelError(
+            f"{attn[0].name!r} decode over a compressed cache ({'+'.join(o.name for o in kv)}) is not supported yet: "
+            f"use the KV policy alone (dense attention over the kept tokens), e.g. policy={kv[0].name!r}"
+        )
     if len(objs) == 1 and isinstance(objs[0], AttentionPolicy):
         return objs[0]
     return ComposedPolicy(attention=attn[0], kv=kv)

@@ -1,0 +1,446 @@
+"""KV-cache compression with real per-head memory savings: the common baselines (methods.md section 8).
+
+* ``streaming`` -- StreamingLLM (Xiao et al., 2023): attention sinks + the most recent tokens.
+* ``snapkv`` -- SnapKV (Li et al., 2024): prefix tokens scored by the attention of the last ``window``
+  prompt queries, smoothed by 1-D pooling, top tokens per KV head plus the window.
+* ``pyramidkv`` -- PyramidKV (Cai et al., 2024): SnapKV scoring with layer budgets decreasing
+  linearly with depth (same total).
+* ``h2o`` -- H2O (Zhang et al., 2023): accumulated attention ("heavy hitters") + recent tokens, with
+  the accumulation continued at every decode step.
+
+All of them compress each full-attention layer right after the prompt's KV is written (the prefill
+itself is exact), into accel's ragged cache (``accel.cache.ragged``): every KV head keeps its own
+tokens in its own rows, and the rest of the memory is released. Under GQA the query heads of a
+group are aggregated (``agg``: mean, max or sum) so one KV head keeps one set.
+
+Budgets: ``budget`` tokens per KV head, or ``budget_ratio`` of the prompt's (unpadded) length; a
+budget that covers the prompt is a no-op (the cache stays dense and exact). During decode
+(``decode="fixed"``, default) each head stays at its budget: every new token evicts one kept token
+(the lowest eviction score outside the protected sink / recent tokens), so a long generation does
+not grow the cache. ``decode="grow"`` keeps all generated tokens, as the SnapKV and PyramidKV papers
+do. [INFER] decode-time eviction for SnapKV/PyramidKV uses H2O-style accumulated attention seeded by
+the SnapKV scores, protecting the window; StreamingLLM evicts the oldest non-sink token; H2O is
+defined that way.
+
+Left-padded batches: padding is never kept (each row's sinks start at its first real token and its
+budget follows its own length).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import AccelError
+from .base import KVCachePolicy, LayerContext
+from .registry import register_policy
+
+_NEG = float("-inf")
+_POS = float("inf")
+#: forced tokens (sinks, windows, recent) score FORCED + position, in float64: above any statistic,
+#: and when a budget is smaller than the forced set, the newest forced tokens win deterministically
+FORCED = 1e12
+
+
+def prompt_valid(attention_mask, B: int, T: int) -> torch.Tensor | None:
+    """[B, T] bool of real (non-padding) prompt tokens from a prefill mask, or None if all are real."""
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dim() == 4:
+        m = m[:, 0, -1, :T]  # the last query sees every real token
+        if m.dtype != torch.bool:
+            m = m > torch.finfo(m.dtype).min / 2
+    elif m.dim() == 2:
+        m = m[:, -T:].bool()
+    else:
+        return None
+    if m.shape[0] != B:
+        m = m.expand(B, -1)
+    if m.shape[1] < T:
+        m = torch.cat([m.new_zeros(B, T - m.shape[1]), m], 1)
+    return None if bool(m.all()) else m.contiguous()
+
+
+def group_agg(x: torch.Tensor, Hkv: int, agg: str) -> torch.Tensor:
+    """[B, H, T] -> [B, Hkv, T] over the GQA group."""
+    B, H, T = x.shape
+    x = x.view(B, Hkv, H // Hkv, T)
+    if agg == "mean":
+        return x.mean(2)
+    if agg == "max":
+        return x.amax(2)
+    return x.sum(2)
+
+
+def window_attention(q_window, keys, valid, scaling: float) -> torch.Tensor:
+    """Attention probabilities of the last ``w`` prompt queries (``q_window`` [B, H, w, D]) over all
+    prompt keys, summed over those queries: [B, H, T] (fp32). Causal inside the window; padding keys
+    get 0."""
+    B, H, w, D = q_window.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    q = q_window.float()
+    k = keys.float().repeat_interleave(H // Hkv, 1)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, w, T]
+    qpos = torch.arange(T - w, T).view(1, 1, w, 1)
+    mask = torch.arange(T).view(1, 1, 1, T) <= qpos
+    if valid is not None:
+        mask = mask & valid.view(B, 1, 1, T)
+    logits = logits.masked_fill(~mask, _NEG)
+    return torch.softmax(logits, -1).nan_to_num(0.0).sum(2)
+
+
+def column_sums(query, keys, valid, scaling: float, max_elems: int = 1 << 24) -> torch.Tensor:
+    """H2O's prefill statistic: for every key, the attention it receives summed over all (causal)
+    prompt queries, [B, H, T] fp32, computed in query blocks so memory stays bounded."""
+    B, H, T, D = query.shape
+    Hkv = keys.shape[1]
+    k = keys.float().repeat_interleave(H // Hkv, 1)
+    out = torch.zeros(B, H, T)
+    blk = max(1, min(T, max_elems // max(1, B * H * T)))
+    kpos = torch.arange(T).view(1, 1, 1, T)
+    for a in range(0, T, blk):
+        e = min(T, a + blk)
+        logits = torch.matmul(query[:, :, a:e].float(), k.transpose(-1, -2)) * scaling
+        mask = kpos <= torch.arange(a, e).view(1, 1, -1, 1)
+        if valid is not None:
+            mask = mask & valid.view(B, 1, 1, T) & valid[:, a:e].view(B, 1, -1, 1)
+        p = torch.softmax(logits.masked_fill(~mask, _NEG), -1).nan_to_num(0.0)
+        out += p.sum(2)
+    return out
+
+
+class PrefillView:
+    """What compression knows about the prompt: the live prefill queries, or statistics recorded
+    during a shared dense prefill (the evaluation harness prefills each sample once and forks the
+    cache per policy; ``record_prefill_stats``)."""
+
+    def __init__(self, query=None, q_window=None, colsum=None):
+        self.query, self.q_window, self.colsum = query, q_window, colsum
+
+    def window_queries(self, w: int) -> torch.Tensor:
+        if self.query is not None:
+            return self.query[:, :, -w:]
+        if self.q_window is None or self.q_window.shape[2] < w:
+            raise AccelError(f"prefill statistics hold {0 if self.q_window is None else self.q_window.shape[2]} "
+                             f"window queries, {w} needed; record more (record_prefill_stats(window=...))")
+        return self.q_window[:, :, -w:]
+
+    def column_sums(self, keys, valid, scaling) -> torch.Tensor:
+        if self.query is not None:
+            return column_sums(self.query, keys, valid, scaling)
+        if self.colsum is None:
+            raise AccelError("this policy needs the prompt's attention column sums; record them during the prefill "
+                             "(record_prefill_stats(colsum=True))")
+        return self.colsum
+
+
+def pool1d(x: torch.Tensor, kernel: int, mode: str, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """SnapKV's smoothing of per-token scores [B, Hkv, T] along T (same length). Windows at the
+    edges, and next to left padding, average over the real tokens they cover only."""
+    if kernel <= 1:
+        return x
+    B, Hkv, T = x.shape
+    pad = kernel // 2
+    if mode == "max":
+        y = x if valid is None else x.masked_fill(~valid.view(B, 1, T), _NEG)
+        y = F.max_pool1d(y.reshape(B * Hkv, 1, T), kernel, stride=1, padding=pad)
+        return y[..., :T].reshape(B, Hkv, T)
+    w = torch.ones(B, 1, T) if valid is None else valid.view(B, 1, T).float()
+    num = F.avg_pool1d((x * w).reshape(B * Hkv, 1, T), kernel, stride=1, padding=pad, count_include_pad=True)
+    den = F.avg_pool1d(w.expand(B, Hkv, T).reshape(B * Hkv, 1, T), kernel, stride=1, padding=pad, count_include_pad=True)
+    return (num / den.clamp(min=1e-9))[..., :T].reshape(B, Hkv, T)
+
+
+def keep_top(score: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (b, h): the ``budgets[b, h]`` highest-scoring tokens (-inf never kept), sorted by position.
+    Returns (keep [B, Hkv, M] int64, counts [B, Hkv])."""
+    B, Hkv, T = score.shape
+    M = int(min(T, budgets.max())) if budgets.numel() else 0
+    M = max(M, 1)
+    top = score.topk(M, dim=-1)
+    ok = (torch.arange(M).view(1, 1, M) < budgets.view(B, Hkv, 1)) & (top.values > _NEG)
+    counts = ok.sum(-1)
+    idx = torch.where(ok, top.indices, T)  # invalid entries sort to the end
+    idx = idx.sort(-1).values
+    return idx.clamp(max=T - 1), counts
+
+
+@dataclass
+class BudgetedKVPolicy(KVCachePolicy):
+    """Shared machinery: budgets, validity, compression into the ragged cache, decode-time eviction.
+
+    Subclasses implement ``token_scores`` (higher = keep; +inf forced, -inf never) and may override
+    ``layer_budget`` (per-layer budgets), ``protect`` (sink/recent protected at decode) and
+    ``evict_by`` ("score": lowest score first, "age": oldest first).
+    """
+
+    budget: int | None = None
+    budget_ratio: float | None = 0.25
+    decode: str = "fixed"
+
+    evict_by: ClassVar[str] = "score"
+    accumulate: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        if self.budget is None and self.budget_ratio is None:
+            raise AccelError(f"{self.name}: give a budget (tokens per KV head) or a budget_ratio in (0, 1]")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise AccelError(f"{self.name}: budget must be a positive number of tokens per KV head, got {self.budget!r}")
+        if self.budget is None and not (0 < float(self.budget_ratio) <= 1):
+            raise AccelError(f"{self.name}: budget_ratio must be in (0, 1], got {self.budget_ratio!r}")
+        if self.decode not in ("fixed", "grow"):
+            raise AccelError(f"{self.name}: decode must be 'fixed' (stay at the budget) or 'grow', got {self.decode!r}")
+
+    # -- budgets -----------------------------------------------------------------------------------------
+    def base_budget(self, n: torch.Tensor) -> torch.Tensor:
+        """Average tokens per KV head for prompts of ``n`` real tokens ([B] -> [B] int64)."""
+        if self.budget is not None:
+            return torch.full_like(n, int(self.budget))
+        return torch.ceil(n.double() * float(self.budget_ratio)).long().clamp(min=1)
+
+    def layer_budget(self, layer_idx: int, num_layers: int, base: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return base
+
+    def head_budgets(self, layer_idx: int, num_layers: int, n: torch.Tensor, Hkv: int, view, keys, valid,
+                     scaling) -> torch.Tensor:
+        """[B, Hkv] tokens each head keeps (policies with per-head budgets override)."""
+        return self.layer_budget(layer_idx, num_layers, self.base_budget(n), n).view(-1, 1).expand(-1, Hkv).clone()
+
+    def protect(self, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, Hkv] sink tokens, [B, Hkv] recent tokens) never evicted during decode."""
+        z = torch.zeros_like(budgets)
+        return z, z
+
+    # -- compression -----------------------------------------------------------------------------------
+    def token_scores(self, view: PrefillView, keys, valid, budgets, scaling) -> torch.Tensor:
+        """[B, Hkv, T] keep scores (higher = keep, >= FORCED forced, -inf never)."""
+        raise NotImplementedError
+
+    def after_prefill(self, ctx: LayerContext, query, attention_mask) -> None:
+        cl = ctx.cache_layer
+        if cl is None:
+            raise AccelError(
+                f"{self.name} compresses accel's cache, but this forward pass uses another cache object; "
+                "let accel create the cache (pass no past_key_values, or an empty DynamicCache)"
+            )
+        if cl.is_sliding:
+            return  # window layers are bounded already
+        if cl.ragged is not None:  # more prompt tokens on a compressed cache: back down to the budgets
+            self._evict_to_budget(cl.ragged)
+            return
+        T = cl.end - cl.start
+        if query.shape[2] != T:
+            raise AccelError(
+                f"{self.name} compresses the prompt's KV right after the prefill; this cache already held "
+                f"{T - query.shape[2]} tokens before this call (chunked prefill is not supported)"
+            )
+        valid = prompt_valid(attention_mask, cl.keys.shape[0], T)
+        scaling = getattr(ctx.module, "scaling", None) or query.shape[-1] ** -0.5
+        self.compress(cl, ctx.layer_idx, ctx.runtime.info.num_layers, PrefillView(query=query), valid, scaling,
+                      reserve=int(getattr(ctx.runtime, "reserve", 0) or 0))
+
+    def compress(self, cl, layer_idx: int, num_layers: int, view: PrefillView, valid, scaling: float,
+                 reserve: int = 0) -> None:
+        """Compress one full-attention ``AccelLayer`` holding a prompt (``valid``: [B, T] real tokens)."""
+        keys = cl.keys
+        B, Hkv, T, _ = keys.shape
+        n = valid.sum(1) if valid is not None else torch.full((B,), T, dtype=torch.long)
+        budgets = self.head_budgets(layer_idx, num_layers, n, Hkv, view, keys, valid, scaling).clamp(min=1)
+        budgets = torch.minimum(budgets, n.view(B, 1))
+        if valid is None and bool((budgets >= T).all()):
+            return  # the budget covers the prompt: nothing to drop, the cache stays dense and exact
+        self._raw = None
+        score = self.token_scores(view, keys, valid, budgets, scaling)
+        if valid is not None:
+            score = score.masked_fill(~valid.view(B, 1, T), _NEG)
+        keep, counts = keep_top(score, budgets)
+        fixed = self.decode == "fixed"
+        caps = counts + 1 if fixed else counts + max(64, reserve - T + 1)
+        seed = None
+        if self.evict_by == "score":  # the statistic itself (before forcing), where a policy kept it
+            seed = self._raw if self._raw is not None else score.masked_fill(score >= FORCED, 0.0)
+        self._raw = None
+        cl.compress(keep, counts, caps, scores=seed)
+        rg = cl.ragged
+        rg.accumulate = self.accumulate and fixed and self.evict_by == "score"
+        rg.budget = budgets.clone()
+        sink, recent = self.protect(budgets)
+        fv = valid.int().argmax(1) if valid is not None else torch.zeros(B, dtype=torch.long)
+        rg.sink_end = fv.view(B, 1) + sink  # positions below this are protected sinks
+        rg.recent = recent
+        rg.evict_by = self.evict_by
+
+    def after_decode(self, ctx: LayerContext, query, attention_mask) -> None:
+        cl = ctx.cache_layer
+        if cl is None or cl.ragged is None or self.decode != "fixed":
+            return
+        self._evict_to_budget(cl.ragged)
+
+    @staticmethod
+    def _evict_to_budget(rg) -> None:
+        budgets = getattr(rg, "budget", None)
+        if budgets is None:
+            return
+        while True:
+            over = rg.lengths.long() > budgets
+            if not bool(over.any()):
+                return
+            rg.evict(victims(rg), over)
+
+
+def victims(rg) -> torch.Tensor:
+    """[B, Hkv] slot to evict in every head of a compressed layer: the lowest eviction score (or the
+    oldest token, ``rg.evict_by == "age"``) outside the protected sink and recent tokens; if every
+    live token is protected, the oldest non-sink token."""
+    rows, live = rg.rows()
+    pos = rg.pos[rows]
+    newest = pos.masked_fill(~live, -1).amax(-1, keepdim=True)
+    sink_end = rg.sink_end.view(*rg.shape, 1)
+    recent = rg.recent.view(*rg.shape, 1)
+    protected = (pos < sink_end) | (pos > newest - recent)
+    cand = live & ~protected
+    if rg.evict_by == "score":
+        key = rg.score[rows].masked_fill(~cand, _POS)
+        pick = key.argmin(-1)
+        has = cand.any(-1)
+    else:
+        pick = pos.float().masked_fill(~cand, _POS).argmin(-1)
+        has = cand.any(-1)
+    fallback = live & (pos >= sink_end)
+    fb = pos.float().masked_fill(~fallback, _POS).argmin(-1)
+    last = pos.float().masked_fill(~live, _POS).argmin(-1)
+    return torch.where(has, pick, torch.where(fallback.any(-1), fb, last))
+
+
+@register_policy("streaming")
+@dataclass
+class StreamingLLMPolicy(BudgetedKVPolicy):
+    """StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks"):
+    keep the first ``sink`` tokens and the most recent ``budget - sink``. Keys are cached after RoPE
+    with their original positions (methods.md section 8: the positional variant accel implements;
+    the paper's in-cache re-rotation is not done). Decode evicts the oldest non-sink token."""
+
+    sink: int = 4
+
+    evict_by: ClassVar[str] = "age"
+    accumulate: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sink < 0:
+            raise AccelError(f"streaming: sink must be >= 0, got {self.sink}")
+
+    def protect(self, budgets):
+        return torch.full_like(budgets, self.sink), torch.zeros_like(budgets)
+
+    def token_scores(self, view, keys, valid, budgets, scaling):
+        B, Hkv, T, _ = keys.shape
+        t = torch.arange(T).view(1, 1, T)
+        fv = valid.int().argmax(1).view(B, 1, 1) if valid is not None else torch.zeros(B, 1, 1, dtype=torch.long)
+        sink = (t >= fv) & (t < fv + self.sink)
+        # the rest of the budget goes to the newest tokens: the score is the position
+        return torch.where(sink, 2 * FORCED - t, t.double()).expand(B, Hkv, T)
+
+
+@register_policy("snapkv")
+@dataclass
+class SnapKVPolicy(BudgetedKVPolicy):
+    """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You Are Looking for Before Generation"): each
+    prefix token is scored by the attention the last ``window`` prompt queries give it (summed),
+    smoothed by 1-D ``pooling`` over ``kernel`` tokens, aggregated over the GQA group (``agg``); every
+    KV head keeps its top ``budget - window`` plus the window. Defaults from methods.md: window 32,
+    kernel 7, [INFER] average pooling (the SnapKV code offers avg and max)."""
+
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "avg"
+    agg: str = "mean"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.window < 1 or self.kernel < 1:
+            raise AccelError(f"{self.name}: window and kernel must be >= 1, got {self.window}, {self.kernel}")
+        if self.pooling not in ("avg", "max"):
+            raise AccelError(f"{self.name}: pooling must be 'avg' or 'max', got {self.pooling!r}")
+        if self.agg not in ("mean", "max", "sum"):
+            raise AccelError(f"{self.name}: agg must be mean, max or sum, got {self.agg!r}")
+
+    def protect(self, budgets):
+        return torch.zeros_like(budgets), torch.full_like(budgets, self.window).minimum(budgets)
+
+    def token_scores(self, view, keys, valid, budgets, scaling):
+        B, Hkv, T, _ = keys.shape
+        w = min(self.window, T)
+        a = group_agg(window_attention(view.window_queries(w), keys, valid, scaling), Hkv, self.agg)
+        s = pool1d(a, self.kernel, self.pooling, valid)
+        self._raw = s.clone()
+        s = s.double()
+        s[:, :, T - w :] = FORCED + torch.arange(T - w, T, dtype=torch.float64)
+        return s
+
+
+@register_policy("pyramidkv")
+@dataclass
+class PyramidKVPolicy(SnapKVPolicy):
+    """PyramidKV (Cai et al., 2024, "PyramidKV: Dynamic KV Cache Compression based on Pyramidal
+    Information Funneling"): SnapKV scoring; the average capacity ``C = budget - window`` is spread
+    over layers linearly from ``2C - C/beta`` (first layer) down to ``C/beta`` (last), so the total
+    equals ``L * C``; each layer keeps its capacity plus the window. ``beta`` default 20."""
+
+    beta: float = 20.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.beta >= 1:
+            raise AccelError(f"pyramidkv: beta must be >= 1, got {self.beta}")
+
+    def layer_budget(self, layer_idx: int, num_layers: int, base: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        # a budget that covers the prompt keeps everything in every layer (no redistribution)
+        return torch.where(base >= n, n, pyramid_budgets(base, num_layers, self.window, self.beta)[layer_idx])
+
+
+def pyramid_budgets(base: torch.Tensor, L: int, window: int, beta: float) -> list[torch.Tensor]:
+    """Per-layer budgets (window included) for per-row average budgets ``base`` [B]."""
+    C = (base - window).clamp(min=0).double()
+    lo = C / beta
+    hi = 2 * C - lo
+    out = []
+    for l in range(L):
+        cap = hi - (l * (hi - lo) / (L - 1) if L > 1 else 0)
+        out.append(torch.round(cap).long() + torch.minimum(base, torch.full_like(base, window)))
+    return out
+
+
+@register_policy("h2o")
+@dataclass
+class H2OPolicy(BudgetedKVPolicy):
+    """H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference"): each
+    KV head keeps ``recent_ratio`` of its budget as the most recent tokens and the rest as heavy
+    hitters, the tokens with the largest attention accumulated over all queries so far (prefill
+    column sums, then every decode step; GQA: mean over the group). Evicts the lowest accumulated
+    score outside the recent window. Its prefill statistic needs the whole attention matrix, so
+    compression costs about one extra attention pass."""
+
+    recent_ratio: float = 0.5
+    agg: str = "mean"
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.recent_ratio <= 1:
+            raise AccelError(f"h2o: recent_ratio must be in [0, 1], got {self.recent_ratio}")
+
+    def protect(self, budgets):
+        return torch.zeros_like(budgets), torch.floor(budgets.double() * self.recent_ratio).long()
+
+    def token_scores(self, view, keys, valid, budgets, scaling):
+        B, Hkv, T, _ = keys.shape
+        s = group_agg(view.column_sums(keys, valid, scaling), Hkv, self.agg)
+        self._raw = s.clone()
+        recent = torch.floor(budgets.double() * self.recent_ratio).long()  # [B, Hkv]
+        t = torch.arange(T).view(1, 1, T)
+        s = torch.where(t >= T - recent.view(B, Hkv, 1), FORCED + t.double(), s.double())
+        return s

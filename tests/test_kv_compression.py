@@ -1,0 +1,171 @@
+"""KV-cache compression (issue 6): the ragged per-head cache, exactness when the budget covers the
+context, real byte savings, decode-time eviction at a constant budget, kept-set invariants, padding."""
+import pytest
+import torch
+
+import accel
+from accel.cache.accel_cache import AccelCache
+from accel.cache.ragged import RaggedKV
+from accel.policies import kvcompress as K
+from accel.policies.registry import make_policy
+
+from .test_layer_reuse import gen, model4, same
+
+KV = ["streaming", "snapkv", "pyramidkv", "h2o"]
+
+
+def prompt(n=60, seed=1, B=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (B, n), generator=g)
+
+
+# -- the ragged store ----------------------------------------------------------------------------------
+def test_ragged_store_append_evict_grow_and_reorder():
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, T, D = 2, 3, 10, 4
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    keep = torch.tensor([[[0, 2, 5], [1, 9, 9], [3, 4, 6]], [[7, 8, 9], [0, 0, 0], [2, 3, 4]]])
+    counts = torch.tensor([[3, 2, 3], [3, 1, 2]])
+    rg = RaggedKV.from_dense(k, v, keep, counts, counts + 1)
+    assert rg.k.shape[0] == int((counts + 1).sum())  # memory follows the per-head counts
+    kk, vv, live = rg.padded()
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(counts[b, h])
+            assert torch.equal(kk[b, h, :n], k[b, h, keep[b, h, :n]])
+            assert torch.equal(rg.pos[rg.offsets[b, h] : rg.offsets[b, h] + n], keep[b, h, :n])
+    nk = torch.randn(B, Hkv, 1, D, generator=g)
+    rg.append(nk, nk, position=10)
+    assert torch.equal(rg.lengths, (counts + 1).int()) and rg.num_reallocations == 0
+    rg.append(nk, nk, position=11)  # full segments grow (one re-layout), contents survive
+    assert rg.num_reallocations == 1 and torch.equal(rg.lengths, (counts + 2).int())
+    kk2, _, _ = rg.padded()
+    assert torch.equal(kk2[0, 0, :3], k[0, 0, [0, 2, 5]])
+    # evict slot 0 of head (0, 0) only: the last row moves into it
+    which = torch.zeros(B, Hkv, dtype=torch.bool)
+    which[0, 0] = True
+    rg.evict(torch.zeros(B, Hkv, dtype=torch.long), which)
+    rows, live = rg.rows()
+    assert sorted(rg.pos[rows[0, 0]][live[0, 0]].tolist()) == [2, 5, 10, 11]
+    rg.select_batch(torch.tensor([1, 1, 0]))
+    assert rg.shape == (3, 3) and torch.equal(rg.lengths[2], torch.tensor([4, 4, 5], dtype=torch.int32))
+
+
+# -- exactness and savings on tiny models --------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("policy", KV)
+def test_budget_covering_the_context_equals_dense(arch, policy):
+    m = model4(arch)
+    ids = prompt()
+    ref = gen(m, ids, "dense")
+    out = gen(m, ids, policy, budget_ratio=1.0)
+    assert same(ref, out)
+    out = gen(m, ids, policy, budget=200, budget_ratio=None)  # token budget past prompt + generation
+    assert same(ref, out)
+
+
+@pytest.mark.parametrize("policy", KV)
+def test_compressed_cache_holds_the_budget_and_stays_there(policy):
+    m = model4("llama")
+    ids = prompt(200)
+    with accel.patch(m, policy, budget=50, budget_ratio=None) as h:
+        out = m.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        cache = out.past_key_values
+        assert isinstance(cache, AccelCache)
+        total = 0
+        for layer in cache.layers:
+            rg = layer.ragged
+            assert rg is not None and layer.k_buf is None  # the dense buffers are gone
+            # every head at its budget after 40 new tokens (pyramidkv: its layer's budget)
+            assert torch.equal(rg.lengths.long(), rg.budget), (rg.lengths, rg.budget)
+            if policy != "pyramidkv":
+                assert torch.all(rg.budget == 50)
+            # bytes really allocated: the pools (budget + 1 spare row per head) and small metadata
+            per_row = rg.row_bytes()
+            assert rg.k.shape[0] == int((rg.budget + 1).sum())
+            assert layer.allocated_bytes() < 1.2 * int((rg.budget + 1).sum()) * per_row
+            total += int(rg.budget.sum())
+        assert abs(total - 4 * 2 * 50) <= 4 * 2  # pyramidkv redistributes the same total (rounding)
+        assert cache.nbytes() == total * per_row
+    assert h.runtime.stats["kv_read_bytes"] > 0
+
+
+def test_pyramidkv_budgets_decrease_and_sum_to_the_total():
+    base = torch.tensor([400, 1000])
+    b = K.pyramid_budgets(base, 24, 32, 20.0)
+    stack = torch.stack(b)  # [L, B]
+    assert torch.all(stack[1:] <= stack[:-1])
+    total = (stack - 32).sum(0)
+    assert torch.all((total - 24 * (base - 32)).abs() <= 24)  # rounding only
+
+
+def test_streaming_keeps_sinks_and_recent_and_evicts_the_oldest():
+    m = model4("llama")
+    ids = prompt(100)
+    with accel.patch(m, "streaming", sink=4, budget=20, budget_ratio=None):
+        out = m.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    for layer in out.past_key_values.layers:
+        rg = layer.ragged
+        rows, live = rg.rows()
+        for b in range(1):
+            for h in range(2):
+                pos = sorted(rg.pos[rows[b, h]][live[b, h]].tolist())
+                # 100 prompt + 6 appended decode tokens (the last generated token is not cached yet)
+                assert pos == [0, 1, 2, 3] + list(range(106 - 16, 106)), pos
+
+
+def test_snapkv_keeps_the_window_and_the_top_scored_tokens():
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D = 1, 4, 2, 64, 8
+    q, k = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    pol = make_policy("snapkv", {"budget": 20, "budget_ratio": None, "window": 8, "kernel": 1}).kv[0]
+    s = pol.token_scores(K.PrefillView(query=q), k, None, torch.full((B, Hkv), 20), D ** -0.5)
+    keep, counts = K.keep_top(s, torch.full((B, Hkv), 20))
+    assert torch.all(counts == 20)
+    # reference: window queries' attention summed, mean over the group, top 12 + window 8
+    logits = torch.einsum("bhqd,bhtd->bhqt", q[:, :, -8:], k.repeat_interleave(2, 1)) * D ** -0.5
+    causal = torch.arange(T).view(1, T) <= torch.arange(T - 8, T).view(8, 1)
+    a = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).sum(2).view(B, Hkv, 2, T).mean(2)
+    for h in range(Hkv):
+        ref = set(a[0, h, : T - 8].topk(12).indices.tolist()) | set(range(T - 8, T))
+        assert set(keep[0, h].tolist()) == ref
+
+
+def test_h2o_column_sums_equal_the_dense_attention_matrix():
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D = 2, 4, 2, 37, 8
+    q, k = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :5] = False
+    got = K.column_sums(q, k, valid, 0.3, max_elems=500)  # several query blocks
+    logits = torch.einsum("bhqd,bhtd->bhqt", q, k.repeat_interleave(2, 1)) * 0.3
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool)).view(1, 1, T, T) & valid.view(B, 1, 1, T) & valid.view(B, 1, T, 1)
+    ref = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1).nan_to_num(0).sum(2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", KV)
+def test_left_padded_batch_matches_each_row_alone(policy):
+    """A left-padded batch compresses every row as if it were alone (padding is never kept)."""
+    m = model4("llama")
+    a, b = prompt(80, seed=2)[0], prompt(60, seed=3)[0]
+    ids = torch.zeros(2, 80, dtype=torch.long)
+    mask = torch.zeros(2, 80, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, 20:], mask[1, 20:] = b, 1
+    kw = dict(budget_ratio=0.5)
+    both = gen(m, ids, policy, mask=mask, new=6, **kw)
+    for row, x in ((0, a), (1, b)):
+        alone = gen(m, x.view(1, -1), policy, new=6, **kw)
+        assert torch.equal(both.sequences[row, 80:], alone.sequences[0, x.numel():])
+        assert max((s[row] - t[0]).abs().max().item() for s, t in zip(both.scores, alone.scores)) < 1e-4
+
+
+def test_bad_budgets_and_unsupported_compositions_are_clear_errors():
+    m = model4("llama")
+    for kw, msg in (({"budget_ratio": 1.5}, "budget_ratio"), ({"budget": 0, "budget_ratio": None}, "budget"),
+                    ({"decode": "sometimes"}, "decode"), ({"budget": None, "budget_ratio": None}, "budget")):
+        with pytest.raises(accel.AccelError, match=msg):
+            accel.patch(m, "snapkv", **kw)
+    with pytest.raises(accel.AccelError, match="not supported yet"):
+        accel.patch(m, "hylra+snapkv")
