@@ -169,3 +169,62 @@ def test_bad_budgets_and_unsupported_compositions_are_clear_errors():
             accel.patch(m, "snapkv", **kw)
     with pytest.raises(accel.AccelError, match="not supported yet"):
         accel.patch(m, "hylra+snapkv")
+
+
+# -- DuoAttention head types -------------------------------------------------------------------------------
+def duo_plan(scores, sink=4, recent=8):
+    from accel.scheduler.plan import HeadPlan, LayerPlan, Plan
+
+    layers = [LayerPlan(mode="compress", kv="duo", heads=[HeadPlan(kind="streaming", score=s) for s in row])
+              for row in scores]
+    return Plan(policy="duo", num_layers=len(scores), num_kv_heads=len(scores[0]), layers=layers,
+                params={"sink": sink, "recent": recent})
+
+
+SCORES = [[0.9, 0.1], [0.5, 0.2], [0.05, 0.7], [0.3, 0.4]]
+
+
+def test_duo_all_retrieval_is_dense_and_all_streaming_is_streamingllm():
+    m = model4("llama")
+    ids = prompt(100)
+    plan = duo_plan(SCORES)
+    ref = gen(m, ids, "dense")
+    assert same(ref, gen(m, ids, "duo", plan=plan, sink=4, recent=8, budget_ratio=1.0))
+    assert same(ref, gen(m, ids, "duo", plan=plan, sink=4, recent=8, sparsity=0.0))
+    stream = gen(m, ids, "streaming", sink=4, budget=12, budget_ratio=None)
+    assert same(stream, gen(m, ids, "duo", plan=plan, sink=4, recent=8, sparsity=1.0))
+
+
+def test_duo_ranks_heads_globally_and_retrieval_heads_keep_everything():
+    m = model4("llama")
+    ids = prompt(100)
+    plan = duo_plan(SCORES)
+    with accel.patch(m, "duo", plan=plan, sink=4, recent=8, sparsity=0.5):  # 4 of 8 heads retrieval
+        out = m.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    top = {(0, 0), (2, 1), (1, 0), (3, 1)}  # scores 0.9, 0.7, 0.5, 0.4
+    for li, layer in enumerate(out.past_key_values.layers):
+        for h in range(2):
+            n = int(layer.ragged.lengths[0, h])
+            assert n == (104 if (li, h) in top else 12), (li, h, n)  # 100 prompt + 4 cached decode tokens
+    # budget_ratio: N * (f * n - S) / (n - S) retrieval heads, f = 0.25, n = 100, S = 12 -> floor(8 * 13 / 88) = 1
+    with accel.patch(m, "duo", plan=plan, sink=4, recent=8, budget_ratio=0.25):
+        out = m.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    full = [(li, h) for li, layer in enumerate(out.past_key_values.layers) for h in range(2)
+            if int(layer.ragged.lengths[0, h]) > 12]
+    assert full == [(0, 0)]
+
+
+def test_duo_without_a_plan_names_the_command():
+    m = model4("llama")
+    with pytest.raises(accel.AccelError, match="accel plan"):
+        accel.patch(m, "duo")
+
+
+def test_duo_streaming_error_is_zero_when_the_window_covers_the_context():
+    from accel.scheduler.heads import streaming_errors
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(4, 8, 16, generator=g), torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 16, generator=g)
+    assert torch.all(streaming_errors(q, k, v, 0.25, sink=4, recent=40) < 1e-6)
+    e = streaming_errors(q, k, v, 0.25, sink=2, recent=4)
+    assert e.shape == (2,) and torch.all(e > 0)

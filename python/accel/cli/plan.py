@@ -55,19 +55,62 @@ def draw_plan(plan, path: str | Path, title: str | None = None) -> None:
     plt.close(fig)
 
 
+def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
+    """Per-head plans (DuoAttention): a layers x KV-heads map of the profiled scores, retrieval heads
+    outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    L = plan.num_layers
+    H = max(len(lp.heads or []) for lp in plan.layers)
+    grid = np.full((H, L), np.nan)
+    for i, lp in enumerate(plan.layers):
+        for h, hp in enumerate(lp.heads or []):
+            if hp.score is not None:
+                grid[h, i] = hp.score
+    fig, ax = plt.subplots(figsize=(max(8, L * 0.35), 1.2 + 0.45 * H))
+    im = ax.imshow(grid, cmap="magma", aspect="auto")
+    for i, lp in enumerate(plan.layers):
+        for h, hp in enumerate(lp.heads or []):
+            if hp.kind == "retrieval":
+                ax.add_patch(plt.Rectangle((i - 0.5, h - 0.5), 1, 1, fill=False, ec="#00c0ff", lw=1.5))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KV head")
+    ax.set_yticks(range(H))
+    n_ret = sum(hp.kind == "retrieval" for lp in plan.layers for hp in (lp.heads or []))
+    ax.set_title(title or f"{plan.policy} plan: head score (streaming-attention output error); "
+                 f"outlined: {n_ret} retrieval heads at the plan's default fraction", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args) -> int:
     from ..scheduler.plan import Plan
     from .common import load_model, parse_overrides, setup
 
     setup(args)
     model, tok = load_model(args.model, args.dtype)
+    def pick(v, default):
+        return default if v is None else v
+
     if args.policy == "hylra":
         from ..scheduler.profiler import calibrate
 
-        plan = calibrate(model, tok, policy="hylra", tokens=args.tokens, steps=args.steps, chunk=args.chunk,
-                         preserved_ratio=args.preserved_ratio, sink=args.sink, recent=args.recent,
+        plan = calibrate(model, tok, policy="hylra", tokens=pick(args.tokens, 4096), steps=args.steps, chunk=args.chunk,
+                         preserved_ratio=args.preserved_ratio, sink=pick(args.sink, 16), recent=pick(args.recent, 64),
                          sparsity=args.sparsity, computed_ratio=args.computed_ratio, anchor_mode=args.anchor_mode,
-                         n_texts=args.n_texts, progress=True)
+                         n_texts=pick(args.n_texts, 1), progress=True)
+    elif args.policy == "duo":
+        from ..scheduler.heads import calibrate_duo
+
+        plan = calibrate_duo(model, tok, tokens=pick(args.tokens, 2048), steps=args.steps, n_texts=pick(args.n_texts, 4),
+                             sink=pick(args.sink, 64), recent=pick(args.recent, 256),
+                             retrieval_fraction=args.retrieval_fraction, progress=True)
     else:
         from ..models.registry import get_adapter
         from ..policies.registry import make_policy
@@ -81,7 +124,10 @@ def run(args) -> int:
     plan.save(out)
     Plan.load(out)  # what we wrote reads back and validates
     png = args.png or str(out.with_suffix(".png"))
-    draw_plan(plan, png)
+    if any(lp.heads for lp in plan.layers):
+        draw_head_plan(plan, png)
+    else:
+        draw_plan(plan, png)
     modes = [lp.mode if lp.mode != "reuse" else f"reuse<{lp.reuse_src}" for lp in plan.layers]
     print(f"wrote {out} and {png}")
     print("layers: " + ", ".join(f"{i}:{m}" for i, m in enumerate(modes)))

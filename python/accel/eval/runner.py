@@ -155,15 +155,44 @@ def _shares_dense_prefill(policy_name: str) -> bool:
     return all(getattr(p, "dense_prefill", True) for p in parts)
 
 
-def _prefill(model, ids, mask):
-    """Prefill ``ids`` with accel's dense path; returns the AccelCache and seconds."""
+def _prefill(model, ids, mask, record: dict | None = None):
+    """Prefill ``ids`` with accel's dense path; returns the AccelCache and seconds. ``record``: prefill
+    statistics KV-cache policies need to compress a copy of the cache (``_stats_needed``)."""
     from ..patching.core import patch
 
     t = time.perf_counter()
     with patch(model, "dense") as h, torch.no_grad():
+        h.runtime.record_stats = record or None
         model(input_ids=ids, attention_mask=mask, use_cache=True)
         cache = h.cache
     return cache, time.perf_counter() - t
+
+
+def _stats_needed(policies: list[str], overrides: dict | None = None) -> dict:
+    """Union of the prefill statistics the KV-cache policies among ``policies`` need."""
+    from ..policies.registry import make_policy
+
+    need: dict = {}
+    for name in policies:
+        if name == "hf":
+            continue
+        pol = make_policy(name, _own_overrides(name, overrides))
+        for p in getattr(pol, "kv", []) or []:
+            for k, v in p.needs_stats().items():
+                need[k] = max(need.get(k, 0), v) if not isinstance(v, bool) else (need.get(k, False) or v)
+    return need
+
+
+def _own_overrides(name: str, overrides: dict | None) -> dict | None:
+    return overrides if name not in ("hf", "dense") else None
+
+
+def _compress_fork(handle, cache, mask) -> None:
+    """Let the KV-cache policies of ``handle`` compress a forked, recorded prefill cache."""
+    if handle is None or cache is None:
+        return
+    for p in handle.runtime.kv:
+        p.compress_recorded(cache, handle.runtime, mask)
 
 
 # -- generation tasks --------------------------------------------------------------------------------
@@ -173,16 +202,18 @@ def run_generation(model, tok, samples: list[Sample], policies: list[str], overr
 
     results = []
     shares = {p: _shares_dense_prefill(p) for p in policies}
+    record = _stats_needed(policies, overrides)
     for s in samples:
         enc = tok(s.prompt, return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
         base = None
         if any(shares.values()):
-            base, _ = _prefill(model, ids[:, :-1], mask[:, :-1])
+            base, _ = _prefill(model, ids[:, :-1], mask[:, :-1], record)
         for pol in policies:
             cache = fork_cache(base, for_hf=(pol == "hf")) if (base is not None and shares[pol]) else None
             handle = patch_for(model, pol, overrides if pol != "hf" else None)
             try:
+                _compress_fork(handle, cache, mask[:, :-1])
                 t = time.perf_counter()
                 with torch.no_grad():
                     out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
@@ -212,6 +243,7 @@ def run_lm(model, tok, policies: list[str], lengths: list[int], n_eval: int, n_s
     text = essays_text()
     results = []
     refs = ["dense"] + [p for p in policies if p != "dense"]
+    record = _stats_needed(refs, overrides)
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     for L_req in lengths:
         L = min(L_req, limit - n_eval)  # prefix + scored tokens must fit the context window
@@ -221,12 +253,13 @@ def run_lm(model, tok, policies: list[str], lengths: list[int], n_eval: int, n_s
             if ids.shape[1] < L + n_eval:
                 raise AccelError("not enough held-out text for the requested length")
             prefix, cont = ids[:, :L], ids[0, L:]
-            base, _ = _prefill(model, prefix[:, :-1], torch.ones_like(prefix[:, :-1]))
+            base, _ = _prefill(model, prefix[:, :-1], torch.ones_like(prefix[:, :-1]), record)
             ref_logp = None
             for pol in refs:
                 cache = fork_cache(base, for_hf=(pol == "hf"))
                 handle = patch_for(model, pol, overrides if pol not in ("hf", "dense") else None)
                 try:
+                    _compress_fork(handle, cache, None)
                     logps = []
                     tok_in = prefix[:, -1:]
                     with torch.no_grad():

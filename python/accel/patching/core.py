@@ -57,6 +57,9 @@ class ModelRuntime:
         #: rows, scoring passes) and the number of layer-level decode calls; ``accel bench`` reports
         #: bytes per step from them instead of assuming a dense read
         self.stats = {"kv_read_bytes": 0, "decode_layer_calls": 0}
+        #: prefill statistics to record into the cache (``{"window": w, "colsum": bool}``), so KV-cache
+        #: policies can compress a copy of this cache later (the evaluation harness's shared prefill)
+        self.record_stats: dict | None = None
         #: layers whose selection a later layer reuses (they emit their top-k every decode step)
         self.donors = frozenset(lp.reuse_src for lp in plan.layers if lp.mode == "reuse")
 
@@ -89,9 +92,25 @@ class ModelRuntime:
             out = self.attention.prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
             if isinstance(out, tuple):
                 out = out[0]
+            if self.record_stats and self.cache is not None:
+                self._record(layer_idx, query, key, attention_mask, scaling)
             for p in self.kv:
                 p.after_prefill(ctx, query, attention_mask)
         return out, None
+
+    def _record(self, layer_idx, query, key, attention_mask, scaling) -> None:
+        from ..policies.kvcompress import column_sums, prompt_valid
+
+        st = {}
+        w = int(self.record_stats.get("window", 0) or 0)
+        if w:
+            st["q_window"] = query[:, :, -w:].detach().clone()
+        if self.record_stats.get("colsum"):
+            valid = prompt_valid(attention_mask, query.shape[0], key.shape[2])
+            st["colsum"] = column_sums(query, key, valid, scaling or query.shape[-1] ** -0.5)
+        if not hasattr(self.cache, "prefill_stats"):
+            self.cache.prefill_stats = {}
+        self.cache.prefill_stats[layer_idx] = st
 
     # -- the pre-hook -------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):

@@ -138,6 +138,13 @@ class ComposedPolicy:
         return "+".join([self.attention.name] + [p.name for p in self.kv])
 
     def build_plan(self, info: ModelInfo) -> Plan:
+        planned = [p for p in self.kv if getattr(p, "needs_plan", False)]
+        if planned:  # a calibrated KV plan (per-head fields) is the base; attention stays per layer
+            plan = planned[0].build_plan(info)
+            for lp in plan.layers:
+                lp.attention = self.attention.name
+            plan.policy = self.name
+            return plan
         plan = self.attention.build_plan(info)
         plan.policy = self.name
         if self.kv:

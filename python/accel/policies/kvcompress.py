@@ -95,22 +95,27 @@ def window_attention(q_window, keys, valid, scaling: float) -> torch.Tensor:
 
 def column_sums(query, keys, valid, scaling: float, max_elems: int = 1 << 24) -> torch.Tensor:
     """H2O's prefill statistic: for every key, the attention it receives summed over all (causal)
-    prompt queries, [B, H, T] fp32, computed in query blocks so memory stays bounded."""
+    prompt queries, [B, H, T] fp32. Computed in query blocks (bounded memory), each block against the
+    keys up to its last query only (causality halves the work)."""
     B, H, T, D = query.shape
     Hkv = keys.shape[1]
-    k = keys.float().repeat_interleave(H // Hkv, 1)
-    out = torch.zeros(B, H, T)
-    blk = max(1, min(T, max_elems // max(1, B * H * T)))
-    kpos = torch.arange(T).view(1, 1, 1, T)
+    G = H // Hkv
+    k = keys.float()
+    out = torch.zeros(B, Hkv, G, T)
+    blk = max(16, min(T, max_elems // max(1, B * H * T)))
     for a in range(0, T, blk):
         e = min(T, a + blk)
-        logits = torch.matmul(query[:, :, a:e].float(), k.transpose(-1, -2)) * scaling
-        mask = kpos <= torch.arange(a, e).view(1, 1, -1, 1)
+        qb = query[:, :, a:e].float().reshape(B, Hkv, G * (e - a), D)
+        logits = torch.matmul(qb, k[:, :, :e].transpose(-1, -2)).mul_(scaling).view(B, Hkv, G, e - a, e)
+        diag = torch.arange(a, e).view(-1, 1) < torch.arange(a, e).view(1, -1)  # future keys of the block
+        logits[..., a:e].masked_fill_(diag, _NEG)
         if valid is not None:
-            mask = mask & valid.view(B, 1, 1, T) & valid[:, a:e].view(B, 1, -1, 1)
-        p = torch.softmax(logits.masked_fill(~mask, _NEG), -1).nan_to_num(0.0)
-        out += p.sum(2)
-    return out
+            logits.masked_fill_(~valid[:, :e].view(B, 1, 1, 1, e), _NEG)
+        p = torch.softmax(logits, -1)
+        if valid is not None:
+            p = p.nan_to_num_(0.0) * valid[:, a:e].view(B, 1, 1, e - a, 1)
+        out[..., :e] += p.sum(3)
+    return out.view(B, H, T)
 
 
 class PrefillView:
@@ -210,6 +215,10 @@ class BudgetedKVPolicy(KVCachePolicy):
         """[B, Hkv] tokens each head keeps (policies with per-head budgets override)."""
         return self.layer_budget(layer_idx, num_layers, self.base_budget(n), n).view(-1, 1).expand(-1, Hkv).clone()
 
+    def growing_heads(self, budgets: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv] bool: heads that keep every decode token (``decode="grow"``: all of them)."""
+        return torch.full_like(budgets, self.decode == "grow", dtype=torch.bool)
+
     def protect(self, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, Hkv] sink tokens, [B, Hkv] recent tokens) never evicted during decode."""
         z = torch.zeros_like(budgets)
@@ -241,16 +250,18 @@ class BudgetedKVPolicy(KVCachePolicy):
         valid = prompt_valid(attention_mask, cl.keys.shape[0], T)
         scaling = getattr(ctx.module, "scaling", None) or query.shape[-1] ** -0.5
         self.compress(cl, ctx.layer_idx, ctx.runtime.info.num_layers, PrefillView(query=query), valid, scaling,
-                      reserve=int(getattr(ctx.runtime, "reserve", 0) or 0))
+                      reserve=int(getattr(ctx.runtime, "reserve", 0) or 0), plan=ctx.runtime.plan)
 
     def compress(self, cl, layer_idx: int, num_layers: int, view: PrefillView, valid, scaling: float,
-                 reserve: int = 0) -> None:
+                 reserve: int = 0, plan=None) -> None:
         """Compress one full-attention ``AccelLayer`` holding a prompt (``valid``: [B, T] real tokens)."""
         keys = cl.keys
         B, Hkv, T, _ = keys.shape
         n = valid.sum(1) if valid is not None else torch.full((B,), T, dtype=torch.long)
+        self._plan = plan
         budgets = self.head_budgets(layer_idx, num_layers, n, Hkv, view, keys, valid, scaling).clamp(min=1)
         budgets = torch.minimum(budgets, n.view(B, 1))
+        grow = self.growing_heads(budgets, n)
         if valid is None and bool((budgets >= T).all()):
             return  # the budget covers the prompt: nothing to drop, the cache stays dense and exact
         self._raw = None
@@ -259,7 +270,8 @@ class BudgetedKVPolicy(KVCachePolicy):
             score = score.masked_fill(~valid.view(B, 1, T), _NEG)
         keep, counts = keep_top(score, budgets)
         fixed = self.decode == "fixed"
-        caps = counts + 1 if fixed else counts + max(64, reserve - T + 1)
+        slack = max(64, reserve - T + 1)
+        caps = torch.where(grow, counts + slack, counts + 1)
         seed = None
         if self.evict_by == "score":  # the statistic itself (before forcing), where a policy kept it
             seed = self._raw if self._raw is not None else score.masked_fill(score >= FORCED, 0.0)
@@ -267,12 +279,34 @@ class BudgetedKVPolicy(KVCachePolicy):
         cl.compress(keep, counts, caps, scores=seed)
         rg = cl.ragged
         rg.accumulate = self.accumulate and fixed and self.evict_by == "score"
-        rg.budget = budgets.clone()
+        rg.budget = torch.where(grow, torch.iinfo(torch.int64).max, budgets)  # growing heads never evict
         sink, recent = self.protect(budgets)
         fv = valid.int().argmax(1) if valid is not None else torch.zeros(B, dtype=torch.long)
         rg.sink_end = fv.view(B, 1) + sink  # positions below this are protected sinks
         rg.recent = recent
         rg.evict_by = self.evict_by
+
+    def needs_stats(self) -> dict:
+        """What a shared prefill must record for this policy to compress a copy of its cache later."""
+        return {}
+
+    def compress_recorded(self, cache, runtime, attention_mask=None) -> None:
+        """Compress a (forked) ``AccelCache`` whose prefill recorded ``prefill_stats`` (the
+        evaluation harness prefills each sample once and compresses a copy per policy)."""
+        stats = getattr(cache, "prefill_stats", None)
+        if stats is None:
+            raise AccelError(f"{self.name}: this cache has no recorded prefill statistics; prefill with "
+                             "runtime.record_stats set (accel.eval does) or let the policy run the prefill itself")
+        modules = list(runtime.adapter.attention_modules())
+        for i, layer in enumerate(cache.layers):
+            if layer.is_sliding or layer.ragged is not None or layer.keys is None:
+                continue
+            T = layer.end - layer.start
+            valid = prompt_valid(attention_mask, layer.keys.shape[0], T) if attention_mask is not None else None
+            view = PrefillView(q_window=stats[i].get("q_window"), colsum=stats[i].get("colsum"))
+            scaling = getattr(modules[i], "scaling", None) or layer.keys.shape[-1] ** -0.5
+            self.compress(layer, i, len(cache.layers), view, valid, scaling, reserve=int(runtime.reserve or 0),
+                          plan=runtime.plan)
 
     def after_decode(self, ctx: LayerContext, query, attention_mask) -> None:
         cl = ctx.cache_layer
@@ -372,6 +406,9 @@ class SnapKVPolicy(BudgetedKVPolicy):
     def protect(self, budgets):
         return torch.zeros_like(budgets), torch.full_like(budgets, self.window).minimum(budgets)
 
+    def needs_stats(self) -> dict:
+        return {"window": self.window}
+
     def token_scores(self, view, keys, valid, budgets, scaling):
         B, Hkv, T, _ = keys.shape
         w = min(self.window, T)
@@ -435,6 +472,9 @@ class H2OPolicy(BudgetedKVPolicy):
 
     def protect(self, budgets):
         return torch.zeros_like(budgets), torch.floor(budgets.double() * self.recent_ratio).long()
+
+    def needs_stats(self) -> dict:
+        return {"colsum": True}
 
     def token_scores(self, view, keys, valid, budgets, scaling):
         B, Hkv, T, _ = keys.shape

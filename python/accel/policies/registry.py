@@ -17,6 +17,7 @@ _LAZY: dict[str, str] = {
     "snapkv": "accel.policies.kvcompress:SnapKVPolicy",
     "pyramidkv": "accel.policies.kvcompress:PyramidKVPolicy",
     "h2o": "accel.policies.kvcompress:H2OPolicy",
+    "duo": "accel.policies.duo:DuoAttentionPolicy",
 }
 
 
@@ -45,9 +46,27 @@ def get_policy_class(name: str) -> type:
     raise UnknownPolicyError(f"unknown policy {name!r}. Registered policies: {', '.join(list_policies())}.{extra}")
 
 
+def split_spec(part: str) -> tuple[str, dict]:
+    """``"snapkv@budget_ratio=0.25@window=16"`` -> ("snapkv", {"budget_ratio": 0.25, "window": 16}): a
+    policy with its options inline, so one evaluation can compare several budgets of one policy."""
+    import json
+
+    base, *opts = part.split("@")
+    out = {}
+    for o in opts:
+        if "=" not in o:
+            raise AccelError(f"policy option {o!r} in {part!r} must be KEY=VALUE (e.g. snapkv@budget_ratio=0.25)")
+        k, v = o.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return base.strip(), out
+
+
 def make_policy(spec, overrides: dict | None = None):
     """Build a policy object from a name (``"dense"``), a composition (``"hylra+snapkv"`` or a list of
-    names) or an existing policy object. Overrides go to the attention policy unless prefixed with a
+    names), names with inline options (``"snapkv@budget_ratio=0.25"``) or an existing policy object. Overrides go to the attention policy unless prefixed with a
     policy name and a dot (``snapkv.budget=512``)."""
     from .base import AttentionPolicy, ComposedPolicy, KVCachePolicy, Policy
 
@@ -56,8 +75,15 @@ def make_policy(spec, overrides: dict | None = None):
         if overrides:
             raise AccelError("pass overrides either to the policy object or to patch(), not both")
         return spec
+    inline: dict[str, dict] = {}
     if isinstance(spec, str):
-        names = [s.strip() for s in spec.split("+") if s.strip()]
+        names = []
+        for part in (s.strip() for s in spec.split("+")):
+            if not part:
+                continue
+            base, opts = split_spec(part)
+            names.append(base)
+            inline[base] = opts
     elif isinstance(spec, (list, tuple)):
         names = [str(s) for s in spec]
     else:
@@ -74,6 +100,8 @@ def make_policy(spec, overrides: dict | None = None):
             per[pname][knob] = val
         else:
             per[names[0]][key] = val
+    for n, opts in inline.items():
+        per[n].update(opts)  # options written into the spec win over global overrides
     objs = [cls.from_overrides(**per[n]) for n, cls in zip(names, classes)]
     attn = [o for o in objs if isinstance(o, AttentionPolicy)]
     kv = [o for o in objs if isinstance(o, KVCachePolicy)]

@@ -9,6 +9,7 @@ errors as ``layers[3].reuse_src: ...`` so a hand-edited plan fails with the exac
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ class HeadPlan:
     budget: int | None = None
     alpha: float | None = None
     beta: float | None = None
+    #: profiler statistic of the head (DuoAttention: output error of streaming attention; higher =
+    #: more retrieval-like), so the runtime can rank heads for any budget
+    score: float | None = None
 
 
 @dataclass
@@ -179,3 +183,10 @@ class Plan:
                         raise PlanValidationError(f"{where}.heads[{j}].kind: {hp.kind!r} is not one of {HEAD_KINDS}")
                     if hp.budget is not None and (not isinstance(hp.budget, int) or hp.budget < 0):
                         raise PlanValidationError(f"{where}.heads[{j}].budget: must be a non-negative integer")
+                    for fld in ("alpha", "beta", "score"):
+                        val = getattr(hp, fld)
+                        if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))
+                                                or not math.isfinite(val)):
+                            raise PlanValidationError(f"{where}.heads[{j}].{fld}: must be a finite number or null, got {val!r}")
+                    if hp.beta is not None and not 0 <= hp.beta <= 1:
+                        raise PlanValidationError(f"{where}.heads[{j}].beta: must be in [0, 1], got {hp.beta!r}")

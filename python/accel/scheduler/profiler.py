@@ -40,12 +40,16 @@ class _Recorder(AttentionPolicy):
     """Dense prefill that keeps each layer's last ``steps`` query rows and its keys."""
 
     steps: int = 64
+    keep_values: bool = False
 
     def __post_init__(self):
         self.records: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.values: dict[int, torch.Tensor] = {}
 
     def prefill(self, ctx, query, key, value, attention_mask, scaling, **kwargs):
         self.records[ctx.layer_idx] = (query[0, :, -self.steps:, :].float().clone(), key[0].float().clone(), float(scaling))
+        if self.keep_values:
+            self.values[ctx.layer_idx] = value[0].float().clone()
         return super().prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
 
 
@@ -135,8 +139,13 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
     from ..models.registry import get_adapter
     from ..patching.core import patch
 
+    if policy == "duo":
+        from .heads import calibrate_duo
+
+        return calibrate_duo(model, tokenizer, texts, tokens=tokens if tokens != 4096 else 2048, steps=steps,
+                             n_texts=max(n_texts, 4), progress=progress)
     if policy != "hylra":
-        raise AccelError(f"calibrate: policy {policy!r} has no profiler yet; calibrate supports 'hylra'")
+        raise AccelError(f"calibrate: policy {policy!r} has no profiler yet; calibrate supports 'hylra' and 'duo'")
     if not (0.0 <= sparsity < 1.0) or not (0.0 <= computed_ratio <= 1.0):
         raise AccelError(f"calibrate: sparsity must be in [0, 1) and computed_ratio in [0, 1], got {sparsity}, {computed_ratio}")
     if anchor_mode not in ("full", "select"):
