@@ -12,6 +12,7 @@ from accel.policies.registry import make_policy
 from .test_layer_reuse import gen, model4, same
 
 KV = ["streaming", "snapkv", "pyramidkv", "h2o"]
+KV_ALL = KV + ["taskkv"]
 
 
 def prompt(n=60, seed=1, B=1):
@@ -53,7 +54,7 @@ def test_ragged_store_append_evict_grow_and_reorder():
 
 # -- exactness and savings on tiny models --------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text", "phi3"])
-@pytest.mark.parametrize("policy", KV)
+@pytest.mark.parametrize("policy", KV_ALL)
 def test_budget_covering_the_context_equals_dense(arch, policy):
     m = model4(arch)
     ids = prompt()
@@ -144,7 +145,7 @@ def test_h2o_column_sums_equal_the_dense_attention_matrix():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy", KV)
+@pytest.mark.parametrize("policy", KV_ALL)
 def test_left_padded_batch_matches_each_row_alone(policy):
     """A left-padded batch compresses every row as if it were alone (padding is never kept)."""
     m = model4("llama")
@@ -228,3 +229,35 @@ def test_duo_streaming_error_is_zero_when_the_window_covers_the_context():
     assert torch.all(streaming_errors(q, k, v, 0.25, sink=4, recent=40) < 1e-6)
     e = streaming_errors(q, k, v, 0.25, sink=2, recent=4)
     assert e.shape == (2,) and torch.all(e > 0)
+
+
+# -- Task-KV ---------------------------------------------------------------------------------------------
+def test_taskkv_heterogeneous_heads_keep_everything_and_the_rest_keep_sink_recent_middle():
+    m = model4("llama")
+    ids = prompt(200)
+    with accel.patch(m, "taskkv", budget_ratio=0.3, het_fraction=0.25, sink=4, recent=8, window=8):
+        out = m.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    layers = out.past_key_values.layers
+    # (a layer whose heads are all heterogeneous simply stays dense)
+    full = [(li, h) for li, l in enumerate(layers) for h in range(2) if int(l.head_lengths[0, h]) >= 200]
+    assert len(full) == 2  # 25% of the 8 KV heads of the model
+    # the others: (f n N - n_het n) / (N - n_het) = (0.3*200*8 - 2*200) / 6 = 13 -> floor 13 tokens
+    for li, l in enumerate(layers):
+        if l.ragged is None:
+            assert all((li, h) in full for h in range(2)) and int(l.head_lengths[0, 0]) == 205
+            continue
+        rg = l.ragged
+        rows, live = rg.rows()
+        for h in range(2):
+            if (li, h) in full:
+                assert int(rg.lengths[0, h]) == 205  # every prompt and cached decode token
+                continue
+            assert int(rg.lengths[0, h]) == 13
+            pos = set(rg.pos[rows[0, h]][live[0, h]].tolist())
+            assert {0, 1, 2, 3} <= pos and set(range(205 - 8, 205)) <= pos  # sinks and the newest tokens
+
+
+def test_taskkv_all_heterogeneous_is_dense():
+    m = model4("llama")
+    ids = prompt(100)
+    assert same(gen(m, ids, "dense"), gen(m, ids, "taskkv", budget_ratio=0.3, het_fraction=1.0))

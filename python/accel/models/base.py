@@ -45,6 +45,12 @@ class ModelAdapter:
     def attention_modules(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.layers()]
 
+    def output_projection(self, layer_idx: int) -> torch.Tensor | None:
+        """The attention output projection weight [hidden, H * head_dim] of a layer (Task-KV maps each
+        head's output into the hidden space with its slice), or None if the architecture has none."""
+        o = getattr(self.attention_modules()[layer_idx], "o_proj", None)
+        return getattr(o, "weight", None)
+
     def check(self) -> None:
         attns = self.attention_modules()
         if not attns:

@@ -261,7 +261,9 @@ class BudgetedKVPolicy(KVCachePolicy):
         self._plan = plan
         budgets = self.head_budgets(layer_idx, num_layers, n, Hkv, view, keys, valid, scaling).clamp(min=1)
         budgets = torch.minimum(budgets, n.view(B, 1))
-        grow = self.growing_heads(budgets, n)
+        # a head whose budget covers its prompt is not compressed at all: like the dense no-op, it keeps
+        # every generated token too (so a padded batch behaves as each row alone)
+        grow = self.growing_heads(budgets, n) | (budgets >= n.view(B, 1))
         if valid is None and bool((budgets >= T).all()):
             return  # the budget covers the prompt: nothing to drop, the cache stays dense and exact
         self._raw = None

@@ -18,6 +18,7 @@ _LAZY: dict[str, str] = {
     "pyramidkv": "accel.policies.kvcompress:PyramidKVPolicy",
     "h2o": "accel.policies.kvcompress:H2OPolicy",
     "duo": "accel.policies.duo:DuoAttentionPolicy",
+    "taskkv": "accel.policies.taskkv:TaskKVPolicy",
 }
 
 
