@@ -76,6 +76,7 @@ setup(
         "transformers>=5.0,<6",
         "safetensors",
         "numpy",
+        "scipy>=1.9",
         "tqdm",
         "matplotlib",
     ],

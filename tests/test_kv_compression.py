@@ -261,3 +261,80 @@ def test_taskkv_all_heterogeneous_is_dense():
     m = model4("llama")
     ids = prompt(100)
     assert same(gen(m, ids, "dense"), gen(m, ids, "taskkv", budget_ratio=0.3, het_fraction=1.0))
+
+
+# -- MoA ---------------------------------------------------------------------------------------------------
+def moa_plan(spans):
+    from accel.scheduler.plan import HeadPlan, LayerPlan, Plan
+
+    layers = [LayerPlan(mode="compress", kv="moa", heads=[HeadPlan(kind="budget", alpha=a, beta=b) for a, b in row])
+              for row in spans]
+    return Plan(policy="moa", num_layers=len(spans), num_kv_heads=len(spans[0]), layers=layers)
+
+
+def test_moa_full_spans_are_dense_and_constant_spans_are_streamingllm():
+    m = model4("llama")
+    ids = prompt(300)
+    ref = gen(m, ids, "dense")
+    assert same(ref, gen(m, ids, "moa", plan=moa_plan([[(0.0, 1.0)] * 2] * 4), max_new_tokens=12))
+    # alpha = 192, beta = 0: cache 192 = 64 sinks + 128 recent, like streaming(sink=64, budget=192)
+    stream = gen(m, ids, "streaming", sink=64, budget=192, budget_ratio=None)
+    plan = moa_plan([[(192.0, 0.0)] * 2] * 4)
+    assert same(stream, gen(m, ids, "moa", plan=plan, sparse_prefill=False))
+
+
+def test_moa_heads_keep_their_own_span_and_sparse_prefill_matches_the_block_reference():
+    from accel.ops.sparse import block_sparse_prefill_ref, sink_window_blocks
+    from accel.scheduler.heads import moa_span
+
+    m = model4("llama")
+    ids = prompt(300)
+    spans = [[(0.0, 0.5), (128.0, 0.0)], [(0.0, 1.0), (-64.0, 0.75)], [(256.0, 0.0), (0.0, 0.25)], [(0.0, 1.0)] * 2]
+    plan = moa_plan(spans)
+    with accel.patch(m, "moa", plan=plan, max_new_tokens=12):
+        out = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    for li, layer in enumerate(out.past_key_values.layers):
+        for h, (a, b) in enumerate(spans[li]):
+            cache = min(moa_span(a, b, 312), 300)
+            n = int(layer.head_lengths[0, h])
+            assert n == (307 if cache >= 300 else cache), (li, h, n, cache)
+    # the sparse prefill of one layer equals the dense attention under the same block mask
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 300, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g)
+    from accel.ops.sparse import block_sparse_prefill
+
+    blocks, counts = sink_window_blocks(4, 300, 300, sink=[64, 64, 64, 64], window=[64, 64, 128, 128])
+    torch.testing.assert_close(block_sparse_prefill(q, k, v, blocks, counts),
+                               block_sparse_prefill_ref(q, k, v, blocks, counts), atol=1e-5, rtol=1e-5)
+
+
+def test_moa_band_loss_and_span_solver():
+    from accel.scheduler.heads import band_loss, moa_span, solve_spans
+
+    g = torch.Generator().manual_seed(0)
+    T, S = 300, 6
+    p = torch.softmax(torch.randn(2, S, T, generator=g), -1)
+    p = p * (torch.arange(T).view(1, T) <= torch.arange(T - S, T).view(S, 1))
+    p = p / p.sum(-1, keepdim=True)
+    spans = [128, 192, 300]
+    got = band_loss(p, spans)
+    for j, span in enumerate(spans):
+        for h in range(2):
+            ref = 0.0
+            for s in range(S):
+                pos = T - S + s
+                sk = min(span, 64)
+                keep = (torch.arange(T) < sk) | ((torch.arange(T) > pos - (span - sk)) & (torch.arange(T) <= pos))
+                ref += float(1 - p[h, s][keep].sum()) / S
+            assert abs(float(got[h, j]) - ref) < 1e-5
+    assert moa_span(0, 1, 1000) == 1000 and moa_span(-1024, 0.5, 1000) == 128 and moa_span(100, 0.125, 1000) == 256
+    # solver vs brute force on a tiny instance
+    import itertools
+
+    loss = torch.rand(4, 3, 2, generator=g)
+    dens = torch.tensor([[0.2, 0.1], [0.5, 0.4], [1.0, 1.0]])
+    choice = solve_spans(loss, dens, 0.5)
+    best = min((c for c in itertools.product(range(3), repeat=4)
+                if all(sum(dens[x, l] for x in c) <= 0.5 * 4 + 1e-9 for l in range(2))),
+               key=lambda c: sum(float(loss[h, x].sum()) for h, x in enumerate(c)))
+    assert abs(sum(float(loss[h, int(x)].sum()) for h, x in enumerate(choice)) - sum(float(loss[h, x].sum()) for h, x in enumerate(best))) < 1e-6

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="make a layer plan: HyLRA profiling + DP on calibration text (or DELTA's layout)")
     common(pl)
-    pl.add_argument("--policy", default="hylra", choices=["hylra", "delta", "duo"],
-                    help="hylra: profiler + layer DP; delta: its default layout; duo: per-head scores (retrieval vs streaming)")
+    pl.add_argument("--policy", default="hylra", choices=["hylra", "delta", "duo", "moa"],
+                    help="hylra: profiler + layer DP; delta: its default layout; duo: per-head scores (retrieval vs "
+                         "streaming); moa: per-head elastic spans (profile + MILP)")
     pl.add_argument("--out", required=True, help="plan JSON to write (a PNG picture is written next to it)")
     pl.add_argument("--png", default=None, help="picture path (default: the --out path with .png)")
     pl.add_argument("--tokens", type=int, default=None, help="tokens per calibration text (hylra 4096, duo 2048)")
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--sink", type=int, default=None, help="hylra 16, duo 64")
     pl.add_argument("--recent", type=int, default=None, help="hylra 64, duo 256")
     pl.add_argument("--retrieval-fraction", type=float, default=0.5, help="duo: default share of retrieval heads in the plan")
+    pl.add_argument("--densities", default="0.5,0.25,0.1", help="moa: average densities to solve for (the first is the default)")
+    pl.add_argument("--lengths", default="2048,4096", help="moa: profiled lengths")
     pl.add_argument("--sparsity", type=float, default=0.91, help="rollback layers = ceil(L*(1-sparsity))")
     pl.add_argument("--computed-ratio", type=float, default=0.1, help="switch budget share of the DP")
     pl.add_argument("--anchor-mode", default="full", choices=["full", "select"])

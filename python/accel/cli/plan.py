@@ -67,10 +67,15 @@ def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
     L = plan.num_layers
     H = max(len(lp.heads or []) for lp in plan.layers)
     grid = np.full((H, L), np.nan)
+    is_moa = plan.policy == "moa"
     for i, lp in enumerate(plan.layers):
         for h, hp in enumerate(lp.heads or []):
             if hp.score is not None:
                 grid[h, i] = hp.score
+            elif hp.alpha is not None and hp.beta is not None:
+                from ..scheduler.heads import moa_span
+
+                grid[h, i] = moa_span(hp.alpha, hp.beta, 4096) / 4096
     fig, ax = plt.subplots(figsize=(max(8, L * 0.35), 1.2 + 0.45 * H))
     im = ax.imshow(grid, cmap="magma", aspect="auto")
     for i, lp in enumerate(plan.layers):
@@ -81,8 +86,13 @@ def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
     ax.set_ylabel("KV head")
     ax.set_yticks(range(H))
     n_ret = sum(hp.kind == "retrieval" for lp in plan.layers for hp in (lp.heads or []))
-    ax.set_title(title or f"{plan.policy} plan: head score (streaming-attention output error); "
-                 f"outlined: {n_ret} retrieval heads at the plan's default fraction", fontsize=9)
+    if is_moa:
+        default = title or (f"moa plan (density {plan.params.get('density')}): each head's span at 4096 tokens "
+                            "as a fraction of the context")
+    else:
+        default = (f"{plan.policy} plan: head score (streaming-attention output error); "
+                   f"outlined: {n_ret} retrieval heads at the plan's default fraction")
+    ax.set_title(title or default, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -111,6 +121,12 @@ def run(args) -> int:
         plan = calibrate_duo(model, tok, tokens=pick(args.tokens, 2048), steps=args.steps, n_texts=pick(args.n_texts, 4),
                              sink=pick(args.sink, 64), recent=pick(args.recent, 256),
                              retrieval_fraction=args.retrieval_fraction, progress=True)
+    elif args.policy == "moa":
+        from ..scheduler.heads import calibrate_moa
+
+        plan = calibrate_moa(model, tok, lengths=[int(x) for x in args.lengths.split(",")], steps=args.steps,
+                             n_texts=pick(args.n_texts, 2), densities=[float(x) for x in args.densities.split(",")],
+                             progress=True)
     else:
         from ..models.registry import get_adapter
         from ..policies.registry import make_policy

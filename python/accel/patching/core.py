@@ -89,7 +89,12 @@ class ModelRuntime:
 
             out = ragged_prefill(ctx, query, scaling)
         else:
-            out = self.attention.prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
+            out = None
+            for p in self.kv:  # a KV policy may sparsify the prefill too (MoA)
+                if out is None and hasattr(p, "prefill_attention"):
+                    out = p.prefill_attention(ctx, query, key, value, attention_mask, scaling)
+            if out is None:
+                out = self.attention.prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
             if isinstance(out, tuple):
                 out = out[0]
             if self.record_stats and self.cache is not None:

@@ -19,6 +19,7 @@ _LAZY: dict[str, str] = {
     "h2o": "accel.policies.kvcompress:H2OPolicy",
     "duo": "accel.policies.duo:DuoAttentionPolicy",
     "taskkv": "accel.policies.taskkv:TaskKVPolicy",
+    "moa": "accel.policies.moa:MoAPolicy",
 }
 
 

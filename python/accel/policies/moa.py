@@ -1,0 +1,138 @@
+"""MoA: Mixture of Attention Spans (Fu et al., thu-nics/MoA, arXiv 2406.14909; methods.md section 4).
+
+Every KV head has its own elastic span ``alpha + beta * N``, chosen offline (``accel plan --policy moa``
+/ ``accel.calibrate(..., policy="moa")``: a per-head profile at several lengths and a mixed-integer
+program solved with HiGHS through scipy, ``accel.scheduler.heads``). At run time a head keeps
+``cache = alpha + beta * (prompt + max_new_tokens)`` tokens (clamped to [128, prompt + max_new],
+rounded up to 64): the first ``min(cache, 64)`` tokens as static sinks and the rest as a circular
+window of the most recent tokens, so its memory is constant during decode. The plan holds one span
+assignment per density; ``density`` picks one (default: the plan's own).
+
+Prefill is sparse too (``sparse_prefill``, default on): each query head attends to its KV head's sink
+and band in 64x64 blocks with accel's block-sparse kernel (MoA builds its masks in the same blocks);
+layers whose spans cover the prompt, and padded batches, use dense prefill. Every head with
+``alpha = 0, beta = 1`` is exactly dense. GQA: spans are per KV head (the group shares one cache, as
+methods.md 4.1 allows instead of MoA's MHA conversion).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import AccelError
+from ..scheduler.heads import MOA_MIN_CACHE, MOA_SINK, MOA_SPLIT, moa_span
+from ..scheduler.plan import Plan
+from .base import ModelInfo
+from .kvcompress import FORCED, BudgetedKVPolicy
+from .registry import register_policy
+
+
+@register_policy("moa")
+@dataclass
+class MoAPolicy(BudgetedKVPolicy):
+    budget_ratio: float | None = None  # MoA's budget is the plan's density
+    density: float | None = None
+    max_new_tokens: int = 1024
+    sparse_prefill: bool = True
+
+    evict_by: ClassVar[str] = "age"
+    accumulate: ClassVar[bool] = False
+    needs_plan: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise AccelError(f"moa: max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.density is not None and not 0 < float(self.density) <= 1:
+            raise AccelError(f"moa: density must be in (0, 1], got {self.density!r}")
+        if self.decode not in ("fixed", "grow"):
+            raise AccelError(f"moa: decode must be 'fixed' or 'grow', got {self.decode!r}")
+        self.dense_prefill = not self.sparse_prefill
+
+    def build_plan(self, info: ModelInfo) -> Plan:
+        from ..scheduler.shipped import shipped_plan
+
+        plan = shipped_plan("moa", info)
+        if plan is None:
+            raise AccelError(
+                f"moa needs per-head spans for this model ({info.model_type}, {info.num_layers} layers) and none "
+                "ships with accel. Make a plan: `accel plan --model PATH --policy moa --out moa.json` or "
+                "`accel.calibrate(model, tokenizer, policy='moa')`, then `accel.patch(model, 'moa', plan='moa.json')`"
+            )
+        return plan
+
+    # -- spans ------------------------------------------------------------------------------------------
+    def _spans(self, plan, layer_idx: int) -> list[tuple[float, float]]:
+        if plan is None:
+            raise AccelError("moa: no plan attached (patch the model with a moa plan)")
+        lp = plan.layers[layer_idx]
+        if self.density is not None:
+            sols = (plan.params or {}).get("solutions", {})
+            key = next((k for k in sols if abs(float(k) - float(self.density)) < 1e-9), None)
+            if key is None:
+                raise AccelError(f"moa: the plan has no solution for density {self.density}; it has "
+                                 f"{sorted(sols)}. Re-run `accel plan --policy moa --densities ...`")
+            full = [i for i, l in enumerate(plan.layers) if l.heads is not None]
+            return [tuple(x) for x in sols[key][full.index(layer_idx)]]
+        if lp.heads is None or any(h.alpha is None or h.beta is None for h in lp.heads):
+            raise AccelError(f"moa: plan layers[{layer_idx}] has no per-head alpha/beta; make it with `accel plan --policy moa`")
+        return [(h.alpha, h.beta) for h in lp.heads]
+
+    def _caches(self, layer_idx: int, n: torch.Tensor, Hkv: int, reserve: int = 0) -> torch.Tensor:
+        """[B, Hkv] MoA cache sizes for prompts of ``n`` tokens."""
+        spans = self._spans(getattr(self, "_plan", None), layer_idx)
+        out = torch.zeros(n.shape[0], Hkv, dtype=torch.long)
+        for b in range(n.shape[0]):
+            nb = int(n[b])
+            total = nb + (max(0, reserve - nb) if reserve else self.max_new_tokens)
+            for h, (a, be) in enumerate(spans):
+                out[b, h] = moa_span(a, be, total, MOA_SINK, MOA_MIN_CACHE, MOA_SPLIT)
+        return out
+
+    def head_budgets(self, layer_idx, num_layers, n, Hkv, view, keys, valid, scaling):
+        caches = self._caches(layer_idx, n, Hkv)
+        total = n + self.max_new_tokens
+        self._grow = caches >= total.view(-1, 1)  # a head whose span covers everything keeps everything
+        return torch.minimum(caches, n.view(-1, 1)).clone()
+
+    def growing_heads(self, budgets, n):
+        return self._grow.clone() if self.decode == "fixed" else torch.ones_like(budgets, dtype=torch.bool)
+
+    def protect(self, budgets):
+        return torch.minimum(budgets, torch.full_like(budgets, MOA_SINK)), torch.zeros_like(budgets)
+
+    def token_scores(self, view, keys, valid, budgets, scaling):
+        B, Hkv, T, _ = keys.shape
+        t = torch.arange(T).view(1, 1, T)
+        fv = valid.int().argmax(1).view(B, 1, 1) if valid is not None else torch.zeros(B, 1, 1, dtype=torch.long)
+        sk = torch.minimum(budgets, torch.full_like(budgets, MOA_SINK)).view(B, Hkv, 1)
+        sink = (t >= fv) & (t < fv + sk)
+        return torch.where(sink, 2 * FORCED - t, t.double().expand(B, Hkv, T))
+
+    # -- sparse prefill ---------------------------------------------------------------------------------
+    def prefill_attention(self, ctx, query, key, value, attention_mask, scaling):
+        """Block-sparse sink + band prefill per head, or None (dense) where it would not be exact MoA."""
+        if not self.sparse_prefill or ctx.cache_layer is None or ctx.cache_layer.is_sliding:
+            return None
+        B, H, T, D = query.shape
+        if key.shape[2] != T:
+            return None  # a continuation: dense over the cache
+        from .kvcompress import prompt_valid
+
+        if prompt_valid(attention_mask, B, T) is not None:
+            return None  # padding: the block kernel has no padding mask
+        self._plan = ctx.runtime.plan
+        Hkv = key.shape[1]
+        caches = self._caches(ctx.layer_idx, torch.tensor([T]), Hkv)[0]  # spans at this prompt + max_new
+        if bool((caches >= T).all()):
+            return None
+        from ..ops.sparse import block_sparse_prefill, sink_window_blocks
+
+        G = H // Hkv
+        sinks = [min(int(caches[h // G]), MOA_SINK) for h in range(H)]
+        wins = [max(0, int(caches[h // G]) - sinks[h]) if int(caches[h // G]) < T else T for h in range(H)]
+        blocks, counts = sink_window_blocks(H, T, T, sink=sinks, window=wins)
+        out = block_sparse_prefill(query, key, value, blocks, counts, scale=scaling)
+        return out.transpose(1, 2).contiguous()
