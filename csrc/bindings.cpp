@@ -16,6 +16,14 @@ torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::
                                        torch::Tensor counts, double scale);
 double scattered_read_probe_cpu(torch::Tensor buf, torch::Tensor rows, int64_t distance);
 bool flush_cache_lines_cpu(torch::Tensor t);
+int64_t ragged_evict_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score,
+                         torch::Tensor offsets, torch::Tensor lengths, torch::Tensor budget, torch::Tensor sink_end,
+                         torch::Tensor recent, bool by_age);
+void ragged_accumulate_cpu(torch::Tensor logits, torch::Tensor lse, torch::Tensor offsets, torch::Tensor lengths,
+                           torch::Tensor score);
+bool ragged_append_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score, torch::Tensor offsets,
+                       torch::Tensor lengths, torch::Tensor caps, torch::Tensor new_k, torch::Tensor new_v,
+                       int64_t position);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "accel CPU kernels (C++/OpenMP)";
@@ -31,6 +39,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_sparse_prefill", &block_sparse_prefill_cpu, "block-sparse causal prefill attention (64-token blocks)");
   m.def("flush_cache_lines", &flush_cache_lines_cpu, py::arg("t"),
         "flush the tensor's storage from every cache level (x86 clflush); False where unsupported");
+  m.def("ragged_evict", &ragged_evict_cpu,
+        "evict every head of a compressed KV layer down to its budget (lowest score or oldest, sinks and recent "
+        "tokens protected); swap-remove in place");
+  m.def("ragged_append", &ragged_append_cpu,
+        "append one token per head of a compressed KV layer; false (nothing written) if a head is full");
+  m.def("ragged_accumulate", &ragged_accumulate_cpu,
+        "add each kept token's decode attention (mean over the GQA group) to its eviction score");
   m.def("scattered_read_probe", &scattered_read_probe_cpu,
         "sum of the given rows of a [R, W] float32 buffer with a software prefetch `distance` rows ahead "
         "(a benchmark probe of the scattered-row read bandwidth)");

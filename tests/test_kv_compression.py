@@ -338,3 +338,38 @@ def test_moa_band_loss_and_span_solver():
                 if all(sum(dens[x, l] for x in c) <= 0.5 * 4 + 1e-9 for l in range(2))),
                key=lambda c: sum(float(loss[h, x].sum()) for h, x in enumerate(c)))
     assert abs(sum(float(loss[h, int(x)].sum()) for h, x in enumerate(choice)) - sum(float(loss[h, x].sum()) for h, x in enumerate(best))) < 1e-6
+
+
+@pytest.mark.parametrize("policy", ["h2o", "streaming", "taskkv", "duo"])
+def test_cpp_cache_bookkeeping_matches_the_torch_fallback(policy, monkeypatch):
+    """Append, eviction and attention accumulation run in C++ when the extension is built; the pure-torch
+    path (machines without it) must generate the same tokens and keep the same sets."""
+    from accel import _ext
+
+    if not _ext.HAS_CPU_EXT:
+        pytest.skip("the C++ extension is not built")
+    m = model4("llama")
+    ids = prompt(150, B=2)
+    kw = dict(budget=40, budget_ratio=None)
+    if policy == "duo":
+        kw = dict(plan=duo_plan(SCORES), sink=4, recent=8, sparsity=0.5)
+
+    def run():
+        with accel.patch(m, policy, **kw):
+            return m.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                              output_scores=True)
+
+    a = run()
+    monkeypatch.setattr(_ext, "HAS_CPU_EXT", False)
+    b = run()
+    assert same(a, b, tol=1e-4)
+    for la, lb in zip(a.past_key_values.layers, b.past_key_values.layers):
+        if la.ragged is None:
+            continue
+        ra, rb = la.ragged, lb.ragged
+        assert torch.equal(ra.lengths, rb.lengths)
+        for bb in range(2):
+            for h in range(2):
+                rows_a, live_a = ra.rows()
+                rows_b, live_b = rb.rows()
+                assert sorted(ra.pos[rows_a[bb, h]][live_a[bb, h]].tolist()) == sorted(rb.pos[rows_b[bb, h]][live_b[bb, h]].tolist())

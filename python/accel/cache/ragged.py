@@ -46,6 +46,8 @@ class RaggedKV:
         #: position) and recent count, and the eviction order ("score" or "age")
         self.budget = self.sink_end = self.recent = None
         self.evict_by = "score"
+        self._meta = None  # flattened budget / sink_end / recent for the C++ eviction (reset on re-layout)
+        self._caps_flat = None
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -126,10 +128,27 @@ class RaggedKV:
     def append(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
         """Append one token per head (keys/values [B, Hkv, 1, D]) at absolute ``position``; full
         segments grow first."""
+        from .. import _ext
+
+        B, Hkv = self.shape
+        if _ext.HAS_CPU_EXT and self.k.device.type == "cpu":
+            nk = keys.reshape(B * Hkv, -1).to(self.k.dtype).contiguous()
+            nv = values.reshape(B * Hkv, -1).to(self.v.dtype).contiguous()
+            if self._caps_flat is None:
+                self._caps_flat = self.caps.reshape(-1).contiguous()
+            ext = _ext.cpu_ext()
+            if ext.ragged_append(self.k, self.v, self.pos, self.score, self.offsets.reshape(-1), self.lengths.view(-1),
+                                 self._caps_flat, nk, nv, int(position)):
+                return
+            self._grow(self.lengths.long() >= self.caps)
+            self._caps_flat = None
+            if not ext.ragged_append(self.k, self.v, self.pos, self.score, self.offsets.reshape(-1),
+                                     self.lengths.view(-1), self.caps.reshape(-1).contiguous(), nk, nv, int(position)):
+                raise RuntimeError("ragged KV append failed after growing the pool")  # pragma: no cover
+            return
         if bool((self.lengths.long() >= self.caps).any()):
             self._grow(self.lengths.long() >= self.caps)
         rows = (self.offsets + self.lengths.long()).flatten()
-        B, Hkv = self.shape
         self.k[rows] = keys.reshape(B * Hkv, -1).to(self.k.dtype)
         self.v[rows] = values.reshape(B * Hkv, -1).to(self.v.dtype)
         self.pos[rows] = position
@@ -177,6 +196,8 @@ class RaggedKV:
         self.k, self.v, self.pos, self.score = k, v, pos, score
         self.offsets, self.caps = offsets.view(B, Hkv), caps
         self.num_reallocations += 1
+        self._meta = None
+        self._caps_flat = None
 
     # -- batch reordering (beam search, generate's batch utilities) ------------------------------------
     def select_batch(self, index: torch.Tensor) -> None:
@@ -205,3 +226,5 @@ class RaggedKV:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[index].clone())
+        self._meta = None
+        self._caps_flat = None

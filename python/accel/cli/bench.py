@@ -66,6 +66,8 @@ def run(args) -> int:
         n_prompt = enc["input_ids"].shape[1]
         cache = _synthetic_cache(model, batch, n_prompt - 1, for_hf=(pol == BASELINE)) if args.synthetic_kv else None
         handle = patch_for(model, pol, overrides if pol != BASELINE else None, reserve=n_prompt + args.new_tokens)
+        if cache is not None and handle is not None and handle.runtime.kv:
+            _compress_synthetic(cache, handle)
         try:
             st = TimingStreamer()
             with torch.no_grad(), PeakRSS() as mem:
@@ -132,6 +134,24 @@ def _synthetic_cache(model, batch: int, length: int, for_hf: bool):
         kv = torch.randn(batch, info.num_kv_heads, length, info.head_dim, generator=g).to(dt)
         cache.update(kv, kv.clone(), i)
     return fork_cache(cache, for_hf=True) if for_hf else cache
+
+
+def _compress_synthetic(cache, handle) -> None:
+    """Speed-only runs of KV-cache policies: compress the random cache with each policy's own budgets
+    (random window queries / attention statistics stand in for the prompt's; which tokens are kept does
+    not change the decode cost, how many does)."""
+    g = torch.Generator().manual_seed(1)
+    info = handle.runtime.info
+    stats = {}
+    for i, layer in enumerate(cache.layers):
+        if layer.keys is None:
+            continue
+        B, _, T, D = layer.keys.shape
+        stats[i] = {"q_window": torch.randn(B, info.num_heads, 64, D, generator=g).to(layer.keys.dtype),
+                    "colsum": torch.rand(B, info.num_heads, T, generator=g)}
+    cache.prefill_stats = stats
+    for p in handle.runtime.kv:
+        p.compress_recorded(cache, handle.runtime)
 
 
 def _print_table(rows):

@@ -109,9 +109,15 @@ def ragged_decode(ctx, query, scaling):
         sc = torch.empty(B, H, W)
         out, lse = decode_attention(q, rg.k, rg.v, rg.lengths, offsets=rg.offsets, scale=scaling, return_lse=True,
                                     scores=sc)
-        rows, live = rg.rows(W)
-        p = torch.exp(sc - lse.float().unsqueeze(-1)).view(B, Hkv, H // Hkv, W).mean(2)
-        rg.score.index_add_(0, rows[live], p[live])
+        from .. import _ext
+
+        if _ext.HAS_CPU_EXT and q.device.type == "cpu":
+            _ext.cpu_ext().ragged_accumulate(sc, lse.float().contiguous(), rg.offsets.reshape(-1), rg.lengths.view(-1),
+                                             rg.score)
+        else:
+            rows, live = rg.rows(W)
+            p = torch.exp(sc - lse.float().unsqueeze(-1)).view(B, Hkv, H // Hkv, W).mean(2)
+            rg.score.index_add_(0, rows[live], p[live])
     else:
         out = decode_attention(q, rg.k, rg.v, rg.lengths, offsets=rg.offsets, scale=scaling)
     ctx.runtime.stats["kv_read_bytes"] += int(rg.lengths.sum()) * rg.row_bytes()

@@ -321,6 +321,16 @@ class BudgetedKVPolicy(KVCachePolicy):
         budgets = getattr(rg, "budget", None)
         if budgets is None:
             return
+        from .. import _ext
+
+        if _ext.HAS_CPU_EXT and rg.k.device.type == "cpu":
+            if rg._meta is None:  # flat per-head tensors, rebuilt only when the layout changes
+                rg._meta = (budgets.reshape(-1).contiguous(), rg.sink_end.reshape(-1).long().contiguous(),
+                            rg.recent.reshape(-1).long().contiguous())
+            b, se, rc = rg._meta
+            _ext.cpu_ext().ragged_evict(rg.k, rg.v, rg.pos, rg.score, rg.offsets.reshape(-1), rg.lengths.view(-1),
+                                        b, se, rc, rg.evict_by != "score")
+            return
         while True:
             over = rg.lengths.long() > budgets
             if not bool(over.any()):

@@ -1,0 +1,162 @@
+// Decode-time bookkeeping of accel's ragged (compressed) KV cache: per-step eviction and attention
+// accumulation, one call per layer instead of a chain of small torch ops (which cost more than the
+// attention itself over a compressed cache). Layout and semantics: python/accel/cache/ragged.py.
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace {
+
+void check_1d(const torch::Tensor& t, torch::ScalarType st, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == st, name,
+              " must be a contiguous CPU tensor of dtype ", st, ", got ", t.scalar_type());
+}
+
+}  // namespace
+
+// Evict every head down to its budget: while lengths[bh] > budget[bh], the victim is the live row with
+// the lowest score (by_age: the oldest position) that is neither a sink (pos < sink_end) nor among the
+// `recent` newest positions; if every live row is protected, the oldest non-sink row, else the oldest
+// row. The head's last live row moves into the victim's slot (K, V, pos, score). Returns rows moved.
+int64_t ragged_evict_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score,
+                         torch::Tensor offsets, torch::Tensor lengths, torch::Tensor budget, torch::Tensor sink_end,
+                         torch::Tensor recent, bool by_age) {
+  TORCH_CHECK(k.dim() == 2 && v.dim() == 2 && k.is_contiguous() && v.is_contiguous() && k.size(0) == v.size(0),
+              "k and v must be contiguous [R, D] row pools");
+  check_1d(pos, torch::kInt64, "pos");
+  check_1d(score, torch::kFloat32, "score");
+  check_1d(offsets, torch::kInt64, "offsets");
+  check_1d(lengths, torch::kInt32, "lengths");
+  check_1d(budget, torch::kInt64, "budget");
+  check_1d(sink_end, torch::kInt64, "sink_end");
+  check_1d(recent, torch::kInt64, "recent");
+  const int64_t BH = offsets.numel(), R = k.size(0);
+  TORCH_CHECK(lengths.numel() == BH && budget.numel() == BH && sink_end.numel() == BH && recent.numel() == BH,
+              "per-head tensors must have B*Hkv entries");
+  TORCH_CHECK(pos.numel() == R && score.numel() == R, "pos/score must have one entry per pool row");
+  const int64_t kb = k.size(1) * k.element_size(), vb = v.size(1) * v.element_size();
+  char* kp = static_cast<char*>(k.data_ptr());
+  char* vp = static_cast<char*>(v.data_ptr());
+  int64_t* ps = pos.data_ptr<int64_t>();
+  float* sc = score.data_ptr<float>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  int32_t* len = lengths.data_ptr<int32_t>();
+  const int64_t* bud = budget.data_ptr<int64_t>();
+  const int64_t* se = sink_end.data_ptr<int64_t>();
+  const int64_t* rc = recent.data_ptr<int64_t>();
+  for (int64_t bh = 0; bh < BH; ++bh)
+    TORCH_CHECK(off[bh] >= 0 && off[bh] + len[bh] <= R, "head ", bh, " lies outside the pool");
+  int64_t moved = 0;
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    while (len[bh] > bud[bh] && len[bh] > 0) {
+      const int64_t o = off[bh], n = len[bh];
+      int64_t newest = std::numeric_limits<int64_t>::min();
+      for (int64_t i = 0; i < n; ++i) newest = std::max(newest, ps[o + i]);
+      int64_t best = -1, fb = -1, oldest = -1;
+      float best_s = std::numeric_limits<float>::infinity();
+      int64_t best_p = std::numeric_limits<int64_t>::max(), fb_p = best_p, old_p = best_p;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = ps[o + i];
+        if (p < old_p) { old_p = p; oldest = i; }
+        if (p < se[bh]) continue;
+        if (p < fb_p) { fb_p = p; fb = i; }
+        if (p > newest - rc[bh]) continue;
+        if (by_age) {
+          if (p < best_p) { best_p = p; best = i; }
+        } else if (sc[o + i] < best_s || best < 0) {
+          best_s = sc[o + i];
+          best = i;
+        }
+      }
+      const int64_t victim = best >= 0 ? best : (fb >= 0 ? fb : oldest);
+      const int64_t dst = o + victim, src = o + n - 1;
+      if (dst != src) {
+        std::memcpy(kp + dst * kb, kp + src * kb, kb);
+        std::memcpy(vp + dst * vb, vp + src * vb, vb);
+        ps[dst] = ps[src];
+        sc[dst] = sc[src];
+        ++moved;
+      }
+      ps[src] = -1;
+      len[bh] = static_cast<int32_t>(n - 1);
+    }
+  }
+  return moved;
+}
+
+// score[offsets[bh] + t] += mean over the G query heads of head bh of exp(logits[b, h, t] - lse[b, h]),
+// for t < lengths[bh] (H2O-style accumulated attention; logits from the decode kernel's scores output).
+void ragged_accumulate_cpu(torch::Tensor logits, torch::Tensor lse, torch::Tensor offsets, torch::Tensor lengths,
+                           torch::Tensor score) {
+  check_1d(lse, torch::kFloat32, "lse");
+  check_1d(offsets, torch::kInt64, "offsets");
+  check_1d(lengths, torch::kInt32, "lengths");
+  check_1d(score, torch::kFloat32, "score");
+  TORCH_CHECK(logits.dim() == 3 && logits.is_contiguous() && logits.scalar_type() == torch::kFloat32,
+              "logits must be a contiguous float32 [B, H, W] tensor");
+  const int64_t B = logits.size(0), H = logits.size(1), W = logits.size(2), BH = offsets.numel();
+  TORCH_CHECK(BH % B == 0 && H % (BH / B) == 0 && lse.numel() == B * H, "shapes of logits/lse/offsets disagree");
+  const int64_t Hkv = BH / B, G = H / Hkv;
+  const float* lg = logits.data_ptr<float>();
+  const float* ls = lse.data_ptr<float>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int32_t* len = lengths.data_ptr<int32_t>();
+  float* sc = score.data_ptr<float>();
+  const float inv = 1.f / static_cast<float>(G);
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    TORCH_CHECK(len[bh] <= W && off[bh] + len[bh] <= score.numel(), "head ", bh, " exceeds the logits or the pool");
+    const int64_t b = bh / Hkv, kh = bh % Hkv;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = kh * G + g;
+      const float* row = lg + (b * H + h) * W;
+      const float l = ls[b * H + h];
+      if (!std::isfinite(l)) continue;
+      for (int64_t t = 0; t < len[bh]; ++t) sc[off[bh] + t] += std::exp(row[t] - l) * inv;
+    }
+  }
+}
+
+// Append one token per head at the end of its live rows (new_k/new_v [B*Hkv, D], same dtype as the
+// pool). Returns false, writing nothing, if some head has no spare row (the caller grows the pool).
+bool ragged_append_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score, torch::Tensor offsets,
+                       torch::Tensor lengths, torch::Tensor caps, torch::Tensor new_k, torch::Tensor new_v,
+                       int64_t position) {
+  TORCH_CHECK(k.dim() == 2 && v.dim() == 2 && k.is_contiguous() && v.is_contiguous(), "k/v must be contiguous pools");
+  check_1d(pos, torch::kInt64, "pos");
+  check_1d(score, torch::kFloat32, "score");
+  check_1d(offsets, torch::kInt64, "offsets");
+  check_1d(lengths, torch::kInt32, "lengths");
+  check_1d(caps, torch::kInt64, "caps");
+  const int64_t BH = offsets.numel(), R = k.size(0);
+  TORCH_CHECK(new_k.dim() == 2 && new_k.size(0) == BH && new_k.size(1) == k.size(1) && new_k.is_contiguous() &&
+                  new_k.scalar_type() == k.scalar_type(),
+              "new_k must be a contiguous [B*Hkv, D] tensor of the pool's dtype");
+  TORCH_CHECK(new_v.dim() == 2 && new_v.size(0) == BH && new_v.size(1) == v.size(1) && new_v.is_contiguous() &&
+                  new_v.scalar_type() == v.scalar_type(),
+              "new_v must be a contiguous [B*Hkv, D] tensor of the pool's dtype");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  int32_t* len = lengths.data_ptr<int32_t>();
+  const int64_t* cap = caps.data_ptr<int64_t>();
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    TORCH_CHECK(off[bh] + cap[bh] <= R, "head ", bh, " lies outside the pool");
+    if (len[bh] >= cap[bh]) return false;
+  }
+  const int64_t kb = k.size(1) * k.element_size(), vb = v.size(1) * v.element_size();
+  char* kp = static_cast<char*>(k.data_ptr());
+  char* vp = static_cast<char*>(v.data_ptr());
+  const char* nk = static_cast<const char*>(new_k.data_ptr());
+  const char* nv = static_cast<const char*>(new_v.data_ptr());
+  int64_t* ps = pos.data_ptr<int64_t>();
+  float* sc = score.data_ptr<float>();
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int64_t row = off[bh] + len[bh];
+    std::memcpy(kp + row * kb, nk + bh * kb, kb);
+    std::memcpy(vp + row * vb, nv + bh * vb, vb);
+    ps[row] = position;
+    sc[row] = 0.f;
+    len[bh] += 1;
+  }
+  return true;
+}
