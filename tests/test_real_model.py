@@ -95,3 +95,33 @@ def test_shipped_hylra_plan_is_found_and_reproducible(smollm):
                             sparsity=a["sparsity"], computed_ratio=a["computed_ratio"], anchor_mode=a["anchor_mode"],
                             n_texts=a["n_texts"], progress=False)
     assert [(lp.mode, lp.reuse_src) for lp in again.layers] == [(lp.mode, lp.reuse_src) for lp in plan.layers]
+
+
+def test_compressed_caches_on_the_real_model(smollm):
+    """Shipped duo / moa plans load for SmolLM2; a covering budget is exactly dense; a 25% budget really
+    holds ~25% of the bytes (snapkv) and still retrieves this passkey (duo, retrieval heads ranked by
+    the shipped plan)."""
+    model, tok = smollm
+    s = make_passkey(tok, 1500, depth=0.4, seed=3)
+    enc = tok(s.prompt, return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    gen = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True,
+               pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        with accel.patch(model, "dense"):
+            ref = model.generate(**enc, **gen)
+        with accel.patch(model, "duo", budget_ratio=1.0):
+            full = model.generate(**enc, **gen)
+        assert torch.equal(full.sequences, ref.sequences)
+        with accel.patch(model, "snapkv", budget_ratio=0.25) as h:
+            model.generate(**enc, **gen)
+            dense_bytes = 30 * 3 * (n + 7) * 64 * 4 * 2
+            frac = h.cache.nbytes() / dense_bytes
+            assert 0.24 <= frac <= 0.27, frac
+        with accel.patch(model, "duo", budget_ratio=0.5):
+            out = model.generate(**enc, **gen)
+        with accel.patch(model, "moa", density=0.5, max_new_tokens=8) as h:
+            model.generate(**enc, **gen)
+            assert h.cache.nbytes() < 0.75 * dense_bytes
+    assert passkey_correct(tok.decode(ref.sequences[0, n:]), s.answer)
+    assert passkey_correct(tok.decode(out.sequences[0, n:]), s.answer)

@@ -123,6 +123,9 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
               anchor_mode: str = "full", n_texts: int = 1, progress: bool = True) -> Plan:
     """Profile ``model`` on calibration text and solve HyLRA's layer DP. Returns a ``Plan``.
 
+    ``policy="duo"`` / ``policy="moa"`` run the per-head profilers instead (``accel.scheduler.heads``:
+    DuoAttention head scores, MoA spans); their own defaults apply (``tokens``/``texts`` as given).
+
     Args:
         texts: calibration strings (default: the Paul Graham essays shipped with the data extra, split
             into ``n_texts`` windows of ``tokens`` tokens).
@@ -144,8 +147,12 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
 
         return calibrate_duo(model, tokenizer, texts, tokens=tokens if tokens != 4096 else 2048, steps=steps,
                              n_texts=max(n_texts, 4), progress=progress)
+    if policy == "moa":
+        from .heads import calibrate_moa
+
+        return calibrate_moa(model, tokenizer, texts, steps=steps, n_texts=max(n_texts, 2), progress=progress)
     if policy != "hylra":
-        raise AccelError(f"calibrate: policy {policy!r} has no profiler yet; calibrate supports 'hylra' and 'duo'")
+        raise AccelError(f"calibrate: policy {policy!r} has no profiler; calibrate supports 'hylra', 'duo' and 'moa'")
     if not (0.0 <= sparsity < 1.0) or not (0.0 <= computed_ratio <= 1.0):
         raise AccelError(f"calibrate: sparsity must be in [0, 1) and computed_ratio in [0, 1], got {sparsity}, {computed_ratio}")
     if anchor_mode not in ("full", "select"):
