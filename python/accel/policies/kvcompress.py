@@ -296,6 +296,8 @@ class BudgetedKVPolicy(KVCachePolicy):
         """Compress a (forked) ``AccelCache`` whose prefill recorded ``prefill_stats`` (the
         evaluation harness prefills each sample once and compresses a copy per policy)."""
         stats = getattr(cache, "prefill_stats", None)
+        if stats is None and not self.needs_stats():
+            stats = {}  # position-only policies (streaming, duo, moa) need no prompt statistics
         if stats is None:
             raise AccelError(f"{self.name}: this cache has no recorded prefill statistics; prefill with "
                              "runtime.record_stats set (accel.eval does) or let the policy run the prefill itself")
@@ -305,7 +307,8 @@ class BudgetedKVPolicy(KVCachePolicy):
                 continue
             T = layer.end - layer.start
             valid = prompt_valid(attention_mask, layer.keys.shape[0], T) if attention_mask is not None else None
-            view = PrefillView(q_window=stats[i].get("q_window"), colsum=stats[i].get("colsum"))
+            st = stats.get(i, {})
+            view = PrefillView(q_window=st.get("q_window"), colsum=st.get("colsum"))
             scaling = getattr(modules[i], "scaling", None) or layer.keys.shape[-1] ** -0.5
             self.compress(layer, i, len(cache.layers), view, valid, scaling, reserve=int(runtime.reserve or 0),
                           plan=runtime.plan)

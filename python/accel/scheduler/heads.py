@@ -6,11 +6,13 @@ hidden states on synthetic retrieval data, with an L1 push towards streaming; he
 high are retrieval heads. accel measures the quantity the gates are trained against directly, one head
 at a time, with no training ([INFER] criterion, documented in the README):
 
-    score(l, h) = mean over profiled queries of ||o_full - o_stream|| / ||o_full||
+    score(l, h) = mean over profiled queries of ||W_O,h (o_full - o_stream)||     (metric="residual")
 
-where ``o_full`` is the head's exact attention output and ``o_stream`` its output when it only sees
-``sink`` + ``recent`` tokens (the streaming head's Λ pattern, 64 + 256 by default), averaged over the
-GQA group's query heads. The queries are the last ``steps`` positions of synthetic retrieval prompts
+where ``o_full`` is the head's exact attention output, ``o_stream`` its output when it only sees
+``sink`` + ``recent`` tokens (the streaming head's Λ pattern, 64 + 256 by default), and W_O,h the
+head's slice of the output projection: the change streaming would write into the residual stream,
+summed over the GQA group's query heads (``metric="relative"``: ``||o_full - o_stream|| / ||o_full||``
+in the head's own space, which ignores how much the head contributes). The queries are the last ``steps`` positions of synthetic retrieval prompts
 (passkey and needle-in-a-haystack over the Paul Graham essays, with the correct answer appended, as
 DuoAttention trains on synthetic passkey retrieval), generated with seeds disjoint from the
 evaluation's. A head whose output changes when it loses the middle of the context needs the full cache.
@@ -36,9 +38,13 @@ CALIB_SEED = 9_000_000  # evaluation samples use seed * 1000 + i with small seed
 
 
 def streaming_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: int,
-                     recent: int) -> torch.Tensor:
-    """One layer, one text: q [H, S, D] (last S positions), k/v [Hkv, T, D] -> [Hkv] mean relative
-    output error of streaming attention (sink + recent) against full causal attention."""
+                     recent: int, w_o: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer, one text: q [H, S, D] (last S positions), k/v [Hkv, T, D] -> [Hkv] mean output error
+    of streaming attention (sink + recent) against full causal attention. Without ``w_o``: relative
+    error ``||o_full - o_stream|| / ||o_full||`` in the head's space. With ``w_o`` ([hidden, H * D], the
+    layer's output projection): the absolute error the head writes into the residual stream,
+    ``||W_O,h (o_full - o_stream)||``, summed over the group's query heads (the quantity DuoAttention's
+    gates are trained to keep small, one head at a time)."""
     H, S, D = q.shape
     Hkv, T, _ = k.shape
     G = H // Hkv
@@ -50,6 +56,10 @@ def streaming_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     logits = torch.einsum("hsd,htd->hst", q, kk) * scale
     o_full = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1) @ vv
     o_str = torch.softmax(logits.masked_fill(~lam, float("-inf")), -1) @ vv
+    if w_o is not None:
+        Wh = w_o.float().view(w_o.shape[0], H, D)  # [E, H, D]
+        diff = torch.einsum("hsd,ehd->hse", o_full - o_str, Wh)  # [H, S, E]
+        return diff.view(Hkv, G, S, -1).sum(1).norm(dim=-1).mean(-1)
     err = (o_full - o_str).norm(dim=-1) / o_full.norm(dim=-1).clamp_min(1e-12)  # [H, S]
     return err.mean(-1).view(Hkv, G).mean(-1)
 
@@ -68,7 +78,7 @@ def calibration_prompts(tokenizer, n: int, tokens: int) -> list[str]:
 
 
 def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: int = 64, n_texts: int = 4,
-                  sink: int = 64, recent: int = 256, retrieval_fraction: float = 0.5,
+                  sink: int = 64, recent: int = 256, retrieval_fraction: float = 0.5, metric: str = "residual",
                   progress: bool = True) -> Plan:
     """Score every KV head of every full-attention layer (see the module docstring); returns a
     ``duo`` plan whose heads carry ``score`` and a default ``kind`` (the top ``retrieval_fraction``
@@ -103,9 +113,11 @@ def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
         rec = _Recorder(steps=steps, keep_values=True)
         with patch(model, rec, fast_linear=False), torch.no_grad():
             model(input_ids=ids, use_cache=True)
+        adapter = get_adapter(model)
         for li in full_layers:
             q, k, scale = rec.records[li]
-            acc[li] += streaming_errors(q, k, rec.values[li], scale, sink, recent)
+            w_o = adapter.output_projection(li) if metric == "residual" else None
+            acc[li] += streaming_errors(q, k, rec.values[li], scale, sink, recent, w_o=w_o)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -129,7 +141,7 @@ def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
             "fingerprint": info.fingerprint,
             "source": "accel.calibrate (DuoAttention head scores: streaming-attention output error, no training)",
             "args": {"tokens": tokens, "steps": steps, "n_texts": len(texts), "sink": sink, "recent": recent,
-                     "retrieval_fraction": retrieval_fraction},
+                     "retrieval_fraction": retrieval_fraction, "metric": metric},
             "seconds": round(time.perf_counter() - t0, 1),
         },
     )
