@@ -16,6 +16,7 @@ def main():
     ap.add_argument("--eval", nargs="+", required=True)
     ap.add_argument("--lm", default=None)
     ap.add_argument("--speed", nargs="*", default=[])
+    ap.add_argument("--slack", type=int, default=1, help="samples a policy may lose against dense for a check mark")
     args = ap.parse_args()
     acc: dict = {}
     tasks: list[str] = []
@@ -49,7 +50,7 @@ def main():
                 if v is None:
                     cells.append("")
                     continue
-                mark = "" if d is None or p == "dense" else (" ✓" if v[0] >= d[0] - 1 else " ✗")
+                mark = "" if d is None or p == "dense" else (" ✓" if v[0] >= d[0] - args.slack else " ✗")
                 cells.append(f"{v[0]}/{v[1]}{mark}")
             ppl = lm.get((p, c))
             dppl = lm.get(("dense", c))
@@ -62,13 +63,13 @@ def main():
             print(f"| {name} | {c} | " + " | ".join(cells) + " |")
     if speed:
         print()
-        print("| policy | batch | context | step ms | tokens/s | vs HF | vs accel dense | KV MB read per step |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| policy | batch | context | step ms | tokens/s | vs HF | vs accel dense | KV MB read per step | KV MB held |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for (p, b), r in sorted(speed.items(), key=lambda kv: (kv[0][1], kv[0][0] != "hf", kv[0][0] != "dense", kv[0][0])):
             name = "HF unpatched" if p == "hf" else p
             print(f"| {name} | {b} | {r['context']} | {float(r['decode_step_ms']):.1f} | {float(r['decode_tok_s']):.2f} | "
                   f"{float(r['speedup_vs_hf']):.2f}x | {float(r['speedup_vs_accel_dense']) if r['speedup_vs_accel_dense'] else float('nan'):.2f}x | "
-                  f"{r.get('kv_read_per_step_mb', '')} |")
+                  f"{r.get('kv_read_per_step_mb', '')} | {r.get('kv_held_mb', '')} |")
 
 
 if __name__ == "__main__":
