@@ -32,6 +32,9 @@ def test_roundtrip(tmp_path):
     (lambda d: d.update(num_layers=4), r"plan.layers: has 3 entries"),
     (lambda d: d.pop("policy"), r"plan.policy: required"),
     (lambda d: d["layers"][2].update(heads=[{"kind": "full"}]), r"layers\[2\]\.heads: has 1 entries"),
+    (lambda d: d["layers"][2]["heads"][0].update(beta=1.5), r"layers\[2\]\.heads\[0\]\.beta"),
+    (lambda d: d["layers"][2]["heads"][1].update(score="high"), r"layers\[2\]\.heads\[1\]\.score"),
+    (lambda d: d["layers"][2]["heads"][1].update(alpha=float("nan")), r"layers\[2\]\.heads\[1\]\.alpha"),
 ])
 def test_validation_names_the_field(mutate, msg):
     d = _plan().to_dict()

@@ -125,3 +125,23 @@ def test_compressed_caches_on_the_real_model(smollm):
             assert h.cache.nbytes() < 0.75 * dense_bytes
     assert passkey_correct(tok.decode(ref.sequences[0, n:]), s.answer)
     assert passkey_correct(tok.decode(out.sequences[0, n:]), s.answer)
+
+
+def test_shipped_duo_plan_is_reproducible(smollm):
+    """Re-running the duo head profiler with the arguments the shipped plan records gives the same head
+    scores (and so the same ranking) - about 45 s."""
+    from accel.models.registry import get_adapter
+    from accel.scheduler.heads import calibrate_duo
+    from accel.scheduler.shipped import shipped_plan
+
+    model, tok = smollm
+    plan = shipped_plan("duo", get_adapter(model).info())
+    a = plan.provenance["args"]
+    again = calibrate_duo(model, tok, tokens=a["tokens"], steps=a["steps"], n_texts=a["n_texts"], sink=a["sink"],
+                          recent=a["recent"], retrieval_fraction=a["retrieval_fraction"], metric=a["metric"],
+                          progress=False)
+    for la, lb in zip(again.layers, plan.layers):
+        if lb.heads is None:
+            continue
+        for ha, hb in zip(la.heads, lb.heads):
+            assert ha.kind == hb.kind and abs(ha.score - hb.score) <= 1e-4 * max(1.0, abs(hb.score))
