@@ -23,6 +23,15 @@ from __future__ import annotations
 import torch
 
 
+def _offsets(caps: torch.Tensor) -> torch.Tensor:
+    """Segment starts [B*Hkv] for per-head capacities ``caps`` laid out back to back."""
+    flat = caps.reshape(-1)
+    off = torch.zeros(flat.numel(), dtype=torch.long)
+    if flat.numel() > 1:
+        off[1:] = torch.cumsum(flat, 0)[:-1]
+    return off
+
+
 class RaggedKV:
     """One layer's ragged KV cache.
 
@@ -65,11 +74,8 @@ class RaggedKV:
         B, Hkv, T, D = keys.shape
         counts = counts.to(torch.long)
         caps = torch.maximum(caps.to(torch.long), counts)
-        flat_caps = caps.flatten()
-        offsets = torch.zeros(B * Hkv, dtype=torch.long)
-        if B * Hkv > 1:
-            offsets[1:] = torch.cumsum(flat_caps, 0)[:-1]
-        R = int(flat_caps.sum())
+        offsets = _offsets(caps)
+        R = int(caps.sum())
         M = keep.shape[-1]
         used = torch.arange(M).view(1, 1, M) < counts.view(B, Hkv, 1)
         src_tok = keep.long().clamp(0, max(T - 1, 0))
@@ -177,41 +183,26 @@ class RaggedKV:
 
     def relayout(self, caps: torch.Tensor) -> None:
         """Copy the live rows into a new pool with per-head capacities ``caps`` (>= lengths)."""
-        caps = torch.maximum(caps.long(), self.lengths.long())
-        B, Hkv = self.shape
-        flat = caps.flatten()
-        offsets = torch.zeros(B * Hkv, dtype=torch.long)
-        if B * Hkv > 1:
-            offsets[1:] = torch.cumsum(flat, 0)[:-1]
-        R = int(flat.sum())
         rows, live = self.rows()
-        W = rows.shape[-1]
-        dst = (offsets.view(B, Hkv, 1) + torch.arange(W).view(1, 1, W))[live]
-        src = rows[live]
-        k = self.k.new_empty(R, self.k.shape[1])
-        v = self.v.new_empty(R, self.v.shape[1])
-        pos = torch.full((R,), -1, dtype=torch.long)
-        score = torch.zeros(R, dtype=torch.float32)
-        k[dst], v[dst], pos[dst], score[dst] = self.k[src], self.v[src], self.pos[src], self.score[src]
-        self.k, self.v, self.pos, self.score = k, v, pos, score
-        self.offsets, self.caps = offsets.view(B, Hkv), caps
+        self._rebuild(rows, live, torch.maximum(caps.long(), self.lengths.long()), self.lengths)
         self.num_reallocations += 1
-        self._meta = None
-        self._caps_flat = None
 
     # -- batch reordering (beam search, generate's batch utilities) ------------------------------------
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (and reorder) the batch rows ``index``."""
         rows, live = self.rows()
         index = index.long().cpu()
-        rows, live = rows[index], live[index]
-        caps, lengths = self.caps[index], self.lengths[index]
+        self._rebuild(rows[index], live[index], self.caps[index], self.lengths[index])
+        for name in ("budget", "sink_end", "recent"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[index].clone())
+
+    def _rebuild(self, rows, live, caps, lengths) -> None:
+        """New pools with segments of ``caps`` rows holding the rows ``rows[live]`` (per head, in order)."""
         B, Hkv = lengths.shape
-        flat = caps.flatten()
-        offsets = torch.zeros(B * Hkv, dtype=torch.long)
-        if B * Hkv > 1:
-            offsets[1:] = torch.cumsum(flat, 0)[:-1]
-        R = int(flat.sum())
+        offsets = _offsets(caps)
+        R = int(caps.sum())
         W = rows.shape[-1]
         dst = (offsets.view(B, Hkv, 1) + torch.arange(W).view(1, 1, W))[live]
         src = rows[live]
@@ -221,10 +212,8 @@ class RaggedKV:
         score = torch.zeros(R, dtype=torch.float32)
         k[dst], v[dst], pos[dst], score[dst] = self.k[src], self.v[src], self.pos[src], self.score[src]
         self.k, self.v, self.pos, self.score = k, v, pos, score
-        self.offsets, self.caps, self.lengths = offsets.view(B, Hkv), caps.clone(), lengths.clone()
-        for name in ("budget", "sink_end", "recent"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t[index].clone())
+        self.offsets, self.caps = offsets.view(B, Hkv), caps.clone()
+        if lengths is not self.lengths:  # a re-layout keeps the tensor the cache layer shares as head_lengths
+            self.lengths = lengths.clone()
         self._meta = None
         self._caps_flat = None

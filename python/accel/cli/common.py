@@ -1,27 +1,18 @@
 """Shared CLI helpers: argument parsing of overrides, model loading, generation with timing."""
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
 
-from ..errors import AccelError
 
 BASELINE = "hf"  # the unpatched transformers model
 
 
 def parse_overrides(items: list[str] | None) -> dict:
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise AccelError(f"--set expects KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    from ..policies.registry import parse_options
+
+    return parse_options(items, "--set")
 
 
 def setup(args) -> None:

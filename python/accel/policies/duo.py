@@ -29,7 +29,7 @@ import torch
 from ..errors import AccelError
 from ..scheduler.plan import Plan
 from .base import ModelInfo
-from .kvcompress import FORCED, BudgetedKVPolicy
+from .kvcompress import BudgetedKVPolicy, sinks_then_newest
 from .registry import register_policy
 
 
@@ -119,8 +119,4 @@ class DuoAttentionPolicy(BudgetedKVPolicy):
         return torch.full_like(budgets, self.sink), torch.zeros_like(budgets)
 
     def token_scores(self, view, keys, valid, budgets, scaling):
-        B, Hkv, T, _ = keys.shape
-        t = torch.arange(T).view(1, 1, T)
-        fv = valid.int().argmax(1).view(B, 1, 1) if valid is not None else torch.zeros(B, 1, 1, dtype=torch.long)
-        sink = (t >= fv) & (t < fv + self.sink)
-        return torch.where(sink, 2 * FORCED - t, t.double()).expand(B, Hkv, T)
+        return sinks_then_newest(keys, valid, self.sink)

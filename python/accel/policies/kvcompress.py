@@ -27,7 +27,6 @@ budget follows its own length).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -160,6 +159,18 @@ def pool1d(x: torch.Tensor, kernel: int, mode: str, valid: torch.Tensor | None =
     return (num / den.clamp(min=1e-9))[..., :T].reshape(B, Hkv, T)
 
 
+def sinks_then_newest(keys, valid, sink) -> torch.Tensor:
+    """Keep scores of position-based policies (StreamingLLM, DuoAttention's streaming heads, MoA): the
+    first ``sink`` real tokens of each row forced (``sink``: int or [B, Hkv]), then the newest tokens."""
+    from ._selection import first_valid_positions
+
+    B, Hkv, T, _ = keys.shape
+    t = torch.arange(T).view(1, 1, T)
+    fv = first_valid_positions(valid, B).view(B, 1, 1)
+    sk = sink.view(B, Hkv, 1) if isinstance(sink, torch.Tensor) else sink
+    return torch.where((t >= fv) & (t < fv + sk), 2 * FORCED - t, t.double()).expand(B, Hkv, T)
+
+
 def keep_top(score: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (b, h): the ``budgets[b, h]`` highest-scoring tokens (-inf never kept), sorted by position.
     Returns (keep [B, Hkv, M] int64, counts [B, Hkv])."""
@@ -270,21 +281,27 @@ class BudgetedKVPolicy(KVCachePolicy):
         score = self.token_scores(view, keys, valid, budgets, scaling)
         if valid is not None:
             score = score.masked_fill(~valid.view(B, 1, T), _NEG)
-        keep, counts = keep_top(score, budgets)
-        fixed = self.decode == "fixed"
-        slack = max(64, reserve - T + 1)
-        caps = torch.where(grow, counts + slack, counts + 1)
         seed = None
         if self.evict_by == "score":  # the statistic itself (before forcing), where a policy kept it
             seed = self._raw if self._raw is not None else score.masked_fill(score >= FORCED, 0.0)
         self._raw = None
+        sink, recent = self.protect(budgets)
+        self._store(cl, score, budgets, grow, valid, reserve, seed, sink, recent)
+
+    def _store(self, cl, score, budgets, grow, valid, reserve: int, seed, sink, recent) -> None:
+        """Keep each head's top ``budgets`` tokens of ``score`` in the layer's ragged pool and set up its
+        decode-time eviction: heads in ``grow`` keep every new token, the others stay at their budget,
+        evicting outside ``sink`` (per row, from its first real token) and ``recent`` ([B, Hkv])."""
+        from ._selection import first_valid_positions
+
+        B, Hkv, T = score.shape
+        keep, counts = keep_top(score, budgets)
+        caps = torch.where(grow, counts + max(64, reserve - T + 1), counts + 1)
         cl.compress(keep, counts, caps, scores=seed)
         rg = cl.ragged
-        rg.accumulate = self.accumulate and fixed and self.evict_by == "score"
+        rg.accumulate = self.accumulate and self.decode == "fixed" and self.evict_by == "score"
         rg.budget = torch.where(grow, torch.iinfo(torch.int64).max, budgets)  # growing heads never evict
-        sink, recent = self.protect(budgets)
-        fv = valid.int().argmax(1) if valid is not None else torch.zeros(B, dtype=torch.long)
-        rg.sink_end = fv.view(B, 1) + sink  # positions below this are protected sinks
+        rg.sink_end = first_valid_positions(valid, B).view(B, 1) + sink  # positions below: protected sinks
         rg.recent = recent
         rg.evict_by = self.evict_by
 
@@ -387,12 +404,7 @@ class StreamingLLMPolicy(BudgetedKVPolicy):
         return torch.full_like(budgets, self.sink), torch.zeros_like(budgets)
 
     def token_scores(self, view, keys, valid, budgets, scaling):
-        B, Hkv, T, _ = keys.shape
-        t = torch.arange(T).view(1, 1, T)
-        fv = valid.int().argmax(1).view(B, 1, 1) if valid is not None else torch.zeros(B, 1, 1, dtype=torch.long)
-        sink = (t >= fv) & (t < fv + self.sink)
-        # the rest of the budget goes to the newest tokens: the score is the position
-        return torch.where(sink, 2 * FORCED - t, t.double()).expand(B, Hkv, T)
+        return sinks_then_newest(keys, valid, self.sink)
 
 
 @register_policy("snapkv")

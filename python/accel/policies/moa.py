@@ -16,7 +16,6 @@ methods.md 4.1 allows instead of MoA's MHA conversion).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +25,7 @@ from ..errors import AccelError
 from ..scheduler.heads import MOA_MIN_CACHE, MOA_SINK, MOA_SPLIT, moa_span
 from ..scheduler.plan import Plan
 from .base import ModelInfo
-from .kvcompress import FORCED, BudgetedKVPolicy
+from .kvcompress import BudgetedKVPolicy, sinks_then_newest
 from .registry import register_policy
 
 
@@ -101,15 +100,10 @@ class MoAPolicy(BudgetedKVPolicy):
         return self._grow.clone() if self.decode == "fixed" else torch.ones_like(budgets, dtype=torch.bool)
 
     def protect(self, budgets):
-        return torch.minimum(budgets, torch.full_like(budgets, MOA_SINK)), torch.zeros_like(budgets)
+        return budgets.clamp(max=MOA_SINK), torch.zeros_like(budgets)  # static part: min(cache, 64)
 
     def token_scores(self, view, keys, valid, budgets, scaling):
-        B, Hkv, T, _ = keys.shape
-        t = torch.arange(T).view(1, 1, T)
-        fv = valid.int().argmax(1).view(B, 1, 1) if valid is not None else torch.zeros(B, 1, 1, dtype=torch.long)
-        sk = torch.minimum(budgets, torch.full_like(budgets, MOA_SINK)).view(B, Hkv, 1)
-        sink = (t >= fv) & (t < fv + sk)
-        return torch.where(sink, 2 * FORCED - t, t.double().expand(B, Hkv, T))
+        return sinks_then_newest(keys, valid, budgets.clamp(max=MOA_SINK))
 
     # -- sparse prefill ---------------------------------------------------------------------------------
     def prefill_attention(self, ctx, query, key, value, attention_mask, scaling):

@@ -51,19 +51,24 @@ def get_policy_class(name: str) -> type:
 def split_spec(part: str) -> tuple[str, dict]:
     """``"snapkv@budget_ratio=0.25@window=16"`` -> ("snapkv", {"budget_ratio": 0.25, "window": 16}): a
     policy with its options inline, so one evaluation can compare several budgets of one policy."""
+    base, *opts = part.split("@")
+    return base.strip(), parse_options(opts, f"policy option in {part!r} (e.g. snapkv@budget_ratio=0.25)")
+
+
+def parse_options(items, what: str = "option") -> dict:
+    """``["k=v", ...]`` -> ``{k: JSON value of v, or the string}`` (``--set`` and ``name@k=v`` specs)."""
     import json
 
-    base, *opts = part.split("@")
     out = {}
-    for o in opts:
-        if "=" not in o:
-            raise AccelError(f"policy option {o!r} in {part!r} must be KEY=VALUE (e.g. snapkv@budget_ratio=0.25)")
-        k, v = o.split("=", 1)
+    for it in items or []:
+        if "=" not in it:
+            raise AccelError(f"{what} expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
             out[k] = v
-    return base.strip(), out
+    return out
 
 
 def make_policy(spec, overrides: dict | None = None):

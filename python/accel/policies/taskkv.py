@@ -32,8 +32,9 @@ from typing import ClassVar
 import torch
 
 from ..errors import AccelError
+from ._selection import first_valid_positions
 from .base import LayerContext
-from .kvcompress import FORCED, BudgetedKVPolicy, PrefillView, group_agg, pool1d, prompt_valid, window_attention
+from .kvcompress import FORCED, BudgetedKVPolicy, PrefillView, pool1d, prompt_valid
 from .registry import register_policy
 
 _NEG = float("-inf")
@@ -146,30 +147,15 @@ class TaskKVPolicy(BudgetedKVPolicy):
             w = (~h_mask).float().unsqueeze(-1)
             shared = (st["mid"] * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
             t = torch.arange(T).view(1, 1, T)
-            fv = valid.int().argmax(1).view(B, 1, 1) if valid is not None else torch.zeros(B, 1, 1, dtype=torch.long)
+            fv = first_valid_positions(valid, B).view(B, 1, 1)
             forced = ((t >= fv) & (t < fv + self.sink)) | (t >= T - self.recent)
             score = torch.where(forced, FORCED + t.double(), shared.double().expand(B, Hkv, T))
             score = torch.where(h_mask.view(B, Hkv, 1), FORCED + t.double(), score)  # heterogeneous: keep all
             if valid is not None:
                 score = score.masked_fill(~valid.view(B, 1, T), _NEG)
             grow = h_mask | (budgets >= n.view(B, 1))  # covering the prompt = no compression, as the dense no-op
-            self._apply(cl, score, budgets, grow, valid, reserve, seed=shared.expand(B, Hkv, T))
-
-    def _apply(self, cl, score, budgets, grow, valid, reserve, seed):
-        from .kvcompress import keep_top
-
-        B, Hkv, T = score.shape
-        keep, counts = keep_top(score, budgets)
-        slack = max(64, reserve - T + 1)
-        caps = torch.where(grow, counts + slack, counts + 1)
-        cl.compress(keep, counts, caps, scores=seed)
-        rg = cl.ragged
-        rg.accumulate = True
-        rg.budget = torch.where(grow, torch.iinfo(torch.int64).max, budgets)
-        fv = valid.int().argmax(1) if valid is not None else torch.zeros(B, dtype=torch.long)
-        rg.sink_end = fv.view(B, 1).expand(B, Hkv) + self.sink
-        rg.recent = torch.full((B, Hkv), self.recent, dtype=torch.long)
-        rg.evict_by = "score"
+            self._store(cl, score, budgets, grow, valid, reserve, shared.expand(B, Hkv, T).contiguous(),
+                        torch.full((B, Hkv), self.sink), torch.full((B, Hkv), self.recent))
 
     # -- entry points ------------------------------------------------------------------------------------
     def after_prefill(self, ctx: LayerContext, query, attention_mask) -> None:
