@@ -9,7 +9,7 @@ from accel.cache.ragged import RaggedKV
 from accel.policies import kvcompress as K
 from accel.policies.registry import make_policy
 
-from .test_layer_reuse import gen, model4, same
+from .test_layer_reuse import gen, hand_plan, model4, same
 
 KV = ["streaming", "snapkv", "pyramidkv", "h2o"]
 KV_ALL = KV + ["taskkv"]
@@ -169,7 +169,76 @@ def test_bad_budgets_and_unsupported_compositions_are_clear_errors():
         with pytest.raises(accel.AccelError, match=msg):
             accel.patch(m, "snapkv", **kw)
     with pytest.raises(accel.AccelError, match="not supported yet"):
-        accel.patch(m, "hylra+snapkv")
+        accel.patch(m, "recycled+snapkv")
+    with pytest.raises(accel.AccelError, match="not supported yet"):
+        accel.patch(m, "hylra+duo")
+
+
+# -- layer-reuse attention over a compressed cache -------------------------------------------------------
+REUSE = [("hylra", {"plan": "hand", "sink": 4, "recent": 8, "chunk": 4}),
+         ("delta", {"full_layers": [0], "delta_layers": [1], "page_size": 4, "recent_pages": 2})]
+
+
+def _reuse_kw(kw):
+    kw = dict(kw)
+    if kw.get("plan") == "hand":
+        kw["plan"] = hand_plan()
+    return kw
+
+
+@pytest.mark.parametrize("attn,kw", REUSE)
+@pytest.mark.parametrize("kv", ["snapkv", "h2o", "pyramidkv", "taskkv"])
+def test_layer_reuse_over_a_compressed_cache(attn, kw, kv):
+    """hylra / delta decode over a compressed cache: with a top-k covering the context it is exactly the
+    KV policy alone; with a small top-k the reuse layers read fewer rows, and the cache holds the same
+    bytes as the KV policy alone (compression and attention sparsity stack)."""
+    m = model4("llama")
+    ids = prompt(90)
+    spec = f"{attn}+{kv}@budget=30@budget_ratio=null"
+    alone = gen(m, ids, f"{kv}@budget=30@budget_ratio=null", new=8)
+    assert same(gen(m, ids, spec, new=8, topk=4096, **_reuse_kw(kw)), alone, 1e-4)
+    res = {}
+    for name, s, extra in (("alone", f"{kv}@budget=30@budget_ratio=null", {}), ("both", spec, {"topk": 16, **_reuse_kw(kw)})):
+        with accel.patch(m, s, **extra) as h:
+            out = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+            res[name] = (h.runtime.stats["kv_read_bytes"], out.past_key_values.nbytes(), out.sequences)
+    assert res["both"][0] < 0.9 * res["alone"][0]  # reuse layers read at most topk rows per head
+    assert res["both"][1] == res["alone"][1]
+    assert res["both"][2].shape == res["alone"][2].shape
+
+
+def test_ragged_sparse_attend_matches_a_masked_reference():
+    """A reuse layer over a compressed cache attends to exactly the selected positions its heads hold."""
+    from types import SimpleNamespace
+
+    from accel.policies import _selection as S
+
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, T, D = 2, 2, 2, 20, 8
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    keep = torch.stack([torch.stack([torch.randperm(T, generator=g)[:12] for _ in range(Hkv)]) for _ in range(B)])
+    counts = torch.tensor([[12, 9], [7, 12]])
+    rg = RaggedKV.from_dense(k, v, keep, counts, counts + 2)
+    ctx = SimpleNamespace(cache_layer=SimpleNamespace(ragged=rg, cumulative_length=T),
+                          runtime=SimpleNamespace(stats={"kv_read_bytes": 0}))
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    sel = torch.full((B, Hkv, 10), -1, dtype=torch.int32)
+    sel_n = torch.tensor([[10, 6], [8, 10]])
+    for b in range(B):
+        for h in range(Hkv):
+            sel[b, h, : sel_n[b, h]] = torch.randperm(T, generator=g)[: sel_n[b, h]].sort().values.int()
+    out = S.ragged_sparse_attend(ctx, q, 0.3, sel, sel_n.int())
+    for b in range(B):
+        for h in range(Hkv):
+            held = set(keep[b, h, : counts[b, h]].tolist())
+            both = sorted(held & set(sel[b, h, : sel_n[b, h]].tolist()))
+            for gq in range(G):
+                qh = q[b, h * G + gq, 0]
+                if not both:
+                    continue
+                p = torch.softmax(k[b, h, both] @ qh * 0.3, 0)
+                assert torch.allclose(out[b, 0, h * G + gq], p @ v[b, h, both], atol=1e-5)
+    assert ctx.runtime.stats["kv_read_bytes"] > 0
 
 
 # -- DuoAttention head types -------------------------------------------------------------------------------
@@ -373,3 +442,19 @@ def test_cpp_cache_bookkeeping_matches_the_torch_fallback(policy, monkeypatch):
                 rows_a, live_a = ra.rows()
                 rows_b, live_b = rb.rows()
                 assert sorted(ra.pos[rows_a[bb, h]][live_a[bb, h]].tolist()) == sorted(rb.pos[rows_b[bb, h]][live_b[bb, h]].tolist())
+
+
+def test_layer_reuse_over_a_compressed_cache_in_a_padded_batch():
+    """Left-padded batch: hylra over snapkv with a covering top-k equals snapkv alone row for row, and a
+    small top-k still decodes every row."""
+    m = model4("llama")
+    ids = prompt(70, B=2)
+    mask = torch.ones_like(ids)
+    mask[1, :15] = 0
+    ids[1, :15] = 0
+    kv = "snapkv@budget=24@budget_ratio=null"
+    alone = gen(m, ids, kv, mask=mask, new=6)
+    kw = {"plan": hand_plan(), "sink": 4, "recent": 8, "chunk": 4}
+    assert same(gen(m, ids, f"hylra+{kv}", mask=mask, new=6, topk=4096, **kw), alone, 1e-4)
+    small = gen(m, ids, f"hylra+{kv}", mask=mask, new=6, topk=16, **kw)
+    assert small.sequences.shape == alone.sequences.shape

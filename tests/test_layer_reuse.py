@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import accel
+from accel.errors import AccelError
 from accel.ops._selection_reference import select_topk_ref
 from accel.policies import _selection as S
 from accel.scheduler.dp import brute_force, hylra_dp, path_value
 from accel.scheduler.plan import LayerPlan, Plan
-from accel.scheduler.profiler import _ratio90, layer_statistics, overlap_matrix
+from accel.scheduler.profiler import _ratio90, layer_statistics, mass_recall_matrix, overlap_matrix
 
 
 def model4(arch="llama", seed=0):
@@ -240,6 +241,29 @@ def test_profiler_statistics():
     assert r.shape == (2, 5) and mask.shape == (2, 5, 10) and torch.all(mask.sum(-1) == 3)
 
 
+def test_mass_recall_matrix():
+    """Share of each query head's attention mass inside the donor's selection of its KV head: 1 when
+    the donor keeps every chunk the head attends, 0 when disjoint, the worst step with reduce='min'."""
+    Hkv, G, S, nC = 2, 2, 3, 4
+    donor = torch.zeros(Hkv, S, nC, dtype=torch.bool)
+    donor[0, :, :2] = True  # KV head 0 keeps chunks 0-1
+    donor[1, :, 2:] = True  # KV head 1 keeps chunks 2-3
+    mass = torch.zeros(Hkv * G, S, nC)
+    mass[0:2, :, 0] = 1.0  # heads of KV head 0 attend chunk 0: inside
+    mass[2, :, 0] = 1.0  # a head of KV head 1 attends chunk 0: outside its KV head's selection
+    mass[3, :, 2] = 0.5
+    mass[3, :, 1] = 0.5
+    mass[3, 1] = 0.0
+    mass[3, 1, 1] = 1.0  # one step puts everything outside
+    own = torch.ones(Hkv, S, nC, dtype=torch.bool)
+    mean = mass_recall_matrix([donor, own], [mass, mass])
+    assert mean.shape == (4, 2, 2) and torch.all(mean[:, 0, 0] == 1) and torch.all(mean[:, 1, 1] == 1)
+    assert mean[0, 0, 1] == 1 and mean[1, 0, 1] == 1 and mean[2, 0, 1] == 0
+    assert abs(mean[3, 0, 1].item() - 1 / 3) < 1e-6 and mean[3, 1, 0] == 0  # (0.5 + 0 + 0.5) / 3; lower triangle 0
+    worst = mass_recall_matrix([donor, own], [mass, mass], reduce="min")
+    assert worst[3, 0, 1] == 0 and worst[0, 0, 1] == 1
+
+
 def test_calibrate_produces_a_valid_plan_that_round_trips(tmp_path):
     m = model4("gemma3_text")
     random.seed(0)
@@ -257,6 +281,13 @@ def test_calibrate_produces_a_valid_plan_that_round_trips(tmp_path):
     assert q.to_dict() == p.to_dict()
     ids = torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(6))
     assert same(gen(m, ids, "hylra", plan=q, topk=4096), gen(m, ids, "dense"))
+    for metric in ("overlap", "mass"):  # every similarity the DP can use gives a valid plan
+        o = accel.calibrate(m, Tok(), [txt], tokens=256, steps=16, sparsity=0.5, computed_ratio=0.5, metric=metric,
+                            progress=False)
+        assert o.provenance["args"]["metric"] == metric and o.provenance["args"]["data"] == "user texts"
+        o.validate(num_layers=4)
+    with pytest.raises(AccelError, match="metric must be"):
+        accel.calibrate(m, Tok(), [txt], tokens=256, steps=16, metric="kl", progress=False)
 
 
 def test_runtime_counts_the_kv_bytes_decode_actually_reads():

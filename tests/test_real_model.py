@@ -93,7 +93,7 @@ def test_shipped_hylra_plan_is_found_and_reproducible(smollm):
     again = accel.calibrate(model, tok, tokens=a["tokens"], steps=a["steps"], chunk=a["chunk"],
                             preserved_ratio=a["preserved_ratio"], sink=a["sink"], recent=a["recent"],
                             sparsity=a["sparsity"], computed_ratio=a["computed_ratio"], anchor_mode=a["anchor_mode"],
-                            n_texts=a["n_texts"], progress=False)
+                            n_texts=a["n_texts"], data=a["data"], metric=a["metric"], progress=False)
     assert [(lp.mode, lp.reuse_src) for lp in again.layers] == [(lp.mode, lp.reuse_src) for lp in plan.layers]
 
 

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, help="plan JSON to write (a PNG picture is written next to it)")
     pl.add_argument("--png", default=None, help="picture path (default: the --out path with .png)")
     pl.add_argument("--tokens", type=int, default=None, help="tokens per calibration text (hylra 4096, duo 2048)")
-    pl.add_argument("--n-texts", type=int, default=None, help="calibration texts (hylra 1 essay window, duo 4 retrieval prompts)")
-    pl.add_argument("--steps", type=int, default=64, help="decode-step queries profiled per text")
+    pl.add_argument("--n-texts", type=int, default=None, help="calibration texts (hylra 4 and duo 4 retrieval prompts, moa 2)")
+    pl.add_argument("--steps", type=int, default=None, help="decode-step queries profiled per text (hylra 32, duo/moa 64)")
     pl.add_argument("--chunk", type=int, default=16)
     pl.add_argument("--preserved-ratio", type=float, default=0.125, help="profiled top-k as a fraction of the text")
     pl.add_argument("--sink", type=int, default=None, help="hylra 16, duo 64")
@@ -70,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--densities", default="0.5,0.25,0.1", help="moa: average densities to solve for (the first is the default)")
     pl.add_argument("--lengths", default="2048,4096", help="moa: profiled lengths")
     pl.add_argument("--sparsity", type=float, default=0.91, help="rollback layers = ceil(L*(1-sparsity))")
-    pl.add_argument("--computed-ratio", type=float, default=0.1, help="switch budget share of the DP")
+    pl.add_argument("--computed-ratio", type=float, default=None, help="hylra: switch budget share of the DP (0.2)")
     pl.add_argument("--anchor-mode", default="full", choices=["full", "select"])
+    pl.add_argument("--data", default=None, choices=["essays", "retrieval"],
+                    help="hylra calibration text: plain essays or synthetic passkey/needle prompts (default retrieval)")
+    pl.add_argument("--metric", default=None, choices=["overlap", "mass", "mass_min"],
+                    help="hylra inter-layer similarity for the DP (default mass_min; overlap = HyLRA/UCM's chunk overlap)")
 
     d = sub.add_parser("demo", help="passkey on the embedded SmolLM2: unpatched vs accel, answers and speed")
     common(d)

@@ -111,20 +111,22 @@ def run(args) -> int:
     if args.policy == "hylra":
         from ..scheduler.profiler import calibrate
 
-        plan = calibrate(model, tok, policy="hylra", tokens=pick(args.tokens, 4096), steps=args.steps, chunk=args.chunk,
-                         preserved_ratio=args.preserved_ratio, sink=pick(args.sink, 16), recent=pick(args.recent, 64),
-                         sparsity=args.sparsity, computed_ratio=args.computed_ratio, anchor_mode=args.anchor_mode,
-                         n_texts=pick(args.n_texts, 1), progress=True)
+        plan = calibrate(model, tok, policy="hylra", tokens=pick(args.tokens, 4096), steps=pick(args.steps, 32),
+                         chunk=args.chunk, preserved_ratio=args.preserved_ratio, sink=pick(args.sink, 16),
+                         recent=pick(args.recent, 64), sparsity=args.sparsity,
+                         computed_ratio=pick(args.computed_ratio, 0.2), anchor_mode=args.anchor_mode,
+                         n_texts=pick(args.n_texts, 4), data=pick(args.data, "retrieval"),
+                         metric=pick(args.metric, "mass_min"), progress=True)
     elif args.policy == "duo":
         from ..scheduler.heads import calibrate_duo
 
-        plan = calibrate_duo(model, tok, tokens=pick(args.tokens, 2048), steps=args.steps, n_texts=pick(args.n_texts, 4),
+        plan = calibrate_duo(model, tok, tokens=pick(args.tokens, 2048), steps=pick(args.steps, 64), n_texts=pick(args.n_texts, 4),
                              sink=pick(args.sink, 64), recent=pick(args.recent, 256),
                              retrieval_fraction=args.retrieval_fraction, progress=True)
     elif args.policy == "moa":
         from ..scheduler.heads import calibrate_moa
 
-        plan = calibrate_moa(model, tok, lengths=[int(x) for x in args.lengths.split(",")], steps=args.steps,
+        plan = calibrate_moa(model, tok, lengths=[int(x) for x in args.lengths.split(",")], steps=pick(args.steps, 64),
                              n_texts=pick(args.n_texts, 2), densities=[float(x) for x in args.densities.split(",")],
                              progress=True)
     else:

@@ -95,32 +95,38 @@ def dense_decode(ctx, query, key, value, attention_mask, scaling):
     return out.unsqueeze(1)  # [B, 1, H, D], the layout HF attention functions return
 
 
-def ragged_decode(ctx, query, scaling):
+def ragged_decode(ctx, query, scaling, return_scores: bool = False):
     """Decode attention over a compressed layer (``accel.cache.ragged.RaggedKV``): every KV head
     attends its own kept tokens. When the layer's KV policy asks for it (``accumulate``), the
     attention each kept token receives (mean over the GQA group) is added to its eviction score
-    (H2O-style), from the kernel's fused logits output, without a second pass over K."""
+    (H2O-style), from the kernel's fused logits output, without a second pass over K.
+    ``return_scores``: also return the logits of each head's slots [B, H, W] and the lse [B, H]
+    (a layer-reuse anchor over a compressed cache selects from them)."""
     rg = ctx.cache_layer.ragged
     B, H, _, D = query.shape
     Hkv = rg.shape[1]
     q = query[:, :, 0, :]
-    if rg.accumulate:
+    sc = lse = None
+    if rg.accumulate or return_scores:
         W = max(1, int(rg.lengths.max()))
         sc = torch.empty(B, H, W)
         out, lse = decode_attention(q, rg.k, rg.v, rg.lengths, offsets=rg.offsets, scale=scaling, return_lse=True,
                                     scores=sc)
-        from .. import _ext
+        if rg.accumulate:
+            from .. import _ext
 
-        if _ext.HAS_CPU_EXT and q.device.type == "cpu":
-            _ext.cpu_ext().ragged_accumulate(sc, lse.float().contiguous(), rg.offsets.reshape(-1), rg.lengths.view(-1),
-                                             rg.score)
-        else:
-            rows, live = rg.rows(W)
-            p = torch.exp(sc - lse.float().unsqueeze(-1)).view(B, Hkv, H // Hkv, W).mean(2)
-            rg.score.index_add_(0, rows[live], p[live])
+            if _ext.HAS_CPU_EXT and q.device.type == "cpu":
+                _ext.cpu_ext().ragged_accumulate(sc, lse.float().contiguous(), rg.offsets.reshape(-1),
+                                                 rg.lengths.view(-1), rg.score)
+            else:
+                rows, live = rg.rows(W)
+                p = torch.exp(sc - lse.float().unsqueeze(-1)).view(B, Hkv, H // Hkv, W).mean(2)
+                rg.score.index_add_(0, rows[live], p[live])
     else:
         out = decode_attention(q, rg.k, rg.v, rg.lengths, offsets=rg.offsets, scale=scaling)
     ctx.runtime.stats["kv_read_bytes"] += int(rg.lengths.sum()) * rg.row_bytes()
+    if return_scores:
+        return out.unsqueeze(1), sc, lse
     return out.unsqueeze(1)
 
 

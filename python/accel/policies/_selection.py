@@ -9,6 +9,10 @@
 * ``dense_with_scores``: exact decode attention that also returns the scaled logits (the C++ kernel
   writes them while it computes attention, so an anchor layer does not read K twice).
 * ``sparse_attend``: decode attention over index lists with accel's sparse kernel (no gather).
+* ``ragged_with_scores`` / ``ragged_sparse_attend``: the same two over a compressed layer
+  (``accel.cache.ragged``), where each KV head keeps its own tokens: selections travel between layers
+  as absolute token positions, and a reuse layer maps them to its own kept rows (a position -> slot
+  table built per step), dropping positions its heads no longer hold.
 """
 from __future__ import annotations
 
@@ -186,3 +190,47 @@ def own_scores(query, key, attention_mask, ctx, scaling):
 
     count_kv_read(ctx, B * Hkv * T, key, key, values_too=False)
     return s, torch.logsumexp(s, dim=-1), valid
+
+
+def ragged_with_scores(ctx, query, scaling):
+    """Exact attention over a compressed layer plus position-indexed logits: (out [B, 1, H, D], scores
+    [B, H, T] with -inf at positions the head does not keep, lse [B, H], T = tokens seen so far)."""
+    from ..patching.attention_fn import ragged_decode
+
+    rg = ctx.cache_layer.ragged
+    B, H = query.shape[:2]
+    Hkv = rg.shape[1]
+    T = int(ctx.cache_layer.cumulative_length)
+    out, sc, lse = ragged_decode(ctx, query, scaling, return_scores=True)
+    W = sc.shape[-1]
+    rows, live = rg.rows(W)
+    pos = torch.where(live, rg.pos[rows], torch.full_like(rows, T))  # dead slots land in a spare column
+    G = H // Hkv
+    full = torch.full((B, H, T + 1), float("-inf"))
+    full.scatter_(2, pos.repeat_interleave(G, 1), sc)
+    return out, full[:, :, :T], lse, T
+
+
+def ragged_sparse_attend(ctx, query, scaling, idx, counts):
+    """Decode attention of a compressed layer over the positions ``idx`` [B, Hs, n] (-1 padded; Hs = Hkv
+    or 1 for a layer-wide set) that its heads still hold."""
+    rg = ctx.cache_layer.ragged
+    B, Hkv = rg.shape
+    T = int(ctx.cache_layer.cumulative_length)
+    if idx.shape[1] == 1 and Hkv > 1:
+        idx = idx.expand(B, Hkv, idx.shape[2])
+    W = max(1, int(rg.lengths.max()))
+    rows, live = rg.rows(W)
+    pos = torch.where(live, rg.pos[rows], torch.full_like(rows, T))
+    lookup = torch.full((B, Hkv, T + 1), -1, dtype=torch.long)
+    lookup.scatter_(2, pos, torch.arange(W).view(1, 1, W).expand(B, Hkv, W))
+    lookup[:, :, T] = -1
+    want = idx.long()
+    slot = torch.gather(lookup, 2, torch.where(want >= 0, want.clamp(max=T), torch.full_like(want, T)))
+    big = torch.iinfo(torch.int32).max
+    slot = torch.where(slot >= 0, slot, torch.full_like(slot, big)).sort(dim=-1).values  # held slots first, ascending
+    n = (slot != big).sum(-1).to(torch.int32)
+    slot = torch.where(slot != big, slot, torch.full_like(slot, -1)).to(torch.int32).contiguous()
+    out = decode_attention(query[:, :, 0, :], rg.k, rg.v, n, indices=slot, offsets=rg.offsets, scale=scaling)
+    ctx.runtime.stats["kv_read_bytes"] += int(n.sum()) * rg.row_bytes()
+    return out.unsqueeze(1)

@@ -35,7 +35,10 @@ from .registry import register_policy
 
 
 class _LayerReuse(AttentionPolicy):
-    """Full / select / reuse decode driven by the plan; subclasses set the knobs and plan source."""
+    """Full / select / reuse decode driven by the plan; subclasses set the knobs and plan source.
+    Runs over accel's full cache and over KV-compressed caches (composition with a KV policy)."""
+
+    supports_compressed_cache = True
 
     def _knob(self, ctx: LayerContext, name: str):
         v = getattr(ctx.plan, name, None) if name in ("topk", "sink", "recent") else ctx.plan.params.get(name)
@@ -54,6 +57,8 @@ class _LayerReuse(AttentionPolicy):
         cl = ctx.cache_layer
         if cl is not None and getattr(cl, "is_sliding", False):
             return dense_decode(ctx, query, key, value, attention_mask, scaling)  # window layers stay exact
+        if cl is not None and cl.ragged is not None:
+            return self._decode_compressed(ctx, query, scaling)
         budget = self._budget(ctx, T)
         sparse_on = budget < T and T >= self.min_context
         if lp.mode == "reuse":
@@ -76,6 +81,37 @@ class _LayerReuse(AttentionPolicy):
                 ctx.runtime.shared[("sel", ctx.layer_idx)] = (ctx.runtime.step, idx, counts, T)
                 return out
         return dense_decode(ctx, query, key, value, attention_mask, scaling)
+
+    def _decode_compressed(self, ctx, query, scaling):
+        """Decode over a KV-compressed layer (``hylra+snapkv`` and the like): each KV head holds its own
+        kept tokens. Anchors select from exact attention over their kept tokens, and selections travel
+        as absolute positions; a reuse layer attends to the positions its heads still hold. A layer
+        whose heads hold no more than the budget attends to all of them (no fewer reads are possible,
+        and it is exact over the compressed cache), so a budget covering the context gives exactly the
+        KV policy alone. A ``select`` layer scores with a full pass over its kept tokens."""
+        from ..patching.attention_fn import ragged_decode
+
+        lp = ctx.plan
+        rg = ctx.cache_layer.ragged
+        T = int(ctx.cache_layer.cumulative_length)
+        budget = self._budget(ctx, T)
+        sparse_on = budget < int(rg.lengths.max()) and T >= self.min_context
+        donor = ctx.layer_idx in ctx.runtime.donors and budget < T and T >= self.min_context
+        Hkv = rg.shape[1]
+        if lp.mode == "reuse":
+            sel = ctx.runtime.shared.get(("sel", lp.reuse_src))
+            if not sparse_on or sel is None or sel[0] != ctx.runtime.step or sel[3] != T:
+                return ragged_decode(ctx, query, scaling)
+            return S.ragged_sparse_attend(ctx, query, scaling, sel[1], sel[2])
+        if (lp.mode == "select" and sparse_on) or donor:
+            out, scores, lse, T = S.ragged_with_scores(ctx, query, scaling)
+            idx, counts = self._select(ctx, scores, lse, None, budget, T, Hkv)
+            if donor:
+                ctx.runtime.shared[("sel", ctx.layer_idx)] = (ctx.runtime.step, idx, counts, T)
+            if lp.mode == "select" and sparse_on:
+                return S.ragged_sparse_attend(ctx, query, scaling, idx, counts)
+            return out
+        return ragged_decode(ctx, query, scaling)
 
     def _select(self, ctx, scores, lse, valid, budget, T, Hkv):
         return S.select_from_scores(

@@ -121,6 +121,13 @@ def make_policy(spec, overrides: dict | None = None):
             f"{attn[0].name!r} decode over a compressed cache ({'+'.join(o.name for o in kv)}) is not supported yet: "
             f"use the KV policy alone (dense attention over the kept tokens), e.g. policy={kv[0].name!r}"
         )
+    planned = [o.name for o in kv if getattr(o, "needs_plan", False)]
+    if planned and attn[0].name != "dense":
+        raise AccelError(
+            f"{attn[0].name!r} over {planned[0]!r} is not supported yet: both need their own plan (layer modes and "
+            f"per-head fields); compose {attn[0].name!r} with a plan-free KV policy (streaming, snapkv, pyramidkv, "
+            f"h2o, taskkv), e.g. '{attn[0].name}+snapkv', or use {planned[0]!r} alone"
+        )
     if len(objs) == 1 and isinstance(objs[0], AttentionPolicy):
         return objs[0]
     return ComposedPolicy(attention=attn[0], kv=kv)
