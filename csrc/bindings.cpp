@@ -10,6 +10,9 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                                                 c10::optional<torch::Tensor> offsets);
 torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
                                  int64_t num_threads);
+std::vector<torch::Tensor> select_from_logits_cpu(torch::Tensor scores, torch::Tensor lse, int64_t T, int64_t num_kv_heads,
+                                                  int64_t budget, int64_t agg, int64_t chunk, int64_t sink,
+                                                  int64_t recent, c10::optional<torch::Tensor> first);
 std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lengths, int64_t budget,
                                            int64_t agg, int64_t chunk, int64_t sink, int64_t recent, double scale);
 torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
@@ -36,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("num_threads") = 0);
   m.def("select_topk", &select_topk_cpu, "group-aggregated top-k token selection with forced sink/recent");
+  m.def("select_from_logits", &select_from_logits_cpu,
+        "top-k token positions from decode logits and lse (layer-reuse anchors), same rules as select_topk");
   m.def("block_sparse_prefill", &block_sparse_prefill_cpu, "block-sparse causal prefill attention (64-token blocks)");
   m.def("flush_cache_lines", &flush_cache_lines_cpu, py::arg("t"),
         "flush the tensor's storage from every cache level (x86 clflush); False where unsupported");

@@ -335,3 +335,28 @@ def test_short_prompts_keep_at_least_min_topk_tokens():
     ref = gen(m, ids, "dense")
     for pol, kw in (("recycled", {}), ("delta", {}), ("hylra", {"plan": hand_plan()})):
         assert same(gen(m, ids, pol, **kw), ref)  # 30 + 12 tokens < 64: exact with the default ratio
+
+
+@pytest.mark.parametrize("agg", S.AGG_CHOICES)
+def test_cpp_selection_from_logits_matches_torch(agg):
+    """The C++ selection anchors use (``select_from_logits``) picks the same positions as the torch
+    path, with left padding (sink from the first real token) and budgets below / above the context."""
+    from accel import _ext
+
+    if not _ext.HAS_CPU_EXT:
+        pytest.skip(_ext.CPU_EXT_REASON)
+    g = torch.Generator().manual_seed(5)
+    for B, H, Hkv, T, chunk, sink, recent, budget in ((2, 4, 2, 300, 4, 4, 8, 40), (2, 6, 3, 301, 1, 3, 5, 17),
+                                                      (3, 4, 2, 200, 8, 16, 16, 60), (2, 4, 2, 100, 4, 4, 8, 200)):
+        sc = torch.randn(B, H, T + 3, generator=g) * 3
+        fv = torch.tensor([0] + [7] * (B - 1))
+        for b in range(B):
+            sc[b, :, : fv[b]] = float("-inf")
+        lse = torch.logsumexp(sc[:, :, :T], -1)
+        kw = dict(agg=agg, chunk=chunk, sink=sink, recent=recent, first_valid=fv, T=T)
+        i_t, c_t, _ = S.select_from_scores(sc, lse, Hkv, budget, return_scores=True, **kw)  # torch path
+        i_c, c_c = S.select_from_scores(sc, lse, Hkv, budget, **kw)  # C++ path
+        assert torch.equal(c_t, c_c)
+        for b in range(B):
+            for h in range(c_t.shape[1]):
+                assert torch.equal(i_t[b, h, : c_t[b, h]], i_c[b, h, : c_c[b, h]])

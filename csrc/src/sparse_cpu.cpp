@@ -54,6 +54,45 @@ std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, tor
   return {out, counts};
 }
 
+std::vector<torch::Tensor> select_from_logits_cpu(torch::Tensor scores, torch::Tensor lse, int64_t T, int64_t num_kv_heads,
+                                                  int64_t budget, int64_t agg, int64_t chunk, int64_t sink,
+                                                  int64_t recent, c10::optional<torch::Tensor> first) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == torch::kFloat32 && scores.dim() == 3 &&
+                  scores.stride(2) == 1, "scores must be a CPU float32 [B, H, >=T] tensor contiguous in T");
+  const int64_t B = scores.size(0), H = scores.size(1);
+  TORCH_CHECK(T >= 1 && T <= scores.size(2), "T must be in [1, scores.size(2)]");
+  TORCH_CHECK(num_kv_heads >= 1 && H % num_kv_heads == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(agg >= 0 && agg <= 3, "agg must be 0 (max), 1 (mean), 2 (sum) or 3 (shared)");
+  TORCH_CHECK(chunk >= 1 && budget >= 1 && sink >= 0 && recent >= 0, "chunk/budget must be >= 1, sink/recent >= 0");
+  lse = lse.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(lse.numel() == B * H, "lse must be [B, H]");
+  torch::Tensor fv;
+  if (first.has_value() && first->defined()) {
+    fv = first->to(torch::kInt64).contiguous();
+    TORCH_CHECK(fv.numel() == B, "first_valid must have B entries");
+  }
+  const int64_t n_chunks = (T + chunk - 1) / chunk;
+  // forced sink chunks (one more when the sink starts mid-chunk), recent chunks, and the budget's chunks
+  const int64_t kc_max = std::min<int64_t>(n_chunks, std::max<int64_t>(budget / chunk, 1) + (sink + chunk - 1) / chunk + 1 +
+                                                         recent / chunk + 1);
+  const int64_t cap = budget >= T ? T : std::min<int64_t>(T, kc_max * chunk);
+  const int64_t Hsel = agg == 3 ? 1 : num_kv_heads;
+  auto out = torch::empty({B, Hsel, std::max<int64_t>(cap, 1)}, torch::dtype(torch::kInt32));
+  auto counts = torch::empty({B, Hsel}, torch::dtype(torch::kInt32));
+  accel::cpu::LogitSelectParams p;
+  p.scores = scores.data_ptr<float>(); p.stride = scores.stride(1); p.lse = lse.data_ptr<float>();
+  p.first = fv.defined() ? fv.data_ptr<int64_t>() : nullptr;
+  p.T = T; p.B = B; p.H = H; p.Hkv = num_kv_heads; p.agg = static_cast<accel::cpu::Agg>(agg);
+  p.chunk = chunk; p.sink = sink; p.recent = recent; p.budget = budget;
+  p.out = out.data_ptr<int32_t>(); p.counts = counts.data_ptr<int32_t>(); p.max_sel = std::max<int64_t>(cap, 1);
+  TORCH_CHECK(scores.stride(0) == H * scores.stride(1), "scores must be contiguous over [B, H]");
+  {
+    pybind11::gil_scoped_release nogil;
+    accel::cpu::select_from_logits(p);
+  }
+  return {out, counts};
+}
+
 torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
                                        torch::Tensor counts, double scale) {
   TORCH_CHECK(q.dim() == 4, "q must be [B, H, Tq, D]");

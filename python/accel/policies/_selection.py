@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import _ext
 from ..errors import AccelError
 from ..ops.attention import decode_attention
 
@@ -77,6 +78,12 @@ def select_from_scores(scores: torch.Tensor, lse: torch.Tensor, num_kv_heads: in
         raise AccelError(f"aggregation must be one of {AGG_CHOICES}, got {agg!r}")
     B, H = scores.shape[:2]
     T = scores.shape[2] if T is None else T
+    if (not return_scores and pool_kernel <= 1 and scores.device.type == "cpu" and scores.dtype == torch.float32
+            and scores.stride(2) == 1 and scores.stride(0) == H * scores.stride(1) and _ext.HAS_CPU_EXT):
+        # one C++ call instead of ~25 small torch ops (an anchor layer selects every decode step)
+        fv = None if first_valid is None else first_valid.long().cpu()
+        return _ext.cpu_ext().select_from_logits(scores, lse.float(), int(T), int(num_kv_heads), int(budget),
+                                                 AGG_CHOICES.index(agg), int(chunk), int(sink), int(recent), fv)
     p = torch.exp(scores[:, :, :T].float() - lse.float().unsqueeze(-1))  # exp(-inf) = 0 for masked tokens
     if agg == "shared":
         a = p.amax(dim=1, keepdim=True)

@@ -38,13 +38,14 @@ CALIB_SEED = 9_000_000  # evaluation samples use seed * 1000 + i with small seed
 
 
 def streaming_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: int,
-                     recent: int, w_o: torch.Tensor | None = None) -> torch.Tensor:
+                     recent: int, w_o: torch.Tensor | None = None, reduce: str = "mean") -> torch.Tensor:
     """One layer, one text: q [H, S, D] (last S positions), k/v [Hkv, T, D] -> [Hkv] mean output error
     of streaming attention (sink + recent) against full causal attention. Without ``w_o``: relative
     error ``||o_full - o_stream|| / ||o_full||`` in the head's space. With ``w_o`` ([hidden, H * D], the
     layer's output projection): the absolute error the head writes into the residual stream,
     ``||W_O,h (o_full - o_stream)||``, summed over the group's query heads (the quantity DuoAttention's
-    gates are trained to keep small, one head at a time)."""
+    gates are trained to keep small, one head at a time). ``reduce``: over the S steps, 'mean' or 'max'
+    (the worst step: an answer copied from a needle is a handful of steps)."""
     H, S, D = q.shape
     Hkv, T, _ = k.shape
     G = H // Hkv
@@ -59,9 +60,11 @@ def streaming_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if w_o is not None:
         Wh = w_o.float().view(w_o.shape[0], H, D)  # [E, H, D]
         diff = torch.einsum("hsd,ehd->hse", o_full - o_str, Wh)  # [H, S, E]
-        return diff.view(Hkv, G, S, -1).sum(1).norm(dim=-1).mean(-1)
+        per_step = diff.view(Hkv, G, S, -1).sum(1).norm(dim=-1)  # [Hkv, S]
+        return per_step.amax(-1) if reduce == "max" else per_step.mean(-1)
     err = (o_full - o_str).norm(dim=-1) / o_full.norm(dim=-1).clamp_min(1e-12)  # [H, S]
-    return err.mean(-1).view(Hkv, G).mean(-1)
+    err = err.amax(-1) if reduce == "max" else err.mean(-1)
+    return err.view(Hkv, G).mean(-1)
 
 
 def calibration_prompts(tokenizer, n: int, tokens: int) -> list[str]:
@@ -79,7 +82,7 @@ def calibration_prompts(tokenizer, n: int, tokens: int) -> list[str]:
 
 def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: int = 64, n_texts: int = 4,
                   sink: int = 64, recent: int = 256, retrieval_fraction: float = 0.5, metric: str = "residual",
-                  progress: bool = True) -> Plan:
+                  reduce: str = "mean", progress: bool = True) -> Plan:
     """Score every KV head of every full-attention layer (see the module docstring); returns a
     ``duo`` plan whose heads carry ``score`` and a default ``kind`` (the top ``retrieval_fraction``
     retrieval, DuoAttention's deployment default of 50% streaming heads)."""
@@ -117,7 +120,7 @@ def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
         for li in full_layers:
             q, k, scale = rec.records[li]
             w_o = adapter.output_projection(li) if metric == "residual" else None
-            acc[li] += streaming_errors(q, k, rec.values[li], scale, sink, recent, w_o=w_o)
+            acc[li] += streaming_errors(q, k, rec.values[li], scale, sink, recent, w_o=w_o, reduce=reduce)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -141,7 +144,7 @@ def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
             "fingerprint": info.fingerprint,
             "source": "accel.calibrate (DuoAttention head scores: streaming-attention output error, no training)",
             "args": {"tokens": tokens, "steps": steps, "n_texts": len(texts), "sink": sink, "recent": recent,
-                     "retrieval_fraction": retrieval_fraction, "metric": metric},
+                     "retrieval_fraction": retrieval_fraction, "metric": metric, "reduce": reduce},
             "seconds": round(time.perf_counter() - t0, 1),
         },
     )
