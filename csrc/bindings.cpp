@@ -24,6 +24,9 @@ int64_t ragged_evict_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, to
                          torch::Tensor recent, bool by_age);
 void ragged_accumulate_cpu(torch::Tensor logits, torch::Tensor lse, torch::Tensor offsets, torch::Tensor lengths,
                            torch::Tensor score);
+std::vector<torch::Tensor> ragged_positions_to_slots_cpu(torch::Tensor pos, torch::Tensor offsets,
+                                                         torch::Tensor lengths, torch::Tensor idx,
+                                                         torch::Tensor counts, int64_t T);
 bool ragged_append_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score, torch::Tensor offsets,
                        torch::Tensor lengths, torch::Tensor caps, torch::Tensor new_k, torch::Tensor new_v,
                        int64_t position);
@@ -47,6 +50,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_evict", &ragged_evict_cpu,
         "evict every head of a compressed KV layer down to its budget (lowest score or oldest, sinks and recent "
         "tokens protected); swap-remove in place");
+  m.def("ragged_positions_to_slots", &ragged_positions_to_slots_cpu,
+        "selected positions -> each head's rows that hold them (layer reuse over a compressed cache)");
   m.def("ragged_append", &ragged_append_cpu,
         "append one token per head of a compressed KV layer; false (nothing written) if a head is full");
   m.def("ragged_accumulate", &ragged_accumulate_cpu,

@@ -239,6 +239,17 @@ def test_ragged_sparse_attend_matches_a_masked_reference():
                 p = torch.softmax(k[b, h, both] @ qh * 0.3, 0)
                 assert torch.allclose(out[b, 0, h * G + gq], p @ v[b, h, both], atol=1e-5)
     assert ctx.runtime.stats["kv_read_bytes"] > 0
+    from accel import _ext
+
+    if _ext.HAS_CPU_EXT:  # the C++ position -> row map equals its torch twin (also for a layer-wide set)
+        for ix, cnt in ((sel, sel_n.int()), (sel[:, :1], sel_n[:, :1].int())):
+            a = S.positions_to_slots(rg, ix, T)
+            b = _ext.cpu_ext().ragged_positions_to_slots(rg.pos, rg.offsets.reshape(-1), rg.lengths.reshape(-1), ix.int(),
+                                                         cnt, T)
+            assert torch.equal(a[1], b[1])
+            for bb in range(B):
+                for h in range(Hkv):
+                    assert torch.equal(a[0][bb, h, : a[1][bb, h]], b[0][bb, h, : b[1][bb, h]])
 
 
 # -- DuoAttention head types -------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 // attention itself over a compressed cache). Layout and semantics: python/accel/cache/ragged.py.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -159,4 +161,57 @@ bool ragged_append_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torc
     len[bh] += 1;
   }
   return true;
+}
+
+// Positions -> the rows of each head that hold them (layer-reuse decode over a compressed cache): for
+// head bh, the selected absolute positions idx[b, hs, :counts[b, hs]] (hs = h, or 0 for one set shared
+// by the layer) that the head still keeps, as slot numbers inside its segment, ascending; -1 padded.
+// A per-head table of T entries is filled from the head's rows (pos[offsets[bh] + i]) and probed once
+// per selected position: O(T + kept + selected) per head, no sorting.
+std::vector<torch::Tensor> ragged_positions_to_slots_cpu(torch::Tensor pos, torch::Tensor offsets,
+                                                         torch::Tensor lengths, torch::Tensor idx,
+                                                         torch::Tensor counts, int64_t T) {
+  TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.is_contiguous(), "pos must be contiguous int64 [R]");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous(), "offsets must be contiguous int64");
+  TORCH_CHECK(lengths.scalar_type() == torch::kInt32 && lengths.is_contiguous(), "lengths must be contiguous int32");
+  TORCH_CHECK(idx.scalar_type() == torch::kInt32 && idx.dim() == 3, "idx must be int32 [B, Hs, n]");
+  idx = idx.contiguous();
+  counts = counts.to(torch::kInt32).contiguous();
+  const int64_t BH = offsets.numel(), B = idx.size(0), Hs = idx.size(1), n = idx.size(2);
+  TORCH_CHECK(B > 0 && BH % B == 0, "offsets must hold B * Hkv entries");
+  const int64_t Hkv = BH / B;
+  TORCH_CHECK(Hs == Hkv || Hs == 1, "idx must have Hkv or 1 sets per sequence");
+  TORCH_CHECK(counts.numel() == B * Hs, "counts must be [B, Hs]");
+  TORCH_CHECK(T >= 0, "T must be >= 0");
+  auto slots = torch::full({B, Hkv, std::max<int64_t>(n, 1)}, -1, torch::dtype(torch::kInt32));
+  auto out_n = torch::zeros({B, Hkv}, torch::dtype(torch::kInt32));
+  const int64_t* P = pos.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int32_t* len = lengths.data_ptr<int32_t>();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  const int32_t* C = counts.data_ptr<int32_t>();
+  int32_t* S = slots.data_ptr<int32_t>();
+  int32_t* N = out_n.data_ptr<int32_t>();
+  const int64_t R = pos.numel();
+  std::vector<int32_t> table(static_cast<size_t>(T) + 1);
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int64_t b = bh / Hkv, h = bh % Hkv, hs = Hs == 1 ? 0 : h;
+    std::fill(table.begin(), table.end(), -1);
+    TORCH_CHECK(off[bh] >= 0 && off[bh] + len[bh] <= R, "offsets/lengths point outside the row pool");
+    for (int32_t i = 0; i < len[bh]; ++i) {
+      const int64_t p = P[off[bh] + i];
+      if (p >= 0 && p < T) table[p] = i;
+    }
+    const int32_t* sel = I + (b * Hs + hs) * n;
+    const int32_t c = std::min<int32_t>(C[b * Hs + hs], static_cast<int32_t>(n));
+    int32_t* dst = S + bh * std::max<int64_t>(n, 1);
+    int32_t m = 0;
+    for (int32_t j = 0; j < c; ++j) {
+      const int32_t p = sel[j];
+      if (p >= 0 && p < T && table[p] >= 0) dst[m++] = table[p];
+    }
+    std::sort(dst, dst + m);  // ascending rows: runs of neighbouring rows read as runs
+    N[bh] = m;
+  }
+  return {slots, out_n};
 }

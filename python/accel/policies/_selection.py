@@ -222,8 +222,21 @@ def ragged_sparse_attend(ctx, query, scaling, idx, counts):
     """Decode attention of a compressed layer over the positions ``idx`` [B, Hs, n] (-1 padded; Hs = Hkv
     or 1 for a layer-wide set) that its heads still hold."""
     rg = ctx.cache_layer.ragged
-    B, Hkv = rg.shape
     T = int(ctx.cache_layer.cumulative_length)
+    if _ext.HAS_CPU_EXT and rg.k.device.type == "cpu":
+        slot, n = _ext.cpu_ext().ragged_positions_to_slots(rg.pos, rg.offsets.reshape(-1), rg.lengths.reshape(-1),
+                                                           idx.to(torch.int32), counts.to(torch.int32), T)
+    else:
+        slot, n = positions_to_slots(rg, idx, T)
+    out = decode_attention(query[:, :, 0, :], rg.k, rg.v, n, indices=slot, offsets=rg.offsets, scale=scaling)
+    ctx.runtime.stats["kv_read_bytes"] += int(n.sum()) * rg.row_bytes()
+    return out.unsqueeze(1)
+
+
+def positions_to_slots(rg, idx, T: int):
+    """Torch twin of ``accel._C.ragged_positions_to_slots``: ([B, Hkv, n] int32 rows of each head that hold
+    the selected positions, ascending, -1 padded; [B, Hkv] int32 counts)."""
+    B, Hkv = rg.shape
     if idx.shape[1] == 1 and Hkv > 1:
         idx = idx.expand(B, Hkv, idx.shape[2])
     W = max(1, int(rg.lengths.max()))
@@ -238,6 +251,4 @@ def ragged_sparse_attend(ctx, query, scaling, idx, counts):
     slot = torch.where(slot >= 0, slot, torch.full_like(slot, big)).sort(dim=-1).values  # held slots first, ascending
     n = (slot != big).sum(-1).to(torch.int32)
     slot = torch.where(slot != big, slot, torch.full_like(slot, -1)).to(torch.int32).contiguous()
-    out = decode_attention(query[:, :, 0, :], rg.k, rg.v, n, indices=slot, offsets=rg.offsets, scale=scaling)
-    ctx.runtime.stats["kv_read_bytes"] += int(n.sum()) * rg.row_bytes()
-    return out.unsqueeze(1)
+    return slot, n
