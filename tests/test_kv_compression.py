@@ -309,6 +309,24 @@ def test_duo_streaming_error_is_zero_when_the_window_covers_the_context():
     assert torch.all(streaming_errors(q, k, v, 0.25, sink=4, recent=40) < 1e-6)
     e = streaming_errors(q, k, v, 0.25, sink=2, recent=4)
     assert e.shape == (2,) and torch.all(e > 0)
+    assert torch.all(streaming_errors(q, k, v, 0.25, sink=2, recent=4, reduce="max") >= e)  # worst step >= mean
+
+
+def test_duo_far_mass_scores_a_copying_head_high_and_a_local_head_zero():
+    """far_mass: attention mass outside sink + recent, max over the group and (by default) the steps."""
+    from accel.scheduler.heads import far_mass
+
+    D, T, S = 8, 40, 3
+    k = torch.zeros(2, T, D)
+    k[0, 20, 0] = 50.0  # KV head 0: one far key every query matches strongly (a needle)
+    q = torch.zeros(4, S, D)
+    q[0:2, :, 0] = 1.0  # the queries of KV head 0 look for it
+    fm = far_mass(q, k, 1.0, sink=2, recent=4)
+    assert fm[0] > 0.99  # copies from the middle: streaming would drop ~all of its attention
+    # KV head 1 attends uniformly: its far share is the middle's share of the causal prefix
+    assert abs(fm[1].item() - (T - 2 - 4) / T) < 1e-5
+    assert torch.all(far_mass(q, k, 1.0, sink=2, recent=T) < 1e-6)  # window covers everything
+    assert torch.all(far_mass(q, k, 1.0, sink=2, recent=4, reduce="mean") <= fm + 1e-6)
 
 
 # -- Task-KV ---------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_shipped_duo_plan_is_reproducible(smollm):
     a = plan.provenance["args"]
     again = calibrate_duo(model, tok, tokens=a["tokens"], steps=a["steps"], n_texts=a["n_texts"], sink=a["sink"],
                           recent=a["recent"], retrieval_fraction=a["retrieval_fraction"], metric=a["metric"],
-                          progress=False)
+                          reduce=a.get("reduce", "mean"), progress=False)
     for la, lb in zip(again.layers, plan.layers):
         if lb.heads is None:
             continue

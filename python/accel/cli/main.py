@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--anchor-mode", default="full", choices=["full", "select"])
     pl.add_argument("--data", default=None, choices=["essays", "retrieval"],
                     help="hylra calibration text: plain essays or synthetic passkey/needle prompts (default retrieval)")
-    pl.add_argument("--metric", default=None, choices=["overlap", "mass", "mass_min"],
-                    help="hylra inter-layer similarity for the DP (default mass_min; overlap = HyLRA/UCM's chunk overlap)")
+    pl.add_argument("--metric", default=None, choices=["overlap", "mass", "mass_min", "far_mass", "residual", "relative"],
+                    help="hylra: inter-layer similarity for the DP (mass_min; overlap = HyLRA/UCM's chunk overlap, mass); "
+                         "duo: head score (far_mass; residual, relative)")
+    pl.add_argument("--reduce", default=None, choices=["max", "mean"], help="duo: head score over the profiled steps (max)")
 
     d = sub.add_parser("demo", help="passkey on the embedded SmolLM2: unpatched vs accel, answers and speed")
     common(d)

@@ -90,7 +90,10 @@ def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
         default = title or (f"moa plan (density {plan.params.get('density')}): each head's span at 4096 tokens "
                             "as a fraction of the context")
     else:
-        default = (f"{plan.policy} plan: head score (streaming-attention output error); "
+        what = {"far_mass": "attention mass outside sink + recent", "residual": "streaming-attention output error",
+                "relative": "relative streaming-attention output error"}.get(plan.provenance.get("args", {}).get("metric"),
+                                                                            "profiler score")
+        default = (f"{plan.policy} plan: head score ({what}); "
                    f"outlined: {n_ret} retrieval heads at the plan's default fraction")
     ax.set_title(title or default, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
@@ -122,7 +125,8 @@ def run(args) -> int:
 
         plan = calibrate_duo(model, tok, tokens=pick(args.tokens, 2048), steps=pick(args.steps, 64), n_texts=pick(args.n_texts, 4),
                              sink=pick(args.sink, 64), recent=pick(args.recent, 256),
-                             retrieval_fraction=args.retrieval_fraction, progress=True)
+                             retrieval_fraction=args.retrieval_fraction, metric=pick(args.metric, "far_mass"),
+                             reduce=pick(args.reduce, "max"), progress=True)
     elif args.policy == "moa":
         from ..scheduler.heads import calibrate_moa
 
