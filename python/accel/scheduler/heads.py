@@ -46,6 +46,19 @@ logger = logging.getLogger("accel")
 CALIB_SEED = 9_000_000  # evaluation samples use seed * 1000 + i with small seeds
 
 
+def _logits_and_window(q: torch.Tensor, k: torch.Tensor, scale: float, sink: int, recent: int):
+    """Scaled logits [H, S, T] of the last S positions' queries over all T keys, the causal mask [S, T]
+    and the streaming window (sink + recent, inside the causal mask) [S, T]."""
+    H, S, _ = q.shape
+    Hkv, T, _ = k.shape
+    pos = torch.arange(T - S, T).view(S, 1)
+    t = torch.arange(T).view(1, T)
+    causal = t <= pos
+    window = causal & ((t < sink) | (t > pos - recent))
+    logits = torch.einsum("hsd,htd->hst", q, k.repeat_interleave(H // Hkv, 0)) * scale
+    return logits, causal, window
+
+
 def streaming_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: int,
                      recent: int, w_o: torch.Tensor | None = None, reduce: str = "mean") -> torch.Tensor:
     """One layer, one text: q [H, S, D] (last S positions), k/v [Hkv, T, D] -> [Hkv] mean output error
@@ -56,14 +69,10 @@ def streaming_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     gates are trained to keep small, one head at a time). ``reduce``: over the S steps, 'mean' or 'max'
     (the worst step: an answer copied from a needle is a handful of steps)."""
     H, S, D = q.shape
-    Hkv, T, _ = k.shape
+    Hkv = k.shape[0]
     G = H // Hkv
-    pos = torch.arange(T - S, T).view(S, 1)
-    t = torch.arange(T).view(1, T)
-    causal = t <= pos
-    lam = causal & ((t < sink) | (t > pos - recent))
-    kk, vv = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)
-    logits = torch.einsum("hsd,htd->hst", q, kk) * scale
+    logits, causal, lam = _logits_and_window(q, k, scale, sink, recent)
+    vv = v.repeat_interleave(G, 0)
     o_full = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1) @ vv
     o_str = torch.softmax(logits.masked_fill(~lam, float("-inf")), -1) @ vv
     if w_o is not None:
@@ -84,13 +93,9 @@ def far_mass(q: torch.Tensor, k: torch.Tensor, scale: float, sink: int, recent: 
     Explains Long-Context Factuality"): a head that copies the answer from the needle puts ~all its
     mass there on the answer steps, and streaming it breaks the copy mid-answer ([INFER] accel's)."""
     H, S, D = q.shape
-    Hkv, T, _ = k.shape
+    Hkv = k.shape[0]
     G = H // Hkv
-    pos = torch.arange(T - S, T).view(S, 1)
-    t = torch.arange(T).view(1, T)
-    causal = t <= pos
-    window = causal & ((t < sink) | (t > pos - recent))
-    logits = torch.einsum("hsd,htd->hst", q, k.repeat_interleave(G, 0)) * scale
+    logits, causal, window = _logits_and_window(q, k, scale, sink, recent)
     p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
     far = (p * (causal & ~window)).sum(-1).view(Hkv, G, S).amax(1)  # [Hkv, S]
     return far.amax(-1) if reduce == "max" else far.mean(-1)
