@@ -288,6 +288,12 @@ def test_calibrate_produces_a_valid_plan_that_round_trips(tmp_path):
         o.validate(num_layers=4)
     with pytest.raises(AccelError, match="metric must be"):
         accel.calibrate(m, Tok(), [txt], tokens=256, steps=16, metric="kl", progress=False)
+    with pytest.raises(AccelError, match="does not apply"):  # not silently ignored
+        accel.calibrate(m, Tok(), [txt], policy="moa", metric="mass", progress=False)
+    with pytest.raises(AccelError, match="retrieval prompts"):
+        accel.calibrate(m, Tok(), [txt], policy="duo", data="essays", progress=False)
+    with pytest.raises(AccelError, match="calibrate\\(duo\\): metric"):  # forwarded to the duo profiler
+        accel.calibrate(m, Tok(), [txt], policy="duo", metric="mass_min", progress=False)
 
 
 def test_runtime_counts_the_kv_bytes_decode_actually_reads():

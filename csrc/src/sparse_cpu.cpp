@@ -60,6 +60,7 @@ std::vector<torch::Tensor> select_from_logits_cpu(torch::Tensor scores, torch::T
   TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == torch::kFloat32 && scores.dim() == 3 &&
                   scores.stride(2) == 1, "scores must be a CPU float32 [B, H, >=T] tensor contiguous in T");
   const int64_t B = scores.size(0), H = scores.size(1);
+  TORCH_CHECK(scores.stride(0) == H * scores.stride(1), "scores must be contiguous over [B, H]");
   TORCH_CHECK(T >= 1 && T <= scores.size(2), "T must be in [1, scores.size(2)]");
   TORCH_CHECK(num_kv_heads >= 1 && H % num_kv_heads == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(agg >= 0 && agg <= 3, "agg must be 0 (max), 1 (mean), 2 (sum) or 3 (shared)");
@@ -85,7 +86,6 @@ std::vector<torch::Tensor> select_from_logits_cpu(torch::Tensor scores, torch::T
   p.T = T; p.B = B; p.H = H; p.Hkv = num_kv_heads; p.agg = static_cast<accel::cpu::Agg>(agg);
   p.chunk = chunk; p.sink = sink; p.recent = recent; p.budget = budget;
   p.out = out.data_ptr<int32_t>(); p.counts = counts.data_ptr<int32_t>(); p.max_sel = std::max<int64_t>(cap, 1);
-  TORCH_CHECK(scores.stride(0) == H * scores.stride(1), "scores must be contiguous over [B, H]");
   {
     pybind11::gil_scoped_release nogil;
     accel::cpu::select_from_logits(p);

@@ -20,7 +20,7 @@ def draw_plan(plan, path: str | Path, title: str | None = None) -> None:
 
     L = plan.num_layers
     prov = plan.provenance or {}
-    ov = prov.get("overlap_min_over_heads")
+    ov = prov.get("similarity_matrix", prov.get("overlap_min_over_heads"))  # older plans: the overlap key
     fig = plt.figure(figsize=(max(8, L * 0.42), 6.5 if ov else 2.8))
     ax = fig.add_axes([0.04, 0.62 if ov else 0.2, 0.92, 0.3 if ov else 0.6])
     colors = {"full": "#1f4e79", "select": "#4f8fc0", "reuse": "#bcd7ee"}
@@ -47,7 +47,11 @@ def draw_plan(plan, path: str | Path, title: str | None = None) -> None:
 
         ax2 = fig.add_axes([0.3, 0.06, 0.4, 0.48])
         im = ax2.imshow(np.array(ov), cmap="viridis", vmin=0, vmax=1)
-        ax2.set_title("profiled top-k overlap |m_i & m_j| / |m_j| (min over KV heads)", fontsize=8)
+        metric = prov.get("args", {}).get("metric", "overlap")
+        ax2.set_title({"overlap": "profiled top-k overlap |m_i & m_j| / |m_j| (min over KV heads)",
+                       "mass": "attention mass of j kept by i's top-k (mean over steps, min over query heads)",
+                       "mass_min": "attention mass of j kept by i's top-k (worst step, min over query heads)"}
+                      .get(metric, metric), fontsize=8)
         ax2.set_xlabel("layer j (reuser)", fontsize=8)
         ax2.set_ylabel("layer i (anchor)", fontsize=8)
         fig.colorbar(im, ax=ax2, fraction=0.046)
@@ -108,31 +112,29 @@ def run(args) -> int:
 
     setup(args)
     model, tok = load_model(args.model, args.dtype)
-    def pick(v, default):
-        return default if v is None else v
+    def given(**kw):  # options the user set; the calibrators own their defaults
+        return {k: v for k, v in kw.items() if v is not None}
 
     if args.policy == "hylra":
         from ..scheduler.profiler import calibrate
 
-        plan = calibrate(model, tok, policy="hylra", tokens=pick(args.tokens, 4096), steps=pick(args.steps, 32),
-                         chunk=args.chunk, preserved_ratio=args.preserved_ratio, sink=pick(args.sink, 16),
-                         recent=pick(args.recent, 64), sparsity=args.sparsity,
-                         computed_ratio=pick(args.computed_ratio, 0.2), anchor_mode=args.anchor_mode,
-                         n_texts=pick(args.n_texts, 4), data=pick(args.data, "retrieval"),
-                         metric=pick(args.metric, "mass_min"), progress=True)
+        plan = calibrate(model, tok, policy="hylra", chunk=args.chunk, preserved_ratio=args.preserved_ratio,
+                         sparsity=args.sparsity, anchor_mode=args.anchor_mode, progress=True,
+                         **given(tokens=args.tokens, steps=args.steps, sink=args.sink, recent=args.recent,
+                                 computed_ratio=args.computed_ratio, n_texts=args.n_texts, data=args.data,
+                                 metric=args.metric))
     elif args.policy == "duo":
         from ..scheduler.heads import calibrate_duo
 
-        plan = calibrate_duo(model, tok, tokens=pick(args.tokens, 2048), steps=pick(args.steps, 64), n_texts=pick(args.n_texts, 4),
-                             sink=pick(args.sink, 64), recent=pick(args.recent, 256),
-                             retrieval_fraction=args.retrieval_fraction, metric=pick(args.metric, "far_mass"),
-                             reduce=pick(args.reduce, "max"), progress=True)
+        plan = calibrate_duo(model, tok, retrieval_fraction=args.retrieval_fraction, progress=True,
+                             **given(tokens=args.tokens, steps=args.steps, n_texts=args.n_texts, sink=args.sink,
+                                     recent=args.recent, metric=args.metric, reduce=args.reduce))
     elif args.policy == "moa":
         from ..scheduler.heads import calibrate_moa
 
-        plan = calibrate_moa(model, tok, lengths=[int(x) for x in args.lengths.split(",")], steps=pick(args.steps, 64),
-                             n_texts=pick(args.n_texts, 2), densities=[float(x) for x in args.densities.split(",")],
-                             progress=True)
+        plan = calibrate_moa(model, tok, lengths=[int(x) for x in args.lengths.split(",")],
+                             densities=[float(x) for x in args.densities.split(",")], progress=True,
+                             **given(steps=args.steps, n_texts=args.n_texts))
     else:
         from ..models.registry import get_adapter
         from ..policies.registry import make_policy

@@ -104,7 +104,7 @@ class _LayerReuse(AttentionPolicy):
                 return ragged_decode(ctx, query, scaling)
             return S.ragged_sparse_attend(ctx, query, scaling, sel[1], sel[2])
         if (lp.mode == "select" and sparse_on) or donor:
-            out, scores, lse, T = S.ragged_with_scores(ctx, query, scaling)
+            out, scores, lse, _ = S.ragged_with_scores(ctx, query, scaling)
             idx, counts = self._select(ctx, scores, lse, None, budget, T, Hkv)
             if donor:
                 ctx.runtime.shared[("sel", ctx.layer_idx)] = (ctx.runtime.step, idx, counts, T)

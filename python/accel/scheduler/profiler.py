@@ -146,8 +146,8 @@ def mass_recall_matrix(masks: list[torch.Tensor], mass: list[torch.Tensor], redu
 def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: int = 4096, steps: int | None = None,
               chunk: int = 16, preserved_ratio: float = 0.125, sink: int = 16, recent: int = 64,
               sparsity: float = 0.91, computed_ratio: float = 0.2, rollback_can_donate: bool = False,
-              anchor_mode: str = "full", n_texts: int | None = None, data: str = "retrieval", metric: str = "mass_min",
-              progress: bool = True) -> Plan:
+              anchor_mode: str = "full", n_texts: int | None = None, data: str = "retrieval",
+              metric: str | None = None, progress: bool = True) -> Plan:
     """Profile ``model`` on calibration text and solve HyLRA's layer DP. Returns a ``Plan``.
 
     ``policy="duo"`` / ``policy="moa"`` run the per-head profilers instead (``accel.scheduler.heads``:
@@ -178,15 +178,21 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
             the donor's selection keeps, mean over steps, min over query heads) or 'mass_min' (default:
             the same with the worst step instead of the mean, since a needle is read on a few steps)
             [INFER]. On retrieval text at 4K: overlap 1, mass 5, mass_min 7 of 9 NIAH samples (c_max 6).
+            With ``policy="duo"`` it is the head score ('far_mass' by default, 'residual', 'relative').
     """
     from ..models.registry import get_adapter
     from ..patching.core import patch
 
+    if policy in ("duo", "moa") and data != "retrieval":
+        raise AccelError(f"calibrate({policy}): profiles on synthetic retrieval prompts; pass texts=[...] for your own "
+                         f"text instead of data={data!r}")
     if policy == "duo":
         from .heads import calibrate_duo
 
         return calibrate_duo(model, tokenizer, texts, tokens=tokens if tokens != 4096 else 2048, steps=steps or 64,
-                             n_texts=max(n_texts or 4, 4), progress=progress)
+                             n_texts=max(n_texts or 4, 4), progress=progress, **({"metric": metric} if metric else {}))
+    if policy == "moa" and metric is not None:
+        raise AccelError(f"calibrate(moa): metric={metric!r} does not apply (moa profiles band mass loss)")
     if policy == "moa":
         from .heads import calibrate_moa
 
@@ -197,6 +203,7 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
         raise AccelError(f"calibrate: sparsity must be in [0, 1) and computed_ratio in [0, 1], got {sparsity}, {computed_ratio}")
     if data not in ("essays", "retrieval"):
         raise AccelError(f"calibrate: data must be 'essays' or 'retrieval', got {data!r}")
+    metric = "mass_min" if metric is None else metric
     if metric not in ("overlap", "mass", "mass_min"):
         raise AccelError(f"calibrate: metric must be 'overlap', 'mass' or 'mass_min', got {metric!r}")
     if anchor_mode not in ("full", "select"):
@@ -209,7 +216,9 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
     if steps >= tokens:
         raise AccelError(f"calibrate: steps ({steps}) must be smaller than tokens ({tokens})")
     texts_generated = texts is None
-    if texts is None and data == "retrieval":
+    # essays are cut to ``tokens``; a generated retrieval prompt keeps its end (question and answer)
+    retrieval = data == "retrieval" and texts_generated
+    if retrieval:
         from .heads import calibration_prompts
 
         texts = calibration_prompts(tokenizer, n_texts, tokens)
@@ -234,8 +243,6 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
     stats_per_text, overlaps = [], []
     for text in texts:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
-        # essays are cut to ``tokens``; a retrieval prompt keeps its end (question and answer)
-        retrieval = data == "retrieval" and texts_generated
         ids = ids[:, -tokens:] if retrieval else ids[:, :tokens]
         if ids.shape[1] < (tokens * 3 // 4 if retrieval else tokens):
             raise AccelError(f"calibrate: a calibration text has {ids.shape[1]} tokens, fewer than tokens={tokens}")
@@ -298,7 +305,7 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
                      "data": data if texts_generated else "user texts", "metric": metric},
             "rollback_layers": rollback, "c_max": c_max,
             "sensitivity_ratio90": {str(k): round(v, 4) for k, v in stat.items()},
-            "overlap_min_over_heads": [[round(float(x), 4) for x in row] for row in tables[0].tolist()],
+            "similarity_matrix": [[round(float(x), 4) for x in row] for row in tables[0].tolist()],
             "path_min_overlap": round(vmin, 4), "path_sum_overlap": round(vsum, 4),
             "seconds": round(time.perf_counter() - t0, 1),
         },
