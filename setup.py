@@ -69,7 +69,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir={"accel": "python/accel", "accel.kernels": "kernels"},
-    packages=["accel", "accel.ops", "accel.policies", "accel.patching", "accel.models", "accel.cache",
+    packages=["accel", "accel.ops", "accel.policies", "accel.patching", "accel.models", "accel.cache", "accel.vlm", "accel.vlm.adapters",
               "accel.scheduler", "accel.cli", "accel.kernels", "accel.kernels.attention"],
     package_data={"accel": ["plans/*.json"]},
     install_requires=[

@@ -108,3 +108,10 @@ def test_plan_command_writes_a_loadable_plan_and_picture(tiny_folder, tmp_path, 
     assert "layers: 0:" in capsys.readouterr().out
     assert main(["plan", "--model", str(tiny_folder), "--policy", "delta", "--out", str(tmp_path / "d.json")]) == 0
     assert Plan.load(tmp_path / "d.json").policy == "delta"
+
+
+def test_policy_lists_split_outside_brackets():
+    from accel.cli.common import split_policies
+
+    assert split_policies("dense, delta@delta_layers=[2,15,23],snapkv@budget_ratio=0.25") == [
+        "dense", "delta@delta_layers=[2,15,23]", "snapkv@budget_ratio=0.25"]

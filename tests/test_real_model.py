@@ -89,6 +89,12 @@ def test_shipped_hylra_plan_is_found_and_reproducible(smollm):
     assert plan is not None and plan.provenance["fingerprint"] == info.fingerprint
     with accel.patch(model, "hylra") as h:
         assert [lp.mode for lp in h.plan.layers] == [lp.mode for lp in plan.layers]
+    full = [i for i, lp in enumerate(plan.layers) if lp.mode == "full"]
+    with accel.patch(model, "delta") as h:  # DELTA's calibrated layout: Delta-layers = the plan's full layers
+        assert h.plan.provenance["delta_layers"] == [i for i in full if i not in (0, 1)]
+        assert [lp.mode for lp in h.plan.layers] == [lp.mode for lp in plan.layers]
+    with accel.patch(model, "delta", layout="paper") as h:
+        assert h.plan.provenance["delta_layers"] == [2, 15, 23]
     a = plan.provenance["args"]
     again = accel.calibrate(model, tok, tokens=a["tokens"], steps=a["steps"], chunk=a["chunk"],
                             preserved_ratio=a["preserved_ratio"], sink=a["sink"], recent=a["recent"],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .common import BASELINE, load_model, parse_overrides, patch_for, setup
+from .common import BASELINE, load_model, parse_overrides, patch_for, setup, split_policies
 
 
 def _kv_held(cache) -> int:
@@ -37,7 +37,7 @@ def run(args) -> int:
 
     setup(args)
     model, tok = load_model(args.model, args.dtype)
-    policies = [BASELINE] + [p for p in args.policies.split(",") if p and p != BASELINE]
+    policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in str(args.batch).split(",")]
     overrides = parse_overrides(args.set)

@@ -15,6 +15,22 @@ def parse_overrides(items: list[str] | None) -> dict:
     return parse_options(items, "--set")
 
 
+def split_policies(text: str) -> list[str]:
+    """Split a ``--policies`` list on the commas outside brackets, so list-valued inline options work:
+    ``"dense,delta@delta_layers=[2,15,23]"`` -> ``["dense", "delta@delta_layers=[2,15,23]"]``."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return [p.strip() for p in out if p.strip()]
+
+
 def setup(args) -> None:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import BASELINE, load_model, parse_overrides, setup
+from .common import BASELINE, load_model, parse_overrides, setup, split_policies
 
 QUICK = dict(tasks="passkey,niah,ruler_niah_single_1,lm", contexts="512", samples=2, lm_tokens=16)
 
@@ -33,7 +33,7 @@ def run(args) -> int:
                                                                    QUICK["lm_tokens"])
     model, tok = load_model(args.model, args.dtype)
     tok_path = converted_path(args.model) if args.model in NAMED_MODELS else Path(args.model)
-    policies = [BASELINE] + [p for p in args.policies.split(",") if p and p != BASELINE]
+    policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
     tasks = [t for t in args.tasks.split(",") if t]
     lengths = [int(c) for c in args.contexts.split(",")]
     depths = [float(d) for d in args.depths.split(",")]

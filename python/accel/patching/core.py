@@ -243,9 +243,10 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
     """Patch a loaded transformers model in place.
 
     Args:
-        model: a ``*ForCausalLM`` of a supported architecture (see ``accel.supported_model_types()``).
+        model: a ``*ForCausalLM`` of a supported architecture (see ``accel.supported_model_types()``),
+            or a supported VLM for the visual-token policies (``accel.vlm.adapters.supported_vlm_types()``).
         policy: a registered policy name (``accel.list_policies()``), a composition
-            ``"attention+kv"`` (e.g. ``"hylra+snapkv"``) or a policy object.
+            ``"attention+kv"`` (e.g. ``"hylra+snapkv"``, or ``"fastervlm+hylra"`` on a VLM) or a policy object.
         plan: a ``Plan`` (or path / dict of one) from the scheduler; default: the policy's own plan.
         reserve: tokens to preallocate per layer in accel's cache (0 = grow as needed).
         check_context: raise when prompt + generated tokens exceed the model's context window.
@@ -262,6 +263,12 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
             f"this model is already patched by accel (policy {prev.runtime.policy.name!r}); call "
             "handle.remove() (or accel.unpatch(model)) before patching it again"
         )
+    from ..vlm.runtime import patch_vlm, split_visual
+
+    vpol, lm_spec, lm_overrides = split_visual(policy, overrides)
+    if vpol is not None:  # a visual-token policy (VLMs), optionally composed with an LM-side one
+        return patch_vlm(model, vpol, lm_spec, plan=plan, lm_overrides=lm_overrides, reserve=reserve,
+                         check_context=check_context, fast_linear=fast_linear)
     adapter = get_adapter(model)
     info = adapter.info()
     pol = make_policy(policy, overrides)

@@ -20,6 +20,11 @@ _LAZY: dict[str, str] = {
     "duo": "accel.policies.duo:DuoAttentionPolicy",
     "taskkv": "accel.policies.taskkv:TaskKVPolicy",
     "moa": "accel.policies.moa:MoAPolicy",
+    # visual-token pruning (VLMs): act before the language model, compose with the policies above
+    "fastervlm": "accel.vlm.policies:FasterVLMPolicy",
+    "flowcut": "accel.vlm.policies:FlowCutPolicy",
+    "fastv": "accel.vlm.policies:FastVPolicy",
+    "randomprune": "accel.vlm.policies:RandomPrunePolicy",
 }
 
 

@@ -1,0 +1,440 @@
+"""The visual pruner on a model: one forward pre-hook on the VLM's inner model.
+
+Prefill (a call with ``pixel_values``): the adapter scores the image tokens and returns the kept
+features; the hook drops the pruned placeholder positions from the sequence and hands the language
+model ``inputs_embeds`` of the kept tokens, the matching attention mask, and the kept tokens'
+*original* position ids (kept tokens keep their order and positions; text after the image keeps its
+positions too). Decode calls on the same cache: the hook drops the same columns from the (longer)
+attention mask that ``generate`` keeps for the unpruned prompt and, when no position ids are given,
+continues from the original positions. ``model.generate`` therefore works unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from ..errors import AccelError, InputError, UnsupportedModelError
+from .scoring import keep_topk
+
+logger = logging.getLogger("accel")
+
+PROBE_NAME = "accel_probe"
+_probe_registered = False
+
+
+class _ProbeDone(Exception):
+    def __init__(self, probs):
+        self.probs = probs
+
+
+def _ensure_probe_registered() -> None:
+    """Register the scoring attention used by ``fastv`` (transformers' attention / mask registries).
+    Runs on first use only: importing accel registers nothing."""
+    global _probe_registered
+    if _probe_registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PROBE_NAME, _probe_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PROBE_NAME, sdpa_mask)
+    _probe_registered = True
+
+
+_PROBE = {"layer": None, "rows": None}
+
+
+def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA for the layers before the probed one; at the probed layer, the softmax attention of the
+    selected query rows (head mean), handed back by raising ``_ProbeDone`` (the rest is not run)."""
+    from ..patching.attention_fn import hf_sdpa
+
+    if getattr(module, "layer_idx", None) != _PROBE["layer"]:
+        return hf_sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    b, h, t, d = query.shape
+    kv = key.shape[1]
+    k = key.repeat_interleave(h // kv, dim=1) if kv != h else key
+    scores = (query.float() @ k.float().transpose(-1, -2)) * (d ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        m = attention_mask[:, :, :, : k.shape[2]]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    else:
+        causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=query.device).tril(k.shape[2] - t)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(dim=1)  # [B, T, S]
+    raise _ProbeDone(probs)
+
+
+class VisualRuntime:
+    def __init__(self, model, adapter, policy):
+        self.model_ref = weakref.ref(model)
+        self.adapter = adapter
+        self.policy = policy
+        self.state: dict | None = None
+        #: features encoded by ``image_features`` for the prefill that follows (generate's path)
+        self.pending: dict | None = None
+        #: what the last prefill did (tokens per image, kept per image, prompt tokens before / after)
+        self.last: dict = {}
+
+    # -- image features (what generate pre-encodes) -----------------------------------------------------
+    def image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                       image_sizes=None, **_):
+        """Stands in for the VLM's ``get_image_features`` while patched. transformers' ``generate``
+        encodes the images before the first forward and hands the features over as
+        ``mm_encoder_outputs``, so the encoder-side pruning has to happen here (there is no public hook
+        between the tower and the projector). Returns the kept features (all of them for ``fastv``, which
+        scores in the LLM) and records the kept indices for the prefill that follows."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        kw = {"vision_feature_layer": vision_feature_layer, "vision_feature_select_strategy": vision_feature_select_strategy,
+              "image_sizes": image_sizes}
+        feats, keep_idx, n = self._encode(pixel_values, kw)
+        self.pending = {"feats": feats, "keep_idx": keep_idx, "n": n, "trace": dict(self.adapter.trace)}
+        return BaseModelOutputWithPooling(pooler_output=list(feats))
+
+    def _encode(self, pv, kw):
+        self.adapter.trace = {}
+        n = self.adapter.tokens_per_image(pv, kw)
+        if self.policy.method == "fastv":
+            return self.adapter.full_features(pv, kw), None, n
+        feats, keep_idx = self.adapter.select(pv, self.policy, kw)
+        return feats, keep_idx, n
+
+    # -- the hook --------------------------------------------------------------------------------------
+    def pre_forward(self, module, args, kwargs):
+        if args:  # transformers' VLMs call their inner model with keywords; be safe anyway
+            names = ["input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values", "inputs_embeds"]
+            for n, a in zip(names, args):
+                kwargs.setdefault(n, a)
+            args = ()
+        pv = kwargs.get("pixel_values")
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        pre = mm.get("image") if isinstance(mm, dict) else None
+        pkv = kwargs.get("past_key_values")
+        past = pkv.get_seq_length() if pkv is not None else 0
+        if pv is not None or pre is not None:
+            if kwargs.get("input_ids") is None:
+                raise InputError(
+                    f"{self.policy.name}: visual-token pruning needs input_ids (with the image placeholder tokens), "
+                    "not inputs_embeds, on the call that carries the images"
+                )
+            if past > 0:
+                raise InputError(
+                    f"{self.policy.name}: images after a cached prefix are not supported by visual-token pruning; "
+                    "pass the whole prompt with its images in one call (generate does)"
+                )
+            if pv is not None:
+                feats, keep_idx, n = self._encode(pv, kwargs)
+                trace = dict(self.adapter.trace)
+            else:
+                p = self.pending
+                if p is None:
+                    raise InputError(
+                        f"{self.policy.name}: pre-computed image features (mm_encoder_outputs) cannot be pruned; pass "
+                        "pixel_values so accel scores the image tokens in the vision tower"
+                    )
+                self.pending = None
+                feats, keep_idx, n, trace = p["feats"], p["keep_idx"], p["n"], p["trace"]
+                got = sum(int(f.reshape(-1, f.shape[-1]).shape[0]) for f in pre.pooler_output)
+                per = feats.shape[0] * feats.shape[1]
+                if got % per:
+                    raise InputError(f"{self.policy.name}: the image features changed between encoding and prefill")
+                reps = got // per
+                if reps > 1:  # generate expanded the batch (num_return_sequences / beams)
+                    feats = feats.repeat_interleave(reps, 0)
+                    keep_idx = keep_idx.repeat_interleave(reps, 0) if keep_idx is not None else None
+            kwargs["mm_encoder_outputs"] = None
+            return args, self._prefill(module, kwargs, feats, keep_idx, n, trace)
+        st = self.state
+        if st is not None and pkv is not None and past > 0 and st["cache"]() is pkv:
+            return args, self._decode(kwargs, past)
+        if past == 0:
+            self.state = None
+        return args, kwargs
+
+    # -- prefill ---------------------------------------------------------------------------------------
+    def _prefill(self, module, kwargs, feats, keep_idx, n, trace) -> dict:
+        ids = kwargs["input_ids"]
+        b, length = ids.shape
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise InputError(f"{self.policy.name}: visual-token pruning needs a 2-D attention_mask [batch, tokens], got {mask.dim()}-D")
+        img = ids == self.adapter.image_token_id
+        n_img = feats.shape[0]
+        if int(img.sum()) != n_img * n:
+            raise InputError(
+                f"{self.policy.name}: the prompt has {int(img.sum())} image placeholder tokens but {n_img} image(s) "
+                f"of {n} tokens each were given; build the prompt with the model's processor"
+            )
+        if keep_idx is None:  # fastv: score in the LLM over the full features
+            scores = self._fastv_scores(module, ids, img, feats, mask, kwargs.get("position_ids"), n)
+            keep_idx = keep_topk(scores, self.policy.n_keep(n))
+            feats = torch.gather(feats, 1, keep_idx[..., None].expand(-1, -1, feats.shape[-1]))
+        k = keep_idx.shape[1]
+        flag = torch.zeros(n_img, n, dtype=torch.bool, device=ids.device)
+        flag.scatter_(1, keep_idx.to(ids.device), True)
+        keep_cols = torch.ones_like(img)
+        keep_cols[img] = flag.reshape(-1)  # placeholders in row-major order = images in order
+        per_row = keep_cols.sum(1)
+        if bool((per_row != per_row[0]).any()):
+            raise InputError(
+                f"{self.policy.name}: rows of the batch hold different numbers of images, so their pruned lengths "
+                f"differ ({per_row.tolist()}); batch prompts with the same number of images"
+            )
+        new_len = int(per_row[0])
+        embed = module.get_input_embeddings()(ids)
+        embeds = embed[keep_cols].view(b, new_len, -1)
+        img_kept = img[keep_cols].view(b, new_len)
+        embeds = embeds.masked_scatter(img_kept[..., None], feats.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(length, device=ids.device).expand(b, length)
+        elif pos.dim() != 2:
+            raise InputError(f"{self.policy.name}: position_ids must be [batch, tokens] for this model, got {tuple(pos.shape)}")
+        pos = pos.expand(b, length)[keep_cols].view(b, new_len)
+        new_mask = (mask[keep_cols].view(b, new_len) if mask is not None
+                    else torch.ones(b, new_len, dtype=torch.long, device=ids.device))
+        pkv = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.adapter.language_model().config, "use_cache", True)
+        if pkv is None and use_cache and not module.training:
+            from transformers import DynamicCache
+
+            pkv = DynamicCache(config=self.adapter.language_model().config)
+        kwargs.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=new_mask,
+                      position_ids=pos, past_key_values=pkv)
+        self.state = {"cache": weakref.ref(pkv) if pkv is not None else (lambda: None), "keep_cols": keep_cols,
+                      "prompt_len": length, "dropped": length - new_len}
+        self.last = {"tokens_per_image": n, "kept_per_image": k, "images": n_img,
+                     "prompt_tokens": length, "lm_prompt_tokens": new_len, "kept_indices": keep_idx.detach().cpu(),
+                     **trace}
+        logger.info("%s: kept %d of %d visual tokens per image; LM prompt %d -> %d tokens",
+                    self.policy.name, k, n, length, new_len)
+        return kwargs
+
+    # -- decode ----------------------------------------------------------------------------------------
+    def _decode(self, kwargs, past: int) -> dict:
+        st = self.state
+        mask = kwargs.get("attention_mask")
+        length = st["prompt_len"]
+        keep = st["keep_cols"]
+        if isinstance(mask, torch.Tensor):
+            if mask.dim() != 2 or mask.shape[0] != keep.shape[0] or mask.shape[1] < length:
+                raise InputError(
+                    f"{self.policy.name}: decode-step attention_mask of shape {tuple(mask.shape)} does not extend the "
+                    f"pruned prompt ({keep.shape[0]} rows, {length} tokens)"
+                )
+            b = mask.shape[0]
+            kwargs["attention_mask"] = torch.cat([mask[:, :length][keep].view(b, -1), mask[:, length:]], dim=1)
+        if kwargs.get("position_ids") is None:
+            ref = kwargs.get("input_ids")
+            if ref is None:
+                ref = kwargs.get("inputs_embeds")
+            q = ref.shape[1]
+            kwargs["position_ids"] = (torch.arange(q, device=ref.device) + past + st["dropped"]).expand(ref.shape[0], q)
+        return kwargs
+
+    # -- FastV-style scores -------------------------------------------------------------------------------
+    def _fastv_scores(self, module, ids, img, full, mask, pos, n) -> torch.Tensor:
+        lm = self.adapter.language_model()
+        cfg = lm.config
+        nl = cfg.num_hidden_layers
+        if self.policy.layer > nl:
+            raise AccelError(f"fastv: layer {self.policy.layer} exceeds the language model's {nl} layers")
+        embeds = module.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter(img[..., None], full.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        _ensure_probe_registered()
+        _PROBE["layer"] = self.policy.layer - 1
+        saved = cfg._attn_implementation_internal
+        cfg._attn_implementation_internal = PROBE_NAME
+        probs = None
+        try:
+            with torch.no_grad():
+                lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+        except _ProbeDone as done:
+            probs = done.probs  # [B, T, T]
+        finally:
+            cfg._attn_implementation_internal = saved
+            _PROBE["layer"] = None
+        if probs is None:  # pragma: no cover - the probed layer always runs
+            raise UnsupportedModelError("fastv: the language model's attention layers do not report layer_idx")
+        b, t = ids.shape
+        rows = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+        if mask is not None:
+            rows &= mask.bool()
+        if self.policy.query == "last":
+            rows = torch.zeros_like(rows)
+            rows[:, -1] = True
+        elif self.policy.query == "text":
+            last_img = torch.where(img.any(1), t - 1 - img.flip(1).int().argmax(1), torch.full((b,), -1, device=ids.device))
+            rows &= torch.arange(t, device=ids.device)[None] > last_img[:, None]
+        received = (probs * rows[..., None]).sum(1) / rows.sum(1, keepdim=True).clamp_min(1)  # [B, T]
+        return received[img].view(-1, n)  # images in order, [n_img, N]
+
+
+class VisualPatchHandle:
+    """Returned by ``accel.patch`` for a visual policy (optionally composed with an LM policy);
+    ``remove()`` removes the pruner and the LM patch, leaving the model exactly as it was."""
+
+    def __init__(self, model, runtime: VisualRuntime, hooks, lm_handle=None):
+        self._model_ref = weakref.ref(model)
+        self.runtime = runtime
+        self._hooks = list(hooks)
+        self.lm_handle = lm_handle
+        self.active = True
+
+    @property
+    def policy(self):
+        return self.runtime.policy
+
+    @property
+    def plan(self):
+        return self.lm_handle.plan if self.lm_handle is not None else None
+
+    @property
+    def cache(self):
+        return self.lm_handle.cache if self.lm_handle is not None else None
+
+    @property
+    def last(self) -> dict:
+        """What the last prefill kept (tokens per image, kept per image, LM prompt length)."""
+        return dict(self.runtime.last)
+
+    def summary(self) -> str:
+        s = f"accel visual policy={self.policy.name} ({type(self.runtime.adapter).__name__})"
+        return s + ("; " + self.lm_handle.summary() if self.lm_handle is not None else "")
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        from ..patching import core
+
+        model = self._model_ref()
+        if self.lm_handle is not None:
+            self.lm_handle.remove()
+        if model is not None and core._PATCHED.get(model) is self:
+            core._PATCHED.pop(model, None)
+        self.runtime.state = None
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        return f"<VisualPatchHandle {'active' if self.active else 'removed'}: {self.summary()}>"
+
+
+def split_visual(policy, overrides: dict):
+    """Split a policy spec into its visual part and its LM part.
+
+    Returns ``(visual_policy or None, lm_spec or None, lm_overrides)``; ``None`` visual means the spec has
+    no visual policy (the caller patches the LM as usual). Unprefixed overrides go to the first policy
+    named (as in ``make_policy``); ``name.knob`` targets one policy.
+    """
+    from ..policies.registry import get_policy_class, split_spec
+    from .policies import VisualPolicy
+
+    if isinstance(policy, VisualPolicy):
+        return policy, None, dict(overrides)
+    if isinstance(policy, str):
+        parts = [p.strip() for p in policy.split("+") if p.strip()]
+    elif isinstance(policy, (list, tuple)) and all(isinstance(p, str) for p in policy):
+        parts = list(policy)
+    else:
+        return None, policy, overrides
+    specs = [split_spec(p) for p in parts]
+    try:
+        kinds = [getattr(get_policy_class(n), "kind", "") for n, _ in specs]
+    except AccelError:
+        return None, policy, overrides  # make_policy reports unknown names
+    vis = [i for i, k in enumerate(kinds) if k == "visual"]
+    if not vis:
+        return None, policy, overrides
+    if len(vis) > 1:
+        raise AccelError(f"at most one visual-token policy per model, got {[specs[i][0] for i in vis]}")
+    vname, vopts = specs[vis[0]]
+    vo, lo = {}, {}
+    for key, val in overrides.items():
+        if "." in key:
+            pname, knob = key.split(".", 1)
+            if pname == vname:
+                vo[knob] = val
+            else:
+                lo[key] = val
+        elif vis[0] == 0:
+            vo[key] = val
+        else:
+            lo[key] = val
+    vo.update(vopts)
+    vpol = get_policy_class(vname).from_overrides(**vo)
+    rest = [p for i, p in enumerate(parts) if i != vis[0]]
+    return vpol, ("+".join(rest) if rest else None), lo
+
+
+def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs) -> VisualPatchHandle:
+    """Install ``vpol`` on a VLM and, if given, the LM-side policy ``lm_spec`` on its language model."""
+    from .adapters import get_vision_adapter
+
+    adapter = get_vision_adapter(model)
+    lm_handle = None
+    if lm_spec is not None:
+        from ..patching.core import patch
+
+        lm_handle = patch(model, lm_spec, plan=plan, **patch_kwargs, **(lm_overrides or {}))
+    elif plan is not None:
+        raise AccelError(f"plan= is for an LM-side policy; {vpol.name} alone takes none (compose, e.g. '{vpol.name}+hylra')")
+    try:
+        runtime = VisualRuntime(model, adapter, vpol)
+        hooks = [adapter.hook_module().register_forward_pre_hook(runtime.pre_forward, with_kwargs=True),
+                 model.register_forward_pre_hook(_refuse_labels(vpol.name), with_kwargs=True),
+                 _InstanceOverride(adapter.hook_module(), "get_image_features", runtime.image_features)]
+    except BaseException:
+        if lm_handle is not None:
+            lm_handle.remove()
+        raise
+    handle = VisualPatchHandle(model, runtime, hooks, lm_handle)
+    from ..patching import core
+
+    core._PATCHED[model] = handle
+    logger.info("%s", handle.summary())
+    return handle
+
+
+class _InstanceOverride:
+    """Shadows a method on one module instance (not its class) and restores it on ``remove()``. Used
+    only for ``get_image_features``, which ``generate`` calls before any forward hook can run."""
+
+    _MISSING = object()
+
+    def __init__(self, obj, name, fn):
+        self.obj, self.name = obj, name
+        self.saved = obj.__dict__.get(name, self._MISSING)
+        object.__setattr__(obj, name, fn)
+
+    def remove(self):
+        if self.saved is self._MISSING:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            object.__setattr__(self.obj, self.name, self.saved)
+
+
+def _refuse_labels(name):
+    def hook(module, args, kwargs):
+        if kwargs.get("labels") is not None and kwargs.get("pixel_values") is not None:
+            raise InputError(
+                f"{name}: labels cannot be scored on a pruned prompt (the LM sees fewer tokens than the labels "
+                "cover); remove the patch for training or loss computation"
+            )
+        return args, kwargs
+
+    return hook

@@ -1,0 +1,234 @@
+"""Visual-token pruning (issue 7) on tiny random VLMs built from configs (no VLM weights install here).
+
+Checks: keeping every token equals the unpatched model exactly (all policies, both feature strategies,
+padded batches, composed with an LM policy); the kept indices are exactly each method's top-k computed
+independently from transformers' own attention outputs; the LM sees exactly the kept features at their
+original positions, in prefill and in every decode step; FlowCut's invariants; errors.
+"""
+import copy
+
+import pytest
+import torch
+
+import accel
+from accel.errors import AccelError, AlreadyPatchedError, InputError, UnsupportedModelError
+from accel.vlm.scoring import flowcut_prune_count, keep_topk
+
+IMG = 299
+POLICIES = ["fastervlm", "flowcut", "fastv", "randomprune"]
+
+
+def tiny_llava(strategy="default", layers=4, seed=0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                          image_size=16, patch_size=4, num_channels=3)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=300, max_position_embeddings=512, pad_token_id=0)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG, vision_feature_layer=-2,
+                      vision_feature_select_strategy=strategy)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def prompt(n_tok=16, batch=2, pad=False):
+    """Token ids with ``n_tok`` image placeholders per row; ``pad``: row 0 is left-padded by 2."""
+    rows, masks = [], []
+    for b in range(batch):
+        pre = [1, 6] if (pad and b == 0) else [1, 5 + b, 6, 11]
+        lead = [0, 0] if (pad and b == 0) else []
+        rows.append(lead + pre + [IMG] * n_tok + [7, 8, 9 + b])
+        masks.append([0] * len(lead) + [1] * (len(rows[-1]) - len(lead)))
+    return torch.tensor(rows), torch.tensor(masks)
+
+
+def pixels(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=g)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_keep_all_equals_unpatched(policy, strategy):
+    m = tiny_llava(strategy)
+    n = 16 + (strategy == "full")
+    ids, mask = prompt(n)
+    pv = pixels()
+    with torch.no_grad():
+        ref = m(input_ids=ids, pixel_values=pv, attention_mask=mask).logits
+        gref = m.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        with accel.patch(m, policy, keep=n) as h:
+            out = m(input_ids=ids, pixel_values=pv, attention_mask=mask).logits
+            g = m.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            assert h.last["kept_per_image"] == n and h.last["lm_prompt_tokens"] == ids.shape[1]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(g, gref)
+
+
+@pytest.mark.parametrize("policy", ["fastervlm", "flowcut", "fastv"])
+def test_keep_all_equals_unpatched_left_padded_and_composed(policy):
+    m = tiny_llava()
+    ids, mask = prompt(16, batch=2, pad=True)
+    pv = pixels()
+    with torch.no_grad():
+        gref = m.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        with accel.patch(m, policy + "+delta", keep=16):
+            g = m.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(g, gref)
+
+
+def _eager_copy(m):
+    e = copy.deepcopy(m)
+    e.set_attn_implementation("eager")
+    return e
+
+
+def test_fastervlm_keeps_topk_of_cls_attention():
+    m = tiny_llava()
+    ids, _ = prompt(16)
+    pv = pixels()
+    e = _eager_copy(m)
+    with torch.no_grad():
+        att = e.model.vision_tower(pv, output_attentions=True).attentions  # one per layer
+    ref_scores = att[-2][:, :, 0, 1:].mean(1)  # the feature layer (-2): [CLS] row, patch columns, head mean
+    ref = torch.sort(torch.topk(ref_scores, 5).indices, -1).values
+    with accel.patch(m, "fastervlm", keep=5) as h, torch.no_grad():
+        m(input_ids=ids, pixel_values=pv)
+        got = h.last["kept_indices"]
+    assert torch.equal(got, ref)
+
+
+def test_fastv_keeps_topk_of_received_llm_attention():
+    m = tiny_llava()
+    ids, _ = prompt(16)
+    pv = pixels()
+    e = _eager_copy(m)
+    with torch.no_grad():
+        out = e(input_ids=ids, pixel_values=pv, output_attentions=True)
+    att = out.attentions[1].mean(1)  # layer K-1 = 1 for K = 2, head mean: [B, T, T]
+    received = att.mean(1)  # FastV: attention each token receives, averaged over all queries
+    img = ids == IMG
+    ref_scores = received[img].view(2, 16)
+    ref = torch.sort(torch.topk(ref_scores, 6).indices, -1).values
+    with accel.patch(m, "fastv", keep=6, layer=2) as h, torch.no_grad():
+        m(input_ids=ids, pixel_values=pv)
+        got = h.last["kept_indices"]
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_lm_sees_exactly_the_kept_features_in_prefill_and_decode(policy):
+    """Reference: transformers' own image features, gathered at the kept indices, fed with the kept
+    tokens' original position ids to the language model; greedy decode re-run from scratch each step."""
+    m = tiny_llava()
+    ids, _ = prompt(16)
+    pv = pixels()
+    with accel.patch(m, policy, keep=5) as h, torch.no_grad():
+        g = m.generate(input_ids=ids, pixel_values=pv, max_new_tokens=4, do_sample=False)
+        kept = h.last["kept_indices"]
+    with torch.no_grad():
+        feats = m.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output
+        feats = torch.stack(list(feats))  # [2, 16, D]
+        kf = torch.gather(feats, 1, kept[..., None].expand(-1, -1, feats.shape[-1]))
+        img = ids == IMG
+        keep_cols = torch.ones_like(img)
+        flag = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, kept, True)
+        keep_cols[img] = flag.reshape(-1)
+        emb = m.get_input_embeddings()(ids)[keep_cols].view(2, -1, 64)
+        emb[img[keep_cols].view(2, -1)] = kf.reshape(-1, 64)
+        pos = torch.arange(ids.shape[1]).expand(2, -1)[keep_cols].view(2, -1)
+        seq, p = emb, pos
+        for step in range(4):
+            hs = m.model.language_model(inputs_embeds=seq, position_ids=p).last_hidden_state
+            nxt = m.lm_head(hs[:, -1]).argmax(-1)
+            assert torch.equal(nxt, g[:, ids.shape[1] + step]), (policy, step)
+            seq = torch.cat([seq, m.get_input_embeddings()(nxt)[:, None]], 1)
+            p = torch.cat([p, torch.full((2, 1), ids.shape[1] + step)], 1)
+
+
+def test_flowcut_invariants():
+    m = tiny_llava(layers=6)
+    ids, _ = prompt(16)
+    pv = pixels()
+    with accel.patch(m, "flowcut", keep=3) as h, torch.no_grad():
+        m(input_ids=ids, pixel_values=pv)
+        counts = h.last["flowcut_patches_per_layer"]
+        kept = h.last["kept_indices"]
+    assert counts[-1] == 3 and len(counts) == 5  # layers 0..4 run (feature layer -2 of 6)
+    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert kept.shape == (2, 3) and bool((kept[:, 1:] > kept[:, :-1]).all())
+
+
+def test_flowcut_prune_count_rule():
+    assert flowcut_prune_count(100, 10, 0, 1.0) == 90  # select layer: all the way to the target
+    assert flowcut_prune_count(10, 10, 4, 0.0) == 0
+    assert flowcut_prune_count(100, 10, 4, 0.0) == 45  # peaked attention: (100-10)/sqrt(4)
+    import math
+
+    assert flowcut_prune_count(100, 10, 4, math.log(100)) == 0  # flat attention prunes nothing
+    assert flowcut_prune_count(100, 10, 1, 0.5 * math.log(100)) == int(90 * 0.75)
+
+
+def test_keep_topk_sorted_and_stable():
+    s = torch.tensor([[0.1, 0.5, 0.5, 0.2, 0.9]])
+    assert keep_topk(s, 3).tolist() == [[1, 2, 4]]
+    assert keep_topk(s, 2).tolist() == [[1, 4]]  # tie 0.5/0.5: the lower index wins
+    assert keep_topk(s, 9).tolist() == [[0, 1, 2, 3, 4]]
+
+
+def test_random_prune_is_seeded():
+    m = tiny_llava()
+    ids, _ = prompt(16)
+    pv = pixels()
+    got = []
+    for seed in (0, 0, 1):
+        with accel.patch(m, "randomprune", keep=6, seed=seed) as h, torch.no_grad():
+            m(input_ids=ids, pixel_values=pv)
+            got.append(h.last["kept_indices"])
+    assert torch.equal(got[0], got[1]) and not torch.equal(got[0], got[2])
+
+
+def test_keep_ratio_and_remove_restores():
+    m = tiny_llava()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    hooks = (len(m._forward_pre_hooks), len(m.model._forward_pre_hooks))
+    impl = m.config._attn_implementation
+    h = accel.patch(m, "fastervlm+snapkv", keep_ratio=0.25)
+    ids, _ = prompt(16)
+    with torch.no_grad():
+        m(input_ids=ids, pixel_values=pixels())
+    assert h.last["kept_per_image"] == 4
+    with pytest.raises(AlreadyPatchedError):
+        accel.patch(m, "flowcut")
+    h.remove()
+    assert (len(m._forward_pre_hooks), len(m.model._forward_pre_hooks)) == hooks
+    assert m.config._attn_implementation == impl
+    assert "get_image_features" not in m.model.__dict__  # the instance override is gone
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    accel.patch(m, "flowcut").remove()  # patchable again
+
+
+def test_errors_name_the_problem():
+    m = tiny_llava()
+    ids, _ = prompt(16)
+    for bad, msg in [({"keep": 0}, "keep must be"), ({"keep": 4, "keep_ratio": 0.5}, "not both"),
+                     ({"keep_ratio": 1.5}, "keep_ratio must be")]:
+        with pytest.raises(AccelError, match=msg):
+            accel.patch(m, "fastervlm", **bad)
+    with pytest.raises(AccelError, match="at most one visual"):
+        accel.patch(m, "fastervlm+flowcut")
+    with accel.patch(m, "fastervlm", keep=4), torch.no_grad():
+        with pytest.raises(InputError, match="placeholder"):
+            m(input_ids=ids[:, :-5], pixel_values=pixels())  # cut the image's placeholders short
+        with pytest.raises(InputError, match="labels"):
+            m(input_ids=ids, pixel_values=pixels(), labels=ids)
+        two = torch.cat([ids[:1], ids[1:2]], 0).clone()
+        two[1, 1] = IMG  # a stray placeholder in row 1 -> placeholder count no longer matches the images
+        with pytest.raises(InputError):
+            m(input_ids=two, pixel_values=pixels())
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      vocab_size=100))
+    with pytest.raises(UnsupportedModelError, match="Supported VLM types"):
+        accel.patch(lm, "fastervlm")
