@@ -146,6 +146,28 @@ def test_lm_sees_exactly_the_kept_features_in_prefill_and_decode(policy):
             p = torch.cat([p, torch.full((2, 1), ids.shape[1] + step)], 1)
 
 
+def test_rows_with_different_image_counts_are_repadded():
+    """Row 0 holds one image, row 1 two: after pruning their lengths differ; accel left-pads the shorter
+    row again, and each row generates what it generates alone."""
+    m = tiny_llava()
+    pv = pixels(3)
+    row1 = [1, 5, 6] + [IMG] * 16 + [7] + [IMG] * 16 + [8]
+    row0 = [0] * 17 + [1, 5, 6] + [IMG] * 16 + [8]
+    ids = torch.tensor([row0, row1])
+    mask = torch.tensor([[0] * 17 + [1] * 20, [1] * 37])
+    with torch.no_grad():
+        gref = m.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        with accel.patch(m, "fastervlm", keep=16):  # keep-all: exact, padding included
+            assert torch.equal(m.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4,
+                                          do_sample=False), gref)
+        with accel.patch(m, "fastervlm", keep=3) as h:
+            g = m.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            assert h.last["lm_prompt_tokens"] == 37 - 2 * 13  # row 1 (longest); row 0: 20 - 13 = 7 + 4 pads
+            alone0 = m.generate(input_ids=ids[:1, 17:], pixel_values=pv[:1], max_new_tokens=4, do_sample=False)
+            alone1 = m.generate(input_ids=ids[1:], pixel_values=pv[1:], max_new_tokens=4, do_sample=False)
+    assert torch.equal(g[0, 37:], alone0[0, 20:]) and torch.equal(g[1, 37:], alone1[0, 37:])
+
+
 def test_flowcut_invariants():
     m = tiny_llava(layers=6)
     ids, _ = prompt(16)
@@ -232,3 +254,58 @@ def test_errors_name_the_problem():
                                       vocab_size=100))
     with pytest.raises(UnsupportedModelError, match="Supported VLM types"):
         accel.patch(lm, "fastervlm")
+
+
+# -- the project-trained digits VLM: its pipeline on a tiny random LM (the real run is bench/vlm_digits.py) --
+def _smollm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from accel.models.loader import converted_path
+
+    path = converted_path("smollm2-135m")
+    if not (path / "tokenizer.json").exists():
+        accel.models.load("smollm2-135m")  # converts and caches it (installed offline by scripts/setup.sh)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def test_digits_render_places_the_digit_on_the_patch_grid():
+    from accel.vlm import digits as D
+
+    cfg = D.DigitsConfig()
+    x, y, xt, yt = D.digits_split(cfg)
+    assert len(y) == cfg.n_train and len(yt) == 1797 - cfg.n_train
+    img = torch.zeros(1, 8, 8)
+    img[0, 0, 0] = 1.0  # one bright pixel -> a bright 2x2 block at the placement corner
+    pv = D.render(img, D.DigitsConfig(noise=0.0), torch.Generator().manual_seed(3))
+    assert pv.shape == (1, 3, 32, 32)
+    ys, xs = torch.nonzero(pv[0, 0] > 0.9, as_tuple=True)
+    assert len(ys) == 4 and int(ys.min()) % 4 == 0 and int(xs.min()) % 4 == 0
+
+
+def test_digits_pipeline_trains_caches_and_evaluates_under_pruning(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from accel.vlm import digits as D
+
+    tok = _smollm_tokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=len(tok), tie_word_embeddings=True)).eval()
+    cfg = D.DigitsConfig(n_train=64, stage_a_epochs=1, stage_b_steps=3, stage_b_batch=8, width=32, layers=3, heads=2)
+    vlm, image_id = D.build_vlm(lm, tok, cfg)
+    lm_before = {k: v.clone() for k, v in vlm.model.language_model.state_dict().items()}
+    tower_before = {k: v.clone() for k, v in vlm.model.vision_tower.state_dict().items()}
+    rec = D.train(vlm, tok, image_id, cfg)
+    assert all(torch.isfinite(torch.tensor(rec["stage_b_loss_first_last"])))
+    assert all(torch.equal(v, lm_before[k]) for k, v in vlm.model.language_model.state_dict().items())  # frozen
+    assert any(not torch.equal(v, tower_before[k]) for k, v in vlm.model.vision_tower.state_dict().items())
+    state = D._trainable_state(vlm)
+    vlm2, _ = D.build_vlm(lm, tok, cfg)
+    D._load_trainable(vlm2, state)
+    acc = D.evaluate(vlm, tok, image_id, cfg, n=20, batch=10)
+    assert acc == D.evaluate(vlm2, tok, image_id, cfg, n=20, batch=10)
+    with accel.patch(vlm, "fastervlm", keep=cfg.tokens):  # keep-all: the same answers
+        assert D.evaluate(vlm, tok, image_id, cfg, n=20, batch=10) == acc
+    with accel.patch(vlm, "flowcut", keep=4) as h:
+        D.evaluate(vlm, tok, image_id, cfg, n=10, batch=10)
+        assert h.last["lm_prompt_tokens"] == h.last["prompt_tokens"] - (cfg.tokens - 4)

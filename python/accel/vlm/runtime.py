@@ -79,28 +79,30 @@ class VisualRuntime:
         self.last: dict = {}
 
     # -- image features (what generate pre-encodes) -----------------------------------------------------
-    def image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
-                       image_sizes=None, **_):
+    def image_features(self, pixel_values, image_sizes=None, vision_feature_layer=None,
+                       vision_feature_select_strategy=None, **kw):
         """Stands in for the VLM's ``get_image_features`` while patched. transformers' ``generate``
         encodes the images before the first forward and hands the features over as
         ``mm_encoder_outputs``, so the encoder-side pruning has to happen here (there is no public hook
         between the tower and the projector). Returns the kept features (all of them for ``fastv``, which
-        scores in the LLM) and records the kept indices for the prefill that follows."""
+        scores in the LLM) and records which tokens were kept for the prefill that follows."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         kw = {"vision_feature_layer": vision_feature_layer, "vision_feature_select_strategy": vision_feature_select_strategy,
-              "image_sizes": image_sizes}
-        feats, keep_idx, n = self._encode(pixel_values, kw)
-        self.pending = {"feats": feats, "keep_idx": keep_idx, "n": n, "trace": dict(self.adapter.trace)}
-        return BaseModelOutputWithPooling(pooler_output=list(feats))
+              "image_sizes": image_sizes, **{k: v for k, v in kw.items() if k in self.adapter.extra_image_kwargs}}
+        enc = self._encode(pixel_values, kw)
+        self.pending = enc
+        return BaseModelOutputWithPooling(pooler_output=list(enc["feats"]))
 
-    def _encode(self, pv, kw):
+    def _encode(self, pv, kw) -> dict:
+        """``{"feats": [k_i, D] per image, "flags": bool [N_i] per image (None = not pruned yet),
+        "fixed": bool [N_i] tokens always kept (or None), "trace": ...}``."""
         self.adapter.trace = {}
-        n = self.adapter.tokens_per_image(pv, kw)
         if self.policy.method == "fastv":
-            return self.adapter.full_features(pv, kw), None, n
-        feats, keep_idx = self.adapter.select(pv, self.policy, kw)
-        return feats, keep_idx, n
+            feats, fixed = self.adapter.full_features(pv, kw)
+            return {"feats": feats, "flags": None, "fixed": fixed, "trace": {}}
+        feats, flags = self.adapter.select(pv, self.policy, kw)
+        return {"feats": feats, "flags": flags, "fixed": None, "trace": dict(self.adapter.trace)}
 
     # -- the hook --------------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
@@ -126,27 +128,27 @@ class VisualRuntime:
                     "pass the whole prompt with its images in one call (generate does)"
                 )
             if pv is not None:
-                feats, keep_idx, n = self._encode(pv, kwargs)
-                trace = dict(self.adapter.trace)
+                kw = {k: kwargs.get(k) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
+                                                 *self.adapter.extra_image_kwargs)}
+                enc = self._encode(pv, kw)
             else:
-                p = self.pending
-                if p is None:
+                enc = self.pending
+                if enc is None:
                     raise InputError(
                         f"{self.policy.name}: pre-computed image features (mm_encoder_outputs) cannot be pruned; pass "
                         "pixel_values so accel scores the image tokens in the vision tower"
                     )
                 self.pending = None
-                feats, keep_idx, n, trace = p["feats"], p["keep_idx"], p["n"], p["trace"]
-                got = sum(int(f.reshape(-1, f.shape[-1]).shape[0]) for f in pre.pooler_output)
-                per = feats.shape[0] * feats.shape[1]
-                if got % per:
+                got = len(pre.pooler_output)
+                if got % len(enc["feats"]):
                     raise InputError(f"{self.policy.name}: the image features changed between encoding and prefill")
-                reps = got // per
+                reps = got // len(enc["feats"])
                 if reps > 1:  # generate expanded the batch (num_return_sequences / beams)
-                    feats = feats.repeat_interleave(reps, 0)
-                    keep_idx = keep_idx.repeat_interleave(reps, 0) if keep_idx is not None else None
+                    enc = {k: ([x for x in v for _ in range(reps)] if isinstance(v, list) else v) for k, v in enc.items()}
             kwargs["mm_encoder_outputs"] = None
-            return args, self._prefill(module, kwargs, feats, keep_idx, n, trace)
+            for k in ("image_sizes", *self.adapter.extra_image_kwargs):
+                kwargs.pop(k, None)
+            return args, self._prefill(module, kwargs, enc)
         st = self.state
         if st is not None and pkv is not None and past > 0 and st["cache"]() is pkv:
             return args, self._decode(kwargs, past)
@@ -155,47 +157,64 @@ class VisualRuntime:
         return args, kwargs
 
     # -- prefill ---------------------------------------------------------------------------------------
-    def _prefill(self, module, kwargs, feats, keep_idx, n, trace) -> dict:
+    def _prefill(self, module, kwargs, enc) -> dict:
         ids = kwargs["input_ids"]
         b, length = ids.shape
+        dev = ids.device
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise InputError(f"{self.policy.name}: visual-token pruning needs a 2-D attention_mask [batch, tokens], got {mask.dim()}-D")
         img = ids == self.adapter.image_token_id
-        n_img = feats.shape[0]
-        if int(img.sum()) != n_img * n:
+        feats = list(enc["feats"])
+        sizes = [int(f.shape[0]) for f in feats] if enc["flags"] is None else [int(f.numel()) for f in enc["flags"]]
+        if int(img.sum()) != sum(sizes):
             raise InputError(
-                f"{self.policy.name}: the prompt has {int(img.sum())} image placeholder tokens but {n_img} image(s) "
-                f"of {n} tokens each were given; build the prompt with the model's processor"
+                f"{self.policy.name}: the prompt has {int(img.sum())} image placeholder tokens but the {len(sizes)} "
+                f"image(s) give {sum(sizes)} tokens; build the prompt with the model's processor"
             )
-        if keep_idx is None:  # fastv: score in the LLM over the full features
-            scores = self._fastv_scores(module, ids, img, feats, mask, kwargs.get("position_ids"), n)
-            keep_idx = keep_topk(scores, self.policy.n_keep(n))
-            feats = torch.gather(feats, 1, keep_idx[..., None].expand(-1, -1, feats.shape[-1]))
-        k = keep_idx.shape[1]
-        flag = torch.zeros(n_img, n, dtype=torch.bool, device=ids.device)
-        flag.scatter_(1, keep_idx.to(ids.device), True)
-        keep_cols = torch.ones_like(img)
-        keep_cols[img] = flag.reshape(-1)  # placeholders in row-major order = images in order
-        per_row = keep_cols.sum(1)
-        if bool((per_row != per_row[0]).any()):
-            raise InputError(
-                f"{self.policy.name}: rows of the batch hold different numbers of images, so their pruned lengths "
-                f"differ ({per_row.tolist()}); batch prompts with the same number of images"
-            )
-        new_len = int(per_row[0])
-        embed = module.get_input_embeddings()(ids)
-        embeds = embed[keep_cols].view(b, new_len, -1)
-        img_kept = img[keep_cols].view(b, new_len)
-        embeds = embeds.masked_scatter(img_kept[..., None], feats.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
         pos = kwargs.get("position_ids")
         if pos is None:
-            pos = torch.arange(length, device=ids.device).expand(b, length)
-        elif pos.dim() != 2:
+            pos = torch.arange(length, device=dev).expand(b, length)
+        elif pos.dim() != 2 and not self.adapter.multi_axis_positions:
             raise InputError(f"{self.policy.name}: position_ids must be [batch, tokens] for this model, got {tuple(pos.shape)}")
-        pos = pos.expand(b, length)[keep_cols].view(b, new_len)
-        new_mask = (mask[keep_cols].view(b, new_len) if mask is not None
-                    else torch.ones(b, new_len, dtype=torch.long, device=ids.device))
+        flags = enc["flags"]
+        if flags is None:  # fastv: score in the LLM over the full features
+            full = torch.cat(feats, 0)
+            scores = self._fastv_scores(module, ids, img, full, mask, pos)
+            flags, start = [], 0
+            for i, n in enumerate(sizes):
+                sc = scores[start:start + n].clone()
+                fixed = enc["fixed"][i] if enc["fixed"] is not None else None
+                if fixed is not None:
+                    sc[fixed] = float("inf")  # always-kept tokens (e.g. row-end newlines) first
+                k = self.policy.n_keep(n - (int(fixed.sum()) if fixed is not None else 0))
+                k += int(fixed.sum()) if fixed is not None else 0
+                fl = torch.zeros(n, dtype=torch.bool, device=dev)
+                fl[keep_topk(sc[None], k)[0]] = True
+                flags.append(fl)
+                feats[i] = feats[i][fl.to(feats[i].device)]
+                start += n
+        keep_cols = torch.ones_like(img)
+        keep_cols[img] = torch.cat([f.to(dev) for f in flags])  # placeholders in row-major order = images in order
+        if mask is not None:  # padding columns carry nothing: re-pad from scratch below
+            keep_cols &= mask.bool()
+        per_row = keep_cols.sum(1)
+        new_len = int(per_row.max())
+        # source column of every new position (-1 = left padding for rows that became shorter)
+        src = torch.full((b, new_len), -1, dtype=torch.long, device=dev)
+        for r in range(b):
+            cols = torch.nonzero(keep_cols[r]).flatten()
+            src[r, new_len - cols.numel():] = cols
+        real = src >= 0
+        gidx = src.clamp_min(0)
+        embed = module.get_input_embeddings()(ids)
+        embeds = torch.gather(embed, 1, gidx[..., None].expand(-1, -1, embed.shape[-1])) * real[..., None]
+        img_new = real & torch.gather(img, 1, gidx)
+        embeds = embeds.masked_scatter(img_new[..., None], torch.cat(feats, 0).to(embeds.dtype))
+        base_mask = mask if mask is not None else torch.ones(b, length, dtype=torch.long, device=dev)
+        new_mask = torch.gather(base_mask, 1, gidx) * real
+        new_pos = self.adapter.gather_positions(pos, gidx, real) if self.adapter.multi_axis_positions else \
+            torch.gather(pos.expand(b, length), 1, gidx).masked_fill(~real, 1)
         pkv = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -205,14 +224,18 @@ class VisualRuntime:
 
             pkv = DynamicCache(config=self.adapter.language_model().config)
         kwargs.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=new_mask,
-                      position_ids=pos, past_key_values=pkv)
-        self.state = {"cache": weakref.ref(pkv) if pkv is not None else (lambda: None), "keep_cols": keep_cols,
-                      "prompt_len": length, "dropped": length - new_len}
-        self.last = {"tokens_per_image": n, "kept_per_image": k, "images": n_img,
-                     "prompt_tokens": length, "lm_prompt_tokens": new_len, "kept_indices": keep_idx.detach().cpu(),
-                     **trace}
-        logger.info("%s: kept %d of %d visual tokens per image; LM prompt %d -> %d tokens",
-                    self.policy.name, k, n, length, new_len)
+                      position_ids=new_pos, past_key_values=pkv)
+        self.adapter.after_prefill_rewrite(self, kwargs, ids, keep_cols, gidx, real)
+        self.state = {"cache": weakref.ref(pkv) if pkv is not None else (lambda: None), "src": src,
+                      "prompt_len": length, "dropped": length - new_len, "next_pos": self.adapter.next_positions(kwargs)}
+        kept = [int(f.sum()) for f in flags]
+        idx = [torch.nonzero(f).flatten().cpu() for f in flags]
+        self.last = {"tokens_per_image": sizes[0] if len(set(sizes)) == 1 else sizes,
+                     "kept_per_image": kept[0] if len(set(kept)) == 1 else kept, "images": len(sizes),
+                     "prompt_tokens": length, "lm_prompt_tokens": new_len,
+                     "kept_indices": torch.stack(idx) if len(set(kept)) == 1 else idx, **enc["trace"]}
+        logger.info("%s: kept %s of %s visual tokens per image; LM prompt %d -> %d tokens",
+                    self.policy.name, self.last["kept_per_image"], self.last["tokens_per_image"], length, new_len)
         return kwargs
 
     # -- decode ----------------------------------------------------------------------------------------
@@ -220,25 +243,24 @@ class VisualRuntime:
         st = self.state
         mask = kwargs.get("attention_mask")
         length = st["prompt_len"]
-        keep = st["keep_cols"]
+        src = st["src"]
         if isinstance(mask, torch.Tensor):
-            if mask.dim() != 2 or mask.shape[0] != keep.shape[0] or mask.shape[1] < length:
+            if mask.dim() != 2 or mask.shape[0] != src.shape[0] or mask.shape[1] < length:
                 raise InputError(
                     f"{self.policy.name}: decode-step attention_mask of shape {tuple(mask.shape)} does not extend the "
-                    f"pruned prompt ({keep.shape[0]} rows, {length} tokens)"
+                    f"pruned prompt ({src.shape[0]} rows, {length} tokens)"
                 )
-            b = mask.shape[0]
-            kwargs["attention_mask"] = torch.cat([mask[:, :length][keep].view(b, -1), mask[:, length:]], dim=1)
+            head = torch.gather(mask[:, :length], 1, src.clamp_min(0)) * (src >= 0)
+            kwargs["attention_mask"] = torch.cat([head, mask[:, length:]], dim=1)
         if kwargs.get("position_ids") is None:
             ref = kwargs.get("input_ids")
             if ref is None:
                 ref = kwargs.get("inputs_embeds")
-            q = ref.shape[1]
-            kwargs["position_ids"] = (torch.arange(q, device=ref.device) + past + st["dropped"]).expand(ref.shape[0], q)
+            kwargs["position_ids"] = self.adapter.decode_positions(st, ref, past)
         return kwargs
 
     # -- FastV-style scores -------------------------------------------------------------------------------
-    def _fastv_scores(self, module, ids, img, full, mask, pos, n) -> torch.Tensor:
+    def _fastv_scores(self, module, ids, img, full, mask, pos) -> torch.Tensor:
         lm = self.adapter.language_model()
         cfg = lm.config
         nl = cfg.num_hidden_layers
@@ -272,7 +294,7 @@ class VisualRuntime:
             last_img = torch.where(img.any(1), t - 1 - img.flip(1).int().argmax(1), torch.full((b,), -1, device=ids.device))
             rows &= torch.arange(t, device=ids.device)[None] > last_img[:, None]
         received = (probs * rows[..., None]).sum(1) / rows.sum(1, keepdim=True).clamp_min(1)  # [B, T]
-        return received[img].view(-1, n)  # images in order, [n_img, N]
+        return received[img]  # every image token, images in order
 
 
 class VisualPatchHandle:

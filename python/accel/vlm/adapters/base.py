@@ -10,7 +10,19 @@ from ...errors import UnsupportedModelError
 
 
 class VisionAdapter:
+    """What the pruning runtime needs from a VLM architecture.
+
+    ``select(pixel_values, policy, kw) -> (features, flags)``: per image, the kept features ``[k_i, D]``
+    (in order) and a bool mask ``[N_i]`` over that image's placeholder tokens marking the kept ones.
+    ``full_features(pixel_values, kw) -> (features, fixed)``: every image's unpruned features (what the
+    unpatched model computes) and, per image, a bool mask of tokens that must always be kept (or None).
+    """
+
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: further keyword arguments of ``get_image_features`` / forward that belong to the images
+    extra_image_kwargs: ClassVar[tuple[str, ...]] = ()
+    #: position ids have more than one axis (Qwen2-VL's M-RoPE: [3, B, T])
+    multi_axis_positions: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -43,3 +55,19 @@ class VisionAdapter:
 
     def select(self, pixel_values, policy, kwargs):
         raise NotImplementedError
+
+    # -- positions (overridden by architectures with multi-axis rotary positions) -------------------------
+    def gather_positions(self, pos, gidx, real):
+        raise NotImplementedError
+
+    def after_prefill_rewrite(self, runtime, kwargs, ids, keep_cols, gidx, real) -> None:
+        """Hook for architecture state that depends on the rewritten prompt (default: none)."""
+
+    def next_positions(self, kwargs):
+        return None
+
+    def decode_positions(self, state, ref, past: int):
+        """Position ids of a decode step when the caller gave none: the original positions continue
+        (the unpatched model would use ``past + arange``, counted over the unpruned prompt)."""
+        q = ref.shape[1]
+        return (torch.arange(q, device=ref.device) + past + state["dropped"]).expand(ref.shape[0], q)

@@ -83,7 +83,11 @@ class LlavaAdapter(VisionAdapter):
     def _project(self, feats):
         return self.inner.multi_modal_projector(feats)
 
-    def full_features(self, pixel_values, kwargs) -> torch.Tensor:
+    def full_features(self, pixel_values, kwargs):
+        feats = self.full_features_tensor(pixel_values, kwargs)
+        return list(feats), None
+
+    def full_features_tensor(self, pixel_values, kwargs) -> torch.Tensor:
         """All image features ``[n_img, N, D]`` (what the unpatched model computes)."""
         last, strat = self._feature_layer(kwargs)
         h = self._embed(pixel_values)
@@ -91,13 +95,18 @@ class LlavaAdapter(VisionAdapter):
             h, _ = self._run_layer(i, h, False)
         return self._project(h[:, 1:] if strat == "default" else h)
 
-    def select(self, pixel_values, policy, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, pixel_values, policy, kwargs):
+        feats, idx = self.select_tensor(pixel_values, policy, kwargs)
+        n = self.tokens_per_image(pixel_values, kwargs)
+        flags = torch.zeros(idx.shape[0], n, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+        return list(feats), list(flags)
+
+    def select_tensor(self, pixel_values, policy, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept features ``[n_img, k, D]`` and their indices ``[n_img, k]`` among the image's tokens."""
         last, strat = self._feature_layer(kwargs)
         n_patch = self.tokens_per_image(pixel_values, kwargs) - (1 if strat == "full" else 0)
         k = policy.n_keep(n_patch + (1 if strat == "full" else 0))
         target = k - 1 if strat == "full" else k  # patches kept besides [CLS] ("full" counts [CLS])
-        self.trace = {}
         h = self._embed(pixel_values)
         b = h.shape[0]
         if policy.method == "flowcut":
