@@ -309,3 +309,68 @@ def test_digits_pipeline_trains_caches_and_evaluates_under_pruning(tmp_path, mon
     with accel.patch(vlm, "flowcut", keep=4) as h:
         D.evaluate(vlm, tok, image_id, cfg, n=10, batch=10)
         assert h.last["lm_prompt_tokens"] == h.last["prompt_tokens"] - (cfg.tokens - 4)
+
+
+# -- LLaVA-NeXT (anyres: base crop + tiles, unpadding, row-end newline tokens) ----------------------------
+def tiny_llava_next():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=16, patch_size=4)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=300, max_position_embeddings=512, pad_token_id=0)
+    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=IMG, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    m = LlavaNextForConditionalGeneration(cfg).eval()
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes = torch.tensor([[20, 36]])
+    crops = image_size_to_num_patches(sizes[0], cfg.image_grid_pinpoints, 16)
+    pv = torch.randn(1, crops, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        packed = m.model.get_image_features(pv, sizes, return_dict=True).pooler_output[0]
+    ids = torch.tensor([[1, 5, 6] + [IMG] * packed.shape[0] + [7, 8, 9]])
+    return m, ids, pv, sizes, packed, crops
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_llava_next_keep_all_equals_unpatched(policy):
+    m, ids, pv, sizes, packed, _ = tiny_llava_next()
+    with torch.no_grad():
+        gref = m.generate(input_ids=ids, pixel_values=pv, image_sizes=sizes, max_new_tokens=4, do_sample=False)
+        with accel.patch(m, policy, keep=16 if policy != "fastv" else 10_000):  # per crop (fastv: per image)
+            g = m.generate(input_ids=ids, pixel_values=pv, image_sizes=sizes, max_new_tokens=4, do_sample=False)
+    assert torch.equal(g, gref)
+
+
+@pytest.mark.parametrize("policy", ["fastervlm", "flowcut", "fastv"])
+def test_llava_next_per_crop_budget_newlines_kept_and_lm_input_exact(policy):
+    m, ids, pv, sizes, packed, crops = tiny_llava_next()
+    nl = m.model.image_newline
+    is_nl = (packed == nl[None]).all(-1)
+    assert int(is_nl.sum()) > 0
+    with accel.patch(m, policy, keep=3) as h, torch.no_grad():
+        g = m.generate(input_ids=ids, pixel_values=pv, image_sizes=sizes, max_new_tokens=3, do_sample=False)
+        kept = h.last["kept_indices"][0]
+    flags = torch.zeros(packed.shape[0], dtype=torch.bool)
+    flags[kept] = True
+    assert bool(flags[is_nl].all())  # every row-end newline survives
+    if policy != "fastv":  # at most 3 per crop (tile tokens cut by the unpadding do not appear)
+        assert int((flags & ~is_nl).sum()) <= 3 * crops
+    else:
+        assert int((flags & ~is_nl).sum()) == 3
+    # the LM saw exactly transformers' packed features at the kept positions, at their original positions
+    with torch.no_grad():
+        keep_cols = torch.ones_like(ids, dtype=torch.bool)
+        keep_cols[ids == IMG] = flags
+        emb = m.get_input_embeddings()(ids)[keep_cols][None]
+        emb[(ids == IMG)[keep_cols][None]] = packed[flags]
+        pos = torch.arange(ids.shape[1])[keep_cols[0]][None]
+        seq, p = emb, pos
+        for step in range(3):
+            hs = m.model.language_model(inputs_embeds=seq, position_ids=p).last_hidden_state
+            nxt = m.lm_head(hs[:, -1]).argmax(-1)
+            assert int(nxt) == int(g[0, ids.shape[1] + step]), (policy, step)
+            seq = torch.cat([seq, m.get_input_embeddings()(nxt)[:, None]], 1)
+            p = torch.cat([p, torch.full((1, 1), ids.shape[1] + step)], 1)

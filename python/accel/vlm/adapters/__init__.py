@@ -7,6 +7,7 @@ from ...errors import UnsupportedModelError
 
 _ADAPTERS = {
     "llava": "accel.vlm.adapters.llava:LlavaAdapter",
+    "llava_next": "accel.vlm.adapters.llava_next:LlavaNextAdapter",
 }
 
 
