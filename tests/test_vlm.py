@@ -374,3 +374,96 @@ def test_llava_next_per_crop_budget_newlines_kept_and_lm_input_exact(policy):
             assert int(nxt) == int(g[0, ids.shape[1] + step]), (policy, step)
             seq = torch.cat([seq, m.get_input_embeddings()(nxt)[:, None]], 1)
             p = torch.cat([p, torch.full((1, 1), ids.shape[1] + step)], 1)
+
+
+# -- Qwen2-VL (no [CLS], patch merger, M-RoPE positions) ----------------------------------------------------
+QIMG = 290
+
+
+def tiny_qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
+                           spatial_merge_size=2, in_channels=3, mlp_ratio=2),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=512, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        image_token_id=QIMG, video_token_id=QIMG + 1, bos_token_id=1, eos_token_id=2)
+    m = Qwen2VLForConditionalGeneration(cfg).eval()
+    grid = torch.tensor([[1, 4, 6], [1, 6, 4]])  # 24 patches each -> 6 merged tokens each
+    pv = torch.randn(48, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[1, 5, 6] + [QIMG] * 6 + [7, 8, 9], [1, 6, 5] + [QIMG] * 6 + [9, 8, 7]])
+    return m, ids, pv, grid, (ids == QIMG).long()
+
+
+@pytest.mark.parametrize("policy", ["fastervlm", "fastv", "randomprune"])
+def test_qwen2_vl_keep_all_equals_unpatched(policy):
+    m, ids, pv, grid, tt = tiny_qwen2_vl()
+    kw = dict(pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=tt)
+    with torch.no_grad():
+        ref = m(input_ids=ids, **kw).logits
+        gref = m.generate(input_ids=ids, max_new_tokens=4, do_sample=False, **kw)
+        with accel.patch(m, policy, keep=6):
+            out = m(input_ids=ids, **kw).logits
+            g = m.generate(input_ids=ids, max_new_tokens=4, do_sample=False, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(g, gref)
+
+
+def test_qwen2_vl_scores_received_attention_per_merged_token_and_keeps_mrope_positions():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    m, ids, pv, grid, tt = tiny_qwen2_vl()
+    probs = []
+
+    def record(module, q, k, v, attention_mask, scaling=None, **kw):  # the model's own post-RoPE q, k
+        if getattr(module, "is_causal", True) is False and module is m.model.visual.blocks[-1].attn:
+            probs.append(torch.softmax((q @ k.transpose(-1, -2)) * scaling, -1)[0])
+        return sdpa_attention_forward(module, q, k, v, attention_mask, scaling=scaling, **kw)
+
+    AttentionInterface.register("test_record_probs", record)
+    vis = m.model.visual
+    saved = vis.config._attn_implementation_internal
+    vis.config._attn_implementation_internal = "test_record_probs"
+    try:
+        with torch.no_grad():
+            vis(pv, grid_thw=grid)
+    finally:
+        vis.config._attn_implementation_internal = saved
+    ref = [keep_topk(p.mean(0).mean(0).view(-1, 4).mean(-1)[None], 2)[0] for p in probs]  # per image, 6 merged
+    kw = dict(pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=tt)
+    with accel.patch(m, "fastervlm", keep=2) as h, torch.no_grad():
+        g = m.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **kw)
+        kept = h.last["kept_indices"]
+    assert torch.equal(kept, torch.stack(ref))
+    # reference decode: transformers' merged features at the kept tokens, original M-RoPE positions
+    with torch.no_grad():
+        feats = torch.stack(list(m.model.get_image_features(pv, grid, return_dict=True).pooler_output))
+        pos, _ = m.model.get_rope_index(ids, image_grid_thw=grid, mm_token_type_ids=tt)
+        img = ids == QIMG
+        flag = torch.zeros(2, 6, dtype=torch.bool).scatter_(1, kept, True)
+        keep_cols = torch.ones_like(img)
+        keep_cols[img] = flag.reshape(-1)
+        emb = m.get_input_embeddings()(ids)[keep_cols].view(2, -1, 64)
+        emb[img[keep_cols].view(2, -1)] = torch.gather(feats, 1, kept[..., None].expand(-1, -1, 64)).reshape(-1, 64)
+        p = pos[:, keep_cols].view(3, 2, -1)
+        seq = emb
+        for step in range(3):
+            hs = m.model.language_model(inputs_embeds=seq, position_ids=p).last_hidden_state
+            nxt = m.lm_head(hs[:, -1]).argmax(-1)
+            assert torch.equal(nxt, g[:, ids.shape[1] + step]), step
+            seq = torch.cat([seq, m.get_input_embeddings()(nxt)[:, None]], 1)
+            p = torch.cat([p, p[..., -1:] + 1], -1)
+
+
+def test_qwen2_vl_refuses_flowcut_and_videos():
+    m, ids, pv, grid, tt = tiny_qwen2_vl()
+    with accel.patch(m, "flowcut", keep=2), torch.no_grad():
+        with pytest.raises(UnsupportedModelError, match="CLS"):
+            m(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=tt)
+    with accel.patch(m, "fastervlm", keep=2), torch.no_grad():
+        with pytest.raises(InputError, match="videos"):
+            m(input_ids=ids, pixel_values_videos=pv, video_grid_thw=grid, mm_token_type_ids=tt)

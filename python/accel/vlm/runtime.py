@@ -75,12 +75,12 @@ class VisualRuntime:
         self.state: dict | None = None
         #: features encoded by ``image_features`` for the prefill that follows (generate's path)
         self.pending: dict | None = None
+        self._orig_mask = None
         #: what the last prefill did (tokens per image, kept per image, prompt tokens before / after)
         self.last: dict = {}
 
     # -- image features (what generate pre-encodes) -----------------------------------------------------
-    def image_features(self, pixel_values, image_sizes=None, vision_feature_layer=None,
-                       vision_feature_select_strategy=None, **kw):
+    def image_features(self, pixel_values, *args, **kw):
         """Stands in for the VLM's ``get_image_features`` while patched. transformers' ``generate``
         encodes the images before the first forward and hands the features over as
         ``mm_encoder_outputs``, so the encoder-side pruning has to happen here (there is no public hook
@@ -88,8 +88,8 @@ class VisualRuntime:
         scores in the LLM) and records which tokens were kept for the prefill that follows."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        kw = {"vision_feature_layer": vision_feature_layer, "vision_feature_select_strategy": vision_feature_select_strategy,
-              "image_sizes": image_sizes, **{k: v for k, v in kw.items() if k in self.adapter.extra_image_kwargs}}
+        for name, val in zip(self.adapter.feature_arg_names, args):
+            kw.setdefault(name, val)
         enc = self._encode(pixel_values, kw)
         self.pending = enc
         return BaseModelOutputWithPooling(pooler_output=list(enc["feats"]))
@@ -112,6 +112,9 @@ class VisualRuntime:
                 kwargs.setdefault(n, a)
             args = ()
         pv = kwargs.get("pixel_values")
+        if kwargs.get("pixel_values_videos") is not None:
+            raise InputError(f"{self.policy.name}: visual-token pruning covers images, not videos; remove the patch "
+                             "for video prompts")
         mm = kwargs.get("mm_encoder_outputs") or {}
         pre = mm.get("image") if isinstance(mm, dict) else None
         pkv = kwargs.get("past_key_values")
@@ -146,9 +149,10 @@ class VisualRuntime:
                 if reps > 1:  # generate expanded the batch (num_return_sequences / beams)
                     enc = {k: ([x for x in v for _ in range(reps)] if isinstance(v, list) else v) for k, v in enc.items()}
             kwargs["mm_encoder_outputs"] = None
+            kwargs = self._prefill(module, kwargs, enc)
             for k in ("image_sizes", *self.adapter.extra_image_kwargs):
                 kwargs.pop(k, None)
-            return args, self._prefill(module, kwargs, enc)
+            return args, kwargs
         st = self.state
         if st is not None and pkv is not None and past > 0 and st["cache"]() is pkv:
             return args, self._decode(kwargs, past)
@@ -172,10 +176,9 @@ class VisualRuntime:
                 f"{self.policy.name}: the prompt has {int(img.sum())} image placeholder tokens but the {len(sizes)} "
                 f"image(s) give {sum(sizes)} tokens; build the prompt with the model's processor"
             )
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = torch.arange(length, device=dev).expand(b, length)
-        elif pos.dim() != 2 and not self.adapter.multi_axis_positions:
+        self._orig_mask = mask
+        pos = self.adapter.prompt_positions(kwargs, ids, mask)
+        if pos.dim() != 2 and not self.adapter.multi_axis_positions:
             raise InputError(f"{self.policy.name}: position_ids must be [batch, tokens] for this model, got {tuple(pos.shape)}")
         flags = enc["flags"]
         if flags is None:  # fastv: score in the LLM over the full features
@@ -256,7 +259,9 @@ class VisualRuntime:
             ref = kwargs.get("input_ids")
             if ref is None:
                 ref = kwargs.get("inputs_embeds")
-            kwargs["position_ids"] = self.adapter.decode_positions(st, ref, past)
+            pos = self.adapter.decode_positions(st, ref, past)
+            if pos is not None:
+                kwargs["position_ids"] = pos
         return kwargs
 
     # -- FastV-style scores -------------------------------------------------------------------------------
@@ -419,7 +424,8 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
         runtime = VisualRuntime(model, adapter, vpol)
         hooks = [adapter.hook_module().register_forward_pre_hook(runtime.pre_forward, with_kwargs=True),
                  model.register_forward_pre_hook(_refuse_labels(vpol.name), with_kwargs=True),
-                 _InstanceOverride(adapter.hook_module(), "get_image_features", runtime.image_features)]
+                 _InstanceOverride(adapter.hook_module(), "get_image_features", _with_signature_of(
+                     adapter.hook_module().get_image_features, runtime.image_features))]
     except BaseException:
         if lm_handle is not None:
             lm_handle.remove()
@@ -430,6 +436,19 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
     core._PATCHED[model] = handle
     logger.info("%s", handle.summary())
     return handle
+
+
+def _with_signature_of(original, fn):
+    """``fn`` presenting ``original``'s signature: ``generate`` picks the arguments it passes to
+    ``get_image_features`` by inspecting it."""
+    import inspect
+
+    def override(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    override.__signature__ = inspect.signature(original)
+    override.__doc__ = fn.__doc__
+    return override
 
 
 class _InstanceOverride:

@@ -8,6 +8,8 @@ from ...errors import UnsupportedModelError
 _ADAPTERS = {
     "llava": "accel.vlm.adapters.llava:LlavaAdapter",
     "llava_next": "accel.vlm.adapters.llava_next:LlavaNextAdapter",
+    "qwen2_vl": "accel.vlm.adapters.qwen2_vl:Qwen2VLAdapter",
+    "qwen2_5_vl": "accel.vlm.adapters.qwen2_vl:Qwen2VLAdapter",
 }
 
 

@@ -23,6 +23,8 @@ class VisionAdapter:
     extra_image_kwargs: ClassVar[tuple[str, ...]] = ()
     #: position ids have more than one axis (Qwen2-VL's M-RoPE: [3, B, T])
     multi_axis_positions: ClassVar[bool] = False
+    #: names of ``get_image_features``' positional arguments after ``pixel_values``
+    feature_arg_names: ClassVar[tuple[str, ...]] = ("image_sizes",)
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -57,6 +59,14 @@ class VisionAdapter:
         raise NotImplementedError
 
     # -- positions (overridden by architectures with multi-axis rotary positions) -------------------------
+    def prompt_positions(self, kwargs, ids, mask):
+        """The unpruned prompt's position ids: the caller's, else what the unpatched model would use."""
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            b, n = ids.shape
+            pos = torch.arange(n, device=ids.device).expand(b, n)
+        return pos
+
     def gather_positions(self, pos, gidx, real):
         raise NotImplementedError
 
