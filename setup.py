@@ -86,6 +86,7 @@ setup(
         "flash": ["flash-attn"],
         "models": ["gguf", "accelerate", "sentencepiece"],
         "test": ["pytest"],
+        "vlm": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["accel=accel.cli.main:main"]},
     ext_modules=ext_modules,

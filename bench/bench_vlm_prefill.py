@@ -63,16 +63,16 @@ def build(tower: str):
 
 
 def peak_allocated_mb(fn) -> float:
-    """Peak of the running sum of CPU allocations minus frees seen by the torch profiler during ``fn``."""
+    """Peak of the running sum of CPU allocations minus frees seen by the torch profiler during ``fn``
+    (each event's own allocations, in time order)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0 and not e.cpu_children),
-                    key=lambda e: e.time_range.start)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     cur = peak = 0
     for e in events:
-        cur += e.cpu_memory_usage
+        cur += e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak / 2**20
 

@@ -50,7 +50,7 @@ class DigitsConfig:
     augment: bool = False
     stage_a_epochs: int = 30
     stage_a_lr: float = 3e-3
-    stage_b_steps: int = 60
+    stage_b_steps: int = 90
     stage_b_batch: int = 16
     stage_b_lr: float = 1e-3
     seed: int = 0
