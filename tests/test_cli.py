@@ -32,6 +32,7 @@ def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "cpp" in out and "dense" in out and "hylra" in out and "recycled" in out and "unavailable:" in out
+    assert "fastervlm" in out and "llava_next" in out and "qwen2_vl" in out
 
 
 def test_generate_single_prompt(tiny_folder, capsys):

@@ -19,6 +19,9 @@ def run(args) -> int:
         print(f"  {name:7s} {'available' if not reason else 'unavailable: ' + reason}")
     print(f"\npolicies: {', '.join(list_policies())}")
     print(f"architectures: {', '.join(supported_model_types())}")
+    from ..vlm.adapters import supported_vlm_types
+
+    print(f"VLM architectures (visual-token pruning): {', '.join(supported_vlm_types())}")
     print("\nnamed models:")
     for n, desc in NAMED_MODELS.items():
         cached = (converted_path(n) / "config.json").exists()
