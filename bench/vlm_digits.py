@@ -6,9 +6,11 @@ Its numbers are those of a **project-trained** model, not of any published VLM.
 
     python bench/vlm_digits.py train                      # ~10 min on the 2-core CPU, cached
     python bench/vlm_digits.py curve --out bench/results/vlm_digits_curve.csv
+    python bench/vlm_digits.py diagnose --out bench/results/vlm_digits_kept_on_digit.csv
 
 ``curve`` writes one row per (policy, kept tokens): accuracy on the held-out digits (first answer
-token), plus a PNG of accuracy against kept tokens for every policy.
+token), plus a PNG of accuracy against kept tokens for every policy. ``diagnose`` writes, per policy and kept
+count, the share of kept tokens that lie on the digit (first 60 held-out images).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def main(argv=None):
     from accel.vlm import digits as D
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "curve"])
+    ap.add_argument("command", choices=["train", "curve", "diagnose"])
     ap.add_argument("--retrain", action="store_true", help="train again even if a cached model exists")
     ap.add_argument("--policies", default="fastervlm,flowcut,fastv,randomprune")
     ap.add_argument("--keeps", default=None, help="kept tokens per image (default: all, 1/2, 1/4, ... down to 1)")
@@ -42,6 +44,22 @@ def main(argv=None):
     if args.command == "train":
         return
     n = cfg.tokens
+    if args.command == "diagnose":
+        rows = []
+        for pol in [p for p in args.policies.split(",") if p]:
+            for k in [int(x) for x in (args.keeps or "16,8,4").split(",")]:
+                with accel.patch(vlm, pol, keep=k):
+                    d = D.kept_on_digit(vlm, tok, image_id, cfg)
+                rows.append({"policy": pol, "keep": k, **{a: round(b, 4) for a, b in d.items()}, "images": 60})
+                print(f"{pol} keep {k}: {d['on_digit_share']:.3f} of kept tokens on the digit "
+                      f"({d['digit_patches_per_image']:.1f} digit patches per image)")
+        out = Path(args.out)
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {out}")
+        return
     keeps = [int(k) for k in args.keeps.split(",")] if args.keeps else sorted({max(1, n >> i) for i in range(8)}, reverse=True)
     rows = []
     full = D.evaluate(vlm, tok, image_id, cfg, n=args.samples)

@@ -294,3 +294,24 @@ def evaluate(vlm, tok, image_id: int, cfg: DigitsConfig, n: int | None = None, b
         logits = vlm(input_ids=ids, pixel_values=pv, logits_to_keep=1).logits[:, -1]
         correct += int((logits.argmax(-1) == digit_ids[yte[s:s + batch]]).sum())
     return correct / len(yte)
+
+
+@torch.no_grad()
+def kept_on_digit(vlm, tok, image_id: int, cfg: DigitsConfig, n: int = 60, seed: int = 1234) -> dict:
+    """Diagnostic for the model as it is patched now: the share of the kept visual tokens whose 4x4 patch
+    contains digit ink (a pixel above 0.3), and the mean number of such patches per image, over the first
+    ``n`` held-out digits (rendered as in ``evaluate``). Needs a visual policy patched on ``vlm``."""
+    from .. import get_handle
+
+    h = get_handle(vlm)
+    if h is None or not hasattr(h, "last"):
+        raise AccelError("kept_on_digit needs a visual-token policy patched on the model (accel.patch(vlm, 'fastervlm', ...))")
+    _, _, xte, _ = digits_split(cfg)
+    pv = render(xte[:n], cfg, torch.Generator().manual_seed(seed))
+    raw = pv[:, 0] * 0.5 + 0.5
+    p = cfg.patch
+    on = (raw.unfold(1, p, p).unfold(2, p, p) > 0.3).flatten(-2).any(-1).flatten(1)  # [n, tokens]
+    vlm(input_ids=prompt_ids(tok, image_id, cfg.tokens, n), pixel_values=pv, logits_to_keep=1)
+    kept = h.last["kept_indices"]
+    return {"on_digit_share": float(torch.gather(on, 1, kept).float().mean()),
+            "digit_patches_per_image": float(on.sum(1).float().mean())}
