@@ -467,3 +467,60 @@ def test_qwen2_vl_refuses_flowcut_and_videos():
     with accel.patch(m, "fastervlm", keep=2), torch.no_grad():
         with pytest.raises(InputError, match="videos"):
             m(input_ids=ids, pixel_values_videos=pv, video_grid_thw=grid, mm_token_type_ids=tt)
+
+
+def tiny_qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4, patch_size=4,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=16,
+                           fullatt_block_indexes=[0]),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=512, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        image_token_id=QIMG, video_token_id=QIMG + 1, bos_token_id=1, eos_token_id=2)
+    m = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    grid = torch.tensor([[1, 8, 8], [1, 8, 4]])  # 16 and 8 merged tokens; 16 px windows permute the merge units
+    pv = torch.randn(96, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[1, 5, 6] + [QIMG] * 16 + [7, 8, 9], [0] * 8 + [1, 6, 5] + [QIMG] * 8 + [9, 8, 7]])
+    mask = (ids != 0).long()
+    return m, ids, mask, pv, grid, (ids == QIMG).long()
+
+
+def test_qwen2_5_vl_keep_all_exact_and_window_permutation_undone():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.vision_utils import get_vision_window_index
+
+    m, ids, mask, pv, grid, tt = tiny_qwen2_5_vl()
+    kw = dict(pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=tt, attention_mask=mask)
+    with torch.no_grad():
+        gref = m.generate(input_ids=ids, max_new_tokens=4, do_sample=False, **kw)
+        for pol in ("fastervlm", "fastv", "randomprune"):
+            with accel.patch(m, pol, keep=16):
+                assert torch.equal(m.generate(input_ids=ids, max_new_tokens=4, do_sample=False, **kw), gref), pol
+    probs = []
+
+    def record(module, q, k, v, attention_mask, scaling=None, **kw2):
+        if module is m.model.visual.blocks[0].attn:  # the full-attention block, one call per image
+            probs.append(torch.softmax((q @ k.transpose(-1, -2)) * scaling, -1)[0].mean(0).mean(0))
+        return sdpa_attention_forward(module, q, k, v, attention_mask, scaling=scaling, **kw2)
+
+    AttentionInterface.register("test_record_probs_25", record)
+    vis = m.model.visual
+    saved = vis.config._attn_implementation_internal
+    vis.config._attn_implementation_internal = "test_record_probs_25"
+    try:
+        with torch.no_grad():
+            vis(pv, grid_thw=grid)
+    finally:
+        vis.config._attn_implementation_internal = saved
+    window, _ = get_vision_window_index(grid, 2, vis.window_size, vis.patch_size)
+    merged = torch.cat(probs).view(-1, 4).mean(-1)[torch.argsort(window)]  # as transformers un-permutes its merger
+    ref = [keep_topk(x[None], 3)[0] for x in torch.split(merged, [16, 8])]
+    with accel.patch(m, "fastervlm", keep=3) as h, torch.no_grad():
+        m(input_ids=ids, **kw)
+        kept = h.last["kept_indices"]
+    assert all(torch.equal(a, b) for a, b in zip(kept, ref))

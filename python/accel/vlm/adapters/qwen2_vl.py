@@ -4,7 +4,8 @@ The vision tower has no [CLS] token and ends in a patch merger that fuses each 2
 one LLM token, so pruning happens on the *merged* tokens, after the tower (the merger needs whole
 groups): the tower runs unchanged, and one block's attention (the last by default) scores each patch by
 the mean softmax attention it receives from all patches of its image and heads (VisPruner-style, as the
-issue asks); a merged token's score is the mean over its group. ``fastervlm`` keeps the top ``keep``
+issue asks); a merged token's score is the mean over its group. Qwen2.5-VL: the last *full-attention*
+block scores (the others attend within windows), and its window permutation of the merge units is undone. ``fastervlm`` keeps the top ``keep``
 merged tokens per image in their original order; ``randomprune`` and ``fastv`` work as everywhere.
 ``flowcut`` needs the [CLS] relay and is refused with a clear error.
 
@@ -60,7 +61,7 @@ class Qwen2VLAdapter(VisionAdapter):
 
             hook = blk.attn.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            out = self.visual(pixel_values.type(self.visual.get_dtype()), grid_thw=grid)
+            out = self.visual(pixel_values.type(next(self.visual.parameters()).dtype), grid_thw=grid)
         finally:
             if hook is not None:
                 hook.remove()
@@ -69,6 +70,12 @@ class Qwen2VLAdapter(VisionAdapter):
         feats = list(torch.split(merged, sizes))
         scores = None
         if score_block is not None:
+            self._window_index = None
+            if hasattr(self.visual, "window_size"):  # Qwen2.5-VL
+                from transformers.vision_utils import get_vision_window_index
+
+                self._window_index, _ = get_vision_window_index(grid, self.merge, self.visual.window_size,
+                                                                self.visual.patch_size)
             scores = self._patch_scores(self.visual.blocks[score_block].attn, got, sizes)
         return feats, scores
 
@@ -88,14 +95,14 @@ class Qwen2VLAdapter(VisionAdapter):
         for i in range(len(cu) - 1):
             qs, ks = q[cu[i]:cu[i + 1]].reshape(1, -1, nh * q.shape[-1]), k[cu[i]:cu[i + 1]].reshape(1, -1, nh * k.shape[-1])
             out.append(received_attention(qs, ks, nh, attn.scaling)[0])
-        # one image may span several chunks (frames); merge per image, then per merged token
-        per_image, pos = [], 0
-        flat = torch.cat(out)
-        for s in sizes:
-            n = s * self.merge ** 2
-            per_image.append(flat[pos:pos + n].view(s, self.merge ** 2).mean(-1))
-            pos += n
-        return per_image
+        # one image may span several chunks (frames); per merged token: the mean over its group
+        flat = torch.cat(out).view(-1, self.merge ** 2).mean(-1)
+        window = getattr(self, "_window_index", None)
+        if window is not None:  # Qwen2.5-VL runs its blocks on window-permuted merge units: undo it
+            orig = torch.empty_like(flat)
+            orig[window.to(flat.device)] = flat
+            flat = orig
+        return list(torch.split(flat, sizes))
 
     # -- the adapter interface -------------------------------------------------------------------------------
     def full_features(self, pixel_values, kw):
@@ -113,7 +120,13 @@ class Qwen2VLAdapter(VisionAdapter):
         if policy.method == "cls":
             sl = getattr(policy, "select_layer", None)
             nb = len(self.visual.blocks)
-            block = nb - 1 if sl is None else (sl if sl >= 0 else nb + sl)
+            full = list(getattr(self.visual, "fullatt_block_indexes", None) or [])
+            default = full[-1] if full else nb - 1  # Qwen2.5-VL: the last block with full (not windowed) attention
+            block = default if sl is None else (sl if sl >= 0 else nb + sl)
+            if full and block not in full:
+                raise UnsupportedModelError(
+                    f"fastervlm select_layer {sl}: block {block} attends within windows; score with a full-attention "
+                    f"block ({full})")
             if not 0 <= block < nb:
                 raise UnsupportedModelError(f"fastervlm select_layer {sl} is outside the tower's {nb} blocks")
         feats, scores = self._run(pixel_values, grid, block)
