@@ -524,3 +524,110 @@ def test_qwen2_5_vl_keep_all_exact_and_window_permutation_undone():
         m(input_ids=ids, **kw)
         kept = h.last["kept_indices"]
     assert all(torch.equal(a, b) for a, b in zip(kept, ref))
+
+
+def _llava_next_batch():
+    """Two images with different crop counts (3 and 5) in one left-padded batch."""
+    m, _, _, _, _, _ = tiny_llava_next()
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes = torch.tensor([[8, 30], [30, 30]])
+    crops = [image_size_to_num_patches(s, m.config.image_grid_pinpoints, 16) for s in sizes]
+    pv = torch.randn(2, max(crops), 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        packed = m.model.get_image_features(pv, sizes, return_dict=True).pooler_output
+    n0, n1 = packed[0].shape[0], packed[1].shape[0]
+    width = max(n0, n1) + 6
+    rows = [[0] * (width - 6 - n) + [1, 5, 6] + [IMG] * n + [7, 8, 9] for n in (n0, n1)]
+    ids = torch.tensor(rows)
+    return m, ids, (ids != 0).long(), pv, sizes, packed, crops
+
+
+def test_llava_next_flowcut_llm_stage_keeps_topk_of_reference_scores():
+    """FlowCut anyres, stage 2: the kept set is the top-target of (relation + semantic) * ||v||_1 from
+    decoder layer 1 for the last prompt token, computed here from the unpatched LM's own projections and
+    rotary embedding over the encoder-pruned prompt; a subset of the encoder's survivors; newlines kept."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    m, ids, pv, sizes, packed, crops = tiny_llava_next()
+    nl = m.model.image_newline
+    is_nl = (packed == nl[None]).all(-1)
+    with accel.patch(m, "flowcut", keep=3) as h, torch.no_grad():
+        g = m.generate(input_ids=ids, pixel_values=pv, image_sizes=sizes, max_new_tokens=2, do_sample=False)
+        last = h.last
+    assert g.shape[1] == ids.shape[1] + 2
+    enc = torch.zeros(packed.shape[0], dtype=torch.bool)
+    enc[last["encoder_kept_indices"][0]] = True
+    fin = torch.zeros_like(enc)
+    fin[last["kept_indices"][0]] = True
+    target = 3 * crops
+    assert int((enc & ~is_nl).sum()) > target  # the second stage had work to do
+    assert bool((fin <= enc).all()) and bool(fin[is_nl].all())
+    assert int((fin & ~is_nl).sum()) == target and last["llm_stage_kept"] == [target + int(is_nl.sum())]
+    # this tiny tower prunes only after its feature layer, so the survivors' features are the unpruned ones
+    assert all(c == 16 for c in last["flowcut_patches_per_layer"][:-1])
+    keep_cols = torch.ones_like(ids, dtype=torch.bool)
+    keep_cols[ids == IMG] = enc
+    emb = m.get_input_embeddings()(ids)[keep_cols][None]
+    emb[(ids == IMG)[keep_cols][None]] = packed[enc]
+    pos = torch.arange(ids.shape[1])[keep_cols[0]][None]
+    lm = m.model.language_model
+    got = {}
+    att = lm.layers[1].self_attn
+    hooks = [getattr(att, n).register_forward_hook(lambda mod, a, o, n=n: got.__setitem__(n, o))
+             for n in ("q_proj", "k_proj", "v_proj")]
+    with torch.no_grad():
+        lm(inputs_embeds=emb, position_ids=pos)
+    for hk in hooks:
+        hk.remove()
+    cfg = lm.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    q = got["q_proj"].view(1, -1, cfg.num_attention_heads, hd).transpose(1, 2)
+    k = got["k_proj"].view(1, -1, cfg.num_key_value_heads, hd).transpose(1, 2)
+    v = got["v_proj"].view(1, -1, cfg.num_key_value_heads, hd).transpose(1, 2)
+    cos, sin = lm.rotary_emb(v, pos)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    k, v = k.repeat_interleave(rep, 1)[0], v.repeat_interleave(rep, 1)[0]  # [H, T, d]
+    q = q[0]
+    cols = torch.nonzero((ids == IMG)[keep_cols]).flatten()
+    rel = torch.softmax(torch.einsum("hd,hnd->hn", q[:, -1], k[:, cols]) / hd ** 0.5, -1).mean(0)
+    sem = torch.softmax(torch.einsum("hd,hnd->hn", v[:, -1], v[:, cols]) / hd ** 0.5, -1).mean(0)
+    score = (rel + sem) * v[:, cols].mean(0).abs().sum(-1)
+    enc_pos = torch.nonzero(enc).flatten()
+    score[is_nl[enc_pos]] = float("inf")
+    ref = enc_pos[torch.sort(torch.sort(score, descending=True, stable=True).indices[: int(fin.sum())]).values]
+    assert torch.equal(ref, torch.nonzero(fin).flatten())
+
+
+def test_llava_next_flowcut_stages_in_a_padded_batch_and_encoder_only_switch():
+    m, ids, mask, pv, sizes, packed, crops = _llava_next_batch()
+    assert crops[0] != crops[1]
+    with accel.patch(m, "flowcut", keep=2) as h, torch.no_grad():
+        g = m.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, max_new_tokens=2,
+                       do_sample=False)
+        last = h.last
+    assert g.shape == (2, ids.shape[1] + 2)
+    for i in range(2):
+        is_nl = (packed[i] == m.model.image_newline[None]).all(-1)
+        fin = torch.zeros(packed[i].shape[0], dtype=torch.bool)
+        fin[last["kept_indices"][i]] = True
+        assert int((fin & ~is_nl).sum()) == 2 * crops[i] and bool(fin[is_nl].all())
+        # each row alone keeps the same tokens (the stage scores per image, from its own row)
+        with accel.patch(m, "flowcut", keep=2) as h1, torch.no_grad():
+            row = ids[i:i + 1][:, mask[i].bool()]
+            m(input_ids=row, pixel_values=pv[i:i + 1], image_sizes=sizes[i:i + 1])
+            assert torch.equal(torch.as_tensor(h1.last["kept_indices"]).flatten(), last["kept_indices"][i])
+    with accel.patch(m, "flowcut", keep=2, llm_stage=False) as h, torch.no_grad():
+        m(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
+        assert "llm_stage_kept" not in h.last
+        for i in range(2):
+            is_nl = (packed[i] == m.model.image_newline[None]).all(-1)
+            fin = torch.zeros(packed[i].shape[0], dtype=torch.bool)
+            fin[h.last["kept_indices"][i]] = True
+            assert int((fin & ~is_nl).sum()) <= 2 * crops[i]
+    with pytest.raises(AccelError, match="llm_layer"):
+        accel.patch(m, "flowcut", llm_layer=-1)
+    with pytest.raises(AccelError, match="llm_layer 7"):
+        with accel.patch(m, "flowcut", keep=2, llm_layer=7), torch.no_grad():
+            m(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)

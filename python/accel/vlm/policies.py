@@ -86,6 +86,17 @@ class FlowCutPolicy(VisualPolicy):
         ema: weight of the running score (0.5 in the paper's code).
         prune_every: prune when the layers left before the select layer are a multiple of this (2).
         adaptive: entropy-adaptive counts; False prunes only at the select layer (one-shot) [INFER].
+        llm_stage: anyres models (LLaVA-NeXT): the paper's two-stage form. Each image's target is
+            ``keep`` per crop times its crop count (the same LM token budget the per-crop policies give);
+            the encoder prunes every crop to ``encoder_share`` of that target, then the LLM's decoder layer
+            ``llm_layer`` (0-based) ranks the survivors from the last prompt token
+            (``scoring.flowcut_llm_scores``) and keeps the target; row-end newlines are always kept. The
+            scoring pass runs layers ``0..llm_layer`` over the encoder-pruned prompt, then the LLM runs
+            only on the final tokens [INFER: the paper drops the tokens inside layer ``llm_layer``, so its
+            first layers still see the encoder survivors]. False: encoder stage only, per crop, to ``keep``.
+            Ignored on single-crop models (LLaVA-1.5), where the encoder goes straight to the target.
+        llm_layer: the decoder layer of the second stage (1 in the paper's code).
+        encoder_share: per-crop encoder budget as a fraction of the image's target (0.5: "~target/2").
     Batches: the adaptive count uses the batch-mean entropy so every image keeps the same count
     [INFER: the authors' code runs one image at a time].
     """
@@ -94,9 +105,18 @@ class FlowCutPolicy(VisualPolicy):
     ema: float = 0.5
     prune_every: int = 2
     adaptive: bool = True
+    llm_stage: bool = True
+    llm_layer: int = 1
+    encoder_share: float = 0.5
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.llm_stage, bool):
+            raise AccelError(f"flowcut: llm_stage must be true or false, got {self.llm_stage!r}")
+        if not isinstance(self.llm_layer, int) or isinstance(self.llm_layer, bool) or self.llm_layer < 0:
+            raise AccelError(f"flowcut: llm_layer must be an integer >= 0 (0-based decoder layer), got {self.llm_layer!r}")
+        if not (isinstance(self.encoder_share, (int, float)) and 0 < self.encoder_share <= 1):
+            raise AccelError(f"flowcut: encoder_share must be in (0, 1], got {self.encoder_share!r}")
         if not 0 <= self.ema < 1:
             raise AccelError(f"flowcut: ema must be in [0, 1), got {self.ema!r}")
         if not isinstance(self.prune_every, int) or self.prune_every < 1:

@@ -25,8 +25,11 @@ _probe_registered = False
 
 
 class _ProbeDone(Exception):
-    def __init__(self, probs):
-        self.probs = probs
+    """Carries the probed layer's attention inputs out of the forward (the rest is not run)."""
+
+    def __init__(self, query, key, value, attention_mask, scaling):
+        self.query, self.key, self.value = query, key, value
+        self.attention_mask, self.scaling = attention_mask, scaling
 
 
 def _ensure_probe_registered() -> None:
@@ -47,24 +50,53 @@ _PROBE = {"layer": None, "rows": None}
 
 
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA for the layers before the probed one; at the probed layer, the softmax attention of the
-    selected query rows (head mean), handed back by raising ``_ProbeDone`` (the rest is not run)."""
+    """SDPA for the layers before the probed one; at the probed layer, its query / key / value (rotary
+    applied, as the layer uses them) are handed back by raising ``_ProbeDone``."""
     from ..patching.attention_fn import hf_sdpa
 
     if getattr(module, "layer_idx", None) != _PROBE["layer"]:
         return hf_sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    b, h, t, d = query.shape
-    kv = key.shape[1]
-    k = key.repeat_interleave(h // kv, dim=1) if kv != h else key
-    scores = (query.float() @ k.float().transpose(-1, -2)) * (d ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        m = attention_mask[:, :, :, : k.shape[2]]
+    d = query.shape[-1]
+    raise _ProbeDone(query, key, value, attention_mask, d ** -0.5 if scaling is None else scaling)
+
+
+def _run_probe(lm, layer: int, embeds, mask, pos) -> _ProbeDone:
+    """Run the language model's layers ``0..layer`` over a prompt and return decoder layer ``layer``'s
+    attention inputs (``query [B, H, T, d]``, ``key`` / ``value [B, KV, T, d]``, its mask and scaling)."""
+    cfg = lm.config
+    _ensure_probe_registered()
+    _PROBE["layer"] = layer
+    saved = cfg._attn_implementation_internal
+    cfg._attn_implementation_internal = PROBE_NAME
+    try:
+        with torch.no_grad():
+            lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+    except _ProbeDone as done:
+        return done
+    finally:
+        cfg._attn_implementation_internal = saved
+        _PROBE["layer"] = None
+    raise UnsupportedModelError(  # pragma: no cover - the probed layer always runs
+        "visual pruning: the language model's attention layers do not report layer_idx")
+
+
+def _attention_probs(p: _ProbeDone) -> torch.Tensor:
+    """Softmax attention of every query row of the probed layer, head mean: ``[B, T, S]``."""
+    q = p.query
+    t = q.shape[2]
+    k = _repeat_kv(p.key, q.shape[1])
+    scores = (q.float() @ k.float().transpose(-1, -2)) * p.scaling
+    if p.attention_mask is not None:
+        m = p.attention_mask[:, :, :, : k.shape[2]]
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
     else:
-        causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=query.device).tril(k.shape[2] - t)
+        causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
         scores = scores.masked_fill(~causal, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(dim=1)  # [B, T, S]
-    raise _ProbeDone(probs)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(dim=1)
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
 
 class VisualRuntime:
@@ -98,11 +130,16 @@ class VisualRuntime:
         """``{"feats": [k_i, D] per image, "flags": bool [N_i] per image (None = not pruned yet),
         "fixed": bool [N_i] tokens always kept (or None), "trace": ...}``."""
         self.adapter.trace = {}
+        self.adapter.llm_stage = None
         if self.policy.method == "fastv":
             feats, fixed = self.adapter.full_features(pv, kw)
             return {"feats": feats, "flags": None, "fixed": fixed, "trace": {}}
         feats, flags = self.adapter.select(pv, self.policy, kw)
-        return {"feats": feats, "flags": flags, "fixed": None, "trace": dict(self.adapter.trace)}
+        enc = {"feats": feats, "flags": flags, "fixed": None, "trace": dict(self.adapter.trace)}
+        if self.adapter.llm_stage is not None:  # per image, so generate's batch expansion repeats them
+            enc["stage_targets"] = list(self.adapter.llm_stage["targets"])
+            enc["stage_fixed"] = list(self.adapter.llm_stage["fixed"])
+        return enc
 
     # -- the hook --------------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
@@ -197,27 +234,12 @@ class VisualRuntime:
                 flags.append(fl)
                 feats[i] = feats[i][fl.to(feats[i].device)]
                 start += n
-        keep_cols = torch.ones_like(img)
-        keep_cols[img] = torch.cat([f.to(dev) for f in flags])  # placeholders in row-major order = images in order
-        if mask is not None:  # padding columns carry nothing: re-pad from scratch below
-            keep_cols &= mask.bool()
-        per_row = keep_cols.sum(1)
-        new_len = int(per_row.max())
-        # source column of every new position (-1 = left padding for rows that became shorter)
-        src = torch.full((b, new_len), -1, dtype=torch.long, device=dev)
-        for r in range(b):
-            cols = torch.nonzero(keep_cols[r]).flatten()
-            src[r, new_len - cols.numel():] = cols
-        real = src >= 0
-        gidx = src.clamp_min(0)
-        embed = module.get_input_embeddings()(ids)
-        embeds = torch.gather(embed, 1, gidx[..., None].expand(-1, -1, embed.shape[-1])) * real[..., None]
-        img_new = real & torch.gather(img, 1, gidx)
-        embeds = embeds.masked_scatter(img_new[..., None], torch.cat(feats, 0).to(embeds.dtype))
-        base_mask = mask if mask is not None else torch.ones(b, length, dtype=torch.long, device=dev)
-        new_mask = torch.gather(base_mask, 1, gidx) * real
-        new_pos = self.adapter.gather_positions(pos, gidx, real) if self.adapter.multi_axis_positions else \
-            torch.gather(pos.expand(b, length), 1, gidx).masked_fill(~real, 1)
+        elif enc.get("stage_targets") is not None:  # FlowCut's second stage (anyres)
+            flags, feats = self._flowcut_llm_stage(module, ids, img, feats, list(flags), enc, mask, pos)
+        c = self._compact(module, ids, img, feats, flags, mask, pos)
+        keep_cols, src, real, gidx = c["keep_cols"], c["src"], c["real"], c["gidx"]
+        new_len = src.shape[1]
+        embeds, new_mask, new_pos = c["embeds"], c["mask"], c["pos"]
         pkv = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -240,6 +262,78 @@ class VisualRuntime:
         logger.info("%s: kept %s of %s visual tokens per image; LM prompt %d -> %d tokens",
                     self.policy.name, self.last["kept_per_image"], self.last["tokens_per_image"], length, new_len)
         return kwargs
+
+    def _compact(self, module, ids, img, feats, flags, mask, pos) -> dict:
+        """The prompt with only the kept image tokens: ``inputs_embeds``, mask and original positions,
+        rows re-left-padded to the longest; ``src`` maps every new column to its old one (-1 = pad)."""
+        b, length = ids.shape
+        dev = ids.device
+        keep_cols = torch.ones_like(img)
+        keep_cols[img] = torch.cat([f.to(dev) for f in flags])  # placeholders in row-major order = images in order
+        if mask is not None:  # padding columns carry nothing: re-pad from scratch below
+            keep_cols &= mask.bool()
+        new_len = int(keep_cols.sum(1).max())
+        # source column of every new position (-1 = left padding for rows that became shorter)
+        src = torch.full((b, new_len), -1, dtype=torch.long, device=dev)
+        for r in range(b):
+            cols = torch.nonzero(keep_cols[r]).flatten()
+            src[r, new_len - cols.numel():] = cols
+        real = src >= 0
+        gidx = src.clamp_min(0)
+        embed = module.get_input_embeddings()(ids)
+        embeds = torch.gather(embed, 1, gidx[..., None].expand(-1, -1, embed.shape[-1])) * real[..., None]
+        img_new = real & torch.gather(img, 1, gidx)
+        embeds = embeds.masked_scatter(img_new[..., None], torch.cat(feats, 0).to(embeds.dtype))
+        base_mask = mask if mask is not None else torch.ones(b, length, dtype=torch.long, device=dev)
+        new_mask = torch.gather(base_mask, 1, gidx) * real
+        new_pos = self.adapter.gather_positions(pos, gidx, real) if self.adapter.multi_axis_positions else \
+            torch.gather(pos.expand(b, length), 1, gidx).masked_fill(~real, 1)
+        return {"keep_cols": keep_cols, "src": src, "real": real, "gidx": gidx, "img": img_new,
+                "embeds": embeds, "mask": new_mask, "pos": new_pos}
+
+    def _flowcut_llm_stage(self, module, ids, img, feats, flags, enc, mask, pos):
+        """FlowCut's second stage for anyres models: over the encoder-pruned prompt, decoder layer
+        ``llm_layer`` scores each image's surviving tokens from the last prompt token
+        (``scoring.flowcut_llm_scores``); the image's target count is kept (plus its fixed tokens).
+        Returns the narrowed ``(flags, feats)``."""
+        from .scoring import flowcut_llm_scores
+
+        targets, fixed = enc["stage_targets"], enc["stage_fixed"]
+        counts = [int(f.sum()) for f in flags]
+        need = [i for i, (n, t, fx) in enumerate(zip(counts, targets, fixed)) if n - int(fx.sum()) > t]
+        if not need:
+            return flags, feats
+        lm = self.adapter.language_model()
+        nl = lm.config.num_hidden_layers
+        if self.policy.llm_layer >= nl:
+            raise AccelError(f"flowcut: llm_layer {self.policy.llm_layer} is not a layer of the {nl}-layer language model")
+        c = self._compact(module, ids, img, feats, flags, mask, pos)
+        probe = _run_probe(lm, self.policy.llm_layer, c["embeds"], c["mask"], c["pos"])
+        h = probe.query.shape[1]
+        k = _repeat_kv(probe.key, h)
+        v = _repeat_kv(probe.value, h)
+        where = torch.nonzero(c["img"])  # (row, col) of every kept image token, images in order
+        start = 0
+        stage = []
+        for i, n in enumerate(counts):
+            rows, cols = where[start:start + n, 0], where[start:start + n, 1]
+            start += n
+            if i not in need:
+                stage.append(None)
+                continue
+            r = int(rows[0])
+            sc = flowcut_llm_scores(probe.query[r, :, -1], k[r][:, cols], v[r, :, -1], v[r][:, cols], probe.scaling)
+            fx = fixed[i].to(sc.device)
+            sc = sc.masked_fill(fx, float("inf"))
+            sel = keep_topk(sc[None], targets[i] + int(fx.sum()))[0]
+            kept_pos = torch.nonzero(flags[i]).flatten()[sel.to(flags[i].device)]
+            fl = torch.zeros_like(flags[i])
+            fl[kept_pos] = True
+            flags[i] = fl
+            feats[i] = feats[i][sel.to(feats[i].device)]
+            stage.append(int(sel.numel()))
+        enc["trace"]["llm_stage_kept"] = stage
+        return flags, feats
 
     # -- decode ----------------------------------------------------------------------------------------
     def _decode(self, kwargs, past: int) -> dict:
@@ -273,21 +367,8 @@ class VisualRuntime:
             raise AccelError(f"fastv: layer {self.policy.layer} exceeds the language model's {nl} layers")
         embeds = module.get_input_embeddings()(ids)
         embeds = embeds.masked_scatter(img[..., None], full.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
-        _ensure_probe_registered()
-        _PROBE["layer"] = self.policy.layer - 1
-        saved = cfg._attn_implementation_internal
-        cfg._attn_implementation_internal = PROBE_NAME
-        probs = None
-        try:
-            with torch.no_grad():
-                lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
-        except _ProbeDone as done:
-            probs = done.probs  # [B, T, T]
-        finally:
-            cfg._attn_implementation_internal = saved
-            _PROBE["layer"] = None
-        if probs is None:  # pragma: no cover - the probed layer always runs
-            raise UnsupportedModelError("fastv: the language model's attention layers do not report layer_idx")
+        probe = _run_probe(lm, self.policy.layer - 1, embeds, mask, pos)
+        probs = _attention_probs(probe)  # [B, T, T] head mean
         b, t = ids.shape
         rows = torch.ones(b, t, dtype=torch.bool, device=ids.device)
         if mask is not None:

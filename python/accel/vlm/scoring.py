@@ -96,6 +96,27 @@ def flowcut_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads:
     return (r + s) * vnorm, entropy
 
 
+def flowcut_llm_scores(q_last: torch.Tensor, k_vis: torch.Tensor, v_last: torch.Tensor, v_vis: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """FlowCut's second, in-LLM stage (anyres models): scores of one image's visual tokens from one
+    decoder layer, seen from the last instruction token.
+
+    relation = softmax over the image's tokens of ``scale * q_last . k`` (head mean), semantic = softmax
+    of ``scale * v_last . v`` (head mean), score = (relation + semantic) * ||v||_1 with ||v||_1 the L1
+    norm of each token's head-averaged value (the same combination as the encoder stage).
+
+    Args:
+        q_last: ``[H, d]`` query of the last prompt token (rotary applied, as the layer uses it).
+        k_vis: ``[H, N, d]`` keys of the image's tokens (KV heads already repeated to ``H``).
+        v_last: ``[H, d]`` value of the last prompt token; v_vis: ``[H, N, d]``.
+    Returns: ``[N]``.
+    """
+    rel = torch.softmax((k_vis.float() @ q_last.float()[..., None])[..., 0] * scale, dim=-1).mean(0)
+    sem = torch.softmax((v_vis.float() @ v_last.float()[..., None])[..., 0] * scale, dim=-1).mean(0)
+    vnorm = v_vis.float().mean(0).abs().sum(-1)
+    return (rel + sem) * vnorm
+
+
 def flowcut_prune_count(n: int, target: int, remaining_layers: int, entropy: float) -> int:
     """How many patches FlowCut removes at a layer with ``remaining_layers`` (rpl) layers left before
     the select layer: ``(n - target) / sqrt(rpl) * (1 - (H / log n)^2)``, everything above the target at

@@ -41,6 +41,10 @@ class VisionAdapter:
         self.image_token_id = int(tok)
         #: details of the last ``select`` (e.g. FlowCut's per-layer token counts), for inspection
         self.trace: dict = {}
+        #: set by ``select`` when a second, in-LLM stage must finish the selection (FlowCut on anyres):
+        #: ``{"targets": [visual tokens kept per image], "fixed": [bool mask over the kept tokens that
+        #: stay regardless (row-end newlines)]}``
+        self.llm_stage: dict | None = None
 
     def hook_module(self) -> torch.nn.Module:
         """The module whose forward receives ``input_ids`` and ``pixel_values`` (rewritten by the pruner)."""

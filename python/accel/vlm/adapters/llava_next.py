@@ -6,11 +6,16 @@ Pruning follows FasterVLM's LLaVA-NeXT setting (methods.md 6.1): the budget (``k
 applies **per crop** (base and every tile), scored in the tower exactly as for LLaVA; the kept tokens
 follow the unpadding and reshaping, and the row-end newline tokens are always kept. The packed order is
 taken from transformers' own ``pack_image_features`` applied to token indices, so it cannot drift from the
-model's layout. ``flowcut`` runs its encoder stage per crop straight to the per-crop budget; the paper's
-second, in-LLM stage for anyres is not implemented [INFER]. ``fastv`` ranks the packed tokens in the LLM
+model's layout. ``flowcut`` runs the paper's two stages for anyres (``llm_stage=True``, default): each image's
+target is ``keep`` times its crop count, the encoder prunes every crop to ``encoder_share`` of it, and the
+runtime's second stage ranks the survivors in an early decoder layer (see ``FlowCutPolicy``); with
+``llm_stage=False`` the encoder goes per crop straight to ``keep``. ``fastv`` ranks the packed tokens in the LLM
 and keeps ``keep`` per image (``keep_ratio`` of its non-newline tokens); newlines are always kept.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 
@@ -71,17 +76,29 @@ class LlavaNextAdapter(LlavaAdapter):
         sizes = kw.get("image_sizes")
         pv, nums = self._crops(pixel_values, sizes)
         per_crop = self.tokens_per_image(pv, kw)
-        feats, idx = self.select_tensor(pv, policy, kw)  # per crop: [C, k, D], [C, k]
+        targets = None
+        if policy.method == "flowcut" and policy.llm_stage:
+            # FlowCut anyres: image target = keep per crop x crops; the encoder keeps a share of it per crop
+            targets = [policy.n_keep(per_crop) * n for n in nums]
+            parts, start = [], 0
+            for n, t in zip(nums, targets):
+                enc_keep = min(per_crop, max(1, math.ceil(policy.encoder_share * t)))
+                sub = dataclasses.replace(policy, keep=enc_keep, keep_ratio=None)
+                parts.append(self.select_tensor(pv[start:start + n], sub, kw))
+                start += n
+        else:
+            feats, idx = self.select_tensor(pv, policy, kw)  # per crop: [C, k, D], [C, k]
+            parts = list(zip(torch.split(feats, nums), torch.split(idx, nums)))
         layout = self._layout(nums, sizes, per_crop, strat)
         newline = self.inner.image_newline
         out_f, out_flags = [], []
-        start = 0
         for i, n in enumerate(nums):
+            feats, idx = parts[i]
             crop_flags = torch.zeros(n, per_crop, dtype=torch.bool, device=idx.device)
-            crop_flags.scatter_(1, idx[start:start + n], True)
+            crop_flags.scatter_(1, idx, True)
             crop_flags = crop_flags.flatten()
             buf = feats.new_zeros(n * per_crop, feats.shape[-1])
-            buf[crop_flags] = feats[start:start + n].reshape(-1, feats.shape[-1])
+            buf[crop_flags] = feats.reshape(-1, feats.shape[-1])
             lay = layout[i].to(idx.device)
             fl = torch.where(lay < 0, torch.ones_like(crop_flags[:1]).expand_as(lay), crop_flags[lay.clamp_min(0)])
             kept = lay[fl]
@@ -90,6 +107,9 @@ class LlavaNextAdapter(LlavaAdapter):
                 f = torch.where((kept < 0)[:, None], newline.to(f.dtype)[None], f)
             out_f.append(f)
             out_flags.append(fl)
-            start += n
         self.trace["crops_per_image"] = nums
+        if targets is not None:
+            self.trace["encoder_kept_indices"] = [torch.nonzero(f).flatten().cpu() for f in out_flags]
+            self.llm_stage = {"targets": targets, "fixed": [(lay < 0).to(idx.device)[fl]
+                                                            for lay, fl in zip(layout, out_flags)]}
         return out_f, out_flags
