@@ -30,6 +30,9 @@ std::vector<torch::Tensor> ragged_positions_to_slots_cpu(torch::Tensor pos, torc
 bool ragged_append_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score, torch::Tensor offsets,
                        torch::Tensor lengths, torch::Tensor caps, torch::Tensor new_k, torch::Tensor new_v,
                        int64_t position);
+std::vector<torch::Tensor> latent_decode_cpu(torch::Tensor q, torch::Tensor kv, torch::Tensor lengths, int64_t dl,
+                                             c10::optional<torch::Tensor> indices, c10::optional<torch::Tensor> valid,
+                                             double scale, int64_t num_threads);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "accel CPU kernels (C++/OpenMP)";
@@ -56,6 +59,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "append one token per head of a compressed KV layer; false (nothing written) if a head is full");
   m.def("ragged_accumulate", &ragged_accumulate_cpu,
         "add each kept token's decode attention (mean over the GQA group) to its eviction score");
+  m.def("latent_decode", &latent_decode_cpu,
+        "MLA / TPLA-shard decode over latent rows [c | k_rope]: MQA with a (Dl+Dr)-wide key and the Dl-wide latent "
+        "as value; optional index lists (sparse) and validity mask; returns (out [B, H, Dl], lse [B, H])",
+        pybind11::arg("q"), pybind11::arg("kv"), pybind11::arg("lengths"), pybind11::arg("dl"),
+        pybind11::arg("indices") = pybind11::none(), pybind11::arg("valid") = pybind11::none(),
+        pybind11::arg("scale"), pybind11::arg("num_threads") = 0);
   m.def("scattered_read_probe", &scattered_read_probe_cpu,
         "sum of the given rows of a [R, W] float32 buffer with a software prefetch `distance` rows ahead "
         "(a benchmark probe of the scattered-row read bandwidth)");

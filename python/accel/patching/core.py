@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..cache.accel_cache import AccelCache
-from ..errors import AlreadyPatchedError, InputError
+from ..errors import AccelError, AlreadyPatchedError, InputError
 from ..models.registry import get_adapter
 from ..policies.base import ComposedPolicy, KVCachePolicy, LayerContext
 from ..policies.registry import make_policy
@@ -170,6 +170,24 @@ class ModelRuntime:
         return args, kwargs
 
 
+def _tpla_spec(policy):
+    """``(inline options, policy object)`` when ``policy`` asks for TPLA, else None."""
+    from ..policies.registry import split_spec
+
+    if isinstance(policy, str):
+        parts = [p.strip() for p in policy.split("+") if p.strip()]
+        names = [split_spec(p)[0] for p in parts]
+        if "tpla" not in names:
+            return None
+        if len(parts) > 1:
+            raise AccelError("tpla replaces the attention of MLA models and does not compose with other policies yet; "
+                             "use policy='tpla' alone")
+        return split_spec(parts[0])[1], None
+    if getattr(policy, "name", None) == "tpla":
+        return {}, policy
+    return None
+
+
 class PatchHandle:
     """Returned by ``accel.patch``. A context manager; ``remove()`` restores the model exactly."""
 
@@ -263,6 +281,16 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
             f"this model is already patched by accel (policy {prev.runtime.policy.name!r}); call "
             "handle.remove() (or accel.unpatch(model)) before patching it again"
         )
+    tpla = _tpla_spec(policy)
+    if tpla is not None:  # MLA models: TPLA swaps the attention modules (accel.tpla)
+        from ..tpla.patch import patch_tpla
+
+        opts, obj = tpla
+        if obj is not None and overrides:
+            raise AccelError("pass overrides either to the policy object or to patch(), not both")
+        calib = {k: overrides.pop(k) for k in ("calibration", "pca") if k in overrides}
+        return patch_tpla(model, plan=plan, check_context=check_context, **calib,
+                          **({"_policy_obj": obj} if obj is not None else {**overrides, **opts}))
     from ..vlm.runtime import patch_vlm, split_visual
 
     vpol, lm_spec, lm_overrides = split_visual(policy, overrides)

@@ -25,6 +25,8 @@ _LAZY: dict[str, str] = {
     "flowcut": "accel.vlm.policies:FlowCutPolicy",
     "fastv": "accel.vlm.policies:FastVPolicy",
     "randomprune": "accel.vlm.policies:RandomPrunePolicy",
+    # tensor-parallel latent attention for MLA models (DeepSeek-V2/V3): swaps the attention modules
+    "tpla": "accel.tpla.policy:TPLAPolicy",
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import PlanValidationError
 
 SCHEMA_VERSION = 1
-LAYER_MODES = ("full", "select", "reuse", "sparse", "stream", "compress")
+LAYER_MODES = ("full", "select", "reuse", "sparse", "stream", "compress", "tpla", "mla_exact")
 HEAD_KINDS = ("full", "retrieval", "streaming", "heterogeneous", "normal", "budget")
 
 

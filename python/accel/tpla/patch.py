@@ -1,0 +1,187 @@
+"""Installing TPLA on a DeepSeek-V2/V3 model, in one process (simulated shards) or one rank per shard.
+
+``accel.patch(model, "tpla", shards=2, transform="hadamard")`` swaps every layer's attention for
+``TPLAAttention`` and adds one forward pre-hook on the model that gives each new generation an ``AccelCache``
+holding the sharded latent rows. ``remove()`` puts the original attention modules back (the same objects,
+never modified), so the model is exactly as it was.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from ..errors import AccelError, InputError
+from ..scheduler.plan import Plan
+from .adapters import get_mla_adapter
+from .attention import TPLAAttention
+from .transforms import build_transform
+
+logger = logging.getLogger("accel")
+
+
+class TPLAPatchHandle:
+    """Returned by ``accel.patch(model, "tpla", ...)``; a context manager; ``remove()`` restores the model."""
+
+    def __init__(self, model, adapter, policy, plan, originals, hook):
+        self._model_ref = weakref.ref(model)
+        self.adapter = adapter
+        self.policy = policy
+        self.plan = plan
+        self._originals = originals  # [(layer, original attention)]
+        self._hook = hook
+        self.cache = None
+        self.active = True
+
+    @property
+    def modules(self) -> list[TPLAAttention]:
+        return [layer.self_attn for layer, _ in self._originals]
+
+    def shard_nbytes(self) -> list[int]:
+        """KV bytes each shard holds in the last generation's cache (all layers)."""
+        if self.cache is None:
+            return []
+        g = self.plan.params["shards"]
+        out = [0] * g
+        for layer in self.cache.layers:
+            if layer.k_buf is None:
+                continue
+            for r in range(g):
+                out[r] += layer.k_buf[:, r, layer.start:layer.end].numel() * layer.k_buf.element_size()
+        return out
+
+    def summary(self) -> str:
+        modes = {}
+        for lp in self.plan.layers:
+            modes[lp.mode] = modes.get(lp.mode, 0) + 1
+        return (f"accel policy=tpla on {self.adapter.config.model_type}: {self.plan.params['shards']} shards, "
+                f"transform {self.plan.layers[0].params.get('transform')}, layers by mode: "
+                + ", ".join(f"{k}: {v}" for k, v in sorted(modes.items())))
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        self._hook.remove()
+        for layer, orig in self._originals:
+            layer.self_attn = orig
+        from ..patching import core
+
+        model = self._model_ref()
+        if model is not None and core._PATCHED.get(model) is self:
+            core._PATCHED.pop(model, None)
+        self.cache = None
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        return f"<TPLAPatchHandle {'active' if self.active else 'removed'}: {self.summary()}>"
+
+
+def _model_info(model) -> dict:
+    return {"num_layers": model.config.num_hidden_layers, "model_type": model.config.model_type}
+
+
+def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: bool = True, **overrides) -> TPLAPatchHandle:
+    """Patch an MLA model with TPLA (see ``TPLAPolicy`` for the knobs).
+
+    Args:
+        plan: a TPLA ``Plan`` (per-layer ``mode`` ``tpla``/``mla_exact`` and ``params.transform``) or a path /
+            dict of one; default: built from the knobs.
+        calibration: token ids ``[B, T]`` to estimate the per-layer latent covariance for ``transform="pca"``.
+        pca: per-layer covariances (``{layer: [dc, dc]}``, e.g. ``calibrate_pca``'s output or ``load_pca``).
+    """
+    from ..patching import core
+    from ..policies.registry import get_policy_class
+
+    adapter = get_mla_adapter(model)
+    policy_obj = overrides.pop("_policy_obj", None)
+    pol = policy_obj if policy_obj is not None else get_policy_class("tpla").from_overrides(**overrides)
+    info = _model_info(model)
+    if plan is None:
+        plan_obj = pol.build_plan(info)
+    elif isinstance(plan, Plan):
+        plan_obj = plan
+    elif isinstance(plan, dict):
+        plan_obj = Plan.from_dict(plan)
+    else:
+        plan_obj = Plan.load(plan)
+    plan_obj.validate(num_layers=info["num_layers"])
+    if plan_obj.policy != "tpla":
+        raise AccelError(f"tpla: the plan is for policy {plan_obj.policy!r}, not 'tpla'")
+    params = dict(plan_obj.params)
+    shards = int(params.get("shards", pol.shards))
+    plan_obj.params = {**params, "shards": shards}
+    for i, lp in enumerate(plan_obj.layers):
+        if lp.mode not in ("tpla", "mla_exact"):
+            raise AccelError(f"tpla plan: layers[{i}].mode must be 'tpla' or 'mla_exact', got {lp.mode!r}")
+    dc = adapter.attention(0).kv_lora_rank
+    needs_pca = any(lp.params.get("transform") == "pca" for lp in plan_obj.layers)
+    if needs_pca and pca is None:
+        if calibration is None:
+            raise AccelError("tpla: transform='pca' needs calibration: pass calibration=<token ids [B, T]> or "
+                             "pca=<covariances from accel.tpla.calibrate_pca>")
+        from .calibrate import calibrate_pca
+
+        pca = calibrate_pca(model, calibration)
+    modules = []
+    for i, lp in enumerate(plan_obj.layers):
+        attn = adapter.attention(i)
+        kind = lp.params.get("transform", pol.transform)
+        cov = None if pca is None else pca.get(i, pca.get(str(i)))
+        u = build_transform(kind, dc, shards, cov, params.get("assignment", pol.assignment))
+        modules.append(TPLAAttention(attn, adapter, i, shards=shards, transform=u, mode=lp.mode,
+                                     rope_mode=params.get("rope_mode", pol.rope_mode),
+                                     norm_mode=params.get("norm_mode", pol.norm_mode),
+                                     shard_logit_scale=params.get("shard_logit_scale", pol.shard_logit_scale),
+                                     backend=pol.backend).to(attn.o_proj.weight.device))
+    originals = []
+    for i, mod in enumerate(modules):
+        layer = adapter.layers[i]
+        originals.append((layer, layer.self_attn))
+        layer.self_attn = mod
+    handle = None
+
+    def pre_forward(module, args, kwargs):
+        from transformers.cache_utils import DynamicCache
+
+        from ..cache.accel_cache import AccelCache
+
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if ref is not None and ref.shape[1] == 0:
+            raise InputError("empty prompt: the input has 0 tokens; give at least one token")
+        pkv = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if use_cache and not module.training and (pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0)):
+            pkv = AccelCache(num_layers=len(adapter.layers))
+            kwargs["past_key_values"] = pkv
+        if isinstance(pkv, AccelCache):
+            handle.cache = pkv
+        past = pkv.get_seq_length() if pkv is not None else 0
+        limit = getattr(module.config, "max_position_embeddings", None)
+        q_len = ref.shape[1] if ref is not None else 0
+        if check_context and limit and past + q_len > limit:
+            raise InputError(f"sequence of {past + q_len} tokens ({past} cached + {q_len} new) exceeds the model's "
+                             f"context window of {limit} tokens; shorten the prompt or lower max_new_tokens")
+        am = kwargs.get("attention_mask")
+        if past == 0 and isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] > 1:
+            a = am.bool()
+            if bool(((torch.cumsum(a.int(), 1) > 0) & ~a).any()):
+                raise InputError("the batch is right-padded (a 0 follows a 1 in attention_mask); decoder-only "
+                                 "generation needs left padding: set tokenizer.padding_side = 'left'")
+        return args, kwargs
+
+    hook = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
+    handle = TPLAPatchHandle(model, adapter, pol, plan_obj, originals, hook)
+    core._PATCHED[model] = handle
+    logger.info("%s", handle.summary())
+    return handle
