@@ -278,7 +278,7 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
     if model in _PATCHED:
         prev = _PATCHED[model]
         raise AlreadyPatchedError(
-            f"this model is already patched by accel (policy {prev.runtime.policy.name!r}); call "
+            f"this model is already patched by accel (policy {prev.policy.name!r}); call "
             "handle.remove() (or accel.unpatch(model)) before patching it again"
         )
     tpla = _tpla_spec(policy)
