@@ -4,6 +4,7 @@
 
 #include "accel/cuda/decode_attention.cuh"
 #include "accel/cuda/sparse.cuh"
+#include "accel/cuda/latent_decode.cuh"
 
 std::vector<torch::Tensor> decode_attention_cuda(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                  torch::Tensor lengths, c10::optional<torch::Tensor> indices,
@@ -93,8 +94,42 @@ torch::Tensor block_sparse_prefill_cuda(torch::Tensor q, torch::Tensor k, torch:
   return out;
 }
 
+// MLA / TPLA-shard decode over latent rows [c | k_rope] (value = c): see accel/cuda/latent_decode.cuh
+std::vector<torch::Tensor> latent_decode_cuda(torch::Tensor q, torch::Tensor kv, torch::Tensor lengths, int64_t dl,
+                                              c10::optional<torch::Tensor> indices, c10::optional<torch::Tensor> valid,
+                                              double scale) {
+  TORCH_CHECK(q.is_cuda() && kv.is_cuda(), "q and kv must be CUDA tensors");
+  TORCH_CHECK(q.dim() == 3 && kv.dim() == 3 && kv.stride(2) == 1, "q [B,H,Dl+Dr], kv [B,T,Dl+Dr] contiguous in its last dim");
+  q = q.to(torch::kFloat32).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), Dk = q.size(2);
+  TORCH_CHECK(kv.size(0) == B && kv.size(2) == Dk && dl >= 1 && dl <= Dk, "kv must be [B, T, Dk] with 1 <= dl <= Dk");
+  lengths = lengths.to(torch::kInt32).contiguous();
+  const int max_len = lengths.max().item<int>();
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(16, max_len / 1024));
+  accel::cuda::LatentArgs a{};
+  a.q = q.data_ptr<float>(); a.kv = kv.data_ptr(); a.kv_sb = kv.stride(0); a.kv_st = kv.stride(1);
+  a.lengths = lengths.data_ptr<int32_t>();
+  torch::Tensor ix, vm;
+  if (indices.has_value()) { ix = indices->to(torch::kInt32).contiguous(); a.indices = ix.data_ptr<int32_t>(); a.idx_stride = ix.size(1); }
+  if (valid.has_value()) { vm = valid->to(torch::kUInt8).contiguous(); a.valid = vm.data_ptr<uint8_t>(); a.valid_sb = vm.stride(0); }
+  a.scale = static_cast<float>(scale);
+  a.B = B; a.H = H; a.Dl = dl; a.Dr = Dk - dl; a.splits = splits; a.chunk = (max_len + splits - 1) / splits;
+  auto o_part = torch::empty({B * H * splits, dl}, q.options());
+  auto lse_part = torch::empty({B * H * splits}, q.options());
+  a.o_part = o_part.data_ptr<float>(); a.lse_part = lse_part.data_ptr<float>();
+  auto out = torch::empty({B, H, dl}, q.options());
+  auto lse = torch::empty({B, H}, q.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (kv.scalar_type() == torch::kBFloat16)
+    accel::cuda::launch_latent_decode<__nv_bfloat16>(a, out.data_ptr<float>(), lse.data_ptr<float>(), stream);
+  else
+    accel::cuda::launch_latent_decode<float>(a, out.data_ptr<float>(), lse.data_ptr<float>(), stream);
+  return {out, lse};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention_cuda, "GQA decode attention (CUDA)");
+  m.def("latent_decode", &latent_decode_cuda, "MLA / TPLA-shard latent decode attention (CUDA)");
   m.def("chunk_scores", &chunk_scores_cuda, "aggregated chunk scores for top-k selection (CUDA)");
   m.def("block_sparse_prefill", &block_sparse_prefill_cuda, "block-sparse causal prefill (CUDA)");
 }
