@@ -268,3 +268,19 @@ def test_latent_kernel_matches_reference(dtype):
     assert (o - ro).abs().max() < 1e-5
     with pytest.raises(RuntimeError, match="lengths"):
         latent_decode(q, buf[:, 1, :30], torch.tensor([31, 1], dtype=torch.int32), 32, backend="cpp")
+
+
+def test_distributed_ranks_equal_simulated_shards():
+    """Two gloo ranks under torchrun (tests/tpla_dist_worker.py): same logits and tokens as simulated shards,
+    per-rank cache bytes = one shard's, MLP weights split 1/g, remove() restores the weights exactly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(root / "tests" / "tpla_dist_worker.py")], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=root)
+    assert "TPLA_DIST_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]

@@ -24,8 +24,10 @@ logger = logging.getLogger("accel")
 class TPLAPatchHandle:
     """Returned by ``accel.patch(model, "tpla", ...)``; a context manager; ``remove()`` restores the model."""
 
-    def __init__(self, model, adapter, policy, plan, originals, hook):
+    def __init__(self, model, adapter, policy, plan, originals, hook, records=(), mlp_hooks=()):
         self._model_ref = weakref.ref(model)
+        self._records = list(records)  # sliced parameters (distributed execution)
+        self._mlp_hooks = list(mlp_hooks)
         self.adapter = adapter
         self.policy = policy
         self.plan = plan
@@ -38,11 +40,16 @@ class TPLAPatchHandle:
     def modules(self) -> list[TPLAAttention]:
         return [layer.self_attn for layer, _ in self._originals]
 
+    @property
+    def distributed(self) -> bool:
+        return self.plan.params.get("execution") == "distributed"
+
     def shard_nbytes(self) -> list[int]:
-        """KV bytes each shard holds in the last generation's cache (all layers)."""
+        """KV bytes each shard holds in the last generation's cache (all layers); in distributed execution,
+        the one entry of this rank."""
         if self.cache is None:
             return []
-        g = self.plan.params["shards"]
+        g = 1 if self.distributed else self.plan.params["shards"]
         out = [0] * g
         for layer in self.cache.layers:
             if layer.k_buf is None:
@@ -63,8 +70,12 @@ class TPLAPatchHandle:
         if not self.active:
             return
         self._hook.remove()
+        for h in self._mlp_hooks:
+            h.remove()
         for layer, orig in self._originals:
             layer.self_attn = orig
+        for rec in reversed(self._records):  # collective: every rank restores its slices together
+            rec.restore()
         from ..patching import core
 
         model = self._model_ref()
@@ -130,17 +141,44 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
         from .calibrate import calibrate_pca
 
         pca = calibrate_pca(model, calibration)
+    execution = params.get("execution", pol.execution)
+    plan_obj.params["execution"] = execution
+    records, rank = [], None
+    if execution == "distributed":
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise AccelError("tpla: execution='distributed' needs an initialised torch.distributed group: launch with "
+                             "`torchrun --nproc-per-node <shards> ...` and call accel.tpla.init_distributed() first")
+        if dist.get_world_size() != shards:
+            raise AccelError(f"tpla: shards={shards} but the process group has {dist.get_world_size()} ranks; "
+                             "use one rank per shard")
+        rank = dist.get_rank()
     modules = []
     for i, lp in enumerate(plan_obj.layers):
         attn = adapter.attention(i)
         kind = lp.params.get("transform", pol.transform)
         cov = None if pca is None else pca.get(i, pca.get(str(i)))
         u = build_transform(kind, dc, shards, cov, params.get("assignment", pol.assignment))
-        modules.append(TPLAAttention(attn, adapter, i, shards=shards, transform=u, mode=lp.mode,
-                                     rope_mode=params.get("rope_mode", pol.rope_mode),
-                                     norm_mode=params.get("norm_mode", pol.norm_mode),
-                                     shard_logit_scale=params.get("shard_logit_scale", pol.shard_logit_scale),
-                                     backend=pol.backend).to(attn.o_proj.weight.device))
+        kw = dict(transform=u, mode=lp.mode, rope_mode=params.get("rope_mode", pol.rope_mode),
+                  norm_mode=params.get("norm_mode", pol.norm_mode),
+                  shard_logit_scale=params.get("shard_logit_scale", pol.shard_logit_scale), backend=pol.backend)
+        if rank is None:
+            mod = TPLAAttention(attn, adapter, i, shards=shards, **kw)
+        else:
+            from .distributed import TPLATPAttention
+
+            mod = TPLATPAttention(attn, adapter, i, rank=rank, world=shards, records=records, **kw)
+        modules.append(mod.to(attn.o_proj.weight.device))
+    mlp_hooks = []
+    if rank is not None:
+        from .distributed import _mlp_all_reduce_hook, shard_mlp
+
+        for layer in adapter.layers:
+            shard_mlp(layer.mlp, records)
+        for rec in records:
+            rec.apply(rank, shards)
+        mlp_hooks = [layer.mlp.register_forward_hook(_mlp_all_reduce_hook) for layer in adapter.layers]
     originals = []
     for i, mod in enumerate(modules):
         layer = adapter.layers[i]
@@ -181,7 +219,7 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
         return args, kwargs
 
     hook = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
-    handle = TPLAPatchHandle(model, adapter, pol, plan_obj, originals, hook)
+    handle = TPLAPatchHandle(model, adapter, pol, plan_obj, originals, hook, records, mlp_hooks)
     core._PATCHED[model] = handle
     logger.info("%s", handle.summary())
     return handle

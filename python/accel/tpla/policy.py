@@ -29,6 +29,8 @@ class TPLAPolicy(Policy):
         shard_logit_scale: multiplies every shard's logits (1.0 = independent softmax, the paper) [INFER].
         exact_layers: layers decoded in exact MLA (``mla_exact``) instead of TPLA: sensitive layers.
         backend: force a kernel backend (``cpp``/``triton``/``cuda``/``torch``); None = best available.
+        execution: ``simulated`` (all shards in this process) or ``distributed`` (this process is one rank of an
+            initialised ``torch.distributed`` group of ``shards`` ranks; see ``accel.tpla.distributed``).
     """
 
     kind: ClassVar[str] = "model"
@@ -42,6 +44,7 @@ class TPLAPolicy(Policy):
     shard_logit_scale: float = 1.0
     exact_layers: list = field(default_factory=list)
     backend: str | None = None
+    execution: str = "simulated"
 
     def validate(self) -> None:
         if not isinstance(self.shards, int) or isinstance(self.shards, bool) or self.shards < 1:
@@ -60,6 +63,8 @@ class TPLAPolicy(Policy):
             raise AccelError(f"tpla: shard_logit_scale must be a positive number, got {self.shard_logit_scale!r}")
         if not isinstance(self.exact_layers, (list, tuple)) or not all(isinstance(i, int) for i in self.exact_layers):
             raise AccelError(f"tpla: exact_layers must be a list of layer indices, got {self.exact_layers!r}")
+        if self.execution not in ("simulated", "distributed"):
+            raise AccelError(f"tpla: execution must be 'simulated' or 'distributed', got {self.execution!r}")
         if self.backend not in (None, "cpp", "triton", "cuda", "torch"):
             raise AccelError(f"tpla: backend must be cpp, triton, cuda or torch, got {self.backend!r}")
 
@@ -74,6 +79,6 @@ class TPLAPolicy(Policy):
         layers = [LayerPlan(mode="mla_exact" if i in self.exact_layers else mode, attention="tpla",
                             params={"transform": self.transform}) for i in range(n)]
         return Plan(policy="tpla", num_layers=n, model_type=info["model_type"],
-                    params={"shards": self.shards, "assignment": self.assignment, "rope_mode": self.rope_mode,
+                    params={"shards": self.shards, "execution": self.execution, "assignment": self.assignment, "rope_mode": self.rope_mode,
                             "norm_mode": self.norm_mode, "shard_logit_scale": self.shard_logit_scale},
                     layers=layers)
