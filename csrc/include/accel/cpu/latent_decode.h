@@ -38,7 +38,7 @@ struct LatentParams {
   int num_threads = 0;
 };
 
-constexpr int kLTile = 16;
+constexpr int kLTile = 32;
 constexpr int kLHeads = 16;  // heads per work item
 
 template <typename T>
@@ -53,6 +53,81 @@ inline const float* latent_row(const LatentParams& p, int64_t b, int64_t t, floa
     for (int64_t d = 0; d < Dk; ++d) buf[d] = bf16_to_float(r[d]);
     return buf;
   }
+}
+
+// Fast path (Dl and Dr multiples of 16): logits of 4 heads x 4 rows per pass with 16 vector accumulators
+// (8 loads per 16 FMAs), values accumulated in registers over the tile's rows for 4 heads x 64 channels.
+inline void logits_v16(const float* q, int64_t Dk, int nh, const float* const* rows, int kept, float scale,
+                       float (*s)[kLTile]) {
+  int h = 0;
+  for (; h + 4 <= nh; h += 4) {
+    const float* qh = q + h * Dk;
+    int j = 0;
+    for (; j + 4 <= kept; j += 4) {
+      v16f acc[4][4] = {};
+      for (int64_t d = 0; d < Dk; d += 16) {
+        v16f r[4], qq[4];
+        for (int x = 0; x < 4; ++x) r[x] = load16(rows[j + x] + d);
+        for (int y = 0; y < 4; ++y) qq[y] = load16(qh + y * Dk + d);
+        for (int y = 0; y < 4; ++y)
+          for (int x = 0; x < 4; ++x) acc[y][x] += qq[y] * r[x];
+      }
+      for (int y = 0; y < 4; ++y)
+        for (int x = 0; x < 4; ++x) s[h + y][j + x] = hsum16(acc[y][x]) * scale;
+    }
+    for (; j < kept; ++j) {
+      v16f acc[4] = {};
+      for (int64_t d = 0; d < Dk; d += 16) {
+        const v16f r = load16(rows[j] + d);
+        for (int y = 0; y < 4; ++y) acc[y] += load16(qh + y * Dk + d) * r;
+      }
+      for (int y = 0; y < 4; ++y) s[h + y][j] = hsum16(acc[y]) * scale;
+    }
+  }
+  for (; h < nh; ++h) {
+    for (int j = 0; j < kept; ++j) {
+      v16f acc = {};
+      for (int64_t d = 0; d < Dk; d += 16) acc += load16(q + h * Dk + d) * load16(rows[j] + d);
+      s[h][j] = hsum16(acc) * scale;
+    }
+  }
+}
+
+inline void values_v16(float* acc, int64_t Dl, int nh, const float* const* rows, int kept, const float (*s)[kLTile]) {
+  int h = 0;
+  for (; h + 4 <= nh; h += 4) {
+    int64_t d = 0;
+    for (; d + 64 <= Dl; d += 64) {
+      v16f a[4][4];
+      for (int y = 0; y < 4; ++y)
+        for (int c = 0; c < 4; ++c) a[y][c] = load16(acc + (h + y) * Dl + d + 16 * c);
+      for (int j = 0; j < kept; ++j) {
+        v16f r[4];
+        for (int c = 0; c < 4; ++c) r[c] = load16(rows[j] + d + 16 * c);
+        for (int y = 0; y < 4; ++y) {
+          const v16f p = splat16(s[h + y][j]);
+          for (int c = 0; c < 4; ++c) a[y][c] += p * r[c];
+        }
+      }
+      for (int y = 0; y < 4; ++y)
+        for (int c = 0; c < 4; ++c) store16(acc + (h + y) * Dl + d + 16 * c, a[y][c]);
+    }
+    for (; d < Dl; d += 16) {
+      v16f a[4];
+      for (int y = 0; y < 4; ++y) a[y] = load16(acc + (h + y) * Dl + d);
+      for (int j = 0; j < kept; ++j) {
+        const v16f r = load16(rows[j] + d);
+        for (int y = 0; y < 4; ++y) a[y] += splat16(s[h + y][j]) * r;
+      }
+      for (int y = 0; y < 4; ++y) store16(acc + (h + y) * Dl + d, a[y]);
+    }
+  }
+  for (; h < nh; ++h)
+    for (int64_t d = 0; d < Dl; d += 16) {
+      v16f a = load16(acc + h * Dl + d);
+      for (int j = 0; j < kept; ++j) a += splat16(s[h][j]) * load16(rows[j] + d);
+      store16(acc + h * Dl + d, a);
+    }
 }
 
 template <typename T>
@@ -78,8 +153,13 @@ void latent_decode_block(const LatentParams& p, int64_t b, int64_t h0, int64_t n
       ++kept;
     }
     if (kept == 0) continue;
-    // logits: 4 heads per pass so each row value is loaded once per 4 FMAs
+    const bool fast = (Dl % 16 == 0) && (p.Dr % 16 == 0);
     int h = 0;
+    if (fast) {
+      logits_v16(q, Dk, static_cast<int>(nh), rows, kept, p.scale, s);
+      h = static_cast<int>(nh);
+    }
+    // generic logits: 4 heads per pass so each row value is loaded once per 4 FMAs
     for (; h + 4 <= nh; h += 4) {
       const float *q0 = q + h * Dk, *q1 = q0 + Dk, *q2 = q1 + Dk, *q3 = q2 + Dk;
       for (int j = 0; j < kept; ++j) {
@@ -128,7 +208,11 @@ void latent_decode_block(const LatentParams& p, int64_t b, int64_t h0, int64_t n
       l[h] = l[h] * corr + sum;
       m[h] = mx;
     }
-    // values: the latent part of each row, 4 heads per pass
+    if (fast) {
+      values_v16(acc, Dl, static_cast<int>(nh), rows, kept, s);
+      continue;
+    }
+    // generic values: the latent part of each row, 4 heads per pass
     for (int j = 0; j < kept; ++j) {
       const float* r = rows[j];
       h = 0;
