@@ -284,3 +284,25 @@ def test_distributed_ranks_equal_simulated_shards():
                         str(root / "tests" / "tpla_dist_worker.py")], capture_output=True, text=True, env=env,
                        timeout=600, cwd=root)
     assert "TPLA_DIST_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+def test_cli_bench_and_generate_on_a_random_mla_model(tmp_path, capsys):
+    import csv
+
+    from accel.cli.main import main
+
+    out = tmp_path / "mla.csv"
+    assert main(["bench", "--model", "random-mla-tiny", "--policies", "hf,tpla@shards=1,tpla@shards=2",
+                 "--contexts", "48", "--new-tokens", "2", "--synthetic-kv", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["policy"] for r in rows] == ["hf", "tpla@shards=1", "tpla@shards=2"]
+    kv = {r["policy"]: int(r["kv_bytes_per_rank"]) for r in rows}
+    # layers x tokens (48 + warm-up + 2 timed steps) x channels x fp32: MLA holds dc + dr per token, each of
+    # 2 shards dc/2 + dr
+    assert kv["tpla@shards=1"] == 3 * 51 * (32 + 8) * 4 and kv["tpla@shards=2"] == 3 * 51 * 2 * (16 + 8) * 4
+    assert main(["generate", "--model", "random-mla-tiny", "--policy", "tpla", "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", "random-mla-tiny", "--policy", "tpla", "--tp", "2", "--prompt", "hi"]) == 2
+    assert "torchrun --standalone --nproc-per-node 2 -m accel" in capsys.readouterr().err
+    assert main(["generate", "--model", "random-mla-tiny", "--policy", "dense", "--tp", "2", "--prompt", "hi"]) == 2
+    assert "use --policy/--policies tpla" in capsys.readouterr().err

@@ -37,6 +37,14 @@ def run(args) -> int:
 
     setup(args)
     model, tok = load_model(args.model, args.dtype)
+    from ..tpla.adapters import supported_mla_types
+
+    if getattr(model.config, "model_type", None) in supported_mla_types():
+        return _run_mla(args, model)
+    if int(getattr(args, "tp", 1) or 1) > 1:
+        from ..errors import AccelError
+
+        raise AccelError("--tp (tensor-parallel TPLA) applies to MLA models (DeepSeek-V2/V3), e.g. --model random-mla-mid")
     policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in str(args.batch).split(",")]
@@ -188,3 +196,72 @@ def _plot(rows, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _run_mla(args, model) -> int:
+    """MLA models (DeepSeek-V2/V3): decode step time over a synthetic latent cache for each policy and
+    context, in this process or, with ``--tp N`` under torchrun, on N ranks (the step time of a rank group is
+    its slowest rank's). The unpatched baseline runs only when ``hf`` is listed: it expands the whole latent
+    cache into per-head keys and values every step (seconds per step at 32K)."""
+    from ..errors import AccelError
+    from ..tpla.bench import cache_bytes, hf_latent_cache, time_decode, weight_bytes
+    from ..tpla.models import synthetic_cache
+    from .common import tp_setup
+
+    if not args.synthetic_kv:
+        raise AccelError("accel bench on an MLA model times decode over a synthetic latent cache: add --synthetic-kv")
+    policies = split_policies(args.policies)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in str(args.batch).split(",")]
+    tp = int(getattr(args, "tp", 1) or 1)
+    rank = 0
+    rows = []
+    for pol in policies:
+        overrides = parse_overrides(args.set)
+        if tp > 1:
+            if pol == BASELINE:
+                raise AccelError("--tp runs tpla on every rank; drop 'hf' from --policies (run it without --tp)")
+            rank = tp_setup(args, pol, overrides)
+        for ctx in contexts:
+            for batch in batches:
+                handle = patch_for(model, pol, overrides if pol != BASELINE else None)
+                try:
+                    cache = hf_latent_cache(model, ctx, batch) if handle is None else synthetic_cache(handle, ctx, batch)
+                    if tp > 1:
+                        torch.distributed.barrier()
+                    step = time_decode(model, cache, ctx, args.new_tokens, batch)
+                    if handle is not None:
+                        handle.cache = cache
+                        per = handle.shard_nbytes()
+                        kv = per[0] if tp > 1 else sum(per)
+                    else:
+                        kv = cache_bytes(cache)
+                    wb = weight_bytes(model)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                    cache = None
+                if tp > 1:  # a step ends when the slowest rank ends
+                    t = torch.tensor([step])
+                    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+                    step = float(t)
+                rows.append({"model": args.model, "policy": pol if tp == 1 else f"{pol} (tp={tp})", "context": ctx,
+                             "batch": batch, "ranks": tp, "decode_step_ms": round(1e3 * step, 3),
+                             "decode_tok_s": round(batch / step, 3), "kv_bytes_per_rank": kv,
+                             "weight_bytes_per_rank": wb, "threads_per_rank": torch.get_num_threads(),
+                             "synthetic_kv": True})
+    if tp > 1:
+        torch.distributed.barrier()  # no rank leaves (and tears the group down) while another still works
+    if rank != 0:
+        return 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    for r in rows:
+        print(f"{r['policy']:>28} ctx {r['context']:>6} batch {r['batch']:>2}: {r['decode_step_ms']:9.1f} ms/step  "
+              f"KV/rank {r['kv_bytes_per_rank'] / 2**20:8.1f} MiB  weights/rank {r['weight_bytes_per_rank'] / 2**20:7.1f} MiB")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

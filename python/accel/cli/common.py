@@ -40,9 +40,38 @@ def setup(args) -> None:
 
 def load_model(name: str, dtype: str = "float32"):
     from ..models import load
+    from ..tpla.models import RANDOM_MODELS
 
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if name in RANDOM_MODELS:  # random-weight DeepSeek-V3 configs for TPLA (no MLA weights install here)
+        from ..tpla.models import ByteTokenizer, random_mla
+
+        return random_mla(RANDOM_MODELS[name]).to(dt), ByteTokenizer()
     return load(name, dtype=dt)
+
+
+def tp_setup(args, policy: str, overrides: dict) -> int:
+    """``--tp N`` (N > 1): this process is one of N torchrun ranks running ``tpla`` with one shard per rank.
+    Returns this process's rank (0 without --tp)."""
+    tp = int(getattr(args, "tp", 1) or 1)
+    if tp <= 1:
+        return 0
+    from ..errors import AccelError
+
+    if policy.split("@")[0] != "tpla":
+        raise AccelError(f"--tp {tp} runs tensor-parallel TPLA: use --policy/--policies tpla (got {policy!r})")
+    import os
+
+    if "WORLD_SIZE" not in os.environ:
+        raise AccelError(f"--tp {tp} needs one process per rank: launch with `torchrun --standalone --nproc-per-node "
+                         f"{tp} -m accel ...`")
+    from ..tpla import init_distributed
+
+    rank, world = init_distributed()
+    if world != tp:
+        raise AccelError(f"--tp {tp} but torchrun started {world} ranks; use --nproc-per-node {tp}")
+    overrides.update(shards=tp, execution="distributed")
+    return rank
 
 
 def patch_for(model, policy: str, overrides: dict | None = None, plan=None, reserve: int = 0):

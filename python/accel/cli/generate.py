@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from ..errors import AccelError
-from .common import load_model, parse_overrides, patch_for, setup, timed_generate
+from .common import load_model, parse_overrides, patch_for, setup, timed_generate, tp_setup
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -29,9 +30,14 @@ def run(args) -> int:
     setup(args)
     model, tok = load_model(args.model, args.dtype)
     overrides = parse_overrides(args.set)
+    rank = tp_setup(args, args.policy, overrides)
+    if rank != 0:  # tensor-parallel ranks other than 0 compute but do not print or write
+        sys.stdout = open(os.devnull, "w")
     handle = patch_for(model, args.policy, overrides, plan=args.plan)
     try:
         if args.input:
+            if rank != 0:
+                args.output = os.devnull
             return _batch(args, model, tok)
         if args.prompt_file:
             prompt = Path(args.prompt_file).read_text()
@@ -40,6 +46,8 @@ def run(args) -> int:
         else:
             raise AccelError("give --prompt, --prompt-file, or --input prompts.jsonl")
         texts, st, n_prompt = timed_generate(model, tok, [prompt], args.max_new_tokens)
+        if rank != 0:
+            return 0
         print(texts[0])
         n_new = st.decode_steps + 1
         print(f"[{args.policy}] prompt {n_prompt} tokens: prefill {st.prefill_s:.2f} s "
@@ -48,7 +56,7 @@ def run(args) -> int:
         return 0
     finally:
         if handle is not None:
-            handle.remove()
+            handle.remove()  # collective under --tp: every rank restores its weight slices together
 
 
 def _batch(args, model, tok) -> int:

@@ -10,10 +10,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, policy_default="dense"):
-        sp.add_argument("--model", default="smollm2-135m", help="named model (smollm2-135m, gemma3-270m) or a local folder")
+        sp.add_argument("--model", default="smollm2-135m", help="named model (smollm2-135m, gemma3-270m, random-mla-tiny, random-mla-mid) or a local folder")
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         sp.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="policy option override (repeatable)")
+        sp.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel ranks for MLA models with policy tpla (launch under "
+                             "`torchrun --standalone --nproc-per-node N -m accel ...`); 1 = one process")
         sp.add_argument("-v", "--verbose", action="store_true")
 
     sub.add_parser("info", help="versions, kernel backends and why any is unavailable, policies, models")
