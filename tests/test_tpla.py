@@ -306,3 +306,23 @@ def test_cli_bench_and_generate_on_a_random_mla_model(tmp_path, capsys):
     assert "torchrun --standalone --nproc-per-node 2 -m accel" in capsys.readouterr().err
     assert main(["generate", "--model", "random-mla-tiny", "--policy", "dense", "--tp", "2", "--prompt", "hi"]) == 2
     assert "use --policy/--policies tpla" in capsys.readouterr().err
+
+
+def test_plan_tpla_marks_the_most_sensitive_layers_exact():
+    from accel.tpla import plan_tpla
+
+    m = tiny_mla(3)
+    with torch.no_grad():  # sharper attention, more so in later layers, so TPLA's error is far above fp noise
+        for i, layer in enumerate(m.model.layers):
+            layer.self_attn.q_b_proj.weight.mul_(3.0 * (i + 1))
+            layer.self_attn.kv_b_proj.weight.mul_(3.0)
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(4))
+    plan = plan_tpla(m, ids, shards=4, transform="identity", n_exact=1, steps=6)
+    kl = [lp.params["kl"] for lp in plan.layers]
+    assert min(kl) > 1e-6 and kl[2] > kl[0]
+    worst = max(range(3), key=lambda i: kl[i])
+    assert [lp.mode for lp in plan.layers] == ["mla_exact" if i == worst else "tpla" for i in range(3)]
+    # the plan runs as is and reports what it was made from
+    with accel.patch(m, "tpla", plan=plan) as h:
+        assert [mod.mode for mod in h.modules] == [lp.mode for lp in plan.layers]
+    assert plan.provenance["n_exact"] == 1

@@ -56,3 +56,58 @@ def load_pca(path) -> dict[int, torch.Tensor]:
     from safetensors.torch import load_file
 
     return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
+
+
+def _decode_logits(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Teacher-forced decode: prefill all but the last ``steps`` tokens, then feed them one at a time;
+    the log-probabilities of every decode step ``[B, steps, V]``."""
+    out = []
+    with torch.no_grad():
+        n = ids.shape[1] - steps
+        o = model(input_ids=ids[:, :n], use_cache=True)
+        pkv = o.past_key_values
+        for t in range(n, ids.shape[1]):
+            o = model(input_ids=ids[:, t:t + 1], past_key_values=pkv, use_cache=True)
+            out.append(torch.log_softmax(o.logits[:, -1].float(), -1))
+    return torch.stack(out, 1)
+
+
+def plan_tpla(model, input_ids: torch.Tensor, *, shards: int = 2, transform: str = "hadamard", n_exact: int = 0,
+              steps: int = 16, pca: dict | None = None, **knobs):
+    """The scheduler for TPLA: measures each layer's sensitivity and marks the ``n_exact`` most sensitive layers
+    ``mla_exact`` (decoded with the exact reduce) [INFER: the paper applies TPLA to every layer; keeping a few
+    layers exact is our extension, methods.md 3.8].
+
+    Sensitivity of layer ``i`` = mean KL(exact || model with only layer ``i`` in TPLA) over the last ``steps``
+    teacher-forced decode steps of ``input_ids`` ``[B, T]`` (every other layer uses the exact reduce, which
+    equals MLA). Returns a ``Plan`` whose layers carry ``params = {"transform", "kl"}``.
+    """
+    import accel
+
+    from ..scheduler.plan import LayerPlan, Plan
+
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= n_exact <= n_layers:
+        from ..errors import AccelError
+
+        raise AccelError(f"tpla plan: n_exact must be in [0, {n_layers}], got {n_exact}")
+    if transform == "pca" and pca is None:
+        pca = calibrate_pca(model, input_ids)
+    common = dict(shards=shards, transform=transform, **knobs)
+    with accel.patch(model, "tpla", reduce="logits", pca=pca, **common):
+        ref = _decode_logits(model, input_ids, steps)
+    kls = []
+    for i in range(n_layers):
+        with accel.patch(model, "tpla", exact_layers=[j for j in range(n_layers) if j != i], pca=pca, **common):
+            got = _decode_logits(model, input_ids, steps)
+        kls.append(float((ref.exp() * (ref - got)).sum(-1).mean()))
+    exact = set(sorted(range(n_layers), key=lambda i: -kls[i])[:n_exact])
+    pol = accel.policies.registry.get_policy_class("tpla").from_overrides(**common)
+    layers = [LayerPlan(mode="mla_exact" if i in exact else "tpla", attention="tpla",
+                        params={"transform": transform, "kl": kls[i]}) for i in range(n_layers)]
+    return Plan(policy="tpla", num_layers=n_layers, model_type=model.config.model_type,
+                params={"shards": shards, "execution": pol.execution, "assignment": pol.assignment,
+                        "rope_mode": pol.rope_mode, "norm_mode": pol.norm_mode,
+                        "shard_logit_scale": pol.shard_logit_scale},
+                layers=layers, provenance={"method": "per-layer KL of TPLA vs exact reduce", "steps": steps,
+                                           "tokens": list(input_ids.shape), "n_exact": n_exact})
