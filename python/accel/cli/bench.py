@@ -115,16 +115,21 @@ def run(args) -> int:
         r["speedup_vs_hf"] = round(r["decode_tok_s"] / b, 3) if b else ""
         d = dense.get((r["context"], r["batch"]))
         r["speedup_vs_accel_dense"] = round(r["decode_tok_s"] / d, 3) if d else ""
-    out = Path(args.out)
+    out = _write_csv(args.out, rows)
+    _print_table(rows)
+    _plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+    return 0
+
+
+def _write_csv(path, rows) -> Path:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
-    _print_table(rows)
-    _plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
-    return 0
+    return out
 
 
 def _synthetic_cache(model, batch: int, length: int, for_hf: bool):
@@ -254,12 +259,7 @@ def _run_mla(args, model) -> int:
         torch.distributed.barrier()  # no rank leaves (and tears the group down) while another still works
     if rank != 0:
         return 0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    out = _write_csv(args.out, rows)
     for r in rows:
         print(f"{r['policy']:>28} ctx {r['context']:>6} batch {r['batch']:>2}: {r['decode_step_ms']:9.1f} ms/step  "
               f"KV/rank {r['kv_bytes_per_rank'] / 2**20:8.1f} MiB  weights/rank {r['weight_bytes_per_rank'] / 2**20:7.1f} MiB")

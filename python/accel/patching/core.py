@@ -188,7 +188,22 @@ def _tpla_spec(policy):
     return None
 
 
-class PatchHandle:
+class HandleBase:
+    """Context-manager and repr plumbing shared by accel's patch handles (``remove``, ``summary`` and ``active``
+    come from the subclass)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {'active' if self.active else 'removed'}: {self.summary()}>"
+
+
+class PatchHandle(HandleBase):
     """Returned by ``accel.patch``. A context manager; ``remove()`` restores the model exactly."""
 
     def __init__(self, model, runtime: ModelRuntime, hook, saved_impls, fast_linears=(), extra_hooks=()):
@@ -245,16 +260,6 @@ class PatchHandle:
         self.runtime.cache = None
         self.active = False
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
-
-    def __repr__(self):
-        return f"<PatchHandle {'active' if self.active else 'removed'}: {self.summary()}>"
-
 
 def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *, reserve: int = 0,
           check_context: bool = True, fast_linear: bool = True, **overrides) -> PatchHandle:
@@ -307,14 +312,7 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
         from ..errors import AccelError
 
         raise AccelError(f"policy {pol.name!r} cannot run on this model: " + "; ".join(reasons))
-    if plan is None:
-        plan_obj = pol.build_plan(info)
-    elif isinstance(plan, Plan):
-        plan_obj = plan
-    elif isinstance(plan, dict):
-        plan_obj = Plan.from_dict(plan)
-    else:
-        plan_obj = Plan.load(plan)
+    plan_obj = pol.build_plan(info) if plan is None else Plan.coerce(plan)
     plan_obj.validate(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads)
 
     ensure_registered()

@@ -119,6 +119,15 @@ class Plan:
         return plan
 
     @classmethod
+    def coerce(cls, plan) -> "Plan":
+        """A ``Plan`` from a ``Plan``, a dict of one, or a path to a JSON file."""
+        if isinstance(plan, Plan):
+            return plan
+        if isinstance(plan, dict):
+            return cls.from_dict(plan)
+        return cls.load(plan)
+
+    @classmethod
     def from_json(cls, text: str) -> "Plan":
         try:
             d = json.loads(text)

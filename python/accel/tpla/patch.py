@@ -13,6 +13,7 @@ import weakref
 import torch
 
 from ..errors import AccelError, InputError
+from ..patching.core import HandleBase
 from ..scheduler.plan import Plan
 from .adapters import get_mla_adapter
 from .attention import TPLAAttention
@@ -21,7 +22,7 @@ from .transforms import build_transform
 logger = logging.getLogger("accel")
 
 
-class TPLAPatchHandle:
+class TPLAPatchHandle(HandleBase):
     """Returned by ``accel.patch(model, "tpla", ...)``; a context manager; ``remove()`` restores the model."""
 
     def __init__(self, model, adapter, policy, plan, originals, hook, records=(), mlp_hooks=()):
@@ -84,16 +85,6 @@ class TPLAPatchHandle:
         self.cache = None
         self.active = False
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
-
-    def __repr__(self):
-        return f"<TPLAPatchHandle {'active' if self.active else 'removed'}: {self.summary()}>"
-
 
 def _model_info(model) -> dict:
     return {"num_layers": model.config.num_hidden_layers, "model_type": model.config.model_type}
@@ -115,14 +106,7 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
     policy_obj = overrides.pop("_policy_obj", None)
     pol = policy_obj if policy_obj is not None else get_policy_class("tpla").from_overrides(**overrides)
     info = _model_info(model)
-    if plan is None:
-        plan_obj = pol.build_plan(info)
-    elif isinstance(plan, Plan):
-        plan_obj = plan
-    elif isinstance(plan, dict):
-        plan_obj = Plan.from_dict(plan)
-    else:
-        plan_obj = Plan.load(plan)
+    plan_obj = pol.build_plan(info) if plan is None else Plan.coerce(plan)
     plan_obj.validate(num_layers=info["num_layers"])
     if plan_obj.policy != "tpla":
         raise AccelError(f"tpla: the plan is for policy {plan_obj.policy!r}, not 'tpla'")

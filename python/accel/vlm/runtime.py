@@ -16,6 +16,7 @@ import weakref
 import torch
 
 from ..errors import AccelError, InputError, UnsupportedModelError
+from ..patching.core import HandleBase
 from .scoring import keep_topk
 
 logger = logging.getLogger("accel")
@@ -383,7 +384,7 @@ class VisualRuntime:
         return received[img]  # every image token, images in order
 
 
-class VisualPatchHandle:
+class VisualPatchHandle(HandleBase):
     """Returned by ``accel.patch`` for a visual policy (optionally composed with an LM policy);
     ``remove()`` removes the pruner and the LM patch, leaving the model exactly as it was."""
 
@@ -430,16 +431,6 @@ class VisualPatchHandle:
             core._PATCHED.pop(model, None)
         self.runtime.state = None
         self.active = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
-
-    def __repr__(self):
-        return f"<VisualPatchHandle {'active' if self.active else 'removed'}: {self.summary()}>"
 
 
 def split_visual(policy, overrides: dict):
