@@ -133,7 +133,7 @@ def cmd_error(args):
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
-    keys = sorted({(r["shards"], r["queries"], r["query_scale"], r["shard_logit_scale"]) for r in rows})
+    keys = list(dict.fromkeys((r["shards"], r["queries"], r["query_scale"], r["shard_logit_scale"]) for r in rows))
     names = [r["transform"] for r in rows[:4]]
     print("| g | queries | q scale | shard logit scale | " + " | ".join(names) + " |")
     print("|---" * (4 + len(names)) + "|")
@@ -149,7 +149,9 @@ def cmd_error(args):
         fig, ax = plt.subplots(figsize=(10, 4))
         width = 0.2
         for j, name in enumerate(names):
-            vals = [r["rel_error"] for r in rows if r["transform"] == name]
+            val = {(r["shards"], r["queries"], r["query_scale"], r["shard_logit_scale"]): r["rel_error"]
+                   for r in rows if r["transform"] == name}
+            vals = [val[k] for k in keys]
             ax.bar([i + j * width for i in range(len(vals))], vals, width, label=name)
         ax.set_xticks([i + 1.5 * width for i in range(len(keys))])
         ax.set_xticklabels([f"g{k[0]} {k[1][:3]} q{k[2]:g} s{k[3]}" for k in keys], rotation=45, ha="right", fontsize=7)
