@@ -122,6 +122,8 @@ def cmd_rank(args):
             row.pop("rank", None)
             out.append(row)
         Path(args.json).write_text(json.dumps(out))
+    torch.distributed.barrier()  # no rank tears the group down while another still uses it
+    torch.distributed.destroy_process_group()
 
 
 def cmd_error(args):

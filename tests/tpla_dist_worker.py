@@ -19,8 +19,10 @@ for version, q_lora in ((3, 48), (2, None)):
 
     mlp_full = mlp_params(m)
     for kw in ({"transform": "hadamard"}, {"transform": "identity", "reduce": "logits"},
-               {"transform": "hadamard", "rope_mode": "split"}, {"transform": "hadamard", "exact_layers": [1]}):
-        with accel.patch(m, "tpla", shards=world, **kw) as h:
+               {"transform": "hadamard", "rope_mode": "split"}, {"transform": "hadamard", "exact_layers": [1]},
+               {"transform": "hadamard", "attn_weights": "split"}, {"reduce": "logits", "attn_weights": "split"}):
+        sim_kw = {k: v for k, v in kw.items() if k != "attn_weights"}
+        with accel.patch(m, "tpla", shards=world, **sim_kw) as h:
             sim = decode_logits(m, ids, mask)
             sim_bytes = h.shard_nbytes()
             with torch.no_grad():

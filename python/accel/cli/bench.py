@@ -257,6 +257,7 @@ def _run_mla(args, model) -> int:
                              "synthetic_kv": True})
     if tp > 1:
         torch.distributed.barrier()  # no rank leaves (and tears the group down) while another still works
+        torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
     out = _write_csv(args.out, rows)

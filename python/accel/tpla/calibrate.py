@@ -106,7 +106,8 @@ def plan_tpla(model, input_ids: torch.Tensor, *, shards: int = 2, transform: str
     layers = [LayerPlan(mode="mla_exact" if i in exact else "tpla", attention="tpla",
                         params={"transform": transform, "kl": kls[i]}) for i in range(n_layers)]
     return Plan(policy="tpla", num_layers=n_layers, model_type=model.config.model_type,
-                params={"shards": shards, "execution": pol.execution, "assignment": pol.assignment,
+                params={"shards": shards, "execution": pol.execution, "attn_weights": pol.attn_weights,
+                        "assignment": pol.assignment,
                         "rope_mode": pol.rope_mode, "norm_mode": pol.norm_mode,
                         "shard_logit_scale": pol.shard_logit_scale},
                 layers=layers, provenance={"method": "per-layer KL of TPLA vs exact reduce", "steps": steps,

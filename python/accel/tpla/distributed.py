@@ -3,18 +3,22 @@
 Launch with ``torchrun --nproc-per-node g ...``; every rank loads the model, then
 ``accel.patch(model, "tpla", shards=g, execution="distributed")`` keeps on each rank only its share:
 
-* attention: the latent cache holds this rank's ``dc/g`` rotated latent channels plus the rotary key;
-  ``q_b_proj`` (or ``q_proj``), ``kv_b_proj`` and ``o_proj`` are split by heads (``H/g`` heads per rank), and the
-  decode up-projections (``W_UK``, ``W_UV`` with the RMSNorm gain and the transform folded in) by latent
-  channels; the small down-projections (``q_a_proj``, ``kv_a_proj_with_mqa``) and their norms are replicated.
+* attention: the latent cache holds this rank's ``dc/g`` rotated latent channels plus the rotary key; the
+  decode up-projections (``W_UK``, ``W_UV`` with the RMSNorm gain and the transform folded in) are split by latent
+  channels and ``kv_b_proj`` by heads (``H/g`` per rank, for the head-parallel exact prefill). The query
+  projection and ``o_proj``: ``attn_weights="replicate"`` (default) keeps them whole on every rank, so a decode
+  layer needs exactly one all-reduce, the paper's form (every head is on every shard); ``"split"`` splits them
+  by heads too (``1/g`` of those weights) at the price of an all-gather of the queries and a second all-reduce
+  per layer [INFER: the trade-off is ours; with gloo each collective costs ~0.3-1.5 ms on this machine]. The small
+  down-projections (``q_a_proj``, ``kv_a_proj_with_mqa``) and their norms are replicated.
 * MLPs and MoE experts (routed and shared): the intermediate dimension is split (Megatron column/row), one
   all-reduce per MLP; the router runs on every rank on the same input, so every rank routes the same way.
 * embeddings, final norm and LM head are replicated [INFER: a vocab-parallel head needs one more gather].
 
-Decode step of a layer on rank ``r`` (methods.md 3.2): its heads' queries are all-gathered (every head is on
-every shard in TPLA), the shard kernel attends over the rank's latent slice, the per-head outputs are summed
-over ranks (all-reduce), each rank projects its heads through its slice of ``o_proj`` and a last all-reduce
-sums the projections; ``mla_exact`` layers all-reduce the partial logits before one softmax instead. Prefill is
+Decode step of a layer on rank ``r`` (methods.md 3.2): the shard kernel attends over the rank's latent slice for
+every head, the rank projects its partial outputs through ``o_proj`` and one all-reduce sums the projections
+(``split``: queries all-gathered, per-head outputs all-reduced, projected through the rank's ``o_proj`` slice,
+all-reduced); ``mla_exact`` layers all-reduce the partial logits before one softmax as well. Prefill is
 exact MLA, head-parallel (each rank computes its heads from the full latent of the prompt, which every rank
 computes, and stores only its slice). Prefilling more tokens after a cached prefix is not supported here.
 
@@ -118,8 +122,10 @@ class TPLATPAttention(TPLAAttention):
     """``TPLAAttention`` for one rank of a ``torch.distributed`` group: holds its heads' share of the
     projections and its latent channels' share of the cache (see the module docstring)."""
 
-    def __init__(self, orig, adapter, layer_idx, *, rank: int, world: int, records: list, **kw):
+    def __init__(self, orig, adapter, layer_idx, *, rank: int, world: int, records: list,
+                 attn_weights: str = "replicate", **kw):
         super().__init__(orig, adapter, layer_idx, shards=world, **kw)
+        self.split_proj = attn_weights == "split"
         self.rank, self.world = rank, world
         H = self.heads
         if H % world:
@@ -136,10 +142,11 @@ class TPLATPAttention(TPLAAttention):
             self.rope_range = shard_bounds(self.d_rope, world)[rank]
         self._rope_split = rope_split
         dq = self.d_nope + self.d_rope
-        q_lin = orig.q_proj if orig.q_lora_rank is None else orig.q_b_proj
-        _linear_slice(q_lin, 0, records)
-        _linear_slice(orig.kv_b_proj, 0, records)
-        _linear_slice(orig.o_proj, 1, records)
+        _linear_slice(orig.kv_b_proj, 0, records)  # head-parallel exact prefill
+        if self.split_proj:
+            q_lin = orig.q_proj if orig.q_lora_rank is None else orig.q_b_proj
+            _linear_slice(q_lin, 0, records)
+            _linear_slice(orig.o_proj, 1, records)
         self.dq = dq
 
     def latent_rows(self, x: torch.Tensor, k_rot: torch.Tensor, per_shard: bool) -> torch.Tensor:
@@ -160,7 +167,7 @@ class TPLATPAttention(TPLAAttention):
         a = self.orig
         B, T, _ = hidden_states.shape
         q = a.q_proj(hidden_states) if a.q_lora_rank is None else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(hidden_states)))
-        q = q.view(B, T, self.h_loc, self.dq).transpose(1, 2)  # this rank's heads
+        q = q.view(B, T, -1, self.dq).transpose(1, 2)  # every head (replicated) or this rank's heads (split)
         ckv = a.kv_a_proj_with_mqa(hidden_states)
         x, k_rot = torch.split(ckv, [self.d_c, self.d_rope], dim=-1)
         k_rot = k_rot.reshape(B, 1, T, self.d_rope)
@@ -169,19 +176,30 @@ class TPLATPAttention(TPLAAttention):
         if T > 1 and past > 0:
             raise AccelError("tpla (distributed): prefilling more tokens after a cached prefix is not supported; "
                              "pass the whole prompt in one call (generate does)")
-        if decode:
+        heads = slice(self.rank * self.h_loc, (self.rank + 1) * self.h_loc)
+        if decode and self.split_proj:
             q = _all_gather(q, 1)  # every head on every rank
+        elif not decode and not self.split_proj:
+            q = q[:, heads]  # prefill is head-parallel
         q_nope, q_rot = torch.split(q, [self.d_nope, self.d_rope], dim=-1)
         q_rot, k_rot = self.adapter.rope(a, q_rot, k_rot, position_embeddings)
         rows = self.latent_rows(x, k_rot[:, 0], decode and self.norm_mode == "per_shard").to(hidden_states.dtype)
         if past_key_values is not None:
             rows, _ = past_key_values.update(rows, rows.new_empty(*rows.shape[:3], 0), self.layer_idx)
         if decode:
-            o = self._decode(q_nope[:, :, 0], q_rot[:, :, 0], rows[:, 0], attention_mask)  # [B, H, dv] summed
-            o = o[:, self.rank * self.h_loc:(self.rank + 1) * self.h_loc][:, None]  # this rank's heads
+            o = self._decode(q_nope[:, :, 0], q_rot[:, :, 0], rows[:, 0], attention_mask)[:, None]  # [B, 1, H, dv]
+            if self.split_proj:  # sum the shards' per-head outputs, then this rank's heads through its o_proj slice
+                o = _all_reduce(o)[:, :, heads]
         else:
             o = self._prefill(q_nope, q_rot, x, k_rot, attention_mask)  # [B, T, h_loc, dv]
-        out = a.o_proj(o.reshape(B, T, self.h_loc * self.d_v).to(hidden_states.dtype))
+        o = o.reshape(B, T, -1).to(hidden_states.dtype)
+        if self.split_proj or decode:  # o_proj sees what this rank holds: its heads' slice, or every head
+            out = a.o_proj(o)
+            if a.o_proj.bias is not None and not self.split_proj and self.rank != 0:
+                out = out - a.o_proj.bias  # the bias is added once over the ranks
+        else:  # replicated o_proj, head-parallel prefill: this rank's columns
+            w = a.o_proj.weight[:, heads.start * self.d_v:heads.stop * self.d_v]
+            out = torch.nn.functional.linear(o, w, a.o_proj.bias if self.rank == 0 else None)
         return _all_reduce(out), None
 
     def _decode(self, q_nope, q_rope, rows, attention_mask):
@@ -205,7 +223,7 @@ class TPLATPAttention(TPLAAttention):
                 s = s.masked_fill(~valid[:, None, : s.shape[-1]], float("-inf"))
             p = torch.softmax(s, -1).nan_to_num(0.0)
             o_lat = torch.einsum("bht,btc->bhc", p, rows[..., :w].float())
-        return _all_reduce(torch.einsum("bhc,hvc->bhv", o_lat, self.w_uv))
+        return torch.einsum("bhc,hvc->bhv", o_lat, self.w_uv)  # this shard's part (summed by the caller)
 
     def _prefill(self, q_nope, q_rot, x, k_rot, attention_mask):
         """Exact MLA for this rank's heads over the prompt (the original module's maths)."""

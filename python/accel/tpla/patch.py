@@ -152,7 +152,8 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
         else:
             from .distributed import TPLATPAttention
 
-            mod = TPLATPAttention(attn, adapter, i, rank=rank, world=shards, records=records, **kw)
+            mod = TPLATPAttention(attn, adapter, i, rank=rank, world=shards, records=records,
+                                  attn_weights=params.get("attn_weights", pol.attn_weights), **kw)
         modules.append(mod.to(attn.o_proj.weight.device))
     mlp_hooks = []
     if rank is not None:

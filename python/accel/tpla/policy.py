@@ -31,6 +31,8 @@ class TPLAPolicy(Policy):
         backend: force a kernel backend (``cpp``/``triton``/``cuda``/``torch``); None = best available.
         execution: ``simulated`` (all shards in this process) or ``distributed`` (this process is one rank of an
             initialised ``torch.distributed`` group of ``shards`` ranks; see ``accel.tpla.distributed``).
+        attn_weights: distributed only: ``replicate`` the query projection and ``o_proj`` on every rank (one
+            all-reduce per decode layer, default [INFER]) or ``split`` them by heads (two more collectives).
     """
 
     kind: ClassVar[str] = "model"
@@ -45,6 +47,7 @@ class TPLAPolicy(Policy):
     exact_layers: list = field(default_factory=list)
     backend: str | None = None
     execution: str = "simulated"
+    attn_weights: str = "replicate"
 
     def validate(self) -> None:
         if not isinstance(self.shards, int) or isinstance(self.shards, bool) or self.shards < 1:
@@ -65,6 +68,8 @@ class TPLAPolicy(Policy):
             raise AccelError(f"tpla: exact_layers must be a list of layer indices, got {self.exact_layers!r}")
         if self.execution not in ("simulated", "distributed"):
             raise AccelError(f"tpla: execution must be 'simulated' or 'distributed', got {self.execution!r}")
+        if self.attn_weights not in ("replicate", "split"):
+            raise AccelError(f"tpla: attn_weights must be 'replicate' or 'split', got {self.attn_weights!r}")
         if self.backend not in (None, "cpp", "triton", "cuda", "torch"):
             raise AccelError(f"tpla: backend must be cpp, triton, cuda or torch, got {self.backend!r}")
 
@@ -79,6 +84,7 @@ class TPLAPolicy(Policy):
         layers = [LayerPlan(mode="mla_exact" if i in self.exact_layers else mode, attention="tpla",
                             params={"transform": self.transform}) for i in range(n)]
         return Plan(policy="tpla", num_layers=n, model_type=info["model_type"],
-                    params={"shards": self.shards, "execution": self.execution, "assignment": self.assignment, "rope_mode": self.rope_mode,
+                    params={"shards": self.shards, "execution": self.execution, "attn_weights": self.attn_weights,
+                            "assignment": self.assignment, "rope_mode": self.rope_mode,
                             "norm_mode": self.norm_mode, "shard_logit_scale": self.shard_logit_scale},
                     layers=layers)
