@@ -33,6 +33,7 @@ def test_info(capsys):
     out = capsys.readouterr().out
     assert "cpp" in out and "dense" in out and "hylra" in out and "recycled" in out and "unavailable:" in out
     assert "fastervlm" in out and "llava_next" in out and "qwen2_vl" in out
+    assert "tpla" in out and "deepseek_v3" in out and "random-mla-mid" in out
 
 
 def test_generate_single_prompt(tiny_folder, capsys):

@@ -22,6 +22,11 @@ def run(args) -> int:
     from ..vlm.adapters import supported_vlm_types
 
     print(f"VLM architectures (visual-token pruning): {', '.join(supported_vlm_types())}")
+    from ..tpla.adapters import supported_mla_types
+    from ..tpla.models import RANDOM_MODELS
+
+    print(f"MLA architectures (tpla): {', '.join(supported_mla_types())}; random test configs: "
+          f"{', '.join(RANDOM_MODELS)}")
     print("\nnamed models:")
     for n, desc in NAMED_MODELS.items():
         cached = (converted_path(n) / "config.json").exists()
