@@ -88,6 +88,13 @@ def test_tpla_differs_from_mla_only_in_decode_and_pca_with_exact_reduce_is_exact
     with accel.patch(m, "tpla", shards=2, transform="pca", calibration=calib, reduce="logits"):
         got = decode_logits(m, ids, mask)
     assert (got - ref).abs().max() < 1e-5
+    # per-shard RMSNorm of decode tokens applies to TPLA layers only: exact-reduce layers stay exact
+    with accel.patch(m, "tpla", shards=2, norm_mode="per_shard", reduce="logits"):
+        got = decode_logits(m, ids, mask)
+    assert (got - ref).abs().max() < 1e-5
+    with accel.patch(m, "tpla", shards=2, norm_mode="per_shard"):
+        got = decode_logits(m, ids, mask)
+    assert (got[:, 1:] - ref[:, 1:]).abs().max() > 1e-4
     # exact layers in the plan: all layers mla_exact == MLA; the handle reports them
     with accel.patch(m, "tpla", shards=2, exact_layers=[0, 1, 2]) as h:
         got = decode_logits(m, ids, mask)

@@ -89,7 +89,7 @@ class TPLAAttention(nn.Module):
         q_rot, k_rot = self.adapter.rope(a, q_rot, k_rot, position_embeddings)
         past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
         decode = T == 1 and past > 0
-        lat = self.latent(x, per_shard=decode and self.norm_mode == "per_shard")
+        lat = self.latent(x, per_shard=decode and self.norm_mode == "per_shard" and self.mode == "tpla")
         rows = shard_rows(lat, k_rot[:, 0].float(), self.shards, self.rope_mode).to(hidden_states.dtype)
         if past_key_values is not None:
             rows, _ = past_key_values.update(rows, rows.new_empty(*rows.shape[:3], 0), self.layer_idx)

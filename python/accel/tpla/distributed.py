@@ -183,7 +183,8 @@ class TPLATPAttention(TPLAAttention):
             q = q[:, heads]  # prefill is head-parallel
         q_nope, q_rot = torch.split(q, [self.d_nope, self.d_rope], dim=-1)
         q_rot, k_rot = self.adapter.rope(a, q_rot, k_rot, position_embeddings)
-        rows = self.latent_rows(x, k_rot[:, 0], decode and self.norm_mode == "per_shard").to(hidden_states.dtype)
+        per_shard = decode and self.norm_mode == "per_shard" and self.mode == "tpla"
+        rows = self.latent_rows(x, k_rot[:, 0], per_shard).to(hidden_states.dtype)
         if past_key_values is not None:
             rows, _ = past_key_values.update(rows, rows.new_empty(*rows.shape[:3], 0), self.layer_idx)
         if decode:
