@@ -119,24 +119,8 @@ class ModelRuntime:
 
     # -- the pre-hook -------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = input_ids if input_ids is not None else embeds
-        if ref is not None and ref.shape[1] == 0:
-            raise InputError("empty prompt: the input has 0 tokens; give at least one token")
-        q_len = ref.shape[1] if ref is not None else 0
-        cfg = module.config
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(cfg, "use_cache", True)
-        pkv = kwargs.get("past_key_values")
-        if use_cache and not module.training:
-            from transformers.cache_utils import DynamicCache
-
-            fresh_dynamic = type(pkv) is DynamicCache and pkv.get_seq_length() == 0
-            if pkv is None or fresh_dynamic:
-                pkv = AccelCache(cfg, reserve=self.reserve)
-                kwargs["past_key_values"] = pkv
+        pkv = prepare_forward(module, args, kwargs, lambda: AccelCache(module.config, reserve=self.reserve),
+                              self.info.max_context if self.check_context else None)
         if isinstance(pkv, AccelCache):
             if pkv is not self.cache:
                 self.new_sequence()
@@ -145,29 +129,51 @@ class ModelRuntime:
             if self.cache is not None:
                 self.new_sequence()
             self.cache = None
-        past = pkv.get_seq_length() if pkv is not None else 0
-        if past == 0:
+        if pkv is None or pkv.get_seq_length() == 0:
             self.new_sequence()
         else:
             self.step += 1
-        limit = self.info.max_context
-        if self.check_context and limit and past + q_len > limit:
-            raise InputError(
-                f"sequence of {past + q_len} tokens ({past} cached + {q_len} new) exceeds the model's context "
-                f"window of {limit} tokens (config.max_position_embeddings); shorten the prompt or lower "
-                "max_new_tokens (or patch with check_context=False to run past it anyway)"
-            )
-        am = kwargs.get("attention_mask")
-        if past == 0 and isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] > 1:
-            a = am.bool()
-            # a row is left-padded (or unpadded) iff once a 1 appears, no 0 follows
-            seen = torch.cumsum(a.int(), dim=1) > 0
-            if bool((seen & ~a).any()):
-                raise InputError(
-                    "the batch is right-padded (a 0 follows a 1 in attention_mask); decoder-only generation needs "
-                    "left padding: set tokenizer.padding_side = 'left' before tokenizing"
-                )
         return args, kwargs
+
+
+def prepare_forward(module, args, kwargs, make_cache, context_limit: int | None):
+    """What every accel pre-forward hook does on the top-level model: refuse an empty prompt, give a new
+    generation (no cache, or transformers' fresh ``DynamicCache``) the cache ``make_cache()`` builds, refuse a
+    sequence longer than ``context_limit`` (None = no check) and a right-padded batch. Edits ``kwargs`` in place;
+    returns the cache the forward will use (or None)."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if ref is not None and ref.shape[1] == 0:
+        raise InputError("empty prompt: the input has 0 tokens; give at least one token")
+    q_len = ref.shape[1] if ref is not None else 0
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", True)
+    pkv = kwargs.get("past_key_values")
+    if use_cache and not module.training:
+        from transformers.cache_utils import DynamicCache
+
+        if pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0):
+            pkv = make_cache()
+            kwargs["past_key_values"] = pkv
+    past = pkv.get_seq_length() if pkv is not None else 0
+    if context_limit and past + q_len > context_limit:
+        raise InputError(
+            f"sequence of {past + q_len} tokens ({past} cached + {q_len} new) exceeds the model's context "
+            f"window of {context_limit} tokens (config.max_position_embeddings); shorten the prompt or lower "
+            "max_new_tokens (or patch with check_context=False to run past it anyway)"
+        )
+    am = kwargs.get("attention_mask")
+    if past == 0 and isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] > 1:
+        a = am.bool()
+        # a row is left-padded (or unpadded) iff once a 1 appears, no 0 follows
+        seen = torch.cumsum(a.int(), dim=1) > 0
+        if bool((seen & ~a).any()):
+            raise InputError(
+                "the batch is right-padded (a 0 follows a 1 in attention_mask); decoder-only generation needs "
+                "left padding: set tokenizer.padding_side = 'left' before tokenizing"
+            )
+    return pkv
 
 
 def _tpla_spec(policy):

@@ -10,9 +10,7 @@ from __future__ import annotations
 import logging
 import weakref
 
-import torch
-
-from ..errors import AccelError, InputError
+from ..errors import AccelError
 from ..patching.core import HandleBase
 from ..scheduler.plan import Plan
 from .adapters import get_mla_adapter
@@ -171,36 +169,15 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
         layer.self_attn = mod
     handle = None
 
+    limit = getattr(model.config, "max_position_embeddings", None) if check_context else None
+
     def pre_forward(module, args, kwargs):
-        from transformers.cache_utils import DynamicCache
-
         from ..cache.accel_cache import AccelCache
+        from ..patching.core import prepare_forward
 
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        if ref is not None and ref.shape[1] == 0:
-            raise InputError("empty prompt: the input has 0 tokens; give at least one token")
-        pkv = kwargs.get("past_key_values")
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(module.config, "use_cache", True)
-        if use_cache and not module.training and (pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0)):
-            pkv = AccelCache(num_layers=len(adapter.layers))
-            kwargs["past_key_values"] = pkv
+        pkv = prepare_forward(module, args, kwargs, lambda: AccelCache(num_layers=len(adapter.layers)), limit)
         if isinstance(pkv, AccelCache):
             handle.cache = pkv
-        past = pkv.get_seq_length() if pkv is not None else 0
-        limit = getattr(module.config, "max_position_embeddings", None)
-        q_len = ref.shape[1] if ref is not None else 0
-        if check_context and limit and past + q_len > limit:
-            raise InputError(f"sequence of {past + q_len} tokens ({past} cached + {q_len} new) exceeds the model's "
-                             f"context window of {limit} tokens; shorten the prompt or lower max_new_tokens")
-        am = kwargs.get("attention_mask")
-        if past == 0 and isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[0] > 1:
-            a = am.bool()
-            if bool(((torch.cumsum(a.int(), 1) > 0) & ~a).any()):
-                raise InputError("the batch is right-padded (a 0 follows a 1 in attention_mask); decoder-only "
-                                 "generation needs left padding: set tokenizer.padding_side = 'left'")
         return args, kwargs
 
     hook = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
