@@ -16,11 +16,9 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,21 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _time_steps(model, cache, context, steps, batch=1):
-    from accel.tpla.bench import time_decode
-
-    return time_decode(model, cache, context, steps, batch)
-
-
-def _weight_bytes(model):
-    from accel.tpla.bench import weight_bytes
-
-    return weight_bytes(model)
-
-
 def measure(mode: str, contexts, steps: int, shards: int = 2):
     """Rows for one execution mode in this process (``distributed`` = this rank)."""
     import accel
+    from accel.tpla.bench import time_decode, weight_bytes
     from accel.tpla.models import random_mla, synthetic_cache
 
     torch.set_num_threads(1)
@@ -53,10 +40,10 @@ def measure(mode: str, contexts, steps: int, shards: int = 2):
 
         ctx = contexts[0]
         cache = hf_latent_cache(model, ctx)
-        dt = _time_steps(model, cache, ctx, max(1, steps // 4))
+        dt = time_decode(model, cache, ctx, max(1, steps // 4))
         kv = cache_bytes(cache)
         return [{"mode": "hf-unpatched", "ranks": 1, "context": ctx, "step_ms": dt * 1e3, "kv_bytes_per_rank": kv,
-                 "weight_bytes_per_rank": _weight_bytes(model)}]
+                 "weight_bytes_per_rank": weight_bytes(model)}]
     if mode == "distributed":
         rank, world = accel.tpla.init_distributed("gloo")
         kw = {"shards": world, "execution": "distributed"}
@@ -70,12 +57,12 @@ def measure(mode: str, contexts, steps: int, shards: int = 2):
             cache = synthetic_cache(h, ctx)
             if mode == "distributed":
                 torch.distributed.barrier()
-            dt = _time_steps(model, cache, ctx, steps)
+            dt = time_decode(model, cache, ctx, steps)
             h.cache = cache
             per = h.shard_nbytes()
             rows.append({"mode": name, "ranks": kw["shards"] if mode == "distributed" else 1, "context": ctx,
                          "step_ms": dt * 1e3, "kv_bytes_per_rank": per[0] if mode == "distributed" else sum(per),
-                         "weight_bytes_per_rank": _weight_bytes(model), "rank": rank})
+                         "weight_bytes_per_rank": weight_bytes(model), "rank": rank})
             del cache
     return rows
 

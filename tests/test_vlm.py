@@ -412,15 +412,16 @@ def test_qwen2_vl_keep_all_equals_unpatched(policy):
     assert torch.equal(g, gref)
 
 
-def test_qwen2_vl_scores_received_attention_per_merged_token_and_keeps_mrope_positions():
+def _tower_attention_probs(m, pv, grid, block_attn) -> list:
+    """Softmax attention ``[heads, T, T]`` of one vision-tower attention module, per call (one per image),
+    from the model's own post-RoPE q and k: the tower run once with a recording attention function."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    m, ids, pv, grid, tt = tiny_qwen2_vl()
     probs = []
 
-    def record(module, q, k, v, attention_mask, scaling=None, **kw):  # the model's own post-RoPE q, k
-        if getattr(module, "is_causal", True) is False and module is m.model.visual.blocks[-1].attn:
+    def record(module, q, k, v, attention_mask, scaling=None, **kw):
+        if module is block_attn:
             probs.append(torch.softmax((q @ k.transpose(-1, -2)) * scaling, -1)[0])
         return sdpa_attention_forward(module, q, k, v, attention_mask, scaling=scaling, **kw)
 
@@ -433,6 +434,12 @@ def test_qwen2_vl_scores_received_attention_per_merged_token_and_keeps_mrope_pos
             vis(pv, grid_thw=grid)
     finally:
         vis.config._attn_implementation_internal = saved
+    return probs
+
+
+def test_qwen2_vl_scores_received_attention_per_merged_token_and_keeps_mrope_positions():
+    m, ids, pv, grid, tt = tiny_qwen2_vl()
+    probs = _tower_attention_probs(m, pv, grid, m.model.visual.blocks[-1].attn)
     ref = [keep_topk(p.mean(0).mean(0).view(-1, 4).mean(-1)[None], 2)[0] for p in probs]  # per image, 6 merged
     kw = dict(pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=tt)
     with accel.patch(m, "fastervlm", keep=2) as h, torch.no_grad():
@@ -490,8 +497,6 @@ def tiny_qwen2_5_vl():
 
 
 def test_qwen2_5_vl_keep_all_exact_and_window_permutation_undone():
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.vision_utils import get_vision_window_index
 
     m, ids, mask, pv, grid, tt = tiny_qwen2_5_vl()
@@ -501,22 +506,8 @@ def test_qwen2_5_vl_keep_all_exact_and_window_permutation_undone():
         for pol in ("fastervlm", "fastv", "randomprune"):
             with accel.patch(m, pol, keep=16):
                 assert torch.equal(m.generate(input_ids=ids, max_new_tokens=4, do_sample=False, **kw), gref), pol
-    probs = []
-
-    def record(module, q, k, v, attention_mask, scaling=None, **kw2):
-        if module is m.model.visual.blocks[0].attn:  # the full-attention block, one call per image
-            probs.append(torch.softmax((q @ k.transpose(-1, -2)) * scaling, -1)[0].mean(0).mean(0))
-        return sdpa_attention_forward(module, q, k, v, attention_mask, scaling=scaling, **kw2)
-
-    AttentionInterface.register("test_record_probs_25", record)
     vis = m.model.visual
-    saved = vis.config._attn_implementation_internal
-    vis.config._attn_implementation_internal = "test_record_probs_25"
-    try:
-        with torch.no_grad():
-            vis(pv, grid_thw=grid)
-    finally:
-        vis.config._attn_implementation_internal = saved
+    probs = [p.mean(0).mean(0) for p in _tower_attention_probs(m, pv, grid, vis.blocks[0].attn)]  # full-attn block
     window, _ = get_vision_window_index(grid, 2, vis.window_size, vis.patch_size)
     merged = torch.cat(probs).view(-1, 4).mean(-1)[torch.argsort(window)]  # as transformers un-permutes its merger
     ref = [keep_topk(x[None], 3)[0] for x in torch.split(merged, [16, 8])]

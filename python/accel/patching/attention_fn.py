@@ -23,16 +23,21 @@ MODULE_RUNTIME: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.We
 _registered = False
 
 
-def ensure_registered() -> None:
-    global _registered
-    if _registered:
-        return
+def register_attention(name: str, fn) -> None:
+    """Register ``fn`` under ``name`` in transformers' attention-function registry, with SDPA-style masks.
+    Called on first use only: importing accel registers nothing."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(ATTN_NAME, accel_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
-    _registered = True
+    AttentionInterface.register(name, fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+
+
+def ensure_registered() -> None:
+    global _registered
+    if not _registered:
+        register_attention(ATTN_NAME, accel_attention_forward)
+        _registered = True
 
 
 def hf_sdpa(module, query, key, value, attention_mask, scaling=None, **kwargs):

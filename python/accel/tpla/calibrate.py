@@ -84,8 +84,6 @@ def plan_tpla(model, input_ids: torch.Tensor, *, shards: int = 2, transform: str
     """
     import accel
 
-    from ..scheduler.plan import LayerPlan, Plan
-
     n_layers = model.config.num_hidden_layers
     if not 0 <= n_exact <= n_layers:
         from ..errors import AccelError
@@ -101,14 +99,11 @@ def plan_tpla(model, input_ids: torch.Tensor, *, shards: int = 2, transform: str
         with accel.patch(model, "tpla", exact_layers=[j for j in range(n_layers) if j != i], pca=pca, **common):
             got = _decode_logits(model, input_ids, steps)
         kls.append(float((ref.exp() * (ref - got)).sum(-1).mean()))
-    exact = set(sorted(range(n_layers), key=lambda i: -kls[i])[:n_exact])
-    pol = accel.policies.registry.get_policy_class("tpla").from_overrides(**common)
-    layers = [LayerPlan(mode="mla_exact" if i in exact else "tpla", attention="tpla",
-                        params={"transform": transform, "kl": kls[i]}) for i in range(n_layers)]
-    return Plan(policy="tpla", num_layers=n_layers, model_type=model.config.model_type,
-                params={"shards": shards, "execution": pol.execution, "attn_weights": pol.attn_weights,
-                        "assignment": pol.assignment,
-                        "rope_mode": pol.rope_mode, "norm_mode": pol.norm_mode,
-                        "shard_logit_scale": pol.shard_logit_scale},
-                layers=layers, provenance={"method": "per-layer KL of TPLA vs exact reduce", "steps": steps,
-                                           "tokens": list(input_ids.shape), "n_exact": n_exact})
+    exact = sorted(range(n_layers), key=lambda i: -kls[i])[:n_exact]
+    pol = accel.policies.registry.get_policy_class("tpla").from_overrides(exact_layers=exact, **common)
+    plan = pol.build_plan({"num_layers": n_layers, "model_type": model.config.model_type})
+    for lp, kl in zip(plan.layers, kls):
+        lp.params["kl"] = kl
+    plan.provenance = {"method": "per-layer KL of TPLA vs exact reduce", "steps": steps,
+                       "tokens": list(input_ids.shape), "n_exact": n_exact}
+    return plan

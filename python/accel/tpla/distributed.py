@@ -138,9 +138,8 @@ class TPLATPAttention(TPLAAttention):
         if self.u is not None:
             self.u = self.u[a:b].contiguous()  # rows of U for this rank's channels
         self.lat_range = (a, b)
-        if rope_split := (self.rope_mode == "split"):
-            self.rope_range = shard_bounds(self.d_rope, world)[rank]
-        self._rope_split = rope_split
+        # this rank's rotary-key channels: all of them when replicated
+        self.rope_range = shard_bounds(self.d_rope, world)[rank] if self.rope_mode == "split" else (0, self.d_rope)
         dq = self.d_nope + self.d_rope
         _linear_slice(orig.kv_b_proj, 0, records)  # head-parallel exact prefill
         if self.split_proj:
@@ -158,9 +157,7 @@ class TPLATPAttention(TPLAAttention):
         else:
             n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
             lat = n @ self.u.T if self.u is not None else n[..., self.lat_range[0]:self.lat_range[1]]
-        kr = k_rot.float()
-        if self._rope_split:
-            kr = kr[..., self.rope_range[0]:self.rope_range[1]]
+        kr = k_rot.float()[..., self.rope_range[0]:self.rope_range[1]]
         return torch.cat([lat, kr], -1)[:, None]
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, **kwargs):
@@ -209,8 +206,7 @@ class TPLATPAttention(TPLAAttention):
         w = self.lat_range[1] - self.lat_range[0]
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope.float(), self.w_uk)
         valid = _valid_from_mask(attention_mask, rows.shape[1])
-        if self._rope_split:
-            q_rope = q_rope[..., self.rope_range[0]:self.rope_range[1]]
+        q_rope = q_rope[..., self.rope_range[0]:self.rope_range[1]]
         if self.mode == "tpla":
             q_r = torch.cat([q_lat, q_rope.float()], -1)
             o_lat, _ = latent_decode(q_r, rows, None, w, valid=valid, scale=self.scaling * self.shard_logit_scale,
@@ -218,7 +214,7 @@ class TPLATPAttention(TPLAAttention):
         else:  # exact reduce: partial logits summed over ranks before one softmax
             s = torch.einsum("bhc,btc->bht", q_lat, rows[..., :w].float())
             rope = torch.einsum("bhc,btc->bht", q_rope.float(), rows[..., w:].float())
-            s = s + rope if (self._rope_split or self.rank == 0) else s
+            s = s + rope if (self.rope_mode == "split" or self.rank == 0) else s  # a replicated key counts once
             s = _all_reduce(s) * self.scaling
             if valid is not None:
                 s = s.masked_fill(~valid[:, None, : s.shape[-1]], float("-inf"))

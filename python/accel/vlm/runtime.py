@@ -34,20 +34,16 @@ class _ProbeDone(Exception):
 
 
 def _ensure_probe_registered() -> None:
-    """Register the scoring attention used by ``fastv`` (transformers' attention / mask registries).
-    Runs on first use only: importing accel registers nothing."""
+    """Register the probing attention (``fastv``, FlowCut's LLM stage) on first use."""
     global _probe_registered
-    if _probe_registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    if not _probe_registered:
+        from ..patching.attention_fn import register_attention
 
-    AttentionInterface.register(PROBE_NAME, _probe_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PROBE_NAME, sdpa_mask)
-    _probe_registered = True
+        register_attention(PROBE_NAME, _probe_attention)
+        _probe_registered = True
 
 
-_PROBE = {"layer": None, "rows": None}
+_PROBE = {"layer": None}  # the decoder layer whose attention inputs the probe hands back
 
 
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
