@@ -4,113 +4,69 @@
   python bench/bench_tpla.py decode --contexts 8192,32768 --out bench/results/tpla_decode.csv
 
 ``decode`` measures, in one run, on the random ``mid`` DeepSeek-V3 config (accel.tpla.models; no MLA weights
-install here) with a synthetic latent cache of each context length: one process with one thread running MLA in
-accel's absorbed form (``tpla`` with 1 shard), the same process with 2 simulated TPLA shards, and 2 ranks of
-``torch.distributed`` (gloo, one thread each, launched here with torchrun) each holding one shard; with
-``--hf`` also unpatched transformers at the shortest context. Reports the median step time of ``--steps`` decode
-steps after one warm-up step, the KV bytes and weight bytes per rank.
+install here) with a synthetic latent cache of each context length, through ``accel bench``: one process with one
+thread running MLA in accel's absorbed form (``tpla`` with 1 shard), the same process with 2 simulated TPLA shards,
+and 2 ranks of ``torch.distributed`` (gloo, one thread each, launched here with torchrun) each holding one shard
+(a step lasts as long as its slowest rank); with ``--hf`` also unpatched transformers at the shortest context.
+Reports the median step time of ``--steps`` decode steps after one warm-up step, the KV bytes and weight bytes per
+rank.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(mode: str, contexts, steps: int, shards: int = 2):
-    """Rows for one execution mode in this process (``distributed`` = this rank)."""
-    import accel
-    from accel.tpla.bench import time_decode, weight_bytes
-    from accel.tpla.models import random_mla, synthetic_cache
-
-    torch.set_num_threads(1)
-    model = random_mla("mid")
-    rows = []
-    if mode == "hf":
-        from accel.tpla.bench import cache_bytes, hf_latent_cache
-
-        ctx = contexts[0]
-        cache = hf_latent_cache(model, ctx)
-        dt = time_decode(model, cache, ctx, max(1, steps // 4))
-        kv = cache_bytes(cache)
-        return [{"mode": "hf-unpatched", "ranks": 1, "context": ctx, "step_ms": dt * 1e3, "kv_bytes_per_rank": kv,
-                 "weight_bytes_per_rank": weight_bytes(model)}]
-    if mode == "distributed":
-        rank, world = accel.tpla.init_distributed("gloo")
-        kw = {"shards": world, "execution": "distributed"}
-        name = f"tpla-{world}-ranks"
-    elif mode == "mla":
-        kw, name, rank = {"shards": 1}, "mla-absorbed-1-process", 0
-    else:
-        kw, name, rank = {"shards": shards}, f"tpla-{shards}-simulated-1-process", 0
-    with accel.patch(model, "tpla", transform="hadamard", **kw) as h:
-        for ctx in contexts:
-            cache = synthetic_cache(h, ctx)
-            if mode == "distributed":
-                torch.distributed.barrier()
-            dt = time_decode(model, cache, ctx, steps)
-            h.cache = cache
-            per = h.shard_nbytes()
-            rows.append({"mode": name, "ranks": kw["shards"] if mode == "distributed" else 1, "context": ctx,
-                         "step_ms": dt * 1e3, "kv_bytes_per_rank": per[0] if mode == "distributed" else sum(per),
-                         "weight_bytes_per_rank": weight_bytes(model), "rank": rank})
-            del cache
-    return rows
+def _accel_bench(args_list, tmp: Path, name: str, ranks: int = 1) -> list[dict]:
+    """Run ``accel bench`` on the random mid-size MLA model (one process, or ``ranks`` torchrun ranks with one
+    thread each) and return its CSV rows."""
+    out = tmp / f"{name}.csv"
+    launch = [sys.executable, "-m", "accel"] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "accel"]
+    cmd = launch + ["bench", "--model", "random-mla-mid", "--synthetic-kv", "--threads", "1", "--out", str(out)] + args_list
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "python")}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(" ".join(cmd) + "\n" + r.stdout[-2000:] + r.stderr[-4000:])
+    return list(csv.DictReader(out.open()))
 
 
 def cmd_decode(args):
-    contexts = [int(c) for c in args.contexts.split(",")]
+    """The rows come from ``accel bench`` (``accel.tpla.bench``: the same timing in one process and on ranks)."""
+    contexts = args.contexts.split(",")
     rows = []
-    for mode in (["hf"] if args.hf else []) + ["mla", "simulated"]:
-        rows += measure(mode, contexts, args.steps)
-        print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rank.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "python")}
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            __file__, "_rank", "--contexts", args.contexts, "--steps", str(args.steps),
-                            "--json", str(out)], env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(r.stdout[-2000:] + r.stderr[-4000:])
-        rows += json.loads(out.read_text())
-    base = {r["context"]: r["step_ms"] for r in rows if r["mode"] == "mla-absorbed-1-process"}
-    for r in rows:
-        r["speedup_vs_mla_1_process"] = base[r["context"]] / r["step_ms"] if r["context"] in base else ""
+        tmp = Path(tmp)
+        if args.hf:  # unpatched transformers expands every latent every step: seconds per step, fewer steps
+            rows += _accel_bench(["--policies", "hf", "--contexts", contexts[0],
+                                  "--new-tokens", str(max(1, args.steps // 4))], tmp, "hf")
+        rows += _accel_bench(["--policies", "tpla@shards=1,tpla@shards=2", "--contexts", args.contexts,
+                              "--new-tokens", str(args.steps)], tmp, "single")
+        rows += _accel_bench(["--policies", "tpla", "--tp", "2", "--contexts", args.contexts,
+                              "--new-tokens", str(args.steps)], tmp, "tp2", ranks=2)
+    names = {"hf": "hf-unpatched", "tpla@shards=1": "mla-absorbed-1-process",
+             "tpla@shards=2": "tpla-2-simulated-1-process", "tpla (tp=2)": "tpla-2-ranks"}
+    out = [{"mode": names[r["policy"]], "ranks": int(r["ranks"]), "context": int(r["context"]),
+            "step_ms": float(r["decode_step_ms"]), "kv_bytes_per_rank": int(r["kv_bytes_per_rank"]),
+            "weight_bytes_per_rank": int(r["weight_bytes_per_rank"])} for r in rows]
+    base = {r["context"]: r["step_ms"] for r in out if r["mode"] == "mla-absorbed-1-process"}
+    for r in out:
+        r["speedup_vs_mla_1_process"] = base[r["context"]] / r["step_ms"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[-1].keys()))
+        w = csv.DictWriter(f, fieldnames=list(out[0].keys()))
         w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in rows[-1].keys()})
-    for r in rows:
+        w.writerows(out)
+    for r in out:
         print(f"{r['mode']:>34} ctx {r['context']:>6}  step {r['step_ms']:8.1f} ms  KV/rank {r['kv_bytes_per_rank'] / 2**20:7.1f} MiB"
-              f"  weights/rank {r['weight_bytes_per_rank'] / 2**20:6.1f} MiB  x{r['speedup_vs_mla_1_process'] or 0:.2f}")
-
-
-def cmd_rank(args):
-    rows = measure("distributed", [int(c) for c in args.contexts.split(",")], args.steps)
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, rows)
-    if torch.distributed.get_rank() == 0:
-        out = []
-        for i in range(len(rows)):  # a step ends when the slowest rank ends: report the max over ranks
-            per = [g[i] for g in gathered]
-            row = dict(per[0])
-            row["step_ms"] = max(p["step_ms"] for p in per)
-            row.pop("rank", None)
-            out.append(row)
-        Path(args.json).write_text(json.dumps(out))
-    torch.distributed.barrier()  # no rank tears the group down while another still uses it
-    torch.distributed.destroy_process_group()
+              f"  weights/rank {r['weight_bytes_per_rank'] / 2**20:6.1f} MiB  x{r['speedup_vs_mla_1_process']:.2f}")
 
 
 def cmd_error(args):
@@ -164,12 +120,8 @@ def main():
     d.add_argument("--steps", type=int, default=8)
     d.add_argument("--hf", action="store_true", help="also time unpatched transformers at the shortest context")
     d.add_argument("--out", default="bench/results/tpla_decode.csv")
-    r = sub.add_parser("_rank")
-    r.add_argument("--contexts", required=True)
-    r.add_argument("--steps", type=int, default=8)
-    r.add_argument("--json", required=True)
     args = ap.parse_args()
-    {"error": cmd_error, "decode": cmd_decode, "_rank": cmd_rank}[args.cmd](args)
+    {"error": cmd_error, "decode": cmd_decode}[args.cmd](args)
 
 
 if __name__ == "__main__":
