@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -68,10 +70,19 @@ def _convert(name: str, out: Path) -> None:
         dtype=torch.float32,
     )
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out) if not out.exists() else None
+    # a private folder per process, renamed into place: two processes converting at once (two evaluations
+    # started together on a fresh machine) must not write into each other's files
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").exists():  # not a lost race with another converter: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
