@@ -273,7 +273,7 @@ def test_duo_all_retrieval_is_dense_and_all_streaming_is_streamingllm():
     assert same(ref, gen(m, ids, "duo", plan=plan, sink=4, recent=8, budget_ratio=1.0))
     assert same(ref, gen(m, ids, "duo", plan=plan, sink=4, recent=8, sparsity=0.0))
     stream = gen(m, ids, "streaming", sink=4, budget=12, budget_ratio=None)
-    assert same(stream, gen(m, ids, "duo", plan=plan, sink=4, recent=8, sparsity=1.0))
+    assert same(stream, gen(m, ids, "duo", plan=plan, sink=4, recent=8, middle=0, sparsity=1.0))
 
 
 def test_duo_ranks_heads_globally_and_retrieval_heads_keep_everything():
@@ -293,6 +293,49 @@ def test_duo_ranks_heads_globally_and_retrieval_heads_keep_everything():
     full = [(li, h) for li, layer in enumerate(out.past_key_values.layers) for h in range(2)
             if int(layer.ragged.lengths[0, h]) > 12]
     assert full == [(0, 0)]
+
+
+def _kept_positions(m, ids, policy, **kw):
+    with accel.patch(m, policy, **kw) as h, torch.no_grad():
+        m(input_ids=ids, use_cache=True)
+        cache = h.cache
+    out = []
+    for layer in cache.layers:
+        rows, live = layer.ragged.rows()
+        out.append([sorted(layer.ragged.pos[rows[0, hh]][live[0, hh]].tolist()) for hh in range(rows.shape[1])])
+    return out
+
+
+def test_duo_middle_streaming_heads_keep_snapkv_top_tokens_and_retrieval_heads_everything():
+    """duo's ``middle`` extension: a streaming head keeps its sinks, its recent tokens and its ``middle``
+    best tokens by SnapKV's pooled window attention -- with sink 0 and recent = SnapKV's window, the very
+    set SnapKV keeps at budget ``window + middle``; retrieval heads still keep the whole prompt."""
+    m = model4("llama")
+    ids = prompt(100)
+    plan = duo_plan(SCORES)
+    snap = _kept_positions(m, ids, "snapkv", budget=8 + 20, budget_ratio=None, window=8)
+    duo = _kept_positions(m, ids, "duo", plan=plan, sink=0, recent=8, middle=20, window=8, sparsity=1.0)
+    assert duo == snap
+    assert all(len(h) == 28 for layer in duo for h in layer)
+    mixed = _kept_positions(m, ids, "duo", plan=plan, sink=4, recent=8, middle=20, window=8, sparsity=0.5)
+    top = {(0, 0), (2, 1), (1, 0), (3, 1)}
+    for li, layer in enumerate(mixed):
+        for hh, kept in enumerate(layer):
+            if (li, hh) in top:
+                assert kept == list(range(100))
+            else:
+                assert len(kept) == 32 and set(range(4)) | set(range(92, 100)) <= set(kept)
+    # decode: streaming heads stay at their size, and every one of them holds its newest `recent` tokens
+    with accel.patch(m, "duo", plan=plan, sink=4, recent=8, middle=20, window=8, sparsity=1.0):
+        out = m.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    for layer in out.past_key_values.layers:
+        rows, live = layer.ragged.rows()
+        for hh in range(rows.shape[1]):
+            kept = set(layer.ragged.pos[rows[0, hh]][live[0, hh]].tolist())
+            assert len(kept) == 32 and set(range(4)) | set(range(111 - 8, 111)) <= kept, sorted(kept)
+    # the retrieval-head count follows S = sink + recent + middle: floor(8 * (25 - 32) / 68) < 0 -> none
+    none = _kept_positions(m, ids, "duo", plan=plan, sink=4, recent=8, middle=20, budget_ratio=0.25)
+    assert all(len(h) == 32 for layer in none for h in layer)
 
 
 def test_duo_without_a_plan_names_the_command():
