@@ -28,6 +28,7 @@ def test_passkey_dense_same_tokens_as_unpatched(smollm):
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-4, atol=2e-4)
     n = enc["input_ids"].shape[1]
     assert passkey_correct(tok.decode(out.sequences[0, n:]), s.answer)
+    assert passkey_correct(tok.decode(out25.sequences[0, n:]), s.answer)
 
 
 def test_batch_of_three_left_padded_and_streamer(smollm, capsys):
@@ -105,8 +106,8 @@ def test_shipped_hylra_plan_is_found_and_reproducible(smollm):
 
 def test_compressed_caches_on_the_real_model(smollm):
     """Shipped duo / moa plans load for SmolLM2; a covering budget is exactly dense; a 25% budget really
-    holds ~25% of the bytes (snapkv) and still retrieves this passkey (duo, retrieval heads ranked by
-    the shipped plan)."""
+    holds ~25% of the bytes (snapkv, duo) and still retrieves this passkey (duo at 50% and 25%, retrieval
+    heads ranked by the shipped plan)."""
     model, tok = smollm
     s = make_passkey(tok, 1500, depth=0.4, seed=3)
     enc = tok(s.prompt, return_tensors="pt")
@@ -126,6 +127,10 @@ def test_compressed_caches_on_the_real_model(smollm):
             assert 0.24 <= frac <= 0.27, frac
         with accel.patch(model, "duo", budget_ratio=0.5):
             out = model.generate(**enc, **gen)
+        with accel.patch(model, "duo", budget_ratio=0.25) as h:  # default: streaming heads keep scored middles
+            out25 = model.generate(**enc, **gen)
+            frac25 = h.cache.nbytes() / dense_bytes
+            assert 0.2 <= frac25 <= 0.26, frac25
         with accel.patch(model, "moa", density=0.5, max_new_tokens=8) as h:
             model.generate(**enc, **gen)
             assert h.cache.nbytes() < 0.75 * dense_bytes
