@@ -28,7 +28,6 @@ def test_passkey_dense_same_tokens_as_unpatched(smollm):
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-4, atol=2e-4)
     n = enc["input_ids"].shape[1]
     assert passkey_correct(tok.decode(out.sequences[0, n:]), s.answer)
-    assert passkey_correct(tok.decode(out25.sequences[0, n:]), s.answer)
 
 
 def test_batch_of_three_left_padded_and_streamer(smollm, capsys):
@@ -136,6 +135,7 @@ def test_compressed_caches_on_the_real_model(smollm):
             assert h.cache.nbytes() < 0.75 * dense_bytes
     assert passkey_correct(tok.decode(ref.sequences[0, n:]), s.answer)
     assert passkey_correct(tok.decode(out.sequences[0, n:]), s.answer)
+    assert passkey_correct(tok.decode(out25.sequences[0, n:]), s.answer)
 
 
 def test_shipped_duo_plan_is_reproducible(smollm):
