@@ -171,6 +171,27 @@ def sinks_then_newest(keys, valid, sink) -> torch.Tensor:
     return torch.where((t >= fv) & (t < fv + sk), 2 * FORCED - t, t.double()).expand(B, Hkv, T)
 
 
+def snapkv_scores(view: "PrefillView", keys, valid, scaling: float, window: int, kernel: int, pooling: str = "avg",
+                  agg: str = "mean") -> torch.Tensor:
+    """SnapKV's per-token statistic [B, Hkv, T] fp32: the last ``window`` prompt queries' attention,
+    aggregated over the GQA group (``agg``), smoothed by 1-D ``pooling`` over ``kernel`` tokens."""
+    Hkv, T = keys.shape[1], keys.shape[2]
+    a = group_agg(window_attention(view.window_queries(min(window, T)), keys, valid, scaling), Hkv, agg)
+    return pool1d(a, kernel, pooling, valid)
+
+
+def force_sinks_and_recent(score: torch.Tensor, valid, sink: int, recent: int) -> torch.Tensor:
+    """``score`` [B, Hkv, T] as float64 with each row's first ``sink`` real tokens and its last ``recent``
+    tokens forced in (``FORCED + position``)."""
+    from ._selection import first_valid_positions
+
+    B, _, T = score.shape
+    t = torch.arange(T).view(1, 1, T)
+    fv = first_valid_positions(valid, B).view(B, 1, 1)
+    forced = ((t >= fv) & (t < fv + sink)) | (t >= T - recent)
+    return torch.where(forced, FORCED + t.double(), score.double())
+
+
 def keep_top(score: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (b, h): the ``budgets[b, h]`` highest-scoring tokens (-inf never kept), sorted by position.
     Returns (keep [B, Hkv, M] int64, counts [B, Hkv])."""
@@ -437,10 +458,9 @@ class SnapKVPolicy(BudgetedKVPolicy):
         return {"window": self.window}
 
     def token_scores(self, view, keys, valid, budgets, scaling):
-        B, Hkv, T, _ = keys.shape
+        T = keys.shape[2]
         w = min(self.window, T)
-        a = group_agg(window_attention(view.window_queries(w), keys, valid, scaling), Hkv, self.agg)
-        s = pool1d(a, self.kernel, self.pooling, valid)
+        s = snapkv_scores(view, keys, valid, scaling, self.window, self.kernel, self.pooling, self.agg)
         self._raw = s.clone()
         s = s.double()
         s[:, :, T - w :] = FORCED + torch.arange(T - w, T, dtype=torch.float64)

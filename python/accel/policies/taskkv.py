@@ -32,9 +32,8 @@ from typing import ClassVar
 import torch
 
 from ..errors import AccelError
-from ._selection import first_valid_positions
 from .base import LayerContext
-from .kvcompress import FORCED, BudgetedKVPolicy, PrefillView, pool1d, prompt_valid
+from .kvcompress import FORCED, BudgetedKVPolicy, PrefillView, force_sinks_and_recent, pool1d, prompt_valid
 from .registry import register_policy
 
 _NEG = float("-inf")
@@ -147,9 +146,7 @@ class TaskKVPolicy(BudgetedKVPolicy):
             w = (~h_mask).float().unsqueeze(-1)
             shared = (st["mid"] * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
             t = torch.arange(T).view(1, 1, T)
-            fv = first_valid_positions(valid, B).view(B, 1, 1)
-            forced = ((t >= fv) & (t < fv + self.sink)) | (t >= T - self.recent)
-            score = torch.where(forced, FORCED + t.double(), shared.double().expand(B, Hkv, T))
+            score = force_sinks_and_recent(shared.expand(B, Hkv, T), valid, self.sink, self.recent)
             score = torch.where(h_mask.view(B, Hkv, 1), FORCED + t.double(), score)  # heterogeneous: keep all
             if valid is not None:
                 score = score.masked_fill(~valid.view(B, 1, T), _NEG)
