@@ -1,5 +1,7 @@
 """KV-cache compression (issue 6): the ragged per-head cache, exactness when the budget covers the
 context, real byte savings, decode-time eviction at a constant budget, kept-set invariants, padding."""
+import warnings
+
 import pytest
 import torch
 
@@ -299,6 +301,10 @@ def _kept_positions(m, ids, policy, **kw):
     with accel.patch(m, policy, **kw) as h, torch.no_grad():
         m(input_ids=ids, use_cache=True)
         cache = h.cache
+    return _kept_in(cache)
+
+
+def _kept_in(cache):
     out = []
     for layer in cache.layers:
         rows, live = layer.ragged.rows()
@@ -530,3 +536,33 @@ def test_layer_reuse_over_a_compressed_cache_in_a_padded_batch():
     assert same(gen(m, ids, f"hylra+{kv}", mask=mask, new=6, topk=4096, **kw), alone, 1e-4)
     small = gen(m, ids, f"hylra+{kv}", mask=mask, new=6, topk=16, **kw)
     assert small.sequences.shape == alone.sequences.shape
+
+
+@pytest.mark.parametrize("policy,kw", [
+    ("snapkv", dict(budget=30, budget_ratio=None)),
+    ("pyramidkv", dict(budget=30, budget_ratio=None)),
+    ("h2o", dict(budget=30, budget_ratio=None)),
+    ("taskkv", dict(budget_ratio=0.4)),
+    ("duo", dict(plan=duo_plan(SCORES), sink=4, recent=8, middle=20, window=8, sparsity=0.5)),
+])
+def test_eval_harness_fork_compresses_like_the_policys_own_prefill(policy, kw):
+    """``accel eval`` prefills each sample once with dense attention, records the statistics the KV policies
+    need, and compresses a fork of that cache per policy: the kept set must be exactly what the policy keeps
+    when it runs the prefill itself, and compressing (outside ``no_grad``, as the harness does) must not
+    build an autograd graph through the model's weights."""
+    from accel.eval import runner
+
+    m = model4("llama")
+    ids = prompt(100)
+    ref = _kept_positions(m, ids, policy, **kw)
+    base, _ = runner._prefill(m, ids, torch.ones_like(ids), runner._stats_needed([policy], {k: v for k, v in kw.items() if k != "plan"}))
+    cache = runner.fork_cache(base)
+    assert torch.is_grad_enabled()
+    with accel.patch(m, policy, **kw) as h, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner._compress_fork(h, cache, torch.ones_like(ids))
+    assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]
+    assert _kept_in(cache) == ref
+    for layer in cache.layers:
+        rg = layer.ragged
+        assert not any(t.requires_grad for t in (rg.k, rg.v, rg.score) if t is not None)

@@ -330,6 +330,7 @@ class BudgetedKVPolicy(KVCachePolicy):
         """What a shared prefill must record for this policy to compress a copy of its cache later."""
         return {}
 
+    @torch.no_grad()  # statistics and eviction are bookkeeping: never build an autograd graph
     def compress_recorded(self, cache, runtime, attention_mask=None) -> None:
         """Compress a (forked) ``AccelCache`` whose prefill recorded ``prefill_stats`` (the
         evaluation harness prefills each sample once and compresses a copy per policy)."""

@@ -180,6 +180,7 @@ class TaskKVPolicy(BudgetedKVPolicy):
             n = valid.sum(1) if valid is not None else torch.full((query.shape[0],), T, dtype=torch.long)
             self._finish(pend["layers"], pend["stats"], n, valid, int(rt.reserve or 0))
 
+    @torch.no_grad()  # statistics and eviction are bookkeeping: never build an autograd graph
     def compress_recorded(self, cache, runtime, attention_mask=None) -> None:
         stats_all = getattr(cache, "prefill_stats", None)
         if stats_all is None:
