@@ -111,10 +111,11 @@ def _plot(summary, path: Path, model: str) -> None:
         ax.set_xlabel("context (tokens)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (95% CI)")
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: never hides data
     fig.suptitle(f"{model}: accuracy vs context", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
