@@ -81,3 +81,33 @@ def test_quick_mode_end_to_end(tmp_path):
         if pol == "dense":
             assert p == pred[(task, idx, "hf")]
     assert (tmp_path / "eval.png").stat().st_size > 1000
+
+
+def test_policy_table_wide_mode_later_csv_wins(tmp_path):
+    """bench/make_policy_table.py --wide: one row per policy, the CSV named last replaces a policy's older rows,
+    check marks follow --slack, and --drop-option merges labels that differ only in that option."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def write(name, rows):
+        p = tmp_path / name
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["policy", "task", "context", "n", "accuracy", "ppl", "top1_agree"])
+            w.writeheader()
+            for pol, task, ctx, k, ppl in rows:
+                w.writerow({"policy": pol, "task": task, "context": ctx, "n": 20, "accuracy": k / 20,
+                            "ppl": ppl, "top1_agree": 0.9 if ppl else ""})
+        return str(p)
+
+    old = write("old.csv", [("dense", "passkey", 4096, 16, ""), ("duo@budget_ratio=0.25", "passkey", 4096, 4, ""),
+                            ("moa@density=0.25@max_new_tokens=16", "passkey", 4096, 3, "")])
+    new = write("new.csv", [("dense", "passkey", 4096, 16, ""), ("duo@budget_ratio=0.25", "passkey", 4096, 14, "")])
+    lm = write("lm.csv", [("dense", "lm", 4096, 3, 20.0), ("moa@density=0.25@max_new_tokens=64", "lm", 4096, 3, 21.0)])
+    script = Path(__file__).resolve().parents[1] / "bench" / "make_policy_table.py"
+    out = subprocess.run([sys.executable, str(script), "--wide", "--slack", "2", "--drop-option", "max_new_tokens",
+                          "--eval", old, new, "--lm", lm], capture_output=True, text=True, check=True).stdout
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "4K passkey" in rows["policy"] and "4K ppl" in rows["policy"]
+    assert rows["duo@budget_ratio=0.25"].split(" | ")[1] == "14/20 ✓"
+    assert "3/20 ✗" in rows["moa@density=0.25"] and "21.00 (+5.0%)" in rows["moa@density=0.25"]
