@@ -57,6 +57,7 @@ inline const float* latent_row(const LatentParams& p, int64_t b, int64_t t, floa
 
 // Lane k of the result = sum of the 16 lanes of v[k]: a transpose-and-add network (15 adds, 30 shuffles)
 // instead of 16 separate horizontal sums.
+#ifdef ACCEL_V16F_NATIVE
 static inline v16f reduce16x16(const v16f* v) {
   v16f w[8], x[4], y[2];
   for (int i = 0; i < 8; ++i)
@@ -71,6 +72,14 @@ static inline v16f reduce16x16(const v16f* v) {
   return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+#else
+// v16f as two 8-lane halves (no AVX-512): lane k = sum of v[k]'s lanes, one horizontal sum each.
+static inline v16f reduce16x16(const v16f* v) {
+  float out[16];
+  for (int k = 0; k < 16; ++k) out[k] = hsum16(v[k]);
+  return load16(out);
+}
+#endif
 
 // Fast path (Dl and Dr multiples of 16): logits of 4 heads x 4 rows per pass with 16 vector accumulators
 // (8 loads per 16 FMAs), values accumulated in registers over the tile's rows for 4 heads x 64 channels.
@@ -210,7 +219,7 @@ void latent_decode_block(const LatentParams& p, int64_t b, int64_t h0, int64_t n
     if (fast && kept == kLTile) {  // online softmax, 16 lanes at a time
       for (h = 0; h < nh; ++h) {
         v16f a = load16(s[h]), b = load16(s[h] + 16);
-        const float mx = std::max(m[h], hmax16(a > b ? a : b));
+        const float mx = std::max(m[h], hmax16(vmax16(a, b)));
         const float corr = fast_exp(m[h] - mx);
         a = fast_exp16(a - mx);
         b = fast_exp16(b - mx);
