@@ -49,7 +49,8 @@ def main():
             speed[(r["policy"], int(r["batch"]))] = r
     pols = sorted({k[0] for k in acc} | {k[0] for k in lm}, key=_policy_order)
     ctxs = sorted({k[1] for k in acc} | {k[1] for k in lm})
-    if args.wide:
+    if args.wide:  # a policy measured only for speed still gets its row
+        pols = sorted(set(pols) | {k[0] for k in speed}, key=_policy_order)
         _wide(pols, ctxs, tasks, acc, lm, speed, args.slack)
         return
     head = "| policy | context | " + " | ".join(tasks) + " | perplexity (vs dense) | top-1 agree |"
