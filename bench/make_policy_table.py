@@ -97,6 +97,10 @@ def _policy_order(p: str):
     return (p != "hf", p != "dense", budget, name, p)
 
 
+def _held_mb(row) -> float:
+    return float(row.get("kv_held_mb") or "nan")
+
+
 def _wide(pols, ctxs, tasks, acc, lm, speed, slack):
     short = {"passkey": "passkey", "niah": "NIAH", "ruler_niah_single_1": "RULER"}
     cols, head = [], []
@@ -131,11 +135,12 @@ def _wide(pols, ctxs, tasks, acc, lm, speed, slack):
             cells.append(f"{v[0]}/{v[1]}{mark}")
         for b in batches:
             r, d = speed.get((p, b)), speed.get(("dense", b))
-            cells.append("-" if r is None else f"{float(r['decode_tok_s']):.1f} ({float(r['decode_tok_s']) / float(d['decode_tok_s']):.2f}x)")
+            tok = None if r is None else float(r["decode_tok_s"])
+            rel = "" if tok is None or d is None else f" ({tok / float(d['decode_tok_s']):.2f}x)"
+            cells.append("-" if tok is None else f"{tok:.1f}{rel}")
         if batches:
             r, d = speed.get((p, batches[0])), speed.get(("dense", batches[0]))
-            held = lambda x: float(x.get("kv_held_mb") or "nan")
-            cells.append("-" if r is None or d is None else f"{100 * held(r) / held(d):.1f}%")
+            cells.append("-" if r is None or d is None else f"{100 * _held_mb(r) / _held_mb(d):.1f}%")
         name = "HF unpatched" if p == "hf" else p
         print(f"| {name} | " + " | ".join(cells) + " |")
 
