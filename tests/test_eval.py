@@ -83,6 +83,20 @@ def test_quick_mode_end_to_end(tmp_path):
     assert (tmp_path / "eval.png").stat().st_size > 1000
 
 
+def test_eval_plot_has_a_perplexity_panel_for_lm_only_runs(tmp_path):
+    """An ``--tasks lm`` run used to write no PNG while the CLI said it did: the plot now draws perplexity
+    against context, and reports whether it wrote anything."""
+    from accel.cli.evaluate import _plot
+
+    rows = [{"policy": pol, "task": "lm", "context": L, "ppl": ppl, "accuracy": 1.0, "ci_low": "", "ci_high": ""}
+            for pol, L, ppl in [("dense", 4096, 22.4), ("dense", 8192, 17.3), ("snapkv", 4096, 23.0), ("snapkv", 8192, 17.9)]]
+    assert _plot(rows, tmp_path / "lm.png", "m") is True
+    assert (tmp_path / "lm.png").stat().st_size > 1000
+    gen = [{"policy": "dense", "task": "passkey", "context": 4096, "accuracy": 0.5, "ci_low": 0.3, "ci_high": 0.7}]
+    assert _plot(gen + rows, tmp_path / "both.png", "m") is True
+    assert _plot([], tmp_path / "none.png", "m") is False and not (tmp_path / "none.png").exists()
+
+
 def test_policy_table_wide_mode_later_csv_wins(tmp_path):
     """bench/make_policy_table.py --wide: one row per policy, the CSV named last replaces a policy's older rows,
     check marks follow --slack, and --drop-option merges labels that differ only in that option."""

@@ -67,10 +67,13 @@ def run(args) -> int:
         w.writeheader()
         w.writerows(flat)
     _print(summary)
-    _plot(summary, out.with_suffix(".png"), args.model)
+    written = [out, per]
+    if _plot(summary, out.with_suffix(".png"), args.model):
+        written.append(out.with_suffix(".png"))
     if args.speed_csv:
         _pareto(summary, Path(args.speed_csv), out.with_name(out.stem + "_pareto.png"))
-    print(f"wrote {out}, {per}, {out.with_suffix('.png')} in {time.time() - t0:.0f} s", file=sys.stderr)
+        written.append(out.with_name(out.stem + "_pareto.png"))
+    print(f"wrote {', '.join(map(str, written))} in {time.time() - t0:.0f} s", file=sys.stderr)
     return 0
 
 
@@ -85,38 +88,50 @@ def _print(summary):
         print(f"{r['task']:22s} {r['context']:6d} {r['policy']:10s} {r['n']:3d} {acc:>9s} {ci:>15s} {ppl:>8s} {ag:>6s} {kl:>8s}")
 
 
-def _plot(summary, path: Path, model: str) -> None:
+def _plot(summary, path: Path, model: str) -> bool:
+    """One panel per generation task (accuracy with its 95% CI against context) and, when the ``lm`` task ran, a
+    perplexity panel; returns whether a figure was written (False only for an empty summary)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in summary if r["task"] != "lm"})
-    if not tasks:
-        return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    has_lm = any(r["task"] == "lm" for r in summary)
+    panels = tasks + (["lm"] if has_lm else [])
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
     pols = sorted({r["policy"] for r in summary})
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], panels):
         for pi, pol in enumerate(pols):
             rs = sorted([r for r in summary if r["task"] == task and r["policy"] == pol], key=lambda r: r["context"])
             if not rs:
                 continue
             x = [r["context"] * (1 + 0.04 * pi) for r in rs]  # small offset so identical curves stay visible
+            if task == "lm":
+                ax.plot(x, [r["ppl"] for r in rs], marker="o", label=pol)
+                continue
             y = [r["accuracy"] for r in rs]
             err = [[a - r["ci_low"] for a, r in zip(y, rs)], [r["ci_high"] - a for a, r in zip(y, rs)]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=pol)
-        ax.set_title(task, fontsize=9)
+        ax.set_title("lm (perplexity, lower is better)" if task == "lm" else task, fontsize=9)
         ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.05, 1.05)
+        if task == "lm":
+            ax.set_ylabel("perplexity")
+        else:
+            ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("context (tokens)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (95% CI)")
+    if tasks:
+        axes[0][0].set_ylabel("accuracy (95% CI)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: never hides data
-    fig.suptitle(f"{model}: accuracy vs context", fontsize=9)
+    fig.suptitle(f"{model}: {'accuracy' if tasks else 'perplexity'} vs context", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return True
 
 
 def _pareto(summary, speed_csv: Path, path: Path) -> None:
