@@ -46,6 +46,30 @@ def test_fork_cache_is_independent_and_hf_equivalent():
     assert c.get_seq_length() == 40 and f.get_seq_length() == 41 == h.get_seq_length()
 
 
+def test_shared_prefill_runs_the_lm_head_on_the_last_position_only():
+    """The harness's shared prefill keeps only the cache: the LM head sees one position (logits_to_keep=1),
+    and the cache is the one a full-logits prefill builds."""
+    from .conftest import tiny_model
+
+    m = tiny_model("llama")
+    seen = []
+    hook = m.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    ids = torch.randint(3, 200, (1, 33), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    try:
+        cache, _ = runner._prefill(m, ids, mask)
+    finally:
+        hook.remove()
+    assert seen == [1]
+    from accel.patching.core import patch
+
+    with patch(m, "dense") as h, torch.no_grad():
+        m(input_ids=ids, attention_mask=mask, use_cache=True)
+        ref = h.cache
+    for a, b in zip(cache.layers, ref.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 @pytest.fixture(scope="module")
 def smollm():
     from accel.models import load
