@@ -155,27 +155,16 @@ def _shares_dense_prefill(policy_name: str) -> bool:
     return all(getattr(p, "dense_prefill", True) for p in parts)
 
 
-def _last_logits_only(model) -> dict:
-    """``logits_to_keep=1`` where the model's forward takes it: only the cache of a shared prefill is used, and the
-    LM head over every prompt position costs ~20% of SmolLM2's prefill at 8K (plus a 1.6 GB logits tensor)."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-
 def _prefill(model, ids, mask, record: dict | None = None):
     """Prefill ``ids`` with accel's dense path; returns the AccelCache and seconds. ``record``: prefill
     statistics KV-cache policies need to compress a copy of the cache (``_stats_needed``)."""
+    from ..models.base import last_logits_only
     from ..patching.core import patch
 
     t = time.perf_counter()
     with patch(model, "dense") as h, torch.no_grad():
         h.runtime.record_stats = record or None
-        model(input_ids=ids, attention_mask=mask, use_cache=True, **_last_logits_only(model))
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **last_logits_only(model))
         cache = h.cache
     return cache, time.perf_counter() - t
 

@@ -39,6 +39,7 @@ import time
 import torch
 
 from ..errors import AccelError
+from ..models.base import last_logits_only
 from .plan import HeadPlan, LayerPlan, Plan
 
 logger = logging.getLogger("accel")
@@ -152,7 +153,7 @@ def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
             raise AccelError(f"calibrate(duo): a calibration text has only {ids.shape[1]} tokens")
         rec = _Recorder(steps=steps, keep_values=True)
         with patch(model, rec, fast_linear=False), torch.no_grad():
-            model(input_ids=ids, use_cache=True)
+            model(input_ids=ids, use_cache=True, **last_logits_only(model))
         adapter = get_adapter(model)
         for li in full_layers:
             q, k, scale = rec.records[li]
@@ -296,7 +297,7 @@ def calibrate_moa(model, tokenizer, texts=None, *, lengths=(2048, 4096), steps: 
             ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :L]
             rec = _Recorder(steps=steps)
             with patch(model, rec, fast_linear=False), torch.no_grad():
-                model(input_ids=ids, use_cache=True)
+                model(input_ids=ids, use_cache=True, **last_logits_only(model))
             T = ids.shape[1]
             for j, li in enumerate(full_layers):
                 q, k, scale = rec.records[li]

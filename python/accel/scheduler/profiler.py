@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AccelError
+from ..models.base import last_logits_only
 from ..policies.base import AttentionPolicy
 from .dp import hylra_dp, path_value
 from .plan import LayerPlan, Plan
@@ -249,7 +250,7 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
         preserved = max(chunk, int(preserved_ratio * ids.shape[1]))
         rec = _Recorder(steps=steps)
         with patch(model, rec, fast_linear=False), torch.no_grad():
-            model(input_ids=ids, use_cache=True)
+            model(input_ids=ids, use_cache=True, **last_logits_only(model))
         ratios, masks, masses = {}, [], []
         for li in full_layers:
             q, k, scale = rec.records[li]
