@@ -487,6 +487,32 @@ def test_moa_band_loss_and_span_solver():
     assert abs(sum(float(loss[h, int(x)].sum()) for h, x in enumerate(choice)) - sum(float(loss[h, x].sum()) for h, x in enumerate(best))) < 1e-6
 
 
+def test_moa_calibration_end_to_end_on_a_tiny_model():
+    """calibrate_moa runs the model (LM head on the last position only), profiles every head at each length and
+    returns a valid moa plan whose solutions meet their densities; the policy runs from it."""
+    from accel.scheduler.heads import calibrate_moa
+
+    m = model4()
+
+    class Tok:
+        def __call__(self, text, return_tensors=None, **kw):
+            return {"input_ids": torch.tensor([[3 + (ord(c) % 200) for c in text]])}
+
+    txt = "the quick brown fox jumps over the lazy dog " * 40
+    seen = []
+    hook = m.lm_head.register_forward_hook(lambda mod, a, o: seen.append(a[0].shape[1]))
+    try:
+        plan = calibrate_moa(m, Tok(), [txt, txt[::-1]], lengths=(200, 256), steps=8, densities=(0.9,), progress=False)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {1}
+    plan.validate()
+    assert plan.policy == "moa" and plan.num_layers == 4 and "solutions" in plan.params
+    ids = torch.randint(3, 200, (1, 150), generator=torch.Generator().manual_seed(1))
+    out = gen(m, ids, "moa", new=4, plan=plan, max_new_tokens=4)
+    assert out.sequences.shape[1] == 154
+
+
 @pytest.mark.parametrize("policy", ["h2o", "streaming", "taskkv", "duo"])
 def test_cpp_cache_bookkeeping_matches_the_torch_fallback(policy, monkeypatch):
     """Append, eviction and attention accumulation run in C++ when the extension is built; the pure-torch
