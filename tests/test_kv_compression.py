@@ -489,7 +489,7 @@ def test_moa_band_loss_and_span_solver():
 
 def test_moa_calibration_end_to_end_on_a_tiny_model():
     """calibrate_moa runs the model (LM head on the last position only), profiles every head at each length and
-    returns a valid moa plan whose solutions meet their densities; the policy runs from it."""
+    returns a valid moa plan with its per-density solutions; the policy generates from it."""
     from accel.scheduler.heads import calibrate_moa
 
     m = model4()
