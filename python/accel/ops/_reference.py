@@ -30,15 +30,16 @@ def decode_attention_ref(
     Hkv = k.shape[1]
     G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = torch.zeros(B, H, D, dtype=torch.float32)
-    lse = torch.full((B, H), -math.inf, dtype=torch.float32)
+    dev = q.device  # any device: the reference is also the ``torch`` backend on GPUs
+    out = torch.zeros(B, H, D, dtype=torch.float32, device=dev)
+    lse = torch.full((B, H), -math.inf, dtype=torch.float32, device=dev)
     lengths = lengths.reshape(B, Hkv)
     for b in range(B):
         for h in range(Hkv):
             n = int(lengths[b, h])
-            pos = indices[b, h, :n].long() if indices is not None else torch.arange(n)
+            pos = indices[b, h, :n].long() if indices is not None else torch.arange(n, device=k.device)
             if valid is not None:
-                keep = torch.ones(n, dtype=torch.bool)
+                keep = torch.ones(n, dtype=torch.bool, device=pos.device)
                 inside = pos < valid.shape[1]
                 keep[inside] = valid[b, pos[inside]].bool()
                 pos = pos[keep]

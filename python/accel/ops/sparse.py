@@ -43,7 +43,7 @@ def select_topk(q, k, lengths, budget: int, *, agg: str = "max", chunk: int = 1,
         rows.append(select_topk_ref(q[b : b + 1], k[b : b + 1], int(lengths[b]), budget, agg=agg, chunk=chunk,
                                     sink=sink, recent=recent, scale=scale))
     n = max(r.shape[-1] for r in rows)
-    idx = torch.full((q.shape[0], rows[0].shape[1], n), -1, dtype=torch.int32)
+    idx = torch.full((q.shape[0], rows[0].shape[1], n), -1, dtype=torch.int32, device=q.device)
     for b, r in enumerate(rows):
         idx[b, :, : r.shape[-1]] = r.int()
     return idx, (idx >= 0).sum(-1).int()
@@ -56,11 +56,13 @@ def block_sparse_prefill_ref(q, k, v, blocks, counts, scale: float | None = None
     G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     mask = torch.zeros(H, Tq, Tk, dtype=torch.bool)
+    blocks, counts = blocks.cpu(), counts.cpu()
     for h in range(H):
         for qb in range(blocks.shape[1]):
             for j in blocks[h, qb, : counts[h, qb]].tolist():
                 mask[h, qb * BLOCK : (qb + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK] = True
     mask &= torch.arange(Tk)[None, :] <= (torch.arange(Tq)[:, None] + Tk - Tq)
+    mask = mask.to(q.device)
     s = (q.float() @ k.float().repeat_interleave(G, 1).transpose(-1, -2)) * scale
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
     return p @ v.float().repeat_interleave(G, 1)
