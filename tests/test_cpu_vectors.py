@@ -32,7 +32,7 @@ def test_vector_layer_matches_scalar_reference(tmp_path, pair):
     if pair:
         assert out[0] == "pair"
     assert vals["exp"] < 1e-5 and vals["sum"] < 1e-5 and vals["max"] == 0.0 and vals["ops"] < 1e-4
-    assert vals["linear"] < 1e-4
+    assert vals["linear"] < 2e-4  # K up to 1100, fp32 sums
 
 
 @pytest.mark.skipif(not X86, reason="x86 targets")

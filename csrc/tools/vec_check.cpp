@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <cstdint>
 #include <vector>
 
 #include "accel/cpu/linear.h"
@@ -33,20 +35,31 @@ int main() {
     for (int i = 0; i < 16; ++i) err_ops = std::fmax(err_ops, std::fabs(v[i] - 3.f * (a[i] * b[i] + 3.f - b[i] * 0.5f)));
   }
   double err_lin = 0;
-  for (int M : {1, 3, 4, 8}) {
-    const int K = 75, N = 131;  // tails in K and in the output rows
-    std::vector<float> x(M * K), W(N * K), bias(N), y(M * N);
-    for (auto& t : x) t = rnd();
-    for (auto& t : W) t = rnd();
-    for (auto& t : bias) t = rnd();
-    small_m_linear<float>(x.data(), M, K, W.data(), K, bias.data(), y.data(), N, 1);
-    for (int m = 0; m < M; ++m)
-      for (int o = 0; o < N; ++o) {
-        double r = bias[o];
-        for (int k = 0; k < K; ++k) r += double(x[m * K + k]) * W[o * K + k];
-        err_lin = std::fmax(err_lin, std::fabs(y[m * N + o] - r));
+  for (int K : {75, 1100})  // K > 1024 takes the 4x3 block without AVX-512
+    for (int M : {1, 3, 4, 5, 8, 12, 17}) {
+      const int N = 131;  // tails in K and in the output rows
+      std::vector<float> x(M * K), W(N * K), bias(N), y(M * N), yb(M * N);
+      std::vector<uint16_t> Wb(N * K);
+      for (auto& t : x) t = rnd();
+      for (auto& t : W) t = rnd();
+      for (auto& t : bias) t = rnd();
+      for (int i = 0; i < N * K; ++i) {  // bf16 copy of W (truncation), and W set to exactly that value
+        uint32_t u;
+        std::memcpy(&u, &W[i], 4);
+        Wb[i] = static_cast<uint16_t>(u >> 16);
+        u &= 0xffff0000u;
+        std::memcpy(&W[i], &u, 4);
       }
-  }
+      small_m_linear<float>(x.data(), M, K, W.data(), K, bias.data(), y.data(), N, 1);
+      small_m_linear<uint16_t>(x.data(), M, K, Wb.data(), K, bias.data(), yb.data(), N, 1);
+      for (int m = 0; m < M; ++m)
+        for (int o = 0; o < N; ++o) {
+          double r = bias[o];
+          for (int k = 0; k < K; ++k) r += double(x[m * K + k]) * W[o * K + k];
+          err_lin = std::fmax(err_lin, std::fabs(y[m * N + o] - r));
+          err_lin = std::fmax(err_lin, std::fabs(yb[m * N + o] - r));
+        }
+    }
 #ifdef ACCEL_V16F_NATIVE
   const char* form = "native";
 #else
