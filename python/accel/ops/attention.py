@@ -42,6 +42,12 @@ def backend_report() -> dict[str, str]:
 _CHOICE: dict[tuple[str, str], str] = {}
 
 
+def on_device(device: torch.device, *ts):
+    """The auxiliary tensors (lengths, offsets, index lists, masks) on the data's device: accel keeps cache
+    metadata on the CPU, and a GPU kernel must not be handed host pointers. None passes through."""
+    return [t if t is None or t.device == device else t.to(device, non_blocking=True) for t in ts]
+
+
 def choose_backend(device: torch.device) -> str:
     """Backend for tensors on ``device`` (memoised per device type and ACCEL_BACKEND value)."""
     forced = forced_backend()
@@ -114,6 +120,8 @@ def decode_attention(
         indices = indices.expand(B, Hkv, indices.shape[2]).contiguous()
         lengths = lengths.reshape(B, -1)[:, :1].expand(B, Hkv).contiguous()
     backend = backend or choose_backend(q.device)
+    if backend in ("cuda", "triton"):
+        lengths, indices, valid = on_device(k.device, lengths, indices, valid)
     if scores is not None and backend != "cpp":
         _scores_torch(q, k, lengths, indices, valid, scale, scores)
     if backend == "cpp":
@@ -155,6 +163,8 @@ def _pooled(q, k, v, lengths, offsets, *, indices, valid, scale, return_lse, bac
     lengths = lengths.reshape(B, Hkv)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     backend = backend or choose_backend(q.device)
+    if backend in ("cuda", "triton"):
+        lengths, offsets, indices = on_device(k.device, lengths, offsets, indices)
     if k.stride(1) != 1 or v.stride(1) != 1:
         raise AccelError("with offsets, k and v rows must be contiguous")
     # zero batch/head strides even where B or Hkv is 1 (expand keeps the stride of size-1 dims)
@@ -198,11 +208,11 @@ def unpool(k, v, offsets, lengths, indices=None):
     B, Hkv = offsets.shape
     R = k.shape[0]
     if indices is not None:
-        used = torch.arange(indices.shape[-1]).view(1, 1, -1) < lengths.view(B, Hkv, 1)
+        used = torch.arange(indices.shape[-1], device=indices.device).view(1, 1, -1) < lengths.to(indices.device).view(B, Hkv, 1)
         S = int(torch.where(used, indices.long(), 0).max().item()) + 1 if indices.numel() else 1
     else:
         S = max(1, int(lengths.max().item()) if lengths.numel() else 1)
-    rows = (offsets.view(B, Hkv, 1).long() + torch.arange(S).view(1, 1, S)).clamp(0, max(R - 1, 0))
+    rows = (offsets.view(B, Hkv, 1).long() + torch.arange(S, device=offsets.device).view(1, 1, S)).clamp(0, max(R - 1, 0))
     return k[rows], v[rows], S
 
 

@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _ext
-from .attention import choose_backend
+from .attention import choose_backend, on_device
 
 
 def latent_decode_ref(q, kv, lengths, dl, *, indices=None, valid=None, scale=None):
@@ -71,6 +71,8 @@ def latent_decode(q, kv, lengths=None, dl: int | None = None, *, indices=None, v
     if lengths is None:
         lengths = torch.full((B,), kv.shape[1], dtype=torch.int32, device=kv.device)
     backend = backend or choose_backend(q.device)
+    if backend in ("cuda", "triton"):
+        lengths, indices, valid = on_device(kv.device, lengths, indices, valid)
     if backend == "cpp":
         qf = q if q.dtype == torch.float32 else q.float()
         return tuple(_ext.cpu_ext().latent_decode(qf, kv, lengths.to(torch.int32), int(dl), indices, valid, scale,

@@ -13,7 +13,7 @@ import torch
 from .. import _ext
 from ..errors import AccelError
 from ._selection_reference import select_topk_ref
-from .attention import choose_backend
+from .attention import choose_backend, on_device
 
 BLOCK = 64
 AGGS = {"max": 0, "mean": 1, "sum": 2, "shared": 3}
@@ -73,6 +73,8 @@ def block_sparse_prefill(q, k, v, blocks, counts, scale: float | None = None, ba
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     backend = backend or choose_backend(q.device)
+    if backend in ("cuda", "triton"):
+        blocks, counts = on_device(q.device, blocks, counts)
     if backend == "cpp":
         return _ext.cpu_ext().block_sparse_prefill(q, k, v, blocks, counts, scale).to(q.dtype)
     if backend == "cuda":
