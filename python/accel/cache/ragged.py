@@ -72,8 +72,8 @@ class RaggedKV:
             scores: optional [B, Hkv, T] initial eviction score of each token.
         """
         B, Hkv, T, D = keys.shape
-        counts = counts.to(torch.long)
-        caps = torch.maximum(caps.to(torch.long), counts)
+        counts, keep = counts.to(torch.long).cpu(), keep.cpu()
+        caps = torch.maximum(caps.to(torch.long).cpu(), counts)
         offsets = _offsets(caps)
         R = int(caps.sum())
         M = keep.shape[-1]
@@ -91,10 +91,10 @@ class RaggedKV:
         if positions is None:
             pos[dst] = ti
         else:
-            pos[dst] = positions.long()[bi, ti]
+            pos[dst] = positions.long().cpu()[bi, ti]  # metadata lives on the CPU, the pools on the data's device
         score = torch.zeros(R, dtype=torch.float32)
         if scores is not None:
-            score[dst] = scores.float()[bi, hi, ti]
+            score[dst] = scores.float().cpu()[bi, hi, ti]
         return cls(k, v, offsets.view(B, Hkv), caps, counts.to(torch.int32), pos, score)
 
     # -- sizes ---------------------------------------------------------------------------------------

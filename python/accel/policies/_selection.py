@@ -128,12 +128,13 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     D = x.shape[-1]
     s0, s1, s2, s3 = x.stride()
     if s3 == 1 and s2 >= D and s0 % s2 == 0 and s1 % s2 == 0 and x.storage_offset() % s2 == 0:
-        rows = (x.storage_offset() // s2 + (torch.arange(B).view(B, 1, 1) * (s0 // s2)
-                + torch.arange(H).view(1, H, 1) * (s1 // s2) + idx.long())).reshape(-1)
+        dev = idx.device
+        rows = (x.storage_offset() // s2 + (torch.arange(B, device=dev).view(B, 1, 1) * (s0 // s2)
+                + torch.arange(H, device=dev).view(1, H, 1) * (s1 // s2) + idx.long())).reshape(-1).to(x.device)
         n_rows = x.untyped_storage().nbytes() // (x.element_size() * s2)
         base = torch.as_strided(x, (n_rows, D), (s2, 1), 0)
         return base.index_select(0, rows).view(B, H, n, D)
-    return torch.gather(x, 2, idx.long().unsqueeze(-1).expand(B, H, n, D))
+    return torch.gather(x, 2, idx.long().to(x.device).unsqueeze(-1).expand(B, H, n, D))
 
 
 def valid_mask(ctx, attention_mask, B: int, T: int):
@@ -213,8 +214,8 @@ def ragged_with_scores(ctx, query, scaling):
     rows, live = rg.rows(W)
     pos = torch.where(live, rg.pos[rows], torch.full_like(rows, T))  # dead slots land in a spare column
     G = H // Hkv
-    full = torch.full((B, H, T + 1), float("-inf"))
-    full.scatter_(2, pos.repeat_interleave(G, 1), sc)
+    full = torch.full((B, H, T + 1), float("-inf"), device=sc.device)
+    full.scatter_(2, pos.repeat_interleave(G, 1).to(sc.device), sc)
     return out, full[:, :, :T], lse, T
 
 
@@ -245,7 +246,7 @@ def positions_to_slots(rg, idx, T: int):
     lookup = torch.full((B, Hkv, T + 1), -1, dtype=torch.long)
     lookup.scatter_(2, pos, torch.arange(W).view(1, 1, W).expand(B, Hkv, W))
     lookup[:, :, T] = -1
-    want = idx.long()
+    want = idx.long().to(lookup.device)  # the ragged metadata lives on the CPU
     slot = torch.gather(lookup, 2, torch.where(want >= 0, want.clamp(max=T), torch.full_like(want, T)))
     big = torch.iinfo(torch.int32).max
     slot = torch.where(slot >= 0, slot, torch.full_like(slot, big)).sort(dim=-1).values  # held slots first, ascending
