@@ -234,7 +234,20 @@ def _close(a, b, tol=1e-4):
     return max(float((x - y)[torch.isfinite(y)].abs().max()) for x, y in zip(a.scores, b.scores)) <= tol
 
 
-FULL = [("dense", {}), ("streaming", {"budget_ratio": 1.0}), ("snapkv", {"budget_ratio": 1.0}),
+def _hand_plan():
+    """HyLRA layers for the 4-layer model: full, reuse of 0, select, reuse of 2."""
+    from accel.scheduler.plan import LayerPlan, Plan
+
+    layers = [LayerPlan(mode="full"), LayerPlan(mode="reuse", reuse_src=0), LayerPlan(mode="select"),
+              LayerPlan(mode="reuse", reuse_src=2)]
+    return Plan(policy="hylra", num_layers=4, num_kv_heads=2, layers=layers)
+
+
+def _kw(kw):
+    return {k: (_hand_plan() if v == "hand" else v) for k, v in kw.items()}
+
+
+FULL = [("dense", {}), ("hylra", {"plan": "hand", "topk_ratio": 1.0}), ("streaming", {"budget_ratio": 1.0}), ("snapkv", {"budget_ratio": 1.0}),
         ("pyramidkv", {"budget_ratio": 1.0}), ("h2o", {"budget_ratio": 1.0}), ("recycled", {"topk_ratio": 1.0}),
         ("delta", {"full_layers": [0], "delta_layers": [1], "topk_ratio": 1.0})]
 
@@ -246,6 +259,7 @@ def test_patched_generation_on_cuda_equals_unpatched_when_budget_covers(policy, 
     m = _model()
     g = gen(8)
     ids = torch.randint(3, 256, (1, 200), generator=g).to(DEV)
+    kw = _kw(kw)
     assert _close(_gen(m, ids, policy, **kw), _gen(m, ids))
     if policy in ("dense", "streaming", "snapkv", "h2o", "recycled"):
         ids = torch.randint(3, 256, (3, 120), generator=g)
@@ -257,7 +271,7 @@ def test_patched_generation_on_cuda_equals_unpatched_when_budget_covers(policy, 
         assert _close(_gen(m, ids, policy, mask=mask, **kw), _gen(m, ids, mask=mask))
 
 
-SMALL = [("streaming", {"budget_ratio": 0.25}), ("snapkv", {"budget_ratio": 0.25}), ("pyramidkv", {"budget_ratio": 0.25}),
+SMALL = [("hylra", {"plan": "hand", "topk_ratio": 0.25}), ("streaming", {"budget_ratio": 0.25}), ("snapkv", {"budget_ratio": 0.25}), ("pyramidkv", {"budget_ratio": 0.25}),
          ("h2o", {"budget_ratio": 0.25}), ("recycled", {"topk_ratio": 0.25}),
          ("delta", {"full_layers": [0], "delta_layers": [1], "topk_ratio": 0.25})]
 
@@ -270,7 +284,7 @@ def test_lossy_policies_generate_on_cuda_in_bf16(policy, kw):
     m = _model(torch.bfloat16)
     ids = torch.randint(3, 256, (2, 400), generator=gen(9)).to(DEV)
     ref = _gen(m, ids, "dense", new=24)
-    out = _gen(m, ids, policy, new=24, **kw)
+    out = _gen(m, ids, policy, new=24, **_kw(kw))
     assert out.sequences.shape == ref.sequences.shape == (2, 424)
     assert ((out.sequences >= 0) & (out.sequences < 256)).all()
     assert not any(torch.isnan(s).any() for s in out.scores)

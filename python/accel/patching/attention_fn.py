@@ -114,7 +114,7 @@ def ragged_decode(ctx, query, scaling, return_scores: bool = False):
     sc = lse = None
     if rg.accumulate or return_scores:
         W = max(1, int(rg.lengths.max()))
-        sc = torch.empty(B, H, W)
+        sc = torch.empty(B, H, W, device=q.device)
         out, lse = decode_attention(q, rg.k, rg.v, rg.lengths, offsets=rg.offsets, scale=scaling, return_lse=True,
                                     scores=sc)
         if rg.accumulate:
@@ -126,7 +126,7 @@ def ragged_decode(ctx, query, scaling, return_scores: bool = False):
             else:
                 rows, live = rg.rows(W)
                 p = torch.exp(sc - lse.float().unsqueeze(-1)).view(B, Hkv, H // Hkv, W).mean(2)
-                rg.score.index_add_(0, rows[live], p[live])
+                rg.score.index_add_(0, rows[live], p.cpu()[live])  # eviction scores live with the CPU metadata
     else:
         out = decode_attention(q, rg.k, rg.v, rg.lengths, offsets=rg.offsets, scale=scaling)
     ctx.runtime.stats["kv_read_bytes"] += int(rg.lengths.sum()) * rg.row_bytes()
@@ -149,7 +149,7 @@ def ragged_prefill(ctx, query, scaling):
     G = H // Hkv
     out = torch.nn.functional.scaled_dot_product_attention(
         query.float(), kk.float().repeat_interleave(G, 1), vv.float().repeat_interleave(G, 1),
-        attn_mask=allowed.repeat_interleave(G, 1), scale=scaling)
+        attn_mask=allowed.repeat_interleave(G, 1).to(query.device), scale=scaling)
     return out.to(query.dtype).transpose(1, 2).contiguous()
 
 

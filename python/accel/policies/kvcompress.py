@@ -84,8 +84,9 @@ def window_attention(q_window, keys, valid, scaling: float) -> torch.Tensor:
     q = q_window.float()
     k = keys.float().repeat_interleave(H // Hkv, 1)
     logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, w, T]
-    qpos = torch.arange(T - w, T).view(1, 1, w, 1)
-    mask = torch.arange(T).view(1, 1, 1, T) <= qpos
+    dev = keys.device
+    qpos = torch.arange(T - w, T, device=dev).view(1, 1, w, 1)
+    mask = torch.arange(T, device=dev).view(1, 1, 1, T) <= qpos
     if valid is not None:
         mask = mask & valid.view(B, 1, 1, T)
     logits = logits.masked_fill(~mask, _NEG)
@@ -100,13 +101,14 @@ def column_sums(query, keys, valid, scaling: float, max_elems: int = 1 << 24) ->
     Hkv = keys.shape[1]
     G = H // Hkv
     k = keys.float()
-    out = torch.zeros(B, Hkv, G, T)
+    out = torch.zeros(B, Hkv, G, T, device=keys.device)
     blk = max(16, min(T, max_elems // max(1, B * H * T)))
     for a in range(0, T, blk):
         e = min(T, a + blk)
         qb = query[:, :, a:e].float().reshape(B, Hkv, G * (e - a), D)
         logits = torch.matmul(qb, k[:, :, :e].transpose(-1, -2)).mul_(scaling).view(B, Hkv, G, e - a, e)
-        diag = torch.arange(a, e).view(-1, 1) < torch.arange(a, e).view(1, -1)  # future keys of the block
+        ar = torch.arange(a, e, device=keys.device)
+        diag = ar.view(-1, 1) < ar.view(1, -1)  # future keys of the block
         logits[..., a:e].masked_fill_(diag, _NEG)
         if valid is not None:
             logits.masked_fill_(~valid[:, :e].view(B, 1, 1, 1, e), _NEG)
@@ -153,7 +155,7 @@ def pool1d(x: torch.Tensor, kernel: int, mode: str, valid: torch.Tensor | None =
         y = x if valid is None else x.masked_fill(~valid.view(B, 1, T), _NEG)
         y = F.max_pool1d(y.reshape(B * Hkv, 1, T), kernel, stride=1, padding=pad)
         return y[..., :T].reshape(B, Hkv, T)
-    w = torch.ones(B, 1, T) if valid is None else valid.view(B, 1, T).float()
+    w = torch.ones(B, 1, T, device=x.device) if valid is None else valid.view(B, 1, T).float()
     num = F.avg_pool1d((x * w).reshape(B * Hkv, 1, T), kernel, stride=1, padding=pad, count_include_pad=True)
     den = F.avg_pool1d(w.expand(B, Hkv, T).reshape(B * Hkv, 1, T), kernel, stride=1, padding=pad, count_include_pad=True)
     return (num / den.clamp(min=1e-9))[..., :T].reshape(B, Hkv, T)
@@ -165,9 +167,9 @@ def sinks_then_newest(keys, valid, sink) -> torch.Tensor:
     from ._selection import first_valid_positions
 
     B, Hkv, T, _ = keys.shape
-    t = torch.arange(T).view(1, 1, T)
-    fv = first_valid_positions(valid, B).view(B, 1, 1)
-    sk = sink.view(B, Hkv, 1) if isinstance(sink, torch.Tensor) else sink
+    t = torch.arange(T, device=keys.device).view(1, 1, T)
+    fv = first_valid_positions(valid, B).to(keys.device).view(B, 1, 1)
+    sk = sink.to(keys.device).view(B, Hkv, 1) if isinstance(sink, torch.Tensor) else sink
     return torch.where((t >= fv) & (t < fv + sk), 2 * FORCED - t, t.double()).expand(B, Hkv, T)
 
 
@@ -186,8 +188,8 @@ def force_sinks_and_recent(score: torch.Tensor, valid, sink: int, recent: int) -
     from ._selection import first_valid_positions
 
     B, _, T = score.shape
-    t = torch.arange(T).view(1, 1, T)
-    fv = first_valid_positions(valid, B).view(B, 1, 1)
+    t = torch.arange(T, device=score.device).view(1, 1, T)
+    fv = first_valid_positions(valid, B).to(score.device).view(B, 1, 1)
     forced = ((t >= fv) & (t < fv + sink)) | (t >= T - recent)
     return torch.where(forced, FORCED + t.double(), score.double())
 
@@ -199,11 +201,11 @@ def keep_top(score: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, 
     M = int(min(T, budgets.max())) if budgets.numel() else 0
     M = max(M, 1)
     top = score.topk(M, dim=-1)
-    ok = (torch.arange(M).view(1, 1, M) < budgets.view(B, Hkv, 1)) & (top.values > _NEG)
+    ok = (torch.arange(M, device=score.device).view(1, 1, M) < budgets.to(score.device).view(B, Hkv, 1)) & (top.values > _NEG)
     counts = ok.sum(-1)
     idx = torch.where(ok, top.indices, T)  # invalid entries sort to the end
     idx = idx.sort(-1).values
-    return idx.clamp(max=T - 1), counts
+    return idx.clamp(max=T - 1).cpu(), counts.cpu()  # cache metadata lives on the CPU
 
 
 @dataclass
@@ -289,7 +291,8 @@ class BudgetedKVPolicy(KVCachePolicy):
         """Compress one full-attention ``AccelLayer`` holding a prompt (``valid``: [B, T] real tokens)."""
         keys = cl.keys
         B, Hkv, T, _ = keys.shape
-        n = valid.sum(1) if valid is not None else torch.full((B,), T, dtype=torch.long)
+        # budget bookkeeping on the CPU (the ragged cache's metadata lives there); scores on the data's device
+        n = valid.sum(1).cpu() if valid is not None else torch.full((B,), T, dtype=torch.long)
         self._plan = plan
         budgets = self.head_budgets(layer_idx, num_layers, n, Hkv, view, keys, valid, scaling).clamp(min=1)
         budgets = torch.minimum(budgets, n.view(B, 1))
@@ -464,7 +467,7 @@ class SnapKVPolicy(BudgetedKVPolicy):
         s = snapkv_scores(view, keys, valid, scaling, self.window, self.kernel, self.pooling, self.agg)
         self._raw = s.clone()
         s = s.double()
-        s[:, :, T - w :] = FORCED + torch.arange(T - w, T, dtype=torch.float64)
+        s[:, :, T - w :] = FORCED + torch.arange(T - w, T, dtype=torch.float64, device=s.device)
         return s
 
 
@@ -528,7 +531,7 @@ class H2OPolicy(BudgetedKVPolicy):
         B, Hkv, T, _ = keys.shape
         s = group_agg(view.column_sums(keys, valid, scaling), Hkv, self.agg)
         self._raw = s.clone()
-        recent = torch.floor(budgets.double() * self.recent_ratio).long()  # [B, Hkv]
-        t = torch.arange(T).view(1, 1, T)
+        recent = torch.floor(budgets.double() * self.recent_ratio).long().to(s.device)  # [B, Hkv]
+        t = torch.arange(T, device=s.device).view(1, 1, T)
         s = torch.where(t >= T - recent.view(B, Hkv, 1), FORCED + t.double(), s.double())
         return s
