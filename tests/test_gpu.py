@@ -19,6 +19,8 @@ from accel.ops.attention import decode_attention
 from accel.ops.latent import latent_decode, latent_decode_ref
 from accel.ops.sparse import block_sparse_prefill, block_sparse_prefill_ref, select_topk, sink_window_blocks
 
+from .test_layer_reuse import hand_plan
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh on one)")
 
 BACKENDS = ["cuda", "triton"]
@@ -234,17 +236,8 @@ def _close(a, b, tol=1e-4):
     return max(float((x - y)[torch.isfinite(y)].abs().max()) for x, y in zip(a.scores, b.scores)) <= tol
 
 
-def _hand_plan():
-    """HyLRA layers for the 4-layer model: full, reuse of 0, select, reuse of 2."""
-    from accel.scheduler.plan import LayerPlan, Plan
-
-    layers = [LayerPlan(mode="full"), LayerPlan(mode="reuse", reuse_src=0), LayerPlan(mode="select"),
-              LayerPlan(mode="reuse", reuse_src=2)]
-    return Plan(policy="hylra", num_layers=4, num_kv_heads=2, layers=layers)
-
-
 def _kw(kw):
-    return {k: (_hand_plan() if v == "hand" else v) for k, v in kw.items()}
+    return {k: (hand_plan() if v == "hand" else v) for k, v in kw.items()}  # 4 layers, 2 KV heads, as _model
 
 
 FULL = [("dense", {}), ("hylra", {"plan": "hand", "topk_ratio": 1.0}), ("streaming", {"budget_ratio": 1.0}), ("snapkv", {"budget_ratio": 1.0}),
