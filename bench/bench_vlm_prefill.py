@@ -19,6 +19,7 @@ to LLM closer. Both are reported.
     python bench/bench_vlm_prefill.py --tower vit-l --out bench/results/vlm_prefill_vitl.csv
 """
 from __future__ import annotations
+from accel import compat
 
 import argparse
 import csv
@@ -89,7 +90,7 @@ def measure(vlm, ids, pv, repeats: int) -> dict:
                 return vlm(input_ids=ids, pixel_values=pv, logits_to_keep=1, use_cache=True)
 
         res = run()  # warm-up
-        kv = res.past_key_values
+        kv = compat.output_cache(res)
         out["kv_mb"] = sum(t.numel() * t.element_size() for layer in kv.layers for t in (layer.keys, layer.values)) / 2**20
         out["lm_tokens"] = kv.get_seq_length()
         tot, llm = [], []

@@ -8,6 +8,7 @@ prompt tokens), so the profiled ``generate`` runs one one-token prefill and ``st
     python bench/profile_decode.py --policy hf ...        # unpatched transformers on a DynamicCache
 """
 from __future__ import annotations
+from accel import compat
 
 import argparse
 import cProfile
@@ -45,7 +46,7 @@ def main():
         t = time.perf_counter()
         with torch.no_grad():
             model.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id,
-                           past_key_values=cache)
+                           **compat.cache_kwargs(model, cache))
         t = time.perf_counter() - t
         if prof is not None:
             prof.disable()

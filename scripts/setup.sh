@@ -3,6 +3,7 @@
 #   ACCEL_KEEP_TORCH=1  keep an already-installed torch (GPU users: install your CUDA torch first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_venv.sh
 PIP="python -m pip install --disable-pip-version-check -q"
 if [ "${ACCEL_KEEP_TORCH:-0}" != "1" ]; then
   $PIP torch==2.13.0            # the CPU wheel on the project machines

@@ -6,6 +6,14 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("ACCEL_CACHE_DIR", os.path.expanduser("~/.cache/accel"))
 
+
+
+def pytest_report_header(config):
+    import transformers
+
+    return f"transformers {transformers.__version__} ({transformers.__file__})"
+
+
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
 
 

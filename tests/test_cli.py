@@ -117,3 +117,46 @@ def test_policy_lists_split_outside_brackets():
 
     assert split_policies("dense, delta@delta_layers=[2,15,23],snapkv@budget_ratio=0.25") == [
         "dense", "delta@delta_layers=[2,15,23]", "snapkv@budget_ratio=0.25"]
+
+
+INPUT_ERRORS = [
+    (["generate"], "give --prompt"),
+    (["generate", "--prompt-file", "/no/such/file"], "--prompt-file '/no/such/file' does not exist"),
+    (["generate", "--input", "/no/such.jsonl"], "--input '/no/such.jsonl' does not exist"),
+    (["generate", "--input", "{bad}"], "not valid JSON"),
+    (["generate", "--input", "{noprompt}"], "needs a non-empty string 'prompt'"),
+    (["generate", "--input", "{dupid}"], "appears twice"),
+    (["generate", "--prompt", "hi", "--policy", "nope"], "unknown policy 'nope'"),
+    (["generate", "--prompt", "hi", "--policy", "snapkv", "--set", "bogus=1"], "has no option(s) ['bogus']"),
+    (["generate", "--prompt", "hi", "--plan", "/no/plan.json"], "--plan '/no/plan.json' does not exist"),
+    (["generate", "--prompt", "hi", "--plan", "{bad}"], "plan: not valid JSON"),
+    (["bench", "--contexts", "1k"], "--contexts takes comma-separated integers"),
+    (["bench", "--policies", "dense,nope"], "unknown policy 'nope'"),
+    (["eval", "--tasks", "passkey,foo"], "unknown --tasks foo"),
+    (["eval", "--depths", "2"], "--depths takes comma-separated fractions"),
+    (["eval", "--policies", "hylra@topk=x"], "topk must be"),
+]
+
+
+@pytest.mark.parametrize("argv,words", INPUT_ERRORS)
+def test_input_errors_are_one_line_rc2_before_the_model_loads(argv, words, tmp_path, capsys, monkeypatch):
+    import accel.cli.common as common
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(common, "load_model", no_load)
+    for mod in ("generate", "bench", "evaluate"):
+        monkeypatch.setattr(f"accel.cli.{mod}.load_model", no_load)
+    files = {"{bad}": "not json\n", "{noprompt}": '{"id": 1}\n', "{dupid}": '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n'}
+    args = []
+    for a in argv:
+        if a in files:
+            p = tmp_path / "f.jsonl"
+            p.write_text(files[a])
+            a = str(p)
+        args.append(a)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("accel: error:") and "\n" not in err and "Traceback" not in err
+    assert words in err, err

@@ -55,6 +55,7 @@ def test_ragged_store_append_evict_grow_and_reorder():
 
 
 # -- exactness and savings on tiny models --------------------------------------------------------------
+@pytest.mark.exactness
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text", "phi3"])
 @pytest.mark.parametrize("policy", KV_ALL)
 def test_budget_covering_the_context_equals_dense(arch, policy):
@@ -147,6 +148,7 @@ def test_h2o_column_sums_equal_the_dense_attention_matrix():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("policy", KV_ALL)
 def test_left_padded_batch_matches_each_row_alone(policy):
     """A left-padded batch compresses every row as if it were alone (padding is never kept)."""

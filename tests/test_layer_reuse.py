@@ -55,6 +55,7 @@ CASES = [("hylra", {"plan": "hand"}), ("delta", {"full_layers": [0], "delta_laye
          ("recycled", {"schedule": "fixed", "stride": 3})]
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text", "phi3"])
 @pytest.mark.parametrize("policy,kw", CASES)
 def test_budget_covering_the_context_equals_dense(arch, policy, kw):
@@ -153,6 +154,7 @@ def test_selection_with_left_padding_starts_the_sink_at_the_first_real_token():
     assert {10, 11, 12} <= set(row1) and {36, 37, 38, 39} <= set(row1) and min(row1) >= 10
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("policy,kw", CASES)
 def test_left_padded_batch_equals_dense_when_budget_covers(policy, kw):
     m = model4("llama")

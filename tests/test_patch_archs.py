@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import accel
+from accel import compat
 from accel.cache import AccelCache
 
 from .conftest import ARCHS, tiny_model
@@ -21,6 +22,7 @@ def _batch(seed=0, B=3, L=40, pads=(0, 7, 19)):
     return ids, mask
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_dense_matches_unpatched(arch, batch):
@@ -119,13 +121,14 @@ def test_remove_restores_model_exactly():
     accel.patch(model, "dense").remove()
 
 
+@pytest.mark.exactness
 def test_forward_without_generate_uses_accel_cache():
     model = tiny_model("llama")
     ids = torch.randint(3, 256, (2, 10))
     with accel.patch(model, "dense") as h, torch.no_grad():
         out = model(ids, use_cache=True)
-        assert isinstance(out.past_key_values, AccelCache)
+        assert isinstance(compat.output_cache(out), AccelCache)
         nxt = out.logits[:, -1:].argmax(-1)
-        out2 = model(nxt, past_key_values=out.past_key_values, use_cache=True)
-        assert out2.past_key_values.get_seq_length() == 11
-        assert h.cache is out2.past_key_values
+        out2 = model(nxt, use_cache=True, **compat.cache_kwargs(model, compat.output_cache(out)))
+        assert compat.output_cache(out2).get_seq_length() == 11
+        assert h.cache is compat.output_cache(out2)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import accel
+from accel import compat
 from accel.errors import AccelError, UnsupportedModelError
 from accel.ops.latent import latent_decode, latent_decode_ref
 from accel.tpla.mla import fold_weights, shard_rows, tpla_decode
@@ -52,13 +53,15 @@ def decode_logits(m, ids, mask, steps=3):
         n = ids.shape[1] - steps
         o = m(input_ids=ids[:, :n], attention_mask=mask[:, :n], use_cache=True)
         out.append(o.logits[:, -1])
-        pkv = o.past_key_values
+        pkv = compat.output_cache(o)
         for t in range(n, ids.shape[1]):
-            o = m(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=pkv, use_cache=True)
+            o = m(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True,
+                  **compat.cache_kwargs(m, pkv))
             out.append(o.logits[:, -1])
     return torch.stack(out, 1)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("version,q_lora", [(3, 48), (2, None)])
 @pytest.mark.parametrize("transform", ["identity", "hadamard"])
 def test_one_shard_and_exact_reduce_equal_mla(version, q_lora, transform):
@@ -277,6 +280,7 @@ def test_latent_kernel_matches_reference(dtype):
         latent_decode(q, buf[:, 1, :30], torch.tensor([31, 1], dtype=torch.int32), 32, backend="cpp")
 
 
+@pytest.mark.exactness
 def test_distributed_ranks_equal_simulated_shards():
     """Two gloo ranks under torchrun (tests/tpla_dist_worker.py): same logits and tokens as simulated shards,
     per-rank cache bytes = one shard's, MLP weights split 1/g, remove() restores the weights exactly."""

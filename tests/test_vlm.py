@@ -47,6 +47,7 @@ def pixels(batch=2, seed=1):
     return torch.randn(batch, 3, 16, 16, generator=g)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("strategy", ["default", "full"])
 def test_keep_all_equals_unpatched(policy, strategy):
@@ -65,6 +66,7 @@ def test_keep_all_equals_unpatched(policy, strategy):
     assert torch.equal(g, gref)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("policy", ["fastervlm", "flowcut", "fastv"])
 def test_keep_all_equals_unpatched_left_padded_and_composed(policy):
     m = tiny_llava()
@@ -334,6 +336,7 @@ def tiny_llava_next():
     return m, ids, pv, sizes, packed, crops
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("policy", POLICIES)
 def test_llava_next_keep_all_equals_unpatched(policy):
     m, ids, pv, sizes, packed, _ = tiny_llava_next()

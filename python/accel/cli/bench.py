@@ -5,6 +5,7 @@ Every row of the CSV carries the machine facts. Prompts are real text (the Paul 
 cut to the exact token count; generation is forced to ``--new-tokens`` tokens.
 """
 from __future__ import annotations
+from .. import compat
 
 import csv
 import sys
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .common import BASELINE, load_model, parse_overrides, patch_for, setup, split_policies
+from .common import (BASELINE, check_policy_specs, int_list, load_model, parse_overrides, patch_for, setup,
+                     split_policies)
 
 
 def _kv_held(cache) -> int:
@@ -36,6 +38,12 @@ def run(args) -> int:
     from ..perf import PeakRSS, TimingStreamer, kv_bytes_read, machine_facts, measure_copy_bandwidth, measure_read_bandwidth, weight_bytes
 
     setup(args)
+    # input errors before the model loads
+    contexts = int_list(args.contexts, "--contexts")
+    batches = int_list(args.batch, "--batch")
+    int_list(str(args.new_tokens), "--new-tokens")
+    overrides = parse_overrides(args.set)
+    check_policy_specs(split_policies(args.policies), overrides)
     model, tok = load_model(args.model, args.dtype)
     from ..tpla.adapters import supported_mla_types
 
@@ -46,9 +54,6 @@ def run(args) -> int:
 
         raise AccelError("--tp (tensor-parallel TPLA) applies to MLA models (DeepSeek-V2/V3), e.g. --model random-mla-mid")
     policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
-    contexts = [int(c) for c in args.contexts.split(",")]
-    batches = [int(b) for b in str(args.batch).split(",")]
-    overrides = parse_overrides(args.set)
     facts = machine_facts()
     read_bw = measure_read_bandwidth()
     copy_bw = measure_copy_bandwidth()
@@ -81,8 +86,8 @@ def run(args) -> int:
             with torch.no_grad(), PeakRSS() as mem:
                 out = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                      do_sample=False, pad_token_id=tok.pad_token_id, streamer=st,
-                                     return_dict_in_generate=True, past_key_values=cache)
-            held = _kv_held(out.past_key_values)
+                                     return_dict_in_generate=True, **compat.cache_kwargs(model, cache))
+            held = _kv_held(compat.output_cache(out))
             stats = dict(handle.runtime.stats) if handle is not None else None
             del out, cache
         finally:

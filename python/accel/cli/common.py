@@ -38,6 +38,59 @@ def setup(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def check_policy_specs(specs: list[str], overrides: dict) -> None:
+    """Build every policy of ``specs`` once without a model, so an unknown policy or option is reported before the
+    model loads (8-15 s). The unpatched baseline and TPLA / visual policies are checked by name and options."""
+    from ..errors import AccelError
+    from ..policies.registry import get_policy_class, make_policy, split_spec
+
+    for spec in specs:
+        if spec == BASELINE:
+            continue
+        parts = [p.strip() for p in spec.split("+") if p.strip()]
+        names = [split_spec(p)[0] for p in parts]
+        classes = [get_policy_class(n) for n in names]  # unknown names raise here
+        if any(getattr(c, "kind", "") == "visual" for c in classes) or "tpla" in names:
+            for part, cls in zip(parts, classes):
+                opts = split_spec(part)[1]
+                mine = {k.split(".", 1)[1] if "." in k else k: v for k, v in overrides.items()
+                        if "." not in k or k.split(".", 1)[0] == cls.name}
+                if hasattr(cls, "from_overrides") and len(parts) == 1:
+                    cls.from_overrides(**{**mine, **opts})
+            continue
+        try:
+            make_policy(spec, dict(overrides))
+        except TypeError as exc:  # an option the policy does not have
+            raise AccelError(f"policy {spec!r}: {exc}") from None
+
+
+def int_list(text: str, what: str, minimum: int = 1) -> list[int]:
+    """``"1024,4096"`` -> ``[1024, 4096]``; one line naming the flag otherwise."""
+    from ..errors import InputError
+
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{what} takes comma-separated integers, got {text!r}") from None
+    if not vals or any(v < minimum for v in vals):
+        raise InputError(f"{what} takes comma-separated integers >= {minimum}, got {text!r}")
+    return vals
+
+
+def check_file(path: str | None, what: str) -> None:
+    """A named input file must exist and be readable: one line naming it otherwise (before the model loads)."""
+    import os
+
+    from ..errors import InputError
+
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path!r} does not exist (or is not a file); give the path of an existing file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{what} {path!r} is not readable; check its permissions")
+
+
 def load_model(name: str, dtype: str = "float32"):
     from ..models import load
     from ..tpla.models import RANDOM_MODELS

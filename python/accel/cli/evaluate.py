@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import BASELINE, load_model, parse_overrides, setup, split_policies
+from .common import BASELINE, check_file, check_policy_specs, int_list, load_model, parse_overrides, setup, split_policies
 
 QUICK = dict(tasks="passkey,niah,ruler_niah_single_1,lm", contexts="512", samples=2, lm_tokens=16)
 
@@ -31,13 +31,30 @@ def run(args) -> int:
     if args.quick:
         args.tasks, args.contexts, args.samples, args.lm_tokens = (QUICK["tasks"], QUICK["contexts"], QUICK["samples"],
                                                                    QUICK["lm_tokens"])
+    # input errors before the model loads
+    from ..errors import InputError
+    from ..eval.ruler import RULER_TASKS
+
+    known = list(runner.GEN_TASKS) + [f"ruler_{t}" for t in RULER_TASKS] + list(runner.LM_TASKS)
+    tasks = [t for t in args.tasks.split(",") if t]
+    bad = [t for t in tasks if t not in known]
+    if bad or not tasks:
+        raise InputError(f"unknown --tasks {', '.join(bad) or repr(args.tasks)}; available: {', '.join(known)}")
+    lengths = int_list(args.contexts, "--contexts", minimum=64)
+    try:
+        depths = [float(d) for d in args.depths.split(",")]
+    except ValueError:
+        depths = []
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise InputError(f"--depths takes comma-separated fractions in [0, 1], got {args.depths!r}")
+    if args.samples < 1 or args.lm_tokens < 1:
+        raise InputError(f"--samples and --lm-tokens must be >= 1, got {args.samples} and {args.lm_tokens}")
+    check_file(args.speed_csv, "--speed-csv")
+    overrides = parse_overrides(args.set)
+    policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
+    check_policy_specs(policies, overrides)
     model, tok = load_model(args.model, args.dtype)
     tok_path = converted_path(args.model) if args.model in NAMED_MODELS else Path(args.model)
-    policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
-    tasks = [t for t in args.tasks.split(",") if t]
-    lengths = [int(c) for c in args.contexts.split(",")]
-    depths = [float(d) for d in args.depths.split(",")]
-    overrides = parse_overrides(args.set)
     t0 = time.time()
     gen_samples = []
     for task in tasks:

@@ -7,44 +7,68 @@ import sys
 from pathlib import Path
 
 from ..errors import AccelError
-from .common import load_model, parse_overrides, patch_for, setup, timed_generate, tp_setup
+from .common import (check_file, check_policy_specs, load_model, parse_overrides, patch_for, setup, timed_generate,
+                     tp_setup)
+
+JSONL_FORMAT = ('one JSON object per line: {"id": <any, optional: the line number>, "prompt": "<text>", '
+                '"max_new_tokens": <int, optional>}')
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+    rows, seen = [], set()
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise AccelError(f"{path}:{i + 1}: not valid JSON ({exc})") from None
-        if "prompt" not in row:
-            raise AccelError(f"{path}:{i + 1}: each line needs a 'prompt' field")
+            raise AccelError(f"{path}:{i + 1}: not valid JSON ({exc.msg}); expected {JSONL_FORMAT}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise AccelError(f"{path}:{i + 1}: needs a non-empty string 'prompt'; expected {JSONL_FORMAT}")
+        mnt = row.get("max_new_tokens")
+        if mnt is not None and (not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 1):
+            raise AccelError(f"{path}:{i + 1}: 'max_new_tokens' must be a positive integer, got {mnt!r}")
         row.setdefault("id", i)
+        if row["id"] in seen:
+            raise AccelError(f"{path}:{i + 1}: id {row['id']!r} appears twice; ids must be unique (resuming skips "
+                             "ids already in the output)")
+        seen.add(row["id"])
         rows.append(row)
+    if not rows:
+        raise AccelError(f"{path}: no prompts; expected {JSONL_FORMAT}")
     return rows
 
 
 def run(args) -> int:
     setup(args)
-    model, tok = load_model(args.model, args.dtype)
+    # every input error is reported before the model loads (8-15 s)
+    if not args.input and not args.prompt_file and args.prompt is None:
+        raise AccelError("give --prompt TEXT, --prompt-file FILE, or --input prompts.jsonl")
+    check_file(args.prompt_file, "--prompt-file")
+    check_file(args.input, "--input")
+    check_file(args.plan, "--plan")
+    if args.max_new_tokens < 1:
+        raise AccelError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    rows = _read_jsonl(Path(args.input)) if args.input else None
+    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    if rows is None and not prompt:
+        raise AccelError("empty prompt: give a non-empty --prompt / --prompt-file")
     overrides = parse_overrides(args.set)
+    check_policy_specs([args.policy], overrides)
+    if args.plan:
+        from ..scheduler.plan import Plan
+
+        Plan.coerce(args.plan)  # a malformed plan file is reported now
+    model, tok = load_model(args.model, args.dtype)
     rank = tp_setup(args, args.policy, overrides)
     if rank != 0:  # tensor-parallel ranks other than 0 compute but do not print or write
         sys.stdout = open(os.devnull, "w")
     handle = patch_for(model, args.policy, overrides, plan=args.plan)
     try:
-        if args.input:
+        if rows is not None:
             if rank != 0:
                 args.output = os.devnull
-            return _batch(args, model, tok)
-        if args.prompt_file:
-            prompt = Path(args.prompt_file).read_text()
-        elif args.prompt is not None:
-            prompt = args.prompt
-        else:
-            raise AccelError("give --prompt, --prompt-file, or --input prompts.jsonl")
+            return _batch(args, model, tok, rows)
         texts, st, n_prompt = timed_generate(model, tok, [prompt], args.max_new_tokens)
         if rank != 0:
             return 0
@@ -59,16 +83,19 @@ def run(args) -> int:
             handle.remove()  # collective under --tp: every rank restores its weight slices together
 
 
-def _batch(args, model, tok) -> int:
+def _batch(args, model, tok, rows) -> int:
     from tqdm import tqdm
 
-    rows = _read_jsonl(Path(args.input))
     out_path = Path(args.output or (str(args.input) + ".out.jsonl"))
     done = set()
     if out_path.exists():
-        for line in out_path.read_text().splitlines():
+        for j, line in enumerate(out_path.read_text().splitlines()):
             if line.strip():
-                done.add(json.loads(line)["id"])
+                try:
+                    done.add(json.loads(line)["id"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise AccelError(f"{out_path}:{j + 1}: not a line accel wrote (JSON with an 'id'); give another "
+                                     "--output or remove the file") from None
     todo = [r for r in rows if r["id"] not in done]
     bs = max(1, args.batch_size)
     with out_path.open("a") as f, tqdm(total=len(todo), desc=f"generate [{args.policy}]", unit="prompt") as bar:

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=None)
     g.add_argument("--prompt-file", default=None)
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--input", default=None, help="JSONL with one {'id', 'prompt'} per line (batch mode)")
+    g.add_argument("--input", default=None,
+                   help='JSONL, one object per line: {"id": any (optional, default the line number), "prompt": "text", '
+                        '"max_new_tokens": int (optional)} (batch mode)')
     g.add_argument("--output", default=None, help="JSONL output (appended; existing ids are skipped = resumable)")
     g.add_argument("--batch-size", type=int, default=4)
 
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
         return run(args)
     except (AccelError, UnsupportedModelError) as exc:
         print(f"accel: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder the command was given cannot be read or written
+        print(f"accel: error: {exc.strerror or exc} ({exc.filename or ''}); check the path", file=sys.stderr)
         return 2
 
 

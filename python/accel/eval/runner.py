@@ -9,6 +9,7 @@ is prefilled once with accel's dense path, and each policy decodes from its own 
 (``Policy.dense_prefill = False``) run their own prefill.
 """
 from __future__ import annotations
+from .. import compat
 
 import hashlib
 import json
@@ -217,7 +218,7 @@ def run_generation(model, tok, samples: list[Sample], policies: list[str], overr
                 _compress_fork(handle, cache, mask[:, :-1])
                 t = time.perf_counter()
                 with torch.no_grad():
-                    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                    out = model.generate(input_ids=ids, attention_mask=mask, **compat.cache_kwargs(model, cache),
                                          max_new_tokens=s.max_new_tokens, do_sample=False,
                                          pad_token_id=tok.pad_token_id)
                 dt = time.perf_counter() - t
@@ -265,8 +266,8 @@ def run_lm(model, tok, policies: list[str], lengths: list[int], n_eval: int, n_s
                     tok_in = prefix[:, -1:]
                     with torch.no_grad():
                         for t in range(n_eval):
-                            out = model(input_ids=tok_in, past_key_values=cache, use_cache=True)
-                            cache = out.past_key_values
+                            out = model(input_ids=tok_in, use_cache=True, **compat.cache_kwargs(model, cache))
+                            cache = compat.output_cache(out)
                             logps.append(torch.log_softmax(out.logits[0, -1].float(), -1))
                             tok_in = cont[t : t + 1].view(1, 1)
                 finally:

@@ -67,7 +67,7 @@ def _convert(name: str, out: Path) -> None:
     logger.info("converting %s from %s/%s (one time)", name, folder, fname)
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), gguf_file=fname, quantization_config=GgufConfig(gguf_file=fname, dequantize=True),
-        dtype=torch.float32,
+        dtype=torch.float32, use_kernels=False,  # no hub kernels: nothing is fetched at run time (5.25's default)
     )
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
     # a private folder per process, renamed into place: two processes converting at once (two evaluations
@@ -106,7 +106,8 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementat
                 "folder; accel never downloads from a hub at run time"
             )
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        str(path), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
+        use_kernels=False,  # accel brings its own kernels; transformers 5.25 would otherwise kernelize from the hub
     )
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)

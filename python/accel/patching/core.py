@@ -12,11 +12,13 @@ What patching does to a model, and nothing else:
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from pathlib import Path
 
 import torch
 
+from .. import compat
 from ..cache.accel_cache import AccelCache
 from ..errors import AccelError, AlreadyPatchedError, InputError
 from ..models.registry import get_adapter
@@ -30,8 +32,31 @@ logger = logging.getLogger("accel")
 _PATCHED: "weakref.WeakKeyDictionary[torch.nn.Module, PatchHandle]" = weakref.WeakKeyDictionary()
 
 
+class _SequenceState(threading.local):
+    """What one generation carries between forward passes: its cache, per-layer policy state, cross-layer data
+    within a step and the step counter. Thread-local, so two threads may generate with one patched model."""
+
+    def __init__(self):
+        self.cache = None
+        self.layer_state: dict[int, dict] = {}
+        self.shared: dict = {}
+        self.step = 0
+        self.attn_calls = 0
+
+
+def _seq_attr(name):
+    return property(lambda self: getattr(self._seq, name), lambda self, v: setattr(self._seq, name, v))
+
+
 class ModelRuntime:
-    """Per-patched-model state shared by all layers during a forward pass."""
+    """Per-patched-model state shared by all layers during a forward pass. The per-generation part (cache,
+    layer state, step) lives in a thread-local ``_SequenceState``."""
+
+    cache = _seq_attr("cache")
+    layer_state = _seq_attr("layer_state")
+    shared = _seq_attr("shared")
+    step = _seq_attr("step")
+    attn_calls = _seq_attr("attn_calls")
 
     def __init__(self, model, adapter, info, policy, plan: Plan, reserve: int, check_context: bool):
         self.model_ref = weakref.ref(model)
@@ -49,10 +74,12 @@ class ModelRuntime:
         self.plan = plan
         self.reserve = reserve
         self.check_context = check_context
-        self.cache: AccelCache | None = None
-        self.layer_state: dict[int, dict] = {}
-        self.shared: dict = {}  # cross-layer data within a step (e.g. donor indices)
-        self.step = 0
+        self._seq = _SequenceState()
+        #: serialises the KV policies' prefill compression and decode eviction across threads (the policy
+        #: objects keep scratch state while they compress)
+        self.lock = threading.RLock()
+        #: the keyword this model's forward takes its cache by (``cache`` on transformers 5.24+)
+        self.cache_arg = compat.cache_arg_name(type(model).forward)
         #: decode-time accounting: KV bytes the attention of decode calls read (dense spans, selected
         #: rows, scoring passes) and the number of layer-level decode calls; ``accel bench`` reports
         #: bytes per step from them instead of assuming a dense read
@@ -82,8 +109,10 @@ class ModelRuntime:
         if query.shape[2] == 1:
             self.stats["decode_layer_calls"] += 1
             out = self.attention.decode(ctx, query, key, value, attention_mask, scaling, **kwargs)
-            for p in self.kv:
-                p.after_decode(ctx, query, attention_mask)
+            if self.kv:
+                with self.lock:
+                    for p in self.kv:
+                        p.after_decode(ctx, query, attention_mask)
         elif ctx.cache_layer is not None and ctx.cache_layer.ragged is not None:
             from .attention_fn import ragged_prefill
 
@@ -99,8 +128,10 @@ class ModelRuntime:
                 out = out[0]
             if self.record_stats and self.cache is not None:
                 self._record(layer_idx, query, key, attention_mask, scaling)
-            for p in self.kv:
-                p.after_prefill(ctx, query, attention_mask)
+            if self.kv:
+                with self.lock:
+                    for p in self.kv:
+                        p.after_prefill(ctx, query, attention_mask)
         return out, None
 
     def _record(self, layer_idx, query, key, attention_mask, scaling) -> None:
@@ -120,7 +151,10 @@ class ModelRuntime:
     # -- the pre-hook -------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
         pkv = prepare_forward(module, args, kwargs, lambda: AccelCache(module.config, reserve=self.reserve),
-                              self.info.max_context if self.check_context else None)
+                              self.info.max_context if self.check_context else None, self.cache_arg,
+                              policy_name=self.policy.name)
+        self.check_features(kwargs)
+        self.attn_calls = 0
         if isinstance(pkv, AccelCache):
             if pkv is not self.cache:
                 self.new_sequence()
@@ -135,12 +169,55 @@ class ModelRuntime:
             self.step += 1
         return args, kwargs
 
+    def check_features(self, kwargs) -> None:
+        """Refuse forward options this policy cannot serve exactly (before anything runs)."""
+        if kwargs.get("output_attentions") and not self.is_dense():
+            raise InputError(
+                f"output_attentions=True with policy {self.policy.name!r}: the policy does not compute the full "
+                "attention matrix transformers would return; drop output_attentions or patch with policy='dense'"
+            )
 
-def prepare_forward(module, args, kwargs, make_cache, context_limit: int | None):
+    def check_generate(self, model, args, kwargs) -> None:
+        """What ``generate()`` is asked for, checked before it runs (``accel.patching.core.GenerateGuard``)."""
+        check_generate_request(model, args, kwargs, policy_name=self.policy.name, dense=self.is_dense(),
+                               context_limit=self.info.max_context if self.check_context else None)
+
+    def is_dense(self) -> bool:
+        return not self.kv and getattr(self.attention, "name", None) == "dense"
+
+    def post_forward(self, module, args, kwargs, output):
+        """The take-over check: a patched forward must have run accel's attention in every layer and kept
+        accel's cache. Anything else means transformers routed around accel (e.g. a release that changed how the
+        cache or the attention function is passed): refuse instead of returning unaccelerated or wrong output."""
+        if module.training:
+            return output
+        n_layers = self.info.num_layers
+        if self.attn_calls < n_layers:
+            raise AccelError(
+                f"accel's attention ran in {self.attn_calls} of {n_layers} layers of this forward: transformers "
+                f"{compat.transformers_version()} did not route attention through accel; accel supports transformers "
+                f"{compat.window_text()} ({compat.install_hint()})"
+            )
+        expected = self.cache
+        if expected is not None:
+            got = compat.output_cache(output)
+            if got is not None and got is not expected:
+                raise AccelError(
+                    f"this forward used a {type(got).__name__} instead of accel's cache: transformers "
+                    f"{compat.transformers_version()} did not take accel's cache; accel supports transformers "
+                    f"{compat.window_text()} ({compat.install_hint()})"
+                )
+        return output
+
+
+def prepare_forward(module, args, kwargs, make_cache, context_limit: int | None, cache_arg: str = "past_key_values",
+                    policy_name: str = "accel"):
     """What every accel pre-forward hook does on the top-level model: refuse an empty prompt, give a new
     generation (no cache, or transformers' fresh ``DynamicCache``) the cache ``make_cache()`` builds, refuse a
-    sequence longer than ``context_limit`` (None = no check) and a right-padded batch. Edits ``kwargs`` in place;
-    returns the cache the forward will use (or None)."""
+    cache accel cannot decode on (a ``StaticCache``, a filled cache of another class), a sequence longer than
+    ``context_limit`` (None = no check) and a right-padded batch. The cache is passed on under ``cache_arg``
+    (``cache`` on transformers 5.24+, ``past_key_values`` before), whichever name the caller used. Edits ``kwargs``
+    in place; returns the cache the forward will use (or None)."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if ref is not None and ref.shape[1] == 0:
@@ -149,13 +226,14 @@ def prepare_forward(module, args, kwargs, make_cache, context_limit: int | None)
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(module.config, "use_cache", True)
-    pkv = kwargs.get("past_key_values")
+    pkv = compat.take_cache(kwargs)
+    if pkv is not None and not isinstance(pkv, AccelCache):
+        refuse_foreign_cache(pkv, policy_name)
     if use_cache and not module.training:
-        from transformers.cache_utils import DynamicCache
-
-        if pkv is None or (type(pkv) is DynamicCache and pkv.get_seq_length() == 0):
+        if pkv is None or not isinstance(pkv, AccelCache):
             pkv = make_cache()
-            kwargs["past_key_values"] = pkv
+    if pkv is not None:
+        kwargs[cache_arg] = pkv
     past = pkv.get_seq_length() if pkv is not None else 0
     if context_limit and past + q_len > context_limit:
         raise InputError(
@@ -174,6 +252,112 @@ def prepare_forward(module, args, kwargs, make_cache, context_limit: int | None)
                 "left padding: set tokenizer.padding_side = 'left' before tokenizing"
             )
     return pkv
+
+
+def check_generate_request(model, args, kwargs, *, policy_name: str, dense: bool, context_limit: int | None,
+                           assisted_ok: bool | None = None) -> None:
+    """Refuse, before ``generate()`` produces anything, what accel cannot serve exactly as planned: a cache
+    implementation of transformers' own (accel decodes on its cache), assisted / prompt-lookup decoding and
+    ``output_attentions`` with a non-dense policy, and a request longer than the context window."""
+    gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def opt(name):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        return getattr(gc, name, None) if gc is not None else None
+
+    impl = opt("cache_implementation")
+    if impl is not None:
+        raise InputError(
+            f"generate(cache_implementation={impl!r}) with accel policy {policy_name!r}: accel decodes on its own "
+            "preallocated cache; drop cache_implementation (patch(model, reserve=N) preallocates N tokens) or remove "
+            "the patch"
+        )
+    assisted = [n for n in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit") if opt(n)]
+    if assisted and not (dense if assisted_ok is None else assisted_ok):
+        raise InputError(
+            f"generate({assisted[0]}=...) with accel policy {policy_name!r}: assisted and prompt-lookup decoding verify "
+            "several drafted tokens per step and roll the cache back, which this policy's compressed or sparse state "
+            "cannot follow; use policy='dense' for assisted decoding, or generate without it"
+        )
+    if opt("output_attentions") and not dense:
+        raise InputError(
+            f"generate(output_attentions=True) with accel policy {policy_name!r}: the policy does not compute the full "
+            "attention matrix transformers would return; drop output_attentions or patch with policy='dense'"
+        )
+    if context_limit:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        n_in = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 0
+        new = opt("max_new_tokens")
+        total = n_in + int(new) if new is not None else max(int(opt("max_length") or 0), n_in + 1)
+        if total > context_limit:
+            raise InputError(
+                f"generate() asks for up to {total} tokens ({n_in} in the prompt + "
+                f"{total - n_in} new) but the model's context window is {context_limit} tokens "
+                "(config.max_position_embeddings); shorten the prompt or lower max_new_tokens (or patch with "
+                "check_context=False to run past it anyway)"
+            )
+
+
+class GenerateGuard:
+    """Checks a ``generate()`` call before it runs. Installed as an instance attribute ``generate`` on the patched
+    model (transformers has no pre-generate hook; forward hooks only see the first forward, after generate has
+    prepared its caches and candidates) and deleted by ``remove()``, so the class's own ``generate`` is untouched."""
+
+    def __init__(self, model, check):
+        import inspect
+
+        self._model_ref = weakref.ref(model)
+        self._had = "generate" in model.__dict__
+        self._previous = model.__dict__.get("generate")
+        ref = self._model_ref
+
+        def generate(*args, **kwargs):
+            m = ref()
+            check(m, args, kwargs)
+            orig = self._previous if self._had else type(m).generate.__get__(m)
+            return orig(*args, **kwargs)
+
+        bound = model.generate
+        generate.__signature__ = inspect.signature(bound)  # pipelines and generate read the signature
+        generate.__doc__, generate.__name__ = bound.__doc__, "generate"
+        self.fn = generate
+        model.generate = generate
+
+    def remove(self) -> None:
+        m = self._model_ref()
+        if m is None:
+            return
+        if m.__dict__.get("generate") is self.fn:
+            if self._had:
+                m.generate = self._previous
+            else:
+                del m.__dict__["generate"]
+
+
+def refuse_foreign_cache(pkv, policy_name: str) -> None:
+    """accel decodes on its own ``AccelCache``. transformers' fresh (empty) ``DynamicCache`` is replaced by one;
+    any other cache object is refused with what to pass instead."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    if isinstance(pkv, StaticCache):
+        raise InputError(
+            f"a StaticCache (cache_implementation='static' or a user-built one) with accel policy {policy_name!r}: "
+            "accel decodes on its own preallocated cache; drop cache_implementation / the cache (patch(model, "
+            "reserve=N) preallocates N tokens) or remove the patch"
+        )
+    if type(pkv) is DynamicCache and pkv.get_seq_length() == 0:
+        return
+    if not hasattr(pkv, "get_seq_length"):
+        raise InputError(f"a cache of type {type(pkv).__name__} was passed; transformers 5 takes Cache objects only "
+                         "(pass accel.AccelCache(model.config), the cache a patched call returned, or none)")
+    raise InputError(
+        f"a {type(pkv).__name__} holding {pkv.get_seq_length()} tokens was passed to a model patched with accel "
+        f"policy {policy_name!r}; accel continues only its own cache: pass the cache a patched call returned "
+        "(out.past_key_values), an empty accel.AccelCache(model.config), or no cache"
+    )
 
 
 def _tpla_spec(policy):
@@ -286,6 +470,7 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
     Returns:
         a ``PatchHandle`` (context manager, ``.remove()``).
     """
+    compat.check_transformers_version()
     if model in _PATCHED:
         prev = _PATCHED[model]
         raise AlreadyPatchedError(
@@ -315,8 +500,6 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
     for p in ([pol.attention] + list(pol.kv)) if isinstance(pol, ComposedPolicy) else [pol]:
         reasons += p.not_supported_reasons(info)
     if reasons:
-        from ..errors import AccelError
-
         raise AccelError(f"policy {pol.name!r} cannot run on this model: " + "; ".join(reasons))
     plan_obj = pol.build_plan(info) if plan is None else Plan.coerce(plan)
     plan_obj.validate(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads)
@@ -339,8 +522,9 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
     for i, m in enumerate(adapter.attention_modules()):
         MODULE_RUNTIME[m] = (runtime, getattr(m, "layer_idx", i))
     hook = model.register_forward_pre_hook(runtime.pre_forward, with_kwargs=True)
+    post_hook = model.register_forward_hook(runtime.post_forward, with_kwargs=True)
     # policy-owned forward hooks (e.g. RefreshKV reads the pre-RoPE query); removed with the patch
-    extra_hooks = []
+    extra_hooks = [post_hook]
     for p in ([pol.attention] + list(pol.kv)) if isinstance(pol, ComposedPolicy) else [pol]:
         if hasattr(p, "install"):
             extra_hooks += p.install(runtime, adapter)
@@ -349,6 +533,7 @@ def patch(model, policy="dense", plan: Plan | str | Path | dict | None = None, *
         from .linear import bind_fast_linear
 
         fast = bind_fast_linear(model.modules())
+    extra_hooks.append(GenerateGuard(model, runtime.check_generate))
     handle = PatchHandle(model, runtime, hook, saved, fast, extra_hooks)
     _PATCHED[model] = handle
     logger.info("%s", handle.summary())

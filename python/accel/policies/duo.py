@@ -59,6 +59,10 @@ class DuoAttentionPolicy(BudgetedKVPolicy):
 
     accumulate: ClassVar[bool] = False
 
+    def budget_floor(self) -> int:
+        """No head keeps fewer than its sink + recent tokens (the observation window only scores the middle)."""
+        return int(self.min_budget) if self.min_budget is not None else int(self.sink) + int(self.recent)
+
     def validate(self) -> None:
         super().validate()
         if self.sink < 0 or self.recent < 1:

@@ -27,6 +27,7 @@ budget follows its own length).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 from ..errors import AccelError
 from .base import KVCachePolicy, LayerContext
 from .registry import register_policy
+
+logger = logging.getLogger("accel")
 
 _NEG = float("-inf")
 _POS = float("inf")
@@ -220,6 +223,10 @@ class BudgetedKVPolicy(KVCachePolicy):
     budget: int | None = None
     budget_ratio: float | None = 0.25
     decode: str = "fixed"
+    #: the fewest tokens a head keeps whatever the budget says (None: the policy's own sink + window + recent,
+    #: 0: no floor). Below it the policy's own structure does not fit (SnapKV's observation window alone is 32
+    #: tokens), so a short prompt stays whole instead of being cut to a few tokens.
+    min_budget: int | None = None
 
     evict_by: ClassVar[str] = "score"
     accumulate: ClassVar[bool] = True
@@ -233,6 +240,16 @@ class BudgetedKVPolicy(KVCachePolicy):
             raise AccelError(f"{self.name}: budget_ratio must be in (0, 1], got {self.budget_ratio!r}")
         if self.decode not in ("fixed", "grow"):
             raise AccelError(f"{self.name}: decode must be 'fixed' (stay at the budget) or 'grow', got {self.decode!r}")
+        if self.min_budget is not None and (not isinstance(self.min_budget, int) or self.min_budget < 0):
+            raise AccelError(f"{self.name}: min_budget must be a number of tokens >= 0 (or None: sink + window + "
+                             f"recent), got {self.min_budget!r}")
+
+    def budget_floor(self) -> int:
+        """Tokens per head no budget goes below: ``min_budget``, by default the policy's sink + observation window +
+        recent tokens (the part of its kept set that does not depend on the budget)."""
+        if self.min_budget is not None:
+            return int(self.min_budget)
+        return sum(int(getattr(self, a, 0) or 0) for a in ("sink", "window", "recent"))
 
     # -- budgets -----------------------------------------------------------------------------------------
     def base_budget(self, n: torch.Tensor) -> torch.Tensor:
@@ -276,11 +293,9 @@ class BudgetedKVPolicy(KVCachePolicy):
             self._evict_to_budget(cl.ragged)
             return
         T = cl.end - cl.start
-        if query.shape[2] != T:
-            raise AccelError(
-                f"{self.name} compresses the prompt's KV right after the prefill; this cache already held "
-                f"{T - query.shape[2]} tokens before this call (chunked prefill is not supported)"
-            )
+        # a prompt continued on a cache the budget covered so far (a second turn, a chunked prompt): compress what
+        # the cache holds now, observed by this chunk's queries (they are the newest positions, as a one-shot
+        # prefill's observation window is)
         valid = prompt_valid(attention_mask, cl.keys.shape[0], T)
         scaling = getattr(ctx.module, "scaling", None) or query.shape[-1] ** -0.5
         self.compress(cl, ctx.layer_idx, ctx.runtime.info.num_layers, PrefillView(query=query), valid, scaling,
@@ -295,6 +310,11 @@ class BudgetedKVPolicy(KVCachePolicy):
         n = valid.sum(1).cpu() if valid is not None else torch.full((B,), T, dtype=torch.long)
         self._plan = plan
         budgets = self.head_budgets(layer_idx, num_layers, n, Hkv, view, keys, valid, scaling).clamp(min=1)
+        floor = self.budget_floor()
+        if floor and bool((budgets < floor).any()):
+            logger.info("%s: layer %d budgets raised to the floor of %d tokens per head (min_budget)", self.name,
+                        layer_idx, floor)
+            budgets = budgets.clamp(min=floor)
         budgets = torch.minimum(budgets, n.view(B, 1))
         # a head whose budget covers its prompt is not compressed at all: like the dense no-op, it keeps
         # every generated token too (so a padded batch behaves as each row alone)

@@ -2,6 +2,7 @@
 ``bench/bench_tpla.py``): prefill of 8K-32K tokens takes minutes on a CPU, and decode cost does not depend on
 the cache's content, so the cache is filled directly with structured latents."""
 from __future__ import annotations
+from .. import compat
 
 import statistics
 import time
@@ -32,7 +33,7 @@ def time_decode(model, cache, context: int, steps: int, batch: int = 1) -> float
         for s in range(steps + 1):
             pos = torch.full((batch, 1), context + s, dtype=torch.long)
             t0 = time.perf_counter()
-            model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
+            model(input_ids=tok, position_ids=pos, use_cache=True, **compat.cache_kwargs(model, cache))
             times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 

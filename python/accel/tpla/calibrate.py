@@ -1,6 +1,7 @@
 """Calibration statistics for TPLA's PCA transform: the per-layer covariance ``E[n n^T]`` of the gain-free,
 RMS-normalised MLA latent ``n`` (what accel stores before rotating), from a dense run over calibration tokens."""
 from __future__ import annotations
+from .. import compat
 
 import torch
 
@@ -65,9 +66,9 @@ def _decode_logits(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     with torch.no_grad():
         n = ids.shape[1] - steps
         o = model(input_ids=ids[:, :n], use_cache=True)
-        pkv = o.past_key_values
+        pkv = compat.output_cache(o)
         for t in range(n, ids.shape[1]):
-            o = model(input_ids=ids[:, t:t + 1], past_key_values=pkv, use_cache=True)
+            o = model(input_ids=ids[:, t:t + 1], use_cache=True, **compat.cache_kwargs(model, pkv))
             out.append(torch.log_softmax(o.logits[:, -1].float(), -1))
     return torch.stack(out, 1)
 

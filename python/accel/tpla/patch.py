@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import weakref
 
+from .. import compat
 from ..errors import AccelError
 from ..patching.core import HandleBase
 from ..scheduler.plan import Plan
@@ -171,16 +172,42 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
 
     limit = getattr(model.config, "max_position_embeddings", None) if check_context else None
 
+    tracker = {"calls": 0, "caches": [], "expected": None}
+    for mod in modules:
+        mod.tracker = tracker
+    cache_arg = compat.cache_arg_name(type(model).forward)
+
     def pre_forward(module, args, kwargs):
         from ..cache.accel_cache import AccelCache
         from ..patching.core import prepare_forward
 
-        pkv = prepare_forward(module, args, kwargs, lambda: AccelCache(num_layers=len(adapter.layers)), limit)
+        pkv = prepare_forward(module, args, kwargs, lambda: AccelCache(num_layers=len(adapter.layers)), limit,
+                              cache_arg, policy_name="tpla")
         if isinstance(pkv, AccelCache):
             handle.cache = pkv
+        if kwargs.get("output_attentions"):
+            raise AccelError("output_attentions=True with policy 'tpla': TPLA attends over latent shards and has no "
+                             "per-head attention matrix to return; drop output_attentions or remove the patch")
+        tracker.update(calls=0, caches=[], expected=pkv)
         return args, kwargs
 
+    def post_forward(module, args, kwargs, output):
+        # the take-over check: every TPLA layer ran, on accel's cache
+        n = len(modules)
+        if tracker["calls"] < n or any(c is not tracker["expected"] for c in tracker["caches"]):
+            raise AccelError(
+                f"tpla: {tracker['calls']} of {n} TPLA layers ran on accel's cache in this forward: transformers "
+                f"{compat.transformers_version()} did not hand accel its cache; accel supports transformers "
+                f"{compat.window_text()} ({compat.install_hint()})")
+        return output
+
     hook = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
+    post = model.register_forward_hook(post_forward, with_kwargs=True)
+    from ..patching.core import GenerateGuard, check_generate_request
+
+    guard = GenerateGuard(model, lambda m, a, k: check_generate_request(
+        m, a, k, policy_name="tpla", dense=False, context_limit=limit))
+    mlp_hooks = list(mlp_hooks) + [post, guard]
     handle = TPLAPatchHandle(model, adapter, pol, plan_obj, originals, hook, records, mlp_hooks)
     core._PATCHED[model] = handle
     logger.info("%s", handle.summary())

@@ -16,6 +16,7 @@ import weakref
 import torch
 
 from ..errors import AccelError, InputError, UnsupportedModelError
+from .. import compat
 from ..patching.core import HandleBase
 from .scoring import keep_topk
 
@@ -141,7 +142,8 @@ class VisualRuntime:
     # -- the hook --------------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
         if args:  # transformers' VLMs call their inner model with keywords; be safe anyway
-            names = ["input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values", "inputs_embeds"]
+            names = ["input_ids", "pixel_values", "attention_mask", "position_ids",
+                     compat.cache_arg_name(type(module).forward), "inputs_embeds"]
             for n, a in zip(names, args):
                 kwargs.setdefault(n, a)
             args = ()
@@ -151,7 +153,7 @@ class VisualRuntime:
                              "for video prompts")
         mm = kwargs.get("mm_encoder_outputs") or {}
         pre = mm.get("image") if isinstance(mm, dict) else None
-        pkv = kwargs.get("past_key_values")
+        pkv = compat.peek_cache(kwargs)
         past = pkv.get_seq_length() if pkv is not None else 0
         if pv is not None or pre is not None:
             if kwargs.get("input_ids") is None:
@@ -237,7 +239,7 @@ class VisualRuntime:
         keep_cols, src, real, gidx = c["keep_cols"], c["src"], c["real"], c["gidx"]
         new_len = src.shape[1]
         embeds, new_mask, new_pos = c["embeds"], c["mask"], c["pos"]
-        pkv = kwargs.get("past_key_values")
+        pkv = compat.take_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.adapter.language_model().config, "use_cache", True)
@@ -246,7 +248,8 @@ class VisualRuntime:
 
             pkv = DynamicCache(config=self.adapter.language_model().config)
         kwargs.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, attention_mask=new_mask,
-                      position_ids=new_pos, past_key_values=pkv)
+                      position_ids=new_pos)
+        kwargs[compat.cache_arg_name(type(module).forward)] = pkv
         self.adapter.after_prefill_rewrite(self, kwargs, ids, keep_cols, gidx, real)
         self.state = {"cache": weakref.ref(pkv) if pkv is not None else (lambda: None), "src": src,
                       "prompt_len": length, "dropped": length - new_len, "next_pos": self.adapter.next_positions(kwargs)}
@@ -494,6 +497,13 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
                  model.register_forward_pre_hook(_refuse_labels(vpol.name), with_kwargs=True),
                  _InstanceOverride(adapter.hook_module(), "get_image_features", _with_signature_of(
                      adapter.hook_module().get_image_features, runtime.image_features))]
+        if lm_handle is None:  # a composed LM policy installed its own guard on generate
+            from ..patching.core import GenerateGuard, check_generate_request
+
+            limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+            hooks.append(GenerateGuard(model, lambda m, a, k: check_generate_request(
+                m, a, k, policy_name=vpol.name, dense=False,
+                context_limit=limit if patch_kwargs.get("check_context", True) else None)))
     except BaseException:
         if lm_handle is not None:
             lm_handle.remove()
