@@ -140,14 +140,13 @@ INPUT_ERRORS = [
 
 @pytest.mark.parametrize("argv,words", INPUT_ERRORS)
 def test_input_errors_are_one_line_rc2_before_the_model_loads(argv, words, tmp_path, capsys, monkeypatch):
-    import accel.cli.common as common
+    import importlib
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(common, "load_model", no_load)
-    for mod in ("generate", "bench", "evaluate"):
-        monkeypatch.setattr(f"accel.cli.{mod}.load_model", no_load)
+    for mod in ("generate", "bench", "evaluate"):  # each command binds load_model when its module is imported
+        monkeypatch.setattr(importlib.import_module(f"accel.cli.{mod}"), "load_model", no_load)
     files = {"{bad}": "not json\n", "{noprompt}": '{"id": 1}\n', "{dupid}": '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n'}
     args = []
     for a in argv:

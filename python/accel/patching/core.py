@@ -294,9 +294,8 @@ def check_generate_request(model, args, kwargs, *, policy_name: str, dense: bool
         total = n_in + int(new) if new is not None else max(int(opt("max_length") or 0), n_in + 1)
         if total > context_limit:
             raise InputError(
-                f"generate() asks for up to {total} tokens ({n_in} in the prompt + "
-                f"{total - n_in} new) but the model's context window is {context_limit} tokens "
-                "(config.max_position_embeddings); shorten the prompt or lower max_new_tokens (or patch with "
+                f"generate() asks for up to {total} tokens ({n_in} in the prompt + {total - n_in} new), which "
+                f"exceeds the model's context window of {context_limit} tokens (config.max_position_embeddings); shorten the prompt or lower max_new_tokens (or patch with "
                 "check_context=False to run past it anyway)"
             )
 
