@@ -5,13 +5,15 @@
 For each policy: patch SmolLM2-135M, fill accel's cache with ``context`` random tokens (speed only: decode cost
 does not depend on the cache's content), then generate ``new-tokens`` greedily, once eagerly and once with
 ``model.forward = torch.compile(model.forward)`` after a warm-up generation that compiles it (compile time reported
-separately). The compiled and eager token sequences must be equal. Unpatched transformers (eager) is the baseline.
-Writes a CSV (and prints a table); one thread, one run.
+separately); eager and compiled runs alternate ``--repeats`` times and the median of each is reported (single runs
+on the shared 2-core machine move by 10-15%). The compiled and eager token sequences must be equal. Unpatched
+transformers (eager, one run) is the baseline. Writes a CSV (and prints a table); one thread.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--policies", default="dense,hylra")
+    ap.add_argument("--repeats", type=int, default=3, help="eager / compiled runs, alternated; the median is reported")
     ap.add_argument("--out", default="bench/results/compile_smollm2_4k.csv")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -54,23 +57,36 @@ def main() -> int:
     n = enc["input_ids"].shape[1]
     rows = []
     rate, _ = decode_rate(model, tok, enc, lambda: _synthetic_cache(model, 1, n - 1, for_hf=True), args.new_tokens)
-    rows.append({"policy": "hf", "mode": "eager", "decode_tok_s": rate, "compile_s": 0.0, "same_tokens": ""})
+    rows.append({"policy": "hf", "mode": "eager", "decode_tok_s": rate, "compile_s": 0.0, "same_tokens": "",
+                 "runs": f"{rate:.2f}"})
     for pol in [p for p in args.policies.split(",") if p]:
         with accel.patch(model, pol, reserve=n + args.new_tokens + 8):
             fresh = lambda: _synthetic_cache(model, 1, n - 1, for_hf=False)  # noqa: E731
-            eager_rate, eager_out = decode_rate(model, tok, enc, fresh, args.new_tokens)
-            model.forward = torch.compile(model.forward)
+            compiled = torch.compile(model.forward)
+            model.forward = compiled
             try:
                 t = time.perf_counter()
                 decode_rate(model, tok, enc, fresh, args.new_tokens)  # compiles (and recompiles as shapes settle)
                 compile_s = time.perf_counter() - t
-                comp_rate, comp_out = decode_rate(model, tok, enc, fresh, args.new_tokens)
             finally:
                 del model.forward
-        same = bool(torch.equal(eager_out, comp_out))
-        rows.append({"policy": pol, "mode": "eager", "decode_tok_s": eager_rate, "compile_s": 0.0, "same_tokens": ""})
-        rows.append({"policy": pol, "mode": "compiled", "decode_tok_s": comp_rate, "compile_s": compile_s,
-                     "same_tokens": same})
+            rates = {"eager": [], "compiled": []}
+            outs = {}
+            for _ in range(args.repeats):  # alternate, so drift of the shared machine hits both modes alike
+                for mode in ("eager", "compiled"):
+                    if mode == "compiled":
+                        model.forward = compiled
+                    try:
+                        r, outs[mode] = decode_rate(model, tok, enc, fresh, args.new_tokens)
+                    finally:
+                        model.__dict__.pop("forward", None)
+                    rates[mode].append(r)
+        same = bool(torch.equal(outs["eager"], outs["compiled"]))
+        for mode in ("eager", "compiled"):
+            rows.append({"policy": pol, "mode": mode, "decode_tok_s": statistics.median(rates[mode]),
+                         "compile_s": compile_s if mode == "compiled" else 0.0,
+                         "same_tokens": same if mode == "compiled" else "",
+                         "runs": " ".join(f"{x:.2f}" for x in rates[mode])})
     facts = machine_facts()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

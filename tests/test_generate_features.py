@@ -396,5 +396,5 @@ def test_remove_leaves_no_generate_guard_and_no_hooks(model, pol):
     before = (dict(model.__dict__.get("_forward_hooks", {})), dict(model._forward_pre_hooks), model.config._attn_implementation)
     with patched(model, pol):
         assert "generate" in model.__dict__  # the entry check
-    assert "generate" not in model.__dict__
+    assert "generate" not in model.__dict__ and "forward" not in model.model.__dict__
     assert (dict(model._forward_hooks), dict(model._forward_pre_hooks), model.config._attn_implementation) == before

@@ -128,6 +128,11 @@ def decode_attention(
         qf = q if q.dtype == torch.float32 else q.float()
         if lengths.dtype != torch.int32:
             lengths = lengths.to(torch.int32)
+        if torch.compiler.is_compiling() and indices is None and not return_lse and scores is None:
+            from .library import ensure_ops
+
+            ensure_ops()  # a node of the compiled graph instead of a graph break
+            return torch.ops.accel.decode_attention(qf, k, v, lengths, valid, scale).to(q.dtype)
         res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0, scores)
         out = res[0] if q.dtype == torch.float32 else res[0].to(q.dtype)
         return (out, res[1]) if return_lse else out

@@ -31,6 +31,8 @@ def _fast_forward(self, x):
         and 0 < x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
         and w.stride(-1) == 1
     ):
+        if torch.compiler.is_compiling():  # a node of the compiled graph (accel.ops.library)
+            return torch.ops.accel.small_m_linear(x, w, self.bias)
         return _ext.cpu_ext().small_m_linear(x, w, self.bias, 0)
     return F.linear(x, w, self.bias)
 
@@ -39,6 +41,9 @@ def bind_fast_linear(modules) -> list[torch.nn.Linear]:
     """Bind the fast forward to each ``nn.Linear`` among ``modules``; returns those bound."""
     if not _ext.HAS_CPU_EXT:
         return []
+    from ..ops.library import ensure_ops
+
+    ensure_ops()
     bound = []
     for m in modules:
         if type(m) is torch.nn.Linear and "forward" not in m.__dict__:
