@@ -3,7 +3,8 @@
     python bench/bench_compile.py --context 4096 --new-tokens 32 --policies dense,hylra
 
 For each policy: patch SmolLM2-135M, fill accel's cache with ``context`` random tokens (speed only: decode cost
-does not depend on the cache's content), then generate ``new-tokens`` greedily, once eagerly and once with
+does not depend on the cache's content; KV policies compress it to their budgets as ``accel bench --synthetic-kv``
+does), then generate ``new-tokens`` greedily, once eagerly and once with
 ``model.forward = torch.compile(model.forward)`` after a warm-up generation that compiles it (compile time reported
 separately); eager and compiled runs alternate ``--repeats`` times and the median of each is reported (single runs
 on the shared 2-core machine move by 10-15%). The compiled and eager token sequences must be equal. Unpatched
@@ -47,7 +48,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     import accel
-    from accel.cli.bench import _synthetic_cache
+    from accel.cli.bench import _compress_synthetic, _synthetic_cache
     from accel.eval.text import text_of_tokens
     from accel.perf import machine_facts
 
@@ -60,8 +61,12 @@ def main() -> int:
     rows.append({"policy": "hf", "mode": "eager", "decode_tok_s": rate, "compile_s": 0.0, "same_tokens": "",
                  "runs": f"{rate:.2f}"})
     for pol in [p for p in args.policies.split(",") if p]:
-        with accel.patch(model, pol, reserve=n + args.new_tokens + 8):
-            fresh = lambda: _synthetic_cache(model, 1, n - 1, for_hf=False)  # noqa: E731
+        with accel.patch(model, pol, reserve=n + args.new_tokens + 8) as handle:
+            def fresh():
+                cache = _synthetic_cache(model, 1, n - 1, for_hf=False)
+                if handle.runtime.kv:  # KV policies: compress the random cache to their budgets, as `accel bench`
+                    _compress_synthetic(cache, handle)
+                return cache
             compiled = torch.compile(model.forward)
             model.forward = compiled
             try:
