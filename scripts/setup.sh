@@ -11,5 +11,6 @@ fi
 $PIP -r requirements.txt
 $PIP --no-deps -r requirements-data.txt
 # --no-build-isolation: build against the torch installed above, never a freshly resolved one
+echo "accel set-up: building accel's C++ extension (1-10 minutes: one C++ file per kernel family, -O3)"
 $PIP --no-build-isolation -e .
 python -c "import accel, accel._ext as e; print('accel', accel.__version__, '| C++ CPU kernels:', 'built' if e.HAS_CPU_EXT else e.CPU_EXT_REASON)"

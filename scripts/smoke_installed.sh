@@ -4,11 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_venv.sh
-python -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps .
-cd "$(mktemp -d)"
+# a built (non-editable) copy in a scratch folder, first on the path, so a developer's editable install stays as it is
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+python -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps --target "$WORK/site" .
+export PYTHONPATH="$WORK/site"
+accel() { python -m accel "$@"; }
+cd "$WORK"
 python - <<'PY'
-import accel, accel._ext as e
-assert "site-packages" in accel.__file__, accel.__file__
+import os, accel, accel._ext as e
+assert accel.__file__.startswith(os.environ["PYTHONPATH"]), accel.__file__  # the installed copy, not the source tree
 print("installed accel", accel.__version__, "from", accel.__file__, "| C++ kernels:", "built" if e.HAS_CPU_EXT else e.CPU_EXT_REASON)
 PY
 accel info

@@ -257,16 +257,65 @@ def test_save_pretrained_while_patched_saves_the_plain_model(model, pol, tmp_pat
     assert torch.equal(greedy(again, ids), ref)
 
 
-def test_output_attentions_dense_equals_unpatched(model):
+def test_output_attentions_dense_equals_unpatched_eager():
+    m = model4("llama")
+    m.set_attn_implementation("eager")  # unpatched SDPA returns no attention maps; eager does
     ids = ids_of(30, 14)
-    kw = dict(return_dict_in_generate=True, output_attentions=True, output_scores=True)
-    ref = greedy(model, ids, new=6, **kw)
-    with patched(model, "dense"):
-        out = greedy(model, ids, new=6, **kw)
+    kw = dict(return_dict_in_generate=True, output_scores=True, output_attentions=True)
+    ref = greedy(m, ids, new=6, **kw)
+    with patched(m, "dense"):
+        out = greedy(m, ids, new=6, **kw)
     assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.attentions) == len(ref.attentions) == 6
     for sa, sb in zip(out.attentions, ref.attentions):
+        assert len(sa) == len(sb) == 4
         for a, b in zip(sa, sb):
-            assert (a - b).abs().max().item() < 1e-5
+            assert a.shape == b.shape and (a - b).abs().max().item() < 1e-5
+
+
+def test_output_attentions_set_on_the_config():
+    m = model4("llama")
+    m.set_attn_implementation("eager")
+    m.config.output_attentions = True
+    ids = ids_of(30, 15)
+    ref = m(ids).attentions
+    with patched(m, "dense"):
+        got = m(ids).attentions
+    assert len(got) == len(ref) == 4 and all((a - b).abs().max().item() < 1e-5 for a, b in zip(got, ref))
+    with patched(m, "snapkv"):
+        _refused(lambda: m(ids), "output_attentions")
+
+
+def test_gemma_style_cache_implementation_hybrid_and_dynamic_are_served(model, pol):
+    ids = ids_of(20, 25)
+    ref = greedy(model, ids)
+    with patched(model, pol):
+        for impl in ("dynamic", "hybrid"):
+            assert torch.equal(greedy(model, ids, cache_implementation=impl), ref)
+
+
+def test_use_cache_false_is_refused_for_kv_policies(model):
+    with patched(model, "snapkv"):
+        _refused(lambda: model(ids_of(20, 26), use_cache=False), "use_cache=False")
+
+
+def test_deepcopy_of_a_patched_model_is_refused(model):
+    import copy
+
+    with patched(model, "dense"):
+        with pytest.raises(accel.AccelError, match="cannot be deep-copied"):
+            copy.deepcopy(model)
+    copy.deepcopy(model)  # unpatched again: fine
+
+
+def test_handle_cache_sees_a_generation_of_another_thread(model):
+    ids = ids_of(20, 27)
+    with patched(model, "dense") as h:
+        th = threading.Thread(target=greedy, args=(model, ids))
+        th.start()
+        th.join()
+        assert h.cache is not None and h.cache.get_seq_length() == 29
+    assert h.runtime.last_cache is None and h.runtime.cache is None  # remove() dropped every thread's state
 
 
 def test_assisted_and_prompt_lookup_decoding_dense_equal_unpatched(model):

@@ -10,7 +10,7 @@ from ..errors import AccelError
 from .common import (check_file, check_policy_specs, load_model, parse_overrides, patch_for, setup, timed_generate,
                      tp_setup)
 
-JSONL_FORMAT = ('one JSON object per line: {"id": <any, optional: the line number>, "prompt": "<text>", '
+JSONL_FORMAT = ('one JSON object per line: {"id": <any, optional: the 0-based line index>, "prompt": "<text>", '
                 '"max_new_tokens": <int, optional>}')
 
 
@@ -42,6 +42,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 def run(args) -> int:
     setup(args)
     # every input error is reported before the model loads (8-15 s)
+    given = [f for f, v in (("--prompt", args.prompt), ("--prompt-file", args.prompt_file), ("--input", args.input))
+             if v is not None]
+    if len(given) > 1:
+        raise AccelError(f"{' and '.join(given)} given together; give exactly one of --prompt, --prompt-file, --input")
     if not args.input and not args.prompt_file and args.prompt is None:
         raise AccelError("give --prompt TEXT, --prompt-file FILE, or --input prompts.jsonl")
     check_file(args.prompt_file, "--prompt-file")

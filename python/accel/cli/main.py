@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", default=None)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--input", default=None,
-                   help='JSONL, one object per line: {"id": any (optional, default the line number), "prompt": "text", '
+                   help='JSONL, one object per line: {"id": any (optional, default the 0-based line index), "prompt": "text", '
                         '"max_new_tokens": int (optional)} (batch mode)')
     g.add_argument("--output", default=None, help="JSONL output (appended; existing ids are skipped = resumable)")
     g.add_argument("--batch-size", type=int, default=4)

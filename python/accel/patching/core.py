@@ -78,6 +78,7 @@ class ModelRuntime:
         #: serialises the KV policies' prefill compression and decode eviction across threads (the policy
         #: objects keep scratch state while they compress)
         self.lock = threading.RLock()
+        self.last_cache: AccelCache | None = None
         #: the keyword this model's forward takes its cache by (``cache`` on transformers 5.24+)
         self.cache_arg = compat.cache_arg_name(type(model).forward)
         #: decode-time accounting: KV bytes the attention of decode calls read (dense spans, selected
@@ -153,12 +154,13 @@ class ModelRuntime:
         pkv = prepare_forward(module, args, kwargs, lambda: AccelCache(module.config, reserve=self.reserve),
                               self.info.max_context if self.check_context else None, self.cache_arg,
                               policy_name=self.policy.name)
-        self.check_features(kwargs)
+        self.check_features(module, kwargs)
         self.attn_calls = 0
         if isinstance(pkv, AccelCache):
             if pkv is not self.cache:
                 self.new_sequence()
             self.cache = pkv
+            self.last_cache = pkv  # the most recent cache of any thread (PatchHandle.cache)
         else:
             if self.cache is not None:
                 self.new_sequence()
@@ -169,13 +171,35 @@ class ModelRuntime:
             self.step += 1
         return args, kwargs
 
-    def check_features(self, kwargs) -> None:
+    def check_features(self, module, kwargs) -> None:
         """Refuse forward options this policy cannot serve exactly (before anything runs)."""
-        if kwargs.get("output_attentions") and not self.is_dense():
+        oa = kwargs.get("output_attentions")
+        if oa is None:
+            oa = getattr(module.config, "output_attentions", False)
+        if oa:
+            if not self.is_dense():
+                raise InputError(
+                    f"output_attentions=True with policy {self.policy.name!r}: the policy does not compute the full "
+                    "attention matrix transformers would return; drop output_attentions or patch with policy='dense'"
+                )
+            kwargs["output_attentions"] = True  # set on the config only: the attention function must see it too
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if self.kv and not use_cache and not module.training:
             raise InputError(
-                f"output_attentions=True with policy {self.policy.name!r}: the policy does not compute the full "
-                "attention matrix transformers would return; drop output_attentions or patch with policy='dense'"
+                f"use_cache=False with KV-cache policy {self.policy.name!r}: the policy compresses the cache, and "
+                "without one there is nothing to compress; pass use_cache=True or patch with an attention-only policy"
             )
+
+    def __deepcopy__(self, memo):
+        raise AccelError("a model patched by accel cannot be deep-copied (its hooks would run the original model's "
+                         "runtime); copy it before accel.patch or after handle.remove()")
+
+    def reset_sequences(self) -> None:
+        """Drop every thread's generation state (``remove()``): no cache outlives the patch."""
+        self._seq = _SequenceState()
+        self.last_cache = None
 
     def check_generate(self, model, args, kwargs) -> None:
         """What ``generate()`` is asked for, checked before it runs (``accel.patching.core.GenerateGuard``)."""
@@ -254,8 +278,7 @@ def prepare_forward(module, args, kwargs, make_cache, context_limit: int | None,
     return pkv
 
 
-def check_generate_request(model, args, kwargs, *, policy_name: str, dense: bool, context_limit: int | None,
-                           assisted_ok: bool | None = None) -> None:
+def check_generate_request(model, args, kwargs, *, policy_name: str, dense: bool, context_limit: int | None) -> None:
     """Refuse, before ``generate()`` produces anything, what accel cannot serve exactly as planned: a cache
     implementation of transformers' own (accel decodes on its cache), assisted / prompt-lookup decoding and
     ``output_attentions`` with a non-dense policy, and a request longer than the context window."""
@@ -267,26 +290,31 @@ def check_generate_request(model, args, kwargs, *, policy_name: str, dense: bool
         return getattr(gc, name, None) if gc is not None else None
 
     impl = opt("cache_implementation")
-    if impl is not None:
+    # "dynamic" builds an empty DynamicCache (accel replaces it); "hybrid", which Gemma checkpoints ship, is dropped
+    # by transformers itself; any other cache implementation would be transformers' own preallocated cache
+    if impl is not None and impl not in ("dynamic", "hybrid"):
         raise InputError(
             f"generate(cache_implementation={impl!r}) with accel policy {policy_name!r}: accel decodes on its own "
             "preallocated cache; drop cache_implementation (patch(model, reserve=N) preallocates N tokens) or remove "
             "the patch"
         )
     assisted = [n for n in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit") if opt(n)]
-    if assisted and not (dense if assisted_ok is None else assisted_ok):
+    if assisted and not dense:
         raise InputError(
             f"generate({assisted[0]}=...) with accel policy {policy_name!r}: assisted and prompt-lookup decoding verify "
             "several drafted tokens per step and roll the cache back, which this policy's compressed or sparse state "
             "cannot follow; use policy='dense' for assisted decoding, or generate without it"
         )
-    if opt("output_attentions") and not dense:
+    oa = opt("output_attentions")
+    if oa is None:
+        oa = getattr(getattr(model, "config", None), "output_attentions", False)
+    if oa and not dense:
         raise InputError(
             f"generate(output_attentions=True) with accel policy {policy_name!r}: the policy does not compute the full "
             "attention matrix transformers would return; drop output_attentions or patch with policy='dense'"
         )
     if context_limit:
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args and isinstance(args[0], torch.Tensor) else None))
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         n_in = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 0
@@ -383,7 +411,7 @@ def refuse_foreign_cache(pkv, policy_name: str) -> None:
     raise InputError(
         f"a {type(pkv).__name__} holding {pkv.get_seq_length()} tokens was passed to a model patched with accel "
         f"policy {policy_name!r}; accel continues only its own cache: pass the cache a patched call returned "
-        "(out.past_key_values), an empty accel.AccelCache(model.config), or no cache"
+        "(out.cache on transformers 5.24+, out.past_key_values before), an empty accel.AccelCache(model.config), or no cache"
     )
 
 
@@ -442,8 +470,8 @@ class PatchHandle(HandleBase):
 
     @property
     def cache(self) -> AccelCache | None:
-        """The cache of the most recent forward pass (for KV-byte accounting)."""
-        return self.runtime.cache
+        """The cache of this thread's most recent forward pass, else of any thread's (for KV-byte accounting)."""
+        return self.runtime.cache if self.runtime.cache is not None else self.runtime.last_cache
 
     def summary(self) -> str:
         info = self.runtime.info
@@ -474,7 +502,7 @@ class PatchHandle(HandleBase):
             for m in self.runtime.adapter.attention_modules():
                 MODULE_RUNTIME.pop(m, None)
             _PATCHED.pop(model, None)
-        self.runtime.cache = None
+        self.runtime.reset_sequences()
         self.active = False
 
 

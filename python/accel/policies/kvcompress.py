@@ -285,7 +285,7 @@ class BudgetedKVPolicy(KVCachePolicy):
         if cl is None:
             raise AccelError(
                 f"{self.name} compresses accel's cache, but this forward pass uses another cache object; "
-                "let accel create the cache (pass no past_key_values, or an empty DynamicCache)"
+                "let accel create the cache (pass no cache, or an empty DynamicCache)"
             )
         if cl.is_sliding:
             return  # window layers are bounded already
@@ -312,7 +312,8 @@ class BudgetedKVPolicy(KVCachePolicy):
         budgets = self.head_budgets(layer_idx, num_layers, n, Hkv, view, keys, valid, scaling).clamp(min=1)
         floor = self.budget_floor()
         if floor and bool((budgets < floor).any()):
-            logger.info("%s: layer %d budgets raised to the floor of %d tokens per head (min_budget)", self.name,
+            log = logger.warning if self.budget is not None else logger.info  # an explicit budget was overridden
+            log("%s: layer %d budgets raised to the floor of %d tokens per head (min_budget)", self.name,
                         layer_idx, floor)
             budgets = budgets.clamp(min=floor)
         budgets = torch.minimum(budgets, n.view(B, 1))

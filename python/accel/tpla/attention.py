@@ -26,7 +26,7 @@ class TPLAAttention(nn.Module):
                  mode: str = "tpla", rope_mode: str = "replicate", norm_mode: str = "full",
                  shard_logit_scale: float = 1.0, backend: str | None = None):
         super().__init__()
-        self.tracker: dict | None = None
+        self.tracker = None  # set by accel.tpla.patch: the take-over check's per-thread record
         self.orig = orig
         self.adapter = adapter
         self.layer_idx = layer_idx
@@ -80,8 +80,8 @@ class TPLAAttention(nn.Module):
         # the decoder layer hands the cache over as ``cache=`` on transformers 5.24+, ``past_key_values=`` before
         past_key_values = cache if cache is not None else past_key_values
         if self.tracker is not None:  # the take-over check (accel.tpla.patch)
-            self.tracker["calls"] += 1
-            self.tracker["caches"].append(past_key_values)
+            self.tracker.calls += 1
+            self.tracker.caches.append(past_key_values)
         a = self.orig
         B, T, _ = hidden_states.shape
         if a.q_lora_rank is None:

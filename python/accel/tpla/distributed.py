@@ -165,8 +165,8 @@ class TPLATPAttention(TPLAAttention):
         # the decoder layer hands the cache over as ``cache=`` on transformers 5.24+, ``past_key_values=`` before
         past_key_values = cache if cache is not None else past_key_values
         if self.tracker is not None:  # the take-over check (accel.tpla.patch)
-            self.tracker["calls"] += 1
-            self.tracker["caches"].append(past_key_values)
+            self.tracker.calls += 1
+            self.tracker.caches.append(past_key_values)
         a = self.orig
         B, T, _ = hidden_states.shape
         q = a.q_proj(hidden_states) if a.q_lora_rank is None else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(hidden_states)))

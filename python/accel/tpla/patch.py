@@ -8,10 +8,11 @@ never modified), so the model is exactly as it was.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 
 from .. import compat
-from ..errors import AccelError
+from ..errors import AccelError, InputError
 from ..patching.core import HandleBase
 from ..scheduler.plan import Plan
 from .adapters import get_mla_adapter
@@ -87,6 +88,13 @@ class TPLAPatchHandle(HandleBase):
 
 def _model_info(model) -> dict:
     return {"num_layers": model.config.num_hidden_layers, "model_type": model.config.model_type}
+
+
+class _Tracker(threading.local):
+    """What the TPLA layers of this thread's current forward saw (the take-over check)."""
+
+    def __init__(self):
+        self.calls, self.caches, self.expected = 0, [], None
 
 
 def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: bool = True, **overrides) -> TPLAPatchHandle:
@@ -172,7 +180,7 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
 
     limit = getattr(model.config, "max_position_embeddings", None) if check_context else None
 
-    tracker = {"calls": 0, "caches": [], "expected": None}
+    tracker = _Tracker()  # per thread, like the generations it checks
     for mod in modules:
         mod.tracker = tracker
     cache_arg = compat.cache_arg_name(type(model).forward)
@@ -185,18 +193,20 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
                               cache_arg, policy_name="tpla")
         if isinstance(pkv, AccelCache):
             handle.cache = pkv
-        if kwargs.get("output_attentions"):
-            raise AccelError("output_attentions=True with policy 'tpla': TPLA attends over latent shards and has no "
+        if kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False):
+            raise InputError("output_attentions=True with policy 'tpla': TPLA attends over latent shards and has no "
                              "per-head attention matrix to return; drop output_attentions or remove the patch")
-        tracker.update(calls=0, caches=[], expected=pkv)
+        tracker.calls, tracker.caches, tracker.expected = 0, [], pkv
         return args, kwargs
 
     def post_forward(module, args, kwargs, output):
         # the take-over check: every TPLA layer ran, on accel's cache
+        if module.training:
+            return output
         n = len(modules)
-        if tracker["calls"] < n or any(c is not tracker["expected"] for c in tracker["caches"]):
+        if tracker.calls < n or any(c is not tracker.expected for c in tracker.caches):
             raise AccelError(
-                f"tpla: {tracker['calls']} of {n} TPLA layers ran on accel's cache in this forward: transformers "
+                f"tpla: {tracker.calls} of {n} TPLA layers ran on accel's cache in this forward: transformers "
                 f"{compat.transformers_version()} did not hand accel its cache; accel supports transformers "
                 f"{compat.window_text()} ({compat.install_hint()})")
         return output

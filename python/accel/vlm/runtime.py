@@ -497,7 +497,7 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
                  model.register_forward_pre_hook(_refuse_labels(vpol.name), with_kwargs=True),
                  _InstanceOverride(adapter.hook_module(), "get_image_features", _with_signature_of(
                      adapter.hook_module().get_image_features, runtime.image_features))]
-        if lm_handle is None:  # a composed LM policy installed its own guard on generate
+        if True:  # visual pruning is never dense, whatever the composed LM policy: its own guard, outermost
             from ..patching.core import GenerateGuard, check_generate_request
 
             limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
