@@ -134,7 +134,6 @@ class AccelLayer(CacheLayerMixin):
         self.start, self.end = 0, n_old
         self.num_reallocations += 1
 
-    @torch.compiler.disable  # Python bookkeeping (positions, growth): kept out of compiled graphs and their guards
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.ragged is not None:
             for i in range(key_states.shape[2]):

@@ -179,12 +179,10 @@ def count_kv_read(ctx, rows: int, key, value, values_too: bool = True) -> None:
     ctx.runtime.stats["kv_read_bytes"] += int(rows) * per
 
 
-@torch.compiler.disable
 def accel_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                             scaling: float | None = None, **kwargs):
-    """The registered attention function. Under ``torch.compile`` it runs outside the graph (one break per layer):
-    the policies keep per-sequence Python state (cache positions, selections, step counters) that would otherwise
-    become guards and recompile the graph at every step; the rest of the layer stays compiled."""
+    """The registered attention function (under ``torch.compile`` it runs inside the eager decoder call,
+    ``accel.patching.core.EagerDecoder``)."""
     entry = MODULE_RUNTIME.get(module)
     if entry is not None:
         entry[0].attn_calls += 1  # the take-over check counts every patched layer's call
