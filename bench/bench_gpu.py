@@ -100,7 +100,7 @@ def bench_kernels(rows, copy_bw):
 def hand_plan(n_layers: int, n_kv: int):
     """A HyLRA layer plan written by hand for the random model (no calibration is meaningful on random
     weights): the first two layers full, then select / reuse / reuse, reusing the last select layer."""
-    from accel.scheduler.plan import LayerPlan, Plan
+    from accel.plan import LayerPlan, Plan
 
     layers, last = [], 0
     for i in range(n_layers):

@@ -3,7 +3,7 @@
   python bench/bench_tpla.py error  --out bench/results/tpla_error.csv
   python bench/bench_tpla.py decode --contexts 8192,32768 --out bench/results/tpla_decode.csv
 
-``decode`` measures, in one run, on the random ``mid`` DeepSeek-V3 config (accel.tpla.models; no MLA weights
+``decode`` measures, in one run, on the random ``mid`` DeepSeek-V3 config (accel.research.mla_models; no MLA weights
 install here) with a synthetic latent cache of each context length, through ``accel bench``: one process with one
 thread running MLA in accel's absorbed form (``tpla`` with 1 shard), the same process with 2 simulated TPLA shards,
 and 2 ranks of ``torch.distributed`` (gloo, one thread each, launched here with torchrun) each holding one shard
@@ -39,7 +39,7 @@ def _accel_bench(args_list, tmp: Path, name: str, ranks: int = 1) -> list[dict]:
 
 
 def cmd_decode(args):
-    """The rows come from ``accel bench`` (``accel.tpla.bench``: the same timing in one process and on ranks)."""
+    """The rows come from ``accel bench`` (``accel.research.tpla_bench``: the same timing in one process and on ranks)."""
     contexts = args.contexts.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +70,7 @@ def cmd_decode(args):
 
 
 def cmd_error(args):
-    from accel.tpla.errors import error_grid
+    from accel.research.tpla_errors import error_grid
 
     rows = error_grid(seeds=args.seeds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

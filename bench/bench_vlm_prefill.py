@@ -42,7 +42,7 @@ def build(tower: str):
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from accel.models import load
-    from accel.vlm.digits import IMAGE_TOKEN
+    from accel.research.digits_vlm import IMAGE_TOKEN
 
     lm, tok = load("smollm2-135m")
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)

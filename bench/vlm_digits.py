@@ -1,6 +1,6 @@
 """Train (once, cached) the project-trained digits VLM and measure accuracy against kept visual tokens.
 
-The model is accel's own (``accel.vlm.digits``): a CLIP ViT trained from scratch here on scikit-learn's
+The model is accel's own (``accel.research.digits_vlm``): a CLIP ViT trained from scratch here on scikit-learn's
 handwritten digits, LLaVA's projector, and the frozen SmolLM2-135M answering which digit the image shows.
 Its numbers are those of a **project-trained** model, not of any published VLM.
 
@@ -25,7 +25,7 @@ import torch
 
 def main(argv=None):
     import accel
-    from accel.vlm import digits as D
+    from accel.research import digits_vlm as D
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["train", "curve", "diagnose"])

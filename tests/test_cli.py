@@ -99,7 +99,7 @@ def test_bench_batches_and_synthetic_kv(tiny_folder, tmp_path):
 
 
 def test_plan_command_writes_a_loadable_plan_and_picture(tiny_folder, tmp_path, capsys):
-    from accel.scheduler.plan import Plan
+    from accel.plan import Plan
 
     out = tmp_path / "p.json"
     assert main(["plan", "--model", str(tiny_folder), "--policy", "hylra", "--out", str(out), "--tokens", "512",
@@ -135,6 +135,11 @@ INPUT_ERRORS = [
     (["eval", "--tasks", "passkey,foo"], "unknown --tasks foo"),
     (["eval", "--depths", "2"], "--depths takes comma-separated fractions"),
     (["eval", "--policies", "hylra@topk=x"], "topk must be"),
+    (["plan", "--policy", "nope", "--out", "x.json"], "unknown policy 'nope'"),
+    (["plan", "--policy", "hylra", "--reduce", "max", "--out", "x.json"], "--reduce does not apply to 'hylra'"),
+    (["plan", "--policy", "delta", "--sparsity", "0.5", "--out", "x.json"], "'delta' has no calibrator"),
+    (["plan", "--policy", "delta", "--set", "bogus=1", "--out", "x.json"], "has no option(s) ['bogus']"),
+    (["plan", "--policy", "moa", "--densities", "a,b", "--out", "x.json"], "--densities takes comma-separated numbers"),
 ]
 
 
@@ -145,7 +150,7 @@ def test_input_errors_are_one_line_rc2_before_the_model_loads(argv, words, tmp_p
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    for mod in ("generate", "bench", "evaluate"):  # each command binds load_model when its module is imported
+    for mod in ("generate", "bench", "evaluate", "plan"):  # each command binds load_model when its module is imported
         monkeypatch.setattr(importlib.import_module(f"accel.cli.{mod}"), "load_model", no_load)
     files = {"{bad}": "not json\n", "{noprompt}": '{"id": 1}\n', "{dupid}": '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n'}
     args = []

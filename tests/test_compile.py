@@ -7,7 +7,7 @@ import torch
 import accel
 from accel import _ext
 
-from .test_layer_reuse import model4
+from .conftest import model4
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_CPU_EXT, reason="needs the C++ extension (accel._C)")
 

@@ -1,5 +1,5 @@
 """An attention policy and a KV-cache policy composed on one model: both are called, in order, on
-every layer, and the plan records both (KV policies proper arrive with the compression issue)."""
+every layer, and the plan records both."""
 from dataclasses import dataclass
 
 import pytest

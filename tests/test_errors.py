@@ -76,7 +76,7 @@ def test_bad_plan_file(tmp_path):
 
 def test_decode_goes_through_accel_kernel(monkeypatch):
     """Guard against a silent fallback: every decode step of every layer calls accel's op."""
-    import accel.patching.attention_fn as af
+    import accel.attention.decode as af
 
     calls = []
     real = af.decode_attention

@@ -11,7 +11,7 @@ import accel
 from accel import compat
 from accel.errors import InputError
 
-from .test_layer_reuse import hand_plan, model4
+from .conftest import hand_plan, model4
 
 VOCAB = 256
 

@@ -19,7 +19,7 @@ from accel.ops.attention import decode_attention
 from accel.ops.latent import latent_decode, latent_decode_ref
 from accel.ops.sparse import block_sparse_prefill, block_sparse_prefill_ref, select_topk, sink_window_blocks
 
-from .test_layer_reuse import hand_plan
+from .conftest import hand_plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh on one)")
 

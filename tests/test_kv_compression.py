@@ -1,4 +1,4 @@
-"""KV-cache compression (issue 6): the ragged per-head cache, exactness when the budget covers the
+"""KV-cache compression: the ragged per-head cache, exactness when the budget covers the
 context, real byte savings, decode-time eviction at a constant budget, kept-set invariants, padding."""
 import warnings
 
@@ -8,10 +8,12 @@ import torch
 import accel
 from accel.cache.accel_cache import AccelCache
 from accel.cache.ragged import RaggedKV
-from accel.policies import kvcompress as K
+from accel.policies import budgeted as K
+from accel.policies.h2o import column_sums
+from accel.policies.pyramidkv import pyramid_budgets
 from accel.policies.registry import make_policy
 
-from .test_layer_reuse import gen, hand_plan, model4, same
+from .conftest import gen, hand_plan, model4, same
 
 KV = ["streaming", "snapkv", "pyramidkv", "h2o"]
 KV_ALL = KV + ["taskkv"]
@@ -77,18 +79,21 @@ def test_compressed_cache_holds_the_budget_and_stays_there(policy):
         cache = out.past_key_values
         assert isinstance(cache, AccelCache)
         total = 0
-        for layer in cache.layers:
+        seq = h.runtime.sequence(cache)  # the policy's per-sequence state: never on the cache
+        for i, layer in enumerate(cache.layers):
             rg = layer.ragged
             assert rg is not None and layer.k_buf is None  # the dense buffers are gone
+            assert not hasattr(rg, "budget")
+            budget = seq.layer_state[i]["eviction"].budget
             # every head at its budget after 40 new tokens (pyramidkv: its layer's budget)
-            assert torch.equal(rg.lengths.long(), rg.budget), (rg.lengths, rg.budget)
+            assert torch.equal(rg.lengths.long(), budget), (rg.lengths, budget)
             if policy != "pyramidkv":
-                assert torch.all(rg.budget == 50)
+                assert torch.all(budget == 50)
             # bytes really allocated: the pools (budget + 1 spare row per head) and small metadata
             per_row = rg.row_bytes()
-            assert rg.k.shape[0] == int((rg.budget + 1).sum())
-            assert layer.allocated_bytes() < 1.2 * int((rg.budget + 1).sum()) * per_row
-            total += int(rg.budget.sum())
+            assert rg.k.shape[0] == int((budget + 1).sum())
+            assert layer.allocated_bytes() < 1.2 * int((budget + 1).sum()) * per_row
+            total += int(budget.sum())
         assert abs(total - 4 * 2 * 50) <= 4 * 2  # pyramidkv redistributes the same total (rounding)
         assert cache.nbytes() == total * per_row
     assert h.runtime.stats["kv_read_bytes"] > 0
@@ -96,7 +101,7 @@ def test_compressed_cache_holds_the_budget_and_stays_there(policy):
 
 def test_pyramidkv_budgets_decrease_and_sum_to_the_total():
     base = torch.tensor([400, 1000])
-    b = K.pyramid_budgets(base, 24, 32, 20.0)
+    b = pyramid_budgets(base, 24, 32, 20.0)
     stack = torch.stack(b)  # [L, B]
     assert torch.all(stack[1:] <= stack[:-1])
     total = (stack - 32).sum(0)
@@ -141,7 +146,7 @@ def test_h2o_column_sums_equal_the_dense_attention_matrix():
     q, k = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[1, :5] = False
-    got = K.column_sums(q, k, valid, 0.3, max_elems=500)  # several query blocks
+    got = column_sums(q, k, valid, 0.3, max_elems=500)  # several query blocks
     logits = torch.einsum("bhqd,bhtd->bhqt", q, k.repeat_interleave(2, 1)) * 0.3
     mask = torch.tril(torch.ones(T, T, dtype=torch.bool)).view(1, 1, T, T) & valid.view(B, 1, 1, T) & valid.view(B, 1, T, 1)
     ref = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1).nan_to_num(0).sum(2)
@@ -215,7 +220,7 @@ def test_ragged_sparse_attend_matches_a_masked_reference():
     """A reuse layer over a compressed cache attends to exactly the selected positions its heads hold."""
     from types import SimpleNamespace
 
-    from accel.policies import _selection as S
+    from accel.attention import decode as S
 
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, T, D = 2, 2, 2, 20, 8
@@ -258,7 +263,7 @@ def test_ragged_sparse_attend_matches_a_masked_reference():
 
 # -- DuoAttention head types -------------------------------------------------------------------------------
 def duo_plan(scores, sink=4, recent=8):
-    from accel.scheduler.plan import HeadPlan, LayerPlan, Plan
+    from accel.plan import HeadPlan, LayerPlan, Plan
 
     layers = [LayerPlan(mode="compress", kv="duo", heads=[HeadPlan(kind="streaming", score=s) for s in row])
               for row in scores]
@@ -353,7 +358,7 @@ def test_duo_without_a_plan_names_the_command():
 
 
 def test_duo_streaming_error_is_zero_when_the_window_covers_the_context():
-    from accel.scheduler.heads import streaming_errors
+    from accel.calibration.duo import streaming_errors
 
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(4, 8, 16, generator=g), torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 16, generator=g)
@@ -365,7 +370,7 @@ def test_duo_streaming_error_is_zero_when_the_window_covers_the_context():
 
 def test_duo_far_mass_scores_a_copying_head_high_and_a_local_head_zero():
     """far_mass: attention mass outside sink + recent, max over the group and (by default) the steps."""
-    from accel.scheduler.heads import far_mass
+    from accel.calibration.duo import far_mass
 
     D, T, S = 8, 40, 3
     k = torch.zeros(2, T, D)
@@ -414,7 +419,7 @@ def test_taskkv_all_heterogeneous_is_dense():
 
 # -- MoA ---------------------------------------------------------------------------------------------------
 def moa_plan(spans):
-    from accel.scheduler.plan import HeadPlan, LayerPlan, Plan
+    from accel.plan import HeadPlan, LayerPlan, Plan
 
     layers = [LayerPlan(mode="compress", kv="moa", heads=[HeadPlan(kind="budget", alpha=a, beta=b) for a, b in row])
               for row in spans]
@@ -434,7 +439,7 @@ def test_moa_full_spans_are_dense_and_constant_spans_are_streamingllm():
 
 def test_moa_heads_keep_their_own_span_and_sparse_prefill_matches_the_block_reference():
     from accel.ops.sparse import block_sparse_prefill_ref, sink_window_blocks
-    from accel.scheduler.heads import moa_span
+    from accel.policies.moa import moa_span
 
     m = model4("llama")
     ids = prompt(300)
@@ -458,7 +463,7 @@ def test_moa_heads_keep_their_own_span_and_sparse_prefill_matches_the_block_refe
 
 
 def test_moa_band_loss_and_span_solver():
-    from accel.scheduler.heads import band_loss, moa_span, solve_spans
+    from accel.calibration.moa import band_loss, moa_span, solve_spans
 
     g = torch.Generator().manual_seed(0)
     T, S = 300, 6
@@ -492,7 +497,7 @@ def test_moa_band_loss_and_span_solver():
 def test_moa_calibration_end_to_end_on_a_tiny_model():
     """calibrate_moa runs the model (LM head on the last position only), profiles every head at each length and
     returns a valid moa plan with its per-density solutions; the policy generates from it."""
-    from accel.scheduler.heads import calibrate_moa
+    from accel.calibration.moa import calibrate_moa
 
     m = model4()
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from accel.errors import PlanValidationError
-from accel.scheduler.plan import SCHEMA_VERSION, HeadPlan, LayerPlan, Plan
+from accel.plan import SCHEMA_VERSION, HeadPlan, LayerPlan, Plan
 
 
 def _plan():
@@ -25,9 +25,9 @@ def test_roundtrip(tmp_path):
     (lambda d: d.update(schema_version=99), r"schema_version"),
     (lambda d: d["layers"][1].update(reuse_src=2), r"layers\[1\]\.reuse_src"),
     (lambda d: d["layers"][1].update(reuse_src=None), r"layers\[1\]\.reuse_src"),
-    (lambda d: d["layers"][0].update(mode="fast"), r"layers\[0\]\.mode: 'fast'"),
+    (lambda d: d["layers"][0].update(mode="not a mode"), r"layers\[0\]\.mode: must be a mode name"),
     (lambda d: d["layers"][2].update(topk=-1), r"layers\[2\]\.topk"),
-    (lambda d: d["layers"][2]["heads"][1].update(kind="weird"), r"layers\[2\]\.heads\[1\]\.kind"),
+    (lambda d: d["layers"][2]["heads"][1].update(kind=3), r"layers\[2\]\.heads\[1\]\.kind"),
     (lambda d: d["layers"][2].update(bogus=1), r"layers\[2\]: unknown field"),
     (lambda d: d.update(num_layers=4), r"plan.layers: has 3 entries"),
     (lambda d: d.pop("policy"), r"plan.policy: required"),
@@ -46,3 +46,21 @@ def test_validation_names_the_field(mutate, msg):
 def test_plan_must_fit_model():
     with pytest.raises(PlanValidationError, match="model has 30"):
         _plan().validate(num_layers=30)
+
+
+def test_a_policy_refuses_plan_modes_and_head_kinds_it_does_not_execute():
+    """The schema checks structure; the policy owns its modes and head kinds (``Policy.check_plan``)."""
+    import accel
+    from accel.policies.registry import make_policy
+
+    p = _plan()
+    with pytest.raises(PlanValidationError, match=r"layers\[2\]\.heads\[0\]\.kind: 'retrieval' is not a head kind policy 'hylra'"):
+        make_policy("hylra").check_plan(p)
+    p.layers[2].heads = None
+    make_policy("hylra").check_plan(p)  # full / reuse / select: hylra's own modes
+    p.layers[0].mode = "fast"
+    with pytest.raises(PlanValidationError, match=r"layers\[0\]\.mode: 'fast' is not a mode policy 'hylra' executes"):
+        make_policy("hylra").check_plan(p)
+    with pytest.raises(PlanValidationError, match=r"'reuse' is not a mode policy 'dense\+snapkv'"):
+        make_policy("snapkv").check_plan(_plan())
+    assert accel.get_policy_class("duo").head_kinds == ("retrieval", "streaming")

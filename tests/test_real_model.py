@@ -81,7 +81,7 @@ def test_shipped_hylra_plan_is_found_and_reproducible(smollm):
     arguments it records gives the same layer layout."""
     import accel
     from accel.models.registry import get_adapter
-    from accel.scheduler.shipped import shipped_plan
+    from accel.plan.shipped import shipped_plan
 
     model, tok = smollm
     info = get_adapter(model).info()
@@ -142,8 +142,8 @@ def test_shipped_duo_plan_is_reproducible(smollm):
     """Re-running the duo head profiler with the arguments the shipped plan records gives the same head
     scores (and so the same ranking) - about 45 s."""
     from accel.models.registry import get_adapter
-    from accel.scheduler.heads import calibrate_duo
-    from accel.scheduler.shipped import shipped_plan
+    from accel.calibration.duo import calibrate_duo
+    from accel.plan.shipped import shipped_plan
 
     model, tok = smollm
     plan = shipped_plan("duo", get_adapter(model).info())

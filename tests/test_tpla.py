@@ -1,4 +1,4 @@
-"""TPLA (issue 8) on tiny random DeepSeek-V2/V3 models built from configs (no MLA weights install here).
+"""TPLA on tiny random DeepSeek-V2/V3 models built from configs (no MLA weights install here).
 
 Invariants of methods.md 3.7: one shard equals MLA exactly; any transform with exact reduce equals MLA; the
 exact special cases (one cached token, identical keys, rope-only queries) are exact; Hadamard/PCA err less
@@ -11,54 +11,13 @@ import pytest
 import torch
 
 import accel
-from accel import compat
 from accel.errors import AccelError, UnsupportedModelError
 from accel.ops.latent import latent_decode, latent_decode_ref
-from accel.tpla.mla import fold_weights, shard_rows, tpla_decode
+from accel.tpla.mla import shard_rows, tpla_decode
 from accel.tpla.transforms import build_transform, hadamard, pca_basis, shard_order
 
-
-def tiny_mla(version=3, q_lora=48, seed=0, layers=3, dc=32):
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
-              first_k_dense_replace=1, kv_lora_rank=dc, q_lora_rank=q_lora, qk_rope_head_dim=8, v_head_dim=16,
-              qk_nope_head_dim=16, max_position_embeddings=512, eos_token_id=None, pad_token_id=0)
-    if version == 3:
-        m = DeepseekV3ForCausalLM(DeepseekV3Config(n_group=1, topk_group=1, **kw)).eval()
-    else:
-        m = DeepseekV2ForCausalLM(DeepseekV2Config(**kw)).eval()
-    with torch.no_grad():  # a non-trivial latent RMSNorm gain, so its folding is tested
-        for layer in m.model.layers:
-            layer.self_attn.kv_a_layernorm.weight.uniform_(0.5, 1.5)
-    return m
-
-
-def prompt(batch=2, n=24, pad=0, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 300, (batch, n), generator=g)
-    mask = torch.ones_like(ids)
-    if pad:
-        ids[0, :pad] = 0
-        mask[0, :pad] = 0
-    return ids, mask
-
-
-def decode_logits(m, ids, mask, steps=3):
-    """Prefill on all but the last ``steps`` tokens, then feed them one by one: every step's logits."""
-    out = []
-    with torch.no_grad():
-        n = ids.shape[1] - steps
-        o = m(input_ids=ids[:, :n], attention_mask=mask[:, :n], use_cache=True)
-        out.append(o.logits[:, -1])
-        pkv = compat.output_cache(o)
-        for t in range(n, ids.shape[1]):
-            o = m(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True,
-                  **compat.cache_kwargs(m, pkv))
-            out.append(o.logits[:, -1])
-    return torch.stack(out, 1)
+from .conftest import decode_logits, tiny_mla
+from .conftest import mla_prompt as prompt
 
 
 @pytest.mark.exactness
@@ -111,7 +70,6 @@ def _weights(H=4, dn=16, dv=16, dc=32, seed=0):
 
 
 def _mla_decode(q_nope, q_rope, lat, kr, w_uk, w_uv, scale):
-    from accel.tpla.mla import mla_reference
 
     return accel.tpla.mla_reference(q_nope[:, :, None], q_rope[:, :, None], lat, kr, w_uk, w_uv, scale=scale,
                                     mask=torch.ones(1, 1, 1, lat.shape[1], dtype=torch.bool))[:, :, 0]
@@ -146,7 +104,7 @@ def test_hadamard_and_pca_err_less_than_identity_on_structured_latents():
     """methods.md 3.7 (5), on averages: latents with the structure of real activations (low rank plus a few
     outlier channels) and queries that attend to latent-similar tokens, as trained models' do (with purely
     random queries identity slicing wins; bench/bench_tpla.py reports both)."""
-    from accel.tpla.errors import error_grid
+    from accel.research.tpla_errors import error_grid
 
     rows = error_grid(shards=(2,), query_modes=("aligned",), query_scales=(3.0,), logit_scales=("1",), seeds=4)
     err = {r["transform"]: r["rel_error"] for r in rows}
@@ -235,7 +193,7 @@ def test_pca_calibration_covariance_and_save_load(tmp_path):
 
 
 def test_plan_round_trip_with_exact_layers(tmp_path):
-    from accel.scheduler.plan import Plan
+    from accel.plan import Plan
 
     m = tiny_mla(3)
     ids, mask = prompt(n=20)

@@ -1,4 +1,4 @@
-"""Visual-token pruning (issue 7) on tiny random VLMs built from configs (no VLM weights install here).
+"""Visual-token pruning on tiny random VLMs built from configs (no VLM weights install here).
 
 Checks: keeping every token equals the unpatched model exactly (all policies, both feature strategies,
 padded batches, composed with an LM policy); the kept indices are exactly each method's top-k computed
@@ -12,7 +12,8 @@ import torch
 
 import accel
 from accel.errors import AccelError, AlreadyPatchedError, InputError, UnsupportedModelError
-from accel.vlm.scoring import flowcut_prune_count, keep_topk
+from accel.policies.flowcut import flowcut_prune_count
+from accel.policies.visual import keep_topk
 
 IMG = 299
 POLICIES = ["fastervlm", "flowcut", "fastv", "randomprune"]
@@ -271,7 +272,7 @@ def _smollm_tokenizer():
 
 
 def test_digits_render_places_the_digit_on_the_patch_grid():
-    from accel.vlm import digits as D
+    from accel.research import digits_vlm as D
 
     cfg = D.DigitsConfig()
     x, y, xt, yt = D.digits_split(cfg)
@@ -287,7 +288,7 @@ def test_digits_render_places_the_digit_on_the_patch_grid():
 def test_digits_pipeline_trains_caches_and_evaluates_under_pruning(tmp_path, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from accel.vlm import digits as D
+    from accel.research import digits_vlm as D
 
     tok = _smollm_tokenizer()
     torch.manual_seed(0)

@@ -4,7 +4,8 @@ bytes and a share of the weights, and remove() restores every weight exactly."""
 import torch
 
 import accel
-from tests.test_tpla import decode_logits, prompt, tiny_mla
+from tests.conftest import decode_logits, tiny_mla
+from tests.conftest import mla_prompt as prompt
 
 torch.set_num_threads(1)
 rank, world = accel.tpla.init_distributed("gloo")

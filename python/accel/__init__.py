@@ -13,22 +13,22 @@ from .errors import (AccelError, AlreadyPatchedError, InputError, PlanValidation
 
 
 def __getattr__(name):  # lazy public surface: importing accel stays cheap and side-effect free
-    if name in ("patch", "unpatch", "get_handle", "PatchHandle"):
-        from .patching import core
+    if name in ("patch", "unpatch", "get_handle", "calibrate"):
+        from . import api
 
-        return getattr(core, name)
-    if name in ("list_policies", "get_policy_class", "register_policy"):
+        return getattr(api, name)
+    if name == "PatchHandle":
+        from .patching.lm import PatchHandle
+
+        return PatchHandle
+    if name in ("list_policies", "get_policy_class", "register_policy", "list_calibratable"):
         from .policies import registry
 
         return getattr(registry, name)
     if name in ("Plan", "LayerPlan", "HeadPlan"):
-        from .scheduler import plan
+        from . import plan
 
         return getattr(plan, name)
-    if name == "calibrate":
-        from .scheduler.profiler import calibrate
-
-        return calibrate
     if name == "AccelCache":
         from .cache import AccelCache
 
@@ -37,13 +37,14 @@ def __getattr__(name):  # lazy public surface: importing accel stays cheap and s
         from .models.registry import supported_model_types
 
         return supported_model_types
-    if name == "models":
+    if name in ("models", "tpla", "vlm", "calibration", "policies"):  # subpackages, imported on first use
         import importlib
 
-        return importlib.import_module(".models", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'accel' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "patch", "calibrate", "unpatch", "get_handle", "PatchHandle", "list_policies", "Plan", "LayerPlan",
+__all__ = ["__version__", "patch", "calibrate", "unpatch", "get_handle", "PatchHandle", "list_policies",
+           "list_calibratable", "Plan", "LayerPlan",
            "HeadPlan", "AccelCache", "supported_model_types", "AccelError", "AlreadyPatchedError", "InputError",
            "PlanValidationError", "UnknownPolicyError", "UnsupportedModelError"]

@@ -10,7 +10,7 @@ exactness tests at both ends). What changed inside that window and is handled he
 
 A release outside the window is refused by ``accel.patch`` (``check_transformers_version``); setting
 ``ACCEL_ALLOW_UNTESTED_TRANSFORMERS=1`` lets it run, and the take-over check of every patched forward
-(``accel.patching.core``) then still refuses a forward in which transformers did not use accel's cache or attention.
+(``accel.patching.lm``) then still refuses a forward in which transformers did not use accel's cache or attention.
 """
 from __future__ import annotations
 

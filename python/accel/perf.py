@@ -153,15 +153,6 @@ def measure_row_read_bandwidth(buf: torch.Tensor, rows: torch.Tensor, repeats: i
     return rows.numel() * buf.shape[1] * buf.element_size() / best / 1e9
 
 
-def measure_scattered_read_bandwidth(row_bytes: int, rows: int = 4096, mb: int = 256, repeats: int = 15) -> float:
-    """Read bandwidth (GB/s) of ``rows`` rows of ``row_bytes`` each at sorted random positions of a
-    ``mb``-MiB buffer, from cold caches (:func:`measure_row_read_bandwidth` on a synthetic buffer)."""
-    buf = torch.ones(mb * 1024 * 1024 // row_bytes, row_bytes // 4)
-    g = torch.Generator().manual_seed(0)
-    sel = torch.randperm(buf.shape[0], generator=g)[:rows].sort().values.int()
-    return measure_row_read_bandwidth(buf, sel, repeats)
-
-
 def measure_copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     """Copy bandwidth (GB/s), counting bytes read + bytes written."""
     x = torch.ones(mb * 1024 * 1024 // 4)

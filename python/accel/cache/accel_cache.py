@@ -51,6 +51,9 @@ class AccelLayer(CacheLayerMixin):
         self.head_lengths: torch.Tensor | None = None
         self.num_reallocations = 0
         self.ragged = None  # RaggedKV once a KV-cache policy compressed this layer
+        #: bumped whenever stored tokens change other than by appending (reorder, batch selection, crop, reset,
+        #: compression), so state a policy derives from the keys (e.g. Quest's page bounds) knows to rebuild
+        self.version = 0
 
     # -- transformers' CacheLayerMixin API -------------------------------------------------------
     @property
@@ -174,6 +177,7 @@ class AccelLayer(CacheLayerMixin):
         return self.sliding_window if self.is_sliding else -1
 
     def reset(self) -> None:
+        self.version += 1
         self.ragged = None
         self.start = self.end = 0
         self.cumulative_length = 0
@@ -181,6 +185,7 @@ class AccelLayer(CacheLayerMixin):
             self.head_lengths.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.version += 1
         if self.ragged is not None:
             self.ragged.select_batch(beam_idx)
             self.head_lengths = self.ragged.lengths
@@ -196,6 +201,7 @@ class AccelLayer(CacheLayerMixin):
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
+        self.version += 1
         if self.ragged is not None:
             from ..errors import AccelError
 
@@ -207,6 +213,7 @@ class AccelLayer(CacheLayerMixin):
         self.head_lengths.fill_(self.end - self.start)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.version += 1
         if self.ragged is not None:
             self.ragged.select_batch(torch.arange(self.ragged.shape[0]).repeat_interleave(repeats))
             self.head_lengths = self.ragged.lengths
@@ -217,6 +224,7 @@ class AccelLayer(CacheLayerMixin):
             self.head_lengths = self.head_lengths.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.version += 1
         if self.ragged is not None:
             idx = torch.arange(self.ragged.shape[0])[indices]
             self.ragged.select_batch(idx)

@@ -49,13 +49,11 @@ class RaggedKV:
         self.offsets, self.caps, self.lengths = offsets, caps, lengths
         self.pos, self.score = pos, score
         self.num_reallocations = 0
-        #: set by H2O-like policies: decode attention adds each kept token's attention to its score
-        self.accumulate = False
-        #: set by the KV policy that compressed the layer: [B, Hkv] budget, protected sink end (absolute
-        #: position) and recent count, and the eviction order ("score" or "age")
-        self.budget = self.sink_end = self.recent = None
-        self.evict_by = "score"
-        self._meta = None  # flattened budget / sink_end / recent for the C++ eviction (reset on re-layout)
+        #: [B] the batch row each row was at construction (beam search and generate's batch utilities reorder
+        #: rows); per-head state kept outside the cache (a KV policy's budgets) is indexed through it
+        self.batch_origin = torch.arange(offsets.shape[0])
+        #: bumped on every batch reorder, so state derived from ``batch_origin`` knows when to rebuild
+        self.batch_version = 0
         self._caps_flat = None
 
     # -- construction -----------------------------------------------------------------------------
@@ -193,10 +191,8 @@ class RaggedKV:
         rows, live = self.rows()
         index = index.long().cpu()
         self._rebuild(rows[index], live[index], self.caps[index], self.lengths[index])
-        for name in ("budget", "sink_end", "recent"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t[index].clone())
+        self.batch_origin = self.batch_origin[index]
+        self.batch_version += 1
 
     def _rebuild(self, rows, live, caps, lengths) -> None:
         """New pools with segments of ``caps`` rows holding the rows ``rows[live]`` (per head, in order)."""
@@ -215,5 +211,4 @@ class RaggedKV:
         self.offsets, self.caps = offsets.view(B, Hkv), caps.clone()
         if lengths is not self.lengths:  # a re-layout keeps the tensor the cache layer shares as head_lengths
             self.lengths = lengths.clone()
-        self._meta = None
         self._caps_flat = None

@@ -214,8 +214,8 @@ def _run_mla(args, model) -> int:
     its slowest rank's). The unpatched baseline runs only when ``hf`` is listed: it expands the whole latent
     cache into per-head keys and values every step (seconds per step at 32K)."""
     from ..errors import AccelError
-    from ..tpla.bench import cache_bytes, hf_latent_cache, time_decode, weight_bytes
-    from ..tpla.models import synthetic_cache
+    from ..research.tpla_bench import cache_bytes, hf_latent_cache, time_decode, weight_bytes
+    from ..research.mla_models import synthetic_cache
     from .common import tp_setup
 
     if not args.synthetic_kv:

@@ -6,7 +6,7 @@ import logging
 import torch
 
 
-BASELINE = "hf"  # the unpatched transformers model
+from ..eval.runner import BASELINE, patch_for  # noqa: F401  (the CLI commands take them from here)
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -93,11 +93,11 @@ def check_file(path: str | None, what: str) -> None:
 
 def load_model(name: str, dtype: str = "float32"):
     from ..models import load
-    from ..tpla.models import RANDOM_MODELS
+    from ..research.mla_models import RANDOM_MODELS
 
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     if name in RANDOM_MODELS:  # random-weight DeepSeek-V3 configs for TPLA (no MLA weights install here)
-        from ..tpla.models import ByteTokenizer, random_mla
+        from ..research.mla_models import ByteTokenizer, random_mla
 
         return random_mla(RANDOM_MODELS[name]).to(dt), ByteTokenizer()
     return load(name, dtype=dt)
@@ -125,15 +125,6 @@ def tp_setup(args, policy: str, overrides: dict) -> int:
         raise AccelError(f"--tp {tp} but torchrun started {world} ranks; use --nproc-per-node {tp}")
     overrides.update(shards=tp, execution="distributed")
     return rank
-
-
-def patch_for(model, policy: str, overrides: dict | None = None, plan=None, reserve: int = 0):
-    """Patch ``model`` with ``policy`` unless it is the unpatched baseline; returns the handle or None."""
-    if policy == BASELINE:
-        return None
-    from ..patching.core import patch
-
-    return patch(model, policy, plan=plan, reserve=reserve, **(overrides or {}))
 
 
 def timed_generate(model, tok, prompts: list[str], max_new_tokens: int, force_length: bool = False, **gen):

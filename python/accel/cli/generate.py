@@ -60,7 +60,7 @@ def run(args) -> int:
     overrides = parse_overrides(args.set)
     check_policy_specs([args.policy], overrides)
     if args.plan:
-        from ..scheduler.plan import Plan
+        from ..plan import Plan
 
         Plan.coerce(args.plan)  # a malformed plan file is reported now
     model, tok = load_model(args.model, args.dtype)

@@ -9,7 +9,7 @@ def run(args) -> int:
     from ..models.registry import supported_model_types
     from ..ops.attention import backend_report
     from ..perf import machine_facts
-    from ..policies.registry import list_policies
+    from ..policies.registry import list_calibratable, list_policies
 
     facts = machine_facts()
     print(f"accel {facts['accel']}  torch {facts['torch']}  transformers {facts['transformers']}")
@@ -18,12 +18,13 @@ def run(args) -> int:
     for name, reason in backend_report().items():
         print(f"  {name:7s} {'available' if not reason else 'unavailable: ' + reason}")
     print(f"\npolicies: {', '.join(list_policies())}")
+    print(f"calibratable (accel plan --policy NAME, accel.calibrate): {', '.join(list_calibratable())}")
     print(f"architectures: {', '.join(supported_model_types())}")
     from ..vlm.adapters import supported_vlm_types
 
     print(f"VLM architectures (visual-token pruning): {', '.join(supported_vlm_types())}")
     from ..tpla.adapters import supported_mla_types
-    from ..tpla.models import RANDOM_MODELS
+    from ..research.mla_models import RANDOM_MODELS
 
     print(f"MLA architectures (tpla): {', '.join(supported_mla_types())}; random test configs: "
           f"{', '.join(RANDOM_MODELS)}")

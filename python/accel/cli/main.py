@@ -57,26 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick", action="store_true", help="a few samples at 512 tokens (smoke test, ~2 min)")
     e.add_argument("--out", default="bench/results/eval.csv")
 
-    pl = sub.add_parser("plan", help="make a layer plan: HyLRA profiling + DP on calibration text (or DELTA's layout)")
+    pl = sub.add_parser("plan", help="make a plan for a policy: its calibrator on calibration text (hylra, duo, moa, ...) "
+                                     "or its default plan")
     common(pl)
-    pl.add_argument("--policy", default="hylra", choices=["hylra", "delta", "duo", "moa"],
-                    help="hylra: profiler + layer DP; delta: its default layout; duo: per-head scores (retrieval vs "
-                         "streaming); moa: per-head elastic spans (profile + MILP)")
+    pl.add_argument("--policy", default="hylra",
+                    help="a policy with a calibrator (`accel info` lists them; e.g. hylra: profiler + layer DP, duo: "
+                         "per-head scores, moa: per-head spans by MILP) or any other policy (its default plan, e.g. delta)")
     pl.add_argument("--out", required=True, help="plan JSON to write (a PNG picture is written next to it)")
     pl.add_argument("--png", default=None, help="picture path (default: the --out path with .png)")
     pl.add_argument("--tokens", type=int, default=None, help="tokens per calibration text (hylra 4096, duo 2048)")
     pl.add_argument("--n-texts", type=int, default=None, help="calibration texts (hylra 4 and duo 4 retrieval prompts, moa 2)")
     pl.add_argument("--steps", type=int, default=None, help="decode-step queries profiled per text (hylra 32, duo/moa 64)")
-    pl.add_argument("--chunk", type=int, default=16)
-    pl.add_argument("--preserved-ratio", type=float, default=0.125, help="profiled top-k as a fraction of the text")
+    pl.add_argument("--chunk", type=int, default=None, help="hylra: selection chunk the profiler emulates (16)")
+    pl.add_argument("--preserved-ratio", type=float, default=None, help="hylra: profiled top-k as a fraction of the text (0.125)")
     pl.add_argument("--sink", type=int, default=None, help="hylra 16, duo 64")
     pl.add_argument("--recent", type=int, default=None, help="hylra 64, duo 256")
-    pl.add_argument("--retrieval-fraction", type=float, default=0.5, help="duo: default share of retrieval heads in the plan")
-    pl.add_argument("--densities", default="0.5,0.25,0.1", help="moa: average densities to solve for (the first is the default)")
-    pl.add_argument("--lengths", default="2048,4096", help="moa: profiled lengths")
-    pl.add_argument("--sparsity", type=float, default=0.91, help="rollback layers = ceil(L*(1-sparsity))")
+    pl.add_argument("--retrieval-fraction", type=float, default=None, help="duo: default share of retrieval heads (0.5)")
+    pl.add_argument("--densities", default=None, help="moa: average densities to solve for, the first the default "
+                                                      "(0.5,0.25,0.1)")
+    pl.add_argument("--lengths", default=None, help="moa: profiled lengths (2048,4096)")
+    pl.add_argument("--sparsity", type=float, default=None, help="hylra: rollback layers = ceil(L*(1-sparsity)) (0.91)")
     pl.add_argument("--computed-ratio", type=float, default=None, help="hylra: switch budget share of the DP (0.2)")
-    pl.add_argument("--anchor-mode", default="full", choices=["full", "select"])
+    pl.add_argument("--anchor-mode", default=None, choices=["full", "select"], help="hylra (full)")
     pl.add_argument("--data", default=None, choices=["essays", "retrieval"],
                     help="hylra calibration text: plain essays or synthetic passkey/needle prompts (default retrieval)")
     pl.add_argument("--metric", default=None, choices=["overlap", "mass", "mass_min", "far_mass", "residual", "relative"],

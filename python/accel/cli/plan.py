@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .common import load_model, parse_overrides, setup
+
 logger = logging.getLogger("accel")
 
 
@@ -77,7 +79,7 @@ def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
             if hp.score is not None:
                 grid[h, i] = hp.score
             elif hp.alpha is not None and hp.beta is not None:
-                from ..scheduler.heads import moa_span
+                from ..policies.moa import moa_span
 
                 grid[h, i] = moa_span(hp.alpha, hp.beta, 4096) / 4096
     fig, ax = plt.subplots(figsize=(max(8, L * 0.35), 1.2 + 0.45 * H))
@@ -106,41 +108,66 @@ def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
     plt.close(fig)
 
 
+#: `accel plan` flags -> calibrator option names (any other option: --set KEY=VALUE)
+FLAG_OPTIONS = ("tokens", "n_texts", "steps", "chunk", "preserved_ratio", "sink", "recent", "retrieval_fraction",
+                "densities", "lengths", "sparsity", "computed_ratio", "anchor_mode", "data", "metric", "reduce")
+LIST_OPTIONS = {"densities": float, "lengths": int}
+
+
+def calibration_options(args) -> dict:
+    """The calibrator options the user gave as flags; the calibrator owns every default."""
+    from ..errors import InputError
+
+    opts = {k: getattr(args, k) for k in FLAG_OPTIONS if getattr(args, k, None) is not None}
+    for k, conv in LIST_OPTIONS.items():
+        if k in opts:
+            try:
+                opts[k] = [conv(x) for x in str(opts[k]).split(",") if x.strip()]
+            except ValueError:
+                raise InputError(f"--{k.replace('_', '-')} takes comma-separated numbers, got {opts[k]!r}") from None
+    return opts
+
+
+def check_request(args):
+    """Input errors before the model loads: an unknown policy, options its calibrator does not take. Returns
+    ``(calibrator or None, options)``: a calibrator takes the flags and ``--set KEY=VALUE``; a policy without one
+    writes its default plan, built with ``--set`` as its options."""
+    from ..errors import InputError
+    from ..policies.registry import get_calibrator, get_policy_class, list_calibratable, make_policy
+
+    get_policy_class(args.policy)  # one line naming the registered policies
+    opts = calibration_options(args)
+    extra = parse_overrides(args.set)
+    if args.policy not in list_calibratable():
+        if opts:
+            flags = ", ".join("--" + k.replace("_", "-") for k in sorted(opts))
+            raise InputError(f"policy {args.policy!r} has no calibrator, so {flags} {'does' if len(opts) == 1 else 'do'} "
+                             f"not apply; it writes its default plan (calibratable: {', '.join(list_calibratable())})")
+        make_policy(args.policy, extra)  # its options, checked before the model loads
+        return None, extra
+    opts.update(extra)
+    cal = get_calibrator(args.policy)
+    bad = sorted(set(opts) - set(cal.options))
+    if bad:
+        flags = ", ".join("--" + b.replace("_", "-") if b in FLAG_OPTIONS else b for b in bad)
+        raise InputError(f"{flags} {'does' if len(bad) == 1 else 'do'} not apply to {args.policy!r}; its calibration "
+                         f"options are {', '.join(cal.options)}")
+    return cal, opts
+
+
 def run(args) -> int:
-    from ..scheduler.plan import Plan
-    from .common import load_model, parse_overrides, setup
+    from ..plan import Plan
 
     setup(args)
+    cal, opts = check_request(args)
     model, tok = load_model(args.model, args.dtype)
-    def given(**kw):  # options the user set; the calibrators own their defaults
-        return {k: v for k, v in kw.items() if v is not None}
-
-    if args.policy == "hylra":
-        from ..scheduler.profiler import calibrate
-
-        plan = calibrate(model, tok, policy="hylra", chunk=args.chunk, preserved_ratio=args.preserved_ratio,
-                         sparsity=args.sparsity, anchor_mode=args.anchor_mode, progress=True,
-                         **given(tokens=args.tokens, steps=args.steps, sink=args.sink, recent=args.recent,
-                                 computed_ratio=args.computed_ratio, n_texts=args.n_texts, data=args.data,
-                                 metric=args.metric))
-    elif args.policy == "duo":
-        from ..scheduler.heads import calibrate_duo
-
-        plan = calibrate_duo(model, tok, retrieval_fraction=args.retrieval_fraction, progress=True,
-                             **given(tokens=args.tokens, steps=args.steps, n_texts=args.n_texts, sink=args.sink,
-                                     recent=args.recent, metric=args.metric, reduce=args.reduce))
-    elif args.policy == "moa":
-        from ..scheduler.heads import calibrate_moa
-
-        plan = calibrate_moa(model, tok, lengths=[int(x) for x in args.lengths.split(",")],
-                             densities=[float(x) for x in args.densities.split(",")], progress=True,
-                             **given(steps=args.steps, n_texts=args.n_texts))
+    if cal is not None:
+        plan = cal(model, tok, progress=True, **opts) if "progress" in cal.options else cal(model, tok, **opts)
     else:
         from ..models.registry import get_adapter
         from ..policies.registry import make_policy
 
-        pol = make_policy(args.policy, parse_overrides(args.set))
-        plan = pol.build_plan(get_adapter(model).info())
+        plan = make_policy(args.policy, opts).build_plan(get_adapter(model).info())
     plan.provenance["command"] = "accel " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "accel plan"
     plan.provenance["model"] = args.model
     out = Path(args.out)

@@ -9,7 +9,6 @@ is prefilled once with accel's dense path, and each policy decodes from its own 
 (``Policy.dense_prefill = False``) run their own prefill.
 """
 from __future__ import annotations
-from .. import compat
 
 import hashlib
 import json
@@ -19,9 +18,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .. import compat
 from ..config import cache_dir
 from ..errors import AccelError
 
+BASELINE = "hf"  # the unpatched transformers model
 GEN_TASKS = ("passkey", "niah")
 LM_TASKS = ("lm",)  # perplexity + agreement with dense
 
@@ -50,6 +51,15 @@ class Result:
     prediction: str
     decode_s: float = float("nan")
     extra: dict = field(default_factory=dict)
+
+
+def patch_for(model, policy: str, overrides: dict | None = None, plan=None, reserve: int = 0):
+    """Patch ``model`` with ``policy`` unless it is the unpatched baseline; returns the handle or None."""
+    if policy == BASELINE:
+        return None
+    from ..api import patch
+
+    return patch(model, policy, plan=plan, reserve=reserve, **(overrides or {}))
 
 
 # -- samples ---------------------------------------------------------------------------------------
@@ -156,11 +166,11 @@ def _shares_dense_prefill(policy_name: str) -> bool:
     return all(getattr(p, "dense_prefill", True) for p in parts)
 
 
-def _prefill(model, ids, mask, record: dict | None = None):
+def _prefill(model, ids, mask, record: list | None = None):
     """Prefill ``ids`` with accel's dense path; returns the AccelCache and seconds. ``record``: prefill
     statistics KV-cache policies need to compress a copy of the cache (``_stats_needed``)."""
     from ..models.base import last_logits_only
-    from ..patching.core import patch
+    from ..api import patch
 
     t = time.perf_counter()
     with patch(model, "dense") as h, torch.no_grad():
@@ -170,18 +180,17 @@ def _prefill(model, ids, mask, record: dict | None = None):
     return cache, time.perf_counter() - t
 
 
-def _stats_needed(policies: list[str], overrides: dict | None = None) -> dict:
-    """Union of the prefill statistics the KV-cache policies among ``policies`` need."""
+def _stats_needed(policies: list[str], overrides: dict | None = None) -> list:
+    """The KV-cache policies among ``policies``: the shared prefill records what each of them needs
+    (``prefill_statistics``) to compress a copy of the cache later."""
     from ..policies.registry import make_policy
 
-    need: dict = {}
+    need = []
     for name in policies:
-        if name == "hf":
+        if name == BASELINE:
             continue
         pol = make_policy(name, _own_overrides(name, overrides))
-        for p in getattr(pol, "kv", []) or []:
-            for k, v in p.needs_stats().items():
-                need[k] = max(need.get(k, 0), v) if not isinstance(v, bool) else (need.get(k, False) or v)
+        need += [p for p in getattr(pol, "kv", []) or [] if hasattr(p, "prefill_statistics")]
     return need
 
 
@@ -200,8 +209,6 @@ def _compress_fork(handle, cache, mask) -> None:
 # -- generation tasks --------------------------------------------------------------------------------
 def run_generation(model, tok, samples: list[Sample], policies: list[str], overrides: dict | None = None,
                    progress=None) -> list[Result]:
-    from ..cli.common import patch_for
-
     results = []
     shares = {p: _shares_dense_prefill(p) for p in policies}
     record = _stats_needed(policies, overrides)
@@ -239,7 +246,6 @@ def run_lm(model, tok, policies: list[str], lengths: list[int], n_eval: int, n_s
     """Teacher-forced decode of ``n_eval`` held-out tokens after a ``length``-token prefix of the essays:
     perplexity of those tokens, and top-1 agreement / KL(dense || policy) of every next-token
     distribution against accel dense (the exact reference) computed on the same prefix."""
-    from ..cli.common import patch_for
     from .text import essays_text
 
     text = essays_text()

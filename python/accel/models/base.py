@@ -2,12 +2,27 @@
 special about it. One file per architecture; ``registry.py`` maps ``config.model_type`` to them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..errors import UnsupportedModelError
-from ..policies.base import ModelInfo
+
+
+@dataclass
+class ModelInfo:
+    """What a policy may need to know about the model (filled by the architecture adapter)."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int | None
+    sliding_windows: list[int | None]
+    #: identifies the checkpoint's architecture and size (shipped plans are matched on it)
+    fingerprint: str = ""
 
 
 def last_logits_only(model: torch.nn.Module) -> dict:

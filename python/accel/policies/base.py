@@ -16,50 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import ClassVar
 
 from ..errors import AccelError
-from ..scheduler.plan import Plan
-
-
-@dataclass
-class ModelInfo:
-    """What a policy may need to know about the model (filled by the architecture adapter)."""
-
-    model_type: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_context: int | None
-    sliding_windows: list[int | None]
-    #: identifies the checkpoint's architecture and size (shipped plans are matched on it)
-    fingerprint: str = ""
-
-
-@dataclass(eq=False)
-class LayerContext:
-    """Per-layer, per-call context handed to policies.
-
-    Attributes:
-        layer_idx: decoder layer index.
-        module: the layer's attention module (read-only for policies).
-        plan: this layer's ``LayerPlan``.
-        runtime: the model-wide ``ModelRuntime`` (current cache, step counter, cross-layer data such
-            as a donor layer's selected indices).
-        cache_layer: the layer's ``AccelLayer`` when accel's cache is in use, else ``None``.
-        state: persistent per-layer dict for the policy (survives across decode steps of one
-            generation; cleared when a new cache starts).
-    """
-
-    layer_idx: int
-    module: torch.nn.Module
-    plan: Any
-    runtime: Any
-    cache_layer: Any
-    state: dict
+from ..attention.context import LayerContext
+from ..attention.decode import dense_decode
+from ..attention.hf import hf_sdpa
+from ..models.base import ModelInfo
+from ..plan import Plan
 
 
 class Policy:
@@ -77,8 +41,19 @@ class Policy:
     def validate(self) -> None:
         """Raise ``AccelError`` naming any knob that is out of range."""
 
+    #: layer modes and head kinds this policy's plans use (beyond "full"); ``check_plan`` holds a plan to them
+    plan_modes: ClassVar[tuple[str, ...]] = ("full",)
+    head_kinds: ClassVar[tuple[str, ...]] = ()
+    #: ``"module:function"`` of the policy's calibrator, ``calibrate(model, tokenizer, texts=None, **options) ->
+    #: Plan`` (``accel.calibrate``, ``accel plan``); None: the policy's plan needs no calibration
+    calibrator: ClassVar[str | None] = None
+
     def not_supported_reasons(self, info: ModelInfo) -> list[str]:
         return []
+
+    def check_plan(self, plan: Plan) -> None:
+        """Refuse a plan whose layer modes or head kinds this policy does not execute."""
+        check_plan_fields(plan, self.name, self.plan_modes, self.head_kinds)
 
     def build_plan(self, info: ModelInfo) -> Plan:
         return Plan.uniform(
@@ -106,13 +81,9 @@ class AttentionPolicy(Policy):
     kind: ClassVar[str] = "attention"
 
     def prefill(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
-        from ..patching.attention_fn import hf_sdpa
-
         return hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
     def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
-        from ..patching.attention_fn import dense_decode
-
         return dense_decode(ctx, query, key, value, attention_mask, scaling)
 
 
@@ -124,6 +95,19 @@ class KVCachePolicy(Policy):
 
     def after_decode(self, ctx: LayerContext, query, attention_mask) -> None:
         """Evict from ``ctx.cache_layer`` after a decode step."""
+
+
+def check_plan_fields(plan: Plan, name: str, modes, kinds) -> None:
+    from ..errors import PlanValidationError
+
+    for i, lp in enumerate(plan.layers):
+        if lp.mode not in modes:
+            raise PlanValidationError(f"layers[{i}].mode: {lp.mode!r} is not a mode policy {name!r} executes "
+                                      f"({', '.join(modes)}); use a plan made for {name!r}")
+        for j, hp in enumerate(lp.heads or []):
+            if hp.kind != "full" and hp.kind not in kinds:
+                raise PlanValidationError(f"layers[{i}].heads[{j}].kind: {hp.kind!r} is not a head kind policy {name!r} "
+                                          f"executes ({', '.join(('full',) + tuple(kinds))}); use a plan made for {name!r}")
 
 
 @dataclass
@@ -154,3 +138,9 @@ class ComposedPolicy:
             for p in self.kv:
                 plan.params.update({f"{p.name}.{k}": v for k, v in p.knobs().items()})
         return plan
+
+    def check_plan(self, plan: Plan) -> None:
+        parts = [self.attention, *self.kv]
+        modes = tuple(dict.fromkeys(m for p in parts for m in p.plan_modes))
+        kinds = tuple(dict.fromkeys(k for p in parts for k in p.head_kinds))
+        check_plan_fields(plan, self.name, modes, kinds)

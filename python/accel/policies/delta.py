@@ -28,8 +28,9 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import AccelError
-from ..scheduler.plan import LayerPlan, Plan
-from .base import ModelInfo
+from ..models.base import ModelInfo
+from ..plan import LayerPlan, Plan
+from ..plan.shipped import shipped_plan
 from .hylra import _LayerReuse
 from .registry import register_policy
 
@@ -100,8 +101,6 @@ class DeltaPolicy(_LayerReuse):
         cal = None
         source = "DELTA default layout"
         if self.layout == "calibrated" and self.delta_layers is None:
-            from ..scheduler.shipped import shipped_plan
-
             hp = shipped_plan("hylra", info)
             if hp is None:
                 logger.info("delta: no shipped HyLRA plan for %s; using the paper's layout scaled to %d layers",

@@ -4,7 +4,7 @@ Inference with Retrieval and Streaming Heads", arXiv 2410.10819; methods.md 7.6)
 Every KV head is a *retrieval* head (full cache: keeps every prompt token and every generated token)
 or a *streaming* head (a constant cache of ``sink`` + ``recent`` tokens, 16 + 64 by default, plus scored
 middle tokens, see below; published DuoAttention streams 64 + 256 and evicts the oldest non-sink token). The heads are ranked offline by ``accel.calibrate(...,
-policy="duo")`` / ``accel plan --policy duo`` (``accel.scheduler.heads``: by default the attention mass a
+policy="duo")`` / ``accel plan --policy duo`` (``accel.calibration.duo``: by default the attention mass a
 head puts outside its sink and recent tokens at the worst step of synthetic retrieval prompts with the
 answer appended, ``metric="far_mass"``; no gradient training). The plan stores every head's score, and
 each request turns the best-ranked heads (over all layers) into retrieval heads:
@@ -23,7 +23,7 @@ on top of the sinks and recent tokens when given. Those heads evict by that scor
 protecting the sinks and recent tokens (new tokens score 0, so they leave in age order once out of the
 recent window), and the retrieval-head count above uses ``S = sink + recent + middle``.
 DuoAttention as published: ``middle=0`` (``stream_share`` is then unused), with ``sink=64, recent=256``.
-Measured on SmolLM2-135M (README, issue 6): at 25% / 4K, published form NIAH 9/20 and passkey 12/20,
+Measured on SmolLM2-135M (docs/results.md): at 25% / 4K, published form NIAH 9/20 and passkey 12/20,
 16 + 64 + 432 middle tokens (what the default gives there, within 2 tokens) 11/20 and 15/20, dense 12/20 and
 16/20; at 25% / 8K (12 samples) the default equals dense (6/12, 8/12), the published form 2/12 and 8/12.
 
@@ -40,9 +40,11 @@ from typing import ClassVar
 import torch
 
 from ..errors import AccelError
-from ..scheduler.plan import Plan
-from .base import ModelInfo
-from .kvcompress import BudgetedKVPolicy, force_sinks_and_recent, sinks_then_newest, snapkv_scores
+from ..models.base import ModelInfo
+from ..plan import Plan
+from ..plan.shipped import require_shipped_plan
+from .budgeted import BudgetedKVPolicy, force_sinks_and_recent, sinks_then_newest
+from .snapkv import snapkv_scores
 from .registry import register_policy
 
 
@@ -95,24 +97,17 @@ class DuoAttentionPolicy(BudgetedKVPolicy):
         share = torch.floor(self.base_budget(n).double() * float(self.stream_share)).long()
         return share.clamp(min=S)
 
-    def needs_stats(self) -> dict:
-        return {"window": self.window} if self.scored else {}
+    def prefill_statistics(self, query, keys, valid, scaling) -> dict:
+        return {"q_window": query[:, :, -self.window:].detach().clone()} if self.scored else {}
 
     # -- plan --------------------------------------------------------------------------------------------
     needs_plan: ClassVar[bool] = True
+    calibrator: ClassVar[str] = "accel.calibration.duo:calibrate_duo"
+    plan_modes: ClassVar[tuple] = ("full", "compress")
+    head_kinds: ClassVar[tuple] = ("retrieval", "streaming")
 
     def build_plan(self, info: ModelInfo) -> Plan:
-        from ..scheduler.shipped import shipped_plan
-
-        plan = shipped_plan("duo", info)
-        if plan is None:
-            raise AccelError(
-                f"duo needs per-head scores for this model ({info.model_type}, {info.num_layers} layers) and none "
-                "ships with accel. Make a plan (a few minutes on CPU): `accel plan --model PATH --policy duo --out "
-                "duo.json` or `accel.calibrate(model, tokenizer, policy='duo')`, then `accel.patch(model, 'duo', "
-                "plan='duo.json')`"
-            )
-        return plan
+        return require_shipped_plan("duo", info, "per-head scores (which heads retrieve and which stream)")
 
     def _ranks(self) -> dict[tuple[int, int], int]:
         plan = getattr(self, "_plan", None)

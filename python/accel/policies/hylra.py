@@ -27,10 +27,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..attention.decode import dense_decode, dense_with_scores, own_scores, ragged_decode, ragged_sparse_attend, ragged_with_scores, sparse_attend
+from ..attention.masks import first_valid_positions
+from ..attention.selection import AGG_CHOICES, check_budget_knobs, select_from_scores, token_budget
 from ..errors import AccelError
-from ..scheduler.plan import Plan
-from . import _selection as S
-from .base import AttentionPolicy, LayerContext, ModelInfo
+from ..plan import Plan
+from ..plan.shipped import require_shipped_plan
+from ..attention.context import LayerContext
+from ..models.base import ModelInfo
+from .base import AttentionPolicy
 from .registry import register_policy
 
 
@@ -39,6 +44,7 @@ class _LayerReuse(AttentionPolicy):
     Runs over accel's full cache and over KV-compressed caches (composition with a KV policy)."""
 
     supports_compressed_cache = True
+    plan_modes = ("full", "select", "reuse")
 
     def _knob(self, ctx: LayerContext, name: str):
         v = getattr(ctx.plan, name, None) if name in ("topk", "sink", "recent") else ctx.plan.params.get(name)
@@ -47,11 +53,9 @@ class _LayerReuse(AttentionPolicy):
     def _budget(self, ctx: LayerContext, T: int) -> int:
         topk = ctx.plan.topk if ctx.plan.topk is not None else self.topk
         ratio = ctx.plan.params.get("topk_ratio", self.topk_ratio)
-        return S.token_budget(T, topk, ratio, self.min_topk)
+        return token_budget(T, topk, ratio, self.min_topk)
 
     def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
-        from ..patching.attention_fn import dense_decode
-
         lp = ctx.plan
         T = key.shape[2]
         cl = ctx.cache_layer
@@ -65,16 +69,16 @@ class _LayerReuse(AttentionPolicy):
             sel = ctx.runtime.shared.get(("sel", lp.reuse_src))
             if not sparse_on or sel is None or sel[0] != ctx.runtime.step or sel[3] != T:
                 return dense_decode(ctx, query, key, value, attention_mask, scaling)
-            return S.sparse_attend(ctx, query, key, value, attention_mask, scaling, sel[1], sel[2])
+            return sparse_attend(ctx, query, key, value, attention_mask, scaling, sel[1], sel[2])
         if lp.mode == "select" and sparse_on:
-            scores, lse, valid = S.own_scores(query, key, attention_mask, ctx, scaling)
+            scores, lse, valid = own_scores(query, key, attention_mask, ctx, scaling)
             idx, counts = self._select(ctx, scores, lse, valid, budget, T, key.shape[1])
             if ctx.layer_idx in ctx.runtime.donors:
                 ctx.runtime.shared[("sel", ctx.layer_idx)] = (ctx.runtime.step, idx, counts, T)
-            return S.sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
+            return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
         # full (or select/anchor with the budget covering the context: exact)
         if ctx.layer_idx in ctx.runtime.donors and sparse_on:
-            res = S.dense_with_scores(ctx, query, key, value, attention_mask, scaling)
+            res = dense_with_scores(ctx, query, key, value, attention_mask, scaling)
             if res is not None:
                 out, scores, lse, valid = res
                 idx, counts = self._select(ctx, scores, lse, valid, budget, T, key.shape[1])
@@ -89,8 +93,6 @@ class _LayerReuse(AttentionPolicy):
         whose heads hold no more than the budget attends to all of them (no fewer reads are possible,
         and it is exact over the compressed cache), so a budget covering the context gives exactly the
         KV policy alone. A ``select`` layer scores with a full pass over its kept tokens."""
-        from ..patching.attention_fn import ragged_decode
-
         lp = ctx.plan
         rg = ctx.cache_layer.ragged
         T = int(ctx.cache_layer.cumulative_length)
@@ -102,28 +104,28 @@ class _LayerReuse(AttentionPolicy):
             sel = ctx.runtime.shared.get(("sel", lp.reuse_src))
             if not sparse_on or sel is None or sel[0] != ctx.runtime.step or sel[3] != T:
                 return ragged_decode(ctx, query, scaling)
-            return S.ragged_sparse_attend(ctx, query, scaling, sel[1], sel[2])
+            return ragged_sparse_attend(ctx, query, scaling, sel[1], sel[2])
         if (lp.mode == "select" and sparse_on) or donor:
-            out, scores, lse, _ = S.ragged_with_scores(ctx, query, scaling)
+            out, scores, lse, _ = ragged_with_scores(ctx, query, scaling)
             idx, counts = self._select(ctx, scores, lse, None, budget, T, Hkv)
             if donor:
                 ctx.runtime.shared[("sel", ctx.layer_idx)] = (ctx.runtime.step, idx, counts, T)
             if lp.mode == "select" and sparse_on:
-                return S.ragged_sparse_attend(ctx, query, scaling, idx, counts)
+                return ragged_sparse_attend(ctx, query, scaling, idx, counts)
             return out
         return ragged_decode(ctx, query, scaling)
 
     def _select(self, ctx, scores, lse, valid, budget, T, Hkv):
-        return S.select_from_scores(
+        return select_from_scores(
             scores, lse, Hkv, budget, agg=self._knob(ctx, "agg"), chunk=int(self._knob(ctx, "chunk")),
             sink=int(self._knob(ctx, "sink")), recent=int(self._knob(ctx, "recent")),
-            first_valid=S.first_valid_positions(valid, scores.shape[0]) if valid is not None else None, T=T,
+            first_valid=first_valid_positions(valid, scores.shape[0]) if valid is not None else None, T=T,
         )
 
     def validate(self) -> None:
-        S.check_budget_knobs(self.name, self.topk, self.topk_ratio, self.sink, self.recent, self.chunk)
-        if self.agg not in S.AGG_CHOICES:
-            raise AccelError(f"{self.name}: agg must be one of {S.AGG_CHOICES}, got {self.agg!r}")
+        check_budget_knobs(self.name, self.topk, self.topk_ratio, self.sink, self.recent, self.chunk)
+        if self.agg not in AGG_CHOICES:
+            raise AccelError(f"{self.name}: agg must be one of {AGG_CHOICES}, got {self.agg!r}")
         if self.min_context < 0 or self.min_topk < 0:
             raise AccelError(f"{self.name}: min_context and min_topk must be >= 0, got {self.min_context}, {self.min_topk}")
 
@@ -147,6 +149,8 @@ class HyLRAPolicy(_LayerReuse):
             exact rather than attending to a handful of tokens).
     """
 
+    calibrator = "accel.calibration.hylra:calibrate_hylra"
+
     topk: int | None = None
     topk_ratio: float | None = 0.125
     chunk: int = 16
@@ -157,15 +161,6 @@ class HyLRAPolicy(_LayerReuse):
     min_topk: int = 64
 
     def build_plan(self, info: ModelInfo) -> Plan:
-        from ..scheduler.shipped import shipped_plan
-
-        plan = shipped_plan("hylra", info)
-        if plan is None:
-            raise AccelError(
-                f"policy 'hylra' needs a layer plan, and accel ships none for this model ({info.fingerprint}). "
-                "Make one from calibration text (a few minutes on CPU): `accel plan --model PATH --policy hylra "
-                "--out plan.json`, or in Python `plan = accel.calibrate(model, tokenizer, texts)`; then "
-                "`accel.patch(model, 'hylra', plan=plan)`."
-            )
+        plan = require_shipped_plan("hylra", info, "a layer plan (which layers attend fully and which reuse whose selection)")
         plan.params.update({f"policy.{k}": v for k, v in self.knobs().items()})
         return plan

@@ -2,7 +2,7 @@
 
 Every KV head has its own elastic span ``alpha + beta * N``, chosen offline (``accel plan --policy moa``
 / ``accel.calibrate(..., policy="moa")``: a per-head profile at several lengths and a mixed-integer
-program solved with HiGHS through scipy, ``accel.scheduler.heads``). At run time a head keeps
+program solved with HiGHS through scipy, ``accel.calibration.moa``). At run time a head keeps
 ``cache = alpha + beta * (prompt + max_new_tokens)`` tokens (clamped to [128, prompt + max_new],
 rounded up to 64): the first ``min(cache, 64)`` tokens as static sinks and the rest as a circular
 window of the most recent tokens, so its memory is constant during decode. The plan holds one span
@@ -19,14 +19,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import math
+
 import torch
 
 from ..errors import AccelError
-from ..scheduler.heads import MOA_MIN_CACHE, MOA_SINK, MOA_SPLIT, moa_span
-from ..scheduler.plan import Plan
-from .base import ModelInfo
-from .kvcompress import BudgetedKVPolicy, sinks_then_newest
+from ..attention.masks import prompt_valid
+from ..models.base import ModelInfo
+from ..plan import Plan
+from ..plan.shipped import require_shipped_plan
+from .budgeted import BudgetedKVPolicy, sinks_then_newest
 from .registry import register_policy
+
+
+# MoA's span constants (methods.md 4.1)
+# -- MoA: elastic per-head spans ------------------------------------------------------------------------
+MOA_SINK = 64
+
+
+MOA_MIN_CACHE = 128
+
+
+MOA_SPLIT = 64
+
+
+def moa_span(alpha: float, beta: float, n: int, sink: int = MOA_SINK, min_cache: int = MOA_MIN_CACHE,
+             split: int = MOA_SPLIT) -> int:
+    """MoA's cache size of a head for ``n`` tokens (methods.md 4.1): ``alpha + beta * n`` clamped to
+    [min_cache, n], rounded up to a multiple of ``split``, never above ``n``."""
+    s = alpha + beta * n
+    s = max(min_cache, min(n, s))
+    s = int(math.ceil(s / split) * split)
+    return min(n, s)
 
 
 @register_policy("moa")
@@ -40,6 +64,9 @@ class MoAPolicy(BudgetedKVPolicy):
     evict_by: ClassVar[str] = "age"
     accumulate: ClassVar[bool] = False
     needs_plan: ClassVar[bool] = True
+    calibrator: ClassVar[str] = "accel.calibration.moa:calibrate_moa"
+    plan_modes: ClassVar[tuple] = ("full", "compress")
+    head_kinds: ClassVar[tuple] = ("budget",)
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -51,16 +78,7 @@ class MoAPolicy(BudgetedKVPolicy):
         self.dense_prefill = not self.sparse_prefill
 
     def build_plan(self, info: ModelInfo) -> Plan:
-        from ..scheduler.shipped import shipped_plan
-
-        plan = shipped_plan("moa", info)
-        if plan is None:
-            raise AccelError(
-                f"moa needs per-head spans for this model ({info.model_type}, {info.num_layers} layers) and none "
-                "ships with accel. Make a plan: `accel plan --model PATH --policy moa --out moa.json` or "
-                "`accel.calibrate(model, tokenizer, policy='moa')`, then `accel.patch(model, 'moa', plan='moa.json')`"
-            )
-        return plan
+        return require_shipped_plan("moa", info, "per-head spans")
 
     # -- spans ------------------------------------------------------------------------------------------
     def _spans(self, plan, layer_idx: int) -> list[tuple[float, float]]:
@@ -113,8 +131,6 @@ class MoAPolicy(BudgetedKVPolicy):
         B, H, T, D = query.shape
         if key.shape[2] != T:
             return None  # a continuation: dense over the cache
-        from .kvcompress import prompt_valid
-
         if prompt_valid(attention_mask, B, T) is not None:
             return None  # padding: the block kernel has no padding mask
         self._plan = ctx.runtime.plan

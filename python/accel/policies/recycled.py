@@ -27,9 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention.decode import count_kv_read, dense_decode, dense_with_scores, gather_rows, own_scores, sparse_attend
+from ..attention.masks import first_valid_positions
+from ..attention.selection import check_budget_knobs, select_from_scores, token_budget
 from ..errors import AccelError
-from . import _selection as S
-from .base import AttentionPolicy, LayerContext
+from ..attention.context import LayerContext
+from .base import AttentionPolicy
 from .registry import register_policy
 
 
@@ -72,7 +75,7 @@ class RecycledPolicy(AttentionPolicy):
     min_topk: int = 64
 
     def validate(self) -> None:
-        S.check_budget_knobs("recycled", self.topk, self.topk_ratio, self.sink, self.recent, 1)
+        check_budget_knobs("recycled", self.topk, self.topk_ratio, self.sink, self.recent, 1)
         if not isinstance(self.min_topk, int) or self.min_topk < 0:
             raise AccelError(f"recycled: min_topk must be a non-negative integer, got {self.min_topk!r}")
         if self.schedule not in ("dynamic", "fixed"):
@@ -121,13 +124,13 @@ class RecycledPolicy(AttentionPolicy):
     # -- selection -------------------------------------------------------------------------------------
     def _refresh(self, ctx: LayerContext, scores, lse, valid, T: int, Hkv: int, query, key=None, value=None) -> None:
         st = ctx.state
-        K = S.token_budget(T, self.topk, self.topk_ratio, self.min_topk)
+        K = token_budget(T, self.topk, self.topk_ratio, self.min_topk)
         B = scores.shape[0]
-        fv = S.first_valid_positions(valid, B)
+        fv = first_valid_positions(valid, B)
         if K >= T:
             order = torch.arange(T).view(1, 1, T).expand(B, Hkv, T)
         else:
-            idx, counts, a = S.select_from_scores(scores, lse, Hkv, K, agg=self.agg, chunk=1, sink=self.sink,
+            idx, counts, a = select_from_scores(scores, lse, Hkv, K, agg=self.agg, chunk=1, sink=self.sink,
                                                   recent=self.recent, first_valid=fv, pool_kernel=self.pool_kernel,
                                                   T=T, return_scores=True)
             pos = idx.long().clamp(min=0)
@@ -148,8 +151,8 @@ class RecycledPolicy(AttentionPolicy):
             room = n + max(16, n // 4)
             kp = key.new_empty(B, Hkv, room, key.shape[-1])
             vp = value.new_empty(B, Hkv, room, value.shape[-1])
-            kp[:, :, :n] = S.gather_rows(key, order)
-            vp[:, :, :n] = S.gather_rows(value, order)
+            kp[:, :, :n] = gather_rows(key, order)
+            vp[:, :, :n] = gather_rows(value, order)
             st["kp"], st["vp"], st["cp_lo"], st["cp_hi"] = kp, vp, 0, n
             st["cp_next"] = T  # the position of the next token C_p must receive
         st["t_full"] = T
@@ -174,14 +177,14 @@ class RecycledPolicy(AttentionPolicy):
         kp[:, :, hi] = key[:, :, T - 1]
         vp[:, :, hi] = value[:, :, T - 1]
         hi += 1
-        lo = max(lo, hi - S.token_budget(T, self.topk, self.topk_ratio, self.min_topk))
+        lo = max(lo, hi - token_budget(T, self.topk, self.topk_ratio, self.min_topk))
         st["kp"], st["vp"], st["cp_lo"], st["cp_hi"] = kp, vp, lo, hi
         return kp[:, :, lo:hi], vp[:, :, lo:hi]
 
     def _partial_set(self, ctx: LayerContext, T: int):
         st = ctx.state
         order, t_full = st["order"], st["t_full"]
-        K = S.token_budget(T, self.topk, self.topk_ratio, self.min_topk)
+        K = token_budget(T, self.topk, self.topk_ratio, self.min_topk)
         B, Hkv, n = order.shape
         s = T - t_full
         evict = max(0, n + s - K)
@@ -220,15 +223,13 @@ class RecycledPolicy(AttentionPolicy):
         T = key.shape[2]
         m = attention_mask[:, :, -1:, :] if attention_mask is not None and attention_mask.dim() == 4 else attention_mask
         q1 = query[:, :, -1:, :]
-        scores, lse, valid = S.own_scores(q1, key, m, ctx, scaling)
+        scores, lse, valid = own_scores(q1, key, m, ctx, scaling)
         ctx.runtime.shared.pop("valid_mask", None)  # that memo was for the prefill's last row only
         ctx.state.clear()
         self._refresh(ctx, scores, lse, valid, T, key.shape[1], q1, key, value)
         return out
 
     def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
-        from ..patching.attention_fn import dense_decode
-
         cl = ctx.cache_layer
         T = key.shape[2]
         if cl is None or getattr(cl, "is_sliding", False):
@@ -240,7 +241,7 @@ class RecycledPolicy(AttentionPolicy):
             if "order" in st and not self.refresh:
                 st["since_full"] = 0
                 return dense_decode(ctx, query, key, value, attention_mask, scaling)
-            res = S.dense_with_scores(ctx, query, key, value, attention_mask, scaling)
+            res = dense_with_scores(ctx, query, key, value, attention_mask, scaling)
             if res is None:
                 return dense_decode(ctx, query, key, value, attention_mask, scaling)
             out, scores, lse, valid = res
@@ -251,7 +252,6 @@ class RecycledPolicy(AttentionPolicy):
         if "kp" in st:
             st["cp_next"] = T
             kspan, vspan = self._partial_compact(ctx, key, value, T)
-            from ..patching.attention_fn import count_kv_read
             from ..ops.attention import decode_attention
 
             out = decode_attention(query[:, :, 0, :], kspan, vspan, scale=scaling)
@@ -260,4 +260,4 @@ class RecycledPolicy(AttentionPolicy):
         idx, counts = self._partial_set(ctx, T)
         if idx.shape[-1] >= T:  # C_p holds every token: exact
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
-        return S.sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
+        return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)

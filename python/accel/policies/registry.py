@@ -13,18 +13,18 @@ _LAZY: dict[str, str] = {
     "hylra": "accel.policies.hylra:HyLRAPolicy",
     "delta": "accel.policies.delta:DeltaPolicy",
     "recycled": "accel.policies.recycled:RecycledPolicy",
-    "streaming": "accel.policies.kvcompress:StreamingLLMPolicy",
-    "snapkv": "accel.policies.kvcompress:SnapKVPolicy",
-    "pyramidkv": "accel.policies.kvcompress:PyramidKVPolicy",
-    "h2o": "accel.policies.kvcompress:H2OPolicy",
+    "streaming": "accel.policies.streaming:StreamingLLMPolicy",
+    "snapkv": "accel.policies.snapkv:SnapKVPolicy",
+    "pyramidkv": "accel.policies.pyramidkv:PyramidKVPolicy",
+    "h2o": "accel.policies.h2o:H2OPolicy",
     "duo": "accel.policies.duo:DuoAttentionPolicy",
     "taskkv": "accel.policies.taskkv:TaskKVPolicy",
     "moa": "accel.policies.moa:MoAPolicy",
     # visual-token pruning (VLMs): act before the language model, compose with the policies above
-    "fastervlm": "accel.vlm.policies:FasterVLMPolicy",
-    "flowcut": "accel.vlm.policies:FlowCutPolicy",
-    "fastv": "accel.vlm.policies:FastVPolicy",
-    "randomprune": "accel.vlm.policies:RandomPrunePolicy",
+    "fastervlm": "accel.policies.fastervlm:FasterVLMPolicy",
+    "flowcut": "accel.policies.flowcut:FlowCutPolicy",
+    "fastv": "accel.policies.fastv:FastVPolicy",
+    "randomprune": "accel.policies.randomprune:RandomPrunePolicy",
     # tensor-parallel latent attention for MLA models (DeepSeek-V2/V3): swaps the attention modules
     "tpla": "accel.tpla.policy:TPLAPolicy",
 }
@@ -53,6 +53,38 @@ def get_policy_class(name: str) -> type:
     hint = difflib.get_close_matches(name, list_policies(), n=1)
     extra = f" Did you mean {hint[0]!r}?" if hint else ""
     raise UnknownPolicyError(f"unknown policy {name!r}. Registered policies: {', '.join(list_policies())}.{extra}")
+
+
+def list_calibratable() -> list[str]:
+    """Policies whose plan comes from calibration (``accel.calibrate`` / ``accel plan``)."""
+    return [n for n in list_policies() if getattr(get_policy_class(n), "calibrator", None)]
+
+
+def get_calibrator(name: str):
+    """The calibrator of policy ``name``: ``fn(model, tokenizer, texts=None, **options) -> Plan``, checking the
+    options against its signature (one line naming the unknown option and the valid ones)."""
+    import inspect
+
+    cls = get_policy_class(name)
+    ref = getattr(cls, "calibrator", None)
+    if not ref:
+        raise AccelError(f"policy {name!r} has no calibration (its plan is built from its options); calibratable "
+                         f"policies: {', '.join(list_calibratable())}")
+    mod, fn_name = ref.split(":")
+    fn = getattr(importlib.import_module(mod), fn_name)
+    params = inspect.signature(fn).parameters
+    valid = [p for p in params if p not in ("model", "tokenizer", "texts")]
+
+    def calibrate(model, tokenizer, texts=None, **options):
+        bad = sorted(set(options) - set(valid))
+        if bad:
+            what = f"option {bad[0]} does" if len(bad) == 1 else f"options {', '.join(bad)} do"
+            raise AccelError(f"calibrate({name}): {what} not apply; its options are {', '.join(valid)}")
+        return fn(model, tokenizer, texts, **options)
+
+    calibrate.options = valid
+    calibrate.__doc__ = fn.__doc__
+    return calibrate
 
 
 def split_spec(part: str) -> tuple[str, dict]:

@@ -33,7 +33,9 @@ import torch
 
 from ..errors import AccelError
 from .base import LayerContext
-from .kvcompress import FORCED, BudgetedKVPolicy, PrefillView, force_sinks_and_recent, pool1d, prompt_valid
+from ..attention.masks import prompt_valid
+from .budgeted import FORCED, BudgetedKVPolicy, PrefillView, force_sinks_and_recent
+from .snapkv import pool1d
 from .registry import register_policy
 
 _NEG = float("-inf")
@@ -68,8 +70,8 @@ class TaskKVPolicy(BudgetedKVPolicy):
         if self.scope not in ("model", "layer"):
             raise AccelError(f"taskkv: scope must be 'model' or 'layer', got {self.scope!r}")
 
-    def needs_stats(self) -> dict:
-        return {"window": self.window}
+    def prefill_statistics(self, query, keys, valid, scaling) -> dict:
+        return {"q_window": query[:, :, -self.window:].detach().clone()}
 
     # -- per-layer statistics --------------------------------------------------------------------------
     def _layer_stats(self, cl, layer_idx: int, view: PrefillView, valid, scaling: float, w_o) -> dict:
@@ -136,7 +138,7 @@ class TaskKVPolicy(BudgetedKVPolicy):
                         het[li][b, h] = True
         return het, nonhet_budget
 
-    def _finish(self, layers: list, stats: dict, n: torch.Tensor, valid, reserve: int) -> None:
+    def _finish(self, layers: list, stats: dict, n: torch.Tensor, valid, reserve: int, layer_state: dict) -> None:
         het, nb = self._plan_budgets(n, {li: st["dist"] for li, st in stats.items()})
         for li, cl in layers:
             st = stats[li]
@@ -155,7 +157,7 @@ class TaskKVPolicy(BudgetedKVPolicy):
             if valid is not None:
                 score = score.masked_fill(~valid.view(B, 1, T), _NEG)
             grow = h_mask | (budgets >= n.view(B, 1))  # covering the prompt = no compression, as the dense no-op
-            self._store(cl, score, budgets, grow, valid, reserve, shared.expand(B, Hkv, T).contiguous(),
+            self._store(cl, layer_state.setdefault(li, {}), score, budgets, grow, valid, reserve, shared.expand(B, Hkv, T).contiguous(),
                         torch.full((B, Hkv), self.sink), torch.full((B, Hkv), self.recent))
 
     # -- entry points ------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class TaskKVPolicy(BudgetedKVPolicy):
         if cl.is_sliding:
             return
         if cl.ragged is not None:
-            self._evict_to_budget(cl.ragged)
+            self.evict_to_budget(cl.ragged, ctx.state.get(self.STATE_KEY))
             return
         T = cl.end - cl.start
         if query.shape[2] != T:
@@ -182,13 +184,14 @@ class TaskKVPolicy(BudgetedKVPolicy):
         if ctx.layer_idx == full[-1]:  # the last full-attention layer: decide for the whole model
             rt.shared.pop("taskkv")
             n = valid.sum(1) if valid is not None else torch.full((query.shape[0],), T, dtype=torch.long)
-            self._finish(pend["layers"], pend["stats"], n, valid, int(rt.reserve or 0))
+            self._finish(pend["layers"], pend["stats"], n, valid, int(rt.reserve or 0), rt.layer_state)
 
     @torch.no_grad()  # statistics and eviction are bookkeeping: never build an autograd graph
     def compress_recorded(self, cache, runtime, attention_mask=None) -> None:
         stats_all = getattr(cache, "prefill_stats", None)
         if stats_all is None:
             raise AccelError("taskkv: this cache has no recorded prefill statistics")
+        seq = runtime.sequence(cache)
         modules = list(runtime.adapter.attention_modules())
         layers, stats = [], {}
         valid = n = None
@@ -200,8 +203,8 @@ class TaskKVPolicy(BudgetedKVPolicy):
             valid = prompt_valid(attention_mask, B, T) if attention_mask is not None else None
             n = valid.sum(1) if valid is not None else torch.full((B,), T, dtype=torch.long)
             scaling = getattr(modules[i], "scaling", None) or cl.keys.shape[-1] ** -0.5
-            view = PrefillView(q_window=stats_all[i].get("q_window"))
+            view = PrefillView(recorded=stats_all.get(i, {}))
             stats[i] = self._layer_stats(cl, i, view, valid, scaling, runtime.adapter.output_projection(i))
             layers.append((i, cl))
         if layers:
-            self._finish(layers, stats, n, valid, int(runtime.reserve or 0))
+            self._finish(layers, stats, n, valid, int(runtime.reserve or 0), seq.layer_state)

@@ -83,7 +83,8 @@ def plan_tpla(model, input_ids: torch.Tensor, *, shards: int = 2, transform: str
     teacher-forced decode steps of ``input_ids`` ``[B, T]`` (every other layer uses the exact reduce, which
     equals MLA). Returns a ``Plan`` whose layers carry ``params = {"transform", "kl"}``.
     """
-    import accel
+    from ..policies.registry import get_policy_class
+    from .patch import patch_tpla
 
     n_layers = model.config.num_hidden_layers
     if not 0 <= n_exact <= n_layers:
@@ -93,15 +94,15 @@ def plan_tpla(model, input_ids: torch.Tensor, *, shards: int = 2, transform: str
     if transform == "pca" and pca is None:
         pca = calibrate_pca(model, input_ids)
     common = dict(shards=shards, transform=transform, **knobs)
-    with accel.patch(model, "tpla", reduce="logits", pca=pca, **common):
+    with patch_tpla(model, reduce="logits", pca=pca, **common):
         ref = _decode_logits(model, input_ids, steps)
     kls = []
     for i in range(n_layers):
-        with accel.patch(model, "tpla", exact_layers=[j for j in range(n_layers) if j != i], pca=pca, **common):
+        with patch_tpla(model, exact_layers=[j for j in range(n_layers) if j != i], pca=pca, **common):
             got = _decode_logits(model, input_ids, steps)
         kls.append(float((ref.exp() * (ref - got)).sum(-1).mean()))
     exact = sorted(range(n_layers), key=lambda i: -kls[i])[:n_exact]
-    pol = accel.policies.registry.get_policy_class("tpla").from_overrides(exact_layers=exact, **common)
+    pol = get_policy_class("tpla").from_overrides(exact_layers=exact, **common)
     plan = pol.build_plan({"num_layers": n_layers, "model_type": model.config.model_type})
     for lp, kl in zip(plan.layers, kls):
         lp.params["kl"] = kl

@@ -13,8 +13,9 @@ import weakref
 
 from .. import compat
 from ..errors import AccelError, InputError
-from ..patching.core import HandleBase
-from ..scheduler.plan import Plan
+from ..patching.handle import (PATCHED, GenerateGuard, HandleBase, check_generate_request, prepare_forward,
+                              refuse_if_patched)
+from ..plan import Plan
 from .adapters import get_mla_adapter
 from .attention import TPLAAttention
 from .transforms import build_transform
@@ -77,11 +78,9 @@ class TPLAPatchHandle(HandleBase):
             layer.self_attn = orig
         for rec in reversed(self._records):  # collective: every rank restores its slices together
             rec.restore()
-        from ..patching import core
-
         model = self._model_ref()
-        if model is not None and core._PATCHED.get(model) is self:
-            core._PATCHED.pop(model, None)
+        if model is not None and PATCHED.get(model) is self:
+            PATCHED.pop(model, None)
         self.cache = None
         self.active = False
 
@@ -106,9 +105,9 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
         calibration: token ids ``[B, T]`` to estimate the per-layer latent covariance for ``transform="pca"``.
         pca: per-layer covariances (``{layer: [dc, dc]}``, e.g. ``calibrate_pca``'s output or ``load_pca``).
     """
-    from ..patching import core
     from ..policies.registry import get_policy_class
 
+    refuse_if_patched(model)
     adapter = get_mla_adapter(model)
     policy_obj = overrides.pop("_policy_obj", None)
     pol = policy_obj if policy_obj is not None else get_policy_class("tpla").from_overrides(**overrides)
@@ -187,8 +186,6 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
 
     def pre_forward(module, args, kwargs):
         from ..cache.accel_cache import AccelCache
-        from ..patching.core import prepare_forward
-
         pkv = prepare_forward(module, args, kwargs, lambda: AccelCache(num_layers=len(adapter.layers)), limit,
                               cache_arg, policy_name="tpla")
         if isinstance(pkv, AccelCache):
@@ -213,12 +210,41 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
 
     hook = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
     post = model.register_forward_hook(post_forward, with_kwargs=True)
-    from ..patching.core import GenerateGuard, check_generate_request
-
     guard = GenerateGuard(model, lambda m, a, k: check_generate_request(
         m, a, k, policy_name="tpla", dense=False, context_limit=limit))
     mlp_hooks = list(mlp_hooks) + [post, guard]
     handle = TPLAPatchHandle(model, adapter, pol, plan_obj, originals, hook, records, mlp_hooks)
-    core._PATCHED[model] = handle
+    PATCHED[model] = handle
     logger.info("%s", handle.summary())
     return handle
+
+
+def claim(policy, overrides: dict):
+    """TPLA's part of ``accel.patch``: ``("tpla", inline options and overrides, policy object or None)`` when the
+    spec asks for ``tpla``, else None."""
+    from ..policies.registry import split_spec
+
+    if isinstance(policy, str):
+        parts = [p.strip() for p in policy.split("+") if p.strip()]
+        names = [split_spec(p)[0] for p in parts]
+        if "tpla" not in names:
+            return None
+        if len(parts) > 1:
+            raise AccelError("tpla replaces the attention of MLA models and does not compose with other policies yet; "
+                             "use policy='tpla' alone")
+        return {**overrides, **split_spec(parts[0])[1]}, None
+    if getattr(policy, "name", None) == "tpla":
+        if overrides:
+            raise AccelError("pass overrides either to the policy object or to patch(), not both")
+        return {}, policy
+    return None
+
+
+def patch_claimed(model, request, *, plan=None, reserve: int = 0, check_context: bool = True, fast_linear: bool = True):
+    """``accel.patch`` on an MLA model (``reserve`` and ``fast_linear`` do not apply: TPLA keeps its own latent
+    cache and projections)."""
+    opts, obj = request
+    opts = dict(opts)
+    calib = {k: opts.pop(k) for k in ("calibration", "pca") if k in opts}
+    return patch_tpla(model, plan=plan, check_context=check_context, **calib,
+                      **({"_policy_obj": obj} if obj is not None else opts))

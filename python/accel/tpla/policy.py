@@ -74,7 +74,7 @@ class TPLAPolicy(Policy):
             raise AccelError(f"tpla: backend must be cpp, triton, cuda or torch, got {self.backend!r}")
 
     def build_plan(self, info):
-        from ..scheduler.plan import LayerPlan, Plan
+        from ..plan import LayerPlan, Plan
 
         n = info["num_layers"]
         bad = [i for i in self.exact_layers if not 0 <= i < n]

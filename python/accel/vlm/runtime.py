@@ -17,8 +17,7 @@ import torch
 
 from ..errors import AccelError, InputError, UnsupportedModelError
 from .. import compat
-from ..patching.core import HandleBase
-from .scoring import keep_topk
+from ..patching.handle import PATCHED, GenerateGuard, HandleBase, check_generate_request
 
 logger = logging.getLogger("accel")
 
@@ -32,6 +31,10 @@ class _ProbeDone(Exception):
     def __init__(self, query, key, value, attention_mask, scaling):
         self.query, self.key, self.value = query, key, value
         self.attention_mask, self.scaling = attention_mask, scaling
+
+    def probs(self) -> torch.Tensor:
+        """Softmax attention of every query row of the probed layer, head mean: ``[B, T, S]``."""
+        return _attention_probs(self)
 
 
 def _ensure_probe_registered() -> None:
@@ -50,7 +53,7 @@ _PROBE = {"layer": None}  # the decoder layer whose attention inputs the probe h
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA for the layers before the probed one; at the probed layer, its query / key / value (rotary
     applied, as the layer uses them) are handed back by raising ``_ProbeDone``."""
-    from ..patching.attention_fn import hf_sdpa
+    from ..attention.hf import hf_sdpa
 
     if getattr(module, "layer_idx", None) != _PROBE["layer"]:
         return hf_sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -129,15 +132,11 @@ class VisualRuntime:
         "fixed": bool [N_i] tokens always kept (or None), "trace": ...}``."""
         self.adapter.trace = {}
         self.adapter.llm_stage = None
-        if self.policy.method == "fastv":
-            feats, fixed = self.adapter.full_features(pv, kw)
-            return {"feats": feats, "flags": None, "fixed": fixed, "trace": {}}
-        feats, flags = self.adapter.select(pv, self.policy, kw)
-        enc = {"feats": feats, "flags": flags, "fixed": None, "trace": dict(self.adapter.trace)}
-        if self.adapter.llm_stage is not None:  # per image, so generate's batch expansion repeats them
-            enc["stage_targets"] = list(self.adapter.llm_stage["targets"])
-            enc["stage_fixed"] = list(self.adapter.llm_stage["fixed"])
-        return enc
+        return self.policy.encode(self, pv, kw)
+
+    def probe(self, layer: int, embeds, mask, pos) -> _ProbeDone:
+        """Decoder layer ``layer``'s attention inputs over a prompt (for policies that score in the LM)."""
+        return _run_probe(self.adapter.language_model(), layer, embeds, mask, pos)
 
     # -- the hook --------------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
@@ -200,7 +199,6 @@ class VisualRuntime:
     def _prefill(self, module, kwargs, enc) -> dict:
         ids = kwargs["input_ids"]
         b, length = ids.shape
-        dev = ids.device
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise InputError(f"{self.policy.name}: visual-token pruning needs a 2-D attention_mask [batch, tokens], got {mask.dim()}-D")
@@ -216,26 +214,9 @@ class VisualRuntime:
         pos = self.adapter.prompt_positions(kwargs, ids, mask)
         if pos.dim() != 2 and not self.adapter.multi_axis_positions:
             raise InputError(f"{self.policy.name}: position_ids must be [batch, tokens] for this model, got {tuple(pos.shape)}")
-        flags = enc["flags"]
-        if flags is None:  # fastv: score in the LLM over the full features
-            full = torch.cat(feats, 0)
-            scores = self._fastv_scores(module, ids, img, full, mask, pos)
-            flags, start = [], 0
-            for i, n in enumerate(sizes):
-                sc = scores[start:start + n].clone()
-                fixed = enc["fixed"][i] if enc["fixed"] is not None else None
-                if fixed is not None:
-                    sc[fixed] = float("inf")  # always-kept tokens (e.g. row-end newlines) first
-                k = self.policy.n_keep(n - (int(fixed.sum()) if fixed is not None else 0))
-                k += int(fixed.sum()) if fixed is not None else 0
-                fl = torch.zeros(n, dtype=torch.bool, device=dev)
-                fl[keep_topk(sc[None], k)[0]] = True
-                flags.append(fl)
-                feats[i] = feats[i][fl.to(feats[i].device)]
-                start += n
-        elif enc.get("stage_targets") is not None:  # FlowCut's second stage (anyres)
-            flags, feats = self._flowcut_llm_stage(module, ids, img, feats, list(flags), enc, mask, pos)
-        c = self._compact(module, ids, img, feats, flags, mask, pos)
+        # the policy's language-model stage (FastV scores there; FlowCut's second stage on anyres models)
+        flags, feats = self.policy.language_model_stage(self, module, ids, img, feats, enc["flags"], enc, mask, pos)
+        c = self.compact(module, ids, img, feats, flags, mask, pos)
         keep_cols, src, real, gidx = c["keep_cols"], c["src"], c["real"], c["gidx"]
         new_len = src.shape[1]
         embeds, new_mask, new_pos = c["embeds"], c["mask"], c["pos"]
@@ -263,7 +244,7 @@ class VisualRuntime:
                     self.policy.name, self.last["kept_per_image"], self.last["tokens_per_image"], length, new_len)
         return kwargs
 
-    def _compact(self, module, ids, img, feats, flags, mask, pos) -> dict:
+    def compact(self, module, ids, img, feats, flags, mask, pos) -> dict:
         """The prompt with only the kept image tokens: ``inputs_embeds``, mask and original positions,
         rows re-left-padded to the longest; ``src`` maps every new column to its old one (-1 = pad)."""
         b, length = ids.shape
@@ -291,50 +272,6 @@ class VisualRuntime:
         return {"keep_cols": keep_cols, "src": src, "real": real, "gidx": gidx, "img": img_new,
                 "embeds": embeds, "mask": new_mask, "pos": new_pos}
 
-    def _flowcut_llm_stage(self, module, ids, img, feats, flags, enc, mask, pos):
-        """FlowCut's second stage for anyres models: over the encoder-pruned prompt, decoder layer
-        ``llm_layer`` scores each image's surviving tokens from the last prompt token
-        (``scoring.flowcut_llm_scores``); the image's target count is kept (plus its fixed tokens).
-        Returns the narrowed ``(flags, feats)``."""
-        from .scoring import flowcut_llm_scores
-
-        targets, fixed = enc["stage_targets"], enc["stage_fixed"]
-        counts = [int(f.sum()) for f in flags]
-        need = [i for i, (n, t, fx) in enumerate(zip(counts, targets, fixed)) if n - int(fx.sum()) > t]
-        if not need:
-            return flags, feats
-        lm = self.adapter.language_model()
-        nl = lm.config.num_hidden_layers
-        if self.policy.llm_layer >= nl:
-            raise AccelError(f"flowcut: llm_layer {self.policy.llm_layer} is not a layer of the {nl}-layer language model")
-        c = self._compact(module, ids, img, feats, flags, mask, pos)
-        probe = _run_probe(lm, self.policy.llm_layer, c["embeds"], c["mask"], c["pos"])
-        h = probe.query.shape[1]
-        k = _repeat_kv(probe.key, h)
-        v = _repeat_kv(probe.value, h)
-        where = torch.nonzero(c["img"])  # (row, col) of every kept image token, images in order
-        start = 0
-        stage = []
-        for i, n in enumerate(counts):
-            rows, cols = where[start:start + n, 0], where[start:start + n, 1]
-            start += n
-            if i not in need:
-                stage.append(None)
-                continue
-            r = int(rows[0])
-            sc = flowcut_llm_scores(probe.query[r, :, -1], k[r][:, cols], v[r, :, -1], v[r][:, cols], probe.scaling)
-            fx = fixed[i].to(sc.device)
-            sc = sc.masked_fill(fx, float("inf"))
-            sel = keep_topk(sc[None], targets[i] + int(fx.sum()))[0]
-            kept_pos = torch.nonzero(flags[i]).flatten()[sel.to(flags[i].device)]
-            fl = torch.zeros_like(flags[i])
-            fl[kept_pos] = True
-            flags[i] = fl
-            feats[i] = feats[i][sel.to(feats[i].device)]
-            stage.append(int(sel.numel()))
-        enc["trace"]["llm_stage_kept"] = stage
-        return flags, feats
-
     # -- decode ----------------------------------------------------------------------------------------
     def _decode(self, kwargs, past: int) -> dict:
         st = self.state
@@ -357,31 +294,6 @@ class VisualRuntime:
             if pos is not None:
                 kwargs["position_ids"] = pos
         return kwargs
-
-    # -- FastV-style scores -------------------------------------------------------------------------------
-    def _fastv_scores(self, module, ids, img, full, mask, pos) -> torch.Tensor:
-        lm = self.adapter.language_model()
-        cfg = lm.config
-        nl = cfg.num_hidden_layers
-        if self.policy.layer > nl:
-            raise AccelError(f"fastv: layer {self.policy.layer} exceeds the language model's {nl} layers")
-        embeds = module.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter(img[..., None], full.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
-        probe = _run_probe(lm, self.policy.layer - 1, embeds, mask, pos)
-        probs = _attention_probs(probe)  # [B, T, T] head mean
-        b, t = ids.shape
-        rows = torch.ones(b, t, dtype=torch.bool, device=ids.device)
-        if mask is not None:
-            rows &= mask.bool()
-        if self.policy.query == "last":
-            rows = torch.zeros_like(rows)
-            rows[:, -1] = True
-        elif self.policy.query == "text":
-            last_img = torch.where(img.any(1), t - 1 - img.flip(1).int().argmax(1), torch.full((b,), -1, device=ids.device))
-            rows &= torch.arange(t, device=ids.device)[None] > last_img[:, None]
-        received = (probs * rows[..., None]).sum(1) / rows.sum(1, keepdim=True).clamp_min(1)  # [B, T]
-        return received[img]  # every image token, images in order
-
 
 class VisualPatchHandle(HandleBase):
     """Returned by ``accel.patch`` for a visual policy (optionally composed with an LM policy);
@@ -421,13 +333,11 @@ class VisualPatchHandle(HandleBase):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        from ..patching import core
-
         model = self._model_ref()
         if self.lm_handle is not None:
             self.lm_handle.remove()
-        if model is not None and core._PATCHED.get(model) is self:
-            core._PATCHED.pop(model, None)
+        if model is not None and PATCHED.get(model) is self:
+            PATCHED.pop(model, None)
         self.runtime.state = None
         self.active = False
 
@@ -440,7 +350,7 @@ def split_visual(policy, overrides: dict):
     named (as in ``make_policy``); ``name.knob`` targets one policy.
     """
     from ..policies.registry import get_policy_class, split_spec
-    from .policies import VisualPolicy
+    from ..policies.visual import VisualPolicy
 
     if isinstance(policy, VisualPolicy):
         return policy, None, dict(overrides)
@@ -486,9 +396,9 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
     adapter = get_vision_adapter(model)
     lm_handle = None
     if lm_spec is not None:
-        from ..patching.core import patch
+        from ..patching.lm import patch_lm
 
-        lm_handle = patch(model, lm_spec, plan=plan, **patch_kwargs, **(lm_overrides or {}))
+        lm_handle = patch_lm(model, (lm_spec, dict(lm_overrides or {})), plan=plan, **patch_kwargs)
     elif plan is not None:
         raise AccelError(f"plan= is for an LM-side policy; {vpol.name} alone takes none (compose, e.g. '{vpol.name}+hylra')")
     try:
@@ -498,8 +408,6 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
                  _InstanceOverride(adapter.hook_module(), "get_image_features", _with_signature_of(
                      adapter.hook_module().get_image_features, runtime.image_features))]
         if True:  # visual pruning is never dense, whatever the composed LM policy: its own guard, outermost
-            from ..patching.core import GenerateGuard, check_generate_request
-
             limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
             hooks.append(GenerateGuard(model, lambda m, a, k: check_generate_request(
                 m, a, k, policy_name=vpol.name, dense=False,
@@ -509,9 +417,7 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
             lm_handle.remove()
         raise
     handle = VisualPatchHandle(model, runtime, hooks, lm_handle)
-    from ..patching import core
-
-    core._PATCHED[model] = handle
+    PATCHED[model] = handle
     logger.info("%s", handle.summary())
     return handle
 
@@ -557,3 +463,15 @@ def _refuse_labels(name):
         return args, kwargs
 
     return hook
+
+
+def claim(policy, overrides: dict):
+    """The VLM patcher's part of ``accel.patch``: ``(visual policy, LM spec, LM overrides)`` when the spec holds a
+    visual-token policy, else None."""
+    vpol, lm_spec, lm_overrides = split_visual(policy, overrides)
+    return None if vpol is None else (vpol, lm_spec, lm_overrides)
+
+
+def patch_claimed(model, request, *, plan=None, **patch_kwargs):
+    vpol, lm_spec, lm_overrides = request
+    return patch_vlm(model, vpol, lm_spec, plan=plan, lm_overrides=lm_overrides, **patch_kwargs)

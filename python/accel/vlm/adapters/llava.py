@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import UnsupportedModelError
-from ..scoring import cls_attention, flowcut_prune_count, flowcut_scores, keep_topk
+from ...policies.fastervlm import cls_attention
+from ...policies.visual import keep_topk
 from .base import VisionAdapter
 
 
@@ -128,9 +129,7 @@ class LlavaAdapter(VisionAdapter):
             if policy.method == "cls":
                 pidx = keep_topk(scores, target)
             elif policy.method == "random":
-                g = torch.Generator().manual_seed(int(policy.seed))
-                pidx = torch.stack([torch.sort(torch.randperm(n_patch, generator=g)[:target]).values for _ in range(b)])
-                pidx = pidx.to(h.device)
+                pidx = policy.pick(n_patch, target, b).to(h.device)
             else:  # pragma: no cover - guarded by the runtime
                 raise UnsupportedModelError(f"{policy.name}: method {policy.method!r} is not an encoder-side method")
             idx = pidx + 1  # token index in h (0 = [CLS])
@@ -149,18 +148,9 @@ class LlavaAdapter(VisionAdapter):
         cum = torch.zeros(b, t, dtype=torch.float32, device=h.device)  # running score by token index
         for i in range(last + 1):
             h, (q, k, v, nh, scale) = self._run_layer(i, h, True)
-            score, ent = flowcut_scores(q, k, v, nh, scale)
-            cur = torch.gather(cum, 1, idx)
-            cur = policy.ema * cur + (1 - policy.ema) * score
+            cur, drop = policy.encoder_step(q, k, v, nh, scale, torch.gather(cum, 1, idx), last - i, target)
             cum.scatter_(1, idx, cur)
             n = idx.shape[1]
-            rpl = last - i
-            if rpl == 0:
-                drop = n - target
-            elif policy.adaptive and rpl % policy.prune_every == 0:
-                drop = flowcut_prune_count(n, target, rpl, float(ent.mean()))
-            else:
-                drop = 0
             if drop > 0:
                 sel = keep_topk(cur, n - drop)  # positions among the current patches, sorted
                 idx = torch.gather(idx, 1, sel)

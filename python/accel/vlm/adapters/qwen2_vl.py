@@ -3,8 +3,8 @@
 The vision tower has no [CLS] token and ends in a patch merger that fuses each 2x2 group of patches into
 one LLM token, so pruning happens on the *merged* tokens, after the tower (the merger needs whole
 groups): the tower runs unchanged, and one block's attention (the last by default) scores each patch by
-the mean softmax attention it receives from all patches of its image and heads (VisPruner-style, as the
-issue asks); a merged token's score is the mean over its group. Qwen2.5-VL: the last *full-attention*
+the mean softmax attention it receives from all patches of its image and heads (VisPruner-style, for
+towers without [CLS]); a merged token's score is the mean over its group. Qwen2.5-VL: the last *full-attention*
 block scores (the others attend within windows), and its window permutation of the merge units is undone. ``fastervlm`` keeps the top ``keep``
 merged tokens per image in their original order; ``randomprune`` and ``fastv`` work as everywhere.
 ``flowcut`` needs the [CLS] relay and is refused with a clear error.
@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import InputError, UnsupportedModelError
-from ..scoring import keep_topk, received_attention
+from ...policies.fastervlm import received_attention
+from ...policies.visual import keep_topk
 from .base import VisionAdapter
 
 
@@ -131,7 +132,7 @@ class Qwen2VLAdapter(VisionAdapter):
                 raise UnsupportedModelError(f"fastervlm select_layer {sl} is outside the tower's {nb} blocks")
         feats, scores = self._run(pixel_values, grid, block)
         flags = []
-        g = torch.Generator().manual_seed(int(getattr(policy, "seed", 0)))
+        g = torch.Generator().manual_seed(int(getattr(policy, "seed", 0)))  # one stream over the images
         out = []
         for i, f in enumerate(feats):
             n = f.shape[0]
@@ -139,7 +140,7 @@ class Qwen2VLAdapter(VisionAdapter):
             if policy.method == "cls":
                 idx = keep_topk(scores[i][None], k)[0]
             else:
-                idx = torch.sort(torch.randperm(n, generator=g)[:k]).values.to(f.device)
+                idx = policy.pick(n, k, 1, generator=g)[0].to(f.device)
             fl = torch.zeros(n, dtype=torch.bool, device=f.device)
             fl[idx] = True
             flags.append(fl)

@@ -30,21 +30,22 @@ The plan stores every head's score; the runtime ranks heads globally and turns t
 retrieval heads for whatever budget a request gives (``duo`` policy), so one calibration serves every
 budget.
 """
+
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import torch
 
 from ..errors import AccelError
 from ..models.base import last_logits_only
-from .plan import HeadPlan, LayerPlan, Plan
+from ..models.registry import get_adapter
+from ..patching.lm import patch_lm
+from ..plan import HeadPlan, LayerPlan, Plan
+from .common import Recorder, calibration_prompts, progress_bar
 
 logger = logging.getLogger("accel")
-
-CALIB_SEED = 9_000_000  # evaluation samples use seed * 1000 + i with small seeds
 
 
 def _logits_and_window(q: torch.Tensor, k: torch.Tensor, scale: float, sink: int, recent: int):
@@ -102,28 +103,12 @@ def far_mass(q: torch.Tensor, k: torch.Tensor, scale: float, sink: int, recent: 
     return far.amax(-1) if reduce == "max" else far.mean(-1)
 
 
-def calibration_prompts(tokenizer, n: int, tokens: int) -> list[str]:
-    """Synthetic retrieval prompts with their answers appended (half passkey, half NIAH)."""
-    from ..eval.niah import make_niah
-    from ..eval.passkey import make_passkey
-
-    out = []
-    for i in range(n):
-        make = make_passkey if i % 2 == 0 else make_niah
-        s = make(tokenizer, tokens - 24, depth=(0.1 + 0.8 * ((i * 0.37) % 1.0)), seed=CALIB_SEED + i)
-        out.append(s.prompt + " " + s.answer)
-    return out
-
-
 def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: int = 64, n_texts: int = 4,
                   sink: int = 64, recent: int = 256, retrieval_fraction: float = 0.5, metric: str = "far_mass",
                   reduce: str = "max", progress: bool = True) -> Plan:
     """Score every KV head of every full-attention layer (see the module docstring); returns a
     ``duo`` plan whose heads carry ``score`` and a default ``kind`` (the top ``retrieval_fraction``
     retrieval, DuoAttention's deployment default of 50% streaming heads)."""
-    from ..models.registry import get_adapter
-    from ..patching.core import patch
-    from .profiler import _Recorder
 
     if metric not in ("far_mass", "residual", "relative") or reduce not in ("max", "mean"):
         raise AccelError(f"calibrate(duo): metric must be 'far_mass', 'residual' or 'relative' and reduce 'max' or "
@@ -137,22 +122,15 @@ def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
     if isinstance(texts, str):
         texts = [texts]
     full_layers = [i for i, w in enumerate(info.sliding_windows) if w is None]
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(texts), desc="calibrating duo", unit="text")
-        except ImportError:  # pragma: no cover
-            bar = None
+    bar = progress_bar(progress, len(texts), "calibrating duo")
     t0 = time.perf_counter()
     acc = {li: torch.zeros(info.num_kv_heads) for li in full_layers}
     for text in texts:
         ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
         if ids.shape[1] <= steps + sink + recent:
             raise AccelError(f"calibrate(duo): a calibration text has only {ids.shape[1]} tokens")
-        rec = _Recorder(steps=steps, keep_values=True)
-        with patch(model, rec, fast_linear=False), torch.no_grad():
+        rec = Recorder(steps=steps, keep_values=True)
+        with patch_lm(model, (rec, {}), fast_linear=False), torch.no_grad():
             model(input_ids=ids, use_cache=True, **last_logits_only(model))
         adapter = get_adapter(model)
         for li in full_layers:
@@ -193,154 +171,3 @@ def calibrate_duo(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
     logger.info("calibrated duo plan: %d of %d heads retrieval at fraction %.2f", n_ret, len(ranked), retrieval_fraction)
     return plan
 
-
-# -- MoA: elastic per-head spans ------------------------------------------------------------------------
-MOA_SINK = 64
-MOA_MIN_CACHE = 128
-MOA_SPLIT = 64
-
-
-def moa_span(alpha: float, beta: float, n: int, sink: int = MOA_SINK, min_cache: int = MOA_MIN_CACHE,
-             split: int = MOA_SPLIT) -> int:
-    """MoA's cache size of a head for ``n`` tokens (methods.md 4.1): ``alpha + beta * n`` clamped to
-    [min_cache, n], rounded up to a multiple of ``split``, never above ``n``."""
-    s = alpha + beta * n
-    s = max(min_cache, min(n, s))
-    s = int(math.ceil(s / split) * split)
-    return min(n, s)
-
-
-def band_loss(p: torch.Tensor, spans: list[int], sink: int = MOA_SINK) -> torch.Tensor:
-    """Attention mass a sink + sliding band drops. p [Hkv, S, T]: probabilities (summed over each KV
-    head's group) of the last S positions of a T-token text. Returns [Hkv, len(spans)]: mean over the
-    S queries of the mass outside the first ``min(span, sink)`` tokens and the ``span - sink`` tokens
-    ending at the query."""
-    Hkv, S, T = p.shape
-    C = torch.nn.functional.pad(p.cumsum(-1), (1, 0))  # C[..., j] = mass of tokens < j
-    pos = torch.arange(T - S, T)
-    total = C[:, torch.arange(S), pos + 1]  # [Hkv, S]
-    out = []
-    for span in spans:
-        sk = min(span, sink)
-        w = span - sk
-        lo = torch.clamp(pos + 1 - w, min=sk)  # window covers [lo, pos]
-        kept = C[:, :, sk] + (C[:, torch.arange(S), pos + 1] - C[:, torch.arange(S), lo])
-        kept = torch.minimum(kept, total)
-        out.append(((total - kept) / total.clamp_min(1e-12)).mean(-1))
-    return torch.stack(out, -1)
-
-
-def solve_spans(loss: torch.Tensor, density: torch.Tensor, bound: float) -> torch.Tensor:
-    """MoA's optimiser as a mixed-integer program (HiGHS through ``scipy.optimize.milp``): pick one
-    candidate per head minimising the summed loss over the profiled lengths, subject to the average
-    density (cached tokens / length) at every profiled length staying <= ``bound``.
-    loss [heads, cands, lengths], density [cands, lengths] -> [heads] chosen candidate indices.
-    [INFER] MoA optimises every length as a separate objective (Pareto front + validation); accel
-    sums them with equal weights, and drops MoA's kernel-motivated limit of 2 configurations per layer."""
-    import numpy as np
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    Hn, Cn, Ln = loss.shape
-    c = loss.sum(-1).reshape(-1).double().numpy()
-    A_eq = np.zeros((Hn, Hn * Cn))
-    for h in range(Hn):
-        A_eq[h, h * Cn:(h + 1) * Cn] = 1
-    A_d = np.zeros((Ln, Hn * Cn))
-    for li in range(Ln):
-        A_d[li] = np.tile(density[:, li].double().numpy(), Hn)
-    cons = [LinearConstraint(A_eq, 1, 1), LinearConstraint(A_d, -np.inf, bound * Hn)]
-    res = milp(c, constraints=cons, integrality=np.ones(Hn * Cn), bounds=Bounds(0, 1))
-    if res.x is None:
-        raise AccelError(f"MoA optimiser: no span assignment meets density {bound} ({res.message}); raise the density")
-    x = np.round(res.x).reshape(Hn, Cn)
-    return torch.tensor(x.argmax(1))
-
-
-def calibrate_moa(model, tokenizer, texts=None, *, lengths=(2048, 4096), steps: int = 64, n_texts: int = 2,
-                  densities=(0.5, 0.25, 0.1), alphas=None, betas=None, progress: bool = True) -> Plan:
-    """Profile every KV head's attention at several lengths and solve MoA's span program for each
-    density. Returns a ``moa`` plan: heads carry (alpha, beta) of the first density, and
-    ``params["solutions"]`` holds every density's spans (the ``moa`` policy's ``density`` picks one).
-
-    Profiling statistic ([INFER]): MoA estimates the loss of masking attention entries from gradients
-    (``A * dL/dA``) on model-aligned long QA; accel uses the attention mass each candidate band drops
-    on the last ``steps`` queries of synthetic retrieval prompts (the same prompts as ``duo``'s),
-    which needs no backward pass (a 4K backward through a 135M model does not fit a CPU profile)."""
-    from ..models.registry import get_adapter
-    from ..patching.core import patch
-    from .profiler import _Recorder
-
-    info = get_adapter(model).info()
-    limit = info.max_context or max(lengths)
-    lengths = [min(L, limit) for L in lengths]
-    alphas = list(alphas) if alphas is not None else [-1024.0, 0.0, 1024.0]
-    betas = list(betas) if betas is not None else [i / 8 for i in range(9)]
-    cands = [(a, b) for a in alphas for b in betas]
-    full_layers = [i for i, w in enumerate(info.sliding_windows) if w is None]
-    Hkv = info.num_kv_heads
-    loss = torch.zeros(len(full_layers) * Hkv, len(cands), len(lengths))
-    dens = torch.zeros(len(cands), len(lengths))
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(lengths) * n_texts, desc="calibrating moa", unit="text")
-        except ImportError:  # pragma: no cover
-            bar = None
-    t0 = time.perf_counter()
-    for li_len, L in enumerate(lengths):
-        spans = [moa_span(a, b, L) for a, b in cands]
-        dens[:, li_len] = torch.tensor(spans, dtype=torch.float64) / L
-        prompts = texts if texts is not None else calibration_prompts(tokenizer, n_texts, L)
-        for text in prompts:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :L]
-            rec = _Recorder(steps=steps)
-            with patch(model, rec, fast_linear=False), torch.no_grad():
-                model(input_ids=ids, use_cache=True, **last_logits_only(model))
-            T = ids.shape[1]
-            for j, li in enumerate(full_layers):
-                q, k, scale = rec.records[li]
-                H, S, D = q.shape
-                G = H // Hkv
-                pos = torch.arange(T - S, T).view(S, 1)
-                logits = torch.einsum("hsd,htd->hst", q, k.repeat_interleave(G, 0)) * scale
-                p = torch.softmax(logits.masked_fill(torch.arange(T).view(1, T) > pos, float("-inf")), -1)
-                p = p.view(Hkv, G, S, T).sum(1)
-                loss[j * Hkv:(j + 1) * Hkv, :, li_len] += band_loss(p, [moa_span(a, b, T) for a, b in cands]) / len(prompts)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    solutions = {}
-    for d in densities:
-        choice = solve_spans(loss, dens, float(d))
-        sol = [[list(cands[int(choice[j * Hkv + h])]) for h in range(Hkv)] for j in range(len(full_layers))]
-        solutions[str(d)] = {"spans": sol,
-                             "profiled_loss": round(float(sum(loss[i, int(choice[i])].sum() for i in range(len(choice)))), 4),
-                             "density": [round(float(dens[choice, i].mean()), 4) for i in range(len(lengths))]}
-    first = solutions[str(densities[0])]["spans"]
-    layers = []
-    for li in range(info.num_layers):
-        if li not in full_layers:
-            layers.append(LayerPlan(mode="full", kv=None))
-            continue
-        j = full_layers.index(li)
-        heads = [HeadPlan(kind="budget", alpha=float(a), beta=float(b)) for a, b in first[j]]
-        layers.append(LayerPlan(mode="compress", kv="moa", heads=heads))
-    plan = Plan(
-        policy="moa", num_layers=info.num_layers, num_kv_heads=Hkv, model_type=info.model_type,
-        params={"solutions": {d: s["spans"] for d, s in solutions.items()}, "density": float(densities[0]),
-                "sink": MOA_SINK, "min_cache": MOA_MIN_CACHE, "split": MOA_SPLIT},
-        layers=layers,
-        provenance={
-            "fingerprint": info.fingerprint,
-            "source": "accel.calibrate (MoA: band mass-loss profile + span MILP, HiGHS)",
-            "args": {"lengths": lengths, "steps": steps, "n_texts": n_texts, "densities": list(densities),
-                     "alphas": alphas, "betas": betas},
-            "solutions": {d: {"profiled_loss": s["profiled_loss"], "density": s["density"]} for d, s in solutions.items()},
-            "seconds": round(time.perf_counter() - t0, 1),
-        },
-    )
-    plan.validate(num_layers=info.num_layers, num_kv_heads=Hkv)
-    return plan

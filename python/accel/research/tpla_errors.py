@@ -1,5 +1,5 @@
 """Output error of TPLA against exact MLA on latents with the structure of real activations (the error table
-of issue 8; ``bench/bench_tpla.py error``). No MLA weights install here, so the data is synthetic: latents of
+of ``bench/bench_tpla.py error``). No MLA weights install here, so the data is synthetic: latents of
 low rank plus noise with a few outlier channels (the shape of real MLA latents), random up-projections, and
 queries either random or *aligned* (the absorbed query of a latent drawn from the same sequence, so heads
 attend to similar tokens as trained models' heads do)."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .mla import fold_weights, mla_reference, shard_rows, tpla_decode
-from .transforms import build_transform
+from ..tpla.mla import fold_weights, mla_reference, shard_rows, tpla_decode
+from ..tpla.transforms import build_transform
 
 TRANSFORM_VARIANTS = (("identity", "contiguous"), ("hadamard", "contiguous"), ("pca", "interleaved"),
                       ("pca", "contiguous"))

@@ -23,38 +23,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import AccelError
 from ..models.base import last_logits_only
-from ..policies.base import AttentionPolicy
+from ..models.registry import get_adapter
+from ..patching.lm import patch_lm
+from ..plan import LayerPlan, Plan
+from .common import Recorder, calibration_prompts, progress_bar
 from .dp import hylra_dp, path_value
-from .plan import LayerPlan, Plan
 
 logger = logging.getLogger("accel")
-
-
-@dataclass
-class _Recorder(AttentionPolicy):
-    """Dense prefill that keeps each layer's last ``steps`` query rows and its keys."""
-
-    steps: int = 64
-    keep_values: bool = False
-
-    def __post_init__(self):
-        self.records: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        self.values: dict[int, torch.Tensor] = {}
-
-    def prefill(self, ctx, query, key, value, attention_mask, scaling, **kwargs):
-        self.records[ctx.layer_idx] = (query[0, :, -self.steps:, :].float().clone(), key[0].float().clone(), float(scaling))
-        if self.keep_values:
-            self.values[ctx.layer_idx] = value[0].float().clone()
-        return super().prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
-
-
-_Recorder.name = "profile"
 
 
 def _ratio90(chunk_mass: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
@@ -144,15 +124,12 @@ def mass_recall_matrix(masks: list[torch.Tensor], mass: list[torch.Tensor], redu
     return out
 
 
-def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: int = 4096, steps: int | None = None,
+def calibrate_hylra(model, tokenizer, texts=None, *, tokens: int = 4096, steps: int | None = None,
               chunk: int = 16, preserved_ratio: float = 0.125, sink: int = 16, recent: int = 64,
               sparsity: float = 0.91, computed_ratio: float = 0.2, rollback_can_donate: bool = False,
               anchor_mode: str = "full", n_texts: int | None = None, data: str = "retrieval",
               metric: str | None = None, progress: bool = True) -> Plan:
     """Profile ``model`` on calibration text and solve HyLRA's layer DP. Returns a ``Plan``.
-
-    ``policy="duo"`` / ``policy="moa"`` run the per-head profilers instead (``accel.scheduler.heads``:
-    DuoAttention head scores, MoA spans); their own defaults apply (``tokens``/``texts`` as given).
 
     Args:
         texts: calibration strings (default: the Paul Graham essays shipped with the data extra, split
@@ -181,25 +158,6 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
             [INFER]. On retrieval text at 4K: overlap 1, mass 5, mass_min 7 of 9 NIAH samples (c_max 6).
             With ``policy="duo"`` it is the head score ('far_mass' by default, 'residual', 'relative').
     """
-    from ..models.registry import get_adapter
-    from ..patching.core import patch
-
-    if policy in ("duo", "moa") and data != "retrieval":
-        raise AccelError(f"calibrate({policy}): profiles on synthetic retrieval prompts; pass texts=[...] for your own "
-                         f"text instead of data={data!r}")
-    if policy == "duo":
-        from .heads import calibrate_duo
-
-        return calibrate_duo(model, tokenizer, texts, tokens=tokens if tokens != 4096 else 2048, steps=steps or 64,
-                             n_texts=max(n_texts or 4, 4), progress=progress, **({"metric": metric} if metric else {}))
-    if policy == "moa" and metric is not None:
-        raise AccelError(f"calibrate(moa): metric={metric!r} does not apply (moa profiles band mass loss)")
-    if policy == "moa":
-        from .heads import calibrate_moa
-
-        return calibrate_moa(model, tokenizer, texts, steps=steps or 64, n_texts=max(n_texts or 2, 2), progress=progress)
-    if policy != "hylra":
-        raise AccelError(f"calibrate: policy {policy!r} has no profiler; calibrate supports 'hylra', 'duo' and 'moa'")
     if not (0.0 <= sparsity < 1.0) or not (0.0 <= computed_ratio <= 1.0):
         raise AccelError(f"calibrate: sparsity must be in [0, 1) and computed_ratio in [0, 1], got {sparsity}, {computed_ratio}")
     if data not in ("essays", "retrieval"):
@@ -220,8 +178,6 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
     # essays are cut to ``tokens``; a generated retrieval prompt keeps its end (question and answer)
     retrieval = data == "retrieval" and texts_generated
     if retrieval:
-        from .heads import calibration_prompts
-
         texts = calibration_prompts(tokenizer, n_texts, tokens)
     elif texts is None:
         from ..eval.text import essays_text
@@ -232,14 +188,7 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
     if isinstance(texts, str):
         texts = [texts]
     full_layers = [i for i, w in enumerate(info.sliding_windows) if w is None]
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(texts), desc="calibrating", unit="text")
-        except ImportError:  # pragma: no cover
-            bar = None
+    bar = progress_bar(progress, len(texts), "calibrating")
     t0 = time.perf_counter()
     stats_per_text, overlaps = [], []
     for text in texts:
@@ -248,8 +197,8 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", *, tokens: in
         if ids.shape[1] < (tokens * 3 // 4 if retrieval else tokens):
             raise AccelError(f"calibrate: a calibration text has {ids.shape[1]} tokens, fewer than tokens={tokens}")
         preserved = max(chunk, int(preserved_ratio * ids.shape[1]))
-        rec = _Recorder(steps=steps)
-        with patch(model, rec, fast_linear=False), torch.no_grad():
+        rec = Recorder(steps=steps)
+        with patch_lm(model, (rec, {}), fast_linear=False), torch.no_grad():
             model(input_ids=ids, use_cache=True, **last_logits_only(model))
         ratios, masks, masses = {}, [], []
         for li in full_layers:

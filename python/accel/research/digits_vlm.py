@@ -301,7 +301,7 @@ def kept_on_digit(vlm, tok, image_id: int, cfg: DigitsConfig, n: int = 60, seed:
     """Diagnostic for the model as it is patched now: the share of the kept visual tokens whose 4x4 patch
     contains digit ink (a pixel above 0.3), and the mean number of such patches per image, over the first
     ``n`` held-out digits (rendered as in ``evaluate``). Needs a visual policy patched on ``vlm``."""
-    from .. import get_handle
+    from ..api import get_handle
 
     h = get_handle(vlm)
     if h is None or not hasattr(h, "last"):

@@ -14,7 +14,7 @@ def hf_latent_cache(model, context: int, batch: int = 1):
     """A transformers ``DynamicCache`` holding ``context`` tokens of latents, as unpatched DeepSeek stores them."""
     from transformers import DynamicCache
 
-    from .errors import structured_latents
+    from .tpla_errors import structured_latents
 
     cache = DynamicCache(config=model.config)
     for i, layer in enumerate(model.model.layers):

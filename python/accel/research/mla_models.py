@@ -39,9 +39,9 @@ def synthetic_cache(handle, context: int, batch: int = 1, seed: int = 0):
     them (this rank's shard only, in distributed execution). For decode benchmarks at lengths whose prefill
     would take too long on a CPU."""
     from ..cache.accel_cache import AccelCache
-    from .distributed import TPLATPAttention
-    from .errors import structured_latents
-    from .mla import shard_rows
+    from ..tpla.distributed import TPLATPAttention
+    from .tpla_errors import structured_latents
+    from ..tpla.mla import shard_rows
 
     mods = handle.modules
     cache = AccelCache(num_layers=len(mods), reserve=context + 64)

@@ -17,8 +17,11 @@ from typing import Any
 from ..errors import PlanValidationError
 
 SCHEMA_VERSION = 1
-LAYER_MODES = ("full", "select", "reuse", "sparse", "stream", "compress", "tpla", "mla_exact")
-HEAD_KINDS = ("full", "retrieval", "streaming", "heterogeneous", "normal", "budget")
+#: layer modes every policy may use: exact attention, a layer that scores and selects its own tokens, a layer that
+#: attends to an earlier anchor's selection (``reuse_src``). A policy names the further modes and the head kinds its
+#: plans use (``Policy.plan_modes`` / ``Policy.head_kinds``) and checks them when it is patched
+#: (``Policy.check_plan``); the schema checks the structure: names, indices, numbers.
+LAYER_MODES = ("full", "select", "reuse")
 
 
 @dataclass
@@ -165,8 +168,8 @@ class Plan:
             )
         for i, lp in enumerate(self.layers):
             where = f"layers[{i}]"
-            if lp.mode not in LAYER_MODES:
-                raise PlanValidationError(f"{where}.mode: {lp.mode!r} is not one of {LAYER_MODES}")
+            if not isinstance(lp.mode, str) or not lp.mode.isidentifier():
+                raise PlanValidationError(f"{where}.mode: must be a mode name such as {LAYER_MODES}, got {lp.mode!r}")
             if not isinstance(lp.attention, str):
                 raise PlanValidationError(f"{where}.attention: must be a policy name string")
             if lp.mode == "reuse":
@@ -188,8 +191,8 @@ class Plan:
                 if hkv is not None and len(lp.heads) != hkv:
                     raise PlanValidationError(f"{where}.heads: has {len(lp.heads)} entries, the model has {hkv} KV heads")
                 for j, hp in enumerate(lp.heads):
-                    if hp.kind not in HEAD_KINDS:
-                        raise PlanValidationError(f"{where}.heads[{j}].kind: {hp.kind!r} is not one of {HEAD_KINDS}")
+                    if not isinstance(hp.kind, str) or not hp.kind.isidentifier():
+                        raise PlanValidationError(f"{where}.heads[{j}].kind: must be a head-kind name, got {hp.kind!r}")
                     if hp.budget is not None and (not isinstance(hp.budget, int) or hp.budget < 0):
                         raise PlanValidationError(f"{where}.heads[{j}].budget: must be a non-negative integer")
                     for fld in ("alpha", "beta", "score"):

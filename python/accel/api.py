@@ -1,0 +1,75 @@
+"""``accel.patch()``, ``accel.unpatch()``, ``accel.get_handle()`` and ``accel.calibrate()``: the entry points.
+
+``patch`` offers the policy spec to each patcher of ``PATCHERS`` in order; the first that claims it patches the
+model. A patcher module provides ``claim(policy, overrides) -> request | None`` and
+``patch_claimed(model, request, plan=, reserve=, check_context=, fast_linear=) -> handle``; all of them share the
+handle plumbing of ``accel.patching.handle``.
+"""
+from __future__ import annotations
+
+import importlib
+
+from . import compat
+from .errors import AccelError
+from .patching.handle import PATCHED, refuse_if_patched
+
+#: (family, patcher module), asked in order
+PATCHERS = (
+    ("mla", "accel.tpla.patch"),  # TPLA swaps the attention modules of MLA models (DeepSeek-V2/V3)
+    ("vlm", "accel.vlm.runtime"),  # a visual-token policy, optionally composed with an LM-side one
+    ("lm", "accel.patching.lm"),  # everything else: the attention registry and accel's cache
+)
+
+
+def patch(model, policy="dense", plan=None, *, reserve: int = 0, check_context: bool = True, fast_linear: bool = True,
+          **overrides):
+    """Patch a loaded transformers model in place.
+
+    Args:
+        model: a ``*ForCausalLM`` of a supported architecture (``accel.supported_model_types()``), a supported VLM
+            for the visual-token policies, or an MLA model (DeepSeek-V2/V3) for ``tpla``.
+        policy: a registered policy name (``accel.list_policies()``), a composition ``"attention+kv"`` (e.g.
+            ``"hylra+snapkv"``, or ``"fastervlm+hylra"`` on a VLM), names with inline options
+            (``"snapkv@budget_ratio=0.25"``) or a policy object.
+        plan: a ``Plan`` (or a path / dict of one) from ``accel plan`` / ``accel.calibrate``; default: the
+            policy's own plan (a shipped one for the calibrated policies).
+        reserve: tokens to preallocate per layer in accel's cache (0 = grow as needed).
+        check_context: raise when prompt + generated tokens exceed the model's context window.
+        fast_linear: on CPU, run decode-time (<= 8 rows) linear layers with accel's GEMV kernel
+            (``accel.patching.linear``); numerically fp32-equivalent to BLAS.
+        **overrides: policy knobs, e.g. ``topk=512``; ``name.knob=value`` targets one policy of a composition.
+    Returns:
+        a handle (context manager; ``.remove()`` restores the model exactly).
+    """
+    compat.check_transformers_version()
+    refuse_if_patched(model)
+    for _family, name in PATCHERS:
+        mod = importlib.import_module(name)
+        request = mod.claim(policy, dict(overrides))
+        if request is not None:
+            return mod.patch_claimed(model, request, plan=plan, reserve=reserve, check_context=check_context,
+                                     fast_linear=fast_linear)
+    raise AccelError(f"no patcher serves policy {policy!r}")  # pragma: no cover - the LM patcher claims everything
+
+
+def unpatch(model) -> bool:
+    """Remove accel from ``model`` if patched; returns whether it was."""
+    h = PATCHED.get(model)
+    if h is None:
+        return False
+    h.remove()
+    return True
+
+
+def get_handle(model):
+    """The active handle of a patched model, else None."""
+    return PATCHED.get(model)
+
+
+def calibrate(model, tokenizer, texts=None, policy: str = "hylra", **options):
+    """Make a plan for ``policy`` on ``model`` from calibration text: the policy's own calibrator (its class names
+    it in ``calibrator``; ``accel.list_calibratable()`` lists them). Returns a ``Plan``; save it with
+    ``plan.save(path)`` and use it with ``accel.patch(model, policy, plan=...)``."""
+    from .policies.registry import get_calibrator
+
+    return get_calibrator(policy)(model, tokenizer, texts, **options)
