@@ -61,7 +61,7 @@ def test_shared_prefill_runs_the_lm_head_on_the_last_position_only():
     finally:
         hook.remove()
     assert seen == [1]
-    from accel.patching.core import patch
+    from accel.api import patch
 
     with patch(m, "dense") as h, torch.no_grad():
         m(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -121,31 +121,33 @@ def test_eval_plot_has_a_perplexity_panel_for_lm_only_runs(tmp_path):
     assert _plot([], tmp_path / "none.png", "m") is False and not (tmp_path / "none.png").exists()
 
 
-def test_policy_table_wide_mode_later_csv_wins(tmp_path):
-    """bench/make_policy_table.py --wide: one row per policy, the CSV named last replaces a policy's older rows,
-    check marks follow --slack, and --drop-option merges labels that differ only in that option."""
-    import subprocess
-    import sys
+def test_results_quality_table_later_csv_wins(tmp_path, monkeypatch):
+    """bench/make_results.py's quality bookkeeping: a CSV added later replaces a policy's older rows, check marks
+    follow the slack against dense, labels can drop an option, perplexity is shown relative to dense."""
+    import importlib.util
     from pathlib import Path
 
+    spec = importlib.util.spec_from_file_location("make_results",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "make_results.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    monkeypatch.setattr(mr, "RESULTS", tmp_path)
+
     def write(name, rows):
-        p = tmp_path / name
-        with open(p, "w", newline="") as f:
+        with open(tmp_path / name, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["policy", "task", "context", "n", "accuracy", "ppl", "top1_agree"])
             w.writeheader()
             for pol, task, ctx, k, ppl in rows:
-                w.writerow({"policy": pol, "task": task, "context": ctx, "n": 20, "accuracy": k / 20,
-                            "ppl": ppl, "top1_agree": 0.9 if ppl else ""})
-        return str(p)
+                w.writerow({"policy": pol, "task": task, "context": ctx, "n": 3 if task == "lm" else 20,
+                            "accuracy": k / 20, "ppl": ppl, "top1_agree": 0.9 if ppl else ""})
+        return name
 
     old = write("old.csv", [("dense", "passkey", 4096, 16, ""), ("duo@budget_ratio=0.25", "passkey", 4096, 4, ""),
                             ("moa@density=0.25@max_new_tokens=16", "passkey", 4096, 3, "")])
     new = write("new.csv", [("dense", "passkey", 4096, 16, ""), ("duo@budget_ratio=0.25", "passkey", 4096, 14, "")])
     lm = write("lm.csv", [("dense", "lm", 4096, 3, 20.0), ("moa@density=0.25@max_new_tokens=64", "lm", 4096, 3, 21.0)])
-    script = Path(__file__).resolve().parents[1] / "bench" / "make_policy_table.py"
-    out = subprocess.run([sys.executable, str(script), "--wide", "--slack", "2", "--drop-option", "max_new_tokens",
-                          "--eval", old, new, "--lm", lm], capture_output=True, text=True, check=True).stdout
-    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
-    assert "4K passkey" in rows["policy"] and "4K ppl" in rows["policy"]
-    assert rows["duo@budget_ratio=0.25"].split(" | ")[1] == "14/20 ✓"
-    assert "3/20 ✗" in rows["moa@density=0.25"] and "21.00 (+5.0%)" in rows["moa@density=0.25"]
+    q = mr.Quality().add(old, label=mr.drop_option).add(new, label=mr.drop_option).add(lm, label=mr.drop_option)
+    assert q.cell("duo@budget_ratio=0.25", 4096, "passkey", slack=2) == "14/20 ✓"
+    assert q.cell("moa@density=0.25", 4096, "passkey", slack=2) == "3/20 ✗"
+    assert q.ppl("moa@density=0.25", 4096) == "21.00 (+5.0%)" and q.ppl("dense", 4096) == "20.00"
+    assert q.cell("streaming", 4096, "passkey") == "-"

@@ -1,0 +1,880 @@
+"""Writes docs/results.md and the policy table of README.md from the CSV files in bench/results/.
+
+    python bench/make_results.py           # write both
+    python bench/make_results.py --check   # exit 1 if either differs from what would be written
+
+Every number on docs/results.md and in the README's policy table comes from a CSV here; nothing is typed in by
+hand. Each table names its CSV, the command that produced it (looked up in bench/README.md's index, which must
+list every result file) and the machine facts the CSV carries. Standard library only.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BENCH_README = ROOT / "bench" / "README.md"
+RESULTS_MD = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
+TABLE_START = "<!-- policy-table:start -->"
+TABLE_END = "<!-- policy-table:end -->"
+
+#: The day each CSV was committed (`git log -1 --format=%cs -- bench/results/NAME`). The CSVs carry no date of
+#: their own; this is the closest record of when they were measured. Add a line when a CSV is added or rerun.
+COMMITTED = {
+    "compile_smollm2_4k.csv": "2026-12-03",
+    "decode_delta_smollm2_b1.csv": "2026-11-24",
+    "decode_delta_smollm2_b8.csv": "2026-11-24",
+    "decode_hylra_smollm2_b1.csv": "2026-11-24",
+    "decode_hylra_smollm2_b8.csv": "2026-11-24",
+    "decode_kernel.csv": "2026-11-23",
+    "decode_kv_smollm2_b1.csv": "2026-11-24",
+    "decode_kv_smollm2_b1_budgets.csv": "2026-11-27",
+    "decode_kv_smollm2_b8.csv": "2026-11-24",
+    "decode_kv_smollm2_b8_budgets.csv": "2026-11-27",
+    "decode_reuse_smollm2_b1.csv": "2026-11-24",
+    "decode_reuse_smollm2_b1_s12.csv": "2026-11-28",
+    "decode_reuse_smollm2_b8.csv": "2026-11-24",
+    "decode_reuse_smollm2_b8_s12.csv": "2026-11-28",
+    "decode_reuse_smollm2_b8_s12_oldlinear.csv": "2026-11-28",
+    "decode_smollm2_b1.csv": "2026-11-23",
+    "decode_smollm2_throughput.csv": "2026-11-23",
+    "eval_delta_smollm2.csv": "2026-11-24",
+    "eval_delta_smollm2_8k.csv": "2026-11-24",
+    "eval_delta_smollm2_lm.csv": "2026-11-24",
+    "eval_hylra_smollm2.csv": "2026-11-24",
+    "eval_hylra_smollm2_4k_lm6.csv": "2026-11-28",
+    "eval_hylra_smollm2_8k.csv": "2026-11-24",
+    "eval_hylra_smollm2_lm.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_10.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_25.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_25_duo.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_25_duo_middle.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_25_duo_windows.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_25_ruler.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_25_seed1.csv": "2026-11-25",
+    "eval_kv_smollm2_4k_25b.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_50.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_base_50.csv": "2026-11-27",
+    "eval_kv_smollm2_4k_base_lm.csv": "2026-11-27",
+    "eval_kv_smollm2_4k_base_ruler.csv": "2026-11-28",
+    "eval_kv_smollm2_4k_duo.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_duo_default.csv": "2026-11-25",
+    "eval_kv_smollm2_4k_duo_default_lm.csv": "2026-11-27",
+    "eval_kv_smollm2_4k_duo_default_ruler.csv": "2026-11-27",
+    "eval_kv_smollm2_4k_lm_50_10.csv": "2026-11-24",
+    "eval_kv_smollm2_4k_ruler_50_10.csv": "2026-11-24",
+    "eval_kv_smollm2_8k_25.csv": "2026-11-24",
+    "eval_kv_smollm2_8k_25_duo.csv": "2026-11-24",
+    "eval_kv_smollm2_8k_50_10.csv": "2026-11-24",
+    "eval_kv_smollm2_8k_base_lm.csv": "2026-11-27",
+    "eval_kv_smollm2_8k_base_niah_10.csv": "2026-11-28",
+    "eval_kv_smollm2_8k_base_niah_25.csv": "2026-11-28",
+    "eval_kv_smollm2_8k_base_niah_50.csv": "2026-11-28",
+    "eval_kv_smollm2_8k_base_passkey.csv": "2026-11-28",
+    "eval_kv_smollm2_8k_base_ruler_a.csv": "2026-11-28",
+    "eval_kv_smollm2_8k_base_ruler_b.csv": "2026-11-28",
+    "eval_kv_smollm2_8k_duo_50_10.csv": "2026-11-27",
+    "eval_kv_smollm2_8k_lm.csv": "2026-11-27",
+    "eval_kv_smollm2_8k_ruler.csv": "2026-11-27",
+    "eval_kv_smollm2_lm.csv": "2026-11-24",
+    "eval_recycled_threshold_smollm2_4k_lm.csv": "2026-11-28",
+    "eval_reuse_smollm2.csv": "2026-11-24",
+    "eval_reuse_smollm2_8k.csv": "2026-11-24",
+    "eval_reuse_smollm2_lm.csv": "2026-11-24",
+    "eval_smollm2.csv": "2026-11-23",
+    "eval_smollm2_long.csv": "2026-11-23",
+    "eval_smollm2_ruler.csv": "2026-11-23",
+    "kv_long_generation.csv": "2026-11-27",
+    "linear.csv": "2026-11-28",
+    "sparse.csv": "2026-11-24",
+    "tpla_decode.csv": "2026-11-24",
+    "tpla_error.csv": "2026-11-24",
+    "vlm_digits_curve.csv": "2026-11-24",
+    "vlm_digits_kept_on_digit.csv": "2026-11-24",
+    "vlm_prefill_small.csv": "2026-11-24",
+    "vlm_prefill_vitl.csv": "2026-11-24",
+}
+#: The project machine changed: runs committed before this day had an AVX-512 EPYC, later ones an AVX2-only EPYC.
+AVX2_SINCE = "2026-11-27"
+
+# ------------------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------------------
+_CACHE: dict[str, list[dict]] = {}
+_USED: list[str] = []
+
+
+def load(name: str) -> list[dict]:
+    if name not in _CACHE:
+        with open(RESULTS / name, newline="") as f:
+            _CACHE[name] = list(csv.DictReader(f))
+    return _CACHE[name]
+
+
+def _bench_index() -> list[tuple[str, str]]:
+    """(command cell, output-files cell) of every row of bench/README.md's index table."""
+    rows, header = [], None
+    for line in BENCH_README.read_text().splitlines():
+        if not line.startswith("|") or line.startswith("|---"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if header is None:
+            header = cells
+            continue
+        if len(cells) == len(header):
+            d = dict(zip(header, cells))
+            rows.append((d.get("command", ""), d.get("output files", "")))
+    return rows
+
+
+def command_for(name: str) -> str:
+    hits = [cmd for cmd, outs in _bench_index() if f"`{name}`" in outs]
+    if not hits:
+        raise SystemExit(f"make_results: bench/README.md documents no command that writes {name}; add one")
+    return "; ".join(hits)
+
+
+def _one(rows, col) -> str:
+    vals = sorted({r[col] for r in rows if r.get(col)})
+    return " / ".join(vals)
+
+
+def machine(name: str) -> str:
+    rows = load(name)
+    cols = rows[0].keys() if rows else []
+    parts = []
+    if "cpu" in cols:
+        isa = "AVX2 only" if COMMITTED[name] >= AVX2_SINCE else "AVX-512"
+        parts.append(f"{_one(rows, 'cpu')} ({isa})")
+    else:
+        parts.append("CPU not recorded in the CSV")
+    if "threads" in cols:
+        t = _one(rows, "threads")
+        parts.append(f"{t} thread" + ("" if t == "1" else "s"))
+    for col in ("torch", "transformers", "accel"):
+        if col in cols:
+            parts.append(f"{col} {_one(rows, col)}")
+    if "read_bw_gbs" in cols:
+        bw = sorted({float(r["read_bw_gbs"]) for r in rows if r.get("read_bw_gbs")})
+        rng = f"{bw[0]:g}" if len(bw) == 1 else f"{bw[0]:g}-{bw[-1]:g}"
+        parts.append(f"read bandwidth {rng} GB/s measured in the run")
+    return ", ".join(parts)
+
+
+def sources(*names: str) -> list[str]:
+    out = []
+    for n in names:
+        _USED.append(n)
+        out.append(f"* `bench/results/{n}`, from {command_for(n)}. Machine: {machine(n)}. Committed {COMMITTED[n]}.")
+    return ["Source" + ("s" if len(names) > 1 else "") + ":", ""] + out + [""]
+
+
+def table(head: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def f(x, nd=2) -> str:
+    try:
+        return f"{float(x):.{nd}f}"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def ratio(x, nd=2) -> str:
+    return "-" if x in (None, "") else f"{float(x):.{nd}f}x"
+
+
+def pct(x, nd=0) -> str:
+    return "-" if x in (None, "") else f"{100 * float(x):.{nd}f}%"
+
+
+def display(p: str) -> str:
+    return {"hf": "HF unpatched", "hf-unpatched": "HF unpatched"}.get(p, p)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# accuracy / perplexity bookkeeping shared by several sections
+# ------------------------------------------------------------------------------------------------------------
+def drop_option(p: str, opt: str = "max_new_tokens") -> str:
+    return "@".join(x for x in p.split("@") if x.split("=")[0] != opt)
+
+
+class Quality:
+    """Correct samples per (policy, context, task) and perplexity per (policy, context); a later CSV's row
+    replaces an earlier one (so a re-measured policy shows its newest run)."""
+
+    def __init__(self):
+        self.acc: dict = {}
+        self.lm: dict = {}
+        self.tasks: list[str] = []
+
+    def add(self, name: str, label=lambda p: p, only=None):
+        for r in load(name):
+            p = label(r["policy"])
+            if p is None or (only and r["policy"] not in only):
+                continue
+            c = int(r["context"])
+            if r["task"] == "lm":
+                self.lm[(p, c)] = (float(r["ppl"]), float(r["top1_agree"]) if r.get("top1_agree") else None, int(r["n"]))
+            else:
+                n = int(r["n"])
+                self.acc[(p, c, r["task"])] = (round(float(r["accuracy"]) * n), n)
+                if r["task"] not in self.tasks:
+                    self.tasks.append(r["task"])
+        return self
+
+    def cell(self, p, c, t, slack=None, ref="dense"):
+        v = self.acc.get((p, c, t))
+        if v is None:
+            return "-"
+        d = self.acc.get((ref, c, t))
+        mark = ""
+        if slack is not None and d is not None and p not in (ref, "hf"):
+            mark = " ✓" if v[0] >= d[0] - slack else " ✗"
+        return f"{v[0]}/{v[1]}{mark}"
+
+    def ppl(self, p, c, ref="dense"):
+        v = self.lm.get((p, c))
+        if v is None:
+            return "-"
+        d = self.lm.get((ref, c))
+        rel = "" if p in (ref, "hf") or d is None else f" ({100 * (v[0] / d[0] - 1):+.1f}%)"
+        return f"{v[0]:.2f}{rel}"
+
+
+def policy_order(p: str):
+    """hf, dense, then falling budget (the number after the first '='), then name."""
+    name, _, rest = p.partition("@")
+    try:
+        budget = -float(rest.split("=")[1].split("@")[0])
+    except (IndexError, ValueError):
+        budget = 0.0
+    return (p != "hf", p != "dense", budget, name, p)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sections
+# ------------------------------------------------------------------------------------------------------------
+def sec_headline() -> list[str]:
+    evals = ["eval_smollm2.csv", "eval_smollm2_long.csv", "eval_smollm2_ruler.csv"]
+    acc, ppl, tasks = {}, {}, set()
+    for n in evals:
+        for r in load(n):
+            k = (r["policy"], int(r["context"]))
+            if r["task"] == "lm":
+                ppl[k] = float(r["ppl"])
+            else:
+                acc.setdefault(k, []).append(float(r["accuracy"]))
+                tasks.add(r["task"])
+    speed = {(r["policy"], int(r["context"])): r for r in load("decode_smollm2_b1.csv")}
+
+    def nearest(pol, ctx):
+        c = [k for k in speed if k[0] == pol]
+        return speed[min(c, key=lambda k: abs(k[1] - ctx))] if c else None
+
+    rows = []
+    for pol, ctx in sorted(set(acc) | set(ppl), key=lambda k: (k[1], k[0] != "hf", k[0])):
+        a, s = acc.get((pol, ctx)), nearest(pol, ctx)
+        name = "HF unpatched" if pol == "hf" else f"accel {pol}"
+        rows.append([name, ctx, f"{sum(a) / len(a):.3f} ({len(a)} tasks)" if a else "-",
+                     f(ppl.get((pol, ctx)), 3), f"{float(s['decode_tok_s']):.1f} @ {s['context']}" if s else "-",
+                     ratio(s["speedup_vs_hf"]) if s else "-", f(s["kv_held_mb"], 0) if s else "-"])
+    same, total, _, _ = _headline_same()
+    ev = [r for n in evals for r in load(n)]
+    out = ["## Accuracy and speed of accel dense against unpatched transformers", "",
+           f"SmolLM2-135M, fp32, plain completion prompts, {_one(ev, 'n')} samples per task and length "
+           f"(seed {_one(ev, 'seed')}). Accuracy is the mean "
+           "over the generation tasks of each run; perplexity comes from the `lm` task; the speed columns are the "
+           "batch-1 decode row of the next section at the nearest context.", ""]
+    out += table(["policy", "context", "mean accuracy", "perplexity", "decode tok/s (batch 1)", "vs HF", "KV held MB"], rows)
+    out += [f"Tasks averaged: {', '.join(sorted(tasks))}.", "",
+            f"accel dense predicted exactly what unpatched transformers predicted on {same} of {total} samples of the "
+            f"generation tasks (from the `_samples.csv` files next to each CSV).", ""]
+    return out + sources(*evals)
+
+
+def _decode_rows(name, cols):
+    return [[c(r) for c in cols] for r in load(name)]
+
+
+def sec_decode() -> list[str]:
+    out = ["## End-to-end decode, batch 1, against unpatched transformers", "",
+           f"Real prompts, {_one(load('decode_smollm2_b1.csv'), 'new_tokens')} generated tokens. Bytes read per step = fp32 weights plus the KV cache at the mid-point "
+           "of the generated tokens; the bandwidth shares are against the read and copy bandwidth measured in the same "
+           "run.", ""]
+    out += table(["policy", "context", "prefill s", "decode step ms", "tokens/s", "vs HF", "GB/s read per step",
+                  "% of read bw", "% of copy bw", "KV held MB"],
+                 _decode_rows("decode_smollm2_b1.csv", [
+                     lambda r: display(r["policy"]) if r["policy"] == "hf" else f"accel {r['policy']}",
+                     lambda r: r["context"], lambda r: f(r["prefill_s"], 1), lambda r: f(r["decode_step_ms"], 1),
+                     lambda r: f(r["decode_tok_s"], 1), lambda r: ratio(r["speedup_vs_hf"]),
+                     lambda r: f(r["achieved_gbs"], 1), lambda r: pct(r["frac_read_bw"]),
+                     lambda r: pct(r["frac_copy_bw"]), lambda r: f(r["kv_held_mb"], 0)]))
+    out += ["![decode tokens/s and bandwidth](../bench/results/decode_smollm2_b1.png)", ""]
+    return out + sources("decode_smollm2_b1.csv")
+
+
+def sec_throughput() -> list[str]:
+    rows = sorted(load("decode_smollm2_throughput.csv"),
+                  key=lambda r: (int(r["context"]), int(r["batch"]), r["policy"] != "hf"))
+    out = ["## Throughput at batch 1 and 8 (synthetic KV)", "",
+           "Speed only: the cache is filled with random keys and values instead of running the prefill (decode speed "
+           "does not depend on the content for dense attention). Tokens/s counts all sequences of the batch.", ""]
+    out += table(["policy", "context", "batch", "step ms", "tokens/s", "vs HF", "% of read bw", "KV held MB", "peak RSS MB"],
+                 [[display(r["policy"]) if r["policy"] == "hf" else f"accel {r['policy']}", r["context"], r["batch"],
+                   f(r["decode_step_ms"], 1), f(r["decode_tok_s"], 1), ratio(r["speedup_vs_hf"]),
+                   pct(r["frac_read_bw"]), f(r["kv_held_mb"], 0), f(r["peak_rss_mb"], 0)] for r in rows])
+    return out + sources("decode_smollm2_throughput.csv")
+
+
+def sec_kernels() -> list[str]:
+    dk = load("decode_kernel.csv")
+    out = ["## Kernels", "", "### Decode attention kernel alone (C++ against torch SDPA)", "",
+           f"{_one(dk, 'heads')} query and {_one(dk, 'kv_heads')} KV heads, fp32, K/V views of larger buffers, working set larger than the caches.", ""]
+    by = {}
+    for r in load("decode_kernel.csv"):
+        by.setdefault((int(r["head_dim"]), int(r["context"])), {})[r["kernel"]] = r
+    rows = []
+    for (hd, ctx), k in sorted(by.items()):
+        a = k["accel_cpp"]
+        cells = [hd, ctx, f"{float(a['ms']):g} ms, {float(a['gbs']):g} GB/s"]
+        for prov in ("torch_sdpa_packed_gqa", "torch_sdpa_enable_gqa"):
+            t = k.get(prov)
+            cells.append("-" if t is None else f"{float(t['ms']):g} ms ({float(t['ms']) / float(a['ms']):.1f}x slower)")
+        cells.append(pct(a["frac_read_bw"]))
+        rows.append(cells)
+    out += table(["head_dim", "context", "accel C++", "torch SDPA (GQA packed)", "torch SDPA (enable_gqa)",
+                  "accel % of read bw"], rows)
+    out += sources("decode_kernel.csv")
+
+    out += ["### Sparse decode and block-sparse prefill", "",
+            f"{_one(load('sparse.csv'), 'heads')} query and {_one(load('sparse.csv'), 'kv_heads')} KV heads, fp32. Sparse decode reads S sorted random token positions per KV head in place "
+            "through the index list. Each call is timed with the K/V flushed from every cache level just before it "
+            "(median); in brackets, the same call after streaming a large buffer through the caches (everything cold). "
+            "The same-rows ceiling is a C++ probe that only sums the same rows of the same buffer.", ""]
+    dec = [r for r in load("sparse.csv") if r["op"] == "decode"]
+    by = {}
+    for r in dec:
+        by.setdefault((int(r["head_dim"]), int(r["context"])), {}).setdefault(r["provider"], {})[int(r["selected"])] = r
+    rows = []
+    for (hd, ctx), p in sorted(by.items()):
+        dense = next(iter(p["torch_sdpa_dense"].values()))
+        for sel, a in sorted(p.get("accel_sparse", {}).items()):
+            g = p.get("torch_gather_sdpa", {}).get(sel)
+            rows.append([hd, ctx, sel, f"{float(a['ms']):.3f} ({float(a['ms_all_cold']):.3f})",
+                         f"{float(a['gbs']):.1f} ({pct(a['frac_scattered_bw'])} of {float(a['scattered_read_bw_gbs']):g}; "
+                         f"{pct(a['frac_read_bw'])})", f(g["ms"] if g else None, 3), f(dense["ms"], 3),
+                         ratio(a["speedup_vs_dense_sdpa"], 1)])
+    out += table(["head_dim", "context", "selected", "accel sparse ms (all caches cold)",
+                  "GB/s (% of same-rows read GB/s; % of streaming read)", "torch gather+SDPA ms", "dense SDPA ms",
+                  "speed-up vs dense SDPA"], rows)
+    pre = [r for r in load("sparse.csv") if r["op"] == "prefill"]
+    out += table(["prefill", "context", "head_dim", "tokens per head (sink + window)", "seconds", "speed-up"],
+                 [[r["provider"], r["context"], r["head_dim"], r["selected"], f(float(r["ms"]) / 1000, 3),
+                   ratio(r["speedup_vs_dense_sdpa"])] for r in pre])
+    out += sources("sparse.csv")
+    return out
+
+
+def sec_linear() -> list[str]:
+    by = {}
+    for r in load("linear.csv"):
+        by.setdefault((r["op"], r["in"], r["out"], int(r["rows"])), {})[r["provider"]] = r
+    rows = []
+    for (op, i, o, m), p in by.items():
+        a, t = p["accel_cpp"], p["torch_linear"]
+        rows.append([f"{op} ({i}→{o})", m, f(a["gbs"]), f(t["gbs"]), pct(a["frac_read_bw"]), ratio(a["speedup_vs_torch"])])
+    out = ["## Decode linear (GEMV) kernel alone", "",
+           "SmolLM2-135M's weight shapes, one thread; rows = sequences in the batch.", ""]
+    out += table(["op", "rows", "accel GB/s", "torch GB/s", "accel % of read bw", "speed-up"], rows)
+    return out + sources("linear.csv")
+
+
+def _speed_table(names, held=False, rel_dense=True) -> list[str]:
+    rows = []
+    for n in names:
+        for r in load(n):
+            rows.append([display(r["policy"]), r["batch"], r["context"], f(r["decode_step_ms"], 1), f(r["decode_tok_s"]),
+                         ratio(r["speedup_vs_hf"]), ratio(r["speedup_vs_accel_dense"]) if rel_dense else "-",
+                         f(r.get("kv_read_per_step_mb"), 1), f(r["kv_held_mb"], 1)])
+    return table(["policy", "batch", "context", "step ms", "tokens/s", "vs HF", "vs accel dense",
+                  "KV MB read per step", "KV MB held"], rows)
+
+
+def _reuse_quality() -> Quality:
+    q = Quality()
+    relabel_reuse = {"hf": "hf", "dense": "dense", "delta": "delta (paper layout)", "hylra": "hylra (first plan)",
+                     "recycled": "recycled"}
+    for n in ("eval_reuse_smollm2.csv", "eval_reuse_smollm2_8k.csv", "eval_reuse_smollm2_lm.csv"):
+        q.add(n, lambda p: relabel_reuse.get(p))
+    for n in ("eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv"):
+        q.add(n, lambda p: "delta (calibrated layout)" if p == "delta" else None)
+    for n in ("eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv"):
+        q.add(n, lambda p: "hylra (current plan)" if p == "hylra" else None)
+    return q
+
+
+REUSE_ORDER = ["hf", "dense", "delta (paper layout)", "delta (calibrated layout)", "hylra (first plan)",
+               "hylra (current plan)", "recycled"]
+
+
+def sec_reuse() -> list[str]:
+    q = _reuse_quality()
+    tasks = ["niah", "passkey", "ruler_niah_single_1"]
+    rows = []
+    for c in sorted({k[1] for k in q.acc}):
+        for p in REUSE_ORDER:
+            v = q.lm.get((p, c))
+            rows.append([display(p), c] + [q.cell(p, c, t, slack=1) for t in tasks]
+                        + [q.ppl(p, c), f(v[1], 3) if v and v[1] is not None else "-"])
+    out = ["## Layer-reuse policies: hylra, delta, recycled", "",
+           "### Quality on SmolLM2-135M", "",
+           "Default top-k, plain prompts, the same samples for every policy (seed "
+           f"{_one(load('eval_reuse_smollm2.csv'), 'seed')}; the sample count is the n of each k/n cell); perplexity "
+           f"from {_one(load('eval_reuse_smollm2_lm.csv'), 'n')} samples of teacher-forced tokens after the prefix. "
+           "✓ = within one sample of dense. "
+           "\"first plan\" is the HyLRA plan shipped before the retrieval-aware calibration; \"paper layout\" is DELTA's "
+           "layer layout scaled to the model's depth (see [hylra](methods/hylra.md) and [delta](methods/delta.md)).", ""]
+    out += table(["policy", "context"] + tasks + ["perplexity (vs dense)", "top-1 agree"], rows)
+    out += sources("eval_reuse_smollm2.csv", "eval_reuse_smollm2_8k.csv", "eval_reuse_smollm2_lm.csv",
+                   "eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv",
+                   "eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv")
+    q6 = Quality().add("eval_hylra_smollm2_4k_lm6.csv")
+    out += ["### hylra perplexity at 4K on 6 samples", ""]
+    out += table(["policy", "context", "samples", "perplexity (vs dense)", "top-1 agree"],
+                 [[display(p), c, q6.lm[(p, c)][2], q6.ppl(p, c), f(q6.lm[(p, c)][1], 3)]
+                  for p, c in sorted(q6.lm, key=lambda k: policy_order(k[0]))])
+    out += sources("eval_hylra_smollm2_4k_lm6.csv")
+    qr = Quality().add("eval_recycled_threshold_smollm2_4k_lm.csv")
+    out += ["### Recycled Attention: perplexity against its drift threshold", "",
+            "`recycled` without options runs the default threshold.", ""]
+    out += table(["policy", "context", "perplexity (vs dense)", "top-1 agree"],
+                 [[display(p), c, qr.ppl(p, c), f(qr.lm[(p, c)][1], 3)] for p, c in sorted(qr.lm, key=lambda k: policy_order(k[0]))])
+    out += sources("eval_recycled_threshold_smollm2_4k_lm.csv")
+    out += ["### Decode speed", "",
+            "Synthetic KV, fp32, one run each; batch 1 at 8K and batch 8 at 4K. \"KV MB read per step\" is "
+            "what each policy's attention read; \"KV MB held\" what the cache holds.", "",
+            "On the AVX2-only machine with the current small-M linear kernel:", ""]
+    out += _speed_table(["decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv"])
+    out += sources("decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv")
+    out += ["The same batch-8 run on a build of the previous small-M linear kernel:", ""]
+    out += _speed_table(["decode_reuse_smollm2_b8_s12_oldlinear.csv"])
+    out += sources("decode_reuse_smollm2_b8_s12_oldlinear.csv")
+    out += ["On the AVX-512 machine, the current hylra plan and hylra over a snapkv-compressed cache:", ""]
+    out += _speed_table(["decode_hylra_smollm2_b1.csv", "decode_hylra_smollm2_b8.csv"])
+    out += sources("decode_hylra_smollm2_b1.csv", "decode_hylra_smollm2_b8.csv")
+    out += ["On the AVX-512 machine, delta with its calibrated layout:", ""]
+    out += _speed_table(["decode_delta_smollm2_b1.csv", "decode_delta_smollm2_b8.csv"])
+    out += sources("decode_delta_smollm2_b1.csv", "decode_delta_smollm2_b8.csv")
+    out += ["On the AVX-512 machine, with the first hylra plan and delta's paper layout:", ""]
+    out += _speed_table(["decode_reuse_smollm2_b1.csv", "decode_reuse_smollm2_b8.csv"])
+    out += sources("decode_reuse_smollm2_b1.csv", "decode_reuse_smollm2_b8.csv")
+    return out
+
+
+#: CSVs of the KV-compression table, oldest first: a later file's row replaces an earlier one's for the same policy,
+#: context and task (the duo rows of the early files are earlier duo plans / defaults)
+KV_EVAL = ["eval_kv_smollm2_4k_25.csv", "eval_kv_smollm2_4k_25b.csv", "eval_kv_smollm2_4k_50.csv",
+           "eval_kv_smollm2_4k_10.csv", "eval_kv_smollm2_4k_25_ruler.csv", "eval_kv_smollm2_4k_ruler_50_10.csv",
+           "eval_kv_smollm2_8k_25.csv", "eval_kv_smollm2_8k_50_10.csv", "eval_kv_smollm2_8k_25_duo.csv",
+           "eval_kv_smollm2_4k_duo_default.csv", "eval_kv_smollm2_4k_duo_default_ruler.csv",
+           "eval_kv_smollm2_8k_duo_50_10.csv", "eval_kv_smollm2_8k_ruler.csv", "eval_kv_smollm2_4k_base_50.csv",
+           "eval_kv_smollm2_4k_base_ruler.csv", "eval_kv_smollm2_8k_base_passkey.csv",
+           "eval_kv_smollm2_8k_base_niah_50.csv", "eval_kv_smollm2_8k_base_niah_25.csv",
+           "eval_kv_smollm2_8k_base_niah_10.csv", "eval_kv_smollm2_8k_base_ruler_a.csv",
+           "eval_kv_smollm2_8k_base_ruler_b.csv"]
+KV_LM = ["eval_kv_smollm2_lm.csv", "eval_kv_smollm2_4k_lm_50_10.csv", "eval_kv_smollm2_4k_duo_default_lm.csv",
+         "eval_kv_smollm2_4k_base_lm.csv", "eval_kv_smollm2_8k_lm.csv", "eval_kv_smollm2_8k_base_lm.csv"]
+KV_SPEED = {1: "decode_kv_smollm2_b1_budgets.csv", 8: "decode_kv_smollm2_b8_budgets.csv"}
+KV_TASKS = [("passkey", "passkey"), ("niah", "NIAH"), ("ruler_niah_single_1", "RULER")]
+
+
+def kv_quality() -> Quality:
+    q = Quality()
+    for n in KV_EVAL + KV_LM:
+        q.add(n, drop_option)
+    return q
+
+
+def kv_speed() -> dict:
+    return {(drop_option(r["policy"]), b): r for b, n in KV_SPEED.items() for r in load(n)}
+
+
+def sec_kv() -> list[str]:
+    q, speed = kv_quality(), kv_speed()
+    pols = sorted({k[0] for k in q.acc} | {k[0] for k in q.lm} | {k[0] for k in speed}, key=policy_order)
+    pols = [p for p in pols if p.count("@") <= 1]  # variants with more options are in the duo section
+    ctxs = sorted({k[1] for k in q.acc})
+    head, rows = [], []
+    for c in ctxs:
+        head += [f"{c // 1024}K {lab}" for _, lab in KV_TASKS] + [f"{c // 1024}K ppl"]
+    head += ["b1 tok/s (vs dense)", "b8 tok/s (vs dense)", "KV held (of dense)"]
+    for p in pols:
+        cells = []
+        for c in ctxs:
+            cells += [q.cell(p, c, t, slack=2) for t, _ in KV_TASKS] + [q.ppl(p, c)]
+        for b in (1, 8):
+            r, d = speed.get((p, b)), speed.get(("dense", b))
+            cells.append("-" if r is None else f"{float(r['decode_tok_s']):.1f} ({float(r['decode_tok_s']) / float(d['decode_tok_s']):.2f}x)")
+        r, d = speed.get((p, 1)), speed.get(("dense", 1))
+        cells.append("-" if r is None else f"{100 * float(r['kv_held_mb']) / float(d['kv_held_mb']):.1f}%")
+        rows.append([display(p)] + cells)
+    out = ["## KV-cache compression by budget", "",
+           "### Quality, speed and bytes at 50%, 25% and 10%, 4K and 8K", "",
+           "One row per policy and budget with the current defaults. Quality: `accel eval`, one run each, the same "
+           f"samples for every policy in a column (seed {_one([r for n in KV_EVAL for r in load(n)], 'seed')}; the "
+           "sample count is the n of each k/n cell); RULER is `ruler_niah_single_1`; perplexity from "
+           f"{_one([r for n in KV_LM for r in load(n)], 'n')} samples of teacher-forced tokens after the prefix. "
+           "✓ = within two samples of "
+           "dense; `-` = not measured. Speed: `accel bench --synthetic-kv` (the random cache is compressed with each "
+           "policy's own budgets), batch 1 at 8K and batch 8 at 4K. \"KV held\" is what the cache reports at batch 1 / 8K "
+           "against dense. MoA's `max_new_tokens` option (which sizes its caches per task) is left out of the labels. "
+           "Where several CSVs measured the same policy, context and task, the newest is shown.", ""]
+    out += table(["policy"] + head, rows)
+    out += sources(*KV_EVAL, *KV_LM, *KV_SPEED.values())
+
+    out += ["### Decode speed and bytes per budget", ""]
+    for b, n in KV_SPEED.items():
+        rs = sorted(load(n), key=lambda r: policy_order(r["policy"]))
+        out += table(["policy", "batch", "context", "step ms", "tokens/s", "vs HF", "vs accel dense", "KV MB read per step", "KV MB held"],
+                     [[display(r["policy"]), r["batch"], r["context"], f(r["decode_step_ms"], 1), f(r["decode_tok_s"]),
+                       ratio(r["speedup_vs_hf"]), ratio(r["speedup_vs_accel_dense"]), f(r["kv_read_per_step_mb"], 1),
+                       f(r["kv_held_mb"], 1)] for r in rs])
+    out += sources(*KV_SPEED.values())
+    out += ["An earlier run at 25% only, on the AVX-512 machine (duo with the plan of that time):", ""]
+    out += _speed_table(["decode_kv_smollm2_b1.csv", "decode_kv_smollm2_b8.csv"])
+    out += sources("decode_kv_smollm2_b1.csv", "decode_kv_smollm2_b8.csv")
+
+    rows = []
+    lg = load("kv_long_generation.csv")
+    for p in sorted({r["policy"] for r in lg}, key=policy_order):
+        rs = sorted((r for r in lg if r["policy"] == p), key=lambda r: int(r["step"]))
+        a, z = rs[0], rs[-1]
+        alloc = sorted({r["kv_allocated_mb"] for r in rs}, key=float)
+        rows.append([display(p), a["context"], f"{float(a['kv_held_mb']):.2f} @ {a['step']}",
+                     f"{float(z['kv_held_mb']):.2f} @ {z['step']}",
+                     " → ".join(f"{float(x):.2f}" for x in alloc)])
+    out += ["### Long generation at constant size", "",
+            "A real prompt, generation forced to the full length, cache bytes reported at regular steps. "
+            "\"allocated\" lists the distinct values seen (one value = no growth, no re-allocation).", ""]
+    out += table(["policy", "prompt tokens", "KV held MB @ step", "KV held MB @ last step", "KV allocated MB"], rows)
+    out += ["![KV bytes during a long generation](../bench/results/kv_long_generation.png)", ""]
+    out += sources("kv_long_generation.csv")
+    return out
+
+
+def _acc_table(names, tasks, label=lambda p: p) -> list[str]:
+    q = Quality()
+    for n in names:
+        q.add(n, label)
+    ctx = sorted({k[1] for k in q.acc})
+    pols = sorted({k[0] for k in q.acc}, key=policy_order)
+    head = [f"{c // 1024}K {t}" for c in ctx for t in tasks if any(k[1] == c and k[2] == t for k in q.acc)]
+    cols = [(c, t) for c in ctx for t in tasks if any(k[1] == c and k[2] == t for k in q.acc)]
+    return table(["policy"] + head, [[display(p)] + [q.cell(p, c, t) for c, t in cols] for p in pols])
+
+
+def sec_duo() -> list[str]:
+    out = ["### How duo's defaults were chosen", "",
+           "Budget 25% throughout. The duo rows of these CSVs are the plan or defaults named above each table; a `duo@...` label "
+           "without options means the default of the day, not today's (see [duo](methods/duo.md)).", "",
+           "Head plan scored by relative output error (duo row of this CSV; the other rows are the current policies):", ""]
+    out += _acc_table(["eval_kv_smollm2_4k_25.csv"], ["passkey", "niah"], lambda p: p if p in ("hf", "dense") or p.startswith("duo") else None)
+    out += sources("eval_kv_smollm2_4k_25.csv")
+    out += ["Head plan scored by the error written into the residual stream:", ""]
+    out += _acc_table(["eval_kv_smollm2_4k_25_duo.csv"], ["passkey", "niah"])
+    out += sources("eval_kv_smollm2_4k_25_duo.csv")
+    out += ["Head plan scored by attention mass outside the streaming window (the shipped plan), streaming heads "
+            "of sinks + recent tokens as published:", ""]
+    out += _acc_table(["eval_kv_smollm2_4k_duo.csv"], ["passkey", "niah"])
+    out += sources("eval_kv_smollm2_4k_duo.csv")
+    out += ["Smaller published-style streaming windows (no middle tokens):", ""]
+    out += _acc_table(["eval_kv_smollm2_4k_25_duo_windows.csv"], ["passkey", "niah"])
+    out += sources("eval_kv_smollm2_4k_25_duo_windows.csv")
+    out += ["Streaming heads with SnapKV-scored middle tokens against the published form (which row the default "
+            "`stream_share` corresponds to is explained on the duo page):", ""]
+    out += _acc_table(["eval_kv_smollm2_4k_25_duo_middle.csv"], ["passkey", "niah"])
+    out += sources("eval_kv_smollm2_4k_25_duo_middle.csv")
+    out += ["The same comparison at 8K (plain `duo@budget_ratio=0.25` is the current default):", ""]
+    out += _acc_table(["eval_kv_smollm2_8k_25_duo.csv"], ["passkey", "niah"])
+    out += sources("eval_kv_smollm2_8k_25_duo.csv")
+    out += ["On fresh samples (seed 1; the default was chosen on seed 0):", ""]
+    out += _acc_table(["eval_kv_smollm2_4k_25_seed1.csv"], ["passkey", "niah"])
+    out += sources("eval_kv_smollm2_4k_25_seed1.csv")
+    return out
+
+
+def sec_vlm() -> list[str]:
+    cur = load("vlm_digits_curve.csv")
+    pols = list(dict.fromkeys(r["policy"] for r in cur))
+    keeps = sorted({int(r["keep"]) for r in cur}, reverse=True)
+    acc = {(r["policy"], int(r["keep"])): r for r in cur}
+    out = ["## Visual-token pruning", "",
+           f"### Accuracy against kept visual tokens, {cur[0]['model']}", "",
+           f"Not a published VLM: the project-trained digits VLM (see [fastervlm](methods/fastervlm.md)). "
+           f"{cur[0]['samples']} held-out digits, first answer token, one run.", ""]
+    out += table([f"kept of {cur[0]['tokens']}"] + pols, [[k] + [f(acc[(p, k)]["accuracy"], 3) if (p, k) in acc else "-" for p in pols] for k in keeps])
+    out += ["![accuracy vs kept tokens](../bench/results/vlm_digits_curve.png)", ""]
+    out += sources("vlm_digits_curve.csv")
+    kod = load("vlm_digits_kept_on_digit.csv")
+    kk = sorted({int(r["keep"]) for r in kod}, reverse=True)
+    d = {(r["policy"], int(r["keep"])): r for r in kod}
+    kp = list(dict.fromkeys(r["policy"] for r in kod))
+    out += ["Share of the kept tokens that lie on the digit's patches "
+            f"({kod[0]['images']} held-out images, {kod[0]['digit_patches_per_image']} digit patches per image on average):", ""]
+    out += table(["kept"] + kp, [[k] + [pct(d[(p, k)]["on_digit_share"]) for p in kp] for k in kk])
+    out += sources("vlm_digits_kept_on_digit.csv")
+    n_all = next(r["keep"] for r in load("vlm_prefill_vitl.csv") if r["policy"].startswith("all"))
+    out += [f"### Prefill at LLaVA-1.5's shape ({n_all} visual tokens)", "",
+            "SmolLM2-135M with its real weights as the LLM, random vision weights, batch 1, fp32, median of repeated runs. \"LLM s\" is "
+            "the time inside the language model; peak = peak CPU memory allocated during the forward.", ""]
+    rows = []
+    for n, tower in (("vlm_prefill_vitl.csv", "CLIP ViT-L/14-336 shape"), ("vlm_prefill_small.csv", "small")):
+        for r in load(n):
+            rows.append([tower, r["policy"], r["keep"], f(r["prefill_s"]), ratio(r["prefill_speedup"]), f(r["llm_s"], 3),
+                         ratio(r["llm_speedup"]), f(r["peak_mb"], 1), f(r["kv_mb"], 1)])
+    out += table(["tower", "policy", "kept", "VLM prefill s", "vs all", "LLM s", "vs all", "peak MB", "LLM KV MB"], rows)
+    out += sources("vlm_prefill_vitl.csv", "vlm_prefill_small.csv")
+    return out
+
+
+def sec_tpla() -> list[str]:
+    err = load("tpla_error.csv")
+    tr = list(dict.fromkeys(r["transform"] for r in err))
+    by = {}
+    for r in err:
+        by.setdefault((int(r["shards"]), r["queries"], r["query_scale"], r["shard_logit_scale"]), {})[r["transform"]] = r["rel_error"]
+    out = ["## TPLA on a random DeepSeek-V3-shaped model", "",
+           "No MLA weights install here: these runs use random configs, so they measure speed, bytes and the error of "
+           "the maths, not model quality.", "",
+           "### Output error of TPLA against MLA", "",
+           "Mean relative error of the per-head attention outputs over several seeds; structured latents (low rank plus "
+           "noise and outlier channels); queries random or *aligned* (the absorbed query of a latent of the same "
+           "sequence). Shard logit scale 1 is the paper's independent softmax, g multiplies each shard's logits by g.", ""]
+    out += table(["g", "queries", "q scale", "shard logit scale"] + tr,
+                 [[g, q, s, sl] + [f(v[t], 3) for t in tr] for (g, q, s, sl), v in by.items()])
+    out += ["![TPLA error](../bench/results/tpla_error.png)", ""]
+    out += sources("tpla_error.csv")
+    mib = lambda b: f"{int(b) / 2**20:.1f} MiB"
+    label = {"hf-unpatched": "transformers unpatched", "mla-absorbed-1-process": "accel MLA, absorbed, 1 process",
+             "tpla-2-simulated-1-process": "TPLA 2 shards simulated, 1 process", "tpla-2-ranks": "TPLA, 2 gloo ranks"}
+    rows = [[label.get(r["mode"], r["mode"]), r["ranks"], r["context"], f(r["step_ms"], 1), ratio(r["speedup_vs_mla_1_process"]),
+             mib(r["kv_bytes_per_rank"]), mib(r["weight_bytes_per_rank"])]
+            for r in sorted(load("tpla_decode.csv"), key=lambda r: (int(r["context"]), r["mode"] != "hf-unpatched", int(r["ranks"])))]
+    out += ["### Decode step, 2 gloo ranks against one process", "",
+            "`random-mla-mid` (DeepSeek-V3 layout with its real MLA widths), synthetic latent cache, Hadamard transform, "
+            "one thread per process, median of the decode steps.", ""]
+    out += table(["execution", "ranks", "context", "step ms", "vs MLA 1 process", "KV bytes per rank", "weights per rank"], rows)
+    out += sources("tpla_decode.csv")
+    return out
+
+
+def sec_compile() -> list[str]:
+    rs = load("compile_smollm2_4k.csv")
+    hf = next(r for r in rs if r["policy"] == "hf")
+    by = {}
+    for r in rs:
+        by.setdefault(r["policy"], {})[r["mode"]] = r
+    rows = []
+    for p, m in by.items():
+        if p == "hf":
+            continue
+        e, c = m["eager"], m["compiled"]
+        rows.append([p, f(e["decode_tok_s"]), f(c["decode_tok_s"]), f(float(c["decode_tok_s"]) / float(e["decode_tok_s"])),
+                     f(c["compile_s"], 1), "yes" if c["same_tokens"] == "True" else "no",
+                     ratio(float(c["decode_tok_s"]) / float(hf["decode_tok_s"])), e["runs"], c["runs"]])
+    out = ["## torch.compile against eager decode", "",
+           f"`model.forward = torch.compile(model.forward)` on the patched model, compiled once by a warm-up generation; "
+           f"cache filled with {hf['context']} random tokens, {hf['new_tokens']} new tokens, eager and compiled runs "
+           f"alternated, median reported. Unpatched transformers (eager, one run): {f(hf['decode_tok_s'])} tok/s.", ""]
+    out += table(["policy", "eager tok/s", "compiled tok/s", "compiled / eager", "compile s", "same tokens",
+                  "compiled vs unpatched HF", "eager runs", "compiled runs"], rows)
+    return out + sources("compile_smollm2_4k.csv")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the README's policy table
+# ------------------------------------------------------------------------------------------------------------
+POLICIES = [  # name, paper (as cited in the code), what it does
+    ("dense", "— (exact attention)", "accel's cache and decode kernels; every other policy reduces to it when its budget covers the context"),
+    ("hylra", "HyLRA, Ai et al. 2026, arXiv 2602.00777", "per layer from a calibrated plan: full attention, or reuse an earlier layer's top-k tokens"),
+    ("delta", "DELTA, arXiv 2510.09883", "Delta-layers pick 16-token pages from full attention; the layers below them attend to those pages"),
+    ("recycled", "RefreshKV / Recycled Attention, Xu, Goyal, Choi, ACL 2025, arXiv 2411.05787", "partial cache of top tokens, refreshed by a full step when the query drifts"),
+    ("streaming", "StreamingLLM, Xiao et al. 2023", "keeps attention sinks + the newest tokens"),
+    ("snapkv", "SnapKV, Li et al. 2024", "keeps the tokens the prompt's last queries attend to"),
+    ("pyramidkv", "PyramidKV, Cai et al. 2024", "SnapKV scores with budgets shrinking with depth"),
+    ("h2o", "H2O, Zhang et al. 2023", "keeps heavy hitters (accumulated attention) + recent tokens"),
+    ("duo", "DuoAttention, Xiao et al. 2024, arXiv 2410.10819", "retrieval heads keep everything, streaming heads a small cache"),
+    ("taskkv", "Task-KV, He, Liu, Chen, arXiv 2501.15113", "per request, heads far from their layer's semantic center keep everything"),
+    ("moa", "MoA, Fu et al., arXiv 2406.14909", "per-head sink + band spans from an offline MILP; sparse prefill"),
+    ("fastervlm", "FasterVLM, Zhang et al., arXiv 2412.01818", "keeps the image tokens the vision tower's [CLS] attends to"),
+    ("flowcut", "FlowCut, Tong et al., arXiv 2505.19536", "prunes image tokens progressively inside the vision tower"),
+    ("fastv", "FastV-style, after Chen et al., ECCV 2024", "ranks image tokens by the attention they get in an early LLM layer"),
+    ("randomprune", "— (control)", "keeps a seeded random subset of image tokens"),
+    ("tpla", "TPLA, Tang et al., arXiv 2508.15881", "splits MLA's latent cache over tensor-parallel shards"),
+]
+
+
+def policy_table() -> list[str]:
+    rq = _reuse_quality()
+    kq, ks = kv_speed_and_quality()
+    s12 = {(r["policy"], int(r["batch"])): r for n in ("decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv") for r in load(n)}
+    b1 = {r["policy"]: r for r in load("decode_smollm2_b1.csv") if r["context"] == "4095"}
+    curve = {(r["policy"], int(r["keep"])): r for r in load("vlm_digits_curve.csv")}
+    pre = {(r["policy"], r["keep"]): r for r in load("vlm_prefill_vitl.csv")}
+    tdec = {(r["mode"], r["context"]): r for r in load("tpla_decode.csv")}
+    terr = {(r["shards"], r["queries"], r["query_scale"], r["shard_logit_scale"], r["transform"]): r for r in load("tpla_error.csv")}
+
+    def pk(q, p, c, ref="dense"):
+        return (f"passkey {q.cell(p, c, 'passkey')}, NIAH {q.cell(p, c, 'niah')} (dense {q.cell(ref, c, 'passkey').split('/')[0]}, "
+                f"{q.cell(ref, c, 'niah').split('/')[0]}), ppl {q.ppl(p, c).split(' ')[-1].strip('()')}")
+
+    def reuse_speed(p):
+        return (f"{ratio(s12[(p, 1)]['speedup_vs_accel_dense'])} dense (8K, batch 1), "
+                f"{ratio(s12[(p, 8)]['speedup_vs_accel_dense'])} (4K, batch 8)")
+
+    def kv_cells(spec):
+        r, d = ks[(spec, 1)], ks[("dense", 1)]
+        knob, val = spec.split("@")[1].split("=")
+        what = "budget" if knob == "budget_ratio" else knob
+        return (f"4K, {what} {100 * float(val):.0f}%: " + pk(kq, spec, 4096),
+                f"{ratio(float(r['decode_tok_s']) / float(d['decode_tok_s']))} dense (8K, batch 1); KV "
+                f"{100 * float(r['kv_held_mb']) / float(d['kv_held_mb']):.0f}% of dense")
+
+    def vlm_cells(p):
+        c16, c64, r = curve[(p, 16)], curve[(p, 64)], pre[(p, "64")]
+        return (f"digits VLM, 16 of 64 tokens: {f(c16['accuracy'], 3)} (all: {f(c64['accuracy'], 3)})",
+                f"576 → 64 tokens: LLM prefill {ratio(r['llm_speedup'])}, VLM prefill {ratio(r['prefill_speedup'])} (ViT-L-shaped tower)")
+
+    hsame, htotal, htasks, hctx = _headline_same()
+    cells = {
+        "dense": (f"{min(hctx) // 1024}K-{max(hctx) // 1024}K, {len(htasks)} tasks: same answers as unpatched on "
+                  f"{hsame} of {htotal} samples",
+                  f"{ratio(b1['dense']['speedup_vs_hf'])} unpatched HF (4K, batch 1)"),
+        "hylra": ("4K, top-k 1/8: " + pk(rq, "hylra (current plan)", 4096), reuse_speed("hylra")),
+        "delta": ("4K, top-k 1/8: " + pk(rq, "delta (calibrated layout)", 4096), reuse_speed("delta")),
+        "recycled": ("4K, top-k 1/8: " + pk(rq, "recycled", 4096), reuse_speed("recycled")),
+        "tpla": ("random DeepSeek-V3 shape, g=2, Hadamard: relative output error "
+                 f"{f(terr[('2', 'aligned', '1.0', '1', 'hadamard')]['rel_error'], 3)} (aligned queries)",
+                 f"2 gloo ranks {ratio(tdec[('tpla-2-ranks', '32768')]['speedup_vs_mla_1_process'])} one process at 32K; "
+                 f"KV per rank {int(tdec[('tpla-2-ranks', '32768')]['kv_bytes_per_rank']) / int(tdec[('mla-absorbed-1-process', '32768')]['kv_bytes_per_rank']):.3f} of MLA's"),
+    }
+    for p in ("streaming", "snapkv", "pyramidkv", "h2o", "duo", "taskkv"):
+        cells[p] = kv_cells(f"{p}@budget_ratio=0.25")
+    cells["moa"] = kv_cells("moa@density=0.25")
+    for p in ("fastervlm", "flowcut", "fastv", "randomprune"):
+        cells[p] = vlm_cells(p)
+    out = ["| policy | paper | what it does | measured quality | measured speed |", "|---|---|---|---|---|"]
+    pages = sorted(x.stem for x in (ROOT / "docs" / "methods").glob("*.md") if x.stem != "README")
+    missing = sorted(set(pages) - {n for n, _, _ in POLICIES})
+    if missing:
+        raise SystemExit(f"make_results: docs/methods has pages for {missing} but POLICIES has no row for them")
+    for name, paper, what in POLICIES:
+        q, s = cells.get(name, ("not measured yet", "not measured yet"))
+        out.append(f"| [`{name}`](docs/methods/{name}.md) | {paper} | {what} | {q} | {s} |")
+    out += ["", "SmolLM2-135M (the VLM rows: SmolLM2-135M inside a project-trained digits VLM; tpla: a random "
+            "DeepSeek-V3-shaped model, no quality), CPU, one thread. KV policies at a 25% budget (moa: density 0.25); "
+            "speed against accel dense unless it says unpatched HF. Every cell is generated from `bench/results/` by "
+            "`python bench/make_results.py`; sources, machines and dates in [docs/results.md](docs/results.md)."]
+    return out
+
+
+def kv_speed_and_quality():
+    return kv_quality(), kv_speed()
+
+
+def _headline_same() -> tuple[int, int, set, set]:
+    """(samples where accel dense predicted exactly what unpatched transformers did, samples, tasks, contexts) over
+    the generation tasks of the headline evaluation."""
+    same = total = 0
+    tasks, ctxs = set(), set()
+    for n in ("eval_smollm2.csv", "eval_smollm2_long.csv", "eval_smollm2_ruler.csv"):
+        preds: dict = {}
+        for r in load(n.replace(".csv", "_samples.csv")):
+            if r["task"] != "lm":
+                preds.setdefault((r["task"], r["target_len"], r["idx"]), {})[r["policy"]] = r["prediction"]
+        for (t, c, _), v in preds.items():
+            if "hf" in v and "dense" in v:
+                total += 1
+                same += v["hf"] == v["dense"]
+                tasks.add(t)
+                ctxs.add(int(c))
+    return same, total, tasks, ctxs
+
+
+# ------------------------------------------------------------------------------------------------------------
+def results_md() -> str:
+    _USED.clear()
+    body = []
+    for sec in (sec_headline, sec_decode, sec_throughput, sec_kernels, sec_linear, sec_reuse, sec_kv, sec_duo,
+                sec_vlm, sec_tpla, sec_compile):
+        body += sec()
+    head = ["# Measured results", "",
+            "<!-- generated by `python bench/make_results.py` from bench/results/*.csv; do not edit by hand -->", "",
+            "Every number on this page is read from a CSV in `bench/results/` by `python bench/make_results.py`; each "
+            "table names its CSV, the command that wrote it (from the [benchmark index](../bench/README.md)) and the "
+            "machine facts the CSV records. What the numbers mean for each method is discussed on its page under "
+            "[docs/methods/](methods/).", "",
+            "How to read them:", "",
+            "* All runs are on the project machine: a shared AMD EPYC virtual machine with two cores and no GPU, fp32, "
+            "one thread unless stated, one run per configuration. Runs committed before "
+            f"{AVX2_SINCE} used an EPYC with AVX-512, later runs an AVX2-only EPYC (marked in each source line).",
+            "* The machine's memory bandwidth moves noticeably between runs, so compare rows of one CSV "
+            "(measured in one run) rather than rows of different CSVs; the speed CSVs record the bandwidth measured in "
+            "their run.",
+            "* \"Committed\" is the day the CSV entered the repository, the closest record of when it was measured.",
+            "* `hf` / \"HF unpatched\" is the model without accel; `dense` is accel's exact path; `name@knob=value` is a "
+            "policy with an option set.", "",
+            "Contents: "
+            + ", ".join(f"[{t}](#{_anchor(t)})" for t in (l[3:] for l in body if l.startswith("## "))) + ".", ""]
+    unused = sorted(set(COMMITTED) - set(_USED))
+    if unused:
+        raise SystemExit(f"make_results: CSVs listed in COMMITTED but shown nowhere: {unused}")
+    missing = sorted(p.name for p in RESULTS.glob("*.csv") if not p.name.endswith("_samples.csv") and p.name not in COMMITTED)
+    if missing:
+        raise SystemExit(f"make_results: new CSVs without a commit date in COMMITTED (and a table): {missing}")
+    return "\n".join(head + body).rstrip() + "\n"
+
+
+def _anchor(title: str) -> str:
+    s = re.sub(r"[^\w\- ]", "", title.lower()).strip()
+    return s.replace(" ", "-")
+
+
+def readme_with_table(text: str) -> str:
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"make_results: README.md lacks the {TABLE_START} / {TABLE_END} markers")
+    a, rest = text.split(TABLE_START, 1)
+    _, b = rest.split(TABLE_END, 1)
+    return a + TABLE_START + "\n" + "\n".join(policy_table()) + "\n" + TABLE_END + b
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/results.md or README.md's policy table is stale")
+    args = ap.parse_args(argv)
+    want = {RESULTS_MD: results_md(), README: readme_with_table(README.read_text())}
+    if args.check:
+        stale = [p.relative_to(ROOT).as_posix() for p, t in want.items() if not p.exists() or p.read_text() != t]
+        if stale:
+            print(f"make_results: {', '.join(stale)} out of date with bench/results/; run `python bench/make_results.py`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    for p, t in want.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists() or p.read_text() != t:
+            p.write_text(t)
+            print(f"wrote {p.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
