@@ -707,6 +707,7 @@ POLICIES = [  # name, paper (as cited in the code), what it does
     ("hylra", "HyLRA, Ai et al. 2026, arXiv 2602.00777", "per layer from a calibrated plan: full attention, or reuse an earlier layer's top-k tokens"),
     ("delta", "DELTA, arXiv 2510.09883", "Delta-layers pick 16-token pages from full attention; the layers below them attend to those pages"),
     ("recycled", "RefreshKV / Recycled Attention, Xu, Goyal, Choi, ACL 2025, arXiv 2411.05787", "partial cache of top tokens, refreshed by a full step when the query drifts"),
+    ("quest", "Quest, Tang et al., ICML 2024, arXiv 2406.10774", "per KV head, the pages whose key min/max bound q.k highest, plus the current page"),
     ("streaming", "StreamingLLM, Xiao et al. 2023", "keeps attention sinks + the newest tokens"),
     ("snapkv", "SnapKV, Li et al. 2024", "keeps the tokens the prompt's last queries attend to"),
     ("pyramidkv", "PyramidKV, Cai et al. 2024", "SnapKV scores with budgets shrinking with depth"),

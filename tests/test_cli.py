@@ -110,6 +110,10 @@ def test_plan_command_writes_a_loadable_plan_and_picture(tiny_folder, tmp_path, 
     assert "layers: 0:" in capsys.readouterr().out
     assert main(["plan", "--model", str(tiny_folder), "--policy", "delta", "--out", str(tmp_path / "d.json")]) == 0
     assert Plan.load(tmp_path / "d.json").policy == "delta"
+    # a policy without a calibrator writes its default plan, built with --set (here Quest's dense first layers)
+    assert main(["plan", "--model", str(tiny_folder), "--policy", "quest", "--set", "dense_layers=1", "--out",
+                 str(tmp_path / "q.json")]) == 0
+    assert [lp.mode for lp in Plan.load(tmp_path / "q.json").layers] == ["full", "quest"]
 
 
 def test_policy_lists_split_outside_brackets():
@@ -138,7 +142,7 @@ INPUT_ERRORS = [
     (["plan", "--policy", "nope", "--out", "x.json"], "unknown policy 'nope'"),
     (["plan", "--policy", "hylra", "--reduce", "max", "--out", "x.json"], "--reduce does not apply to 'hylra'"),
     (["plan", "--policy", "delta", "--sparsity", "0.5", "--out", "x.json"], "'delta' has no calibrator"),
-    (["plan", "--policy", "delta", "--set", "bogus=1", "--out", "x.json"], "has no option(s) ['bogus']"),
+    (["plan", "--policy", "quest", "--set", "bogus=1", "--out", "x.json"], "has no option(s) ['bogus']"),
     (["plan", "--policy", "moa", "--densities", "a,b", "--out", "x.json"], "--densities takes comma-separated numbers"),
 ]
 

@@ -20,7 +20,7 @@ from accel.calibration.hylra import _ratio90, layer_statistics, mass_recall_matr
 
 
 SMALL = {"hylra": {"sink": 4, "recent": 8}, "delta": {"page_size": 4, "recent_pages": 2}, "recycled": {"compact": False}}
-CASES = [("hylra", {"plan": "hand"}), ("delta", {"full_layers": [0], "delta_layers": [1]}), ("recycled", {}),
+CASES = [("hylra", {"plan": "hand"}), ("delta", {"full_layers": [0], "delta_layers": [1]}), ("quest", {}), ("recycled", {}),
          ("recycled", {"schedule": "fixed", "stride": 3})]
 
 
@@ -342,3 +342,39 @@ def test_cpp_selection_from_logits_matches_torch(agg):
             for h in range(c_t.shape[1]):
                 assert torch.equal(i_t[b, h, : c_t[b, h]], i_c[b, h, : c_c[b, h]])
 
+
+def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page():
+    """Quest (methods.md 7.5): the first two layers stay dense; elsewhere each KV head attends to the
+    ceil(topk / page) pages (at least 3) whose key min/max bound q.k highest, always with the current page, every
+    page whole; the incremental page metadata gives the reference's bounds."""
+    from accel.ops._selection_reference import page_minmax_ref, quest_page_scores_ref
+    import accel.policies.quest as Q
+
+    m = model4("llama")
+    ids = torch.randint(3, 256, (1, 150), generator=torch.Generator().manual_seed(7))
+    seen = []
+    orig = Q.sparse_attend
+
+    def spy(ctx, query, key, value, mask, scaling, idx, counts):
+        seen.append((ctx.layer_idx, query.clone(), key.clone(), idx.clone(), counts.clone()))
+        return orig(ctx, query, key, value, mask, scaling, idx, counts)
+
+    Q.sparse_attend = spy
+    try:
+        gen(m, ids, "quest", topk=64, new=8)  # 4 pages of 16
+    finally:
+        Q.sparse_attend = orig
+    assert seen and {s[0] for s in seen} == {2, 3}
+    for _, q, k, idx, counts in seen:
+        T = k.shape[2]
+        n_pages = (T + 15) // 16
+        kmin, kmax = page_minmax_ref(k, T, 16)
+        ub = quest_page_scores_ref(q[:, :, 0], kmin, kmax, "max")[0]  # [Hkv, n_pages]
+        for h in range(k.shape[1]):
+            got = idx[0, h, : counts[0, h]].long()
+            assert torch.equal(got, got.sort().values)
+            pages = sorted(set((got // 16).tolist()))
+            assert len(pages) == 4 and pages[-1] == n_pages - 1  # the current page is always attended
+            want = set(ub[h, : n_pages - 1].topk(3).indices.tolist()) | {n_pages - 1}
+            assert set(pages) == want
+            assert int(counts[0, h]) == 3 * 16 + (T - 16 * (n_pages - 1))  # whole pages, the last one partial

@@ -20,6 +20,7 @@ _LAZY: dict[str, str] = {
     "duo": "accel.policies.duo:DuoAttentionPolicy",
     "taskkv": "accel.policies.taskkv:TaskKVPolicy",
     "moa": "accel.policies.moa:MoAPolicy",
+    "quest": "accel.policies.quest:QuestPolicy",
     # visual-token pruning (VLMs): act before the language model, compose with the policies above
     "fastervlm": "accel.policies.fastervlm:FasterVLMPolicy",
     "flowcut": "accel.policies.flowcut:FlowCutPolicy",

@@ -1,0 +1,115 @@
+"""Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference", ICML 2024,
+arXiv 2406.10774; methods.md 7.5): query-aware page selection at decode time.
+
+Per KV head, every page of ``page_size`` tokens keeps the element-wise min ``m`` and max ``M`` of its keys, updated
+incrementally as pages fill (``accel.cache.quest.QuestMetadata``, kept in the sequence's layer state). For the current
+query ``q`` a page's criticality is the upper bound ``U = sum_d max(q_d M_d, q_d m_d)`` of every ``q . k`` in it. Each
+decode step attends exactly over the top ``ceil(budget / page_size)`` pages (at least ``min_pages``) plus the current
+(last) page, read in place from the cache with accel's sparse decode kernel. Prefill is dense; the first
+``dense_layers`` layers stay dense (the paper's ``layer_id < 2``). A budget that covers the context is exact dense
+attention.
+
+Per layer, the plan says ``full`` (dense) or ``quest`` and may set the layer's ``topk``. [INFER] choices, switchable:
+under GQA the group's query heads share one page set per KV head, their bounds aggregated by ``agg`` (default
+``max``: a page is kept if any query head of the group may need it; the paper selects per query head); the budget
+follows ``topk_ratio`` of the context when ``topk`` is not given (default 1/8), as in accel's other sparse-attention
+policies.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..attention.context import LayerContext
+from ..attention.decode import dense_decode, sparse_attend
+from ..attention.masks import first_valid_positions, step_valid
+from ..attention.selection import token_budget
+from ..cache.quest import QuestMetadata
+from ..errors import AccelError
+from ..models.base import ModelInfo
+from ..plan import LayerPlan, Plan
+from .base import AttentionPolicy
+from .registry import register_policy
+
+
+@register_policy("quest")
+@dataclass
+class QuestPolicy(AttentionPolicy):
+    """Knobs:
+
+    Args:
+        topk: tokens attended per KV head and step (the paper's token budget: pages x page_size, the current page
+            included); None: use ``topk_ratio``.
+        topk_ratio: fraction of the current context when ``topk`` is None (default 1/8).
+        page_size: tokens per page (16, the paper's default).
+        min_pages: pages selected at least (3, as Quest's code).
+        dense_layers: the first layers that stay dense (2, as the paper).
+        agg: aggregation of a KV head's query heads' page bounds: 'max' (default), 'mean' or 'sum'.
+        min_topk: with ``topk_ratio``, attend to at least this many tokens (64: short prompts stay exact).
+    """
+
+    plan_modes: ClassVar[tuple] = ("full", "quest")
+
+    topk: int | None = None
+    topk_ratio: float | None = 0.125
+    page_size: int = 16
+    min_pages: int = 3
+    dense_layers: int = 2
+    agg: str = "max"
+    min_topk: int = 64
+
+    def validate(self) -> None:
+        if self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
+            raise AccelError(f"quest: topk must be a positive number of tokens or None, got {self.topk!r}")
+        if self.topk is None and (self.topk_ratio is None or not 0 < float(self.topk_ratio) <= 1):
+            raise AccelError(f"quest: topk_ratio must be in (0, 1] when topk is None, got {self.topk_ratio!r}")
+        for knob in ("page_size", "min_pages"):
+            if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
+                raise AccelError(f"quest: {knob} must be an integer >= 1, got {getattr(self, knob)!r}")
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0 or self.min_topk < 0:
+            raise AccelError(f"quest: dense_layers and min_topk must be >= 0, got {self.dense_layers}, {self.min_topk}")
+        if self.agg not in ("max", "mean", "sum"):
+            raise AccelError(f"quest: agg must be 'max', 'mean' or 'sum', got {self.agg!r}")
+
+    def build_plan(self, info: ModelInfo) -> Plan:
+        layers = [LayerPlan(mode="full" if i < self.dense_layers else "quest", attention="quest")
+                  for i in range(info.num_layers)]
+        return Plan(policy="quest", num_layers=info.num_layers, num_kv_heads=info.num_kv_heads,
+                    model_type=info.model_type, params=self.knobs(), layers=layers)
+
+    def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
+        cl = ctx.cache_layer
+        if ctx.plan.mode != "quest" or (cl is not None and cl.is_sliding) or key.shape[-1] != value.shape[-1]:
+            return dense_decode(ctx, query, key, value, attention_mask, scaling)
+        B, H, _, D = query.shape
+        T = key.shape[2]
+        P = self.page_size
+        n_pages = (T + P - 1) // P
+        topk = ctx.plan.topk if ctx.plan.topk is not None else self.topk
+        budget = token_budget(T, topk, self.topk_ratio, self.min_topk)
+        k_pages = max(self.min_pages, math.ceil(budget / P))
+        if k_pages >= n_pages:  # the budget covers the context: exact dense attention
+            return dense_decode(ctx, query, key, value, attention_mask, scaling)
+        version = cl.version if cl is not None else None
+        held = ctx.state.get("quest")  # (the cache layer's version, the page metadata), rebuilt after reorders
+        if held is None or held[0] != version or held[1].page != P or held[1].full_pages * P > T:
+            held = ctx.state["quest"] = (version, QuestMetadata(P))
+        meta = held[1]
+        scores = meta.page_scores(query[:, :, 0, :], key, self.agg)  # [B, Hkv, n_pages] upper bounds
+        ctx.runtime.stats["kv_read_bytes"] += 2 * scores.numel() * D * 4  # the pages' key min and max (fp32)
+        ok, valid = step_valid(ctx, attention_mask, B, T)
+        if not ok:
+            raise AccelError("quest got a per-head attention mask it cannot apply; use policy='dense' for this model")
+        pages = torch.arange(n_pages, device=scores.device)
+        if valid is not None:  # pages of left padding only are never selected
+            first = first_valid_positions(valid, B).to(scores.device)
+            scores = scores.masked_fill(((pages + 1) * P <= first.view(B, 1)).view(B, 1, n_pages), float("-inf"))
+        scores[:, :, n_pages - 1] = float("inf")  # the current page is always attended
+        top = scores.topk(k_pages, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, k_pages] ascending
+        pos = (top.unsqueeze(-1) * P + torch.arange(P, device=top.device)).flatten(-2)
+        inside = pos < T  # only the current (last, partial) page reaches past T, and it sorts last
+        idx = torch.where(inside, pos, torch.full_like(pos, -1)).to(torch.int32).contiguous()
+        return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, inside.sum(-1).to(torch.int32))
