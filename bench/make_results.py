@@ -26,6 +26,8 @@ TABLE_END = "<!-- policy-table:end -->"
 #: The day each CSV was committed (`git log -1 --format=%cs -- bench/results/NAME`). The CSVs carry no date of
 #: their own; this is the closest record of when they were measured. Add a line when a CSV is added or rerun.
 COMMITTED = {
+    "eval_quest_smollm2_4k.csv": "2026-12-04",
+    "eval_quest_smollm2_4k_lm.csv": "2026-12-04",
     "compile_smollm2_4k.csv": "2026-12-03",
     "decode_delta_smollm2_b1.csv": "2026-11-24",
     "decode_delta_smollm2_b8.csv": "2026-11-24",
@@ -418,11 +420,13 @@ def _reuse_quality() -> Quality:
         q.add(n, lambda p: "delta (calibrated layout)" if p == "delta" else None)
     for n in ("eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv"):
         q.add(n, lambda p: "hylra (current plan)" if p == "hylra" else None)
+    for n in ("eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv"):
+        q.add(n, lambda p: "quest" if p == "quest" else None)
     return q
 
 
 REUSE_ORDER = ["hf", "dense", "delta (paper layout)", "delta (calibrated layout)", "hylra (first plan)",
-               "hylra (current plan)", "recycled"]
+               "hylra (current plan)", "recycled", "quest"]
 
 
 def sec_reuse() -> list[str]:
@@ -434,7 +438,7 @@ def sec_reuse() -> list[str]:
             v = q.lm.get((p, c))
             rows.append([display(p), c] + [q.cell(p, c, t, slack=1) for t in tasks]
                         + [q.ppl(p, c), f(v[1], 3) if v and v[1] is not None else "-"])
-    out = ["## Layer-reuse policies: hylra, delta, recycled", "",
+    out = ["## Sparse-attention policies: hylra, delta, recycled, quest", "",
            "### Quality on SmolLM2-135M", "",
            "Default top-k, plain prompts, the same samples for every policy (seed "
            f"{_one(load('eval_reuse_smollm2.csv'), 'seed')}; the sample count is the n of each k/n cell); perplexity "
@@ -445,7 +449,8 @@ def sec_reuse() -> list[str]:
     out += table(["policy", "context"] + tasks + ["perplexity (vs dense)", "top-1 agree"], rows)
     out += sources("eval_reuse_smollm2.csv", "eval_reuse_smollm2_8k.csv", "eval_reuse_smollm2_lm.csv",
                    "eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv",
-                   "eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv")
+                   "eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv",
+                   "eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv")
     q6 = Quality().add("eval_hylra_smollm2_4k_lm6.csv")
     out += ["### hylra perplexity at 4K on 6 samples", ""]
     out += table(["policy", "context", "samples", "perplexity (vs dense)", "top-1 agree"],
@@ -762,6 +767,7 @@ def policy_table() -> list[str]:
         "hylra": ("4K, top-k 1/8: " + pk(rq, "hylra (current plan)", 4096), reuse_speed("hylra")),
         "delta": ("4K, top-k 1/8: " + pk(rq, "delta (calibrated layout)", 4096), reuse_speed("delta")),
         "recycled": ("4K, top-k 1/8: " + pk(rq, "recycled", 4096), reuse_speed("recycled")),
+        "quest": ("4K, top-k 1/8: " + pk(rq, "quest", 4096), "not measured yet"),
         "tpla": ("random DeepSeek-V3 shape, g=2, Hadamard: relative output error "
                  f"{f(terr[('2', 'aligned', '1.0', '1', 'hadamard')]['rel_error'], 3)} (aligned queries)",
                  f"2 gloo ranks {ratio(tdec[('tpla-2-ranks', '32768')]['speedup_vs_mla_1_process'])} one process at 32K; "
