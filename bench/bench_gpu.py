@@ -11,7 +11,7 @@ Three parts, each timed with CUDA events after warm-up, median of repeats:
 3. ``decode``: end-to-end greedy decode tokens/s of a randomly initialised Llama with a 1B-class shape
    (16 layers, hidden 2048, 32/8 heads, head_dim 64) in bf16: transformers unpatched vs accel's dense path
    vs the lossy policies. Random weights: this measures speed only; quality is measured on the real
-   checkpoints on the CPU (README, issue-5 and issue-6 tables).
+   checkpoints on the CPU (docs/results.md).
 
     python bench/bench_gpu.py --out /tmp/gpu_out
 """

@@ -1,4 +1,4 @@
-"""Sparse-attention kernels, one thread (issue 4's benchmark).
+"""Sparse-attention kernels, one thread.
 
 1. Sparse decode: H=8 query / 2 KV heads, contexts 8K and 32K, head_dim 64 and 128, fp32 cache.
    accel C++ decode over S selected tokens per KV head (index lists, no gather) vs torch gather +

@@ -1,4 +1,4 @@
-"""TPLA benchmarks (issue 8): the output-error table and decode step time, 2 gloo ranks vs 1 process.
+"""TPLA benchmarks: the output-error table and decode step time, 2 gloo ranks vs 1 process.
 
   python bench/bench_tpla.py error  --out bench/results/tpla_error.csv
   python bench/bench_tpla.py decode --contexts 8192,32768 --out bench/results/tpla_decode.csv

@@ -1,4 +1,4 @@
-"""Prefill speed and memory of visual-token pruning at LLaVA-1.5's shape (issue 7).
+"""Prefill speed and memory of visual-token pruning at LLaVA-1.5's shape.
 
 A ``LlavaForConditionalGeneration`` with 576 visual tokens per image (336 px, 14 px patches) and the real
 SmolLM2-135M as its language model; the vision tower and projector have random weights (no VLM weights

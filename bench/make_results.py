@@ -26,6 +26,7 @@ TABLE_END = "<!-- policy-table:end -->"
 #: The day each CSV was committed (`git log -1 --format=%cs -- bench/results/NAME`). The CSVs carry no date of
 #: their own; this is the closest record of when they were measured. Add a line when a CSV is added or rerun.
 COMMITTED = {
+    "decode_quest_smollm2_b1.csv": "2026-12-04",
     "eval_quest_smollm2_4k.csv": "2026-12-04",
     "eval_quest_smollm2_4k_lm.csv": "2026-12-04",
     "compile_smollm2_4k.csv": "2026-12-03",
@@ -469,6 +470,9 @@ def sec_reuse() -> list[str]:
             "On the AVX2-only machine with the current small-M linear kernel:", ""]
     out += _speed_table(["decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv"])
     out += sources("decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv")
+    out += ["Real 8K prefill (not synthetic KV), batch 1: quest against hylra and dense, one run:", ""]
+    out += _speed_table(["decode_quest_smollm2_b1.csv"])
+    out += sources("decode_quest_smollm2_b1.csv")
     out += ["The same batch-8 run on a build of the previous small-M linear kernel:", ""]
     out += _speed_table(["decode_reuse_smollm2_b8_s12_oldlinear.csv"])
     out += sources("decode_reuse_smollm2_b8_s12_oldlinear.csv")
@@ -759,6 +763,7 @@ def policy_table() -> list[str]:
         return (f"digits VLM, 16 of 64 tokens: {f(c16['accuracy'], 3)} (all: {f(c64['accuracy'], 3)})",
                 f"576 → 64 tokens: LLM prefill {ratio(r['llm_speedup'])}, VLM prefill {ratio(r['prefill_speedup'])} (ViT-L-shaped tower)")
 
+    qd = {r["policy"]: r for r in load("decode_quest_smollm2_b1.csv")}
     hsame, htotal, htasks, hctx = _headline_same()
     cells = {
         "dense": (f"{min(hctx) // 1024}K-{max(hctx) // 1024}K, {len(htasks)} tasks: same answers as unpatched on "
@@ -767,7 +772,9 @@ def policy_table() -> list[str]:
         "hylra": ("4K, top-k 1/8: " + pk(rq, "hylra (current plan)", 4096), reuse_speed("hylra")),
         "delta": ("4K, top-k 1/8: " + pk(rq, "delta (calibrated layout)", 4096), reuse_speed("delta")),
         "recycled": ("4K, top-k 1/8: " + pk(rq, "recycled", 4096), reuse_speed("recycled")),
-        "quest": ("4K, top-k 1/8: " + pk(rq, "quest", 4096), "not measured yet"),
+        "quest": ("4K, top-k 1/8: " + pk(rq, "quest", 4096),
+                  f"{ratio(qd['quest']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; hylra "
+                  f"{ratio(qd['hylra']['speedup_vs_accel_dense'])} in the same run)"),
         "tpla": ("random DeepSeek-V3 shape, g=2, Hadamard: relative output error "
                  f"{f(terr[('2', 'aligned', '1.0', '1', 'hadamard')]['rel_error'], 3)} (aligned queries)",
                  f"2 gloo ranks {ratio(tdec[('tpla-2-ranks', '32768')]['speedup_vs_mla_1_process'])} one process at 32K; "

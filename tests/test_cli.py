@@ -134,6 +134,8 @@ INPUT_ERRORS = [
     (["generate", "--prompt", "hi", "--policy", "snapkv", "--set", "bogus=1"], "has no option(s) ['bogus']"),
     (["generate", "--prompt", "hi", "--plan", "/no/plan.json"], "--plan '/no/plan.json' does not exist"),
     (["generate", "--prompt", "hi", "--plan", "{bad}"], "plan: not valid JSON"),
+    (["generate", "--prompt", "hi", "--policy", "hylra", "--plan", "{badmode}"],
+     "layers[0].mode: 'sparce' is not a mode policy 'hylra' executes"),
     (["bench", "--contexts", "1k"], "--contexts takes comma-separated integers"),
     (["bench", "--policies", "dense,nope"], "unknown policy 'nope'"),
     (["eval", "--tasks", "passkey,foo"], "unknown --tasks foo"),
@@ -156,7 +158,8 @@ def test_input_errors_are_one_line_rc2_before_the_model_loads(argv, words, tmp_p
 
     for mod in ("generate", "bench", "evaluate", "plan"):  # each command binds load_model when its module is imported
         monkeypatch.setattr(importlib.import_module(f"accel.cli.{mod}"), "load_model", no_load)
-    files = {"{bad}": "not json\n", "{noprompt}": '{"id": 1}\n', "{dupid}": '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n'}
+    files = {"{badmode}": '{"schema_version": 1, "policy": "hylra", "num_layers": 1, "layers": [{"mode": "sparce"}]}',
+             "{bad}": "not json\n", "{noprompt}": '{"id": 1}\n', "{dupid}": '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n'}
     args = []
     for a in argv:
         if a in files:

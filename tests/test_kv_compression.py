@@ -599,3 +599,31 @@ def test_eval_harness_fork_compresses_like_the_policys_own_prefill(policy, kw):
     for layer in cache.layers:
         rg = layer.ragged
         assert not any(t.requires_grad for t in (rg.k, rg.v, rg.score) if t is not None)
+
+
+def test_a_compressed_cache_keeps_its_budget_under_a_new_patch_and_in_a_deep_copy():
+    """The eviction state lives beside the cache (accel.cache.sequences), not in the handle that compressed it: a
+    cache continued under a new patch, and a deep copy of it (a branched conversation), keep every head at its
+    budget and continue exactly alike."""
+    import copy
+
+    from accel import compat
+
+    m = model4("llama")
+    ids = prompt(200)
+    with accel.patch(m, "h2o", budget=40, budget_ratio=None):
+        out = m.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = compat.output_cache(out)
+    branch = copy.deepcopy(cache)
+    steps = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(5))
+    logits = []
+    for c in (cache, branch):
+        got = []
+        with accel.patch(m, "h2o", budget=40, budget_ratio=None), torch.no_grad():
+            for t in range(steps.shape[1]):
+                o = m(input_ids=steps[:, t:t + 1], use_cache=True, **compat.cache_kwargs(m, c))
+                got.append(o.logits[:, -1])
+        for layer in c.layers:
+            assert torch.all(layer.ragged.lengths == 40), layer.ragged.lengths
+        logits.append(torch.stack(got))
+    assert torch.equal(logits[0], logits[1])

@@ -254,6 +254,7 @@ class AccelLayer(CacheLayerMixin):
             raise ValueError("sliding-window layers are bounded already; accel compresses full-attention layers only")
         if self.ragged is not None:
             raise ValueError("this layer is compressed already")
+        self.version += 1
         keys, values = self.keys, self.values
         T = keys.shape[2]
         positions = (self.cumulative_length - T + torch.arange(T)).view(1, T).expand(keys.shape[0], T)
@@ -289,6 +290,20 @@ class AccelCache(Cache):
         reserve: tokens to preallocate per layer (0 = size of the first update).
         num_layers: used when no config is given.
     """
+
+    def __deepcopy__(self, memo):
+        """A deep copy, with a deep copy of the policies' sequence state (``accel.cache.sequences``), so a branched
+        conversation continues exactly as the original would."""
+        import copy
+
+        from . import sequences
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            setattr(new, k, copy.deepcopy(v, memo))
+        sequences.copy_state(self, new, memo)
+        return new
 
     def __init__(self, config=None, reserve: int = 0, num_layers: int | None = None):
         windows: list[int | None]

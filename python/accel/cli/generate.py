@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import AccelError
-from .common import (check_file, check_policy_specs, load_model, parse_overrides, patch_for, setup, timed_generate,
-                     tp_setup)
+from .common import (BASELINE, check_file, check_policy_specs, load_model, parse_overrides, patch_for, setup,
+                     timed_generate, tp_setup)
 
 JSONL_FORMAT = ('one JSON object per line: {"id": <any, optional: the 0-based line index>, "prompt": "<text>", '
                 '"max_new_tokens": <int, optional>}')
@@ -61,8 +61,15 @@ def run(args) -> int:
     check_policy_specs([args.policy], overrides)
     if args.plan:
         from ..plan import Plan
+        from ..policies.registry import get_policy_class, make_policy
 
-        Plan.coerce(args.plan)  # a malformed plan file is reported now
+        plan = Plan.coerce(args.plan)  # a malformed plan file is reported now
+        names = [p.split("@")[0].strip() for p in args.policy.split("+")]
+        # so are layer modes / head kinds the policy does not execute (the LM-only policies; TPLA and the visual
+        # policies check their plans when they patch)
+        if args.policy != BASELINE and not any(getattr(get_policy_class(n), "kind", "") in ("visual", "model")
+                                               for n in names):
+            make_policy(args.policy, dict(overrides)).check_plan(plan)
     model, tok = load_model(args.model, args.dtype)
     rank = tp_setup(args, args.policy, overrides)
     if rank != 0:  # tensor-parallel ranks other than 0 compute but do not print or write

@@ -147,7 +147,7 @@ def check_request(args):
         return None, extra
     opts.update(extra)
     cal = get_calibrator(args.policy)
-    bad = sorted(set(opts) - set(cal.options))
+    bad = sorted(set(opts) - (set(cal.options) - {"progress"}))  # the command shows its own progress bar
     if bad:
         flags = ", ".join("--" + b.replace("_", "-") if b in FLAG_OPTIONS else b for b in bad)
         raise InputError(f"{flags} {'does' if len(bad) == 1 else 'do'} not apply to {args.policy!r}; its calibration "

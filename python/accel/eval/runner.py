@@ -185,12 +185,16 @@ def _stats_needed(policies: list[str], overrides: dict | None = None) -> list:
     (``prefill_statistics``) to compress a copy of the cache later."""
     from ..policies.registry import make_policy
 
-    need = []
+    need, seen = [], set()
     for name in policies:
         if name == BASELINE:
             continue
         pol = make_policy(name, _own_overrides(name, overrides))
-        need += [p for p in getattr(pol, "kv", []) or [] if hasattr(p, "prefill_statistics")]
+        for p in getattr(pol, "kv", []) or []:
+            key = (type(p), getattr(p, "window", None))  # one recording per statistic, not per budget of a policy
+            if key not in seen:
+                seen.add(key)
+                need.append(p)
     return need
 
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from .. import compat
+from ..cache import sequences
 from ..cache.accel_cache import AccelCache
+from ..cache.sequences import SequenceState
 from ..errors import AccelError, InputError
 from ..models.registry import get_adapter
 from ..attention.context import LayerContext
@@ -35,18 +37,6 @@ from .handle import (PATCHED, EagerDecoder, GenerateGuard, HandleBase, check_gen
                      refuse_if_patched)
 
 logger = logging.getLogger("accel")
-
-
-class SequenceState:
-    """What one generation carries between forward passes: the policies' per-layer state (``ctx.state``; e.g. a KV
-    policy's eviction budgets), cross-layer data within a step (``shared``) and the decode-step counter. Kept per
-    cache (``ModelRuntime.sequence``), so a cache compressed before ``generate()`` keeps its state, and two threads
-    generating on two caches never share one."""
-
-    def __init__(self):
-        self.layer_state: dict[int, dict] = {}
-        self.shared: dict = {}
-        self.step = 0
 
 
 class _ThreadState(threading.local):
@@ -67,8 +57,8 @@ def _seq_attr(name):
 
 
 class ModelRuntime:
-    """Per-patched-model state shared by all layers during a forward pass. The per-generation part lives in a
-    ``SequenceState`` per cache; which cache a thread is on, in a thread-local."""
+    """Per-patched-model state shared by all layers during a forward pass. The per-generation part lives in the
+    ``SequenceState`` beside each cache (``accel.cache.sequences``); which cache a thread is on, in a thread-local."""
 
     cache = _tls_attr("cache")
     attn_calls = _tls_attr("attn_calls")
@@ -93,8 +83,6 @@ class ModelRuntime:
         self.reserve = reserve
         self.check_context = check_context
         self._tls = _ThreadState()
-        #: cache -> its sequence state (weak: a dropped cache drops its state)
-        self._sequences: "weakref.WeakKeyDictionary[AccelCache, SequenceState]" = weakref.WeakKeyDictionary()
         #: serialises the KV policies' prefill compression and decode eviction across threads (the policy
         #: objects keep scratch state while they compress)
         self.lock = threading.RLock()
@@ -111,12 +99,10 @@ class ModelRuntime:
         #: layers whose selection a later layer reuses (they emit their top-k every decode step)
         self.donors = frozenset(lp.reuse_src for lp in plan.layers if lp.mode == "reuse")
 
-    def sequence(self, cache) -> SequenceState:
+    @staticmethod
+    def sequence(cache) -> SequenceState:
         """The sequence state of ``cache`` (created on first use)."""
-        st = self._sequences.get(cache)
-        if st is None:
-            st = self._sequences[cache] = SequenceState()
-        return st
+        return sequences.state_of(cache)
 
     def context(self, layer_idx: int, module) -> LayerContext:
         cache_layer = None
@@ -178,9 +164,9 @@ class ModelRuntime:
         self.attn_calls = 0
         if isinstance(pkv, AccelCache):
             if pkv.get_seq_length() == 0:  # an empty cache starts a new sequence
-                seq = self._sequences[pkv] = SequenceState()
+                seq = sequences.restart(pkv)
             else:  # a cache continued: its own state, one decode step further
-                seq = self.sequence(pkv)
+                seq = sequences.state_of(pkv)
                 seq.step += 1
             self._tls.seq = seq
             self.cache = pkv
@@ -216,9 +202,10 @@ class ModelRuntime:
                          "runtime); copy it before accel.patch or after handle.remove()")
 
     def reset_sequences(self) -> None:
-        """Drop every thread's generation state (``remove()``): no cache outlives the patch."""
+        """Drop what the runtime holds of every thread's generation (``remove()``): no cache outlives the patch here.
+        The policies' state stays beside each cache (``accel.cache.sequences``), so a cache the patch compressed
+        continues exactly under a new patch."""
         self._tls = _ThreadState()
-        self._sequences = weakref.WeakKeyDictionary()
         self.last_cache = None
 
     def check_generate(self, model, args, kwargs) -> None:
@@ -321,6 +308,7 @@ def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, re
              check_context: bool = True, fast_linear: bool = True) -> PatchHandle:
     """Patch a ``*ForCausalLM`` of a supported architecture with an LM policy (``accel.patch`` documents the
     arguments; ``request`` is ``(policy spec, overrides)``)."""
+    compat.check_transformers_version()
     refuse_if_patched(model)
     policy, overrides = request
     adapter = get_adapter(model)
@@ -371,8 +359,6 @@ def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, re
     PATCHED[model] = handle
     logger.info("%s", handle.summary())
     return handle
-
-
 
 
 patch_claimed = patch_lm  # the patcher interface of accel.api

@@ -96,6 +96,14 @@ class KVCachePolicy(Policy):
     def after_decode(self, ctx: LayerContext, query, attention_mask) -> None:
         """Evict from ``ctx.cache_layer`` after a decode step."""
 
+    def accumulates(self, ctx: LayerContext) -> bool:
+        """Whether this step's decode attention should add each kept token's attention to its eviction score."""
+        return False
+
+    def prefill_statistics(self, query, keys, valid, scaling) -> dict:
+        """What a shared dense prefill records for this policy to compress a copy of the cache later."""
+        return {}
+
 
 def check_plan_fields(plan: Plan, name: str, modes, kinds) -> None:
     from ..errors import PlanValidationError

@@ -319,7 +319,14 @@ class BudgetedKVPolicy(KVCachePolicy):
         cl = ctx.cache_layer
         if cl is None or cl.ragged is None or self.decode != "fixed":
             return
-        self.evict_to_budget(cl.ragged, ctx.state.get(self.STATE_KEY))
+        st = ctx.state.get(self.STATE_KEY)
+        if st is None:
+            raise AccelError(
+                f"{self.name}: layer {ctx.layer_idx} of this cache is compressed but its eviction state is gone (the "
+                "cache was copied other than with copy.deepcopy, or compressed by another KV policy); continue the "
+                "cache a patched call returned, or copy it with copy.deepcopy"
+            )
+        self.evict_to_budget(cl.ragged, st)
 
     @staticmethod
     def evict_to_budget(rg, st: EvictionState | None) -> None:

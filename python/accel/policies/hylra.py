@@ -18,7 +18,7 @@ exceeds the budget (``min_context`` can hold sparsity back on short contexts). W
 covers the context every layer is exact dense attention.
 
 Without an explicit plan, ``policy="hylra"`` uses the plan shipped for a known checkpoint
-(``accel/plans/``; SmolLM2-135M and Gemma-3-270m). For any other model it refuses with the command
+(``accel/plan/shipped_plans/``; SmolLM2-135M and Gemma-3-270m). For any other model it refuses with the command
 that makes one ([INFER] decision: a silent quick calibration would hide a minutes-long step and give
 an unreviewed plan): ``accel plan --model PATH --policy hylra --out plan.json`` or
 ``accel.calibrate(model, tok, texts)``, then ``accel.patch(model, "hylra", plan=...)``.

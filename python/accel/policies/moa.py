@@ -32,14 +32,9 @@ from .budgeted import BudgetedKVPolicy, sinks_then_newest
 from .registry import register_policy
 
 
-# MoA's span constants (methods.md 4.1)
-# -- MoA: elastic per-head spans ------------------------------------------------------------------------
+# MoA's span constants (methods.md 4.1): the sink, the smallest cache and the rounding of a head's span
 MOA_SINK = 64
-
-
 MOA_MIN_CACHE = 128
-
-
 MOA_SPLIT = 64
 
 

@@ -4,20 +4,22 @@ arXiv 2406.10774; methods.md 7.5): query-aware page selection at decode time.
 Per KV head, every page of ``page_size`` tokens keeps the element-wise min ``m`` and max ``M`` of its keys, updated
 incrementally as pages fill (``accel.cache.quest.QuestMetadata``, kept in the sequence's layer state). For the current
 query ``q`` a page's criticality is the upper bound ``U = sum_d max(q_d M_d, q_d m_d)`` of every ``q . k`` in it. Each
-decode step attends exactly over the top ``ceil(budget / page_size)`` pages (at least ``min_pages``) plus the current
-(last) page, read in place from the cache with accel's sparse decode kernel. Prefill is dense; the first
+decode step attends exactly over ``max(min_pages, ceil(budget / page_size))`` pages, the current (last) page always
+among them (as in Quest's code) and the others those with the highest bounds, read in place from the cache with
+accel's sparse decode kernel. Prefill is dense; the first
 ``dense_layers`` layers stay dense (the paper's ``layer_id < 2``). A budget that covers the context is exact dense
 attention.
 
-Per layer, the plan says ``full`` (dense) or ``quest`` and may set the layer's ``topk``. [INFER] choices, switchable:
+Per layer, the plan says ``full`` (dense) or ``quest`` and may set the layer's ``topk``; the plan's ``params`` (and a
+layer's own) override the policy's options, so an edited plan file takes effect. [INFER] choices, switchable:
 under GQA the group's query heads share one page set per KV head, their bounds aggregated by ``agg`` (default
 ``max``: a page is kept if any query head of the group may need it; the paper selects per query head); the budget
 follows ``topk_ratio`` of the context when ``topk`` is not given (default 1/8), as in accel's other sparse-attention
-policies.
+policies; a budget that is not a whole number of pages is rounded up to whole pages (``page_rounding="up"``: the
+budget is never under-spent; Quest's code rounds down, ``page_rounding="down"``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,9 +48,11 @@ class QuestPolicy(AttentionPolicy):
         topk_ratio: fraction of the current context when ``topk`` is None (default 1/8).
         page_size: tokens per page (16, the paper's default).
         min_pages: pages selected at least (3, as Quest's code).
-        dense_layers: the first layers that stay dense (2, as the paper).
+        dense_layers: the first layers that stay dense (2, as the paper); it shapes ``build_plan``, and a plan's
+            per-layer modes decide.
         agg: aggregation of a KV head's query heads' page bounds: 'max' (default), 'mean' or 'sum'.
         min_topk: with ``topk_ratio``, attend to at least this many tokens (64: short prompts stay exact).
+        page_rounding: a budget that is not a whole number of pages: 'up' (default) or 'down' (Quest's code).
     """
 
     plan_modes: ClassVar[tuple] = ("full", "quest")
@@ -60,6 +64,7 @@ class QuestPolicy(AttentionPolicy):
     dense_layers: int = 2
     agg: str = "max"
     min_topk: int = 64
+    page_rounding: str = "up"
 
     def validate(self) -> None:
         if self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
@@ -71,6 +76,8 @@ class QuestPolicy(AttentionPolicy):
                 raise AccelError(f"quest: {knob} must be an integer >= 1, got {getattr(self, knob)!r}")
         if not isinstance(self.dense_layers, int) or self.dense_layers < 0 or self.min_topk < 0:
             raise AccelError(f"quest: dense_layers and min_topk must be >= 0, got {self.dense_layers}, {self.min_topk}")
+        if self.page_rounding not in ("up", "down"):
+            raise AccelError(f"quest: page_rounding must be 'up' or 'down', got {self.page_rounding!r}")
         if self.agg not in ("max", "mean", "sum"):
             raise AccelError(f"quest: agg must be 'max', 'mean' or 'sum', got {self.agg!r}")
 
@@ -80,25 +87,33 @@ class QuestPolicy(AttentionPolicy):
         return Plan(policy="quest", num_layers=info.num_layers, num_kv_heads=info.num_kv_heads,
                     model_type=info.model_type, params=self.knobs(), layers=layers)
 
+    def _knob(self, ctx: LayerContext, name: str):
+        """A knob as the plan sets it (the layer's ``params``, then the plan's), else the policy's own value."""
+        for params in (ctx.plan.params, ctx.runtime.plan.params):
+            if params and name in params:
+                return params[name]
+        return getattr(self, name)
+
     def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
         cl = ctx.cache_layer
         if ctx.plan.mode != "quest" or (cl is not None and cl.is_sliding) or key.shape[-1] != value.shape[-1]:
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         B, H, _, D = query.shape
         T = key.shape[2]
-        P = self.page_size
+        P = int(self._knob(ctx, "page_size"))
         n_pages = (T + P - 1) // P
-        topk = ctx.plan.topk if ctx.plan.topk is not None else self.topk
-        budget = token_budget(T, topk, self.topk_ratio, self.min_topk)
-        k_pages = max(self.min_pages, math.ceil(budget / P))
-        if k_pages >= n_pages:  # the budget covers the context: exact dense attention
+        topk = ctx.plan.topk if ctx.plan.topk is not None else self._knob(ctx, "topk")
+        budget = token_budget(T, topk, self._knob(ctx, "topk_ratio"), int(self._knob(ctx, "min_topk")))
+        pages = -(-budget // P) if self._knob(ctx, "page_rounding") == "up" else budget // P
+        k_pages = max(int(self._knob(ctx, "min_pages")), pages)  # the current page counts, as in Quest's code
+        if budget >= T or k_pages >= n_pages:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         version = cl.version if cl is not None else None
         held = ctx.state.get("quest")  # (the cache layer's version, the page metadata), rebuilt after reorders
         if held is None or held[0] != version or held[1].page != P or held[1].full_pages * P > T:
             held = ctx.state["quest"] = (version, QuestMetadata(P))
         meta = held[1]
-        scores = meta.page_scores(query[:, :, 0, :], key, self.agg)  # [B, Hkv, n_pages] upper bounds
+        scores = meta.page_scores(query[:, :, 0, :], key, self._knob(ctx, "agg"))  # [B, Hkv, n_pages] upper bounds
         ctx.runtime.stats["kv_read_bytes"] += 2 * scores.numel() * D * 4  # the pages' key min and max (fp32)
         ok, valid = step_valid(ctx, attention_mask, B, T)
         if not ok:

@@ -124,6 +124,8 @@ class RecycledPolicy(AttentionPolicy):
     # -- selection -------------------------------------------------------------------------------------
     def _refresh(self, ctx: LayerContext, scores, lse, valid, T: int, Hkv: int, query, key=None, value=None) -> None:
         st = ctx.state
+        if ctx.cache_layer is not None:
+            st["version"] = ctx.cache_layer.version  # rows of this state follow the cache's batch rows
         K = token_budget(T, self.topk, self.topk_ratio, self.min_topk)
         B = scores.shape[0]
         fv = first_valid_positions(valid, B)
@@ -235,8 +237,8 @@ class RecycledPolicy(AttentionPolicy):
         if cl is None or getattr(cl, "is_sliding", False):
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         st = ctx.state
-        if st.get("t_full", 0) > T:  # the cache was cropped or replaced: start over
-            st.clear()
+        if st.get("t_full", 0) > T or st.get("version", cl.version) != cl.version:
+            st.clear()  # the cache was cropped, replaced or reordered (beam search): start over with a full step
         if self._full_due(ctx, query):
             if "order" in st and not self.refresh:
                 st["since_full"] = 0

@@ -107,6 +107,7 @@ def patch_tpla(model, plan=None, *, calibration=None, pca=None, check_context: b
     """
     from ..policies.registry import get_policy_class
 
+    compat.check_transformers_version()
     refuse_if_patched(model)
     adapter = get_mla_adapter(model)
     policy_obj = overrides.pop("_policy_obj", None)

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import AccelError, InputError, UnsupportedModelError
 from .. import compat
-from ..patching.handle import PATCHED, GenerateGuard, HandleBase, check_generate_request
+from ..patching.handle import PATCHED, GenerateGuard, HandleBase, check_generate_request, refuse_if_patched
 
 logger = logging.getLogger("accel")
 
@@ -393,6 +393,8 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
     """Install ``vpol`` on a VLM and, if given, the LM-side policy ``lm_spec`` on its language model."""
     from .adapters import get_vision_adapter
 
+    compat.check_transformers_version()
+    refuse_if_patched(model)
     adapter = get_vision_adapter(model)
     lm_handle = None
     if lm_spec is not None:
