@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1", help="batch size(s), comma-separated, e.g. 1,8 (8 = throughput mode)")
     b.add_argument("--synthetic-kv", action="store_true",
                    help="speed only: fill the cache with random K/V instead of running the prefill")
-    b.add_argument("--out", default="bench/results/decode.csv")
+    b.add_argument("--out", default="accel_results/decode.csv", help="CSV to write (a PNG is written next to it)")
 
     e = sub.add_parser("eval", help="accuracy of unpatched vs accel policies on passkey / NIAH / RULER / perplexity")
     common(e)
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--speed-csv", default=None, help="CSV from `accel bench` for the accuracy-vs-speed plot")
     e.add_argument("--quick", action="store_true", help="a few samples at 512 tokens (smoke test, ~2 min)")
-    e.add_argument("--out", default="bench/results/eval.csv")
+    e.add_argument("--out", default="accel_results/eval.csv", help="summary CSV to write (per-sample CSV and PNG next to it)")
 
     pl = sub.add_parser("plan", help="make a plan for a policy: its calibrator on calibration text (hylra, duo, moa, ...) "
                                      "or its default plan")
