@@ -101,7 +101,8 @@ class KVCachePolicy(Policy):
         return False
 
     def prefill_statistics(self, query, keys, valid, scaling) -> dict:
-        """What a shared dense prefill records for this policy to compress a copy of the cache later."""
+        """What a shared dense prefill records in each full-attention layer for this policy to compress a copy of
+        its cache later (``{name: tensor}``; read back through ``PrefillView``). Position-only policies need none."""
         return {}
 
 

@@ -292,11 +292,6 @@ class BudgetedKVPolicy(KVCachePolicy):
         st = ctx.state.get(self.STATE_KEY)
         return st is not None and st.accumulate
 
-    def prefill_statistics(self, query, keys, valid, scaling) -> dict:
-        """What a shared dense prefill records in each full-attention layer for this policy to compress a copy of
-        its cache later (``{name: tensor}``; read back through ``PrefillView``). Position-only policies need none."""
-        return {}
-
     @torch.no_grad()  # statistics and eviction are bookkeeping: never build an autograd graph
     def compress_recorded(self, cache, runtime, attention_mask=None) -> None:
         """Compress a (forked) ``AccelCache`` whose prefill recorded ``prefill_stats`` (the evaluation harness
