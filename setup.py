@@ -38,7 +38,7 @@ def _extensions():
             CppExtension(
                 name="accel._C",
                 sources=["csrc/bindings.cpp", "csrc/src/decode_attention_cpu.cpp", "csrc/src/linear_cpu.cpp", "csrc/src/sparse_cpu.cpp", "csrc/src/probe_cpu.cpp",
-                         "csrc/src/kv_cpu.cpp", "csrc/src/latent_cpu.cpp"],
+                         "csrc/src/kv_cpu.cpp", "csrc/src/latent_cpu.cpp", "csrc/src/fused_decode_cpu.cpp"],
                 include_dirs=include,
                 extra_compile_args=["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-std=c++17"],
                 extra_link_args=["-fopenmp"],

@@ -30,6 +30,14 @@ std::vector<torch::Tensor> ragged_positions_to_slots_cpu(torch::Tensor pos, torc
 bool ragged_append_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score, torch::Tensor offsets,
                        torch::Tensor lengths, torch::Tensor caps, torch::Tensor new_k, torch::Tensor new_v,
                        int64_t position);
+std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wq,
+                                             torch::Tensor wk, torch::Tensor wv, c10::optional<torch::Tensor> bq,
+                                             c10::optional<torch::Tensor> bk, c10::optional<torch::Tensor> bv,
+                                             c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
+                                             double qk_eps, torch::Tensor cos, torch::Tensor sin, int64_t H,
+                                             int64_t Hkv);
+torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h, torch::Tensor a, torch::Tensor wo, c10::optional<torch::Tensor> bo,
+                                     torch::Tensor ln, double eps, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd);
 std::vector<torch::Tensor> latent_decode_cpu(torch::Tensor q, torch::Tensor kv, torch::Tensor lengths, int64_t dl,
                                              c10::optional<torch::Tensor> indices, c10::optional<torch::Tensor> valid,
                                              double scale, int64_t num_threads);
@@ -65,6 +73,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q"), pybind11::arg("kv"), pybind11::arg("lengths"), pybind11::arg("dl"),
         pybind11::arg("indices") = pybind11::none(), pybind11::arg("valid") = pybind11::none(),
         pybind11::arg("scale"), pybind11::arg("num_threads") = 0);
+  m.def("fused_attn_in", &fused_attn_in_cpu,
+        "decode layer, attention input: RMSNorm, q/k/v projections, optional per-head q/k RMSNorm, rotary embedding",
+        pybind11::arg("h"), pybind11::arg("ln"), pybind11::arg("eps"), pybind11::arg("wq"), pybind11::arg("wk"),
+        pybind11::arg("wv"), pybind11::arg("bq") = pybind11::none(), pybind11::arg("bk") = pybind11::none(),
+        pybind11::arg("bv") = pybind11::none(), pybind11::arg("q_norm") = pybind11::none(),
+        pybind11::arg("k_norm") = pybind11::none(), pybind11::arg("qk_eps") = 1e-6, pybind11::arg("cos"),
+        pybind11::arg("sin"), pybind11::arg("H"), pybind11::arg("Hkv"));
+  m.def("fused_attn_out_mlp", &fused_attn_out_mlp_cpu,
+        "decode layer, after attention: o projection + residual, RMSNorm, SiLU-gated MLP + residual (new tensor)",
+        pybind11::arg("h"), pybind11::arg("a"), pybind11::arg("wo"), pybind11::arg("bo") = pybind11::none(),
+        pybind11::arg("ln"), pybind11::arg("eps"), pybind11::arg("wg"), pybind11::arg("wu"), pybind11::arg("wd"));
   m.def("scattered_read_probe", &scattered_read_probe_cpu,
         "sum of the given rows of a [R, W] float32 buffer with a software prefetch `distance` rows ahead "
         "(a benchmark probe of the scattered-row read bandwidth)");

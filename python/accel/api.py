@@ -2,7 +2,7 @@
 
 ``patch`` offers the policy spec to each patcher of ``PATCHERS`` in order; the first that claims it patches the
 model. A patcher module provides ``claim(policy, overrides) -> request | None`` and
-``patch_claimed(model, request, plan=, reserve=, check_context=, fast_linear=) -> handle``; all of them share the
+``patch_claimed(model, request, plan=, reserve=, check_context=, fast_linear=, fused_decode=) -> handle``; all of them share the
 handle plumbing of ``accel.patching.handle``.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ PATCHERS = (
 
 
 def patch(model, policy="dense", plan=None, *, reserve: int = 0, check_context: bool = True, fast_linear: bool = True,
-          **overrides):
+          fused_decode: bool = True, **overrides):
     """Patch a loaded transformers model in place.
 
     Args:
@@ -37,6 +37,9 @@ def patch(model, policy="dense", plan=None, *, reserve: int = 0, check_context: 
         check_context: raise when prompt + generated tokens exceed the model's context window.
         fast_linear: on CPU, run decode-time (<= 8 rows) linear layers with accel's GEMV kernel
             (``accel.patching.linear``); numerically fp32-equivalent to BLAS.
+        fused_decode: on CPU, run each decode step's decoder layers (Llama, Mistral, Qwen2, Qwen3, Phi3) as two fused
+            C++ calls around the policy's attention (``accel.patching.fused``); verified against the model's own
+            layer when patching, and off (decode runs transformers' modules) wherever it would not be exact.
         **overrides: policy knobs, e.g. ``topk=512``; ``name.knob=value`` targets one policy of a composition.
     Returns:
         a handle (context manager; ``.remove()`` restores the model exactly).
@@ -48,7 +51,7 @@ def patch(model, policy="dense", plan=None, *, reserve: int = 0, check_context: 
         request = mod.claim(policy, dict(overrides))
         if request is not None:
             return mod.patch_claimed(model, request, plan=plan, reserve=reserve, check_context=check_context,
-                                     fast_linear=fast_linear)
+                                     fast_linear=fast_linear, fused_decode=fused_decode)
     raise AccelError(f"no patcher serves policy {policy!r}")  # pragma: no cover - the LM patcher claims everything
 
 

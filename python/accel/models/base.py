@@ -39,8 +39,24 @@ def last_logits_only(model: torch.nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+@dataclass(frozen=True)
+class FusedLayout:
+    """How an architecture's decoder layer maps onto accel's fused decode layer (``accel.patching.fused``):
+    RMSNorm -> q/k/v projections -> [per-head q/k RMSNorm] -> rotary -> attention -> o projection + residual ->
+    RMSNorm -> SiLU-gated MLP + residual."""
+
+    #: "separate" (q_proj, k_proj, v_proj) or "packed" (one qkv_proj, rows q | k | v)
+    qkv: str = "separate"
+    #: "separate" (gate_proj, up_proj) or "packed" (one gate_up_proj, rows gate | up)
+    mlp: str = "separate"
+    #: per-head RMSNorm of q and k before the rotary embedding (q_norm / k_norm, Qwen3)
+    qk_norm: bool = False
+
+
 class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: the decoder layer's shape for accel's fused decode layer; None: decode runs transformers' modules
+    fused_layout: ClassVar[FusedLayout | None] = None
     #: attribute of the attention module that must exist (checks we are looking at the expected code)
     required_attention_attrs: ClassVar[tuple[str, ...]] = ("layer_idx",)
     notes: ClassVar[str] = ""

@@ -46,6 +46,7 @@ class _ThreadState(threading.local):
         self.cache = None
         self.seq = SequenceState()
         self.attn_calls = 0
+        self.fused_now = False
 
 
 def _tls_attr(name):
@@ -62,6 +63,8 @@ class ModelRuntime:
 
     cache = _tls_attr("cache")
     attn_calls = _tls_attr("attn_calls")
+    #: this forward may take the fused decode layers (``accel.patching.fused``)
+    fused_now = _tls_attr("fused_now")
     layer_state = _seq_attr("layer_state")
     shared = _seq_attr("shared")
     step = _seq_attr("step")
@@ -92,12 +95,14 @@ class ModelRuntime:
         #: decode-time accounting: KV bytes the attention of decode calls read (dense spans, selected
         #: rows, scoring passes) and the number of layer-level decode calls; ``accel bench`` reports
         #: bytes per step from them instead of assuming a dense read
-        self.stats = {"kv_read_bytes": 0, "decode_layer_calls": 0}
+        self.stats = {"kv_read_bytes": 0, "decode_layer_calls": 0, "fused_layer_calls": 0}
         #: KV-cache policies whose prefill statistics (``prefill_statistics``) a dense prefill records into the
         #: cache, so they can compress a copy of it later (the evaluation harness's shared prefill)
         self.record_stats: list | None = None
         #: layers whose selection a later layer reuses (they emit their top-k every decode step)
         self.donors = frozenset(lp.reuse_src for lp in plan.layers if lp.mode == "reuse")
+        #: the fused decode layers (``accel.patching.fused.FusedDecode``), or None: decode runs the modules
+        self.fused = None
 
     @staticmethod
     def sequence(cache) -> SequenceState:
@@ -160,8 +165,9 @@ class ModelRuntime:
         pkv = prepare_forward(module, args, kwargs, lambda: AccelCache(module.config, reserve=self.reserve),
                               self.info.max_context if self.check_context else None, self.cache_arg,
                               policy_name=self.policy.name)
-        self.check_features(module, kwargs)
+        oa = self.check_features(module, kwargs)
         self.attn_calls = 0
+        self.fused_now = self.fused is not None and self.fused.active(oa)
         if isinstance(pkv, AccelCache):
             if pkv.get_seq_length() == 0:  # an empty cache starts a new sequence
                 seq = sequences.restart(pkv)
@@ -176,8 +182,9 @@ class ModelRuntime:
             self.cache = None
         return args, kwargs
 
-    def check_features(self, module, kwargs) -> None:
-        """Refuse forward options this policy cannot serve exactly (before anything runs)."""
+    def check_features(self, module, kwargs) -> bool:
+        """Refuse forward options this policy cannot serve exactly (before anything runs); returns whether the
+        forward asks for attention weights."""
         oa = kwargs.get("output_attentions")
         if oa is None:
             oa = getattr(module.config, "output_attentions", False)
@@ -196,6 +203,7 @@ class ModelRuntime:
                 f"use_cache=False with KV-cache policy {self.policy.name!r}: the policy compresses the cache, and "
                 "without one there is nothing to compress; pass use_cache=True or patch with an attention-only policy"
             )
+        return bool(oa)
 
     def __deepcopy__(self, memo):
         raise AccelError("a model patched by accel cannot be deep-copied (its hooks would run the original model's "
@@ -305,7 +313,7 @@ def claim(policy, overrides: dict):
 
 
 def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, reserve: int = 0,
-             check_context: bool = True, fast_linear: bool = True) -> PatchHandle:
+             check_context: bool = True, fast_linear: bool = True, fused_decode: bool = True) -> PatchHandle:
     """Patch a ``*ForCausalLM`` of a supported architecture with an LM policy (``accel.patch`` documents the
     arguments; ``request`` is ``(policy spec, overrides)``)."""
     compat.check_transformers_version()
@@ -338,6 +346,13 @@ def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, re
         for cfg, impl in saved:
             cfg._attn_implementation_internal = impl
         raise RuntimeError("transformers refused accel's attention implementation")
+    fused = None
+    if fused_decode:
+        from .fused import install as install_fused
+
+        # probed before the attention modules are routed to the runtime (the probe runs transformers' attention)
+        fused = install_fused(runtime, adapter)
+        runtime.fused = fused
     for i, m in enumerate(adapter.attention_modules()):
         MODULE_RUNTIME[m] = (runtime, getattr(m, "layer_idx", i))
     hook = model.register_forward_pre_hook(runtime.pre_forward, with_kwargs=True)
@@ -352,6 +367,8 @@ def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, re
         from .linear import bind_fast_linear
 
         fast = bind_fast_linear(model.modules())
+    if fused is not None:
+        extra_hooks.append(fused)
     extra_hooks.append(GenerateGuard(model, runtime.check_generate))
     if adapter.decoder() is not model:
         extra_hooks.append(EagerDecoder(adapter.decoder()))

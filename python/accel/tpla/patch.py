@@ -241,8 +241,9 @@ def claim(policy, overrides: dict):
     return None
 
 
-def patch_claimed(model, request, *, plan=None, reserve: int = 0, check_context: bool = True, fast_linear: bool = True):
-    """``accel.patch`` on an MLA model (``reserve`` and ``fast_linear`` do not apply: TPLA keeps its own latent
+def patch_claimed(model, request, *, plan=None, reserve: int = 0, check_context: bool = True, fast_linear: bool = True,
+                  fused_decode: bool = True):
+    """``accel.patch`` on an MLA model (``reserve``, ``fast_linear`` and ``fused_decode`` do not apply: TPLA keeps its own latent
     cache and projections)."""
     opts, obj = request
     opts = dict(opts)

@@ -1,0 +1,238 @@
+"""Fused decode layers for the Llama family: a decode step without transformers' per-module dispatch.
+
+A decode step of a small model on the CPU spends as much time in Python and per-operation dispatch as in reading
+weights: transformers' decoder layer is ~40 tensor operations (norms, projections, views, the rotary embedding,
+residual adds, the gated MLP), each a few microseconds of overhead, in every layer of every step. For
+architectures whose adapter declares a ``FusedLayout`` (Llama, Mistral, Qwen2, Qwen3, Phi3), accel binds an
+instance ``forward`` to each decoder layer that, for a decode step (one token per sequence), runs
+
+  ``accel._C.fused_attn_in``   RMSNorm, q/k/v projections, optional per-head q/k RMSNorm, rotary embedding;
+  the cache append and the *policy's* attention, exactly as on the module path (``accel_attention_forward``);
+  ``accel._C.fused_attn_out_mlp``   o projection + residual, RMSNorm, SiLU-gated MLP + residual.
+
+Everything else stays transformers' own: the embedding, the masks, the rotary cos/sin, the final norm and the LM
+head, and the prefill (several tokens) runs the original layer forward. The weights are read from the modules
+at every call (nothing is copied, and a model whose parameters are replaced or changed in place stays right).
+
+When the fused path is taken, and when it is not:
+  * it is verified once per patch on the model itself (``probe``): two tokens through layer 0's original forward
+    against the fused halves with a reference attention; any difference beyond float rounding (a transformers
+    release that changed the layer) turns it off for that patch, logged, and decode runs the modules;
+  * per forward (``FusedDecode.active``): off under autograd, with ``output_attentions``, or when any hook is
+    registered on a module inside the layers (a user's hook, a policy's, torch's global ones) -- the module path
+    runs them; transformers' own output-capturing hooks are idle unless their output is requested;
+  * per call: only for one token per sequence, fp32 hidden states on the CPU, accel's cache, a full-width rotary.
+``remove()`` deletes the instance forwards.
+"""
+from __future__ import annotations
+
+import logging
+import types
+import weakref
+
+import torch
+
+from .. import _ext
+from ..cache.accel_cache import AccelCache
+from .attention_fn import accel_attention_forward
+
+logger = logging.getLogger("accel")
+
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
+
+
+def _rmsnorm_ok(norm) -> bool:
+    """A norm the C++ RMSNorm reproduces: transformers' LlamaRMSNorm arithmetic (same bytecode)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    f = getattr(type(norm), "forward", None)
+    ref = LlamaRMSNorm.forward.__code__
+    return (f is not None and hasattr(f, "__code__") and f.__code__.co_code == ref.co_code
+            and f.__code__.co_names == ref.co_names and hasattr(norm, "variance_epsilon")
+            and isinstance(getattr(norm, "weight", None), torch.Tensor))
+
+
+def layer_weights(layer, layout):
+    """The tensors of one decoder layer, in the fused kernels' order (read from the modules at every call)."""
+    a, mlp = layer.self_attn, layer.mlp
+    if layout.qkv == "packed":
+        w = a.qkv_proj.weight
+        nq, nk = a.config.num_attention_heads * a.head_dim, a.config.num_key_value_heads * a.head_dim
+        wq, wk, wv = w[:nq], w[nq:nq + nk], w[nq + nk:]
+        b = a.qkv_proj.bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:nq], b[nq:nq + nk], b[nq + nk:])
+    else:
+        wq, wk, wv = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
+        bq, bk, bv = a.q_proj.bias, a.k_proj.bias, a.v_proj.bias
+    if layout.mlp == "packed":
+        w = mlp.gate_up_proj.weight
+        half = w.shape[0] // 2
+        wg, wu = w[:half], w[half:]
+    else:
+        wg, wu = mlp.gate_proj.weight, mlp.up_proj.weight
+    qn = a.q_norm.weight if layout.qk_norm else None
+    kn = a.k_norm.weight if layout.qk_norm else None
+    qk_eps = a.q_norm.variance_epsilon if layout.qk_norm else 1e-6
+    ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+    return ((ln1.weight, ln1.variance_epsilon, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps),
+            (a.o_proj.weight, a.o_proj.bias, ln2.weight, ln2.variance_epsilon, wg, wu, mlp.down_proj.weight))
+
+
+def unsupported_reason(adapter, layout) -> str | None:
+    """Why this model's layers cannot take the fused path (None: they can)."""
+    if not _ext.HAS_CPU_EXT:
+        return "accel's C++ CPU extension is not built"
+    cfg = adapter.config
+    if getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
+        return f"hidden_act={getattr(cfg, 'hidden_act', None)!r} (the fused MLP is SiLU-gated)"
+    for i, layer in enumerate(adapter.layers()):
+        if "forward" in layer.__dict__:
+            return f"layer {i} already has an instance forward"
+        a, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if a is None or mlp is None:
+            return f"layer {i} has no self_attn / mlp"
+        norms = [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)]
+        if layout.qk_norm:
+            norms += [getattr(a, "q_norm", None), getattr(a, "k_norm", None)]
+        if not all(n is not None and _rmsnorm_ok(n) for n in norms):
+            return f"layer {i} has a norm other than transformers' RMSNorm"
+        try:
+            (_, _, wq, wk, wv, *_), (wo, _, _, _, wg, wu, wd) = layer_weights(layer, layout)
+        except AttributeError as e:
+            return f"layer {i} lacks a module the {layout} layout names ({e})"
+        mods = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")]
+        if any(m is not None and getattr(m, "bias", None) is not None for m in mods):
+            return f"layer {i} has MLP biases"
+        for w in (wq, wk, wv, wo, wg, wu, wd):
+            if w.dim() != 2 or w.stride(-1) != 1:
+                return f"layer {i} has a weight the kernel cannot read (non-contiguous rows)"
+    return None
+
+
+class FusedDecode:
+    """The fused decode forwards of one patched model (see the module docstring)."""
+
+    def __init__(self, runtime, adapter, layout):
+        self.runtime_ref = weakref.ref(runtime)
+        self.layout = layout
+        self.layers = adapter.layers()
+        info = runtime.info
+        self.H, self.Hkv, self.D = info.num_heads, info.num_kv_heads, info.head_dim
+        #: every module inside the layers whose hooks would not run on the fused path
+        self._inner = [m for layer in self.layers for m in layer.modules() if m is not layer]
+        self._refs = []
+        for i, layer in enumerate(self.layers):
+            fn = types.MethodType(_make_forward(self, i), layer)
+            layer.forward = fn
+            self._refs.append((weakref.ref(layer), fn))
+
+    def active(self, output_attentions: bool) -> bool:
+        """Whether this forward may take the fused path (checked once per forward, before it runs)."""
+        if torch.is_grad_enabled() or output_attentions:
+            return False
+        from torch.nn.modules import module as M
+
+        if M._global_forward_hooks or M._global_forward_pre_hooks or getattr(M, "_global_forward_hooks_always_called", None):
+            return False
+        for m in self._inner:
+            if m._forward_pre_hooks:
+                return False
+            if m._forward_hooks and any(getattr(h, "__module__", "") != _CAPTURE_MODULE for h in m._forward_hooks.values()):
+                return False
+        return True
+
+    def remove(self) -> None:
+        for ref, fn in self._refs:
+            layer = ref()
+            if layer is not None and layer.__dict__.get("forward") is fn:
+                del layer.__dict__["forward"]
+        self._refs = []
+
+
+def _make_forward(fd: FusedDecode, idx: int):
+    layout, H, Hkv, D = fd.layout, fd.H, fd.Hkv, fd.D
+    C = _ext.cpu_ext()
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        rt = fd.runtime_ref()
+        if (rt is None or not rt.fused_now or hidden_states.shape[1] != 1 or position_embeddings is None
+                or not isinstance(past_key_values, AccelCache) or hidden_states.dtype != torch.float32
+                or hidden_states.device.type != "cpu" or position_embeddings[0].shape[-1] != D):
+            return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                      past_key_values=past_key_values, use_cache=use_cache,
+                                      position_embeddings=position_embeddings, **kwargs)
+        rt.stats["fused_layer_calls"] += 1
+        cos, sin = position_embeddings
+        B, width = hidden_states.shape[0], hidden_states.shape[-1]
+        h = hidden_states.reshape(B, width)
+        pre, post = layer_weights(self, layout)
+        ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
+        q, k, v = C.fused_attn_in(h.contiguous(), ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps,
+                                  cos.float().reshape(-1, D).contiguous(), sin.float().reshape(-1, D).contiguous(),
+                                  H, Hkv)
+        attn = self.self_attn
+        k_all, v_all = past_key_values.update(k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D), attn.layer_idx)
+        out, _ = accel_attention_forward(attn, q.view(B, H, 1, D), k_all, v_all, attention_mask, dropout=0.0,
+                                         scaling=attn.scaling, **kwargs)
+        wo, bo, ln2, eps2, wg, wu, wd = post
+        return C.fused_attn_out_mlp(h, out.reshape(B, H * D).contiguous(), wo, bo, ln2, eps2, wg, wu,
+                                    wd).view(B, 1, width)
+
+    return forward
+
+
+def probe(adapter, layout, decoder) -> str | None:
+    """Run two tokens through layer 0's original forward (the model's own attention implementation, causal) and
+    through the fused halves with a reference causal attention; return why they differ (None: they agree)."""
+    C = _ext.cpu_ext()
+    layer = adapter.layers()[0]
+    a = layer.self_attn
+    H, Hkv, D = adapter.info().num_heads, adapter.info().num_kv_heads, adapter.info().head_dim
+    try:
+        with torch.no_grad():
+            emb = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else decoder.embed_tokens
+            dev = emb.weight.device
+            ids = torch.tensor([[min(5, emb.weight.shape[0] - 1), min(7, emb.weight.shape[0] - 1)]], device=dev)
+            h = emb(ids).float()
+            pos = torch.tensor([[3, 4]], device=dev)
+            cos, sin = decoder.rotary_emb(h, pos)
+            if h.device.type != "cpu" or cos.shape[-1] != D:
+                return "the model is not on the CPU or its rotary embedding is partial"
+            ref = type(layer).forward(layer, h, attention_mask=None, position_ids=pos, past_key_values=None,
+                                      use_cache=False, position_embeddings=(cos, sin))
+            ref = ref[0] if isinstance(ref, tuple) else ref
+            pre, post = layer_weights(layer, layout)
+            ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
+            x = h[0]
+            q, k, v = C.fused_attn_in(x.contiguous(), ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps,
+                                      cos[0].float().contiguous(), sin[0].float().contiguous(), H, Hkv)
+            G = H // Hkv
+            qh = q.view(2, H, D).transpose(0, 1)
+            kh = k.view(2, Hkv, D).transpose(0, 1).repeat_interleave(G, 0)
+            vh = v.view(2, Hkv, D).transpose(0, 1).repeat_interleave(G, 0)
+            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=a.scaling)
+            wo, bo, ln2, eps2, wg, wu, wd = post
+            got = C.fused_attn_out_mlp(x, o.transpose(0, 1).reshape(2, H * D).contiguous(), wo, bo, ln2, eps2, wg,
+                                       wu, wd)
+    except Exception as e:  # a layer the probe cannot run is a layer the fused path must not run
+        return f"the probe could not run ({type(e).__name__}: {e})"
+    err = (got - ref[0]).abs().max().item()
+    scale = ref.abs().max().item() + 1e-6
+    if not err <= 1e-4 * scale:
+        return f"layer 0's fused output differs from transformers' by {err:.3g} (output scale {scale:.3g})"
+    return None
+
+
+def install(runtime, adapter):
+    """Bind the fused decode forwards if the architecture declares a layout and the probe agrees; returns the
+    ``FusedDecode`` (with ``remove()``) or None, logging why not."""
+    layout = adapter.fused_layout
+    if layout is None:
+        logger.info("fused decode: not for %s (decode runs transformers' modules)", runtime.info.model_type)
+        return None
+    reason = unsupported_reason(adapter, layout) or probe(adapter, layout, adapter.decoder())
+    if reason is not None:
+        logger.info("fused decode off: %s; decode runs transformers' modules", reason)
+        return None
+    return FusedDecode(runtime, adapter, layout)
