@@ -14,6 +14,7 @@
 // style split over the token axis with a log-sum-exp merge for parallelism.
 #pragma once
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -57,6 +58,109 @@ struct DecodeParams {
 
 constexpr int kTile = 16;
 constexpr int kMaxGroup = 64;
+
+// ---- the register-blocked tile of the common shapes (head_dim 64 or 128, up to 4 query heads per KV head) ----
+// Scores: four K rows at a time per query head, 8-lane accumulators reduced four rows at once (one horizontal
+// reduction per 4 tokens instead of one per token); values: the group's accumulators for a quarter (head_dim 64) or
+// an eighth (128) of the head stay in registers across the whole tile. Measured on the AVX2 project machine with the data in cache: the generic tile
+// ran at ~13 GB/s (compute-bound, a horizontal sum per token and head); this one leaves decode bound by memory.
+static inline v8f ld8(const float* p) {
+  v8f r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+static inline v8f ld8(const uint16_t* p) {  // bfloat16 -> fp32
+  v8h h;
+  std::memcpy(&h, p, sizeof(h));
+  const v8u u = __builtin_convertvector(h, v8u) << 16;
+  v8f r;
+  std::memcpy(&r, &u, sizeof(r));
+  return r;
+}
+static inline v4f hsum8x4(v8f a, v8f b, v8f c, v8f d) {  // [sum(a), sum(b), sum(c), sum(d)]
+  const v4f a4 = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4f b4 = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+  const v4f c4 = __builtin_shufflevector(c, c, 0, 1, 2, 3) + __builtin_shufflevector(c, c, 4, 5, 6, 7);
+  const v4f d4 = __builtin_shufflevector(d, d, 0, 1, 2, 3) + __builtin_shufflevector(d, d, 4, 5, 6, 7);
+  const v4f ab = __builtin_shufflevector(a4, b4, 0, 1, 4, 5) + __builtin_shufflevector(a4, b4, 2, 3, 6, 7);
+  const v4f cd = __builtin_shufflevector(c4, d4, 0, 1, 4, 5) + __builtin_shufflevector(c4, d4, 2, 3, 6, 7);
+  return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) + __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
+}
+
+static inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// s[g][j] = scale * q_g . K[tok[j]] for j < n (rows of masked tokens are computed and overwritten by the caller).
+// Per head: four rows' accumulators + the query chunk + the row chunks (9 of the 16 AVX2 registers); the K rows
+// come from L1 for the group's later heads.
+template <typename T, int DC, int G>
+static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
+                               float (*s)[kTile]) {
+  constexpr int NC = DC / 8;
+  for (int j0 = 0; j0 < n; j0 += 4) {
+    const T* kr[4];
+    for (int jj = 0; jj < 4; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+    const int m = std::min(4, n - j0);
+    for (int g = 0; g < G; ++g) {
+      v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
+      for (int c = 0; c < NC; ++c) {
+        const v8f qv = ld8(q + g * DC + 8 * c);
+        for (int jj = 0; jj < 4; ++jj) acc[jj] += qv * ld8(kr[jj] + 8 * c);
+      }
+      const v4f r = hsum8x4(acc[0], acc[1], acc[2], acc[3]);
+      for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[jj] * scale;
+    }
+  }
+}
+
+// acc_g += sum_j p[g][j] * V[tok[j]] for the group's heads (p = 0 for masked tokens, whose rows are skipped).
+// A pass keeps G x CB accumulators in registers across the tile (CB = 2 chunks of 8: at most 8 + the broadcast
+// and the row chunks, no spills on AVX2's 16 registers).
+template <typename T, int DC, int G>
+static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int64_t* tok, int n,
+                               const float (*p)[kTile]) {
+  constexpr int NC = DC / 8;
+  constexpr int CB = 2;
+  for (int c0 = 0; c0 < NC; c0 += CB) {
+    v8f a[G][CB];
+    for (int g = 0; g < G; ++g)
+      for (int cb = 0; cb < CB; ++cb) a[g][cb] = ld8(acc + g * DC + 8 * (c0 + cb));
+    for (int j = 0; j < n; ++j) {
+      bool live = false;
+      for (int g = 0; g < G; ++g) live |= p[g][j] != 0.f;
+      if (!live) continue;
+      const T* vr = vb + tok[j] * v_st + 8 * c0;
+      v8f vv[CB];
+      for (int cb = 0; cb < CB; ++cb) vv[cb] = ld8(vr + 8 * cb);
+      for (int g = 0; g < G; ++g) {
+        const v8f pv = splat8(p[g][j]);
+        for (int cb = 0; cb < CB; ++cb) a[g][cb] += pv * vv[cb];
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int cb = 0; cb < CB; ++cb) std::memcpy(acc + g * DC + 8 * (c0 + cb), &a[g][cb], sizeof(v8f));
+  }
+}
+
+template <typename T, int DC>
+static inline bool fast_tile(int G, bool values, const float* q, float* acc, const T* base, int64_t st,
+                             const int64_t* tok, int n, float scale, float (*s)[kTile]) {
+  if constexpr (DC == 64 || DC == 128) {
+    switch (G) {
+#define ACCEL_TILE_CASE(GG)                                                          \
+  case GG:                                                                           \
+    if (values) tile_values<T, DC, GG>(acc, base, st, tok, n, s);                    \
+    else tile_scores<T, DC, GG>(q, base, st, tok, n, scale, s);                      \
+    return true;
+      ACCEL_TILE_CASE(1)
+      ACCEL_TILE_CASE(2)
+      ACCEL_TILE_CASE(3)
+      ACCEL_TILE_CASE(4)
+#undef ACCEL_TILE_CASE
+      default: return false;
+    }
+  }
+  return false;
+}
 
 // Attend the query heads of (b, kh) over list positions [i0, i1). Writes the running max m[G],
 // the softmax denominator l[G] and the unnormalised accumulator acc[G*D].
@@ -120,7 +224,11 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     }
     // scores: the group's queries are held in registers; the tile's K rows come from memory once
     // (first head) and from L1 for the other heads of the group
-    if constexpr (DC > 0 && DC % 16 == 0) {
+    if (fast_tile<T, DC>(G, false, q, acc, kb, p.k_st, tok, n, p.scale, s)) {
+      for (int j = 0; j < n; ++j)
+        if (!ok[j])
+          for (int g = 0; g < G; ++g) s[g][j] = ninf;
+    } else if constexpr (DC > 0 && DC % 16 == 0) {
       constexpr int NV = DC / 16;
       for (int g = 0; g < G; ++g) {
         v16f qv[NV];
@@ -195,7 +303,8 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
       for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(vr + off, 0, 0);
     }
     // values: the accumulator of one head stays in registers across the tile
-    if constexpr (DC > 0 && DC % 16 == 0) {
+    if (fast_tile<T, DC>(G, true, q, acc, vb, p.v_st, tok, n, p.scale, s)) {
+    } else if constexpr (DC > 0 && DC % 16 == 0) {
       constexpr int NV = DC / 16;
       for (int g = 0; g < G; ++g) {
         float* ag = acc + static_cast<int64_t>(g) * D;
