@@ -81,6 +81,37 @@ def test_bench_writes_csv_and_png(tiny_folder, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_bench_overhead_columns_compiled_baseline_and_anchors(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Every accel row carries its decode path, the bandwidth measured after it and the step's cost beyond the
+    bytes it read; hf-compile runs transformers' static cache under torch.compile; --anchors merges the rows a
+    run_anchors.sh prints (here a stand-in script) and says in one line why it skipped when nothing is built."""
+    import csv
+
+    script_dir = tmp_path / "anchors"
+    script_dir.mkdir()
+    (script_dir / "run_anchors.sh").write_text(
+        "echo '# a comment'\necho runtime,weights_dtype,kv_dtype,batch,context,decode_tok_s\n"
+        "echo \"llamacpp,F32,F16,1,$CTX_B1,$NGEN.5\"\n")
+    monkeypatch.setenv("ANCHORS_DIR", str(tmp_path / "built"))
+    out = tmp_path / "o.csv"
+    args = ["bench", "--model", str(tiny_folder), "--contexts", "64", "--new-tokens", "3", "--anchors",
+            str(script_dir), "--out", str(out)]
+    assert main(args + ["--policies", "dense"]) == 0
+    assert "anchors skipped: nothing built under" in capsys.readouterr().err
+    (tmp_path / "built").mkdir()
+    assert main(args + ["--policies", "hf-compile,dense"]) == 0  # dense after the compiled run: forward restored
+    rows = {r["policy"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"hf", "dense", "hf-compile", "anchor:llamacpp F32/F16"}
+    assert rows["dense"]["decode_path"] == "fused" and rows["hf"]["decode_path"] == "hf"
+    assert rows["hf-compile"]["decode_path"] == "hf-compiled" and float(rows["hf-compile"]["decode_tok_s"]) > 0
+    d = rows["dense"]
+    step, limit, over = float(d["decode_step_ms"]), float(d["bw_limit_ms"]), float(d["overhead_ms"])
+    assert limit > 0 and abs(step - limit - over) < 0.02 and float(d["read_bw_gbs"]) > 0
+    a = rows["anchor:llamacpp F32/F16"]
+    assert (a["context"], a["batch"], a["decode_tok_s"]) == ("64", "1", "3.5")  # the script saw the grid
+    assert float(d["speedup_vs_best_anchor"]) == round(float(d["decode_tok_s"]) / 3.5, 3)
+
+
 def test_bench_batches_and_synthetic_kv(tiny_folder, tmp_path):
     import csv
 

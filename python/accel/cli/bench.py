@@ -3,6 +3,15 @@ HF model and accel policies in one run, with the achieved fraction of the memory
 
 Every row of the CSV carries the machine facts. Prompts are real text (the Paul Graham essays)
 cut to the exact token count; generation is forced to ``--new-tokens`` tokens.
+
+Per row: the bytes a decode step reads (weights + the KV bytes accel's attention counted), the read bandwidth
+measured right after that row's run (shared machines drift by tens of percent within minutes), the time those
+bytes take at that bandwidth (``bw_limit_ms``) and what the step costs beyond it (``overhead_ms``), and the decode
+path (``fused``: accel's fused decode layers; ``modules``: transformers' modules).
+
+Baselines: ``hf`` (unpatched transformers, always run), ``hf-compile`` (transformers' own fastest path: a static
+cache and ``torch.compile`` of the forward, warmed up before the timed run), and with ``--anchors DIR`` the
+runtimes a user would pick instead, run by ``DIR/run_anchors.sh`` when they are built (rows ``anchor:...``).
 """
 from __future__ import annotations
 from .. import compat
@@ -14,8 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import AccelError
 from .common import (BASELINE, check_policy_specs, int_list, load_model, parse_overrides, patch_for, setup,
                      split_policies)
+
+#: transformers' own fastest decode: static cache + torch.compile of the forward
+HF_COMPILE = "hf-compile"
 
 
 def _kv_held(cache) -> int:
@@ -43,7 +56,10 @@ def run(args) -> int:
     batches = int_list(args.batch, "--batch")
     int_list(str(args.new_tokens), "--new-tokens")
     overrides = parse_overrides(args.set)
-    check_policy_specs(split_policies(args.policies), overrides)
+    check_policy_specs([p for p in split_policies(args.policies) if p != HF_COMPILE], overrides)
+    if args.synthetic_kv and HF_COMPILE in split_policies(args.policies):
+        raise AccelError("hf-compile decodes on transformers' own static cache, which --synthetic-kv does not fill: "
+                         "drop one of them")
     model, tok = load_model(args.model, args.dtype)
     from ..tpla.adapters import supported_mla_types
 
@@ -54,6 +70,7 @@ def run(args) -> int:
 
         raise AccelError("--tp (tensor-parallel TPLA) applies to MLA models (DeepSeek-V2/V3), e.g. --model random-mla-mid")
     policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
+    anchor_rows, anchor_note = _run_anchors(args.anchors, contexts, batches, args.new_tokens) if args.anchors else ([], None)
     facts = machine_facts()
     read_bw = measure_read_bandwidth()
     copy_bw = measure_copy_bandwidth()
@@ -78,21 +95,32 @@ def run(args) -> int:
         enc = tok([prompt] * batch, return_tensors="pt", padding=True)
         n_prompt = enc["input_ids"].shape[1]
         cache = _synthetic_cache(model, batch, n_prompt - 1, for_hf=(pol == BASELINE)) if args.synthetic_kv else None
-        handle = patch_for(model, pol, overrides if pol != BASELINE else None, reserve=n_prompt + args.new_tokens)
+        gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                   pad_token_id=tok.pad_token_id, return_dict_in_generate=True)
+        handle = None
+        if pol == HF_COMPILE:
+            gen["cache_implementation"] = "static"
+            model.forward = torch.compile(type(model).forward.__get__(model))
+            with torch.no_grad():  # compile the prefill and decode graphs outside the timed run
+                model.generate(**{**enc}, **{**gen, "max_new_tokens": 3, "min_new_tokens": 3})
+        else:
+            handle = patch_for(model, pol, overrides if pol != BASELINE else None, reserve=n_prompt + args.new_tokens)
         if cache is not None and handle is not None and handle.runtime.kv:
             _compress_synthetic(cache, handle)
         try:
             st = TimingStreamer()
             with torch.no_grad(), PeakRSS() as mem:
-                out = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                     do_sample=False, pad_token_id=tok.pad_token_id, streamer=st,
-                                     return_dict_in_generate=True, **compat.cache_kwargs(model, cache))
+                out = model.generate(**enc, streamer=st, **gen, **compat.cache_kwargs(model, cache))
             held = _kv_held(compat.output_cache(out))
             stats = dict(handle.runtime.stats) if handle is not None else None
             del out, cache
         finally:
             if handle is not None:
                 handle.remove()
+            if pol == HF_COMPILE:
+                del model.forward
+                torch._dynamo.reset()
+        run_bw = measure_read_bandwidth(repeats=3)
         step_s = st.decode_s / max(1, st.decode_steps)
         mid_ctx = n_prompt + args.new_tokens // 2
         kv_read = kv_bytes_read(model, mid_ctx, batch, dbytes)  # a dense step's KV read (HF reads at least this)
@@ -100,31 +128,95 @@ def run(args) -> int:
             # what accel's attention actually read, per step (sparse policies read less than dense)
             kv_read = stats["kv_read_bytes"] * n_layers / stats["decode_layer_calls"]
         byts = wbytes + kv_read
+        if stats is None:
+            path = "hf-compiled" if pol == HF_COMPILE else "hf"
+        else:
+            path = "fused" if stats.get("fused_layer_calls") else "modules"
+        limit_ms = 1e3 * byts / (run_bw * 1e9)
         rows.append({
-            "model": args.model, "policy": pol, "context": n_prompt, "batch": batch, "new_tokens": args.new_tokens,
+            "model": args.model, "policy": pol, "context": n_prompt, "context_requested": ctx, "batch": batch,
+            "new_tokens": args.new_tokens, "decode_path": path,
             "prefill_s": round(st.prefill_s, 3) if not args.synthetic_kv else "",
             "decode_step_ms": round(1e3 * step_s, 3),
             "decode_tok_s": round(batch / step_s, 3), "bytes_per_step_mb": round(byts / 1e6, 1),
             "kv_read_per_step_mb": round(kv_read / 1e6, 1),
-            "achieved_gbs": round(byts / step_s / 1e9, 2), "frac_read_bw": round(byts / step_s / 1e9 / read_bw, 3),
+            "achieved_gbs": round(byts / step_s / 1e9, 2), "frac_read_bw": round(byts / step_s / 1e9 / run_bw, 3),
             "frac_copy_bw": round(byts / step_s / 1e9 / copy_bw, 3),
-            "read_bw_gbs": round(read_bw, 2), "copy_bw_gbs": round(copy_bw, 2), "kv_held_mb": round(held / 1e6, 2),
+            "bw_limit_ms": round(limit_ms, 2), "overhead_ms": round(1e3 * step_s - limit_ms, 2),
+            "read_bw_gbs": round(run_bw, 2), "read_bw_start_gbs": round(read_bw, 2), "copy_bw_gbs": round(copy_bw, 2),
+            "kv_held_mb": round(held / 1e6, 2),
             "peak_rss_mb": round(mem.peak / 1e6, 1), "rss_growth_mb": round((mem.peak - mem.start) / 1e6, 1),
             "dtype": args.dtype, "synthetic_kv": bool(args.synthetic_kv), **facts,
         })
         time.sleep(0.1)
     base = {(r["context"], r["batch"]): r["decode_tok_s"] for r in rows if r["policy"] == BASELINE}
     dense = {(r["context"], r["batch"]): r["decode_tok_s"] for r in rows if r["policy"] == "dense"}
+    best_anchor: dict = {}
+    for a in anchor_rows:
+        key = (a["context_requested"], a["batch"])
+        best_anchor[key] = max(best_anchor.get(key, 0.0), a["decode_tok_s"])
     for r in rows:
         b = base.get((r["context"], r["batch"]))
         r["speedup_vs_hf"] = round(r["decode_tok_s"] / b, 3) if b else ""
         d = dense.get((r["context"], r["batch"]))
         r["speedup_vs_accel_dense"] = round(r["decode_tok_s"] / d, 3) if d else ""
+        a = best_anchor.get((r["context_requested"], r["batch"]))
+        r["speedup_vs_best_anchor"] = round(r["decode_tok_s"] / a, 3) if a else ""
+    if anchor_note:
+        print(anchor_note, file=sys.stderr)
+    rows += [{**{k: "" for k in rows[0]}, **a} for a in anchor_rows]
     out = _write_csv(args.out, rows)
     _print_table(rows)
     _plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
     return 0
+
+
+def _run_anchors(script_dir: str, contexts: list[int], batches: list[int], new_tokens: int):
+    """Run ``script_dir/run_anchors.sh`` (the CPU anchor runtimes: llama.cpp, vLLM, OpenVINO GenAI; built by
+    ``script_dir/setup.sh`` under ``$ANCHORS_DIR``, default ``~/.cache/accel-anchors``) on this run's grid: batch 1
+    at every context, the first batch above 1 at every context. Returns (rows, note): the parsed CSV rows as bench
+    rows, and a one-line reason when nothing ran (no script, nothing built, a failed run). Never a dependency of
+    the package: nothing here is imported, only the script is run."""
+    import os
+    import subprocess
+
+    script = Path(script_dir) / "run_anchors.sh"
+    if not script.is_file():
+        return [], f"anchors skipped: {script} does not exist (--anchors takes the folder holding run_anchors.sh)"
+    built = Path(os.environ.get("ANCHORS_DIR", Path.home() / ".cache" / "accel-anchors"))
+    if not built.is_dir():
+        return [], (f"anchors skipped: nothing built under {built} (ANCHORS_DIR); build them with "
+                    f"`bash {Path(script_dir) / 'setup.sh'}`")
+    env = dict(os.environ, NGEN=str(new_tokens), CTX_B1=" ".join(map(str, contexts)) if 1 in batches else "")
+    big = [b for b in batches if b > 1]
+    env.update({"B8": str(big[0]), "CTX_B8": " ".join(map(str, contexts))} if big else {"CTX_B8": ""})
+    print(f"anchors: running {script} (batch 1: {env['CTX_B1'] or '-'}; batch {env.get('B8', '-')}: "
+          f"{env['CTX_B8'] or '-'})", file=sys.stderr)
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    rows = parse_anchor_csv(r.stdout)
+    if not rows:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+        return [], f"anchors skipped: {script} gave no rows (exit {r.returncode}: {tail[0]})"
+    return rows, None
+
+
+def parse_anchor_csv(text: str) -> list[dict]:
+    """Rows of ``run_anchors.sh``'s CSV (``runtime,weights_dtype,kv_dtype,batch,context,decode_tok_s``; ``#``
+    lines are comments) as bench rows named ``anchor:<runtime> <weights>/<kv>``."""
+    out = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if not line.strip() or line.startswith("#") or len(parts) < 6 or parts[0] == "runtime":
+            continue
+        try:
+            batch, ctx, tps = int(parts[3]), int(parts[4]), float(parts[5])
+        except ValueError:
+            continue
+        out.append({"policy": f"anchor:{parts[0]} {parts[1]}/{parts[2]}", "context": ctx, "context_requested": ctx,
+                    "batch": batch, "decode_tok_s": round(tps, 3), "decode_step_ms": round(1e3 * batch / tps, 3),
+                    "decode_path": "anchor"})
+    return out
 
 
 def _write_csv(path, rows) -> Path:
@@ -173,13 +265,17 @@ def _compress_synthetic(cache, handle) -> None:
 
 
 def _print_table(rows):
-    hdr = f"{'policy':10s} {'ctx':>6s} {'B':>2s} {'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s} {'x HF':>6s} {'GB/s':>6s} {'%BW':>5s} {'KV MB':>8s}"
+    hdr = f"{'policy':10s} {'ctx':>6s} {'B':>2s} {'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s} {'x HF':>6s} {'GB/s':>6s} {'%BW':>5s} {'KV MB':>8s} {'extra ms':>8s}"
     print(hdr)
     for r in rows:
+        if r.get("decode_path") == "anchor":
+            print(f"{r['policy']:10s} {r['context']:6d} {r['batch']:2d} {'-':>9s} {r['decode_step_ms']:8.2f} "
+                  f"{r['decode_tok_s']:8.2f}")
+            continue
         pre = f"{r['prefill_s']:9.2f}" if r["prefill_s"] != "" else f"{'-':>9s}"
         print(f"{r['policy']:10s} {r['context']:6d} {r['batch']:2d} {pre} {r['decode_step_ms']:8.2f} "
               f"{r['decode_tok_s']:8.2f} {r['speedup_vs_hf']!s:>6s} {r['achieved_gbs']:6.2f} "
-              f"{100 * r['frac_read_bw']:5.0f} {r['kv_held_mb']:8.1f}")
+              f"{100 * r['frac_read_bw']:5.0f} {r['kv_held_mb']:8.1f} {r['overhead_ms']:8.1f}")
 
 
 def _plot(rows, path: Path) -> None:
@@ -192,9 +288,14 @@ def _plot(rows, path: Path) -> None:
     for pol in sorted({r["policy"] for r in rows}):
         for b in sorted({r["batch"] for r in rows}):
             rs = sorted([r for r in rows if r["policy"] == pol and r["batch"] == b], key=lambda r: r["context"])
+            if not rs:
+                continue
             lab = f"{pol} (batch {b})"
-            axes[0].plot([r["context"] for r in rs], [r["decode_tok_s"] for r in rs], marker="o", label=lab)
-            axes[1].plot([r["context"] for r in rs], [100 * r["frac_read_bw"] for r in rs], marker="o", label=lab)
+            style = dict(marker="x", linestyle="--") if rs[0].get("decode_path") == "anchor" else dict(marker="o")
+            axes[0].plot([r["context"] for r in rs], [r["decode_tok_s"] for r in rs], label=lab, **style)
+            bw = [r for r in rs if r["frac_read_bw"] != ""]
+            if bw:
+                axes[1].plot([r["context"] for r in bw], [100 * r["frac_read_bw"] for r in bw], label=lab, **style)
     for ax, yl in zip(axes, ["decode tokens/s", "% of measured read bandwidth"]):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")

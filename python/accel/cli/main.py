@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="decode tokens/s and prefill time vs context: unpatched HF and policies")
     common(b)
-    b.add_argument("--policies", default="dense", help="comma-separated accel policies (HF baseline always runs)")
+    b.add_argument("--policies", default="dense",
+                   help="comma-separated accel policies (the HF baseline always runs; 'hf-compile' adds transformers' "
+                        "static cache + torch.compile)")
+    b.add_argument("--anchors", default=None, metavar="DIR",
+                   help="also run the anchor runtimes (llama.cpp, vLLM, OpenVINO) with DIR/run_anchors.sh when they are "
+                        "built (skipped with a one-line reason when not)")
     b.add_argument("--contexts", default="1024,4096,8192")
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--batch", default="1", help="batch size(s), comma-separated, e.g. 1,8 (8 = throughput mode)")
