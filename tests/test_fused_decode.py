@@ -104,17 +104,55 @@ def test_autograd_and_attention_weights_take_the_module_path():
             assert h.runtime.stats["fused_layer_calls"] == model.config.num_hidden_layers
 
 
-def test_a_changed_layer_fails_the_probe_and_decode_stays_exact():
-    """A layer that no longer computes what the fused kernels do (here: GELU in one MLP while the config says SiLU)
-    is caught by the patch-time probe; decode runs the modules and matches the unpatched model."""
-    model = tiny_model("llama")
-    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+def test_a_changed_layer_is_caught_and_decode_stays_exact():
+    """Layers that no longer compute what the fused kernels do are caught when patching: another activation in a
+    later layer's MLP (by the static checks), and a layer whose forward changed (by the probe, which runs every
+    layer both ways); decode then runs the modules and matches the unpatched model."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class Halved(LlamaDecoderLayer):  # a "new release" of the layer: the MLP branch scaled by one half
+        def forward(self, hidden_states, **kw):
+            out = super().forward(hidden_states, **kw)
+            return (hidden_states + out) / 2
+
     ids, mask = _batch(B=2)
+    for change in ("act", "layer"):
+        model = tiny_model("llama")
+        if change == "act":
+            model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+        else:
+            model.model.layers[1].__class__ = Halved
+        with torch.no_grad():
+            ref = _generate(model, ids, mask)
+            with accel.patch(model, "dense") as h:
+                assert h.runtime.fused is None
+                out = _generate(model, ids, mask)
+        _close(out, ref)
+
+
+def test_an_adapter_injected_after_patching_turns_the_fused_path_off():
+    """A projection replaced after patching (what a LoRA injection does) is seen before the next forward."""
+    model = tiny_model("qwen2")
+    ids, mask = _batch(B=2)
+    with torch.no_grad(), accel.patch(model, "dense") as h:
+        attn = model.model.layers[1].self_attn
+        old = attn.v_proj
+
+        class Scaled(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return 2 * self.inner(x)
+
+        attn.v_proj = Scaled(old)
+        out = _generate(model, ids, mask)
+        assert h.runtime.stats["fused_layer_calls"] == 0
+        attn.v_proj = old
     with torch.no_grad():
+        attn.v_proj = Scaled(old)
         ref = _generate(model, ids, mask)
-        with accel.patch(model, "dense") as h:
-            assert h.runtime.fused is None
-            out = _generate(model, ids, mask)
     _close(out, ref)
 
 
@@ -140,3 +178,24 @@ def test_remove_deletes_the_layer_forwards():
     h.remove()
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
     assert [set(layer.__dict__) for layer in model.model.layers] == [set(d) for d in before]
+
+
+def test_bf16_models_and_large_batches_decode_on_the_modules():
+    """bf16 (the fused layers are fp32 arithmetic) and more than 8 sequences (matrix products, not GEMV) run
+    transformers' modules, equal to the unpatched model."""
+    m16 = tiny_model("llama", dtype=torch.bfloat16)
+    ids, mask = _batch(B=2)
+    with torch.no_grad():
+        ref = _generate(m16, ids, mask)
+        with accel.patch(m16, "dense") as h:
+            out = _generate(m16, ids, mask)
+            assert h.runtime.fused is None
+    assert torch.equal(out.sequences, ref.sequences)
+    model = tiny_model("llama")
+    ids, mask = _batch(B=10, pads=(0, 3) * 5)
+    with torch.no_grad(), accel.patch(model, "dense") as h:
+        out = _generate(model, ids, mask)
+        assert h.runtime.stats["fused_layer_calls"] == 0
+    with torch.no_grad():
+        ref = _generate(model, ids, mask)
+    _close(out, ref)

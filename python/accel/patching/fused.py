@@ -15,13 +15,18 @@ head, and the prefill (several tokens) runs the original layer forward. The weig
 at every call (nothing is copied, and a model whose parameters are replaced or changed in place stays right).
 
 When the fused path is taken, and when it is not:
-  * it is verified once per patch on the model itself (``probe``): two tokens through layer 0's original forward
-    against the fused halves with a reference attention; any difference beyond float rounding (a transformers
-    release that changed the layer) turns it off for that patch, logged, and decode runs the modules;
+  * it is verified once per patch on the model itself: static checks (plain ``nn.Linear`` projections, SiLU,
+    transformers' RMSNorm code, no instance forwards inside the layers) and a probe (``probe``): two tokens through
+    every layer's original forward against the fused halves with a reference attention; any difference beyond float
+    rounding (a transformers release that changed the layer) turns it off for that patch, logged, and decode runs
+    the modules;
   * per forward (``FusedDecode.active``): off under autograd, with ``output_attentions``, or when any hook is
     registered on a module inside the layers (a user's hook, a policy's, torch's global ones) -- the module path
-    runs them; transformers' own output-capturing hooks are idle unless their output is requested;
-  * per call: only for one token per sequence, fp32 hidden states on the CPU, accel's cache, a full-width rotary.
+    runs them; transformers' own output-capturing hooks are idle unless their output is requested -- or when a
+    module inside the layers was replaced after patching (an adapter injected);
+  * per call: only for one token per sequence and at most ``MAX_ROWS`` sequences, fp32 hidden states on the CPU,
+    accel's cache, a full-width rotary, eval mode, no autograd, no autocast. (bf16 models decode on the modules:
+    the fused layers would compute in fp32 where transformers rounds every intermediate to bf16.)
 ``remove()`` deletes the instance forwards.
 """
 from __future__ import annotations
@@ -39,6 +44,8 @@ from .attention_fn import accel_attention_forward
 logger = logging.getLogger("accel")
 
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
+#: at most this many sequences per step (the small-M GEMV's range; larger batches are matrix products for BLAS)
+MAX_ROWS = 8
 
 
 def _rmsnorm_ok(norm) -> bool:
@@ -50,6 +57,18 @@ def _rmsnorm_ok(norm) -> bool:
     return (f is not None and hasattr(f, "__code__") and f.__code__.co_code == ref.co_code
             and f.__code__.co_names == ref.co_names and hasattr(norm, "variance_epsilon")
             and isinstance(getattr(norm, "weight", None), torch.Tensor))
+
+
+def _silu_types():
+    import transformers.activations as A
+
+    return (torch.nn.SiLU,) + ((A.SiLUActivation,) if hasattr(A, "SiLUActivation") else ())
+
+
+def _is_fast_linear(m) -> bool:
+    """accel's own decode GEMV forward on an nn.Linear (``accel.patching.linear``), which the fused path replaces."""
+    f = m.__dict__.get("forward")
+    return getattr(getattr(f, "__func__", None), "__name__", "") == "_fast_forward"
 
 
 def layer_weights(layer, layout):
@@ -103,6 +122,17 @@ def unsupported_reason(adapter, layout) -> str | None:
         mods = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")]
         if any(m is not None and getattr(m, "bias", None) is not None for m in mods):
             return f"layer {i} has MLP biases"
+        projs = [getattr(a, n, None) for n in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")] + mods
+        if any(m is not None and type(m) is not torch.nn.Linear for m in projs):
+            return f"layer {i} has a projection that is not a plain nn.Linear (an adapter or a quantized layer)"
+        for m in layer.modules():
+            if m is not layer and "forward" in m.__dict__ and not _is_fast_linear(m):
+                return f"layer {i} has a module with an instance forward ({type(m).__name__})"
+        act = getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None))  # Phi3 names it activation_fn
+        if not isinstance(act, _silu_types()):
+            return f"layer {i}'s MLP activation is {type(act).__name__}, not SiLU"
+        if layout.qk_norm and a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
+            return f"layer {i}'s q_norm and k_norm have different epsilons"
         for w in (wq, wk, wv, wo, wg, wu, wd):
             if w.dim() != 2 or w.stride(-1) != 1:
                 return f"layer {i} has a weight the kernel cannot read (non-contiguous rows)"
@@ -118,8 +148,11 @@ class FusedDecode:
         self.layers = adapter.layers()
         info = runtime.info
         self.H, self.Hkv, self.D = info.num_heads, info.num_kv_heads, info.head_dim
-        #: every module inside the layers whose hooks would not run on the fused path
+        #: every module inside the layers whose hooks would not run on the fused path, with where it sits (a module
+        #: replaced after patching -- an adapter injected, a layer swapped -- turns the fused path off)
         self._inner = [m for layer in self.layers for m in layer.modules() if m is not layer]
+        self._slots = [(parent, name, child) for layer in self.layers for parent in layer.modules()
+                       for name, child in parent._modules.items()]
         self._refs = []
         for i, layer in enumerate(self.layers):
             fn = types.MethodType(_make_forward(self, i), layer)
@@ -134,8 +167,11 @@ class FusedDecode:
 
         if M._global_forward_hooks or M._global_forward_pre_hooks or getattr(M, "_global_forward_hooks_always_called", None):
             return False
+        for parent, name, child in self._slots:
+            if parent._modules.get(name) is not child:
+                return False
         for m in self._inner:
-            if m._forward_pre_hooks:
+            if m._forward_pre_hooks or ("forward" in m.__dict__ and not _is_fast_linear(m)):
                 return False
             if m._forward_hooks and any(getattr(h, "__module__", "") != _CAPTURE_MODULE for h in m._forward_hooks.values()):
                 return False
@@ -156,9 +192,11 @@ def _make_forward(fd: FusedDecode, idx: int):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
         rt = fd.runtime_ref()
-        if (rt is None or not rt.fused_now or hidden_states.shape[1] != 1 or position_embeddings is None
-                or not isinstance(past_key_values, AccelCache) or hidden_states.dtype != torch.float32
-                or hidden_states.device.type != "cpu" or position_embeddings[0].shape[-1] != D):
+        if (rt is None or not rt.fused_now or hidden_states.shape[1] != 1 or hidden_states.shape[0] > MAX_ROWS
+                or position_embeddings is None or not isinstance(past_key_values, AccelCache)
+                or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"
+                or position_embeddings[0].shape[-1] != D or self.training or torch.is_grad_enabled()
+                or torch.is_autocast_enabled("cpu")):
             return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                       past_key_values=past_key_values, use_cache=use_cache,
                                       position_embeddings=position_embeddings, **kwargs)
@@ -183,44 +221,52 @@ def _make_forward(fd: FusedDecode, idx: int):
 
 
 def probe(adapter, layout, decoder) -> str | None:
-    """Run two tokens through layer 0's original forward (the model's own attention implementation, causal) and
+    """Run two tokens through every layer's original forward (the model's own attention implementation, causal) and
     through the fused halves with a reference causal attention; return why they differ (None: they agree)."""
     C = _ext.cpu_ext()
-    layer = adapter.layers()[0]
-    a = layer.self_attn
-    H, Hkv, D = adapter.info().num_heads, adapter.info().num_kv_heads, adapter.info().head_dim
+    info = adapter.info()
+    H, Hkv, D = info.num_heads, info.num_kv_heads, info.head_dim
+    G = H // Hkv
     try:
         with torch.no_grad():
             emb = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else decoder.embed_tokens
             dev = emb.weight.device
             ids = torch.tensor([[min(5, emb.weight.shape[0] - 1), min(7, emb.weight.shape[0] - 1)]], device=dev)
-            h = emb(ids).float()
+            h = emb(ids)
             pos = torch.tensor([[3, 4]], device=dev)
             cos, sin = decoder.rotary_emb(h, pos)
             if h.device.type != "cpu" or cos.shape[-1] != D:
                 return "the model is not on the CPU or its rotary embedding is partial"
-            ref = type(layer).forward(layer, h, attention_mask=None, position_ids=pos, past_key_values=None,
-                                      use_cache=False, position_embeddings=(cos, sin))
-            ref = ref[0] if isinstance(ref, tuple) else ref
-            pre, post = layer_weights(layer, layout)
-            ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
-            x = h[0]
-            q, k, v = C.fused_attn_in(x.contiguous(), ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps,
-                                      cos[0].float().contiguous(), sin[0].float().contiguous(), H, Hkv)
-            G = H // Hkv
-            qh = q.view(2, H, D).transpose(0, 1)
-            kh = k.view(2, Hkv, D).transpose(0, 1).repeat_interleave(G, 0)
-            vh = v.view(2, Hkv, D).transpose(0, 1).repeat_interleave(G, 0)
-            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=a.scaling)
-            wo, bo, ln2, eps2, wg, wu, wd = post
-            got = C.fused_attn_out_mlp(x, o.transpose(0, 1).reshape(2, H * D).contiguous(), wo, bo, ln2, eps2, wg,
-                                       wu, wd)
+            if h.dtype != torch.float32:
+                return f"the model's dtype is {h.dtype} (the fused layers are fp32)"
+            for i, layer in enumerate(adapter.layers()):
+                ref = type(layer).forward(layer, h, attention_mask=None, position_ids=pos, past_key_values=None,
+                                          use_cache=False, position_embeddings=(cos, sin))
+                ref = ref[0] if isinstance(ref, tuple) else ref
+                pre, post = layer_weights(layer, layout)
+                ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
+                x = h[0].contiguous()
+                q, k, v = C.fused_attn_in(x, ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps,
+                                          cos[0].float().contiguous(), sin[0].float().contiguous(), H, Hkv)
+                qh = q.view(2, H, D).transpose(0, 1)
+                kh = k.view(2, Hkv, D).transpose(0, 1).repeat_interleave(G, 0)
+                vh = v.view(2, Hkv, D).transpose(0, 1).repeat_interleave(G, 0)
+                o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
+                                                                     scale=layer.self_attn.scaling)
+                wo, bo, ln2, eps2, wg, wu, wd = post
+                got = C.fused_attn_out_mlp(x, o.transpose(0, 1).reshape(2, H * D).contiguous(), wo, bo, ln2, eps2, wg,
+                                           wu, wd)
+                # measured against what the layer adds to its input (the residual would hide a changed branch)
+                delta = (ref[0] - x).abs().max().item() + 1e-6
+                err = (got - ref[0]).abs().max().item()
+                if not err <= 1e-4 * delta:
+                    return (f"layer {i}'s fused output differs from transformers' by {err:.3g} (the layer's own change "
+                            f"is {delta:.3g})")
+                h = ref
     except Exception as e:  # a layer the probe cannot run is a layer the fused path must not run
+        logger.warning("fused decode: the patch-time probe could not run (%s: %s); decode runs transformers' modules",
+                       type(e).__name__, e)
         return f"the probe could not run ({type(e).__name__}: {e})"
-    err = (got - ref[0]).abs().max().item()
-    scale = ref.abs().max().item() + 1e-6
-    if not err <= 1e-4 * scale:
-        return f"layer 0's fused output differs from transformers' by {err:.3g} (output scale {scale:.3g})"
     return None
 
 

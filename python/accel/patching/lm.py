@@ -228,6 +228,7 @@ class ModelRuntime:
         """The take-over check: a patched forward must have run accel's attention in every layer and kept
         accel's cache. Anything else means transformers routed around accel (e.g. a release that changed how the
         cache or the attention function is passed): refuse instead of returning unaccelerated or wrong output."""
+        self.fused_now = False  # a later call that skips the pre-hook (a submodule called directly) takes the modules
         if module.training:
             return output
         n_layers = self.info.num_layers

@@ -144,6 +144,7 @@ static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int6
 template <typename T, int DC>
 static inline bool fast_tile(int G, bool values, const float* q, float* acc, const T* base, int64_t st,
                              const int64_t* tok, int n, float scale, float (*s)[kTile]) {
+#ifndef ACCEL_V16F_NATIVE  // measured on AVX2 only; AVX-512 builds keep the 16-lane tile below
   if constexpr (DC == 64 || DC == 128) {
     switch (G) {
 #define ACCEL_TILE_CASE(GG)                                                          \
@@ -159,6 +160,7 @@ static inline bool fast_tile(int G, bool values, const float* q, float* acc, con
       default: return false;
     }
   }
+#endif
   return false;
 }
 
