@@ -98,16 +98,18 @@ def run(args) -> int:
         gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                    pad_token_id=tok.pad_token_id, return_dict_in_generate=True)
         handle = None
-        if pol == HF_COMPILE:
-            gen["cache_implementation"] = "static"
-            model.forward = torch.compile(type(model).forward.__get__(model))
-            with torch.no_grad():  # compile the prefill and decode graphs outside the timed run
-                model.generate(**{**enc}, **{**gen, "max_new_tokens": 3, "min_new_tokens": 3})
-        else:
-            handle = patch_for(model, pol, overrides if pol != BASELINE else None, reserve=n_prompt + args.new_tokens)
-        if cache is not None and handle is not None and handle.runtime.kv:
-            _compress_synthetic(cache, handle)
+        had_forward, prev_forward = "forward" in model.__dict__, model.__dict__.get("forward")
         try:
+            if pol == HF_COMPILE:
+                gen["cache_implementation"] = "static"
+                model.forward = torch.compile(type(model).forward.__get__(model))
+                with torch.no_grad():  # compile every graph of the timed run (same shapes) outside it
+                    model.generate(**enc, **gen)
+            else:
+                handle = patch_for(model, pol, overrides if pol != BASELINE else None,
+                                   reserve=n_prompt + args.new_tokens)
+            if cache is not None and handle is not None and handle.runtime.kv:
+                _compress_synthetic(cache, handle)
             st = TimingStreamer()
             with torch.no_grad(), PeakRSS() as mem:
                 out = model.generate(**enc, streamer=st, **gen, **compat.cache_kwargs(model, cache))
@@ -118,7 +120,10 @@ def run(args) -> int:
             if handle is not None:
                 handle.remove()
             if pol == HF_COMPILE:
-                del model.forward
+                if had_forward:
+                    model.forward = prev_forward
+                else:
+                    model.__dict__.pop("forward", None)
                 torch._dynamo.reset()
         run_bw = measure_read_bandwidth(repeats=3)
         step_s = st.decode_s / max(1, st.decode_steps)
@@ -193,7 +198,10 @@ def _run_anchors(script_dir: str, contexts: list[int], batches: list[int], new_t
     env.update({"B8": str(big[0]), "CTX_B8": " ".join(map(str, contexts))} if big else {"CTX_B8": ""})
     print(f"anchors: running {script} (batch 1: {env['CTX_B1'] or '-'}; batch {env.get('B8', '-')}: "
           f"{env['CTX_B8'] or '-'})", file=sys.stderr)
-    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    try:
+        r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=4 * 3600)
+    except subprocess.TimeoutExpired:
+        return [], f"anchors skipped: {script} ran past 4 hours"
     rows = parse_anchor_csv(r.stdout)
     if not rows:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -205,14 +213,19 @@ def parse_anchor_csv(text: str) -> list[dict]:
     """Rows of ``run_anchors.sh``'s CSV (``runtime,weights_dtype,kv_dtype,batch,context,decode_tok_s``; ``#``
     lines are comments) as bench rows named ``anchor:<runtime> <weights>/<kv>``."""
     out = []
+    import math
+
     for line in text.splitlines():
+        line = line.strip()
         parts = [p.strip() for p in line.split(",")]
-        if not line.strip() or line.startswith("#") or len(parts) < 6 or parts[0] == "runtime":
+        if not line or line.startswith("#") or len(parts) < 6 or parts[0] == "runtime":
             continue
         try:
             batch, ctx, tps = int(parts[3]), int(parts[4]), float(parts[5])
         except ValueError:
             continue
+        if not (math.isfinite(tps) and tps > 0 and batch > 0):
+            continue  # a failed measurement, not a rate
         out.append({"policy": f"anchor:{parts[0]} {parts[1]}/{parts[2]}", "context": ctx, "context_requested": ctx,
                     "batch": batch, "decode_tok_s": round(tps, 3), "decode_step_ms": round(1e3 * batch / tps, 3),
                     "decode_path": "anchor"})
