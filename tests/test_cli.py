@@ -1,5 +1,6 @@
 """The command line on a tiny random Llama that uses SmolLM2's real tokenizer (saved to a folder)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,39 @@ def test_generate_jsonl_batched_and_resumable(tiny_folder, tmp_path):
                  "--max-new-tokens", "4"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == list(range(6))
+
+
+def test_generate_data_parallel_over_two_ranks_merges_and_resumes(tiny_folder, tmp_path):
+    """torchrun with 2 gloo ranks and --input: each rank generates its share, rank 0 merges them into one output in
+    input order, equal to a single-process run; a part file left by an interrupted run (here with another rank count)
+    is not generated again but merged; no part file remains."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    inp = tmp_path / "p.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"item {i} of the list is"}) + "\n" for i in range(5)))
+    ref = tmp_path / "ref.jsonl"
+    assert main(["generate", "--model", str(tiny_folder), "--input", str(inp), "--output", str(ref),
+                 "--max-new-tokens", "4", "--batch-size", "1"]) == 0
+    want = [json.loads(line) for line in ref.read_text().splitlines()]
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.part7").write_text(json.dumps({**want[2], "completion": "from the earlier run"}) + "\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(root / "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                        "accel", "generate", "--model", str(tiny_folder), "--input", str(inp), "--output", str(out),
+                        "--max-new-tokens", "4", "--batch-size", "1"], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "merged 5 completions from 2 ranks" in r.stderr
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["id"] for g in got] == [w["id"] for w in want]
+    assert [g["completion"] for g in got] == [w["completion"] if w["id"] != "q2" else "from the earlier run"
+                                              for w in want]
+    assert not list(tmp_path.glob("out.jsonl.part*"))
 
 
 def test_generate_errors_are_clean(tiny_folder, capsys):

@@ -1,4 +1,11 @@
-"""`accel generate`: one prompt, or offline batch generation over a JSONL file (resumable)."""
+"""`accel generate`: one prompt, or offline batch generation over a JSONL file (resumable).
+
+Under torchrun without ``--tp``, ``--input`` runs data-parallel: every rank loads the model, takes every world-th
+prompt still to do, and appends its completions to its own part file ``<output>.part<rank>``; when all ranks are
+done, rank 0 appends the parts' rows to ``<output>`` in input order and deletes the parts. An interrupted run
+resumes: ids already in the output or in any part file are not generated again (whatever the number of ranks), and
+the next finished run merges them.
+"""
 from __future__ import annotations
 
 import json
@@ -70,7 +77,13 @@ def run(args) -> int:
         if args.policy != BASELINE and not any(getattr(get_policy_class(n), "kind", "") in ("visual", "model")
                                                for n in names):
             make_policy(args.policy, dict(overrides)).check_plan(plan)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and int(getattr(args, "tp", 1) or 1) <= 1 and rows is None:
+        raise AccelError(f"torchrun started {world} ranks without --tp: data-parallel generation shares the prompts of "
+                         "--input prompts.jsonl among the ranks (give --input), and --tp N runs tensor-parallel tpla")
     model, tok = load_model(args.model, args.dtype)
+    if world > 1 and int(getattr(args, "tp", 1) or 1) <= 1:
+        return _data_parallel(args, model, tok, rows, overrides)
     rank = tp_setup(args, args.policy, overrides)
     if rank != 0:  # tensor-parallel ranks other than 0 compute but do not print or write
         sys.stdout = open(os.devnull, "w")
@@ -94,22 +107,91 @@ def run(args) -> int:
             handle.remove()  # collective under --tp: every rank restores its weight slices together
 
 
-def _batch(args, model, tok, rows) -> int:
+def _written(path: Path) -> dict:
+    """id -> row of every line accel wrote to ``path`` (empty if it does not exist)."""
+    out = {}
+    if path.exists():
+        for j, line in enumerate(path.read_text().splitlines()):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    out[_key(row["id"])] = row
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise AccelError(f"{path}:{j + 1}: not a line accel wrote (JSON with an 'id'); give another "
+                                     "--output or remove the file") from None
+    return out
+
+
+def _key(i):
+    return json.dumps(i, sort_keys=True)  # ids may be any JSON value; compare them by their JSON text
+
+
+def _parts(out_path: Path) -> list[Path]:
+    import re
+
+    pat = re.compile(re.escape(out_path.name) + r"\.part\d+")
+    return sorted(p for p in out_path.parent.glob(out_path.name + ".part*") if pat.fullmatch(p.name))
+
+
+def _data_parallel(args, model, tok, rows, overrides) -> int:
+    """This rank's share of ``rows`` into its part file, then (rank 0) the merge into the output."""
+    import torch.distributed as dist
+
+    from ..tpla import init_distributed
+
+    rank, world = init_distributed("gloo")
+    out_path = Path(args.output or (str(args.input) + ".out.jsonl"))
+    done = set(_written(out_path))
+    for part in _parts(out_path):
+        done |= set(_written(part))
+    dist.barrier()  # every rank has read what is done before any rank writes
+    # shares by position in the input, so every rank's share is the same whatever it read
+    todo = [r for i, r in enumerate(rows) if i % world == rank and _key(r["id"]) not in done]
+    handle = patch_for(model, args.policy, overrides, plan=args.plan)
+    try:
+        args.output = str(out_path) + f".part{rank}"
+        _batch(args, model, tok, todo, skip_done=False, quiet=rank != 0)
+    finally:
+        if handle is not None:
+            handle.remove()
+    dist.barrier()
+    if rank == 0:
+        have = _written(out_path)
+        parts = _parts(out_path)
+        new = {}
+        for part in parts:
+            new.update(_written(part))
+        stray = sorted(set(new) - {_key(r["id"]) for r in rows})
+        if stray:
+            raise AccelError(f"the part files next to {out_path} hold ids that are not in {args.input} ({stray[0]}, ...): "
+                             "they come from another input; nothing was merged (the part files are kept)")
+        with out_path.open("a") as f:
+            merged = [new[_key(r["id"])] for r in rows if _key(r["id"]) in new and _key(r["id"]) not in have]
+            for row in merged:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for part in parts:
+            part.unlink()
+        print(f"merged {len(merged)} completions from {world} ranks into {out_path} ({len(have)} already there)",
+              file=sys.stderr)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _batch(args, model, tok, rows, skip_done: bool = True, quiet: bool = False) -> int:
     from tqdm import tqdm
 
     out_path = Path(args.output or (str(args.input) + ".out.jsonl"))
-    done = set()
-    if out_path.exists():
-        for j, line in enumerate(out_path.read_text().splitlines()):
-            if line.strip():
-                try:
-                    done.add(json.loads(line)["id"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise AccelError(f"{out_path}:{j + 1}: not a line accel wrote (JSON with an 'id'); give another "
-                                     "--output or remove the file") from None
-    todo = [r for r in rows if r["id"] not in done]
+    if skip_done and _parts(out_path):
+        raise AccelError(f"{_parts(out_path)[0]} is left from an interrupted data-parallel run: rerun under torchrun "
+                         "(any number of ranks) to finish and merge it into the output, or delete the part files")
+    done = set(_written(out_path)) if skip_done else set()
+    todo = [r for r in rows if _key(r["id"]) not in done]
     bs = max(1, args.batch_size)
-    with out_path.open("a") as f, tqdm(total=len(todo), desc=f"generate [{args.policy}]", unit="prompt") as bar:
+    with out_path.open("a") as f, tqdm(total=len(todo), desc=f"generate [{args.policy}]", unit="prompt",
+                                       disable=quiet) as bar:
         for i in range(0, len(todo), bs):
             chunk = todo[i : i + bs]
             texts, st, n_prompt = timed_generate(model, tok, [r["prompt"] for r in chunk],
@@ -120,5 +202,6 @@ def _batch(args, model, tok, rows) -> int:
                                     "prefill_s": round(st.prefill_s, 4), "decode_tok_s": round(rate, 3)}) + "\n")
             f.flush()
             bar.update(len(chunk))
-    print(f"wrote {len(todo)} completions to {out_path} ({len(done)} already there)", file=sys.stderr)
+    if not quiet:
+        print(f"wrote {len(todo)} completions to {out_path} ({len(done)} already there)", file=sys.stderr)
     return 0
