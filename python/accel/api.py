@@ -46,6 +46,13 @@ def patch(model, policy="dense", plan=None, *, reserve: int = 0, check_context: 
     """
     compat.check_transformers_version()
     refuse_if_patched(model)
+    tp = getattr(model, "tp_size", None)
+    if tp not in (None, 1) or getattr(model, "_device_mesh", None) is not None:
+        raise AccelError(
+            f"this model was loaded with transformers' tensor parallelism (tp_plan, tp_size={tp}; a device mesh): each rank holds a "
+            "slice of the heads, which accel's cache, plans and per-head policies do not follow; load it without "
+            "tp_plan (one process; `accel generate --input` under torchrun shares prompts among ranks instead), or "
+            "for MLA models use tpla's own tensor parallelism (--tp)")
     for _family, name in PATCHERS:
         mod = importlib.import_module(name)
         request = mod.claim(policy, dict(overrides))
