@@ -26,6 +26,8 @@ TABLE_END = "<!-- policy-table:end -->"
 #: The day each CSV was committed (`git log -1 --format=%cs -- bench/results/NAME`). The CSVs carry no date of
 #: their own; this is the closest record of when they were measured. Add a line when a CSV is added or rerun.
 COMMITTED = {
+    "decode_fused_smollm2_b1.csv": "2026-12-04",
+    "decode_policies_smollm2_b1.csv": "2026-12-04",
     "decode_quest_smollm2_b1.csv": "2026-12-04",
     "eval_quest_smollm2_4k.csv": "2026-12-04",
     "eval_quest_smollm2_4k_lm.csv": "2026-12-04",
@@ -322,6 +324,41 @@ def sec_decode() -> list[str]:
                      lambda r: pct(r["frac_copy_bw"]), lambda r: f(r["kv_held_mb"], 0)]))
     out += ["![decode tokens/s and bandwidth](../bench/results/decode_smollm2_b1.png)", ""]
     return out + sources("decode_smollm2_b1.csv")
+
+
+def sec_step() -> list[str]:
+    fr = load("decode_fused_smollm2_b1.csv")
+    r0 = fr[0]
+    out = ["## The decode step against the bytes it reads", "",
+           "What a batch-1 decode step costs beyond reading its bytes (fp32 weights + the KV bytes the attention read) at "
+           "the read bandwidth measured right after the run: transformers' modules around accel's attention "
+           "(`modules`, `fused_decode=False`) against accel's fused decode layers (`fused`, the default), with unpatched "
+           f"transformers for scale. Real prefill (one per context, every run decodes from a copy of the same cache), "
+           f"{r0['new_tokens']} new tokens, {r0['repeats']} runs per variant alternated, median reported (all runs in "
+           "the last column).", ""]
+    out += table(["variant", "context", "step ms", "tokens/s", "vs HF", "bytes-limit ms", "beyond the bytes ms",
+                  "% of read bw", "read GB/s", "all runs (ms)"],
+                 [[r["variant"], r["context"], f(r["decode_step_ms"], 1), f(r["decode_tok_s"], 2),
+                   ratio(r["speedup_vs_hf"]), f(r["bw_limit_ms"], 1), f(r["overhead_ms"], 1), pct(r["frac_read_bw"]),
+                   f(r["read_bw_gbs"], 1), r["step_ms_all"]] for r in fr])
+    out += sources("decode_fused_smollm2_b1.csv")
+    pr = load("decode_policies_smollm2_b1.csv")
+    dense_over = {r["context"]: float(r["overhead_ms"]) for r in pr if r["policy"] == "dense"}
+    rows = []
+    for r in pr:
+        pred = float(r["bw_limit_ms"]) + dense_over[r["context"]] if r["context"] in dense_over else None
+        rows.append([display(r["policy"]), r["context"], r["decode_path"], f(r["prefill_s"], 1),
+                     f(r["decode_step_ms"], 1), f(r["decode_tok_s"], 2), ratio(r["speedup_vs_hf"]),
+                     ratio(r["speedup_vs_accel_dense"]), f(r["kv_read_per_step_mb"], 0), f(r["bw_limit_ms"], 1),
+                     f(r["overhead_ms"], 1),
+                     ratio(float(r["decode_step_ms"]) / pred) if pred and r["policy"] not in ("hf", "hf-compile") else "-"])
+    out += ["Policies after a real prefill (`accel bench` without `--synthetic-kv`), one run each. \"vs bytes + dense "
+            "overhead\" is the step time over (the policy's bytes at the measured bandwidth + the dense step's time "
+            "beyond its bytes): 1.00x means the policy's step follows the bytes it reads. `hf-compile` is transformers' "
+            "static cache with `torch.compile` of the forward (compiled before the timed run).", ""]
+    out += table(["policy", "context", "decode path", "prefill s", "step ms", "tokens/s", "vs HF", "vs accel dense",
+                  "KV MB read per step", "bytes-limit ms", "beyond the bytes ms", "vs bytes + dense overhead"], rows)
+    return out + sources("decode_policies_smollm2_b1.csv")
 
 
 def sec_throughput() -> list[str]:
@@ -827,7 +864,7 @@ def _headline_same() -> tuple[int, int, set, set]:
 def results_md() -> str:
     _USED.clear()
     body = []
-    for sec in (sec_headline, sec_decode, sec_throughput, sec_kernels, sec_linear, sec_reuse, sec_kv, sec_duo,
+    for sec in (sec_headline, sec_decode, sec_step, sec_throughput, sec_kernels, sec_linear, sec_reuse, sec_kv, sec_duo,
                 sec_vlm, sec_tpla, sec_compile):
         body += sec()
     head = ["# Measured results", "",

@@ -1,0 +1,121 @@
+"""A decode step's cost beyond the bytes it reads: transformers' modules against accel's fused decode layers.
+
+    python bench/bench_fused.py --contexts 2048,8000 --batch 1 --new-tokens 32 --repeats 3
+
+For each context: one real prefill (the Paul Graham essays, cut to the token count) fills accel's cache with the
+prompt minus its last token; every run then generates from an independent copy of that cache (``generate()`` with
+the full prompt prefills only the last token), so all variants decode over the same keys and values:
+
+  * ``hf``: unpatched transformers (a DynamicCache copy of the same keys and values);
+  * ``modules``: accel dense with ``fused_decode=False`` (transformers' modules around accel's attention, the
+    decode path before the fused layers);
+  * ``fused``: accel dense with the fused decode layers (the default).
+
+Runs alternate ``--repeats`` times (variants in turn) and the median step of each variant is reported. After every
+run the read bandwidth is measured again (the shared machine drifts by tens of percent within minutes); the bytes
+of a step (weights + the KV bytes accel's attention counted; a dense read for ``hf``) at that bandwidth give the
+limit, and ``overhead_ms`` is the step's time beyond it. One thread. Writes a CSV and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = ("hf", "modules", "fused")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--contexts", default="2048,8000")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/decode_fused_smollm2_b1.csv")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    import accel
+    from accel import compat
+    from accel.cache.accel_cache import AccelCache
+    from accel.eval.runner import fork_cache
+    from accel.eval.text import text_of_tokens
+    from accel.models.loader import load
+    from accel.perf import TimingStreamer, kv_bytes_read, machine_facts, measure_read_bandwidth, weight_bytes
+
+    model, tok = load(args.model)
+    facts = machine_facts()
+    wbytes = weight_bytes(model)
+    n_layers = model.config.num_hidden_layers
+    rows = []
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        enc = tok([text_of_tokens(tok, ctx - 1)] * args.batch, return_tensors="pt", padding=True)
+        n_prompt = enc["input_ids"].shape[1]
+        t0 = time.perf_counter()
+        with torch.no_grad(), accel.patch(model, "dense"):
+            base = AccelCache(model.config, reserve=n_prompt + args.new_tokens)
+            model(input_ids=enc["input_ids"][:, :-1], attention_mask=enc["attention_mask"][:, :-1],
+                  **compat.cache_kwargs(model, base), use_cache=True)
+        print(f"context {n_prompt}: prefill {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        steps: dict = {v: [] for v in VARIANTS}
+        for rep in range(args.repeats):
+            for v in VARIANTS:
+                cache = fork_cache(base, for_hf=(v == "hf"))
+                handle = None if v == "hf" else accel.patch(model, "dense", fused_decode=(v == "fused"))
+                st = TimingStreamer()
+                try:
+                    with torch.no_grad():
+                        model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                       do_sample=False, pad_token_id=tok.pad_token_id, streamer=st,
+                                       **compat.cache_kwargs(model, cache))
+                    stats = dict(handle.runtime.stats) if handle is not None else None
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                del cache
+                bw = measure_read_bandwidth(repeats=3)
+                kv = kv_bytes_read(model, n_prompt + args.new_tokens // 2, args.batch)
+                if stats and stats["decode_layer_calls"]:
+                    kv = stats["kv_read_bytes"] * n_layers / stats["decode_layer_calls"]
+                    assert (stats["fused_layer_calls"] > 0) == (v == "fused")
+                step = st.decode_s / max(1, st.decode_steps)
+                steps[v].append((step, bw, wbytes + kv))
+                print(f"  {v:8s} rep {rep}: {1e3 * step:7.2f} ms/step, read bandwidth {bw:.2f} GB/s", file=sys.stderr)
+        for v in VARIANTS:
+            step, bw, byts = sorted(steps[v])[len(steps[v]) // 2]
+            limit = byts / (bw * 1e9)
+            rows.append({"model": args.model, "variant": v, "context": n_prompt, "batch": args.batch,
+                         "new_tokens": args.new_tokens, "repeats": args.repeats,
+                         "decode_step_ms": round(1e3 * step, 2), "decode_tok_s": round(args.batch / step, 2),
+                         "step_ms_all": " ".join(f"{1e3 * s:.1f}" for s, _, _ in steps[v]),
+                         "bytes_per_step_mb": round(byts / 1e6, 1), "read_bw_gbs": round(bw, 2),
+                         "bw_limit_ms": round(1e3 * limit, 2), "overhead_ms": round(1e3 * (step - limit), 2),
+                         "frac_read_bw": round(limit / step, 3), **facts})
+        hf = next(r for r in rows if r["context"] == n_prompt and r["variant"] == "hf")
+        for r in rows:
+            if r["context"] == n_prompt:
+                r["speedup_vs_hf"] = round(r["decode_tok_s"] / hf["decode_tok_s"], 3)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"{'variant':8s} {'ctx':>6s} {'step ms':>8s} {'tok/s':>7s} {'x HF':>6s} {'limit ms':>8s} {'extra ms':>8s} {'%BW':>5s}")
+    for r in rows:
+        print(f"{r['variant']:8s} {r['context']:6d} {r['decode_step_ms']:8.2f} {r['decode_tok_s']:7.2f} "
+              f"{r['speedup_vs_hf']:6.2f} {r['bw_limit_ms']:8.2f} {r['overhead_ms']:8.2f} {100 * r['frac_read_bw']:5.0f}")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
