@@ -92,6 +92,24 @@ def test_generate_data_parallel_over_two_ranks_merges_and_resumes(tiny_folder, t
     assert not list(tmp_path.glob("out.jsonl.part*"))
 
 
+def test_anchor_folder_and_leftover_parts_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import accel.cli.bench as B
+    import accel.cli.generate as G
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load for an input error")
+
+    monkeypatch.setattr(B, "load_model", no_load)
+    monkeypatch.setattr(G, "load_model", no_load)
+    assert main(["bench", "--anchors", str(tmp_path / "nope")]) == 2
+    assert "no run_anchors.sh there" in capsys.readouterr().err
+    inp = tmp_path / "p.jsonl"
+    inp.write_text('{"prompt": "hi"}\n')
+    (tmp_path / "o.jsonl.part0").write_text("")
+    assert main(["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "left from an interrupted data-parallel run" in capsys.readouterr().err
+
+
 def test_generate_errors_are_clean(tiny_folder, capsys):
     assert main(["generate", "--model", str(tiny_folder), "--prompt", "", "--max-new-tokens", "4"]) == 2
     assert "empty prompt" in capsys.readouterr().err

@@ -57,6 +57,9 @@ def run(args) -> int:
     int_list(str(args.new_tokens), "--new-tokens")
     overrides = parse_overrides(args.set)
     check_policy_specs([p for p in split_policies(args.policies) if p != HF_COMPILE], overrides)
+    if args.anchors and not (Path(args.anchors) / "run_anchors.sh").is_file():
+        raise AccelError(f"--anchors {args.anchors!r}: no run_anchors.sh there; give the folder that holds the anchor "
+                         "scripts (run_anchors.sh, setup.sh)")
     if args.synthetic_kv and HF_COMPILE in split_policies(args.policies):
         raise AccelError("hf-compile decodes on transformers' own static cache, which --synthetic-kv does not fill: "
                          "drop one of them")
@@ -66,8 +69,6 @@ def run(args) -> int:
     if getattr(model.config, "model_type", None) in supported_mla_types():
         return _run_mla(args, model)
     if int(getattr(args, "tp", 1) or 1) > 1:
-        from ..errors import AccelError
-
         raise AccelError("--tp (tensor-parallel TPLA) applies to MLA models (DeepSeek-V2/V3), e.g. --model random-mla-mid")
     policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
     anchor_rows, anchor_note = _run_anchors(args.anchors, contexts, batches, args.new_tokens) if args.anchors else ([], None)
@@ -102,6 +103,8 @@ def run(args) -> int:
         try:
             if pol == HF_COMPILE:
                 gen["cache_implementation"] = "static"
+                print(f"hf-compile: compiling transformers' forward for {n_prompt} + {args.new_tokens} tokens "
+                      "(one untimed generation; minutes on a CPU)", file=sys.stderr)
                 model.forward = torch.compile(type(model).forward.__get__(model))
                 with torch.no_grad():  # compile every graph of the timed run (same shapes) outside it
                     model.generate(**enc, **gen)

@@ -81,6 +81,8 @@ def run(args) -> int:
     if world > 1 and int(getattr(args, "tp", 1) or 1) <= 1 and rows is None:
         raise AccelError(f"torchrun started {world} ranks without --tp: data-parallel generation shares the prompts of "
                          "--input prompts.jsonl among the ranks (give --input), and --tp N runs tensor-parallel tpla")
+    if rows is not None and world <= 1:
+        _refuse_parts(Path(args.output or (str(args.input) + ".out.jsonl")))
     model, tok = load_model(args.model, args.dtype)
     if world > 1 and int(getattr(args, "tp", 1) or 1) <= 1:
         return _data_parallel(args, model, tok, rows, overrides)
@@ -180,13 +182,18 @@ def _data_parallel(args, model, tok, rows, overrides) -> int:
     return 0
 
 
+def _refuse_parts(out_path: Path) -> None:
+    if _parts(out_path):
+        raise AccelError(f"{_parts(out_path)[0]} is left from an interrupted data-parallel run: rerun under torchrun "
+                         "(any number of ranks) to finish and merge it into the output, or delete the part files")
+
+
 def _batch(args, model, tok, rows, skip_done: bool = True, quiet: bool = False) -> int:
     from tqdm import tqdm
 
     out_path = Path(args.output or (str(args.input) + ".out.jsonl"))
-    if skip_done and _parts(out_path):
-        raise AccelError(f"{_parts(out_path)[0]} is left from an interrupted data-parallel run: rerun under torchrun "
-                         "(any number of ranks) to finish and merge it into the output, or delete the part files")
+    if skip_done:
+        _refuse_parts(out_path)
     done = set(_written(out_path)) if skip_done else set()
     todo = [r for r in rows if _key(r["id"]) not in done]
     bs = max(1, args.batch_size)

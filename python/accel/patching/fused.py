@@ -189,19 +189,25 @@ def _make_forward(fd: FusedDecode, idx: int):
     layout, H, Hkv, D = fd.layout, fd.H, fd.Hkv, fd.D
     C = _ext.cpu_ext()
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
+        # the layer's keywords as transformers passes them: the cache is ``past_key_values`` before 5.24, ``cache``
+        # from 5.24 on (the attention function receives neither)
         rt = fd.runtime_ref()
-        if (rt is None or not rt.fused_now or hidden_states.shape[1] != 1 or hidden_states.shape[0] > MAX_ROWS
-                or position_embeddings is None or not isinstance(past_key_values, AccelCache)
+        cache_kw = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(cache_kw)
+        pe = kwargs.get("position_embeddings")
+        if (args or rt is None or not rt.fused_now or hidden_states.shape[1] != 1 or hidden_states.shape[0] > MAX_ROWS
+                or pe is None or not isinstance(cache, AccelCache)
                 or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"
-                or position_embeddings[0].shape[-1] != D or self.training or torch.is_grad_enabled()
+                or pe[0].shape[-1] != D or self.training or torch.is_grad_enabled()
                 or torch.is_autocast_enabled("cpu")):
-            return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=past_key_values, use_cache=use_cache,
-                                      position_embeddings=position_embeddings, **kwargs)
+            return type(self).forward(self, hidden_states, *args, **kwargs)
         rt.stats["fused_layer_calls"] += 1
-        cos, sin = position_embeddings
+        attention_mask = kwargs.get("attention_mask")
+        rest = {k: v for k, v in kwargs.items()
+                if k not in ("attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
+                             "position_embeddings")}
+        cos, sin = pe
         B, width = hidden_states.shape[0], hidden_states.shape[-1]
         h = hidden_states.reshape(B, width)
         pre, post = layer_weights(self, layout)
@@ -210,9 +216,9 @@ def _make_forward(fd: FusedDecode, idx: int):
                                   cos.float().reshape(-1, D).contiguous(), sin.float().reshape(-1, D).contiguous(),
                                   H, Hkv)
         attn = self.self_attn
-        k_all, v_all = past_key_values.update(k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D), attn.layer_idx)
+        k_all, v_all = cache.update(k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D), attn.layer_idx)
         out, _ = accel_attention_forward(attn, q.view(B, H, 1, D), k_all, v_all, attention_mask, dropout=0.0,
-                                         scaling=attn.scaling, **kwargs)
+                                         scaling=attn.scaling, **rest)
         wo, bo, ln2, eps2, wg, wu, wd = post
         return C.fused_attn_out_mlp(h, out.reshape(B, H * D).contiguous(), wo, bo, ln2, eps2, wg, wu,
                                     wd).view(B, 1, width)
@@ -240,8 +246,8 @@ def probe(adapter, layout, decoder) -> str | None:
             if h.dtype != torch.float32:
                 return f"the model's dtype is {h.dtype} (the fused layers are fp32)"
             for i, layer in enumerate(adapter.layers()):
-                ref = type(layer).forward(layer, h, attention_mask=None, position_ids=pos, past_key_values=None,
-                                          use_cache=False, position_embeddings=(cos, sin))
+                ref = type(layer).forward(layer, h, attention_mask=None, position_ids=pos, use_cache=False,
+                                          position_embeddings=(cos, sin))
                 ref = ref[0] if isinstance(ref, tuple) else ref
                 pre, post = layer_weights(layer, layout)
                 ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
