@@ -19,8 +19,6 @@ limit, and ``overhead_ms`` is the step's time beyond it. One thread. Writes a CS
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,10 +47,10 @@ def main() -> int:
     from accel.eval.runner import fork_cache
     from accel.eval.text import text_of_tokens
     from accel.models.loader import load
-    from accel.perf import TimingStreamer, kv_bytes_read, machine_facts, measure_read_bandwidth, weight_bytes
+    from accel.perf import TimingStreamer, kv_bytes_read, measure_read_bandwidth, weight_bytes
+    from common import write_csv
 
     model, tok = load(args.model)
-    facts = machine_facts()
     wbytes = weight_bytes(model)
     n_layers = model.config.num_hidden_layers
     rows = []
@@ -98,17 +96,13 @@ def main() -> int:
                          "step_ms_all": " ".join(f"{1e3 * s:.1f}" for s, _, _ in steps[v]),
                          "bytes_per_step_mb": round(byts / 1e6, 1), "read_bw_gbs": round(bw, 2),
                          "bw_limit_ms": round(1e3 * limit, 2), "overhead_ms": round(1e3 * (step - limit), 2),
-                         "frac_read_bw": round(limit / step, 3), **facts})
+                         "frac_read_bw": round(limit / step, 3)})
         hf = next(r for r in rows if r["context"] == n_prompt and r["variant"] == "hf")
         for r in rows:
             if r["context"] == n_prompt:
                 r["speedup_vs_hf"] = round(r["decode_tok_s"] / hf["decode_tok_s"], 3)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out)  # adds the machine facts to every row
     print(f"{'variant':8s} {'ctx':>6s} {'step ms':>8s} {'tok/s':>7s} {'x HF':>6s} {'limit ms':>8s} {'extra ms':>8s} {'%BW':>5s}")
     for r in rows:
         print(f"{r['variant']:8s} {r['context']:6d} {r['decode_step_ms']:8.2f} {r['decode_tok_s']:7.2f} "

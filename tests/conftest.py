@@ -84,6 +84,17 @@ def hand_plan(n=4, sliding=()):
     return Plan(policy="hylra", num_layers=n, num_kv_heads=2, layers=layers)
 
 
+def left_padded(B=3, L=40, pads=(0, 7, 19), seed=0, high=256):
+    """Random token ids [B, L] with row b left-padded by pads[b] zeros, and its attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, high, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    for b, p in enumerate(pads[:B]):
+        ids[b, :p] = 0
+        mask[b, :p] = 0
+    return ids, mask
+
+
 def gen(m, ids, policy, mask=None, new=12, **kw):
     with accel.patch(m, policy, **kw):
         return m.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,

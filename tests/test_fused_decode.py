@@ -6,19 +6,13 @@ import torch
 
 import accel
 
-from .conftest import ARCHS, hand_plan, tiny_model
+from .conftest import ARCHS, hand_plan, left_padded, tiny_model
 
 FUSED_ARCHS = [a for a in ARCHS if a != "gemma3_text"]
 
 
 def _batch(B=3, L=24, pads=(0, 5, 11), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 250, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    for b, p in enumerate(pads[:B]):
-        ids[b, :p] = 0
-        mask[b, :p] = 0
-    return ids, mask
+    return left_padded(B, L, pads, seed, high=250)
 
 
 def _generate(model, ids, mask, new=10):

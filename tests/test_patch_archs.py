@@ -9,17 +9,11 @@ import accel
 from accel import compat
 from accel.cache import AccelCache
 
-from .conftest import ARCHS, tiny_model
+from .conftest import ARCHS, left_padded, tiny_model
 
 
 def _batch(seed=0, B=3, L=40, pads=(0, 7, 19)):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    for b, p in enumerate(pads[:B]):
-        ids[b, :p] = 0
-        mask[b, :p] = 0
-    return ids, mask
+    return left_padded(B, L, pads, seed)
 
 
 @pytest.mark.exactness

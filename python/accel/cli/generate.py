@@ -78,13 +78,16 @@ def run(args) -> int:
                                                for n in names):
             make_policy(args.policy, dict(overrides)).check_plan(plan)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and int(getattr(args, "tp", 1) or 1) <= 1 and rows is None:
+    data_parallel = world > 1 and int(getattr(args, "tp", 1) or 1) <= 1
+    if data_parallel and rows is None:
         raise AccelError(f"torchrun started {world} ranks without --tp: data-parallel generation shares the prompts of "
                          "--input prompts.jsonl among the ranks (give --input), and --tp N runs tensor-parallel tpla")
-    if rows is not None and world <= 1:
-        _refuse_parts(Path(args.output or (str(args.input) + ".out.jsonl")))
+    if rows is not None and world <= 1 and _parts(_out_path(args)):
+        raise AccelError(f"{_parts(_out_path(args))[0]} is left from an interrupted data-parallel run: rerun under "
+                         "torchrun (any number of ranks) to finish and merge it into the output, or delete the part "
+                         "files")
     model, tok = load_model(args.model, args.dtype)
-    if world > 1 and int(getattr(args, "tp", 1) or 1) <= 1:
+    if data_parallel:
         return _data_parallel(args, model, tok, rows, overrides)
     rank = tp_setup(args, args.policy, overrides)
     if rank != 0:  # tensor-parallel ranks other than 0 compute but do not print or write
@@ -124,6 +127,10 @@ def _written(path: Path) -> dict:
     return out
 
 
+def _out_path(args) -> Path:
+    return Path(args.output or (str(args.input) + ".out.jsonl"))
+
+
 def _key(i):
     return json.dumps(i, sort_keys=True)  # ids may be any JSON value; compare them by their JSON text
 
@@ -142,7 +149,7 @@ def _data_parallel(args, model, tok, rows, overrides) -> int:
     from ..tpla import init_distributed
 
     rank, world = init_distributed("gloo")
-    out_path = Path(args.output or (str(args.input) + ".out.jsonl"))
+    out_path = _out_path(args)
     done = set(_written(out_path))
     for part in _parts(out_path):
         done |= set(_written(part))
@@ -182,18 +189,10 @@ def _data_parallel(args, model, tok, rows, overrides) -> int:
     return 0
 
 
-def _refuse_parts(out_path: Path) -> None:
-    if _parts(out_path):
-        raise AccelError(f"{_parts(out_path)[0]} is left from an interrupted data-parallel run: rerun under torchrun "
-                         "(any number of ranks) to finish and merge it into the output, or delete the part files")
-
-
 def _batch(args, model, tok, rows, skip_done: bool = True, quiet: bool = False) -> int:
     from tqdm import tqdm
 
-    out_path = Path(args.output or (str(args.input) + ".out.jsonl"))
-    if skip_done:
-        _refuse_parts(out_path)
+    out_path = _out_path(args)
     done = set(_written(out_path)) if skip_done else set()
     todo = [r for r in rows if _key(r["id"]) not in done]
     bs = max(1, args.batch_size)

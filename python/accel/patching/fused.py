@@ -65,10 +65,13 @@ def _silu_types():
     return (torch.nn.SiLU,) + ((A.SiLUActivation,) if hasattr(A, "SiLUActivation") else ())
 
 
-def _is_fast_linear(m) -> bool:
-    """accel's own decode GEMV forward on an nn.Linear (``accel.patching.linear``), which the fused path replaces."""
+def _foreign_forward(m) -> bool:
+    """``m`` has an instance forward other than accel's own decode GEMV (``accel.patching.linear``, which the fused
+    path replaces anyway)."""
+    from .linear import _fast_forward
+
     f = m.__dict__.get("forward")
-    return getattr(getattr(f, "__func__", None), "__name__", "") == "_fast_forward"
+    return f is not None and getattr(f, "__func__", None) is not _fast_forward
 
 
 def layer_weights(layer, layout):
@@ -126,7 +129,7 @@ def unsupported_reason(adapter, layout) -> str | None:
         if any(m is not None and type(m) is not torch.nn.Linear for m in projs):
             return f"layer {i} has a projection that is not a plain nn.Linear (an adapter or a quantized layer)"
         for m in layer.modules():
-            if m is not layer and "forward" in m.__dict__ and not _is_fast_linear(m):
+            if m is not layer and _foreign_forward(m):
                 return f"layer {i} has a module with an instance forward ({type(m).__name__})"
         act = getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None))  # Phi3 names it activation_fn
         if not isinstance(act, _silu_types()):
@@ -148,9 +151,8 @@ class FusedDecode:
         self.layers = adapter.layers()
         info = runtime.info
         self.H, self.Hkv, self.D = info.num_heads, info.num_kv_heads, info.head_dim
-        #: every module inside the layers whose hooks would not run on the fused path, with where it sits (a module
-        #: replaced after patching -- an adapter injected, a layer swapped -- turns the fused path off)
-        self._inner = [m for layer in self.layers for m in layer.modules() if m is not layer]
+        #: every module inside the layers (whose hooks would not run on the fused path) with where it sits: a module
+        #: replaced after patching -- an adapter injected, a layer swapped -- turns the fused path off
         self._slots = [(parent, name, child) for layer in self.layers for parent in layer.modules()
                        for name, child in parent._modules.items()]
         self._refs = []
@@ -167,11 +169,8 @@ class FusedDecode:
 
         if M._global_forward_hooks or M._global_forward_pre_hooks or getattr(M, "_global_forward_hooks_always_called", None):
             return False
-        for parent, name, child in self._slots:
-            if parent._modules.get(name) is not child:
-                return False
-        for m in self._inner:
-            if m._forward_pre_hooks or ("forward" in m.__dict__ and not _is_fast_linear(m)):
+        for parent, name, m in self._slots:
+            if parent._modules.get(name) is not m or m._forward_pre_hooks or _foreign_forward(m):
                 return False
             if m._forward_hooks and any(getattr(h, "__module__", "") != _CAPTURE_MODULE for h in m._forward_hooks.values()):
                 return False

@@ -62,21 +62,9 @@ constexpr int kMaxGroup = 64;
 // ---- the register-blocked tile of the common shapes (head_dim 64 or 128, up to 4 query heads per KV head) ----
 // Scores: four K rows at a time per query head, 8-lane accumulators reduced four rows at once (one horizontal
 // reduction per 4 tokens instead of one per token); values: the group's accumulators for a quarter (head_dim 64) or
-// an eighth (128) of the head stay in registers across the whole tile. Measured on the AVX2 project machine with the data in cache: the generic tile
-// ran at ~13 GB/s (compute-bound, a horizontal sum per token and head); this one leaves decode bound by memory.
-static inline v8f ld8(const float* p) {
-  v8f r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-static inline v8f ld8(const uint16_t* p) {  // bfloat16 -> fp32
-  v8h h;
-  std::memcpy(&h, p, sizeof(h));
-  const v8u u = __builtin_convertvector(h, v8u) << 16;
-  v8f r;
-  std::memcpy(&r, &u, sizeof(r));
-  return r;
-}
+// an eighth (128) of the head stay in registers across the whole tile. Measured on the AVX2 project machine with the
+// data in cache (G = 3, head_dim 64): 29 ns per token and KV head, against 41 for the generic tile (a horizontal sum
+// per token and head).
 static inline v4f hsum8x4(v8f a, v8f b, v8f c, v8f d) {  // [sum(a), sum(b), sum(c), sum(d)]
   const v4f a4 = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   const v4f b4 = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
@@ -103,8 +91,8 @@ static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const 
     for (int g = 0; g < G; ++g) {
       v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
       for (int c = 0; c < NC; ++c) {
-        const v8f qv = ld8(q + g * DC + 8 * c);
-        for (int jj = 0; jj < 4; ++jj) acc[jj] += qv * ld8(kr[jj] + 8 * c);
+        const v8f qv = load8(q + g * DC + 8 * c);
+        for (int jj = 0; jj < 4; ++jj) acc[jj] += qv * load8(kr[jj] + 8 * c);
       }
       const v4f r = hsum8x4(acc[0], acc[1], acc[2], acc[3]);
       for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[jj] * scale;
@@ -123,14 +111,14 @@ static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int6
   for (int c0 = 0; c0 < NC; c0 += CB) {
     v8f a[G][CB];
     for (int g = 0; g < G; ++g)
-      for (int cb = 0; cb < CB; ++cb) a[g][cb] = ld8(acc + g * DC + 8 * (c0 + cb));
+      for (int cb = 0; cb < CB; ++cb) a[g][cb] = load8(acc + g * DC + 8 * (c0 + cb));
     for (int j = 0; j < n; ++j) {
       bool live = false;
       for (int g = 0; g < G; ++g) live |= p[g][j] != 0.f;
       if (!live) continue;
       const T* vr = vb + tok[j] * v_st + 8 * c0;
       v8f vv[CB];
-      for (int cb = 0; cb < CB; ++cb) vv[cb] = ld8(vr + 8 * cb);
+      for (int cb = 0; cb < CB; ++cb) vv[cb] = load8(vr + 8 * cb);
       for (int g = 0; g < G; ++g) {
         const v8f pv = splat8(p[g][j]);
         for (int cb = 0; cb < CB; ++cb) a[g][cb] += pv * vv[cb];

@@ -36,12 +36,8 @@ template <> struct Lanes<v16f> {
 #ifndef ACCEL_V16F_NATIVE
 template <> struct Lanes<v8f> {
   static constexpr int n = 8;
-  static inline v8f load(const float* p) {
-    v8f r;
-    std::memcpy(&r, p, sizeof(r));
-    return r;
-  }
-  static inline v8f load(const uint16_t* p) { return load8_bf16(p); }
+  static inline v8f load(const float* p) { return load8(p); }
+  static inline v8f load(const uint16_t* p) { return load8(p); }
   static inline float hsum(v8f v) { return hsum8(v); }
 };
 #endif

@@ -103,6 +103,22 @@ static inline float hmax8(v8f a) {  // tree reduction (3 shuffle+max levels)
   return b[0];
 }
 
+// 8-lane loads (unaligned memcpy's compile to plain vector loads): fp32, and bfloat16 widened to fp32 by shifting
+static inline v8f load8(const float* p) {
+  v8f r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+static inline v8f load8_bf16(const uint16_t* p) {
+  v8h h;
+  std::memcpy(&h, p, sizeof(h));
+  const v8u u = __builtin_convertvector(h, v8u) << 16;
+  v8f r;
+  std::memcpy(&r, &u, sizeof(r));
+  return r;
+}
+static inline v8f load8(const uint16_t* p) { return load8_bf16(p); }
+
 #if defined(__AVX512F__) && !defined(ACCEL_VEC_PAIR)
 #define ACCEL_V16F_NATIVE 1
 typedef float v16f __attribute__((vector_size(64)));
@@ -158,14 +174,6 @@ static inline v16f load16(const float* p) {
   v16f r;
   std::memcpy(&r.lo, p, sizeof(v8f));
   std::memcpy(&r.hi, p + 8, sizeof(v8f));
-  return r;
-}
-static inline v8f load8_bf16(const uint16_t* p) {  // bfloat16 -> fp32 by widening and shifting
-  v8h h;
-  std::memcpy(&h, p, sizeof(h));
-  const v8u u = __builtin_convertvector(h, v8u) << 16;
-  v8f r;
-  std::memcpy(&r, &u, sizeof(r));
   return r;
 }
 static inline v16f load16(const uint16_t* p) { return v16f{load8_bf16(p), load8_bf16(p + 8)}; }
