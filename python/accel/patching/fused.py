@@ -24,13 +24,21 @@ When the fused path is taken, and when it is not:
     registered on a module inside the layers (a user's hook, a policy's, torch's global ones) -- the module path
     runs them; transformers' own output-capturing hooks are idle unless their output is requested -- or when a
     module inside the layers was replaced after patching (an adapter injected);
-  * per call: only for one token per sequence and at most ``MAX_ROWS`` sequences, fp32 hidden states on the CPU,
-    accel's cache, a full-width rotary, eval mode, no autograd, no autocast. (bf16 models decode on the modules:
-    the fused layers would compute in fp32 where transformers rounds every intermediate to bf16.)
+  * per call: only for one token per sequence and at most ``MAX_ROWS`` sequences, hidden states of the model's
+    dtype on the CPU, accel's cache, a full-width rotary, eval mode, no autograd, no autocast.
+
+bf16 models: the kernels read the bf16 weights (half the bytes of fp32) and compute in fp32; q, k and v are rounded
+to bf16 where transformers rounds them (before the cache and the policy's attention, which see exactly the dtypes of
+the module path) and the layer's output is rounded to bf16. Inside the halves the intermediates stay fp32 where
+transformers rounds each one to bf16, so the fused result differs from the module path by bf16 rounding, and it is the
+closer of the two to the fp32 arithmetic on the same weights (tests/test_fused_decode.py measures both against it).
+The probe runs an fp32 copy of each layer (the same weight values) against the fused halves. fp16 models decode on
+the modules.
 ``remove()`` deletes the instance forwards.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import types
 import weakref
@@ -137,6 +145,8 @@ def unsupported_reason(adapter, layout) -> str | None:
         if layout.qk_norm and a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
             return f"layer {i}'s q_norm and k_norm have different epsilons"
         for w in (wq, wk, wv, wo, wg, wu, wd):
+            if w.dtype not in (torch.float32, torch.bfloat16) or w.dtype != wq.dtype:
+                return f"layer {i} has {w.dtype} weights (the fused layers read float32 or bfloat16, one dtype)"
             if w.dim() != 2 or w.stride(-1) != 1:
                 return f"layer {i} has a weight the kernel cannot read (non-contiguous rows)"
     return None
@@ -184,6 +194,21 @@ class FusedDecode:
         self._refs = []
 
 
+def _f32(t):
+    """A norm weight or bias as the kernels take it (fp32; a bf16 model's are converted, a few hundred values)."""
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
+def _fused_halves(C, h32, layer, layout, H, Hkv, cos, sin):
+    """The fused layer's weights and the first half's q, k, v (fp32) for fp32 hidden rows ``h32`` [M, width]."""
+    pre, post = layer_weights(layer, layout)
+    ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
+    q, k, v = C.fused_attn_in(h32, _f32(ln), eps, wq, wk, wv, _f32(bq), _f32(bk), _f32(bv), _f32(qn), _f32(kn),
+                              qk_eps, cos, sin, H, Hkv)
+    wo, bo, ln2, eps2, wg, wu, wd = post
+    return (q, k, v), (wo, _f32(bo), _f32(ln2), eps2, wg, wu, wd)
+
+
 def _make_forward(fd: FusedDecode, idx: int):
     layout, H, Hkv, D = fd.layout, fd.H, fd.Hkv, fd.D
     C = _ext.cpu_ext()
@@ -195,9 +220,11 @@ def _make_forward(fd: FusedDecode, idx: int):
         cache_kw = "cache" if "cache" in kwargs else "past_key_values"
         cache = kwargs.get(cache_kw)
         pe = kwargs.get("position_embeddings")
+        dt = hidden_states.dtype
         if (args or rt is None or not rt.fused_now or hidden_states.shape[1] != 1 or hidden_states.shape[0] > MAX_ROWS
                 or pe is None or not isinstance(cache, AccelCache)
-                or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"
+                or dt not in (torch.float32, torch.bfloat16) or hidden_states.device.type != "cpu"
+                or self.input_layernorm.weight.dtype != dt
                 or pe[0].shape[-1] != D or self.training or torch.is_grad_enabled()
                 or torch.is_autocast_enabled("cpu")):
             return type(self).forward(self, hidden_states, *args, **kwargs)
@@ -209,18 +236,18 @@ def _make_forward(fd: FusedDecode, idx: int):
         cos, sin = pe
         B, width = hidden_states.shape[0], hidden_states.shape[-1]
         h = hidden_states.reshape(B, width)
-        pre, post = layer_weights(self, layout)
-        ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
-        q, k, v = C.fused_attn_in(h.contiguous(), ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps,
-                                  cos.float().reshape(-1, D).contiguous(), sin.float().reshape(-1, D).contiguous(),
-                                  H, Hkv)
+        h32 = h.contiguous() if dt == torch.float32 else h.float()
+        (q, k, v), post = _fused_halves(C, h32, self, layout, H, Hkv, cos.float().reshape(-1, D).contiguous(),
+                                        sin.float().reshape(-1, D).contiguous())
+        if dt != torch.float32:  # rounded where transformers rounds them: the cache and the policy see bf16
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         attn = self.self_attn
         k_all, v_all = cache.update(k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D), attn.layer_idx)
         out, _ = accel_attention_forward(attn, q.view(B, H, 1, D), k_all, v_all, attention_mask, dropout=0.0,
                                          scaling=attn.scaling, **rest)
-        wo, bo, ln2, eps2, wg, wu, wd = post
-        return C.fused_attn_out_mlp(h, out.reshape(B, H * D).contiguous(), wo, bo, ln2, eps2, wg, wu,
-                                    wd).view(B, 1, width)
+        out = out.reshape(B, H * D)
+        y = C.fused_attn_out_mlp(h32, out.contiguous() if dt == torch.float32 else out.float(), *post)
+        return (y if dt == torch.float32 else y.to(dt)).view(B, 1, width)
 
     return forward
 
@@ -242,25 +269,27 @@ def probe(adapter, layout, decoder) -> str | None:
             cos, sin = decoder.rotary_emb(h, pos)
             if h.device.type != "cpu" or cos.shape[-1] != D:
                 return "the model is not on the CPU or its rotary embedding is partial"
-            if h.dtype != torch.float32:
-                return f"the model's dtype is {h.dtype} (the fused layers are fp32)"
+            if h.dtype not in (torch.float32, torch.bfloat16):
+                return f"the model's dtype is {h.dtype} (the fused layers read float32 or bfloat16 weights)"
+            # a bf16 model's layers are probed in fp32 arithmetic on their own weight values (an fp32 copy of each
+            # layer runs transformers' code): the fused halves compute in fp32 and the rounding of q, k, v and the
+            # output to bf16 around them is accel's own
+            low = h.dtype != torch.float32
+            h, cos, sin = h.float(), cos.float(), sin.float()
             for i, layer in enumerate(adapter.layers()):
-                ref = type(layer).forward(layer, h, attention_mask=None, position_ids=pos, use_cache=False,
-                                          position_embeddings=(cos, sin))
+                ref_layer = copy.deepcopy(layer).float() if low else layer
+                ref = type(ref_layer).forward(ref_layer, h, attention_mask=None, position_ids=pos, use_cache=False,
+                                              position_embeddings=(cos, sin))
+                del ref_layer
                 ref = ref[0] if isinstance(ref, tuple) else ref
-                pre, post = layer_weights(layer, layout)
-                ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
                 x = h[0].contiguous()
-                q, k, v = C.fused_attn_in(x, ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps,
-                                          cos[0].float().contiguous(), sin[0].float().contiguous(), H, Hkv)
+                (q, k, v), post = _fused_halves(C, x, layer, layout, H, Hkv, cos[0].contiguous(), sin[0].contiguous())
                 qh = q.view(2, H, D).transpose(0, 1)
                 kh = k.view(2, Hkv, D).transpose(0, 1).repeat_interleave(G, 0)
                 vh = v.view(2, Hkv, D).transpose(0, 1).repeat_interleave(G, 0)
                 o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
                                                                      scale=layer.self_attn.scaling)
-                wo, bo, ln2, eps2, wg, wu, wd = post
-                got = C.fused_attn_out_mlp(x, o.transpose(0, 1).reshape(2, H * D).contiguous(), wo, bo, ln2, eps2, wg,
-                                           wu, wd)
+                got = C.fused_attn_out_mlp(x, o.transpose(0, 1).reshape(2, H * D).contiguous(), *post)
                 # measured against what the layer adds to its input (the residual would hide a changed branch)
                 delta = (ref[0] - x).abs().max().item() + 1e-6
                 err = (got - ref[0]).abs().max().item()

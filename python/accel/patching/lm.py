@@ -185,6 +185,9 @@ class ModelRuntime:
     def check_features(self, module, kwargs) -> bool:
         """Refuse forward options this policy cannot serve exactly (before anything runs); returns whether the
         forward asks for attention weights."""
+        problem = dtype_problem(module)
+        if problem:
+            raise InputError(problem)
         oa = kwargs.get("output_attentions")
         if oa is None:
             oa = getattr(module.config, "output_attentions", False)
@@ -313,12 +316,29 @@ def claim(policy, overrides: dict):
     return policy, overrides
 
 
+def dtype_problem(model) -> str | None:
+    """Why accel's kernels cannot serve this model's dtype on its device (None: they can). The CPU kernels read
+    float32 and bfloat16; on other devices every dtype goes to kernels that take it."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype in (torch.float32, torch.bfloat16):
+        return None
+    from ..ops.attention import choose_backend
+
+    if choose_backend(p.device) != "cpp":
+        return None
+    return (f"the model is {p.dtype} on the CPU, and accel's CPU kernels read float32 or bfloat16; convert it "
+            "with model.to(torch.bfloat16) (half the weight bytes) or model.float() before accel.patch")
+
+
 def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, reserve: int = 0,
              check_context: bool = True, fast_linear: bool = True, fused_decode: bool = True) -> PatchHandle:
     """Patch a ``*ForCausalLM`` of a supported architecture with an LM policy (``accel.patch`` documents the
     arguments; ``request`` is ``(policy spec, overrides)``)."""
     compat.check_transformers_version()
     refuse_if_patched(model)
+    problem = dtype_problem(model)
+    if problem:
+        raise AccelError(problem)
     policy, overrides = request
     adapter = get_adapter(model)
     info = adapter.info()

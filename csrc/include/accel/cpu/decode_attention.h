@@ -152,6 +152,108 @@ static inline bool fast_tile(int G, bool values, const float* q, float* acc, con
   return false;
 }
 
+// ---- bf16 keys and values: the same tiles on even/odd lanes ----
+// Widening a bf16 row element by element (zero-extend, shift: two operations per 8 values) made the bf16 tile
+// compute-bound, slower per token than the fp32 one from half the bytes. Read as 32-bit words, 16 bf16 values are two
+// fp32 vectors for one operation each (`word << 16`: the even-indexed values, `word & 0xffff0000`: the odd ones;
+// linear.h does the same for weights). The group's queries are split once per span into even/odd halves to match
+// (qs[g]: DC/2 even values, then DC/2 odd ones), and the value accumulators keep that split layout until the span
+// ends (attend_span interleaves them back). Only the summation order differs from the widening tile.
+static inline void bf16_pair16(const uint16_t* p, v8f& even, v8f& odd) {
+  v8u u;
+  std::memcpy(&u, p, sizeof(u));
+  const v8u e = u << 16, o = u & 0xffff0000u;
+  std::memcpy(&even, &e, sizeof(even));
+  std::memcpy(&odd, &o, sizeof(odd));
+}
+
+template <int DC, int G>
+static inline void tile_scores_split(const float* qs, const uint16_t* kb, int64_t k_st, const int64_t* tok, int n,
+                                     float scale, float (*s)[kTile]) {
+  constexpr int NP = DC / 16, H2 = DC / 2;
+  for (int j0 = 0; j0 < n; j0 += 4) {
+    const uint16_t* kr[4];
+    for (int jj = 0; jj < 4; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+    const int m = std::min(4, n - j0);
+    for (int g = 0; g < G; ++g) {
+      v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
+      for (int c = 0; c < NP; ++c) {
+        const v8f qe = load8(qs + g * DC + 8 * c), qo = load8(qs + g * DC + H2 + 8 * c);
+        for (int jj = 0; jj < 4; ++jj) {
+          v8f ke, ko;
+          bf16_pair16(kr[jj] + 16 * c, ke, ko);
+          acc[jj] += qe * ke + qo * ko;
+        }
+      }
+      const v4f r = hsum8x4(acc[0], acc[1], acc[2], acc[3]);
+      for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[jj] * scale;
+    }
+  }
+}
+
+template <int DC, int G>
+static inline void tile_values_split(float* acc, const uint16_t* vb, int64_t v_st, const int64_t* tok, int n,
+                                     const float (*p)[kTile]) {
+  constexpr int NP = DC / 16, H2 = DC / 2;
+  for (int c = 0; c < NP; ++c) {
+    v8f a[G][2];
+    for (int g = 0; g < G; ++g) {
+      a[g][0] = load8(acc + g * DC + 8 * c);
+      a[g][1] = load8(acc + g * DC + H2 + 8 * c);
+    }
+    for (int j = 0; j < n; ++j) {
+      bool live = false;
+      for (int g = 0; g < G; ++g) live |= p[g][j] != 0.f;
+      if (!live) continue;
+      v8f ve, vo;
+      bf16_pair16(vb + tok[j] * v_st + 16 * c, ve, vo);
+      for (int g = 0; g < G; ++g) {
+        const v8f pv = splat8(p[g][j]);
+        a[g][0] += pv * ve;
+        a[g][1] += pv * vo;
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      std::memcpy(acc + g * DC + 8 * c, &a[g][0], sizeof(v8f));
+      std::memcpy(acc + g * DC + H2 + 8 * c, &a[g][1], sizeof(v8f));
+    }
+  }
+}
+
+// whether split_tile serves (T, DC, G): bf16 data, head_dim 64 or 128, 1-4 query heads per KV head, AVX2 builds
+template <typename T, int DC>
+static inline bool has_split_tile(int G) {
+#ifndef ACCEL_V16F_NATIVE
+  if constexpr (sizeof(T) == 2 && (DC == 64 || DC == 128)) return G >= 1 && G <= 4;
+#endif
+  (void)G;
+  return false;
+}
+
+// the split tile for (G, DC) of bf16 data on AVX2 builds; false: the span uses the widening tiles
+template <typename T, int DC>
+static inline bool split_tile(int G, bool values, const float* qs, float* acc, const T* base, int64_t st,
+                              const int64_t* tok, int n, float scale, float (*s)[kTile]) {
+#ifndef ACCEL_V16F_NATIVE
+  if constexpr (sizeof(T) == 2 && (DC == 64 || DC == 128)) {
+    switch (G) {
+#define ACCEL_SPLIT_CASE(GG)                                                   \
+  case GG:                                                                     \
+    if (values) tile_values_split<DC, GG>(acc, base, st, tok, n, s);           \
+    else tile_scores_split<DC, GG>(qs, base, st, tok, n, scale, s);            \
+    return true;
+      ACCEL_SPLIT_CASE(1)
+      ACCEL_SPLIT_CASE(2)
+      ACCEL_SPLIT_CASE(3)
+      ACCEL_SPLIT_CASE(4)
+#undef ACCEL_SPLIT_CASE
+      default: return false;
+    }
+  }
+#endif
+  return false;
+}
+
 // Attend the query heads of (b, kh) over list positions [i0, i1). Writes the running max m[G],
 // the softmax denominator l[G] and the unnormalised accumulator acc[G*D].
 template <typename T, int DC>
@@ -172,6 +274,15 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     l[g] = 0.f;
   }
   std::fill(acc, acc + static_cast<int64_t>(G) * D, 0.f);
+  // bf16 K/V with a tile for (G, DC): even/odd-split queries and value accumulators (see split_tile)
+  const bool split = has_split_tile<T, DC>(G);
+  float qs[4 * 128];
+  if (split)
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < D / 2; ++i) {
+        qs[g * D + i] = q[g * D + 2 * i];
+        qs[g * D + D / 2 + i] = q[g * D + 2 * i + 1];
+      }
 
   float s[kMaxGroup][kTile];
   int64_t tok[kTile];
@@ -214,7 +325,8 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     }
     // scores: the group's queries are held in registers; the tile's K rows come from memory once
     // (first head) and from L1 for the other heads of the group
-    if (fast_tile<T, DC>(G, false, q, acc, kb, p.k_st, tok, n, p.scale, s)) {
+    if (split ? split_tile<T, DC>(G, false, qs, acc, kb, p.k_st, tok, n, p.scale, s)
+              : fast_tile<T, DC>(G, false, q, acc, kb, p.k_st, tok, n, p.scale, s)) {
       for (int j = 0; j < n; ++j)
         if (!ok[j])
           for (int g = 0; g < G; ++g) s[g][j] = ninf;
@@ -293,7 +405,8 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
       for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(vr + off, 0, 0);
     }
     // values: the accumulator of one head stays in registers across the tile
-    if (fast_tile<T, DC>(G, true, q, acc, vb, p.v_st, tok, n, p.scale, s)) {
+    if (split ? split_tile<T, DC>(G, true, qs, acc, vb, p.v_st, tok, n, p.scale, s)
+              : fast_tile<T, DC>(G, true, q, acc, vb, p.v_st, tok, n, p.scale, s)) {
     } else if constexpr (DC > 0 && DC % 16 == 0) {
       constexpr int NV = DC / 16;
       for (int g = 0; g < G; ++g) {
@@ -319,6 +432,17 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
           for (int d = 0; d < D; ++d) a[d] += pj * Load<T>::get(vr, d);
         }
       }
+    }
+  }
+  if (split) {  // the split value accumulators back to head order
+    float tmp[128];
+    for (int g = 0; g < G; ++g) {
+      float* a = acc + static_cast<int64_t>(g) * D;
+      for (int i = 0; i < D / 2; ++i) {
+        tmp[2 * i] = a[i];
+        tmp[2 * i + 1] = a[D / 2 + i];
+      }
+      std::memcpy(a, tmp, sizeof(float) * D);
     }
   }
 }
