@@ -50,9 +50,11 @@ def test_select_batch_with_different_lengths():
 
 @pytest.mark.parametrize("D", [64, 128, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_sparse_prefill_sink_window_matches_reference(D, dtype):
+@pytest.mark.parametrize("Tq", [200, 203])
+def test_block_sparse_prefill_sink_window_matches_reference(D, dtype, Tq):
+    """Query blocks of 64 rows and a last block of 8 or 11 (every row tiling of the kernels: 6, 2 and 1 rows)."""
     g = torch.Generator().manual_seed(D)
-    B, H, Hkv, Tq, Tk = 2, 4, 2, 200, 260  # queries are the last 200 of 260 positions (chunked prefill)
+    B, H, Hkv, Tk = 2, 4, 2, Tq + 60  # queries are the last Tq positions (chunked prefill)
     q = torch.randn(B, H, Tq, D, generator=g)
     k = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)

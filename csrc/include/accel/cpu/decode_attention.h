@@ -75,8 +75,6 @@ static inline v4f hsum8x4(v8f a, v8f b, v8f c, v8f d) {  // [sum(a), sum(b), sum
   return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) + __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
 }
 
-static inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
-
 // s[g][j] = scale * q_g . K[tok[j]] for j < n (rows of masked tokens are computed and overwritten by the caller).
 // Per head: four rows' accumulators + the query chunk + the row chunks (9 of the 16 AVX2 registers); the K rows
 // come from L1 for the group's later heads.

@@ -118,6 +118,7 @@ static inline v8f load8_bf16(const uint16_t* p) {
   return r;
 }
 static inline v8f load8(const uint16_t* p) { return load8_bf16(p); }
+static inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
 #if defined(__AVX512F__) && !defined(ACCEL_VEC_PAIR)
 #define ACCEL_V16F_NATIVE 1
