@@ -330,18 +330,30 @@ def sec_step() -> list[str]:
     fr = load("decode_fused_smollm2_b1.csv")
     r0 = fr[0]
     out = ["## The decode step against the bytes it reads", "",
-           "What a batch-1 decode step costs beyond reading its bytes (fp32 weights + the KV bytes the attention read) at "
-           "the read bandwidth measured right after the run: transformers' modules around accel's attention "
-           "(`modules`, `fused_decode=False`) against accel's fused decode layers (`fused`, the default), with unpatched "
-           f"transformers for scale. Real prefill (one per context, every run decodes from a copy of the same cache), "
-           f"{r0['new_tokens']} new tokens, {r0['repeats']} runs per variant alternated, median reported (all runs in "
-           "the last column).", ""]
-    out += table(["variant", "context", "step ms", "tokens/s", "vs HF", "bytes-limit ms", "beyond the bytes ms",
-                  "% of read bw", "read GB/s", "all runs (ms)"],
-                 [[r["variant"], r["context"], f(r["decode_step_ms"], 1), f(r["decode_tok_s"], 2),
-                   ratio(r["speedup_vs_hf"]), f(r["bw_limit_ms"], 1), f(r["overhead_ms"], 1), pct(r["frac_read_bw"]),
-                   f(r["read_bw_gbs"], 1), r["step_ms_all"]] for r in fr])
+           "What a batch-1 decode step costs beyond reading its bytes (the weights + the KV bytes the attention read, in "
+           "the row's dtype) at the read bandwidth measured right after the run: transformers' modules around accel's "
+           "attention (`modules`, `fused_decode=False`) against accel's fused decode layers (`fused`, the default), with "
+           "unpatched transformers in the same dtype for scale (\"vs HF\"; \"vs HF fp32\": against unpatched transformers "
+           "in fp32). bf16 rows are a bf16 copy of the model (bf16 weights and cache). Real prefill (one per context and "
+           f"dtype, every run decodes from a copy of the same cache), {r0['new_tokens']} new tokens, {r0['repeats']} runs "
+           "per variant alternated, median reported (all runs in the last column).", ""]
+    out += table(["dtype", "variant", "context", "step ms", "tokens/s", "vs HF", "vs HF fp32", "bytes-limit ms",
+                  "beyond the bytes ms", "% of read bw", "read GB/s", "all runs (ms)"],
+                 [[r.get("dtype", "float32"), r["variant"], r["context"], f(r["decode_step_ms"], 1),
+                   f(r["decode_tok_s"], 2), ratio(r["speedup_vs_hf"]), ratio(r.get("speedup_vs_hf_fp32") or None),
+                   f(r["bw_limit_ms"], 1), f(r["overhead_ms"], 1), pct(r["frac_read_bw"]), f(r["read_bw_gbs"], 1),
+                   r["step_ms_all"]] for r in fr])
     out += sources("decode_fused_smollm2_b1.csv")
+    q = load("bf16_quality_smollm2.csv")
+    out += ["Quality of the same model in bf16 against fp32, both through accel dense (the decode steps on the fused "
+            "layers): perplexity of teacher-forced decode steps after a prefix of the essays, the bf16 copy's top-1 "
+            "agreement with and KL divergence from the fp32 copy's next-token distributions, and passkey accuracy "
+            "(`bench/bench_bf16_quality.py`).", ""]
+    out += table(["task", "context", "dtype", "samples", "tokens scored", "perplexity", "top-1 agree vs fp32",
+                  "KL vs fp32", "accuracy"],
+                 [[r["task"], r["context"], r["dtype"], r["n"], r["tokens_scored"] or "-", f(r["ppl"] or None, 3),
+                   r["top1_agree_vs_fp32"] or "-", r["kl_vs_fp32"] or "-", r["accuracy"] or "-"] for r in q])
+    out += sources("bf16_quality_smollm2.csv")
     pr = load("decode_policies_smollm2_b1.csv")
     dense_over = {r["context"]: float(r["overhead_ms"]) for r in pr if r["policy"] == "dense"}
     rows = []
@@ -416,9 +428,12 @@ def sec_kernels() -> list[str]:
                   "GB/s (% of same-rows read GB/s; % of streaming read)", "torch gather+SDPA ms", "dense SDPA ms",
                   "speed-up vs dense SDPA"], rows)
     pre = [r for r in load("sparse.csv") if r["op"] == "prefill"]
-    out += table(["prefill", "context", "head_dim", "tokens per head (sink + window)", "seconds", "speed-up"],
+    out += table(["prefill", "context", "head_dim", "tokens per head (sink + window)", "seconds",
+                  "speed-up (median round)", "speed-up, every round"],
                  [[r["provider"], r["context"], r["head_dim"], r["selected"], f(float(r["ms"]) / 1000, 3),
-                   ratio(r["speedup_vs_dense_sdpa"])] for r in pre])
+                   ratio(r["speedup_vs_dense_sdpa"]),
+                   r.get("speedup_all_runs") or "-" if r["provider"] != "torch_sdpa_causal_dense" else "-"]
+                  for r in pre])
     out += sources("sparse.csv")
     return out
 

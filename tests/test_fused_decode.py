@@ -122,6 +122,10 @@ def test_a_changed_layer_is_caught_and_decode_stays_exact():
                 assert h.runtime.fused is None
                 out = _generate(model, ids, mask)
         _close(out, ref)
+    bf = tiny_model("llama", dtype=torch.bfloat16)  # a bf16 model's probe (fp32 copies of the layer) catches it too
+    bf.model.layers[1].__class__ = Halved
+    with accel.patch(bf, "dense") as h:
+        assert h.runtime.fused is None
 
 
 def test_an_adapter_injected_after_patching_turns_the_fused_path_off():
@@ -226,6 +230,21 @@ def test_bf16_fused_decode_is_closer_to_fp32_than_transformers_bf16(arch):
     assert avg["fused"] < avg["hf"], avg
 
 
+@pytest.mark.parametrize("policy", ["hylra", "snapkv@budget_ratio=0.5"])
+def test_bf16_fused_decode_of_lossy_policies_matches_their_module_path(policy):
+    """The policies see the dtypes of the module path (bf16 q, k, v): a bf16 model's fused decode under hylra and
+    snapkv stays within bf16 rounding of the same patch on transformers' modules, step by step."""
+    m16 = tiny_model("llama", dtype=torch.bfloat16)
+    ids, mask = _batch(B=2, pads=(0, 6))
+    follow = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(2))
+    kw = {"plan": hand_plan(m16.config.num_hidden_layers), "topk": 12, "sink": 2, "recent": 4,
+          "chunk": 1} if policy == "hylra" else {}
+    fused, calls = _forced_logits(m16, ids, mask, follow, patch={"policy": policy, **kw})
+    modules, _ = _forced_logits(m16, ids, mask, follow, patch={"policy": policy, "fused_decode": False, **kw})
+    assert calls == 8 * m16.config.num_hidden_layers
+    assert (fused - modules).abs().max().item() / modules.abs().max().item() < 0.02
+
+
 def test_fp16_cpu_models_are_refused_and_large_batches_decode_on_the_modules():
     """fp16 on the CPU (the kernels read fp32 or bf16) is refused in one line, at patch time and when the model is
     converted after patching; more than 8 sequences (matrix products, not GEMV) run transformers' modules, equal to
@@ -240,6 +259,9 @@ def test_fp16_cpu_models_are_refused_and_large_batches_decode_on_the_modules():
         with pytest.raises(accel.AccelError, match="float16 on the CPU"), torch.no_grad():
             _generate(m, ids, mask)
         m.float()
+        with pytest.raises(accel.AccelError, match="fp16 autocast on the CPU"), torch.no_grad(), \
+                torch.autocast("cpu", dtype=torch.float16):
+            _generate(m, ids, mask)
     model = tiny_model("llama")
     ids, mask = _batch(B=10, pads=(0, 3) * 5)
     with torch.no_grad(), accel.patch(model, "dense") as h:
@@ -251,7 +273,7 @@ def test_fp16_cpu_models_are_refused_and_large_batches_decode_on_the_modules():
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("K", [64, 576, 1536, 1100, 40])
+@pytest.mark.parametrize("K", [64, 80, 576, 592, 1536, 1100, 40])
 def test_bf16_weight_gemv_matches_fp32_product(M, K):
     """accel's GEMV on bf16 weights (the even/odd-lane kernel when K is a multiple of 16, the widening one
     otherwise) equals the fp32 product of the widened weights up to summation order, with and without bias."""
@@ -267,21 +289,29 @@ def test_bf16_weight_gemv_matches_fp32_product(M, K):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * K ** 0.5)
 
 
-def test_bf16_linear_layers_widen_on_cpus_without_bf16():
-    """A patched bf16 model's linear layers: decode rows through accel's GEMV and, on CPUs without bf16 instructions,
-    prefill rows through fp32 products of the widened operands -- both within bf16 rounding of torch's bf16 product,
-    and bf16 out."""
-    from accel.patching.linear import _fast_forward, native_bf16
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_linear_layers_widen_on_cpus_without_bf16(monkeypatch, native):
+    """A patched bf16 model's linear layers: decode rows through accel's GEMV (within bf16 rounding of the exact
+    product); prefill rows, on CPUs without bf16 instructions, as the fp32 product of the widened operands rounded to
+    bf16 once (exactly that, also over several output blocks), and torch's own bf16 product where the CPU has them."""
     import types
 
+    import accel.patching.linear as L
+
+    monkeypatch.setattr(L, "_NATIVE_BF16", native)
+    monkeypatch.setattr(L, "WIDEN_BLOCK", 128)  # 300 output features: three blocks
     lin = torch.nn.Linear(576, 300).to(torch.bfloat16)
-    lin.forward = types.MethodType(_fast_forward, lin)
+    lin.forward = types.MethodType(L._fast_forward, lin)
     g = torch.Generator().manual_seed(0)
+    w, b = lin.weight, lin.bias
     for rows in (1, 8, 40):
         x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
         with torch.no_grad():
             got = lin(x)
-            ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+            exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+            widened = torch.nn.functional.linear(x.float(), w.float(), b.float()).to(torch.bfloat16)
+            native_ref = torch.nn.functional.linear(x, w, b)
         assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.double(), ref, rtol=2 ** -7, atol=1e-3)
-    assert isinstance(native_bf16(), bool)
+        torch.testing.assert_close(got.double(), exact, rtol=2 ** -7, atol=1e-3)
+        if rows > L.MAX_ROWS:
+            assert torch.equal(got, native_ref if native else widened)

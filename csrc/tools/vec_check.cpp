@@ -35,7 +35,7 @@ int main() {
     for (int i = 0; i < 16; ++i) err_ops = std::fmax(err_ops, std::fabs(v[i] - 3.f * (a[i] * b[i] + 3.f - b[i] * 0.5f)));
   }
   double err_lin = 0;
-  for (int K : {75, 1100})  // K > 1024 takes the 4x3 block without AVX-512
+  for (int K : {75, 1100, 592})  // K > 1024 takes the 4x3 block without AVX-512; K % 16 == 0 the bf16 even/odd one
     for (int M : {1, 3, 4, 5, 8, 12, 17}) {
       const int N = 131;  // tails in K and in the output rows
       std::vector<float> x(M * K), W(N * K), bias(N), y(M * N), yb(M * N);

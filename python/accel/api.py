@@ -11,7 +11,7 @@ import importlib
 
 from . import compat
 from .errors import AccelError
-from .patching.handle import PATCHED, refuse_if_patched
+from .patching.handle import PATCHED, dtype_problem, refuse_if_patched
 
 #: (family, patcher module), asked in order
 PATCHERS = (
@@ -46,6 +46,9 @@ def patch(model, policy="dense", plan=None, *, reserve: int = 0, check_context: 
     """
     compat.check_transformers_version()
     refuse_if_patched(model)
+    problem = dtype_problem(model)
+    if problem:
+        raise AccelError(problem)
     tp = getattr(model, "tp_size", None)
     if tp not in (None, 1) or getattr(model, "_device_mesh", None) is not None:
         raise AccelError(

@@ -32,13 +32,12 @@ to bf16 where transformers rounds them (before the cache and the policy's attent
 the module path) and the layer's output is rounded to bf16. Inside the halves the intermediates stay fp32 where
 transformers rounds each one to bf16, so the fused result differs from the module path by bf16 rounding, and it is the
 closer of the two to the fp32 arithmetic on the same weights (tests/test_fused_decode.py measures both against it).
-The probe runs an fp32 copy of each layer (the same weight values) against the fused halves. fp16 models decode on
-the modules.
+The probe runs each layer's own forward on fp32 copies of its parameters (``torch.func.functional_call``: the same
+weight values) against the fused halves. (fp16 models on the CPU are refused by ``accel.patch``.)
 ``remove()`` deletes the instance forwards.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import types
 import weakref
@@ -194,9 +193,23 @@ class FusedDecode:
         self._refs = []
 
 
+_F32: dict = {}  # id(tensor) -> (weakref, version, fp32 copy): a bf16 model's norm weights and biases, widened once
+
+
 def _f32(t):
-    """A norm weight or bias as the kernels take it (fp32; a bf16 model's are converted, a few hundred values)."""
-    return t if t is None or t.dtype == torch.float32 else t.float()
+    """A norm weight or bias as the kernels take it: fp32. A bf16 model's (a few hundred values each) are widened once
+    and reused while the tensor lives unchanged (same object, same in-place version)."""
+    if t is None or t.dtype == torch.float32:
+        return t
+    e = _F32.get(id(t))
+    if e is not None and e[0]() is t and e[1] == t._version:
+        return e[2]
+    if len(_F32) > 4096:
+        for key in [k for k, v in _F32.items() if v[0]() is None]:
+            del _F32[key]
+    t32 = t.float()
+    _F32[id(t)] = (weakref.ref(t), t._version, t32)
+    return t32
 
 
 def _fused_halves(C, h32, layer, layout, H, Hkv, cos, sin):
@@ -271,16 +284,19 @@ def probe(adapter, layout, decoder) -> str | None:
                 return "the model is not on the CPU or its rotary embedding is partial"
             if h.dtype not in (torch.float32, torch.bfloat16):
                 return f"the model's dtype is {h.dtype} (the fused layers read float32 or bfloat16 weights)"
-            # a bf16 model's layers are probed in fp32 arithmetic on their own weight values (an fp32 copy of each
-            # layer runs transformers' code): the fused halves compute in fp32 and the rounding of q, k, v and the
-            # output to bf16 around them is accel's own
+            # a bf16 model's layers are probed in fp32 arithmetic on their own weight values (transformers' layer
+            # code on fp32 copies of the layer's tensors, one layer at a time): the fused halves compute in fp32, and
+            # the rounding of q, k, v and the output to bf16 around them is accel's own
             low = h.dtype != torch.float32
             h, cos, sin = h.float(), cos.float(), sin.float()
+            kw = dict(attention_mask=None, position_ids=pos, use_cache=False, position_embeddings=(cos, sin))
             for i, layer in enumerate(adapter.layers()):
-                ref_layer = copy.deepcopy(layer).float() if low else layer
-                ref = type(ref_layer).forward(ref_layer, h, attention_mask=None, position_ids=pos, use_cache=False,
-                                              position_embeddings=(cos, sin))
-                del ref_layer
+                if low:
+                    tensors = {n: t.float() for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
+                    ref = torch.func.functional_call(layer, tensors, (h,), kw, tie_weights=False, strict=False)
+                    del tensors
+                else:
+                    ref = type(layer).forward(layer, h, **kw)
                 ref = ref[0] if isinstance(ref, tuple) else ref
                 x = h[0].contiguous()
                 (q, k, v), post = _fused_halves(C, x, layer, layout, H, Hkv, cos[0].contiguous(), sin[0].contiguous())

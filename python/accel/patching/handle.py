@@ -15,6 +15,25 @@ from ..errors import AlreadyPatchedError, InputError
 PATCHED: "weakref.WeakKeyDictionary[torch.nn.Module, HandleBase]" = weakref.WeakKeyDictionary()
 
 
+def dtype_problem(model) -> str | None:
+    """Why accel's kernels cannot serve this model's dtype on its device (None: they can). The CPU kernels read float32
+    and bfloat16 (an fp16 model, or fp16 autocast, is refused); on other devices every dtype goes to kernels that take
+    it."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu":
+        return None
+    half_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+    if p.dtype in (torch.float32, torch.bfloat16) and not half_autocast:
+        return None
+    from ..ops.attention import choose_backend
+
+    if choose_backend(p.device) != "cpp":
+        return None
+    what = "runs under fp16 autocast" if p.dtype in (torch.float32, torch.bfloat16) else f"is {p.dtype}"
+    return (f"the model {what} on the CPU, and accel's CPU kernels read float32 or bfloat16; convert it with "
+            "model.to(torch.bfloat16) (half the weight bytes) or model.float(), and autocast to bfloat16 if at all")
+
+
 def refuse_if_patched(model) -> None:
     prev = PATCHED.get(model)
     if prev is not None:

@@ -12,7 +12,8 @@ A bf16 layer (bf16 input and weight) is computed as torch computes it on the CPU
 products, the result rounded to bf16 once -- from the input widened to fp32; only the summation order differs.
 On CPUs without bf16 instructions (no AVX512_BF16 / AMX: torch's bf16 matrix product there runs ~10x slower than
 fp32, measured 8.8 against 82 GFLOP/s on the project's AVX2 machine) the same holds for the prefill's many-row
-products: both operands are widened to fp32 and the product rounded back to bf16.
+products: both operands are widened to fp32 and the product rounded back to bf16, in blocks of output features (a
+block's fp32 weights and outputs at a time, never the whole layer's).
 """
 from __future__ import annotations
 
@@ -29,17 +30,41 @@ MAX_ROWS = 8
 _NATIVE_BF16: bool | None = None
 
 
+#: output features per widened block of a bf16 product
+WIDEN_BLOCK = 4096
+
+
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX flags; not Linux: assumed so)."""
+    """Whether this CPU multiplies bf16 natively. x86 Linux: the AVX512_BF16 or AMX flags of /proc/cpuinfo; anything
+    else (other systems, other architectures) is assumed to, and keeps torch's bf16 product."""
     global _NATIVE_BF16
     if _NATIVE_BF16 is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-            _NATIVE_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
-        except OSError:
-            _NATIVE_BF16 = True
+        import platform
+
+        _NATIVE_BF16 = True
+        if platform.machine() in ("x86_64", "AMD64"):
+            try:
+                with open("/proc/cpuinfo") as f:
+                    flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+                if flags:
+                    _NATIVE_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
+            except OSError:
+                pass
     return _NATIVE_BF16
+
+
+def widened_bf16_linear(x, w, b):
+    """``F.linear`` of bf16 operands computed in fp32 and rounded to bf16 once, WIDEN_BLOCK output features at a
+    time."""
+    x32 = x.float()
+    N = w.shape[0]
+    if N <= WIDEN_BLOCK:
+        return F.linear(x32, w.float(), None if b is None else b.float()).to(torch.bfloat16)
+    out = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16, device=x.device)
+    for n0 in range(0, N, WIDEN_BLOCK):
+        n1 = min(N, n0 + WIDEN_BLOCK)
+        out[..., n0:n1] = F.linear(x32, w[n0:n1].float(), None if b is None else b[n0:n1].float())
+    return out
 
 
 def _fast_forward(self, x):
@@ -60,8 +85,7 @@ def _fast_forward(self, x):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if (x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
             and not native_bf16()):
-        b = self.bias
-        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
+        return widened_bf16_linear(x, w, self.bias)
     return F.linear(x, w, self.bias)
 
 

@@ -24,6 +24,7 @@ from ..cache import sequences
 from ..cache.accel_cache import AccelCache
 from ..cache.sequences import SequenceState
 from ..errors import AccelError, InputError
+from .handle import dtype_problem
 from ..models.registry import get_adapter
 from ..attention.context import LayerContext
 from ..attention.decode import ragged_prefill
@@ -314,20 +315,6 @@ class PatchHandle(HandleBase):
 def claim(policy, overrides: dict):
     """The LM patcher serves every policy spec the VLM and TPLA patchers did not claim (``accel.api``)."""
     return policy, overrides
-
-
-def dtype_problem(model) -> str | None:
-    """Why accel's kernels cannot serve this model's dtype on its device (None: they can). The CPU kernels read
-    float32 and bfloat16; on other devices every dtype goes to kernels that take it."""
-    p = next(model.parameters(), None)
-    if p is None or p.device.type != "cpu" or p.dtype in (torch.float32, torch.bfloat16):
-        return None
-    from ..ops.attention import choose_backend
-
-    if choose_backend(p.device) != "cpp":
-        return None
-    return (f"the model is {p.dtype} on the CPU, and accel's CPU kernels read float32 or bfloat16; convert it "
-            "with model.to(torch.bfloat16) (half the weight bytes) or model.float() before accel.patch")
 
 
 def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, reserve: int = 0,

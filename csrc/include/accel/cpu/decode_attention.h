@@ -76,25 +76,45 @@ static inline v4f hsum8x4(v8f a, v8f b, v8f c, v8f d) {  // [sum(a), sum(b), sum
 }
 
 // s[g][j] = scale * q_g . K[tok[j]] for j < n (rows of masked tokens are computed and overwritten by the caller).
-// Per head: four rows' accumulators + the query chunk + the row chunks (9 of the 16 AVX2 registers); the K rows
-// come from L1 for the group's later heads.
+// R rows at a time against all G heads of the group: per 8-value chunk, R K loads and G query loads feed G*R FMAs
+// into G*R accumulators (R = 4, 4, 3, 2 for G = 1..4: at most 12 accumulators + R rows + one query chunk of the
+// 16 AVX2 registers), so each K chunk is loaded once for the whole group. (Head by head, the K rows were re-read
+// from L1 for every head: 40 loads per 32 FMAs, load-bound.) Reductions four accumulators at a time.
+template <int G>
+constexpr int score_rows() { return G == 1 ? 4 : (G == 2 ? 4 : (G == 3 ? 3 : 2)); }
+
+template <int NA>
+static inline void reduce_scores(const v8f* acc, float* r) {  // r[i] = sum(acc[i]), i < NA
+  int i = 0;
+  for (; i + 4 <= NA; i += 4) {
+    const v4f x = hsum8x4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+    r[i] = x[0]; r[i + 1] = x[1]; r[i + 2] = x[2]; r[i + 3] = x[3];
+  }
+  for (; i < NA; ++i) r[i] = hsum8(acc[i]);
+}
+
 template <typename T, int DC, int G>
 static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
                                float (*s)[kTile]) {
-  constexpr int NC = DC / 8;
-  for (int j0 = 0; j0 < n; j0 += 4) {
-    const T* kr[4];
-    for (int jj = 0; jj < 4; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
-    const int m = std::min(4, n - j0);
-    for (int g = 0; g < G; ++g) {
-      v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
-      for (int c = 0; c < NC; ++c) {
+  constexpr int NC = DC / 8, R = score_rows<G>();
+  for (int j0 = 0; j0 < n; j0 += R) {
+    const T* kr[R];
+    for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+    const int m = std::min(R, n - j0);
+    v8f acc[G * R];
+    for (int i = 0; i < G * R; ++i) acc[i] = v8f{};
+    for (int c = 0; c < NC; ++c) {
+      v8f kv[R];
+      for (int jj = 0; jj < R; ++jj) kv[jj] = load8(kr[jj] + 8 * c);
+      for (int g = 0; g < G; ++g) {
         const v8f qv = load8(q + g * DC + 8 * c);
-        for (int jj = 0; jj < 4; ++jj) acc[jj] += qv * load8(kr[jj] + 8 * c);
+        for (int jj = 0; jj < R; ++jj) acc[g * R + jj] += qv * kv[jj];
       }
-      const v4f r = hsum8x4(acc[0], acc[1], acc[2], acc[3]);
-      for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[jj] * scale;
     }
+    float r[G * R];
+    reduce_scores<G * R>(acc, r);
+    for (int g = 0; g < G; ++g)
+      for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[g * R + jj] * scale;
   }
 }
 
@@ -168,24 +188,32 @@ static inline void bf16_pair16(const uint16_t* p, v8f& even, v8f& odd) {
 template <int DC, int G>
 static inline void tile_scores_split(const float* qs, const uint16_t* kb, int64_t k_st, const int64_t* tok, int n,
                                      float scale, float (*s)[kTile]) {
-  constexpr int NP = DC / 16, H2 = DC / 2;
-  for (int j0 = 0; j0 < n; j0 += 4) {
-    const uint16_t* kr[4];
-    for (int jj = 0; jj < 4; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
-    const int m = std::min(4, n - j0);
-    for (int g = 0; g < G; ++g) {
-      v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
-      for (int c = 0; c < NP; ++c) {
-        const v8f qe = load8(qs + g * DC + 8 * c), qo = load8(qs + g * DC + H2 + 8 * c);
-        for (int jj = 0; jj < 4; ++jj) {
-          v8f ke, ko;
-          bf16_pair16(kr[jj] + 16 * c, ke, ko);
-          acc[jj] += qe * ke + qo * ko;
+  constexpr int NP = DC / 16, H2 = DC / 2, R = score_rows<G>();
+  for (int j0 = 0; j0 < n; j0 += R) {
+    const uint16_t* kr[R];
+    for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+    const int m = std::min(R, n - j0);
+    v8f acc[G * R];
+    for (int i = 0; i < G * R; ++i) acc[i] = v8f{};
+    for (int c = 0; c < NP; ++c) {
+      for (int half = 0; half < 2; ++half) {  // the even values, then the odd ones, of 16 per row
+        v8f kv[R];
+        for (int jj = 0; jj < R; ++jj) {
+          v8u u;
+          std::memcpy(&u, kr[jj] + 16 * c, sizeof(u));
+          const v8u w = half == 0 ? u << 16 : u & 0xffff0000u;
+          std::memcpy(&kv[jj], &w, sizeof(v8f));
+        }
+        for (int g = 0; g < G; ++g) {
+          const v8f qv = load8(qs + g * DC + half * H2 + 8 * c);
+          for (int jj = 0; jj < R; ++jj) acc[g * R + jj] += qv * kv[jj];
         }
       }
-      const v4f r = hsum8x4(acc[0], acc[1], acc[2], acc[3]);
-      for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[jj] * scale;
     }
+    float r[G * R];
+    reduce_scores<G * R>(acc, r);
+    for (int g = 0; g < G; ++g)
+      for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[g * R + jj] * scale;
   }
 }
 

@@ -193,6 +193,7 @@ inline void small_m_linear_bf16_split(const float* x, int M, int K, const uint16
 template <typename T>
 inline void small_m_linear(const float* x, int M, int K, const T* W, int64_t ldw, const float* bias, float* y,
                            int N, int num_threads) {
+#ifndef ACCEL_V16F_NATIVE  // measured on AVX2 only; AVX-512 builds keep the 16-lane blocks below
   if constexpr (sizeof(T) == 2) {
     if (K % 16 == 0) {
       small_m_linear_bf16_split(x, M, K, W, ldw, y, N, num_threads);
@@ -202,6 +203,7 @@ inline void small_m_linear(const float* x, int M, int K, const T* W, int64_t ldw
       return;
     }
   }
+#endif
   const int nblk = (N + 63) / 64;  // 64 output rows per work item
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
   for (int blk = 0; blk < nblk; ++blk) {
