@@ -26,6 +26,7 @@ TABLE_END = "<!-- policy-table:end -->"
 #: The day each CSV was committed (`git log -1 --format=%cs -- bench/results/NAME`). The CSVs carry no date of
 #: their own; this is the closest record of when they were measured. Add a line when a CSV is added or rerun.
 COMMITTED = {
+    "bf16_quality_smollm2.csv": "2026-12-04",
     "decode_fused_smollm2_b1.csv": "2026-12-04",
     "decode_policies_smollm2_b1.csv": "2026-12-04",
     "decode_quest_smollm2_b1.csv": "2026-12-04",
@@ -96,7 +97,7 @@ COMMITTED = {
     "eval_smollm2_ruler.csv": "2026-11-23",
     "kv_long_generation.csv": "2026-11-27",
     "linear.csv": "2026-11-28",
-    "sparse.csv": "2026-11-24",
+    "sparse.csv": "2026-12-04",
     "tpla_decode.csv": "2026-11-24",
     "tpla_error.csv": "2026-11-24",
     "vlm_digits_curve.csv": "2026-11-24",
