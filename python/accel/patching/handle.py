@@ -31,7 +31,7 @@ def dtype_problem(model) -> str | None:
         return None
     what = "runs under fp16 autocast" if p.dtype in (torch.float32, torch.bfloat16) else f"is {p.dtype}"
     return (f"the model {what} on the CPU, and accel's CPU kernels read float32 or bfloat16; convert it with "
-            "model.to(torch.bfloat16) (half the weight bytes) or model.float(), and autocast to bfloat16 if at all")
+            "model.to(torch.bfloat16) (half the weight bytes) or model.float(); under autocast, use dtype=torch.bfloat16")
 
 
 def refuse_if_patched(model) -> None:
