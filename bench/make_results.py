@@ -26,6 +26,7 @@ TABLE_END = "<!-- policy-table:end -->"
 #: The day each CSV was committed (`git log -1 --format=%cs -- bench/results/NAME`). The CSVs carry no date of
 #: their own; this is the closest record of when they were measured. Add a line when a CSV is added or rerun.
 COMMITTED = {
+    "decode_anchors_smollm2_b1.csv": "2026-12-04",
     "bf16_quality_smollm2.csv": "2026-12-04",
     "decode_fused_smollm2_b1.csv": "2026-12-04",
     "decode_policies_smollm2_b1.csv": "2026-12-04",
@@ -355,6 +356,24 @@ def sec_step() -> list[str]:
                  [[r["task"], r["context"], r["dtype"], r["n"], r["tokens_scored"] or "-", f(r["ppl"] or None, 3),
                    r["top1_agree_vs_fp32"] or "-", r["kl_vs_fp32"] or "-", r["accuracy"] or "-"] for r in q])
     out += sources("bf16_quality_smollm2.csv")
+    an = load("decode_anchors_smollm2_b1.csv")
+    fused = {(r["dtype"], int(r["context"])): r for r in fr if r["variant"] == "fused"}
+    out += ["Against the runtimes a CPU user would pick instead (`accel bench --anchors`, llama.cpp built by "
+            "`../shared/anchors/setup.sh` from the same packaged GGUF, one thread; its F32/F32 rows come from "
+            "llama-batched-bench, the others from llama-bench with flash attention): decode tokens/s at batch 1 in one "
+            "run, accel dense fp32 beside them. The accel bf16 row is the fused bf16 row of the table above (another "
+            "run).", ""]
+    rows = []
+    for r in an:
+        rows.append([display(r["policy"]).replace("anchor:", ""), r["context_requested"], f(r["decode_tok_s"], 2),
+                     f(r["decode_step_ms"], 1),
+                     ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"])
+    for (dt, ctx), r in sorted(fused.items()):
+        if dt == "bfloat16":
+            rows.append(["accel dense bf16 (fused, table above)", ctx, f(r["decode_tok_s"], 2),
+                         f(r["decode_step_ms"], 1), "-"])
+    out += table(["runtime / policy", "context", "tokens/s", "step ms", "vs the fastest anchor"], rows)
+    out += sources("decode_anchors_smollm2_b1.csv")
     pr = load("decode_policies_smollm2_b1.csv")
     dense_over = {r["context"]: float(r["overhead_ms"]) for r in pr if r["policy"] == "dense"}
     rows = []

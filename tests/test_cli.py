@@ -143,7 +143,8 @@ def test_bench_overhead_columns_compiled_baseline_and_anchors(tiny_folder, tmp_p
     script_dir.mkdir()
     (script_dir / "run_anchors.sh").write_text(
         "echo '# a comment'\necho runtime,weights_dtype,kv_dtype,batch,context,decode_tok_s\n"
-        "echo \"llamacpp,F32,F16,1,$CTX_B1,$NGEN.5\"\n")
+        "echo \"llamacpp,F32,F16,1,$CTX_B1,$NGEN.5\"\n"
+        "echo llamacpp,F32,F16,8,4096,20.0\n")  # a batch this run did not ask for (the script's own default grid)
     monkeypatch.setenv("ANCHORS_DIR", str(tmp_path / "built"))
     out = tmp_path / "o.csv"
     args = ["bench", "--model", str(tiny_folder), "--contexts", "64", "--new-tokens", "3", "--anchors",

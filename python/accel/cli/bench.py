@@ -205,7 +205,8 @@ def _run_anchors(script_dir: str, contexts: list[int], batches: list[int], new_t
         r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=4 * 3600)
     except subprocess.TimeoutExpired:
         return [], f"anchors skipped: {script} ran past 4 hours"
-    rows = parse_anchor_csv(r.stdout)
+    # the script runs its own default batch-8 grid when given none: keep this run's batches only
+    rows = [row for row in parse_anchor_csv(r.stdout) if row["batch"] in batches]
     if not rows:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
         return [], f"anchors skipped: {script} gave no rows (exit {r.returncode}: {tail[0]})"
