@@ -360,8 +360,9 @@ def sec_step() -> list[str]:
     fused = {(r["dtype"], int(r["context"])): r for r in fr if r["variant"] == "fused"}
     out += ["Against the runtimes a CPU user would pick instead (`accel bench --anchors`, llama.cpp built by "
             "`../shared/anchors/setup.sh` from the same packaged GGUF, one thread; its F32/F32 rows come from "
-            "llama-batched-bench, the others from llama-bench with flash attention): decode tokens/s at batch 1 in one "
-            "run, accel dense fp32 beside them. The accel bf16 row is the fused bf16 row of the table above (another "
+            "llama-batched-bench, the others from llama-bench; each with flash attention on and off): "
+            "decode tokens/s at batch 1 in one run, accel dense fp32 beside them (\"vs the fastest anchor\": against "
+            "the fastest llama.cpp row at that context, any precision). The accel bf16 row is the fused bf16 row of the table above (another "
             "run).", ""]
     rows = []
     for r in an:
