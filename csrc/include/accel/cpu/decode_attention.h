@@ -93,6 +93,15 @@ static inline void reduce_scores(const v8f* acc, float* r) {  // r[i] = sum(acc[
   for (; i < NA; ++i) r[i] = hsum8(acc[i]);
 }
 
+// s[g][j0 + jj] = scale * sum(acc[g * R + jj]) for the m valid rows of an R-row block
+template <int G, int R>
+static inline void store_scores(const v8f* acc, int j0, int m, float scale, float (*s)[kTile]) {
+  float r[G * R];
+  reduce_scores<G * R>(acc, r);
+  for (int g = 0; g < G; ++g)
+    for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[g * R + jj] * scale;
+}
+
 template <typename T, int DC, int G>
 static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
                                float (*s)[kTile]) {
@@ -111,10 +120,7 @@ static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const 
         for (int jj = 0; jj < R; ++jj) acc[g * R + jj] += qv * kv[jj];
       }
     }
-    float r[G * R];
-    reduce_scores<G * R>(acc, r);
-    for (int g = 0; g < G; ++g)
-      for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[g * R + jj] * scale;
+    store_scores<G, R>(acc, j0, m, scale, s);
   }
 }
 
@@ -177,14 +183,6 @@ static inline bool fast_tile(int G, bool values, const float* q, float* acc, con
 // linear.h does the same for weights). The group's queries are split once per span into even/odd halves to match
 // (qs[g]: DC/2 even values, then DC/2 odd ones), and the value accumulators keep that split layout until the span
 // ends (attend_span interleaves them back). Only the summation order differs from the widening tile.
-static inline void bf16_pair16(const uint16_t* p, v8f& even, v8f& odd) {
-  v8u u;
-  std::memcpy(&u, p, sizeof(u));
-  const v8u e = u << 16, o = u & 0xffff0000u;
-  std::memcpy(&even, &e, sizeof(even));
-  std::memcpy(&odd, &o, sizeof(odd));
-}
-
 template <int DC, int G>
 static inline void tile_scores_split(const float* qs, const uint16_t* kb, int64_t k_st, const int64_t* tok, int n,
                                      float scale, float (*s)[kTile]) {
@@ -199,10 +197,9 @@ static inline void tile_scores_split(const float* qs, const uint16_t* kb, int64_
       for (int half = 0; half < 2; ++half) {  // the even values, then the odd ones, of 16 per row
         v8f kv[R];
         for (int jj = 0; jj < R; ++jj) {
-          v8u u;
-          std::memcpy(&u, kr[jj] + 16 * c, sizeof(u));
-          const v8u w = half == 0 ? u << 16 : u & 0xffff0000u;
-          std::memcpy(&kv[jj], &w, sizeof(v8f));
+          v8f even, odd;  // the unused half is dead code the compiler drops
+          load16_bf16_even_odd(kr[jj] + 16 * c, even, odd);
+          kv[jj] = half == 0 ? even : odd;
         }
         for (int g = 0; g < G; ++g) {
           const v8f qv = load8(qs + g * DC + half * H2 + 8 * c);
@@ -210,10 +207,7 @@ static inline void tile_scores_split(const float* qs, const uint16_t* kb, int64_
         }
       }
     }
-    float r[G * R];
-    reduce_scores<G * R>(acc, r);
-    for (int g = 0; g < G; ++g)
-      for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[g * R + jj] * scale;
+    store_scores<G, R>(acc, j0, m, scale, s);
   }
 }
 
@@ -232,7 +226,7 @@ static inline void tile_values_split(float* acc, const uint16_t* vb, int64_t v_s
       for (int g = 0; g < G; ++g) live |= p[g][j] != 0.f;
       if (!live) continue;
       v8f ve, vo;
-      bf16_pair16(vb + tok[j] * v_st + 16 * c, ve, vo);
+      load16_bf16_even_odd(vb + tok[j] * v_st + 16 * c, ve, vo);
       for (int g = 0; g < G; ++g) {
         const v8f pv = splat8(p[g][j]);
         a[g][0] += pv * ve;

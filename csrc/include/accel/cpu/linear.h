@@ -115,14 +115,6 @@ static inline void linear_row_x8(const float* x, int M, int K, const T* W, int64
 // two fp32 vectors for one operation each: `word << 16` holds the even-indexed weights and `word & 0xffff0000` the
 // odd-indexed ones. x is split once per call into its even- and odd-indexed values to match, so each W vector
 // load feeds two FMAs. (Only the summation order differs from the widening kernel.)
-static inline void bf16_pair(const uint16_t* p, v8f& even, v8f& odd) {
-  v8u u;
-  std::memcpy(&u, p, sizeof(u));
-  const v8u e = u << 16, o = u & 0xffff0000u;
-  std::memcpy(&even, &e, sizeof(even));
-  std::memcpy(&odd, &o, sizeof(odd));
-}
-
 // rows [m0, m0+MB) of the split x (xs row m: K/2 even values then K/2 odd values) against W row o, K % 16 == 0;
 // U runs of 16 weights per iteration (independent accumulators for the single-row case)
 template <int MB, int U>
@@ -135,7 +127,7 @@ static inline void bf16_row(const float* xs, int K, const uint16_t* w, int o, in
   for (; k + 16 * U <= K; k += 16 * U)
     for (int u = 0; u < U; ++u) {
       v8f we, wo;
-      bf16_pair(w + k + 16 * u, we, wo);
+      load16_bf16_even_odd(w + k + 16 * u, we, wo);
       for (int m = 0; m < MB; ++m) {
         const float* xm = xs + static_cast<int64_t>(m0 + m) * K;
         ae[m][u] += load8(xm + k / 2 + 8 * u) * we;
@@ -144,7 +136,7 @@ static inline void bf16_row(const float* xs, int K, const uint16_t* w, int o, in
     }
   for (; k < K; k += 16) {
     v8f we, wo;
-    bf16_pair(w + k, we, wo);
+    load16_bf16_even_odd(w + k, we, wo);
     for (int m = 0; m < MB; ++m) {
       const float* xm = xs + static_cast<int64_t>(m0 + m) * K;
       ae[m][0] += load8(xm + k / 2) * we;

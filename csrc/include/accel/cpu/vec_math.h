@@ -119,6 +119,15 @@ static inline v8f load8_bf16(const uint16_t* p) {
 }
 static inline v8f load8(const uint16_t* p) { return load8_bf16(p); }
 static inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+// 16 bfloat16 values read as eight 32-bit words: `word << 16` is the even-indexed values as fp32, `word & 0xffff0000`
+// the odd-indexed ones (one operation per 8 values instead of widening each: the GEMV and decode-attention tiles)
+static inline void load16_bf16_even_odd(const uint16_t* p, v8f& even, v8f& odd) {
+  v8u u;
+  std::memcpy(&u, p, sizeof(u));
+  const v8u e = u << 16, o = u & 0xffff0000u;
+  std::memcpy(&even, &e, sizeof(even));
+  std::memcpy(&odd, &o, sizeof(odd));
+}
 
 #if defined(__AVX512F__) && !defined(ACCEL_VEC_PAIR)
 #define ACCEL_V16F_NATIVE 1
