@@ -10,7 +10,7 @@
 // offsets[bh] (the ragged per-head cache of KV compression). GQA: the G = H/Hkv query heads of a group are processed together so every K/V
 // row is read from memory exactly once per step.
 //
-// Numerics: fp32 accumulation, online (streaming) softmax in tiles of kTile (16) tokens, flash-decoding
+// Numerics: fp32 accumulation, online (streaming) softmax in tiles of kTile tokens (16 on AVX2, 64 with AVX-512), flash-decoding
 // style split over the token axis with a log-sum-exp merge for parallelism.
 #pragma once
 #include <algorithm>
@@ -56,113 +56,204 @@ struct DecodeParams {
   int num_threads = 0;   // 0: OpenMP default
 };
 
+// tokens per tile (scores, one online-softmax update, values). AVX-512 builds take 64: the per-tile work (softmax
+// update, the accumulators' reload) over more tokens; measured on the AVX-512 project machine, 30 layers x 8K tokens,
+// 3 KV heads, G = 3, from DRAM: bf16 15.5 -> 7.5 ms, fp32 20.3 -> 18.8 ms with the fp32 score tile below.
+#ifdef ACCEL_V16F_NATIVE
+constexpr int kTile = 64;
+#else
 constexpr int kTile = 16;
+#endif
 constexpr int kMaxGroup = 64;
 
-// ---- the register-blocked tile of the common shapes (head_dim 64 or 128, up to 4 query heads per KV head) ----
-// Scores: four K rows at a time per query head, 8-lane accumulators reduced four rows at once (one horizontal
-// reduction per 4 tokens instead of one per token); values: the group's accumulators for a quarter (head_dim 64) or
-// an eighth (128) of the head stay in registers across the whole tile. Measured on the AVX2 project machine with the
-// data in cache (G = 3, head_dim 64): 29 ns per token and KV head, against 41 for the generic tile (a horizontal sum
-// per token and head).
-static inline v4f hsum8x4(v8f a, v8f b, v8f c, v8f d) {  // [sum(a), sum(b), sum(c), sum(d)]
-  const v4f a4 = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  const v4f b4 = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
-  const v4f c4 = __builtin_shufflevector(c, c, 0, 1, 2, 3) + __builtin_shufflevector(c, c, 4, 5, 6, 7);
-  const v4f d4 = __builtin_shufflevector(d, d, 0, 1, 2, 3) + __builtin_shufflevector(d, d, 4, 5, 6, 7);
-  const v4f ab = __builtin_shufflevector(a4, b4, 0, 1, 4, 5) + __builtin_shufflevector(a4, b4, 2, 3, 6, 7);
-  const v4f cd = __builtin_shufflevector(c4, d4, 0, 1, 4, 5) + __builtin_shufflevector(c4, d4, 2, 3, 6, 7);
-  return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) + __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
+// ---- the register-blocked tiles of the common shapes (head_dim a multiple of the vector, 1-4 query heads per KV
+// head), written once over the native vector V (8 lanes on AVX2, 16 with AVX-512) ----
+// Scores: R K rows at a time against all G heads of the group: per vector chunk, R K loads and G query loads feed
+// G*R FMAs into G*R accumulators, so each K chunk is loaded once for the whole group, and the accumulators are reduced
+// four at a time (one reduction tree per 4 sums). (Head by head, the K rows were re-read from L1 for every head: 40
+// loads per 32 FMAs, load-bound.) Values: the group's accumulators for CB vector chunks of the head stay in registers
+// across the whole tile. Block sizes come from the register count: R = 4, 4, 3, 2 for G = 1..4 with AVX2's 16
+// registers (at most 12 accumulators + R rows + one query chunk; measured on the AVX2 project machine, G = 3, head_dim
+// 64, data in cache: 29 ns per token and KV head against 41 for a horizontal sum per token and head), and
+// R = 8, 6, 5, 4 with AVX-512's 32; CB = 2 chunks on AVX2, the whole head (or the largest divisor of it that fits)
+// with AVX-512.
+template <int G>
+constexpr int score_rows() {
+  if constexpr (kVecRegs >= 32) return G <= 2 ? 8 : 4;
+  return G == 1 ? 4 : (G == 2 ? 4 : (G == 3 ? 3 : 2));
 }
 
-// s[g][j] = scale * q_g . K[tok[j]] for j < n (rows of masked tokens are computed and overwritten by the caller).
-// R rows at a time against all G heads of the group: per 8-value chunk, R K loads and G query loads feed G*R FMAs
-// into G*R accumulators (R = 4, 4, 3, 2 for G = 1..4: at most 12 accumulators + R rows + one query chunk of the
-// 16 AVX2 registers), so each K chunk is loaded once for the whole group. (Head by head, the K rows were re-read
-// from L1 for every head: 40 loads per 32 FMAs, load-bound.) Reductions four accumulators at a time.
-template <int G>
-constexpr int score_rows() { return G == 1 ? 4 : (G == 2 ? 4 : (G == 3 ? 3 : 2)); }
+// value chunks per pass: G*CB accumulators + CB row chunks + one broadcast within the register file, CB | NC
+template <int G, int NC>
+constexpr int value_chunks() {
+  if constexpr (kVecRegs < 32) return NC % 2 == 0 ? 2 : 1;
+  int cb = NC;
+  while (cb > 1 && (G * cb + cb + 2 > kVecRegs || NC % cb != 0)) --cb;
+  return cb;
+}
 
-template <int NA>
-static inline void reduce_scores(const v8f* acc, float* r) {  // r[i] = sum(acc[i]), i < NA
+template <typename V, int NA>
+static inline void reduce_scores(const V* acc, float* r) {  // r[i] = sum(acc[i]), i < NA
   int i = 0;
   for (; i + 4 <= NA; i += 4) {
-    const v4f x = hsum8x4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+    const v4f x = VecOps<V>::hsum4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
     r[i] = x[0]; r[i + 1] = x[1]; r[i + 2] = x[2]; r[i + 3] = x[3];
   }
-  for (; i < NA; ++i) r[i] = hsum8(acc[i]);
+  for (; i < NA; ++i) r[i] = VecOps<V>::hsum(acc[i]);
 }
 
 // s[g][j0 + jj] = scale * sum(acc[g * R + jj]) for the m valid rows of an R-row block
-template <int G, int R>
-static inline void store_scores(const v8f* acc, int j0, int m, float scale, float (*s)[kTile]) {
+template <typename V, int G, int R>
+static inline void store_scores(const V* acc, int j0, int m, float scale, float (*s)[kTile]) {
   float r[G * R];
-  reduce_scores<G * R>(acc, r);
+  reduce_scores<V, G * R>(acc, r);
   for (int g = 0; g < G; ++g)
     for (int jj = 0; jj < m; ++jj) s[g][j0 + jj] = r[g * R + jj] * scale;
 }
 
-template <typename T, int DC, int G>
+// s[g][j] = scale * q_g . K[tok[j]] for j < n (rows of masked tokens are computed and overwritten by the caller)
+template <typename V, typename T, int DC, int G>
 static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
                                float (*s)[kTile]) {
-  constexpr int NC = DC / 8, R = score_rows<G>();
+  using O = VecOps<V>;
+  constexpr int NC = DC / O::n, R = score_rows<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const T* kr[R];
     for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
     const int m = std::min(R, n - j0);
-    v8f acc[G * R];
-    for (int i = 0; i < G * R; ++i) acc[i] = v8f{};
+    V acc[G * R];
+    for (int i = 0; i < G * R; ++i) acc[i] = V{};
     for (int c = 0; c < NC; ++c) {
-      v8f kv[R];
-      for (int jj = 0; jj < R; ++jj) kv[jj] = load8(kr[jj] + 8 * c);
+      V kv[R];
+      for (int jj = 0; jj < R; ++jj) kv[jj] = O::load(kr[jj] + O::n * c);
       for (int g = 0; g < G; ++g) {
-        const v8f qv = load8(q + g * DC + 8 * c);
+        const V qv = O::load(q + g * DC + O::n * c);
         for (int jj = 0; jj < R; ++jj) acc[g * R + jj] += qv * kv[jj];
       }
     }
-    store_scores<G, R>(acc, j0, m, scale, s);
+    store_scores<V, G, R>(acc, j0, m, scale, s);
   }
 }
 
-// acc_g += sum_j p[g][j] * V[tok[j]] for the group's heads (p = 0 for masked tokens, whose rows are skipped).
-// A pass keeps G x CB accumulators in registers across the tile (CB = 2 chunks of 8: at most 8 + the broadcast
-// and the row chunks, no spills on AVX2's 16 registers).
-template <typename T, int DC, int G>
+// acc_g += sum_j p[g][j] * V[tok[j]] for the group's heads (p = 0 for masked tokens, whose rows are skipped)
+template <typename V, typename T, int DC, int G>
 static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int64_t* tok, int n,
                                const float (*p)[kTile]) {
-  constexpr int NC = DC / 8;
-  constexpr int CB = 2;
+  using O = VecOps<V>;
+  constexpr int NC = DC / O::n, CB = value_chunks<G, NC>();
+  bool live[kTile];
+  for (int j = 0; j < n; ++j) {
+    bool l = false;
+    for (int g = 0; g < G; ++g) l |= p[g][j] != 0.f;
+    live[j] = l;
+  }
   for (int c0 = 0; c0 < NC; c0 += CB) {
-    v8f a[G][CB];
+    V a[G][CB];
     for (int g = 0; g < G; ++g)
-      for (int cb = 0; cb < CB; ++cb) a[g][cb] = load8(acc + g * DC + 8 * (c0 + cb));
+      for (int cb = 0; cb < CB; ++cb) a[g][cb] = O::load(acc + g * DC + O::n * (c0 + cb));
     for (int j = 0; j < n; ++j) {
-      bool live = false;
-      for (int g = 0; g < G; ++g) live |= p[g][j] != 0.f;
-      if (!live) continue;
-      const T* vr = vb + tok[j] * v_st + 8 * c0;
-      v8f vv[CB];
-      for (int cb = 0; cb < CB; ++cb) vv[cb] = load8(vr + 8 * cb);
+      if (!live[j]) continue;
+      const T* vr = vb + tok[j] * v_st + O::n * c0;
+      V vv[CB];
+      for (int cb = 0; cb < CB; ++cb) vv[cb] = O::load(vr + O::n * cb);
       for (int g = 0; g < G; ++g) {
-        const v8f pv = splat8(p[g][j]);
+        const V pv = O::splat(p[g][j]);
         for (int cb = 0; cb < CB; ++cb) a[g][cb] += pv * vv[cb];
       }
     }
     for (int g = 0; g < G; ++g)
-      for (int cb = 0; cb < CB; ++cb) std::memcpy(acc + g * DC + 8 * (c0 + cb), &a[g][cb], sizeof(v8f));
+      for (int cb = 0; cb < CB; ++cb) std::memcpy(acc + g * DC + O::n * (c0 + cb), &a[g][cb], sizeof(V));
   }
 }
+
+#ifdef ACCEL_V16F_NATIVE
+// ---- AVX-512: scores of 8 (or 4) rows per head reduced by one transposing tree ----
+// With 16-lane accumulators a horizontal sum per score (or per 4 scores) cost as much as the FMAs. Here each head keeps
+// one accumulator per row of an R-row block (G*R <= 24 of the 32 zmm registers), and the block's R sums of a head come
+// out of one tree of two-source shuffles as one vector (3 operations per score instead of ~6), stored whole.
+// lane i of the result = sum of all lanes of a[i], i < 8
+static inline v8f transpose_sum8(const v16f* a) {
+  v16f x[4], y[2];
+  for (int i = 0; i < 4; ++i)  // [a_2i (8 partial sums), a_2i+1 (8)]
+    x[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // 4 partial sums of each of four rows
+    y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const v16f z =  // 2 partial sums of each of the eight rows
+      __builtin_shufflevector(y[0], y[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+      __builtin_shufflevector(y[0], y[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(z, z, 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(z, z, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+// lane i = sum of all lanes of a[i], i < 4
+static inline v4f transpose_sum4(const v16f* a) {
+  const v16f x0 = __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                  __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const v16f x1 = __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                  __builtin_shufflevector(a[2], a[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const v16f y = __builtin_shufflevector(x0, x1, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                 __builtin_shufflevector(x0, x1, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const v8f z = __builtin_shufflevector(y, y, 0, 1, 4, 5, 8, 9, 12, 13) + __builtin_shufflevector(y, y, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(z, z, 0, 2, 4, 6) + __builtin_shufflevector(z, z, 1, 3, 5, 7);
+}
+
+template <int G>
+constexpr int score_rows16() { return G <= 3 ? 8 : 4; }
+static_assert(kTile % 8 == 0, "the AVX-512 score tiles store whole 8-row blocks");
+
+// s[g][j0 + i] = scale * sum(acc[g][i]) for the whole R-row block (rows past n are overwritten or never read)
+template <int G, int R>
+static inline void store_block16(const v16f (*acc)[R], int j0, float scale, float (*s)[kTile]) {
+  for (int g = 0; g < G; ++g) {
+    if constexpr (R == 8) {
+      const v8f r = transpose_sum8(acc[g]) * scale;
+      std::memcpy(&s[g][j0], &r, sizeof(r));
+    } else {
+      const v4f r = transpose_sum4(acc[g]) * scale;
+      std::memcpy(&s[g][j0], &r, sizeof(r));
+    }
+  }
+}
+
+template <typename T, int DC, int G>
+static inline void tile_scores16(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
+                                 float (*s)[kTile]) {
+  constexpr int NC = DC / 16, R = score_rows16<G>();
+  for (int j0 = 0; j0 < n; j0 += R) {
+    const T* kr[R];
+    for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+    v16f acc[G][R];
+    for (int g = 0; g < G; ++g)
+      for (int jj = 0; jj < R; ++jj) acc[g][jj] = v16f{};
+    for (int c = 0; c < NC; ++c) {
+      v16f qv[G];
+      for (int g = 0; g < G; ++g) qv[g] = load16(q + g * DC + 16 * c);
+      for (int jj = 0; jj < R; ++jj) {
+        const v16f kv = load16(kr[jj] + 16 * c);
+        for (int g = 0; g < G; ++g) acc[g][jj] += qv[g] * kv;
+      }
+    }
+    store_block16<G, R>(acc, j0, scale, s);
+  }
+}
+
+#endif
+
+#ifdef ACCEL_V16F_NATIVE
+#define ACCEL_SCORES(T, DC, GG) tile_scores16<T, DC, GG>
+#else
+#define ACCEL_SCORES(T, DC, GG) tile_scores<vnf, T, DC, GG>
+#endif
 
 template <typename T, int DC>
 static inline bool fast_tile(int G, bool values, const float* q, float* acc, const T* base, int64_t st,
                              const int64_t* tok, int n, float scale, float (*s)[kTile]) {
-#ifndef ACCEL_V16F_NATIVE  // measured on AVX2 only; AVX-512 builds keep the 16-lane tile below
-  if constexpr (DC == 64 || DC == 128) {
+  if constexpr (DC > 0 && DC % kLanes == 0 && DC <= 256) {
     switch (G) {
 #define ACCEL_TILE_CASE(GG)                                                          \
   case GG:                                                                           \
-    if (values) tile_values<T, DC, GG>(acc, base, st, tok, n, s);                    \
-    else tile_scores<T, DC, GG>(q, base, st, tok, n, scale, s);                      \
+    if (values) tile_values<vnf, T, DC, GG>(acc, base, st, tok, n, s);               \
+    else ACCEL_SCORES(T, DC, GG)(q, base, st, tok, n, scale, s);                   \
     return true;
       ACCEL_TILE_CASE(1)
       ACCEL_TILE_CASE(2)
@@ -172,95 +263,102 @@ static inline bool fast_tile(int G, bool values, const float* q, float* acc, con
       default: return false;
     }
   }
-#endif
   return false;
 }
 
 // ---- bf16 keys and values: the same tiles on even/odd lanes ----
-// Widening a bf16 row element by element (zero-extend, shift: two operations per 8 values) made the bf16 tile
-// compute-bound, slower per token than the fp32 one from half the bytes. Read as 32-bit words, 16 bf16 values are two
+// Widening a bf16 row element by element (zero-extend, shift: two operations per vector) made the bf16 tile
+// compute-bound, slower per token than the fp32 one from half the bytes. Read as 32-bit words, 2n bf16 values are two
 // fp32 vectors for one operation each (`word << 16`: the even-indexed values, `word & 0xffff0000`: the odd ones;
 // linear.h does the same for weights). The group's queries are split once per span into even/odd halves to match
 // (qs[g]: DC/2 even values, then DC/2 odd ones), and the value accumulators keep that split layout until the span
 // ends (attend_span interleaves them back). Only the summation order differs from the widening tile.
-template <int DC, int G>
+template <typename V, int DC, int G>
 static inline void tile_scores_split(const float* qs, const uint16_t* kb, int64_t k_st, const int64_t* tok, int n,
                                      float scale, float (*s)[kTile]) {
-  constexpr int NP = DC / 16, H2 = DC / 2, R = score_rows<G>();
+  using O = VecOps<V>;
+  constexpr int NP = DC / (2 * O::n), H2 = DC / 2, R = score_rows<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const uint16_t* kr[R];
     for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
     const int m = std::min(R, n - j0);
-    v8f acc[G * R];
-    for (int i = 0; i < G * R; ++i) acc[i] = v8f{};
+    V acc[G * R];
+    for (int i = 0; i < G * R; ++i) acc[i] = V{};
     for (int c = 0; c < NP; ++c) {
-      for (int half = 0; half < 2; ++half) {  // the even values, then the odd ones, of 16 per row
-        v8f kv[R];
+      for (int half = 0; half < 2; ++half) {  // the even values, then the odd ones, of 2n per row
+        V kv[R];
         for (int jj = 0; jj < R; ++jj) {
-          v8f even, odd;  // the unused half is dead code the compiler drops
-          load16_bf16_even_odd(kr[jj] + 16 * c, even, odd);
+          V even, odd;  // the unused half is dead code the compiler drops
+          O::load_even_odd(kr[jj] + 2 * O::n * c, even, odd);
           kv[jj] = half == 0 ? even : odd;
         }
         for (int g = 0; g < G; ++g) {
-          const v8f qv = load8(qs + g * DC + half * H2 + 8 * c);
+          const V qv = O::load(qs + g * DC + half * H2 + O::n * c);
           for (int jj = 0; jj < R; ++jj) acc[g * R + jj] += qv * kv[jj];
         }
       }
     }
-    store_scores<G, R>(acc, j0, m, scale, s);
+    store_scores<V, G, R>(acc, j0, m, scale, s);
   }
 }
 
-template <int DC, int G>
+template <typename V, int DC, int G>
 static inline void tile_values_split(float* acc, const uint16_t* vb, int64_t v_st, const int64_t* tok, int n,
                                      const float (*p)[kTile]) {
-  constexpr int NP = DC / 16, H2 = DC / 2;
-  for (int c = 0; c < NP; ++c) {
-    v8f a[G][2];
-    for (int g = 0; g < G; ++g) {
-      a[g][0] = load8(acc + g * DC + 8 * c);
-      a[g][1] = load8(acc + g * DC + H2 + 8 * c);
-    }
+  using O = VecOps<V>;
+  constexpr int NP = DC / (2 * O::n), H2 = DC / 2;
+  constexpr int CP = value_chunks<G, 2 * NP>() / 2 > 0 ? value_chunks<G, 2 * NP>() / 2 : 1;  // pairs per pass
+  bool live[kTile];
+  for (int j = 0; j < n; ++j) {
+    bool l = false;
+    for (int g = 0; g < G; ++g) l |= p[g][j] != 0.f;
+    live[j] = l;
+  }
+  for (int c0 = 0; c0 < NP; c0 += CP) {
+    V a[G][CP][2];
+    for (int g = 0; g < G; ++g)
+      for (int cp = 0; cp < CP; ++cp) {
+        a[g][cp][0] = O::load(acc + g * DC + O::n * (c0 + cp));
+        a[g][cp][1] = O::load(acc + g * DC + H2 + O::n * (c0 + cp));
+      }
     for (int j = 0; j < n; ++j) {
-      bool live = false;
-      for (int g = 0; g < G; ++g) live |= p[g][j] != 0.f;
-      if (!live) continue;
-      v8f ve, vo;
-      load16_bf16_even_odd(vb + tok[j] * v_st + 16 * c, ve, vo);
+      if (!live[j]) continue;
+      V ve[CP], vo[CP];
+      for (int cp = 0; cp < CP; ++cp) O::load_even_odd(vb + tok[j] * v_st + 2 * O::n * (c0 + cp), ve[cp], vo[cp]);
       for (int g = 0; g < G; ++g) {
-        const v8f pv = splat8(p[g][j]);
-        a[g][0] += pv * ve;
-        a[g][1] += pv * vo;
+        const V pv = O::splat(p[g][j]);
+        for (int cp = 0; cp < CP; ++cp) {
+          a[g][cp][0] += pv * ve[cp];
+          a[g][cp][1] += pv * vo[cp];
+        }
       }
     }
-    for (int g = 0; g < G; ++g) {
-      std::memcpy(acc + g * DC + 8 * c, &a[g][0], sizeof(v8f));
-      std::memcpy(acc + g * DC + H2 + 8 * c, &a[g][1], sizeof(v8f));
-    }
+    for (int g = 0; g < G; ++g)
+      for (int cp = 0; cp < CP; ++cp) {
+        std::memcpy(acc + g * DC + O::n * (c0 + cp), &a[g][cp][0], sizeof(V));
+        std::memcpy(acc + g * DC + H2 + O::n * (c0 + cp), &a[g][cp][1], sizeof(V));
+      }
   }
 }
 
-// whether split_tile serves (T, DC, G): bf16 data, head_dim 64 or 128, 1-4 query heads per KV head, AVX2 builds
+// whether split_tile serves (T, DC, G): bf16 data, head_dim a multiple of two vectors, 1-4 query heads per KV head
 template <typename T, int DC>
 static inline bool has_split_tile(int G) {
-#ifndef ACCEL_V16F_NATIVE
-  if constexpr (sizeof(T) == 2 && (DC == 64 || DC == 128)) return G >= 1 && G <= 4;
-#endif
+  if constexpr (sizeof(T) == 2 && DC > 0 && DC % (2 * kLanes) == 0 && DC <= 256) return G >= 1 && G <= 4;
   (void)G;
   return false;
 }
 
-// the split tile for (G, DC) of bf16 data on AVX2 builds; false: the span uses the widening tiles
+// the split tile for (G, DC) of bf16 data; false: the span uses the widening tiles
 template <typename T, int DC>
 static inline bool split_tile(int G, bool values, const float* qs, float* acc, const T* base, int64_t st,
                               const int64_t* tok, int n, float scale, float (*s)[kTile]) {
-#ifndef ACCEL_V16F_NATIVE
-  if constexpr (sizeof(T) == 2 && (DC == 64 || DC == 128)) {
+  if constexpr (sizeof(T) == 2 && DC > 0 && DC % (2 * kLanes) == 0 && DC <= 256) {
     switch (G) {
 #define ACCEL_SPLIT_CASE(GG)                                                   \
   case GG:                                                                     \
-    if (values) tile_values_split<DC, GG>(acc, base, st, tok, n, s);           \
-    else tile_scores_split<DC, GG>(qs, base, st, tok, n, scale, s);            \
+    if (values) tile_values_split<vnf, DC, GG>(acc, base, st, tok, n, s);      \
+    else tile_scores_split<vnf, DC, GG>(qs, base, st, tok, n, scale, s);           \
     return true;
       ACCEL_SPLIT_CASE(1)
       ACCEL_SPLIT_CASE(2)
@@ -270,7 +368,6 @@ static inline bool split_tile(int G, bool values, const float* qs, float* acc, c
       default: return false;
     }
   }
-#endif
   return false;
 }
 
@@ -296,7 +393,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   std::fill(acc, acc + static_cast<int64_t>(G) * D, 0.f);
   // bf16 K/V with a tile for (G, DC): even/odd-split queries and value accumulators (see split_tile)
   const bool split = has_split_tile<T, DC>(G);
-  float qs[4 * 128];
+  float qs[4 * 256];
   if (split)
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < D / 2; ++i) {
@@ -405,17 +502,21 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
         m[g] = newm;
       }
       float sum = 0.f;
-      if (n == kTile && kTile == 16) {
-        const v16f e = fast_exp16(load16(s[g]) - splat16(newm));  // -inf (masked) lanes give exactly 0
-        store16(s[g], e);
-        sum = hsum16(e);
-      } else {
-        for (int j = 0; j < n; ++j) {
-          const float e = fast_exp(s[g][j] - newm);
-          const float pj = (s[g][j] == ninf) ? 0.f : e;
-          s[g][j] = pj;
-          sum += pj;
+      int j = 0;
+      if (n >= 16) {
+        v16f es{};
+        for (; j + 16 <= n; j += 16) {
+          const v16f e = fast_exp16(load16(s[g] + j) - splat16(newm));  // -inf (masked) lanes give exactly 0
+          store16(s[g] + j, e);
+          es += e;
         }
+        sum = hsum16(es);
+      }
+      for (; j < n; ++j) {
+        const float e = fast_exp(s[g][j] - newm);
+        const float pj = (s[g][j] == ninf) ? 0.f : e;
+        s[g][j] = pj;
+        sum += pj;
       }
       l[g] += sum;
     }
@@ -455,7 +556,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     }
   }
   if (split) {  // the split value accumulators back to head order
-    float tmp[128];
+    float tmp[256];
     for (int g = 0; g < G; ++g) {
       float* a = acc + static_cast<int64_t>(g) * D;
       for (int i = 0; i < D / 2; ++i) {

@@ -115,38 +115,41 @@ static inline void linear_row_x8(const float* x, int M, int K, const T* W, int64
 // two fp32 vectors for one operation each: `word << 16` holds the even-indexed weights and `word & 0xffff0000` the
 // odd-indexed ones. x is split once per call into its even- and odd-indexed values to match, so each W vector
 // load feeds two FMAs. (Only the summation order differs from the widening kernel.)
-// rows [m0, m0+MB) of the split x (xs row m: K/2 even values then K/2 odd values) against W row o, K % 16 == 0;
-// U runs of 16 weights per iteration (independent accumulators for the single-row case)
+// rows [m0, m0+MB) of the split x (xs row m: K/2 even values then K/2 odd values) against W row o, K a multiple of
+// 2n (n: the native vector's lanes); U runs of 2n weights per iteration (independent accumulators for the single-row
+// case). Written over the native vector: 8 lanes on AVX2, 16 with AVX-512 (32 weights per 64-byte load).
 template <int MB, int U>
 static inline void bf16_row(const float* xs, int K, const uint16_t* w, int o, int m0, float* y, int N) {
+  using O = VecOps<vnf>;
+  constexpr int n = O::n;
   const int K2 = K / 2;
-  v8f ae[MB][U], ao[MB][U];
+  vnf ae[MB][U], ao[MB][U];
   for (int m = 0; m < MB; ++m)
-    for (int u = 0; u < U; ++u) ae[m][u] = ao[m][u] = v8f{};
+    for (int u = 0; u < U; ++u) ae[m][u] = ao[m][u] = vnf{};
   int k = 0;
-  for (; k + 16 * U <= K; k += 16 * U)
+  for (; k + 2 * n * U <= K; k += 2 * n * U)
     for (int u = 0; u < U; ++u) {
-      v8f we, wo;
-      load16_bf16_even_odd(w + k + 16 * u, we, wo);
+      vnf we, wo;
+      O::load_even_odd(w + k + 2 * n * u, we, wo);
       for (int m = 0; m < MB; ++m) {
         const float* xm = xs + static_cast<int64_t>(m0 + m) * K;
-        ae[m][u] += load8(xm + k / 2 + 8 * u) * we;
-        ao[m][u] += load8(xm + K2 + k / 2 + 8 * u) * wo;
+        ae[m][u] += O::load(xm + k / 2 + n * u) * we;
+        ao[m][u] += O::load(xm + K2 + k / 2 + n * u) * wo;
       }
     }
-  for (; k < K; k += 16) {
-    v8f we, wo;
-    load16_bf16_even_odd(w + k, we, wo);
+  for (; k < K; k += 2 * n) {
+    vnf we, wo;
+    O::load_even_odd(w + k, we, wo);
     for (int m = 0; m < MB; ++m) {
       const float* xm = xs + static_cast<int64_t>(m0 + m) * K;
-      ae[m][0] += load8(xm + k / 2) * we;
-      ao[m][0] += load8(xm + K2 + k / 2) * wo;
+      ae[m][0] += O::load(xm + k / 2) * we;
+      ao[m][0] += O::load(xm + K2 + k / 2) * wo;
     }
   }
   for (int m = 0; m < MB; ++m) {
-    v8f t = ae[m][0] + ao[m][0];
+    vnf t = ae[m][0] + ao[m][0];
     for (int u = 1; u < U; ++u) t += ae[m][u] + ao[m][u];
-    y[static_cast<int64_t>(m0 + m) * N + o] = hsum8(t);
+    y[static_cast<int64_t>(m0 + m) * N + o] = O::hsum(t);
   }
 }
 
@@ -182,16 +185,41 @@ inline void small_m_linear_bf16_split(const float* x, int M, int K, const uint16
   }
 }
 
+#ifdef ACCEL_V16F_NATIVE
+// one fp32 W row against one x row with U independent 16-lane accumulators: a single accumulator made each row a
+// chain of K/16 dependent FMAs (latency-bound, ~80% of the read bandwidth with W from DRAM on the AVX-512 project
+// machine)
+template <int U>
+static inline float f32_row(const float* x, const float* w, int K) {
+  v16f a[U];
+  for (int u = 0; u < U; ++u) a[u] = v16f{};
+  int k = 0;
+  for (; k + 16 * U <= K; k += 16 * U)
+    for (int u = 0; u < U; ++u) a[u] += load16(x + k + 16 * u) * load16(w + k + 16 * u);
+  for (; k + 16 <= K; k += 16) a[0] += load16(x + k) * load16(w + k);
+  for (int u = 1; u < U; ++u) a[0] += a[u];
+  return hsum16(a[0]) + dot_tail(x, w, k, K);
+}
+#endif
+
 template <typename T>
 inline void small_m_linear(const float* x, int M, int K, const T* W, int64_t ldw, const float* bias, float* y,
                            int N, int num_threads) {
-#ifndef ACCEL_V16F_NATIVE  // measured on AVX2 only; AVX-512 builds keep the 16-lane blocks below
   if constexpr (sizeof(T) == 2) {
-    if (K % 16 == 0) {
+    if (K % (2 * kLanes) == 0) {
       small_m_linear_bf16_split(x, M, K, W, ldw, y, N, num_threads);
       if (bias)
         for (int m = 0; m < M; ++m)
           for (int o = 0; o < N; ++o) y[static_cast<int64_t>(m) * N + o] += bias[o];
+      return;
+    }
+  }
+#ifdef ACCEL_V16F_NATIVE
+  if constexpr (sizeof(T) == 4) {
+    if (M == 1) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
+      for (int o = 0; o < N; ++o)
+        y[o] = f32_row<4>(x, W + static_cast<int64_t>(o) * ldw, K) + (bias ? bias[o] : 0.f);
       return;
     }
   }

@@ -196,5 +196,59 @@ static inline float hmax16(v16f v) { return hmax8(v.lo > v.hi ? v.lo : v.hi); }
 static inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
 static inline v16f splat16(float x) { return v16f{} + x; }
 
+// [sum(a), sum(b), sum(c), sum(d)] of four 8-lane vectors (one reduction tree for four sums)
+static inline v4f hsum8x4(v8f a, v8f b, v8f c, v8f d) {
+  const v4f a4 = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4f b4 = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+  const v4f c4 = __builtin_shufflevector(c, c, 0, 1, 2, 3) + __builtin_shufflevector(c, c, 4, 5, 6, 7);
+  const v4f d4 = __builtin_shufflevector(d, d, 0, 1, 2, 3) + __builtin_shufflevector(d, d, 4, 5, 6, 7);
+  const v4f ab = __builtin_shufflevector(a4, b4, 0, 1, 4, 5) + __builtin_shufflevector(a4, b4, 2, 3, 6, 7);
+  const v4f cd = __builtin_shufflevector(c4, d4, 0, 1, 4, 5) + __builtin_shufflevector(c4, d4, 2, 3, 6, 7);
+  return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) + __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
+}
+
+// ---- the native vector: one register's worth (16 lanes with AVX-512, 8 without) ----
+// The register-blocked tiles (decode attention, the bf16 GEMV) are written once over `VecOps<V>` and instantiated
+// with the native vector `vnf`, their block sizes chosen from the register count `kVecRegs` (16 ymm on AVX2; 32 zmm
+// with AVX-512).
+template <typename V> struct VecOps;
+template <> struct VecOps<v8f> {
+  static constexpr int n = 8;
+  static inline v8f load(const float* p) { return load8(p); }
+  static inline v8f load(const uint16_t* p) { return load8_bf16(p); }
+  static inline v8f splat(float x) { return splat8(x); }
+  static inline float hsum(v8f v) { return hsum8(v); }
+  static inline v4f hsum4(v8f a, v8f b, v8f c, v8f d) { return hsum8x4(a, b, c, d); }
+  // 2n bf16 values as the even-indexed and the odd-indexed n (see load16_bf16_even_odd)
+  static inline void load_even_odd(const uint16_t* p, v8f& even, v8f& odd) { load16_bf16_even_odd(p, even, odd); }
+};
+#ifdef ACCEL_V16F_NATIVE
+template <> struct VecOps<v16f> {
+  static constexpr int n = 16;
+  static inline v16f load(const float* p) { return load16(p); }
+  static inline v16f load(const uint16_t* p) { return load16(p); }
+  static inline v16f splat(float x) { return splat16(x); }
+  static inline float hsum(v16f v) { return hsum16(v); }
+  static inline v8f fold(v16f v) {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  static inline v4f hsum4(v16f a, v16f b, v16f c, v16f d) { return hsum8x4(fold(a), fold(b), fold(c), fold(d)); }
+  static inline void load_even_odd(const uint16_t* p, v16f& even, v16f& odd) {
+    v16u u;
+    std::memcpy(&u, p, sizeof(u));
+    const v16u e = u << 16, o = u & 0xffff0000u;
+    std::memcpy(&even, &e, sizeof(even));
+    std::memcpy(&odd, &o, sizeof(odd));
+  }
+};
+typedef v16f vnf;
+constexpr int kVecRegs = 32;
+#else
+typedef v8f vnf;
+constexpr int kVecRegs = 16;
+#endif
+constexpr int kLanes = VecOps<vnf>::n;
+
 }  // namespace cpu
 }  // namespace accel
