@@ -106,7 +106,8 @@ COMMITTED = {
     "vlm_prefill_small.csv": "2026-11-24",
     "vlm_prefill_vitl.csv": "2026-11-24",
 }
-#: The project machine changed: runs committed before this day had an AVX-512 EPYC, later ones an AVX2-only EPYC.
+#: The project machine changed: runs committed before this day had an AVX-512 EPYC, later ones an AVX2-only EPYC (until
+#: CSVs recorded the ISA themselves, column `isa`; the machine of 2026-12-04's later runs is AVX-512 again).
 AVX2_SINCE = "2026-11-27"
 
 # ------------------------------------------------------------------------------------------------------------
@@ -156,7 +157,10 @@ def machine(name: str) -> str:
     cols = rows[0].keys() if rows else []
     parts = []
     if "cpu" in cols:
-        isa = "AVX2 only" if COMMITTED[name] >= AVX2_SINCE else "AVX-512"
+        if "isa" in cols:  # recorded by the run itself (accel.perf.machine_facts) since 2026-12-04
+            isa = {"AVX512": "AVX-512", "AVX2": "AVX2 only"}.get(_one(rows, "isa"), _one(rows, "isa"))
+        else:
+            isa = "AVX2 only" if COMMITTED[name] >= AVX2_SINCE else "AVX-512"
         parts.append(f"{_one(rows, 'cpu')} ({isa})")
     else:
         parts.append("CPU not recorded in the CSV")
@@ -912,7 +916,10 @@ def results_md() -> str:
             "How to read them:", "",
             "* All runs are on the project machine: a shared AMD EPYC virtual machine with two cores and no GPU, fp32, "
             "one thread unless stated, one run per configuration. Runs committed before "
-            f"{AVX2_SINCE} used an EPYC with AVX-512, later runs an AVX2-only EPYC (marked in each source line).",
+            f"{AVX2_SINCE} used an EPYC with AVX-512, later runs an AVX2-only EPYC, and CSVs that record their ISA "
+            "(column `isa`, from 2026-12-04) an EPYC with AVX-512 again; each source line names its machine. The C++ "
+            "kernels are built for the machine they run on (`-march=native`), so rows from machines of different ISAs "
+            "are not comparable.",
             "* The machine's memory bandwidth moves noticeably between runs, so compare rows of one CSV "
             "(measured in one run) rather than rows of different CSVs; the speed CSVs record the bandwidth measured in "
             "their run.",

@@ -45,3 +45,16 @@ def test_kernel_headers_compile_for_each_x86_target(tmp_path, arch):
     r = subprocess.run([CXX, "-fsyntax-only", "-std=c++17", "-fopenmp", "-Wno-psabi", f"-march={arch}",
                         "-I", str(ROOT / "csrc" / "include"), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(not X86, reason="x86 targets")
+@pytest.mark.parametrize("tool", ["decode_bench.cpp", "linear_bench.cpp"])
+@pytest.mark.parametrize("arch", ["native", "haswell"])
+def test_kernel_timing_tools_compile(tool, arch):
+    """The kernel timing tools in csrc/tools (used for the before/after figures in docs/methods/dense.md) build
+    against the current headers, with AVX-512 where the host has it and for AVX2."""
+    assert CXX is not None, "a C++ compiler (g++) is needed to build accel's CPU kernels"
+    r = subprocess.run([CXX, "-fsyntax-only", "-std=c++17", "-fopenmp", "-Wno-psabi", f"-march={arch}",
+                        "-I", str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "tools" / tool)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

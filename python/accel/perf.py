@@ -210,6 +210,7 @@ def machine_facts() -> dict:
         pass
     return {
         "cpu": cpu,
+        "isa": torch.backends.cpu.get_cpu_capability(),  # the vector width the kernels were built for (AVX2 / AVX512)
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
