@@ -381,8 +381,8 @@ def sec_step() -> list[str]:
     out += table(["runtime / policy", "context", "tokens/s", "step ms", "vs the fastest anchor"], rows)
     out += sources("decode_anchors_smollm2_b1.csv")
     b8 = load("decode_anchors_smollm2_b8.csv")
-    out += ["The same at batch 8 (8 sequences of the prompt decoded together; tokens/s counts all of them), in one run:",
-            ""]
+    out += ["The same at batch 8 (8 sequences of the prompt decoded together; tokens/s counts all of them), in one run; "
+            "here every llama.cpp row comes from llama-batched-bench (one measurement each):", ""]
     out += table(["runtime / policy", "context", "batch", "tokens/s", "step ms", "vs the fastest anchor"],
                  [[display(r["policy"]).replace("anchor:", ""), r["context_requested"], r["batch"],
                    f(r["decode_tok_s"], 2), f(r["decode_step_ms"], 1),
@@ -926,10 +926,10 @@ def results_md() -> str:
             "How to read them:", "",
             "* All runs are on the project machine: a shared AMD EPYC virtual machine with two cores and no GPU, fp32, "
             "one thread unless stated, one run per configuration. Runs committed before "
-            f"{AVX2_SINCE} used an EPYC with AVX-512, later runs an AVX2-only EPYC, and CSVs that record their ISA "
-            "(column `isa`, from 2026-12-04) an EPYC with AVX-512 again; each source line names its machine. The C++ "
-            "kernels are built for the machine they run on (`-march=native`), so rows from machines of different ISAs "
-            "are not comparable.",
+            f"{AVX2_SINCE} used an EPYC with AVX-512, later runs an AVX2-only EPYC until CSVs recorded the vector "
+            "instructions accel's kernels were built for (column `isa`, from 2026-12-04); each source line names its "
+            "machine. The C++ kernels are built for the machine they run on (`-march=native`), so rows from machines "
+            "of different ISAs are not comparable.",
             "* The machine's memory bandwidth moves noticeably between runs, so compare rows of one CSV "
             "(measured in one run) rather than rows of different CSVs; the speed CSVs record the bandwidth measured in "
             "their run.",

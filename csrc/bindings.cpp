@@ -17,6 +17,7 @@ std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, tor
                                            int64_t agg, int64_t chunk, int64_t sink, int64_t recent, double scale);
 torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
                                        torch::Tensor counts, double scale);
+std::string build_isa_cpu();
 double scattered_read_probe_cpu(torch::Tensor buf, torch::Tensor rows, int64_t distance);
 bool flush_cache_lines_cpu(torch::Tensor t);
 int64_t ragged_evict_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score,
@@ -84,6 +85,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "decode layer, after attention: o projection + residual, RMSNorm, SiLU-gated MLP + residual (new tensor)",
         pybind11::arg("h"), pybind11::arg("a"), pybind11::arg("wo"), pybind11::arg("bo") = pybind11::none(),
         pybind11::arg("ln"), pybind11::arg("eps"), pybind11::arg("wg"), pybind11::arg("wu"), pybind11::arg("wd"));
+  m.def("build_isa", &build_isa_cpu,
+        "the vector instructions the kernels were compiled for: 'AVX512' (16-lane vectors), 'AVX2' or 'baseline'");
   m.def("scattered_read_probe", &scattered_read_probe_cpu,
         "sum of the given rows of a [R, W] float32 buffer with a software prefetch `distance` rows ahead "
         "(a benchmark probe of the scattered-row read bandwidth)");

@@ -28,7 +28,7 @@ def _case(B, H, Hkv, D, cap, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("D", [64, 80, 128, 256, 40])
+@pytest.mark.parametrize("D", [64, 80, 96, 128, 256, 40])
 @pytest.mark.parametrize("G", [1, 2, 3, 4, 8])
 def test_matches_reference_ragged_lengths(dtype, D, G):
     Hkv = 2

@@ -144,3 +144,15 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
   if (return_lse) return {out, lse};
   return {out};
 }
+
+// what the kernels of this build use (-march=native on the build machine, or ACCEL_MARCH): recorded with every
+// benchmark CSV, since the tiles and block sizes differ between the 16-lane (AVX-512) and 8-lane (AVX2) forms
+std::string build_isa_cpu() {
+#if defined(ACCEL_V16F_NATIVE)
+  return "AVX512";
+#elif defined(__AVX2__)
+  return "AVX2";
+#else
+  return "baseline";
+#endif
+}

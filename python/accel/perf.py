@@ -194,6 +194,16 @@ def kv_bytes_read(model, context: int, batch: int = 1, dtype_bytes: int = 4) -> 
     return total
 
 
+def _build_isa() -> str:
+    """The vector instructions accel's C++ kernels were compiled for (AVX512 / AVX2 / baseline), or torch's CPU
+    capability prefixed "torch:" when the extension is not built."""
+    from . import _ext
+
+    if _ext.HAS_CPU_EXT:
+        return _ext.cpu_ext().build_isa()
+    return "torch:" + torch.backends.cpu.get_cpu_capability()
+
+
 def machine_facts() -> dict:
     import transformers
 
@@ -210,7 +220,7 @@ def machine_facts() -> dict:
         pass
     return {
         "cpu": cpu,
-        "isa": torch.backends.cpu.get_cpu_capability(),  # the vector width the kernels were built for (AVX2 / AVX512)
+        "isa": _build_isa(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -57,8 +57,9 @@ struct DecodeParams {
 };
 
 // tokens per tile (scores, one online-softmax update, values). AVX-512 builds take 64: the per-tile work (softmax
-// update, the accumulators' reload) over more tokens; measured on the AVX-512 project machine, 30 layers x 8K tokens,
-// 3 KV heads, G = 3, from DRAM: bf16 15.5 -> 7.5 ms, fp32 20.3 -> 18.8 ms with the fp32 score tile below.
+// update, the accumulators' reload) spread over more tokens. On the AVX-512 project machine (30 layers x 8K tokens,
+// 3 KV heads, G = 3, from DRAM, a scratch harness, 2026-12-04) 64 against 16 with the same tiles: bf16 ~10 against
+// ~16 ms, fp32 ~20 against ~21 ms (32 and 128 measured no better).
 #ifdef ACCEL_V16F_NATIVE
 constexpr int kTile = 64;
 #else
@@ -75,8 +76,8 @@ constexpr int kMaxGroup = 64;
 // across the whole tile. Block sizes come from the register count: R = 4, 4, 3, 2 for G = 1..4 with AVX2's 16
 // registers (at most 12 accumulators + R rows + one query chunk; measured on the AVX2 project machine, G = 3, head_dim
 // 64, data in cache: 29 ns per token and KV head against 41 for a horizontal sum per token and head), and
-// R = 8, 6, 5, 4 with AVX-512's 32; CB = 2 chunks on AVX2, the whole head (or the largest divisor of it that fits)
-// with AVX-512.
+// R = 8, 8, 4, 4 with AVX-512's 32 (there this tile serves bf16 on even/odd lanes; fp32 takes tile_scores16 below);
+// CB = 2 chunks on AVX2, the whole head (or the largest divisor of it that fits) with AVX-512.
 template <int G>
 constexpr int score_rows() {
   if constexpr (kVecRegs >= 32) return G <= 2 ? 8 : 4;
@@ -409,7 +410,10 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   // K rows one tile ahead and V rows one tile ahead (before the current tile's value pass), so a
   // tile's worth of cache misses is in flight while a tile computes (memory-level parallelism instead
   // of one row's latency at a time). The first tile's rows are requested before the loop starts.
-  // Contiguous rows are left to the hardware prefetcher. (Two tiles ahead measured no better.)
+  // Contiguous rows are left to the hardware prefetcher (software prefetch of contiguous rows at 16-256 rows ahead
+  // measured slower on the AVX-512 machine). (Two tiles ahead measured no better, with 16-token tiles on AVX2; with
+  // AVX-512's 64-token tiles, one tile is 64 rows ahead: the hylra and snapkv steps of decode_policies_smollm2_b1.csv
+  // follow their bytes at 8K with it.)
   // Inside a run of consecutive indices (chunked selections, sink and recent spans) only the first
   // kPfRun rows are requested: beyond that the hardware prefetcher follows the run, and software
   // requests only compete with it (a 512-row run read at 9.4 GB/s with every row requested, 18.5 GB/s
@@ -638,6 +642,8 @@ inline void decode_attention(const DecodeParams& p) {
     default: decode_attention_impl<T, 0>(p); break;
   }
 }
+
+#undef ACCEL_SCORES
 
 }  // namespace cpu
 }  // namespace accel
