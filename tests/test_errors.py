@@ -21,6 +21,15 @@ def test_unknown_override_names_the_options():
     model = tiny_model("llama")
     with pytest.raises(accel.AccelError, match="has no option"):
         accel.patch(model, "dense", topk=5)
+    with pytest.raises(accel.AccelError, match="did you mean 'budget_ratio' for 'budget_rato'"):
+        accel.patch(model, "snapkv", budget_rato=0.25)
+    assert model.config._attn_implementation == "sdpa"  # nothing half-applied
+
+
+def test_patch_of_something_that_is_not_a_model_is_one_line():
+    for bad in (None, "smollm2-135m"):
+        with pytest.raises(accel.AccelError, match="takes a loaded transformers model"):
+            accel.patch(bad, "hylra")
 
 
 def test_unsupported_model_lists_supported_types():

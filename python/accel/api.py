@@ -45,6 +45,11 @@ def patch(model, policy="dense", plan=None, *, reserve: int = 0, check_context: 
         a handle (context manager; ``.remove()`` restores the model exactly).
     """
     compat.check_transformers_version()
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise AccelError(f"accel.patch takes a loaded transformers model (a torch.nn.Module), got {type(model).__name__}; "
+                         "load one first, e.g. accel.models.load('smollm2-135m') or AutoModelForCausalLM.from_pretrained")
     refuse_if_patched(model)
     problem = dtype_problem(model)
     if problem:

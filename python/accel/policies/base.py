@@ -71,8 +71,13 @@ class Policy:
         fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
         bad = set(overrides) - fields
         if bad:
+            import difflib
+
+            close = {b: difflib.get_close_matches(b, sorted(fields), n=1) for b in sorted(bad)}
+            hint = "; ".join(f"did you mean {c[0]!r} for {b!r}?" for b, c in close.items() if c)
             raise AccelError(
                 f"policy {cls.name!r} has no option(s) {sorted(bad)}; its options are {sorted(fields) or 'none'}"
+                + (f" ({hint})" if hint else "")
             )
         return cls(**overrides)
 
