@@ -47,6 +47,7 @@ import torch
 from .. import _ext
 from ..cache.accel_cache import AccelCache
 from .attention_fn import accel_attention_forward
+from .linear import _fast_forward
 
 logger = logging.getLogger("accel")
 
@@ -75,8 +76,6 @@ def _silu_types():
 def _foreign_forward(m) -> bool:
     """``m`` has an instance forward other than accel's own decode GEMV (``accel.patching.linear``, which the fused
     path replaces anyway)."""
-    from .linear import _fast_forward
-
     f = m.__dict__.get("forward")
     return f is not None and getattr(f, "__func__", None) is not _fast_forward
 
@@ -178,13 +177,8 @@ class FusedDecode:
 
         if M._global_forward_hooks or M._global_forward_pre_hooks or getattr(M, "_global_forward_hooks_always_called", None):
             return False
-        from .linear import _fast_forward
-
-        for parent, name, m in self._slots:  # inlined _foreign_forward: this runs for every module of every forward
-            if parent._modules.get(name) is not m or m._forward_pre_hooks:
-                return False
-            f = m.__dict__.get("forward")
-            if f is not None and getattr(f, "__func__", None) is not _fast_forward:
+        for parent, name, m in self._slots:
+            if parent._modules.get(name) is not m or m._forward_pre_hooks or _foreign_forward(m):
                 return False
             if m._forward_hooks and any(getattr(h, "__module__", "") != _CAPTURE_MODULE for h in m._forward_hooks.values()):
                 return False

@@ -136,6 +136,16 @@ static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const 
   }
 }
 
+// live[j]: some head of the group gives token j a nonzero weight (the value tiles skip the others' rows)
+template <int G>
+static inline void live_rows(const float (*p)[kTile], int n, bool* live) {
+  for (int j = 0; j < n; ++j) {
+    bool l = false;
+    for (int g = 0; g < G; ++g) l |= p[g][j] != 0.f;
+    live[j] = l;
+  }
+}
+
 // acc_g += sum_j p[g][j] * V[tok[j]] for the group's heads (p = 0 for masked tokens, whose rows are skipped)
 template <typename V, typename T, int DC, int G>
 static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int64_t* tok, int n,
@@ -143,11 +153,7 @@ static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int6
   using O = VecOps<V>;
   constexpr int NC = DC / O::n, CB = value_chunks<G, NC>();
   bool live[kTile];
-  for (int j = 0; j < n; ++j) {
-    bool l = false;
-    for (int g = 0; g < G; ++g) l |= p[g][j] != 0.f;
-    live[j] = l;
-  }
+  live_rows<G>(p, n, live);
   for (int c0 = 0; c0 < NC; c0 += CB) {
     V a[G][CB];
     for (int g = 0; g < G; ++g)
@@ -240,11 +246,16 @@ static inline void tile_scores16(const float* q, const T* kb, int64_t k_st, cons
 
 #endif
 
+// the score tile of this build: tile_scores16 with AVX-512, the register-count-sized tile_scores otherwise
+template <typename T, int DC, int G>
+static inline void scores_tile(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
+                               float (*s)[kTile]) {
 #ifdef ACCEL_V16F_NATIVE
-#define ACCEL_SCORES(T, DC, GG) tile_scores16<T, DC, GG>
+  tile_scores16<T, DC, G>(q, kb, k_st, tok, n, scale, s);
 #else
-#define ACCEL_SCORES(T, DC, GG) tile_scores<vnf, T, DC, GG>
+  tile_scores<vnf, T, DC, G>(q, kb, k_st, tok, n, scale, s);
 #endif
+}
 
 template <typename T, int DC>
 static inline bool fast_tile(int G, bool values, const float* q, float* acc, const T* base, int64_t st,
@@ -254,7 +265,7 @@ static inline bool fast_tile(int G, bool values, const float* q, float* acc, con
 #define ACCEL_TILE_CASE(GG)                                                          \
   case GG:                                                                           \
     if (values) tile_values<vnf, T, DC, GG>(acc, base, st, tok, n, s);               \
-    else ACCEL_SCORES(T, DC, GG)(q, base, st, tok, n, scale, s);                   \
+    else scores_tile<T, DC, GG>(q, base, st, tok, n, scale, s);                     \
     return true;
       ACCEL_TILE_CASE(1)
       ACCEL_TILE_CASE(2)
@@ -310,11 +321,7 @@ static inline void tile_values_split(float* acc, const uint16_t* vb, int64_t v_s
   constexpr int NP = DC / (2 * O::n), H2 = DC / 2;
   constexpr int CP = value_chunks<G, 2 * NP>() / 2 > 0 ? value_chunks<G, 2 * NP>() / 2 : 1;  // pairs per pass
   bool live[kTile];
-  for (int j = 0; j < n; ++j) {
-    bool l = false;
-    for (int g = 0; g < G; ++g) l |= p[g][j] != 0.f;
-    live[j] = l;
-  }
+  live_rows<G>(p, n, live);
   for (int c0 = 0; c0 < NP; c0 += CP) {
     V a[G][CP][2];
     for (int g = 0; g < G; ++g)
@@ -642,8 +649,6 @@ inline void decode_attention(const DecodeParams& p) {
     default: decode_attention_impl<T, 0>(p); break;
   }
 }
-
-#undef ACCEL_SCORES
 
 }  // namespace cpu
 }  // namespace accel

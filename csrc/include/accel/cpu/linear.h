@@ -25,41 +25,26 @@ static inline float dot_tail(const float* x, const T* w, int k0, int K) {
   return s;
 }
 
-// The vector a block computes with: 16-lane v16f (one zmm with AVX-512, a pair of ymm without) or, without
-// AVX-512, the native 8-lane v8f (blocks sized to the 16 ymm registers, below).
-template <typename V> struct Lanes;
-template <> struct Lanes<v16f> {
-  static constexpr int n = 16;
-  static inline v16f load(const float* p) { return load16(p); }
-  static inline v16f load(const uint16_t* p) { return load16(p); }
-  static inline float hsum(const v16f& v) { return hsum16(v); }
-};
-#ifndef ACCEL_V16F_NATIVE
-template <> struct Lanes<v8f> {
-  static constexpr int n = 8;
-  static inline v8f load(const float* p) { return load8(p); }
-  static inline v8f load(const uint16_t* p) { return load8(p); }
-  static inline float hsum(v8f v) { return hsum8(v); }
-};
-#endif
+// A block computes with VecOps<V> (vec_math.h): 16-lane v16f (one zmm with AVX-512, a pair of ymm without) or,
+// without AVX-512, the native 8-lane v8f (blocks sized to the 16 ymm registers, below).
 
 // rows [o0, o0+R) of W against rows [m0, m0+MB) of x, in vectors V
 template <typename V, typename T, int R, int MB>
 static inline void linear_block(const float* x, int64_t ldx, const T* W, int64_t ldw, int K, int o0, int m0,
                                 float* y, int64_t ldy, int o_pf = -1) {
-  constexpr int L = Lanes<V>::n;
+  constexpr int L = VecOps<V>::n;
   V acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = V{};
   const int KL = K & ~(L - 1);
   for (int k = 0; k < KL; k += L) {
     V w[R];
-    for (int r = 0; r < R; ++r) w[r] = Lanes<V>::load(W + static_cast<int64_t>(o0 + r) * ldw + k);
+    for (int r = 0; r < R; ++r) w[r] = VecOps<V>::load(W + static_cast<int64_t>(o0 + r) * ldw + k);
     if (o_pf >= 0 && (k & 15) == 0)  // the next block's rows, one cache line per row per 16 floats: R short
       for (int r = 0; r < R; ++r)  // streams that the hardware prefetcher follows poorly when W comes from DRAM
         __builtin_prefetch(W + static_cast<int64_t>(o_pf + r) * ldw + k, 0, 0);
     for (int m = 0; m < MB; ++m) {
-      const V xv = Lanes<V>::load(x + static_cast<int64_t>(m0 + m) * ldx + k);
+      const V xv = VecOps<V>::load(x + static_cast<int64_t>(m0 + m) * ldx + k);
       for (int r = 0; r < R; ++r) acc[m][r] += xv * w[r];
     }
   }
@@ -67,7 +52,7 @@ static inline void linear_block(const float* x, int64_t ldx, const T* W, int64_t
     for (int r = 0; r < R; ++r) {
       const float* xm = x + static_cast<int64_t>(m0 + m) * ldx;
       y[static_cast<int64_t>(m0 + m) * ldy + o0 + r] =
-          Lanes<V>::hsum(acc[m][r]) + dot_tail(xm, W + static_cast<int64_t>(o0 + r) * ldw, KL, K);
+          VecOps<V>::hsum(acc[m][r]) + dot_tail(xm, W + static_cast<int64_t>(o0 + r) * ldw, KL, K);
     }
 }
 

@@ -208,7 +208,7 @@ static inline v4f hsum8x4(v8f a, v8f b, v8f c, v8f d) {
 }
 
 // ---- the native vector: one register's worth (16 lanes with AVX-512, 8 without) ----
-// The register-blocked tiles (decode attention, the bf16 GEMV) are written once over `VecOps<V>` and instantiated
+// The register-blocked tiles (decode attention, the GEMV blocks) are written once over `VecOps<V>` and instantiated
 // with the native vector `vnf`, their block sizes chosen from the register count `kVecRegs` (16 ymm on AVX2; 32 zmm
 // with AVX-512).
 template <typename V> struct VecOps;
@@ -222,13 +222,15 @@ template <> struct VecOps<v8f> {
   // 2n bf16 values as the even-indexed and the odd-indexed n (see load16_bf16_even_odd)
   static inline void load_even_odd(const uint16_t* p, v8f& even, v8f& odd) { load16_bf16_even_odd(p, even, odd); }
 };
-#ifdef ACCEL_V16F_NATIVE
+// v16f in both of its forms (one zmm, or a pair of ymm without AVX-512: the 16-lane blocks of the GEMV); the
+// reductions across lanes and the even/odd bf16 load only where it is the native vector
 template <> struct VecOps<v16f> {
   static constexpr int n = 16;
   static inline v16f load(const float* p) { return load16(p); }
   static inline v16f load(const uint16_t* p) { return load16(p); }
   static inline v16f splat(float x) { return splat16(x); }
-  static inline float hsum(v16f v) { return hsum16(v); }
+  static inline float hsum(const v16f& v) { return hsum16(v); }
+#ifdef ACCEL_V16F_NATIVE
   static inline v8f fold(v16f v) {
     return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -241,7 +243,9 @@ template <> struct VecOps<v16f> {
     std::memcpy(&even, &e, sizeof(even));
     std::memcpy(&odd, &o, sizeof(odd));
   }
+#endif
 };
+#ifdef ACCEL_V16F_NATIVE
 typedef v16f vnf;
 constexpr int kVecRegs = 32;
 #else
