@@ -40,16 +40,6 @@ def test_unsupported_model_lists_supported_types():
         accel.patch(m, "dense")
 
 
-def test_a_tensor_parallel_model_is_refused_in_one_line():
-    """A model sharded by transformers' tp_plan holds a slice of the heads per rank; accel refuses it before touching
-    anything (the sharding itself needs torchrun; the attribute transformers sets is what patch reads)."""
-    model = tiny_model("llama")
-    model._tp_size = 2
-    with pytest.raises(accel.AccelError, match=r"tensor parallelism \(tp_plan, tp_size=2; a device mesh\).*load it without tp_plan"):
-        accel.patch(model, "dense")
-    assert model.config._attn_implementation == "sdpa" and accel.get_handle(model) is None
-
-
 def test_patching_twice():
     model = tiny_model("llama")
     h = accel.patch(model, "dense")

@@ -54,16 +54,18 @@ def patch(model, policy="dense", plan=None, *, reserve: int = 0, check_context: 
     problem = dtype_problem(model)
     if problem:
         raise AccelError(problem)
-    tp = getattr(model, "tp_size", None)
-    if tp not in (None, 1) or getattr(model, "_device_mesh", None) is not None:
-        raise AccelError(
-            f"this model was loaded with transformers' tensor parallelism (tp_plan, tp_size={tp}; a device mesh): each rank holds a "
-            "slice of the heads, which accel's cache, plans and per-head policies do not follow; load it without "
-            "tp_plan (one process; `accel generate --input` under torchrun shares prompts among ranks instead), or "
-            "for MLA models use tpla's own tensor parallelism (--tp)")
-    for _family, name in PATCHERS:
+    from .patching.tensor_parallel import tensor_parallel_size
+
+    tp = tensor_parallel_size(model)
+    for family, name in PATCHERS:
         mod = importlib.import_module(name)
         request = mod.claim(policy, dict(overrides))
+        if request is not None and family != "lm" and tp != 1:
+            raise AccelError(
+                f"this model was loaded with transformers' tensor parallelism (tp_size={tp}) and policy {policy!r} "
+                f"is served by accel's {family.upper()} patcher, which does not follow a rank's slice of the heads; "
+                "load it without tp_plan (one process; `accel generate --input` under torchrun shares prompts among "
+                "ranks instead), or for MLA models use tpla's own tensor parallelism (--tp)")
         if request is not None:
             return mod.patch_claimed(model, request, plan=plan, reserve=reserve, check_context=check_context,
                                      fast_linear=fast_linear, fused_decode=fused_decode)

@@ -34,6 +34,7 @@ from ..policies.budgeted import merge_statistics
 from ..policies.registry import make_policy
 from ..plan import Plan
 from .attention_fn import ATTN_NAME, MODULE_RUNTIME, ensure_registered
+from .tensor_parallel import head_slice, local_info, refuse_policies
 from .handle import (PATCHED, EagerDecoder, GenerateGuard, HandleBase, check_generate_request, prepare_forward,
                      refuse_if_patched)
 
@@ -104,6 +105,10 @@ class ModelRuntime:
         self.donors = frozenset(lp.reuse_src for lp in plan.layers if lp.mode == "reuse")
         #: the fused decode layers (``accel.patching.fused.FusedDecode``), or None: decode runs the modules
         self.fused = None
+        #: under transformers' tensor parallelism: this rank's heads (``accel.patching.tensor_parallel.HeadSlice``)
+        #: and the model's index of its first KV head (per-head plans are indexed by the model's heads)
+        self.tensor_parallel = None
+        self.kv_offset = 0
 
     @staticmethod
     def sequence(cache) -> SequenceState:
@@ -329,18 +334,28 @@ def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, re
     policy, overrides = request
     adapter = get_adapter(model)
     info = adapter.info()
+    heads = head_slice(model, adapter, info)  # transformers' tensor parallelism: this rank's heads
     pol = make_policy(policy, overrides)
+    parts = ([pol.attention] + list(pol.kv)) if isinstance(pol, ComposedPolicy) else [pol]
     reasons = []
-    for p in ([pol.attention] + list(pol.kv)) if isinstance(pol, ComposedPolicy) else [pol]:
+    for p in parts:
         reasons += p.not_supported_reasons(info)
     if reasons:
         raise AccelError(f"policy {pol.name!r} cannot run on this model: " + "; ".join(reasons))
+    # plans describe the whole model (every KV head), also on a tensor-parallel rank
     plan_obj = pol.build_plan(info) if plan is None else Plan.coerce(plan)
     plan_obj.validate(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads)
     pol.check_plan(plan_obj)  # the policy executes every layer mode and head kind the plan names
+    refuse_policies(parts, heads, plan_obj)
 
     ensure_registered()
-    runtime = ModelRuntime(model, adapter, info, pol, plan_obj, reserve, check_context)
+    runtime = ModelRuntime(model, adapter, local_info(info, heads), pol, plan_obj, reserve, check_context)
+    if heads is not None:
+        runtime.kv_offset, runtime.tensor_parallel = heads.kv_offset, heads
+        logger.info("tensor parallelism: rank %d of %d holds KV heads %d-%d; decode runs transformers' sharded "
+                    "modules (accel's fused layers and GEMV read whole weights)", heads.rank, heads.tp_size,
+                    heads.kv_offset, heads.kv_offset + heads.num_kv_heads - 1)
+        fused_decode = fast_linear = False
     # record every config whose attention implementation we change
     saved = []
     seen = set()

@@ -51,6 +51,17 @@ class Policy:
     def not_supported_reasons(self, info: ModelInfo) -> list[str]:
         return []
 
+    #: every decision of the policy is made per KV head from that head's own query heads, so a tensor-parallel
+    #: rank holding a slice of the heads computes on them exactly what one process computes
+    #: (``accel.patching.tensor_parallel``); policies that combine heads leave it False or explain below
+    per_kv_head: ClassVar[bool] = False
+
+    def tensor_parallel_problem(self, plan: Plan | None = None) -> str | None:
+        """Why this policy (with ``plan``) cannot run on one rank's slice of the heads (None: it can)."""
+        if self.per_kv_head:
+            return None
+        return "its decisions have not been shown to be per KV head"
+
     def check_plan(self, plan: Plan) -> None:
         """Refuse a plan whose layer modes or head kinds this policy does not execute."""
         check_plan_fields(plan, self.name, self.plan_modes, self.head_kinds)

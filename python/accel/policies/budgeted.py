@@ -239,17 +239,19 @@ class BudgetedKVPolicy(KVCachePolicy):
         valid = prompt_valid(attention_mask, cl.keys.shape[0], T)
         scaling = getattr(ctx.module, "scaling", None) or query.shape[-1] ** -0.5
         self.compress(cl, ctx.layer_idx, ctx.runtime.info.num_layers, PrefillView(query=query), valid, scaling,
-                      ctx.state, reserve=int(getattr(ctx.runtime, "reserve", 0) or 0), plan=ctx.runtime.plan)
+                      ctx.state, reserve=int(getattr(ctx.runtime, "reserve", 0) or 0), plan=ctx.runtime.plan,
+                      kv_offset=ctx.runtime.kv_offset)
 
     def compress(self, cl, layer_idx: int, num_layers: int, view: PrefillView, valid, scaling: float, state: dict,
-                 reserve: int = 0, plan=None) -> None:
+                 reserve: int = 0, plan=None, kv_offset: int = 0) -> None:
         """Compress one full-attention ``AccelLayer`` holding a prompt (``valid``: [B, T] real tokens); the layer's
-        eviction state goes into ``state`` (this sequence's layer state)."""
+        eviction state goes into ``state`` (this sequence's layer state). ``kv_offset``: the model's index of the
+        layer's first KV head (a tensor-parallel rank's slice; per-head plans are indexed by the model's heads)."""
         keys = cl.keys
         B, Hkv, T, _ = keys.shape
         # budget bookkeeping on the CPU (the ragged cache's metadata lives there); scores on the data's device
         n = valid.sum(1).cpu() if valid is not None else torch.full((B,), T, dtype=torch.long)
-        self._plan = plan
+        self._plan, self._kv_offset = plan, kv_offset
         budgets = self.head_budgets(layer_idx, num_layers, n, Hkv, view, keys, valid, scaling).clamp(min=1)
         floor = self.budget_floor()
         if floor and bool((budgets < floor).any()):
@@ -308,7 +310,7 @@ class BudgetedKVPolicy(KVCachePolicy):
             view = PrefillView(recorded=stats.get(i, {}))
             scaling = getattr(modules[i], "scaling", None) or layer.keys.shape[-1] ** -0.5
             self.compress(layer, i, len(cache.layers), view, valid, scaling, seq.layer_state.setdefault(i, {}),
-                          reserve=int(runtime.reserve or 0), plan=runtime.plan)
+                          reserve=int(runtime.reserve or 0), plan=runtime.plan, kv_offset=runtime.kv_offset)
 
     def after_decode(self, ctx: LayerContext, query, attention_mask) -> None:
         cl = ctx.cache_layer

@@ -90,6 +90,9 @@ class DeltaPolicy(_LayerReuse):
     def recent(self) -> int:
         return self.recent_pages * self.page_size
 
+    def tensor_parallel_problem(self, plan=None) -> str | None:
+        return "it selects one page set per layer from all of its heads (the unified selection)"
+
     def validate(self) -> None:
         if not isinstance(self.page_size, int) or self.page_size < 1 or self.recent_pages < 0:
             raise AccelError(f"delta: page_size must be >= 1 and recent_pages >= 0, got {self.page_size}, {self.recent_pages}")

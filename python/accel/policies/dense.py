@@ -15,5 +15,6 @@ class DensePolicy(AttentionPolicy):
     preallocated cache (GQA-aware, reads each K/V row once per step)."""
 
     lossy = False
+    per_kv_head = True
     #: decode reads a compressed (ragged, per-head) cache through the kernels' per-head row offsets
     supports_compressed_cache = True

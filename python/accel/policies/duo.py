@@ -102,6 +102,8 @@ class DuoAttentionPolicy(BudgetedKVPolicy):
 
     # -- plan --------------------------------------------------------------------------------------------
     needs_plan: ClassVar[bool] = True
+    #: heads are ranked over the whole model (the plan); each KV head's budget follows from its own rank
+    per_kv_head: ClassVar[bool] = True
     calibrator: ClassVar[str] = "accel.calibration.duo:calibrate_duo"
     plan_modes: ClassVar[tuple] = ("full", "compress")
     head_kinds: ClassVar[tuple] = ("retrieval", "streaming")
@@ -145,7 +147,8 @@ class DuoAttentionPolicy(BudgetedKVPolicy):
         ranks = self._ranks()
         N = len(ranks)
         nret = self._n_retrieval(n, N)  # [B]
-        r = torch.tensor([ranks.get((layer_idx, h), -1) for h in range(Hkv)])
+        off = getattr(self, "_kv_offset", 0)  # a tensor-parallel rank's heads: ranked among all the model's heads
+        r = torch.tensor([ranks.get((layer_idx, off + h), -1) for h in range(Hkv)])
         return (r.view(1, Hkv) < nret.view(-1, 1)) | (r.view(1, Hkv) < 0)
 
     # -- budgets / scores ------------------------------------------------------------------------------

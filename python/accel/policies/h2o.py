@@ -48,6 +48,8 @@ class H2OPolicy(BudgetedKVPolicy):
     score outside the recent window. Its prefill statistic needs the whole attention matrix, so
     compression costs about one extra attention pass."""
 
+    per_kv_head = True  # scores and budgets per KV head from its own query heads
+
     recent_ratio: float = 0.5
     agg: str = "mean"
 

@@ -122,6 +122,13 @@ class _LayerReuse(AttentionPolicy):
             first_valid=first_valid_positions(valid, scores.shape[0]) if valid is not None else None, T=T,
         )
 
+    def tensor_parallel_problem(self, plan=None) -> str | None:
+        """Per KV head unless a layer's selection is shared by all heads (agg='shared', here or in the plan)."""
+        aggs = {self.agg} | {lp.params.get("agg") for lp in (plan.layers if plan is not None else [])}
+        if "shared" in aggs:
+            return "with agg='shared' a layer's selection comes from all of its heads; use agg='mean' or 'max'"
+        return None
+
     def validate(self) -> None:
         check_budget_knobs(self.name, self.topk, self.topk_ratio, self.sink, self.recent, self.chunk)
         if self.agg not in AGG_CHOICES:

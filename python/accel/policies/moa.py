@@ -59,6 +59,7 @@ class MoAPolicy(BudgetedKVPolicy):
     evict_by: ClassVar[str] = "age"
     accumulate: ClassVar[bool] = False
     needs_plan: ClassVar[bool] = True
+    per_kv_head: ClassVar[bool] = True  # each KV head's span is its own (the plan's, at the model's head index)
     calibrator: ClassVar[str] = "accel.calibration.moa:calibrate_moa"
     plan_modes: ClassVar[tuple] = ("full", "compress")
     head_kinds: ClassVar[tuple] = ("budget",)
@@ -95,6 +96,8 @@ class MoAPolicy(BudgetedKVPolicy):
     def _caches(self, layer_idx: int, n: torch.Tensor, Hkv: int, reserve: int = 0) -> torch.Tensor:
         """[B, Hkv] MoA cache sizes for prompts of ``n`` tokens."""
         spans = self._spans(getattr(self, "_plan", None), layer_idx)
+        off = getattr(self, "_kv_offset", 0)  # a tensor-parallel rank's heads among the plan's (the model's)
+        spans = spans[off:off + Hkv]
         out = torch.zeros(n.shape[0], Hkv, dtype=torch.long)
         for b in range(n.shape[0]):
             nb = int(n[b])
@@ -128,7 +131,7 @@ class MoAPolicy(BudgetedKVPolicy):
             return None  # a continuation: dense over the cache
         if prompt_valid(attention_mask, B, T) is not None:
             return None  # padding: the block kernel has no padding mask
-        self._plan = ctx.runtime.plan
+        self._plan, self._kv_offset = ctx.runtime.plan, ctx.runtime.kv_offset
         Hkv = key.shape[1]
         caches = self._caches(ctx.layer_idx, torch.tensor([T]), Hkv)[0]  # spans at this prompt + max_new
         if bool((caches >= T).all()):

@@ -55,6 +55,8 @@ class QuestPolicy(AttentionPolicy):
         page_rounding: a budget that is not a whole number of pages: 'up' (default) or 'down' (Quest's code).
     """
 
+    per_kv_head = True  # scores and budgets per KV head from its own query heads
+
     plan_modes: ClassVar[tuple] = ("full", "quest")
 
     topk: int | None = None

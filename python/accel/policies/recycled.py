@@ -74,6 +74,9 @@ class RecycledPolicy(AttentionPolicy):
     compact: bool = True
     min_topk: int = 64
 
+    def tensor_parallel_problem(self, plan=None) -> str | None:
+        return "its refresh scores use the query averaged over all of a layer's heads"
+
     def validate(self) -> None:
         check_budget_knobs("recycled", self.topk, self.topk_ratio, self.sink, self.recent, 1)
         if not isinstance(self.min_topk, int) or self.min_topk < 0:

@@ -66,6 +66,8 @@ class SnapKVPolicy(BudgetedKVPolicy):
     KV head keeps its top ``budget - window`` plus the window. Defaults from methods.md: window 32,
     kernel 7, [INFER] average pooling (the SnapKV code offers avg and max)."""
 
+    per_kv_head = True  # scores and budgets per KV head from its own query heads
+
     window: int = 32
     kernel: int = 7
     pooling: str = "avg"

@@ -20,6 +20,8 @@ class StreamingLLMPolicy(BudgetedKVPolicy):
     with their original positions (methods.md section 8: the positional variant accel implements;
     the paper's in-cache re-rotation is not done). Decode evicts the oldest non-sink token."""
 
+    per_kv_head = True  # scores and budgets per KV head from its own query heads
+
     sink: int = 4
 
     evict_by: ClassVar[str] = "age"

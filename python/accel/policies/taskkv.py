@@ -59,6 +59,10 @@ class TaskKVPolicy(BudgetedKVPolicy):
         """No head keeps fewer than its sink + recent tokens (the observation window only scores the middle)."""
         return int(self.min_budget) if self.min_budget is not None else int(self.sink) + int(self.recent)
 
+    def tensor_parallel_problem(self, plan=None) -> str | None:
+        return ("it ranks each KV head by its distance from the layer's centre, the mean over all of the layer's "
+                "KV heads, which a rank holding a slice of the heads does not see")
+
     def validate(self) -> None:
         super().validate()
         if self.sink < 0 or self.recent < 0 or self.window < 1:
