@@ -154,12 +154,20 @@ def test_an_adapter_injected_after_patching_turns_the_fused_path_off():
     _close(out, ref)
 
 
-def test_weights_replaced_after_patching_are_used():
-    model = tiny_model("phi3")
+@pytest.mark.parametrize("arch", ["phi3", "llama"])
+def test_weights_replaced_after_patching_are_used(arch):
+    """The fused layers look their modules up once per patch and their parameters at every call: a parameter
+    assigned after patching (packed or separate projections, a norm) or changed in place is what decode reads."""
+    model = tiny_model(arch)
     ids, mask = _batch(B=2)
     with torch.no_grad(), accel.patch(model, "dense") as h:
         layer = model.model.layers[1]
-        layer.self_attn.qkv_proj.weight = torch.nn.Parameter(torch.randn_like(layer.self_attn.qkv_proj.weight) * 0.1)
+        if arch == "phi3":
+            a = layer.self_attn.qkv_proj
+        else:
+            a = layer.self_attn.k_proj
+            layer.post_attention_layernorm.weight = torch.nn.Parameter(torch.rand(layer.post_attention_layernorm.weight.shape) + 0.5)
+        a.weight = torch.nn.Parameter(torch.randn_like(a.weight) * 0.1)
         layer.mlp.down_proj.weight.mul_(0.5)
         out = _generate(model, ids, mask)
         assert h.runtime.stats["fused_layer_calls"] > 0

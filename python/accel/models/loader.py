@@ -85,6 +85,17 @@ def _convert(name: str, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _own_weights(model) -> None:
+    """Give every parameter its own 64-byte-aligned memory. Parameters loaded in the checkpoint's dtype are views of
+    the memory-mapped safetensors file at 8-byte-aligned offsets: a decode step's GEMVs read them ~15% slower than
+    the same values in the allocator's aligned memory (SmolLM2's fp32 o/MLP weights, 30 layers: 11.0 ms against 9.5
+    ms, one thread, AVX-512 machine). Tied parameters are one object and stay tied."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.data_ptr() % 64:
+                p.data = p.data.clone()
+
+
 def load(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """Return ``(model, tokenizer)`` for a named embedded model or a local folder.
 
@@ -110,6 +121,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementat
         use_kernels=False,  # accel brings its own kernels; transformers 5.25 would otherwise kernelize from the hub
     )
     model.eval()
+    _own_weights(model)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     tok.padding_side = "left"
     if tok.pad_token is None:

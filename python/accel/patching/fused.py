@@ -80,30 +80,49 @@ def _foreign_forward(m) -> bool:
     return f is not None and getattr(f, "__func__", None) is not _fast_forward
 
 
-def layer_weights(layer, layout):
-    """The tensors of one decoder layer, in the fused kernels' order (read from the modules at every call)."""
+def layer_modules(layer, layout) -> tuple:
+    """The modules of one decoder layer whose parameters the fused kernels read (looked up once per patch: a module
+    replaced later turns the fused path off, ``FusedDecode.active``), and the packed q/k row counts."""
     a, mlp = layer.self_attn, layer.mlp
     if layout.qkv == "packed":
-        w = a.qkv_proj.weight
-        nq, nk = a.config.num_attention_heads * a.head_dim, a.config.num_key_value_heads * a.head_dim
+        qkv = (a.qkv_proj,)
+        rows = (a.config.num_attention_heads * a.head_dim, a.config.num_key_value_heads * a.head_dim)
+    else:
+        qkv, rows = (a.q_proj, a.k_proj, a.v_proj), None
+    gu = (mlp.gate_up_proj,) if layout.mlp == "packed" else (mlp.gate_proj, mlp.up_proj)
+    qk = (a.q_norm, a.k_norm) if layout.qk_norm else None
+    return (layer.input_layernorm, qkv, rows, qk, a.o_proj, layer.post_attention_layernorm, gu, mlp.down_proj)
+
+
+def _param(m, name):
+    """``m.<name>`` for a parameter (or None), from ``_parameters`` directly: ``nn.Module.__getattr__`` costs ~0.6 us
+    a lookup, ~20 per layer per step. A parameter replaced by assignment is seen (assignment updates ``_parameters``)."""
+    p = m._parameters
+    return p[name] if name in p else getattr(m, name, None)
+
+
+def layer_weights(layer, layout, mods=None):
+    """The tensors of one decoder layer, in the fused kernels' order (read from the modules at every call)."""
+    ln1, qkv, rows, qk, o, ln2, gu, down = mods if mods is not None else layer_modules(layer, layout)
+    if rows is not None:  # packed q | k | v rows
+        nq, nk = rows
+        w, b = _param(qkv[0], "weight"), _param(qkv[0], "bias")
         wq, wk, wv = w[:nq], w[nq:nq + nk], w[nq + nk:]
-        b = a.qkv_proj.bias
         bq, bk, bv = (None, None, None) if b is None else (b[:nq], b[nq:nq + nk], b[nq + nk:])
     else:
-        wq, wk, wv = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
-        bq, bk, bv = a.q_proj.bias, a.k_proj.bias, a.v_proj.bias
-    if layout.mlp == "packed":
-        w = mlp.gate_up_proj.weight
+        wq, wk, wv = (_param(m, "weight") for m in qkv)
+        bq, bk, bv = (_param(m, "bias") for m in qkv)
+    if len(gu) == 1:  # packed gate | up rows
+        w = _param(gu[0], "weight")
         half = w.shape[0] // 2
         wg, wu = w[:half], w[half:]
     else:
-        wg, wu = mlp.gate_proj.weight, mlp.up_proj.weight
-    qn = a.q_norm.weight if layout.qk_norm else None
-    kn = a.k_norm.weight if layout.qk_norm else None
-    qk_eps = a.q_norm.variance_epsilon if layout.qk_norm else 1e-6
-    ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-    return ((ln1.weight, ln1.variance_epsilon, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps),
-            (a.o_proj.weight, a.o_proj.bias, ln2.weight, ln2.variance_epsilon, wg, wu, mlp.down_proj.weight))
+        wg, wu = _param(gu[0], "weight"), _param(gu[1], "weight")
+    qn, kn, qk_eps = (None, None, 1e-6) if qk is None else (_param(qk[0], "weight"), _param(qk[1], "weight"),
+                                                            qk[0].variance_epsilon)
+    return ((_param(ln1, "weight"), ln1.variance_epsilon, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps),
+            (_param(o, "weight"), _param(o, "bias"), _param(ln2, "weight"), ln2.variance_epsilon, wg, wu,
+             _param(down, "weight")))
 
 
 def unsupported_reason(adapter, layout) -> str | None:
@@ -163,6 +182,10 @@ class FusedDecode:
         #: replaced after patching -- an adapter injected, a layer swapped -- turns the fused path off
         self._slots = [(parent, name, child) for layer in self.layers for parent in layer.modules()
                        for name, child in parent._modules.items()]
+        self._mods = [layer_modules(layer, layout) for layer in self.layers]
+        #: (position_embeddings, their fp32 [rows, D] cos and sin): transformers hands every layer of a step the same
+        #: tuple, converted once per step (one attribute, so two threads generating at once read a matching pair)
+        self._rope = (None, None)
         self._refs = []
         for i, layer in enumerate(self.layers):
             fn = types.MethodType(_make_forward(self, i), layer)
@@ -185,6 +208,7 @@ class FusedDecode:
         return True
 
     def remove(self) -> None:
+        self._rope = (None, None)
         for ref, fn in self._refs:
             layer = ref()
             if layer is not None and layer.__dict__.get("forward") is fn:
@@ -211,9 +235,9 @@ def _f32(t):
     return t32
 
 
-def _fused_halves(C, h32, layer, layout, H, Hkv, cos, sin):
+def _fused_halves(C, h32, layer, layout, H, Hkv, cos, sin, mods=None):
     """The fused layer's weights and the first half's q, k, v (fp32) for fp32 hidden rows ``h32`` [M, width]."""
-    pre, post = layer_weights(layer, layout)
+    pre, post = layer_weights(layer, layout, mods)
     ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
     q, k, v = C.fused_attn_in(h32, _f32(ln), eps, wq, wk, wv, _f32(bq), _f32(bk), _f32(bv), _f32(qn), _f32(kn),
                               qk_eps, cos, sin, H, Hkv)
@@ -224,6 +248,7 @@ def _fused_halves(C, h32, layer, layout, H, Hkv, cos, sin):
 def _make_forward(fd: FusedDecode, idx: int):
     layout, H, Hkv, D = fd.layout, fd.H, fd.Hkv, fd.D
     C = _ext.cpu_ext()
+    mods = fd._mods[idx]
 
     def forward(self, hidden_states, *args, **kwargs):
         # the layer's keywords as transformers passes them: the cache is ``past_key_values`` before 5.24, ``cache``
@@ -245,12 +270,14 @@ def _make_forward(fd: FusedDecode, idx: int):
         rest = {k: v for k, v in kwargs.items()
                 if k not in ("attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                              "position_embeddings")}
-        cos, sin = pe
+        src, cs = fd._rope
+        if src is None or src[0] is not pe or src[1] != pe[0]._version or src[2] != pe[1]._version:
+            cs = (pe[0].float().reshape(-1, D).contiguous(), pe[1].float().reshape(-1, D).contiguous())
+            fd._rope = ((pe, pe[0]._version, pe[1]._version), cs)
         B, width = hidden_states.shape[0], hidden_states.shape[-1]
         h = hidden_states.reshape(B, width)
         h32 = h.contiguous() if dt == torch.float32 else h.float()
-        (q, k, v), post = _fused_halves(C, h32, self, layout, H, Hkv, cos.float().reshape(-1, D).contiguous(),
-                                        sin.float().reshape(-1, D).contiguous())
+        (q, k, v), post = _fused_halves(C, h32, self, layout, H, Hkv, cs[0], cs[1], mods)
         if dt != torch.float32:  # rounded where transformers rounds them: the cache and the policy see bf16
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         attn = self.self_attn
