@@ -323,3 +323,19 @@ def test_bf16_linear_layers_widen_on_cpus_without_bf16(monkeypatch, native):
         torch.testing.assert_close(got.double(), exact, rtol=2 ** -7, atol=1e-3)
         if rows > L.MAX_ROWS:
             assert torch.equal(got, native_ref if native else widened)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_under_inference_mode_equals_no_grad(dtype):
+    """torch.inference_mode makes the rotary cos/sin inference tensors (no version counter): the fused layers'
+    once-per-step conversion of them must not read one."""
+    model = tiny_model("llama", dtype=dtype)
+    ids, mask = _batch(B=2)
+    with accel.patch(model, "dense") as h:
+        with torch.no_grad():
+            ref = _generate(model, ids, mask)
+        calls = h.runtime.stats["fused_layer_calls"]
+        with torch.inference_mode():
+            out = _generate(model, ids, mask)
+        assert h.runtime.stats["fused_layer_calls"] > calls > 0
+    _close(out, ref, tol=0)

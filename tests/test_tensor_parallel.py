@@ -84,3 +84,31 @@ def test_every_lm_policy_says_whether_it_runs_on_a_slice_of_the_heads():
     assert "agg='shared'" in problem("hylra", {"agg": "shared"})
     shared = Plan(policy="hylra", num_layers=2, layers=[LayerPlan(mode="full"), LayerPlan(mode="full", params={"agg": "shared"})])
     assert "agg='shared'" in problem("hylra", plan=shared)
+
+
+def test_a_mesh_with_pipeline_or_fsdp_dimensions_is_refused():
+    """transformers sets a device mesh for any distributed config; accel follows its tensor-parallel dimension only:
+    a pipeline stage holds some of the layers, FSDP shards every weight."""
+
+    class Mesh:
+        mesh_dim_names = ("pp", "fsdp", "tp")
+        sizes = {"pp": 2, "fsdp": 1, "tp": 1}
+
+        def __getitem__(self, name):
+            return type("Sub", (), {"size": lambda s, n=self.sizes[name]: n})()
+
+        def size(self):
+            return 2
+
+    model = tiny_model("llama")
+    model._device_mesh = Mesh()
+    with pytest.raises(accel.AccelError, match=r"device mesh with pp=2: accel follows tensor parallelism \(tp\) only"):
+        accel.patch(model, "dense")
+    assert model.config._attn_implementation == "sdpa" and accel.get_handle(model) is None
+
+
+def test_calibrating_a_tensor_parallel_model_is_refused_with_the_way_to_do_it():
+    model = tiny_model("llama")
+    model._tp_size = 2
+    with pytest.raises(accel.AccelError, match="calibrate the checkpoint loaded without tp_plan, save the plan"):
+        accel.calibrate(model, None, ["text"], policy="hylra")

@@ -54,8 +54,11 @@ def patch(model, policy="dense", plan=None, *, reserve: int = 0, check_context: 
     problem = dtype_problem(model)
     if problem:
         raise AccelError(problem)
-    from .patching.tensor_parallel import tensor_parallel_size
+    from .patching.tensor_parallel import mesh_problem, tensor_parallel_size
 
+    problem = mesh_problem(model)
+    if problem:
+        raise AccelError(problem)
     tp = tensor_parallel_size(model)
     for family, name in PATCHERS:
         mod = importlib.import_module(name)
@@ -90,6 +93,12 @@ def calibrate(model, tokenizer, texts=None, policy: str = "hylra", **options):
     """Make a plan for ``policy`` on ``model`` from calibration text: the policy's own calibrator (its class names
     it in ``calibrator``; ``accel.list_calibratable()`` lists them). Returns a ``Plan``; save it with
     ``plan.save(path)`` and use it with ``accel.patch(model, policy, plan=...)``."""
+    from .patching.tensor_parallel import tensor_parallel_size
     from .policies.registry import get_calibrator
 
+    tp = tensor_parallel_size(model)
+    if tp != 1:
+        raise AccelError(f"accel.calibrate profiles the whole model in one process, and this one was loaded with "
+                         f"transformers' tensor parallelism (tp_size={tp}): calibrate the checkpoint loaded without "
+                         "tp_plan, save the plan, and pass it to accel.patch on every rank")
     return get_calibrator(policy)(model, tokenizer, texts, **options)

@@ -96,6 +96,24 @@ def _own_weights(model) -> None:
                 p.data = p.data.clone()
 
 
+def local_path(name_or_path: str) -> Path:
+    """The safetensors folder of a named embedded model (converted on first use) or of a local folder: what
+    ``from_pretrained`` takes, e.g. for a model loaded with transformers' tensor parallelism."""
+    if name_or_path in NAMED_MODELS:
+        path = converted_path(name_or_path)
+        if not (path / "config.json").exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _convert(name_or_path, path)
+        return path
+    path = Path(name_or_path)
+    if not path.exists():
+        raise AccelError(
+            f"{name_or_path!r} is neither a named model ({', '.join(sorted(NAMED_MODELS))}) nor an existing "
+            "folder; accel never downloads from a hub at run time"
+        )
+    return path
+
+
 def load(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """Return ``(model, tokenizer)`` for a named embedded model or a local folder.
 
@@ -104,18 +122,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementat
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path in NAMED_MODELS:
-        path = converted_path(name_or_path)
-        if not (path / "config.json").exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _convert(name_or_path, path)
-    else:
-        path = Path(name_or_path)
-        if not path.exists():
-            raise AccelError(
-                f"{name_or_path!r} is neither a named model ({', '.join(sorted(NAMED_MODELS))}) nor an existing "
-                "folder; accel never downloads from a hub at run time"
-            )
+    path = local_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
         use_kernels=False,  # accel brings its own kernels; transformers 5.25 would otherwise kernelize from the hub

@@ -235,6 +235,11 @@ def _f32(t):
     return t32
 
 
+def _version(t) -> int:
+    """``t``'s in-place version; inference tensors (made under ``torch.inference_mode``) track none: -1."""
+    return -1 if t.is_inference() else t._version
+
+
 def _fused_halves(C, h32, layer, layout, H, Hkv, cos, sin, mods=None):
     """The fused layer's weights and the first half's q, k, v (fp32) for fp32 hidden rows ``h32`` [M, width]."""
     pre, post = layer_weights(layer, layout, mods)
@@ -271,9 +276,10 @@ def _make_forward(fd: FusedDecode, idx: int):
                 if k not in ("attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                              "position_embeddings")}
         src, cs = fd._rope
-        if src is None or src[0] is not pe or src[1] != pe[0]._version or src[2] != pe[1]._version:
+        key = (pe[0], pe[1], _version(pe[0]), _version(pe[1]))
+        if src is None or src[0] is not key[0] or src[1] is not key[1] or src[2:] != key[2:]:
             cs = (pe[0].float().reshape(-1, D).contiguous(), pe[1].float().reshape(-1, D).contiguous())
-            fd._rope = ((pe, pe[0]._version, pe[1]._version), cs)
+            fd._rope = (key, cs)
         B, width = hidden_states.shape[0], hidden_states.shape[-1]
         h = hidden_states.reshape(B, width)
         h32 = h.contiguous() if dt == torch.float32 else h.float()

@@ -342,6 +342,7 @@ def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, re
         reasons += p.not_supported_reasons(info)
     if reasons:
         raise AccelError(f"policy {pol.name!r} cannot run on this model: " + "; ".join(reasons))
+    refuse_policies(parts, heads, None)  # before a plan is looked for: what no plan changes
     # plans describe the whole model (every KV head), also on a tensor-parallel rank
     plan_obj = pol.build_plan(info) if plan is None else Plan.coerce(plan)
     plan_obj.validate(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads)

@@ -42,6 +42,23 @@ def tensor_parallel_size(model) -> int:
     return int(tp)
 
 
+def mesh_problem(model) -> str | None:
+    """Why accel cannot serve a model on a device mesh with dimensions other than tensor parallelism (pipeline
+    stages hold some of the layers, FSDP shards every weight): None when it can."""
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is None:
+        return None
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    other = {n: int(mesh[n].size()) for n in names if n != "tp" and int(mesh[n].size()) > 1}
+    if not names and tensor_parallel_size(model) != int(mesh.size()):
+        other = {"mesh": int(mesh.size())}
+    if other:
+        dims = ", ".join(f"{n}={s}" for n, s in sorted(other.items()))
+        return (f"this model was loaded on a device mesh with {dims}: accel follows tensor parallelism (tp) only; "
+                "load it with tp_plan / DistributedConfig(tp_size=...) alone, or in one process")
+    return None
+
+
 def _rows(w) -> tuple[int, int | None]:
     """(rows this rank holds, this rank's index on the weight's mesh or None when the weight is not sharded)."""
     from torch.distributed.tensor import DTensor, Shard
@@ -87,7 +104,7 @@ def head_slice(model, adapter, info) -> HeadSlice | None:
                              "accel follows: load the model with tp_plan='auto'")
         if found is not None and here[:3] != found[:3]:
             raise AccelError(f"layer {i} holds other heads on this rank than layer 0; accel needs the same head "
-                             "slice in every layer")
+                             "slice in every layer: load the model with tp_plan='auto'")
         found = here
     off, hkv, h, rank = found
     return HeadSlice(tp_size=tp, rank=rank, kv_offset=off, num_kv_heads=hkv, num_heads=h)
@@ -108,5 +125,5 @@ def refuse_policies(parts, sl: HeadSlice | None, plan) -> None:
     if problems:
         raise AccelError(f"this model was loaded with transformers' tensor parallelism (tp_size={sl.tp_size}; each "
                          "rank holds a slice of the heads) and " + "; ".join(problems)
-                         + "; use a per-head policy (dense, streaming, snapkv, pyramidkv, h2o, duo, moa, quest, hylra) "
-                           "or load the model without tp_plan")
+                         + "; choose a per-head policy (dense, streaming, snapkv, pyramidkv, h2o, duo, moa, quest, "
+                           "hylra) or load the model without tp_plan")

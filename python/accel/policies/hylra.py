@@ -97,6 +97,8 @@ class _LayerReuse(AttentionPolicy):
         rg = ctx.cache_layer.ragged
         T = int(ctx.cache_layer.cumulative_length)
         budget = self._budget(ctx, T)
+        # the longest head decides for the layer: hylra composes only with KV policies that give every KV head the
+        # same budget (the registry refuses the per-head-budget ones), so this is the same on every tensor-parallel rank
         sparse_on = budget < int(rg.lengths.max()) and T >= self.min_context
         donor = ctx.layer_idx in ctx.runtime.donors and budget < T and T >= self.min_context
         Hkv = rg.shape[1]
@@ -126,7 +128,7 @@ class _LayerReuse(AttentionPolicy):
         """Per KV head unless a layer's selection is shared by all heads (agg='shared', here or in the plan)."""
         aggs = {self.agg} | {lp.params.get("agg") for lp in (plan.layers if plan is not None else [])}
         if "shared" in aggs:
-            return "with agg='shared' a layer's selection comes from all of its heads; use agg='mean' or 'max'"
+            return "with agg='shared' a layer's selection comes from all of its heads (agg='mean' or 'max' select per KV head)"
         return None
 
     def validate(self) -> None:
