@@ -31,7 +31,7 @@ def decode_rate(model, tok, enc, cache_fn, new_tokens: int):
     st = TimingStreamer()
     cache = cache_fn()
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        out = model.generate(**enc, max_new_tokens=new_tokens, eos_token_id=None, do_sample=False,
                              pad_token_id=tok.pad_token_id, streamer=st, **compat.cache_kwargs(model, cache))
     return st.decode_steps / st.decode_s, out
 

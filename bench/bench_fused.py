@@ -81,7 +81,7 @@ def main() -> int:
                     st = TimingStreamer()
                     try:
                         with torch.no_grad():
-                            model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                            model.generate(**enc, max_new_tokens=args.new_tokens, eos_token_id=None,
                                            do_sample=False, pad_token_id=tok.pad_token_id, streamer=st,
                                            **compat.cache_kwargs(model, cache))
                         stats = dict(handle.runtime.stats) if handle is not None else None

@@ -45,7 +45,7 @@ def main():
             prof.enable()
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id,
+            model.generate(**enc, max_new_tokens=k, eos_token_id=None, do_sample=False, pad_token_id=tok.pad_token_id,
                            **compat.cache_kwargs(model, cache))
         t = time.perf_counter() - t
         if prof is not None:

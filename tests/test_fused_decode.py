@@ -339,3 +339,37 @@ def test_fused_decode_under_inference_mode_equals_no_grad(dtype):
             out = _generate(model, ids, mask)
         assert h.runtime.stats["fused_layer_calls"] > calls > 0
     _close(out, ref, tol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bf16_rows_in_the_fused_halves_equal_their_fp32_widening(arch):
+    """The fused halves take a bf16 model's hidden rows as they are and return q, k, v and the layer's output in bf16:
+    bit for bit the fp32 computation on the widened rows, rounded to bf16 (the conversions the decode step used to
+    make in Python around each call)."""
+    from accel import _ext
+    from accel.patching.fused import _fused_halves
+
+    C = _ext.cpu_ext()
+    m = tiny_model(arch, dtype=torch.bfloat16)
+    layer = m.model.layers[1]
+    from accel.models import get_adapter
+
+    layout = get_adapter(m).fused_layout
+    cfg = m.config
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, cfg.hidden_size, generator=g).to(torch.bfloat16)
+    cos, sin = torch.randn(1, D, generator=g), torch.randn(1, D, generator=g)
+    qkv16, post = _fused_halves(C, h, layer, layout, H, Hkv, cos, sin)
+    qkv32, _ = _fused_halves(C, h.float(), layer, layout, H, Hkv, cos, sin)
+    for a, b in zip(qkv16, qkv32):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16))
+    att = torch.randn(3, H * D, generator=g).to(torch.bfloat16)
+    y16 = C.fused_attn_out_mlp(h, att, *post)
+    y32 = C.fused_attn_out_mlp(h.float(), att.float(), *post)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
+    h_before = h.clone()
+    C.fused_attn_out_mlp(h, att, *post)
+    assert torch.equal(h, h_before)  # the residual input is not written
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        C.fused_attn_out_mlp(h.half(), att, *post)

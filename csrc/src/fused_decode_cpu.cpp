@@ -30,17 +30,34 @@ const float* f32vec(const torch::Tensor& t, int64_t n, const char* name) {
 
 int threads() { return at::get_num_threads(); }
 
+// fp32 rows [M, N] rounded to bf16 (round to nearest even, as torch's .to(torch.bfloat16))
+torch::Tensor to_bf16(const torch::Tensor& x) {
+  auto y = torch::empty(x.sizes(), x.options().dtype(torch::kBFloat16));
+  const float* s = x.data_ptr<float>();
+  c10::BFloat16* d = y.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0, n = x.numel(); i < n; ++i) d[i] = c10::BFloat16(s[i]);
+  return y;
+}
+
+// a [M, C] hidden-row tensor as contiguous fp32 (a bf16 model's rows widened exactly)
+torch::Tensor rows_f32(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              name, " must be a CPU float32 or bfloat16 [M, C] tensor");
+  return x.scalar_type() == torch::kFloat32 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
+}
+
 }  // namespace
 
-// h [M, C] fp32 -> (q [M, H*D], k [M, Hkv*D], v [M, Hkv*D])
-std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wq,
+// h [M, C] fp32 or bf16 -> (q [M, H*D], k [M, Hkv*D], v [M, Hkv*D]) computed in fp32, returned in h's dtype (a bf16
+// model's q, k, v rounded to bf16 where transformers' modules round them)
+std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor ln, double eps, torch::Tensor wq,
                                              torch::Tensor wk, torch::Tensor wv, c10::optional<torch::Tensor> bq,
                                              c10::optional<torch::Tensor> bk, c10::optional<torch::Tensor> bv,
                                              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
                                              double qk_eps, torch::Tensor cos, torch::Tensor sin, int64_t H,
                                              int64_t Hkv) {
-  TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == torch::kFloat32 && h.dim() == 2 && h.is_contiguous(),
-              "h must be a contiguous CPU float32 [M, C] tensor");
+  const torch::Tensor h = rows_f32(h_in, "h");
+  const bool bf16 = h_in.scalar_type() == torch::kBFloat16;
   const int64_t M = h.size(0), C = h.size(1);
   TORCH_CHECK(M >= 1 && M <= 64, "fused decode takes 1..64 token rows, got ", M);
   accel::cpu::AttnInParams p;
@@ -78,18 +95,20 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h, torch::Tensor ln, 
     pybind11::gil_scoped_release nogil;
     accel::cpu::attn_in(p);
   }
+  if (bf16) return {to_bf16(q), to_bf16(k), to_bf16(v)};
   return {q, k, v};
 }
 
-// (h [M, C], a [M, H*D]) -> h + o(a) + mlp(norm(h + o(a))), a new tensor (h is not modified)
-torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h, torch::Tensor a, torch::Tensor wo, c10::optional<torch::Tensor> bo,
+// (h [M, C], a [M, H*D]) -> h + o(a) + mlp(norm(h + o(a))), a new tensor (h is not modified); h and a fp32 or bf16
+// (widened exactly), computed in fp32, returned in h's dtype
+torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, torch::Tensor wo, c10::optional<torch::Tensor> bo,
                                      torch::Tensor ln, double eps, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd) {
-  TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == torch::kFloat32 && h.dim() == 2,
-              "h must be a CPU float32 [M, C] tensor");
-  TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == torch::kFloat32 && a.dim() == 2 && a.is_contiguous() &&
-                  a.size(0) == h.size(0),
-              "the attention output must be a contiguous CPU float32 [M, H*D] tensor");
-  auto out = h.clone(at::MemoryFormat::Contiguous);
+  const bool bf16 = h_in.scalar_type() == torch::kBFloat16;
+  auto out = rows_f32(h_in, "h");
+  if (out.data_ptr() == h_in.data_ptr()) out = out.clone();  // h is not modified
+  const torch::Tensor a = rows_f32(a_in, "the attention output");
+  TORCH_CHECK(a.size(0) == out.size(0), "the attention output has ", a.size(0), " rows, h has ", out.size(0));
+  const torch::Tensor& h = out;
   accel::cpu::AttnOutParams p;
   p.h = out.data_ptr<float>();
   p.a = a.data_ptr<float>();
@@ -111,5 +130,5 @@ torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h, torch::Tensor a, torch::Te
     pybind11::gil_scoped_release nogil;
     accel::cpu::attn_out_mlp(p);
   }
-  return out;
+  return bf16 ? to_bf16(out) : out;
 }

@@ -200,8 +200,12 @@ class FusedDecode:
 
         if M._global_forward_hooks or M._global_forward_pre_hooks or getattr(M, "_global_forward_hooks_always_called", None):
             return False
-        for parent, name, m in self._slots:
-            if parent._modules.get(name) is not m or m._forward_pre_hooks or _foreign_forward(m):
+        ff = _fast_forward
+        for parent, name, m in self._slots:  # ~10 modules a layer: kept to a few attribute reads each
+            if parent._modules.get(name) is not m or m._forward_pre_hooks:
+                return False
+            f = m.__dict__.get("forward")
+            if f is not None and getattr(f, "__func__", None) is not ff:  # see _foreign_forward
                 return False
             if m._forward_hooks and any(getattr(h, "__module__", "") != _CAPTURE_MODULE for h in m._forward_hooks.values()):
                 return False
@@ -240,11 +244,12 @@ def _version(t) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _fused_halves(C, h32, layer, layout, H, Hkv, cos, sin, mods=None):
-    """The fused layer's weights and the first half's q, k, v (fp32) for fp32 hidden rows ``h32`` [M, width]."""
+def _fused_halves(C, h, layer, layout, H, Hkv, cos, sin, mods=None):
+    """The fused layer's weights and the first half's q, k, v for hidden rows ``h`` [M, width] (fp32 or bf16;
+    computed in fp32, returned in h's dtype)."""
     pre, post = layer_weights(layer, layout, mods)
     ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
-    q, k, v = C.fused_attn_in(h32, _f32(ln), eps, wq, wk, wv, _f32(bq), _f32(bk), _f32(bv), _f32(qn), _f32(kn),
+    q, k, v = C.fused_attn_in(h, _f32(ln), eps, wq, wk, wv, _f32(bq), _f32(bk), _f32(bv), _f32(qn), _f32(kn),
                               qk_eps, cos, sin, H, Hkv)
     wo, bo, ln2, eps2, wg, wu, wd = post
     return (q, k, v), (wo, _f32(bo), _f32(ln2), eps2, wg, wu, wd)
@@ -282,17 +287,17 @@ def _make_forward(fd: FusedDecode, idx: int):
             fd._rope = (key, cs)
         B, width = hidden_states.shape[0], hidden_states.shape[-1]
         h = hidden_states.reshape(B, width)
-        h32 = h.contiguous() if dt == torch.float32 else h.float()
-        (q, k, v), post = _fused_halves(C, h32, self, layout, H, Hkv, cs[0], cs[1], mods)
-        if dt != torch.float32:  # rounded where transformers rounds them: the cache and the policy see bf16
-            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        # bf16 rows are widened inside the kernels, and q, k, v come back in bf16: rounded where transformers rounds
+        # them, so the cache and the policy see the module path's dtypes
+        (q, k, v), post = _fused_halves(C, h, self, layout, H, Hkv, cs[0], cs[1], mods)
         attn = self.self_attn
         k_all, v_all = cache.update(k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D), attn.layer_idx)
         out, _ = accel_attention_forward(attn, q.view(B, H, 1, D), k_all, v_all, attention_mask, dropout=0.0,
                                          scaling=attn.scaling, **rest)
-        out = out.reshape(B, H * D)
-        y = C.fused_attn_out_mlp(h32, out.contiguous() if dt == torch.float32 else out.float(), *post)
-        return (y if dt == torch.float32 else y.to(dt)).view(B, 1, width)
+        # the attention output in the model's dtype (bf16: rounded, as the module path hands it to o_proj); the
+        # layer's output comes back in h's dtype
+        y = C.fused_attn_out_mlp(h, out.reshape(B, H * D), *post)
+        return y.view(B, 1, width)
 
     return forward
 
