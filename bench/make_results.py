@@ -28,6 +28,7 @@ TABLE_END = "<!-- policy-table:end -->"
 COMMITTED = {
     "decode_anchors_smollm2_b1.csv": "2026-12-04",
     "decode_anchors_smollm2_b8.csv": "2026-12-04",
+    "decode_anchors_smollm2_b1_bf16.csv": "2026-12-04",
     "bf16_quality_smollm2.csv": "2026-12-04",
     "decode_fused_smollm2_b1.csv": "2026-12-04",
     "decode_policies_smollm2_b1.csv": "2026-12-04",
@@ -380,6 +381,19 @@ def sec_step() -> list[str]:
                          f(r["decode_step_ms"], 1), "-"])
     out += table(["runtime / policy", "context", "tokens/s", "step ms", "vs the fastest anchor"], rows)
     out += sources("decode_anchors_smollm2_b1.csv")
+    bf = load("decode_anchors_smollm2_b1_bf16.csv")
+    out += ["The same in bf16 (`accel bench --dtype bfloat16 --anchors`, one run): accel's policies on a bf16 copy of "
+            "the model (bf16 weights and cache) beside llama.cpp's rows, whose F16/F16 ones are the equal-precision "
+            "comparison (16-bit weights and KV).", ""]
+    out += table(["runtime / policy", "context", "tokens/s", "step ms", "KV read MB/step", "vs accel dense",
+                  "vs the fastest anchor"],
+                 [[display(r["policy"]).replace("anchor:", ""), r["context_requested"], f(r["decode_tok_s"], 2),
+                   f(r["decode_step_ms"], 1),
+                   f(r.get("kv_read_per_step_mb") or None, 1) if r["decode_path"] != "anchor" else "-",
+                   ratio(r.get("speedup_vs_accel_dense") or None) if r["decode_path"] != "anchor" else "-",
+                   ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"]
+                  for r in bf])
+    out += sources("decode_anchors_smollm2_b1_bf16.csv")
     b8 = load("decode_anchors_smollm2_b8.csv")
     out += ["The same at batch 8 (8 sequences of the prompt decoded together; tokens/s counts all of them), in one run; "
             "here every llama.cpp row comes from llama-batched-bench (one measurement each):", ""]
