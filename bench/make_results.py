@@ -29,6 +29,7 @@ COMMITTED = {
     "decode_anchors_smollm2_b1.csv": "2026-12-04",
     "decode_anchors_smollm2_b8.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_bf16.csv": "2026-12-04",
+    "decode_anchors_smollm2_b1_runtimes.csv": "2026-12-04",
     "bf16_quality_smollm2.csv": "2026-12-04",
     "decode_fused_smollm2_b1.csv": "2026-12-04",
     "decode_policies_smollm2_b1.csv": "2026-12-04",
@@ -394,6 +395,16 @@ def sec_step() -> list[str]:
                    ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"]
                   for r in bf])
     out += sources("decode_anchors_smollm2_b1_bf16.csv")
+    rt = load("decode_anchors_smollm2_b1_runtimes.csv")
+    out += ["In fp32 against all three anchor runtimes (llama.cpp with F32 weights, vLLM's CPU build and OpenVINO GenAI "
+            "with paged attention, each fp32, one compute thread; `run_anchors.sh` with `RUNTIMES=\"llamacpp vllm "
+            "openvino\"`), one run; the F32/f32 rows are the equal-precision comparison.", ""]
+    out += table(["runtime / policy", "context", "tokens/s", "step ms", "vs the fastest anchor"],
+                 [[display(r["policy"]).replace("anchor:", ""), r["context_requested"], f(r["decode_tok_s"], 2),
+                   f(r["decode_step_ms"], 1),
+                   ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"]
+                  for r in rt])
+    out += sources("decode_anchors_smollm2_b1_runtimes.csv")
     b8 = load("decode_anchors_smollm2_b8.csv")
     out += ["The same at batch 8 (8 sequences of the prompt decoded together; tokens/s counts all of them), in one run; "
             "here every llama.cpp row comes from llama-batched-bench (one measurement each):", ""]
