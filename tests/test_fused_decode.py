@@ -344,8 +344,8 @@ def test_fused_decode_under_inference_mode_equals_no_grad(dtype):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_bf16_rows_in_the_fused_halves_equal_their_fp32_widening(arch):
     """The fused halves take a bf16 model's hidden rows as they are and return q, k, v and the layer's output in bf16:
-    bit for bit the fp32 computation on the widened rows, rounded to bf16 (the conversions the decode step used to
-    make in Python around each call)."""
+    bit for bit the fp32 computation on the widened rows, rounded to bf16 by torch (the conversions the decode step
+    used to make in Python around each call). Inputs are never written, and non-contiguous rows give the same result."""
     from accel import _ext
     from accel.patching.fused import _fused_halves
 
@@ -368,8 +368,16 @@ def test_bf16_rows_in_the_fused_halves_equal_their_fp32_widening(arch):
     y16 = C.fused_attn_out_mlp(h, att, *post)
     y32 = C.fused_attn_out_mlp(h.float(), att.float(), *post)
     assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
-    h_before = h.clone()
-    C.fused_attn_out_mlp(h, att, *post)
-    assert torch.equal(h, h_before)  # the residual input is not written
+    for x in (h, h.float()):  # the residual input is not written (an fp32 one is the kernel's own dtype)
+        before = x.clone()
+        C.fused_attn_out_mlp(x, att, *post)
+        assert torch.equal(x, before)
+    # non-contiguous rows (a transposed view) give the contiguous result, in both dtypes
+    for x, a in ((h, att), (h.float(), att.float())):
+        xt, at = x.t().contiguous().t(), a.t().contiguous().t()
+        assert not xt.is_contiguous() and not at.is_contiguous()
+        assert all(torch.equal(u, w) for u, w in zip(_fused_halves(C, xt, layer, layout, H, Hkv, cos, sin)[0],
+                                                     _fused_halves(C, x, layer, layout, H, Hkv, cos, sin)[0]))
+        assert torch.equal(C.fused_attn_out_mlp(xt, at, *post), C.fused_attn_out_mlp(x, a, *post))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         C.fused_attn_out_mlp(h.half(), att, *post)

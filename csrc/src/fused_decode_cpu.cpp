@@ -30,20 +30,13 @@ const float* f32vec(const torch::Tensor& t, int64_t n, const char* name) {
 
 int threads() { return at::get_num_threads(); }
 
-// fp32 rows [M, N] rounded to bf16 (round to nearest even, as torch's .to(torch.bfloat16))
-torch::Tensor to_bf16(const torch::Tensor& x) {
-  auto y = torch::empty(x.sizes(), x.options().dtype(torch::kBFloat16));
-  const float* s = x.data_ptr<float>();
-  c10::BFloat16* d = y.data_ptr<c10::BFloat16>();
-  for (int64_t i = 0, n = x.numel(); i < n; ++i) d[i] = c10::BFloat16(s[i]);
-  return y;
-}
-
-// a [M, C] hidden-row tensor as contiguous fp32 (a bf16 model's rows widened exactly)
-torch::Tensor rows_f32(const torch::Tensor& x, const char* name) {
+// a 2-D row tensor as contiguous fp32 (a bf16 model's rows widened exactly); `copy`: always a new tensor
+torch::Tensor rows_f32(const torch::Tensor& x, const char* name, const char* shape, bool copy = false) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              name, " must be a CPU float32 or bfloat16 [M, C] tensor");
-  return x.scalar_type() == torch::kFloat32 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
+              name, " must be a CPU float32 or bfloat16 ", shape, " tensor");
+  // (.to with MemoryFormat::Contiguous keeps a transposed 2-D view as it is: contiguous() is what makes rows dense)
+  auto y = x.to(torch::kFloat32, /*non_blocking=*/false, copy).contiguous();
+  return y;
 }
 
 }  // namespace
@@ -56,7 +49,7 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor l
                                              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
                                              double qk_eps, torch::Tensor cos, torch::Tensor sin, int64_t H,
                                              int64_t Hkv) {
-  const torch::Tensor h = rows_f32(h_in, "h");
+  const torch::Tensor h = rows_f32(h_in, "h", "[M, C]");
   const bool bf16 = h_in.scalar_type() == torch::kBFloat16;
   const int64_t M = h.size(0), C = h.size(1);
   TORCH_CHECK(M >= 1 && M <= 64, "fused decode takes 1..64 token rows, got ", M);
@@ -95,7 +88,8 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor l
     pybind11::gil_scoped_release nogil;
     accel::cpu::attn_in(p);
   }
-  if (bf16) return {to_bf16(q), to_bf16(k), to_bf16(v)};
+  // rounded by torch itself (round to nearest even): exactly what .to(torch.bfloat16) gives in Python
+  if (bf16) return {q.to(torch::kBFloat16), k.to(torch::kBFloat16), v.to(torch::kBFloat16)};
   return {q, k, v};
 }
 
@@ -104,16 +98,15 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor l
 torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, torch::Tensor wo, c10::optional<torch::Tensor> bo,
                                      torch::Tensor ln, double eps, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd) {
   const bool bf16 = h_in.scalar_type() == torch::kBFloat16;
-  auto out = rows_f32(h_in, "h");
-  if (out.data_ptr() == h_in.data_ptr()) out = out.clone();  // h is not modified
-  const torch::Tensor a = rows_f32(a_in, "the attention output");
+  auto out = rows_f32(h_in, "h", "[M, C]", /*copy=*/true);  // the kernel adds into it in place: h is not modified
+  const torch::Tensor a = rows_f32(a_in, "the attention output", "[M, H*D]");
   TORCH_CHECK(a.size(0) == out.size(0), "the attention output has ", a.size(0), " rows, h has ", out.size(0));
-  const torch::Tensor& h = out;
+  TORCH_CHECK(out.size(0) >= 1 && out.size(0) <= 64, "fused decode takes 1..64 token rows, got ", out.size(0));
   accel::cpu::AttnOutParams p;
   p.h = out.data_ptr<float>();
   p.a = a.data_ptr<float>();
-  p.M = static_cast<int>(h.size(0));
-  p.C = static_cast<int>(h.size(1));
+  p.M = static_cast<int>(out.size(0));
+  p.C = static_cast<int>(out.size(1));
   p.HD = static_cast<int>(a.size(1));
   p.wo = as_mat(wo, p.HD, bo, "o weight");
   TORCH_CHECK(p.wo.N == p.C, "o weight must have ", p.C, " rows");
@@ -130,5 +123,5 @@ torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, tor
     pybind11::gil_scoped_release nogil;
     accel::cpu::attn_out_mlp(p);
   }
-  return bf16 ? to_bf16(out) : out;
+  return bf16 ? out.to(torch::kBFloat16) : out;
 }
