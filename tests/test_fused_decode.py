@@ -82,6 +82,32 @@ def test_a_hook_inside_a_layer_turns_the_fused_path_off():
     _close(again, ref)
 
 
+def test_a_forward_replaced_on_a_class_after_patching_turns_the_fused_path_off(monkeypatch):
+    """A class's forward replaced after patching (a monkeypatch of the MLP) must run: decode takes the module path
+    while it is in place, and the fused path returns when it is restored."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    model = tiny_model("llama")
+    ids, mask = _batch(B=2)
+    orig, seen = LlamaMLP.forward, []
+
+    def traced(self, x):
+        seen.append(x.shape[1])
+        return orig(self, x)
+
+    with torch.no_grad(), accel.patch(model, "dense") as h:
+        ref = _generate(model, ids, mask)
+        fused = h.runtime.stats["fused_layer_calls"]
+        monkeypatch.setattr(LlamaMLP, "forward", traced)
+        out = _generate(model, ids, mask)
+        assert h.runtime.stats["fused_layer_calls"] == fused  # no fused call while the class forward is replaced
+        assert seen.count(1) == 9 * model.config.num_hidden_layers  # it ran at every decode step of every layer
+        monkeypatch.setattr(LlamaMLP, "forward", orig)
+        _generate(model, ids, mask)
+        assert h.runtime.stats["fused_layer_calls"] > fused
+    _close(out, ref)
+
+
 def test_autograd_and_attention_weights_take_the_module_path():
     model = tiny_model("qwen3")
     ids = torch.randint(3, 250, (1, 12))

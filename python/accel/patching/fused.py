@@ -23,7 +23,8 @@ When the fused path is taken, and when it is not:
   * per forward (``FusedDecode.active``): off under autograd, with ``output_attentions``, or when any hook is
     registered on a module inside the layers (a user's hook, a policy's, torch's global ones) -- the module path
     runs them; transformers' own output-capturing hooks are idle unless their output is requested -- or when a
-    module inside the layers was replaced after patching (an adapter injected);
+    module inside the layers was replaced after patching (an adapter injected), or the ``forward`` of one of their
+    classes was (a monkeypatch);
   * per call: only for one token per sequence and at most ``MAX_ROWS`` sequences, hidden states of the model's
     dtype on the CPU, accel's cache, a full-width rotary, eval mode, no autograd, no autocast.
 
@@ -182,6 +183,10 @@ class FusedDecode:
         #: replaced after patching -- an adapter injected, a layer swapped -- turns the fused path off
         self._slots = [(parent, name, child) for layer in self.layers for parent in layer.modules()
                        for name, child in parent._modules.items()]
+        #: each class's ``forward`` (the layers' own and their modules') as it was when patched: one replaced on the
+        #: class later (a monkeypatch) turns the fused path off, as an instance forward does
+        self._class_forwards = tuple({type(m): type(m).forward for layer in self.layers
+                                      for m in layer.modules()}.items())
         self._mods = [layer_modules(layer, layout) for layer in self.layers]
         #: (position_embeddings, their fp32 [rows, D] cos and sin): transformers hands every layer of a step the same
         #: tuple, converted once per step (one attribute, so two threads generating at once read a matching pair)
@@ -200,6 +205,9 @@ class FusedDecode:
 
         if M._global_forward_hooks or M._global_forward_pre_hooks or getattr(M, "_global_forward_hooks_always_called", None):
             return False
+        for cls, fwd in self._class_forwards:
+            if cls.forward is not fwd:
+                return False
         ff = _fast_forward
         for parent, name, m in self._slots:  # ~10 modules a layer: kept to a few attribute reads each
             if parent._modules.get(name) is not m or m._forward_pre_hooks:
