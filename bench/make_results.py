@@ -31,6 +31,7 @@ COMMITTED = {
     "decode_anchors_smollm2_b1_bf16.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_runtimes.csv": "2026-12-04",
     "decode_anchors_smollm2_b8_bf16.csv": "2026-12-04",
+    "decode_kvpolicies_smollm2_b1_bf16.csv": "2026-12-04",
     "bf16_quality_smollm2.csv": "2026-12-04",
     "decode_fused_smollm2_b1.csv": "2026-12-04",
     "decode_policies_smollm2_b1.csv": "2026-12-04",
@@ -336,6 +337,24 @@ def sec_decode() -> list[str]:
     return out + sources("decode_smollm2_b1.csv")
 
 
+def follow_the_bytes(rows: list[dict], name: str | None) -> list[str]:
+    """Each policy's step against what its bytes predict: its bytes at the run's bandwidth plus the dense step's
+    time beyond its own bytes, at the same context."""
+    dense = {r["context"]: r for r in rows if r["policy"] == "dense"}
+    out = ["Whether a policy's step follows the bytes it reads: its bytes (weights + the KV it read) at the bandwidth "
+           "measured with it, plus what the dense step took beyond its own bytes at that context (\"predicted\").", ""]
+    body = []
+    for r in rows:
+        d = dense.get(r["context"])
+        if r["decode_path"] == "anchor" or r["policy"] in ("hf", "dense") or d is None:
+            continue
+        pred = float(r["bw_limit_ms"]) + float(d["overhead_ms"])
+        body.append([display(r["policy"]), r["context"], f(r["decode_step_ms"], 1), f(r["kv_read_per_step_mb"], 1),
+                     f(pred, 1), ratio(float(r["decode_step_ms"]) / pred)])
+    out += table(["policy", "context", "step ms", "KV read MB/step", "predicted ms", "step / predicted"], body)
+    return out + (sources(name) if name else [""])
+
+
 def sec_step() -> list[str]:
     fr = load("decode_fused_smollm2_b1.csv")
     r0 = fr[0]
@@ -393,6 +412,10 @@ def sec_step() -> list[str]:
                    ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"]
                   for r in bf])
     out += sources("decode_anchors_smollm2_b1_bf16.csv")
+    out += follow_the_bytes(bf, None)  # the table above, same source
+    kvp = load("decode_kvpolicies_smollm2_b1_bf16.csv")
+    out += ["The other KV policies the same way at 8K (`accel bench --dtype bfloat16`, default budgets, one run):", ""]
+    out += follow_the_bytes(kvp, "decode_kvpolicies_smollm2_b1_bf16.csv")
     rt = load("decode_anchors_smollm2_b1_runtimes.csv")
     out += ["In fp32 against all three anchor runtimes (llama.cpp with F32 weights, vLLM's CPU build and OpenVINO GenAI "
             "with paged attention, fp32; llama.cpp with F32 weights and an F32 or F16 KV cache; one compute thread each; "
