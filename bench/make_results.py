@@ -337,22 +337,45 @@ def sec_decode() -> list[str]:
     return out + sources("decode_smollm2_b1.csv")
 
 
+def predicted_step(rows: list[dict]):
+    """For the rows of one run: a function giving the step time a policy row's bytes predict (its bytes at the
+    bandwidth measured with it + the dense step's time beyond its own bytes at that context), None for rows without
+    a dense row at their context."""
+    dense_over = {r["context"]: float(r["overhead_ms"]) for r in rows if r["policy"] == "dense"}
+
+    def pred(r):
+        return float(r["bw_limit_ms"]) + dense_over[r["context"]] if r["context"] in dense_over else None
+
+    return pred
+
+
 def follow_the_bytes(rows: list[dict], name: str | None) -> list[str]:
-    """Each policy's step against what its bytes predict: its bytes at the run's bandwidth plus the dense step's
-    time beyond its own bytes, at the same context."""
-    dense = {r["context"]: r for r in rows if r["policy"] == "dense"}
+    """A table of each policy's step against what its bytes predict (``predicted_step``)."""
+    pred = predicted_step(rows)
     out = ["Whether a policy's step follows the bytes it reads: its bytes (weights + the KV it read) at the bandwidth "
            "measured with it, plus what the dense step took beyond its own bytes at that context (\"predicted\").", ""]
-    body = []
-    for r in rows:
-        d = dense.get(r["context"])
-        if r["decode_path"] == "anchor" or r["policy"] in ("hf", "dense") or d is None:
-            continue
-        pred = float(r["bw_limit_ms"]) + float(d["overhead_ms"])
-        body.append([display(r["policy"]), r["context"], f(r["decode_step_ms"], 1), f(r["kv_read_per_step_mb"], 1),
-                     f(pred, 1), ratio(float(r["decode_step_ms"]) / pred)])
+    body = [[display(r["policy"]), r["context"], f(r["decode_step_ms"], 1), f(r["kv_read_per_step_mb"], 1),
+             f(pred(r), 1), ratio(float(r["decode_step_ms"]) / pred(r))]
+            for r in rows if r["decode_path"] != "anchor" and r["policy"] not in ("hf", "dense") and pred(r)]
     out += table(["policy", "context", "step ms", "KV read MB/step", "predicted ms", "step / predicted"], body)
     return out + (sources(name) if name else [""])
+
+
+def anchor_table(rows: list[dict], batch: bool = False, extra: bool = False) -> list[str]:
+    """accel's rows and the anchors' of one ``accel bench --anchors`` run (``batch``: a batch column; ``extra``: the
+    KV read per step and the ratio to accel dense)."""
+    head = ["runtime / policy", "context"] + (["batch"] if batch else []) + ["tokens/s", "step ms"]
+    head += (["KV read MB/step", "vs accel dense"] if extra else []) + ["vs the fastest anchor"]
+    body = []
+    for r in rows:
+        ours = r["decode_path"] != "anchor"
+        row = [display(r["policy"]).replace("anchor:", ""), r["context_requested"]] + ([r["batch"]] if batch else [])
+        row += [f(r["decode_tok_s"], 2), f(r["decode_step_ms"], 1)]
+        if extra:
+            row += [f(r.get("kv_read_per_step_mb") or None, 1) if ours else "-",
+                    ratio(r.get("speedup_vs_accel_dense") or None) if ours else "-"]
+        body.append(row + [ratio(r.get("speedup_vs_best_anchor") or None) if ours else "-"])
+    return table(head, body)
 
 
 def sec_step() -> list[str]:
@@ -391,26 +414,14 @@ def sec_step() -> list[str]:
             "the fastest llama.cpp row at that context, any precision). This run forced its step count with "
             "`min_new_tokens`, which adds two scans of the vocabulary a step (~0.4 ms) to the accel and HF rows only; "
             "the bf16 and three-runtime tables below do not.", ""]
-    rows = []
-    for r in an:
-        rows.append([display(r["policy"]).replace("anchor:", ""), r["context_requested"], f(r["decode_tok_s"], 2),
-                     f(r["decode_step_ms"], 1),
-                     ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"])
-    out += table(["runtime / policy", "context", "tokens/s", "step ms", "vs the fastest anchor"], rows)
+    out += anchor_table(an)
     out += sources("decode_anchors_smollm2_b1.csv")
     bf = load("decode_anchors_smollm2_b1_bf16.csv")
     out += ["The same in bf16 (`accel bench --dtype bfloat16 --anchors`, one run): accel's policies on a bf16 copy of "
             "the model (bf16 weights and cache) beside llama.cpp's rows, whose F16/F16 ones are the equal-width "
             "comparison (16-bit weights and KV; fp16 keeps more mantissa bits than bf16, bf16 more range). \"vs the "
             "fastest anchor\" is against the fastest llama.cpp row at that context, any precision (Q4_1 included).", ""]
-    out += table(["runtime / policy", "context", "tokens/s", "step ms", "KV read MB/step", "vs accel dense",
-                  "vs the fastest anchor"],
-                 [[display(r["policy"]).replace("anchor:", ""), r["context_requested"], f(r["decode_tok_s"], 2),
-                   f(r["decode_step_ms"], 1),
-                   f(r.get("kv_read_per_step_mb") or None, 1) if r["decode_path"] != "anchor" else "-",
-                   ratio(r.get("speedup_vs_accel_dense") or None) if r["decode_path"] != "anchor" else "-",
-                   ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"]
-                  for r in bf])
+    out += anchor_table(bf, extra=True)
     out += sources("decode_anchors_smollm2_b1_bf16.csv")
     out += follow_the_bytes(bf, None)  # the table above, same source
     kvp = load("decode_kvpolicies_smollm2_b1_bf16.csv")
@@ -422,41 +433,29 @@ def sec_step() -> list[str]:
             "`run_anchors.sh` with `RUNTIMES=\"llamacpp vllm openvino\"`), one run; the f32/f32 rows are the "
             "equal-precision comparison, and \"vs the fastest anchor\" is against the fastest row at that context, F16 "
             "KV included.", ""]
-    out += table(["runtime / policy", "context", "tokens/s", "step ms", "vs the fastest anchor"],
-                 [[display(r["policy"]).replace("anchor:", ""), r["context_requested"], f(r["decode_tok_s"], 2),
-                   f(r["decode_step_ms"], 1),
-                   ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"]
-                  for r in rt])
+    out += anchor_table(rt)
     out += sources("decode_anchors_smollm2_b1_runtimes.csv")
     b8 = load("decode_anchors_smollm2_b8.csv")
     out += ["The same at batch 8 (8 sequences of the prompt decoded together; tokens/s counts all of them), in one run; "
             "here every llama.cpp row comes from llama-batched-bench (one measurement each):", ""]
-    out += table(["runtime / policy", "context", "batch", "tokens/s", "step ms", "vs the fastest anchor"],
-                 [[display(r["policy"]).replace("anchor:", ""), r["context_requested"], r["batch"],
-                   f(r["decode_tok_s"], 2), f(r["decode_step_ms"], 1),
-                   ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"]
-                  for r in b8])
+    out += anchor_table(b8, batch=True)
     out += sources("decode_anchors_smollm2_b8.csv")
     b8b = load("decode_anchors_smollm2_b8_bf16.csv")
     out += ["Batch 8 in bf16 against llama.cpp with F16 weights and KV (the equal-width comparison) and with F32 weights "
             "and KV (`accel bench --dtype bfloat16 --batch 8 --anchors`, one run; the run above forced its step count "
             "with `min_new_tokens`, this one did not):", ""]
-    out += table(["runtime / policy", "context", "batch", "tokens/s", "step ms", "vs the fastest anchor"],
-                 [[display(r["policy"]).replace("anchor:", ""), r["context_requested"], r["batch"],
-                   f(r["decode_tok_s"], 2), f(r["decode_step_ms"], 1),
-                   ratio(r.get("speedup_vs_best_anchor") or None) if r["decode_path"] != "anchor" else "-"]
-                  for r in b8b])
+    out += anchor_table(b8b, batch=True)
     out += sources("decode_anchors_smollm2_b8_bf16.csv")
     pr = load("decode_policies_smollm2_b1.csv")
-    dense_over = {r["context"]: float(r["overhead_ms"]) for r in pr if r["policy"] == "dense"}
+    pred = predicted_step(pr)
     rows = []
     for r in pr:
-        pred = float(r["bw_limit_ms"]) + dense_over[r["context"]] if r["context"] in dense_over else None
         rows.append([display(r["policy"]), r["context"], r["decode_path"], f(r["prefill_s"], 1),
                      f(r["decode_step_ms"], 1), f(r["decode_tok_s"], 2), ratio(r["speedup_vs_hf"]),
                      ratio(r["speedup_vs_accel_dense"]), f(r["kv_read_per_step_mb"], 0), f(r["bw_limit_ms"], 1),
                      f(r["overhead_ms"], 1),
-                     ratio(float(r["decode_step_ms"]) / pred) if pred and r["policy"] not in ("hf", "hf-compile") else "-"])
+                     ratio(float(r["decode_step_ms"]) / pred(r)) if pred(r) and r["policy"] not in ("hf", "hf-compile")
+                     else "-"])
     out += ["Policies after a real prefill (`accel bench` without `--synthetic-kv`), one run each. \"vs bytes + dense "
             "overhead\" is the step time over (the policy's bytes at the measured bandwidth + the dense step's time "
             "beyond its bytes): 1.00x means the policy's step follows the bytes it reads. `hf-compile` is transformers' "

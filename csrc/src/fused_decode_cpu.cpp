@@ -35,8 +35,7 @@ torch::Tensor rows_f32(const torch::Tensor& x, const char* name, const char* sha
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               name, " must be a CPU float32 or bfloat16 ", shape, " tensor");
   // (.to with MemoryFormat::Contiguous keeps a transposed 2-D view as it is: contiguous() is what makes rows dense)
-  auto y = x.to(torch::kFloat32, /*non_blocking=*/false, copy).contiguous();
-  return y;
+  return x.to(torch::kFloat32, /*non_blocking=*/false, copy).contiguous();
 }
 
 }  // namespace

@@ -208,12 +208,8 @@ class FusedDecode:
         for cls, fwd in self._class_forwards:
             if cls.forward is not fwd:
                 return False
-        ff = _fast_forward
-        for parent, name, m in self._slots:  # ~10 modules a layer: kept to a few attribute reads each
-            if parent._modules.get(name) is not m or m._forward_pre_hooks:
-                return False
-            f = m.__dict__.get("forward")
-            if f is not None and getattr(f, "__func__", None) is not ff:  # see _foreign_forward
+        for parent, name, m in self._slots:
+            if parent._modules.get(name) is not m or m._forward_pre_hooks or _foreign_forward(m):
                 return False
             if m._forward_hooks and any(getattr(h, "__module__", "") != _CAPTURE_MODULE for h in m._forward_hooks.values()):
                 return False
