@@ -67,6 +67,29 @@ constexpr int kTile = 16;
 #endif
 constexpr int kMaxGroup = 64;
 
+// Software prefetch of contiguous rows a fixed distance ahead, one row at a time as the tiles read them. The score
+// and value tiles compute enough per row (G*D FMAs, the sums, the softmax) that the hardware prefetcher alone does not
+// stay ahead of them: on the AVX-512 project machine (30 layers x 8K tokens, 3 KV heads, G = 3, fp32, from DRAM,
+// csrc/tools/decode_bench.cpp, 2026-12-04) the kernel read 14-16 GB/s without it and 24-25 GB/s with rows requested
+// 4-8 KB ahead (a plain sum of the same bytes: 33-37 GB/s); 12-16 KB ahead about the same in fp32, slower in bf16
+// (ACCEL_DECODE_PF_BYTES sets the distance for such comparisons). Requests
+// issued a whole tile at a time, at a tile's start, were slower than none (they fill the miss buffers at once). In the
+// model's decode step (bench/bench_fused.py, SmolLM2 at 8K, three runs alternated against requests for the row being
+// read) fp32 33.5-36.8 against 37.8-39.9 ms a step, bf16 18.5-19.4 against 19.1-20.2 ms.
+#ifndef ACCEL_DECODE_PF_BYTES
+#define ACCEL_DECODE_PF_BYTES 8192
+#endif
+constexpr int64_t kPfAheadBytes = ACCEL_DECODE_PF_BYTES;
+
+// request the cache lines of the row `ahead` elements after `row` (prefetches never fault, so a row past the end of the
+// buffer costs one wasted request; ahead = 0 requests the row about to be read, a few redundant instructions: GCC 12-13
+// at -O2/-O3 dropped every request of this function when it began with `if (ahead == 0) return;`)
+template <typename T, int DC>
+static inline void prefetch_row_ahead(const T* row, int64_t ahead) {
+  const char* r = reinterpret_cast<const char*>(row + ahead);
+  for (int c = 0; c < DC * static_cast<int>(sizeof(T)); c += 64) __builtin_prefetch(r + c, 0, 3);
+}
+
 // ---- the register-blocked tiles of the common shapes (head_dim a multiple of the vector, 1-4 query heads per KV
 // head), written once over the native vector V (8 lanes on AVX2, 16 with AVX-512) ----
 // Scores: R K rows at a time against all G heads of the group: per vector chunk, R K loads and G query loads feed
@@ -115,12 +138,13 @@ static inline void store_scores(const V* acc, int j0, int m, float scale, float 
 // s[g][j] = scale * q_g . K[tok[j]] for j < n (rows of masked tokens are computed and overwritten by the caller)
 template <typename V, typename T, int DC, int G>
 static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
-                               float (*s)[kTile]) {
+                               float (*s)[kTile], int64_t pf) {
   using O = VecOps<V>;
   constexpr int NC = DC / O::n, R = score_rows<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const T* kr[R];
     for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+    for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(kr[jj], pf);
     const int m = std::min(R, n - j0);
     V acc[G * R];
     for (int i = 0; i < G * R; ++i) acc[i] = V{};
@@ -149,7 +173,7 @@ static inline void live_rows(const float (*p)[kTile], int n, bool* live) {
 // acc_g += sum_j p[g][j] * V[tok[j]] for the group's heads (p = 0 for masked tokens, whose rows are skipped)
 template <typename V, typename T, int DC, int G>
 static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int64_t* tok, int n,
-                               const float (*p)[kTile]) {
+                               const float (*p)[kTile], int64_t pf) {
   using O = VecOps<V>;
   constexpr int NC = DC / O::n, CB = value_chunks<G, NC>();
   bool live[kTile];
@@ -161,6 +185,7 @@ static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int6
     for (int j = 0; j < n; ++j) {
       if (!live[j]) continue;
       const T* vr = vb + tok[j] * v_st + O::n * c0;
+      if (c0 == 0) prefetch_row_ahead<T, DC>(vr, pf);
       V vv[CB];
       for (int cb = 0; cb < CB; ++cb) vv[cb] = O::load(vr + O::n * cb);
       for (int g = 0; g < G; ++g) {
@@ -224,11 +249,12 @@ static inline void store_block16(const v16f (*acc)[R], int j0, float scale, floa
 
 template <typename T, int DC, int G>
 static inline void tile_scores16(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
-                                 float (*s)[kTile]) {
+                                 float (*s)[kTile], int64_t pf) {
   constexpr int NC = DC / 16, R = score_rows16<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const T* kr[R];
     for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+    for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(kr[jj], pf);
     v16f acc[G][R];
     for (int g = 0; g < G; ++g)
       for (int jj = 0; jj < R; ++jj) acc[g][jj] = v16f{};
@@ -249,23 +275,23 @@ static inline void tile_scores16(const float* q, const T* kb, int64_t k_st, cons
 // the score tile of this build: tile_scores16 with AVX-512, the register-count-sized tile_scores otherwise
 template <typename T, int DC, int G>
 static inline void scores_tile(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
-                               float (*s)[kTile]) {
+                               float (*s)[kTile], int64_t pf) {
 #ifdef ACCEL_V16F_NATIVE
-  tile_scores16<T, DC, G>(q, kb, k_st, tok, n, scale, s);
+  tile_scores16<T, DC, G>(q, kb, k_st, tok, n, scale, s, pf);
 #else
-  tile_scores<vnf, T, DC, G>(q, kb, k_st, tok, n, scale, s);
+  tile_scores<vnf, T, DC, G>(q, kb, k_st, tok, n, scale, s, pf);
 #endif
 }
 
 template <typename T, int DC>
 static inline bool fast_tile(int G, bool values, const float* q, float* acc, const T* base, int64_t st,
-                             const int64_t* tok, int n, float scale, float (*s)[kTile]) {
+                             const int64_t* tok, int n, float scale, float (*s)[kTile], int64_t pf) {
   if constexpr (DC > 0 && DC % kLanes == 0 && DC <= 256) {
     switch (G) {
 #define ACCEL_TILE_CASE(GG)                                                          \
   case GG:                                                                           \
-    if (values) tile_values<vnf, T, DC, GG>(acc, base, st, tok, n, s);               \
-    else scores_tile<T, DC, GG>(q, base, st, tok, n, scale, s);                     \
+    if (values) tile_values<vnf, T, DC, GG>(acc, base, st, tok, n, s, pf);           \
+    else scores_tile<T, DC, GG>(q, base, st, tok, n, scale, s, pf);                 \
     return true;
       ACCEL_TILE_CASE(1)
       ACCEL_TILE_CASE(2)
@@ -287,12 +313,13 @@ static inline bool fast_tile(int G, bool values, const float* q, float* acc, con
 // ends (attend_span interleaves them back). Only the summation order differs from the widening tile.
 template <typename V, int DC, int G>
 static inline void tile_scores_split(const float* qs, const uint16_t* kb, int64_t k_st, const int64_t* tok, int n,
-                                     float scale, float (*s)[kTile]) {
+                                     float scale, float (*s)[kTile], int64_t pf) {
   using O = VecOps<V>;
   constexpr int NP = DC / (2 * O::n), H2 = DC / 2, R = score_rows<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const uint16_t* kr[R];
     for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+    for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<uint16_t, DC>(kr[jj], pf);
     const int m = std::min(R, n - j0);
     V acc[G * R];
     for (int i = 0; i < G * R; ++i) acc[i] = V{};
@@ -316,7 +343,7 @@ static inline void tile_scores_split(const float* qs, const uint16_t* kb, int64_
 
 template <typename V, int DC, int G>
 static inline void tile_values_split(float* acc, const uint16_t* vb, int64_t v_st, const int64_t* tok, int n,
-                                     const float (*p)[kTile]) {
+                                     const float (*p)[kTile], int64_t pf) {
   using O = VecOps<V>;
   constexpr int NP = DC / (2 * O::n), H2 = DC / 2;
   constexpr int CP = value_chunks<G, 2 * NP>() / 2 > 0 ? value_chunks<G, 2 * NP>() / 2 : 1;  // pairs per pass
@@ -331,6 +358,7 @@ static inline void tile_values_split(float* acc, const uint16_t* vb, int64_t v_s
       }
     for (int j = 0; j < n; ++j) {
       if (!live[j]) continue;
+      if (c0 == 0) prefetch_row_ahead<uint16_t, DC>(vb + tok[j] * v_st, pf);
       V ve[CP], vo[CP];
       for (int cp = 0; cp < CP; ++cp) O::load_even_odd(vb + tok[j] * v_st + 2 * O::n * (c0 + cp), ve[cp], vo[cp]);
       for (int g = 0; g < G; ++g) {
@@ -360,13 +388,13 @@ static inline bool has_split_tile(int G) {
 // the split tile for (G, DC) of bf16 data; false: the span uses the widening tiles
 template <typename T, int DC>
 static inline bool split_tile(int G, bool values, const float* qs, float* acc, const T* base, int64_t st,
-                              const int64_t* tok, int n, float scale, float (*s)[kTile]) {
+                              const int64_t* tok, int n, float scale, float (*s)[kTile], int64_t pf) {
   if constexpr (sizeof(T) == 2 && DC > 0 && DC % (2 * kLanes) == 0 && DC <= 256) {
     switch (G) {
 #define ACCEL_SPLIT_CASE(GG)                                                   \
   case GG:                                                                     \
-    if (values) tile_values_split<vnf, DC, GG>(acc, base, st, tok, n, s);      \
-    else tile_scores_split<vnf, DC, GG>(qs, base, st, tok, n, scale, s);           \
+    if (values) tile_values_split<vnf, DC, GG>(acc, base, st, tok, n, s, pf);  \
+    else tile_scores_split<vnf, DC, GG>(qs, base, st, tok, n, scale, s, pf);       \
     return true;
       ACCEL_SPLIT_CASE(1)
       ACCEL_SPLIT_CASE(2)
@@ -417,8 +445,8 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   // K rows one tile ahead and V rows one tile ahead (before the current tile's value pass), so a
   // tile's worth of cache misses is in flight while a tile computes (memory-level parallelism instead
   // of one row's latency at a time). The first tile's rows are requested before the loop starts.
-  // Contiguous rows are left to the hardware prefetcher (software prefetch of contiguous rows at 16-256 rows ahead
-  // measured slower on the AVX-512 machine). (Two tiles ahead measured no better, with 16-token tiles on AVX2; with
+  // Contiguous rows are requested by the tiles themselves, row by row, kPfAheadBytes ahead (requests for a whole tile
+  // at the tile's start, 16-256 rows ahead, measured slower on the AVX-512 machine). (Two tiles ahead measured no better, with 16-token tiles on AVX2; with
   // AVX-512's 64-token tiles, one tile is 64 rows ahead: the hylra and snapkv steps of decode_policies_smollm2_b1.csv
   // follow their bytes at 8K with it.)
   // Inside a run of consecutive indices (chunked selections, sink and recent spans) only the first
@@ -435,6 +463,10 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
       for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(r + off, 0, 0);
     }
   };
+  // contiguous rows (no index list): each tile row requests the row kPfAheadBytes ahead of it (see kPfAheadBytes);
+  // the distances are in elements, for the tiles' pointer arithmetic
+  const int64_t pf_rows = std::max<int64_t>(1, kPfAheadBytes / krow_bytes);
+  const int64_t pf_k = idx ? 0 : pf_rows * p.k_st, pf_v = idx ? 0 : pf_rows * p.v_st;
   if (idx) {
     prefetch_rows(kb, p.k_st, i0, std::min<int64_t>(i1, i0 + kPfK * kTile));
     prefetch_rows(vb, p.v_st, i0, std::min<int64_t>(i1, i0 + kTile));
@@ -453,8 +485,8 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     }
     // scores: the group's queries are held in registers; the tile's K rows come from memory once
     // (first head) and from L1 for the other heads of the group
-    if (split ? split_tile<T, DC>(G, false, qs, acc, kb, p.k_st, tok, n, p.scale, s)
-              : fast_tile<T, DC>(G, false, q, acc, kb, p.k_st, tok, n, p.scale, s)) {
+    if (split ? split_tile<T, DC>(G, false, qs, acc, kb, p.k_st, tok, n, p.scale, s, pf_k)
+              : fast_tile<T, DC>(G, false, q, acc, kb, p.k_st, tok, n, p.scale, s, pf_k)) {
       for (int j = 0; j < n; ++j)
         if (!ok[j])
           for (int g = 0; g < G; ++g) s[g][j] = ninf;
@@ -537,8 +569,8 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
       for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(vr + off, 0, 0);
     }
     // values: the accumulator of one head stays in registers across the tile
-    if (split ? split_tile<T, DC>(G, true, qs, acc, vb, p.v_st, tok, n, p.scale, s)
-              : fast_tile<T, DC>(G, true, q, acc, vb, p.v_st, tok, n, p.scale, s)) {
+    if (split ? split_tile<T, DC>(G, true, qs, acc, vb, p.v_st, tok, n, p.scale, s, pf_v)
+              : fast_tile<T, DC>(G, true, q, acc, vb, p.v_st, tok, n, p.scale, s, pf_v)) {
     } else if constexpr (DC > 0 && DC % 16 == 0) {
       constexpr int NV = DC / 16;
       for (int g = 0; g < G; ++g) {

@@ -18,6 +18,30 @@
 namespace accel {
 namespace cpu {
 
+// Software prefetch of bf16 W rows a fixed distance ahead, one row at a time as the kernel reaches it: the even/odd
+// split costs two operations per load besides the FMAs, and the hardware prefetcher alone did not keep the stream
+// ahead of them. On the AVX-512 project machine (2026-12-04, one thread, W from DRAM), SmolLM2's 576x1536 and
+// 1536x576 bf16 layers streamed at ~18.5 GB/s without it and 21-28 GB/s with the row ~8 KB ahead requested
+// (4 and 16 KB about the same); in the model's decode step (bench/bench_fused.py, SmolLM2 bf16 at 2K, four runs
+// alternated with and without) 12.8-16.0 ms against 16.0-16.6 ms a step. fp32 rows: alone, 28-31 against 30-39 GB/s,
+// but in the decode step 24.4-27.0 against 22.6-22.9 ms (four alternated runs at 2K), so the fp32 kernel does not
+// prefetch.
+constexpr int64_t kWPfAheadBytes = 8192;
+
+// request the cache lines of row o + ahead of W (rows of K elements, ldw apart); ahead = rows covering
+// kWPfAheadBytes. Prefetches never fault: rows past the last one cost a wasted request each.
+template <typename T>
+static inline int64_t w_prefetch_rows(int K) {
+  const int64_t row = static_cast<int64_t>(K) * sizeof(T);
+  return std::max<int64_t>(1, (kWPfAheadBytes + row - 1) / row);
+}
+template <typename T>
+static inline void prefetch_w_row(const T* W, int64_t ldw, int64_t o, int K) {
+  const char* r = reinterpret_cast<const char*>(W + o * ldw);
+  const int64_t bytes = static_cast<int64_t>(K) * sizeof(T);
+  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(r + c, 0, 3);
+}
+
 template <typename T>
 static inline float dot_tail(const float* x, const T* w, int k0, int K) {
   float s = 0.f;
@@ -149,11 +173,13 @@ inline void small_m_linear_bf16_split(const float* x, int M, int K, const uint16
     }
   const float* xp = xs.data();
   const int nblk = (N + 63) / 64;
+  const int64_t ahead = w_prefetch_rows<uint16_t>(K);
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
   for (int blk = 0; blk < nblk; ++blk) {
     const int o_end = std::min(N, (blk + 1) * 64);
     for (int o = blk * 64; o < o_end; ++o) {
       const uint16_t* w = W + static_cast<int64_t>(o) * ldw;
+      prefetch_w_row(W, ldw, o + ahead, K);
       int m0 = 0;
       if (M == 1) {
         bf16_row<1, 4>(xp, K, w, o, 0, y, N);
@@ -201,7 +227,7 @@ inline void small_m_linear(const float* x, int M, int K, const T* W, int64_t ldw
   }
 #ifdef ACCEL_V16F_NATIVE
   if constexpr (sizeof(T) == 4) {
-    if (M == 1) {
+    if (M == 1) {  // (no software prefetch here: see kWPfAheadBytes)
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
       for (int o = 0; o < N; ++o)
         y[o] = f32_row<4>(x, W + static_cast<int64_t>(o) * ldw, K) + (bias ? bias[o] : 0.f);
