@@ -165,6 +165,41 @@ def test_bench_overhead_columns_compiled_baseline_and_anchors(tiny_folder, tmp_p
     assert float(d["speedup_vs_best_anchor"]) == round(float(d["decode_tok_s"]) / 3.5, 3)
 
 
+def test_bench_repeats_report_the_median_run(tiny_folder, tmp_path, monkeypatch, capsys):
+    """--repeats N runs the grid N times and keeps, per row, the run with the median step (every run listed in
+    step_ms_all); the anchors script gets REPS=N; a count below 1 is refused before the model loads."""
+    import csv
+
+    script_dir = tmp_path / "anchors"
+    script_dir.mkdir()
+    (script_dir / "run_anchors.sh").write_text("echo \"llamacpp,F16,F16,1,$CTX_B1,$REPS\"\n")
+    monkeypatch.setenv("ANCHORS_DIR", str(tmp_path))
+    monkeypatch.delenv("REPS", raising=False)
+    out = tmp_path / "r.csv"
+    assert main(["bench", "--model", str(tiny_folder), "--contexts", "64", "--new-tokens", "3", "--repeats", "3",
+                 "--anchors", str(script_dir), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["policy"] for r in rows) == ["anchor:llamacpp F16/F16", "dense", "hf"]
+    for r in rows:
+        if r["policy"].startswith("anchor"):
+            assert r["decode_tok_s"] == "3.0"  # the script ran with REPS=3
+            continue
+        runs = [float(x) for x in r["step_ms_all"].split()]
+        assert r["repeats"] == "3" and len(runs) == 3
+        assert float(r["decode_step_ms"]) == pytest.approx(sorted(runs)[1], abs=0.006)
+    from accel.cli.bench import _median_runs
+
+    fake = [{"context": 8, "batch": 1, "policy": p, "decode_step_ms": ms, "run": i}
+            for i, (p, ms) in enumerate([("a", 5.0), ("b", 1.0), ("a", 3.0), ("b", 2.0), ("a", 4.0), ("b", 9.0)])]
+    med = {r["policy"]: r for r in _median_runs(fake, 3)}
+    assert (med["a"]["run"], med["a"]["step_ms_all"]) == (4, "5.00 3.00 4.00")
+    assert (med["b"]["run"], med["b"]["repeats"]) == (3, 3)
+    assert _median_runs(fake[:4], 2)[0]["run"] == 0  # even count: the upper middle run
+    capsys.readouterr()
+    assert main(["bench", "--model", str(tiny_folder), "--repeats", "0", "--out", str(out)]) == 2
+    assert "--repeats 0" in capsys.readouterr().err
+
+
 def test_bench_batches_and_synthetic_kv(tiny_folder, tmp_path):
     import csv
 

@@ -55,6 +55,9 @@ def run(args) -> int:
     contexts = int_list(args.contexts, "--contexts")
     batches = int_list(args.batch, "--batch")
     int_list(str(args.new_tokens), "--new-tokens")
+    repeats = int(getattr(args, "repeats", 1))
+    if repeats < 1:
+        raise AccelError(f"--repeats {repeats}: give a count of at least 1")
     overrides = parse_overrides(args.set)
     check_policy_specs([p for p in split_policies(args.policies) if p != HF_COMPILE], overrides)
     if args.anchors and not (Path(args.anchors) / "run_anchors.sh").is_file():
@@ -71,7 +74,8 @@ def run(args) -> int:
     if int(getattr(args, "tp", 1) or 1) > 1:
         raise AccelError("--tp (tensor-parallel TPLA) applies to MLA models (DeepSeek-V2/V3), e.g. --model random-mla-mid")
     policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
-    anchor_rows, anchor_note = _run_anchors(args.anchors, contexts, batches, args.new_tokens) if args.anchors else ([], None)
+    anchor_rows, anchor_note = (_run_anchors(args.anchors, contexts, batches, args.new_tokens, repeats)
+                                if args.anchors else ([], None))
     facts = machine_facts()
     read_bw = measure_read_bandwidth()
     copy_bw = measure_copy_bandwidth()
@@ -83,7 +87,8 @@ def run(args) -> int:
     print(f"bandwidth: read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s (1 process, {facts['threads']} threads); "
           f"weights {wbytes / 1e6:.0f} MB", file=sys.stderr)
     rows = []
-    runs = [(c, b, p) for c in contexts for b in batches for p in policies]
+    # with --repeats the whole grid runs again, so each policy's runs are spread over the session (the machine drifts)
+    runs = [(c, b, p) for _ in range(repeats) for c in contexts for b in batches for p in policies]
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     if args.synthetic_kv:
         print("speed-only run: the KV cache is filled with random keys/values instead of running the prefill "
@@ -159,6 +164,7 @@ def run(args) -> int:
             "dtype": args.dtype, "synthetic_kv": bool(args.synthetic_kv), **facts,
         })
         time.sleep(0.1)
+    rows = _median_runs(rows, repeats)
     base = {(r["context"], r["batch"]): r["decode_tok_s"] for r in rows if r["policy"] == BASELINE}
     dense = {(r["context"], r["batch"]): r["decode_tok_s"] for r in rows if r["policy"] == "dense"}
     best_anchor: dict = {}
@@ -182,7 +188,21 @@ def run(args) -> int:
     return 0
 
 
-def _run_anchors(script_dir: str, contexts: list[int], batches: list[int], new_tokens: int):
+def _median_runs(rows: list[dict], repeats: int) -> list[dict]:
+    """One row per (context, batch, policy): the run with the median decode step (the upper of the two middle ones
+    for an even count), with ``repeats`` and every run's step time (``step_ms_all``, in run order) added; the
+    prefill time is that run's own."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["context"], r["batch"], r["policy"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        med = sorted(runs, key=lambda r: r["decode_step_ms"])[len(runs) // 2]
+        out.append({**med, "repeats": repeats, "step_ms_all": " ".join(f"{r['decode_step_ms']:.2f}" for r in runs)})
+    return out
+
+
+def _run_anchors(script_dir: str, contexts: list[int], batches: list[int], new_tokens: int, repeats: int = 1):
     """Run ``script_dir/run_anchors.sh`` (the CPU anchor runtimes: llama.cpp, vLLM, OpenVINO GenAI; built by
     ``script_dir/setup.sh`` under ``$ANCHORS_DIR``, default ``~/.cache/accel-anchors``) on this run's grid: batch 1
     at every context, the first batch above 1 at every context. Returns (rows, note): the parsed CSV rows as bench
@@ -199,6 +219,8 @@ def _run_anchors(script_dir: str, contexts: list[int], batches: list[int], new_t
         return [], (f"anchors skipped: nothing built under {built} (ANCHORS_DIR); build them with "
                     f"`bash {Path(script_dir) / 'setup.sh'}`")
     env = dict(os.environ, NGEN=str(new_tokens), CTX_B1=" ".join(map(str, contexts)) if 1 in batches else "")
+    if repeats > 1 and "REPS" not in os.environ:
+        env["REPS"] = str(repeats)  # llama-bench -r: its rows are the mean of that many runs
     big = [b for b in batches if b > 1]
     env.update({"B8": str(big[0]), "CTX_B8": " ".join(map(str, contexts))} if big else {"CTX_B8": ""})
     print(f"anchors: running {script} (batch 1: {env['CTX_B1'] or '-'}; batch {env.get('B8', '-')}: "

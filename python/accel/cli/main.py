@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--contexts", default="1024,4096,8192")
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--batch", default="1", help="batch size(s), comma-separated, e.g. 1,8 (8 = throughput mode)")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="run the whole grid N times, policies alternated, and report each row's median run (all "
+                        "runs' step times in step_ms_all; the anchors get REPS=N unless REPS is set)")
     b.add_argument("--synthetic-kv", action="store_true",
                    help="speed only: fill the cache with random K/V instead of running the prefill")
     b.add_argument("--out", default="accel_results/decode.csv", help="CSV to write (a PNG is written next to it)")
