@@ -34,6 +34,8 @@ COMMITTED = {
     "decode_kvpolicies_smollm2_b1_bf16.csv": "2026-12-04",
     "bf16_quality_smollm2.csv": "2026-12-04",
     "decode_fused_smollm2_b1.csv": "2026-12-04",
+    "decode_anchors_smollm2_b1_bf16_dense.csv": "2026-12-04",
+    "decode_anchors_smollm2_b1_fp32_dense.csv": "2026-12-04",
     "decode_policies_smollm2_b1.csv": "2026-12-04",
     "decode_quest_smollm2_b1.csv": "2026-12-04",
     "eval_quest_smollm2_4k.csv": "2026-12-04",
@@ -361,11 +363,13 @@ def follow_the_bytes(rows: list[dict], name: str | None) -> list[str]:
     return out + (sources(name) if name else [""])
 
 
-def anchor_table(rows: list[dict], batch: bool = False, extra: bool = False) -> list[str]:
+def anchor_table(rows: list[dict], batch: bool = False, extra: bool = False, runs: bool = False) -> list[str]:
     """accel's rows and the anchors' of one ``accel bench --anchors`` run (``batch``: a batch column; ``extra``: the
-    KV read per step and the ratio to accel dense)."""
+    KV read per step and the ratio to accel dense; ``runs``: a ``--repeats`` run's step beyond the bytes, share of
+    the read bandwidth and every run's step)."""
     head = ["runtime / policy", "context"] + (["batch"] if batch else []) + ["tokens/s", "step ms"]
     head += (["KV read MB/step", "vs accel dense"] if extra else []) + ["vs the fastest anchor"]
+    head += ["beyond the bytes ms", "% of read bw", "all runs (ms)"] if runs else []
     body = []
     for r in rows:
         ours = r["decode_path"] != "anchor"
@@ -374,7 +378,10 @@ def anchor_table(rows: list[dict], batch: bool = False, extra: bool = False) -> 
         if extra:
             row += [f(r.get("kv_read_per_step_mb") or None, 1) if ours else "-",
                     ratio(r.get("speedup_vs_accel_dense") or None) if ours else "-"]
-        body.append(row + [ratio(r.get("speedup_vs_best_anchor") or None) if ours else "-"])
+        row.append(ratio(r.get("speedup_vs_best_anchor") or None) if ours else "-")
+        if runs:
+            row += ([f(r["overhead_ms"], 1), pct(r["frac_read_bw"]), r["step_ms_all"]] if ours else ["-", "-", "-"])
+        body.append(row)
     return table(head, body)
 
 
@@ -406,6 +413,15 @@ def sec_step() -> list[str]:
                  [[r["task"], r["context"], r["dtype"], r["n"], r["tokens_scored"] or "-", f(r["ppl"] or None, 3),
                    r["top1_agree_vs_fp32"] or "-", r["kl_vs_fp32"] or "-", r["accuracy"] or "-"] for r in q])
     out += sources("bf16_quality_smollm2.csv")
+    out += ["accel dense against llama.cpp at equal precision, batch 1, three runs each (`accel bench --repeats 3 "
+            "--anchors`: the grid ran three times with unpatched transformers and accel dense alternated, each row is "
+            "its median run, every run in the last column; llama.cpp's llama-bench rows are the mean of three runs, its "
+            "F32/F32 rows one llama-batched-bench run). bf16: a bf16 copy of the model against llama.cpp with F16 "
+            "weights and KV; fp32 against F32 weights with F32 and F16 KV (\"vs the fastest anchor\": the fastest "
+            "llama.cpp row of the table at that context).", ""]
+    for name in ("decode_anchors_smollm2_b1_bf16_dense.csv", "decode_anchors_smollm2_b1_fp32_dense.csv"):
+        out += anchor_table(load(name), runs=True)
+        out += sources(name)
     an = load("decode_anchors_smollm2_b1.csv")
     out += ["Against the runtimes a CPU user would pick instead (`accel bench --anchors`, llama.cpp built by "
             "`../shared/anchors/setup.sh` from the same packaged GGUF, one thread; its F32/F32 rows come from "
