@@ -35,6 +35,7 @@ COMMITTED = {
     "bf16_quality_smollm2.csv": "2026-12-04",
     "decode_fused_smollm2_b1.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_bf16_dense.csv": "2026-12-04",
+    "decode_anchors_smollm2_b1_bf16_8k.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_fp32_dense.csv": "2026-12-04",
     "decode_policies_smollm2_b1.csv": "2026-12-04",
     "decode_quest_smollm2_b1.csv": "2026-12-04",
@@ -440,6 +441,11 @@ def sec_step() -> list[str]:
     out += anchor_table(bf, extra=True)
     out += sources("decode_anchors_smollm2_b1_bf16.csv")
     out += follow_the_bytes(bf, None)  # the table above, same source
+    bf8 = load("decode_anchors_smollm2_b1_bf16_8k.csv")
+    out += ["The same policies at 8K again after the kernels' row requests (the dense notes), one run, against llama.cpp "
+            "with F16 and Q4_1 weights and an F16 cache:", ""]
+    out += anchor_table(bf8, extra=True)
+    out += sources("decode_anchors_smollm2_b1_bf16_8k.csv")
     kvp = load("decode_kvpolicies_smollm2_b1_bf16.csv")
     out += ["The other KV policies the same way at 8K (`accel bench --dtype bfloat16`, default budgets, one run):", ""]
     out += follow_the_bytes(kvp, "decode_kvpolicies_smollm2_b1_bf16.csv")
