@@ -112,3 +112,51 @@ def test_calibrating_a_tensor_parallel_model_is_refused_with_the_way_to_do_it():
     model._tp_size = 2
     with pytest.raises(accel.AccelError, match="calibrate the checkpoint loaded without tp_plan, save the plan"):
         accel.calibrate(model, None, ["text"], policy="hylra")
+
+
+def test_accel_generate_tp_runs_a_policy_on_transformers_tensor_parallel_ranks(tmp_path):
+    """`accel generate --tp 2` under torchrun (2 gloo ranks) loads the model with transformers' tensor parallelism and
+    runs the policy on each rank's heads: rank 0 prints what one process prints (snapkv compressing the prompt's
+    cache); a policy that combines heads is refused in one line (exit 2)."""
+    import transformers as T
+
+    from accel.cli.main import main
+    from accel.models.loader import converted_path, load
+
+    load("smollm2-135m")  # the converted folder (and its tokenizer) exists
+    tok = T.AutoTokenizer.from_pretrained(str(converted_path("smollm2-135m")))
+    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    m = T.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # peaked attention and logits: no near-ties for the ranks' summation order to flip
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+        m.lm_head.weight.mul_(8)
+    ck = tmp_path / "ckpt"
+    m.save_pretrained(ck)
+    tok.save_pretrained(ck)
+    prompt = "The essay begins with a list of the things a startup needs: " * 4
+    args = ["generate", "--model", str(ck), "--policy", "snapkv", "--set", "budget_ratio=0.25", "--prompt", prompt,
+            "--max-new-tokens", "6"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(args) == 0
+    want = buf.getvalue()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(root / "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "accel"]
+    r = subprocess.run(run + args + ["--tp", "2"], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.stdout == want and want.strip()
+    assert "[snapkv] on 2 tensor-parallel ranks (transformers' tp_plan) prompt" in r.stderr
+    r = subprocess.run(run + ["generate", "--model", str(ck), "--policy", "delta", "--prompt", prompt, "--tp", "2"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "loaded with transformers' tensor parallelism (tp_size=2" in r.stderr and "delta:" in r.stderr

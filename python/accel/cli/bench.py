@@ -72,7 +72,8 @@ def run(args) -> int:
     if getattr(model.config, "model_type", None) in supported_mla_types():
         return _run_mla(args, model)
     if int(getattr(args, "tp", 1) or 1) > 1:
-        raise AccelError("--tp (tensor-parallel TPLA) applies to MLA models (DeepSeek-V2/V3), e.g. --model random-mla-mid")
+        raise AccelError("accel bench --tp times tensor-parallel TPLA on MLA models (DeepSeek-V2/V3, e.g. --model "
+                         "random-mla-mid); other models run tensor-parallel with accel generate --tp")
     policies = [BASELINE] + [p for p in split_policies(args.policies) if p != BASELINE]
     anchor_rows, anchor_note = (_run_anchors(args.anchors, contexts, batches, args.new_tokens, repeats)
                                 if args.anchors else ([], None))
@@ -373,6 +374,9 @@ def _run_mla(args, model) -> int:
         if tp > 1:
             if pol == BASELINE:
                 raise AccelError("--tp runs tpla on every rank; drop 'hf' from --policies (run it without --tp)")
+            if pol.split("@")[0] != "tpla":
+                raise AccelError(f"--tp {tp} on an MLA model runs tensor-parallel TPLA: use --policies tpla (got "
+                                 f"{pol!r})")
             rank = tp_setup(args, pol, overrides)
         for ctx in contexts:
             for batch in batches:

@@ -91,7 +91,10 @@ def check_file(path: str | None, what: str) -> None:
         raise InputError(f"{what} {path!r} is not readable; check its permissions")
 
 
-def load_model(name: str, dtype: str = "float32"):
+def load_model(name: str, dtype: str = "float32", tp_plan: str | None = None):
+    """``(model, tokenizer)`` of a named model, a local folder or a random MLA config. ``tp_plan`` (under torchrun,
+    the process group initialised): transformers' own tensor parallelism, each rank holding its slice of the weights
+    (rank 0 converts a named model on first use while the others wait)."""
     from ..models import load
     from ..research.mla_models import RANDOM_MODELS
 
@@ -100,19 +103,35 @@ def load_model(name: str, dtype: str = "float32"):
         from ..research.mla_models import ByteTokenizer, random_mla
 
         return random_mla(RANDOM_MODELS[name]).to(dt), ByteTokenizer()
+    if tp_plan is not None:
+        import torch.distributed as dist
+
+        from ..models.loader import local_path
+
+        if dist.get_rank() == 0:
+            local_path(name)
+        dist.barrier()
+        return load(name, dtype=dt, tp_plan=tp_plan)
     return load(name, dtype=dt)
 
 
 def tp_setup(args, policy: str, overrides: dict) -> int:
-    """``--tp N`` (N > 1): this process is one of N torchrun ranks running ``tpla`` with one shard per rank.
-    Returns this process's rank (0 without --tp)."""
+    """``--tp N`` (N > 1): this process is one of N torchrun ranks. With ``tpla`` (MLA models) each rank runs one of
+    TPLA's N latent shards; with any other policy the model is loaded with transformers' own tensor parallelism
+    (``tp_plan="auto"``, set on ``args.tp_plan`` for ``load_model``) and accel runs on each rank's heads, its cache
+    holding their slice (policies that combine heads are refused by ``accel.patch``). Call before the model loads;
+    returns this process's rank (0 without --tp)."""
     tp = int(getattr(args, "tp", 1) or 1)
+    args.tp_plan = None
     if tp <= 1:
         return 0
     from ..errors import AccelError
+    from ..research.mla_models import RANDOM_MODELS
 
-    if policy.split("@")[0] != "tpla":
-        raise AccelError(f"--tp {tp} runs tensor-parallel TPLA: use --policy/--policies tpla (got {policy!r})")
+    tpla = policy.split("@")[0] == "tpla"
+    if not tpla and getattr(args, "model", None) in RANDOM_MODELS:
+        raise AccelError(f"--tp {tp} on {args.model} runs tensor-parallel TPLA: use --policy/--policies tpla (got "
+                         f"{policy!r})")
     import os
 
     if "WORLD_SIZE" not in os.environ:
@@ -123,7 +142,10 @@ def tp_setup(args, policy: str, overrides: dict) -> int:
     rank, world = init_distributed()
     if world != tp:
         raise AccelError(f"--tp {tp} but torchrun started {world} ranks; use --nproc-per-node {tp}")
-    overrides.update(shards=tp, execution="distributed")
+    if tpla:
+        overrides.update(shards=tp, execution="distributed")
+    else:
+        args.tp_plan = "auto"
     return rank
 
 

@@ -81,15 +81,17 @@ def run(args) -> int:
     data_parallel = world > 1 and int(getattr(args, "tp", 1) or 1) <= 1
     if data_parallel and rows is None:
         raise AccelError(f"torchrun started {world} ranks without --tp: data-parallel generation shares the prompts of "
-                         "--input prompts.jsonl among the ranks (give --input), and --tp N runs tensor-parallel tpla")
+                         "--input prompts.jsonl among the ranks (give --input), and --tp N runs the model "
+                         "tensor-parallel")
     if rows is not None and world <= 1 and _parts(_out_path(args)):
         raise AccelError(f"{_parts(_out_path(args))[0]} is left from an interrupted data-parallel run: rerun under "
                          "torchrun (any number of ranks) to finish and merge it into the output, or delete the part "
                          "files")
-    model, tok = load_model(args.model, args.dtype)
     if data_parallel:
+        model, tok = load_model(args.model, args.dtype)
         return _data_parallel(args, model, tok, rows, overrides)
     rank = tp_setup(args, args.policy, overrides)
+    model, tok = load_model(args.model, args.dtype, tp_plan=args.tp_plan)
     if rank != 0:  # tensor-parallel ranks other than 0 compute but do not print or write
         sys.stdout = open(os.devnull, "w")
     handle = patch_for(model, args.policy, overrides, plan=args.plan)
@@ -103,7 +105,11 @@ def run(args) -> int:
             return 0
         print(texts[0])
         n_new = st.decode_steps + 1
-        print(f"[{args.policy}] prompt {n_prompt} tokens: prefill {st.prefill_s:.2f} s "
+        from ..patching.tensor_parallel import tensor_parallel_size
+
+        tp = tensor_parallel_size(model)
+        where = f" on {tp} tensor-parallel ranks (transformers' tp_plan)" if tp > 1 else ""
+        print(f"[{args.policy}]{where} prompt {n_prompt} tokens: prefill {st.prefill_s:.2f} s "
               f"({n_prompt / st.prefill_s:.1f} tok/s); decode {n_new} tokens at "
               f"{st.decode_steps / st.decode_s if st.decode_steps else float('nan'):.2f} tok/s", file=sys.stderr)
         return 0

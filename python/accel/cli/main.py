@@ -15,8 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="policy option override (repeatable)")
         sp.add_argument("--tp", type=int, default=1,
-                        help="tensor-parallel ranks for MLA models with policy tpla (launch under "
-                             "`torchrun --standalone --nproc-per-node N -m accel ...`); 1 = one process")
+                        help="tensor-parallel ranks (launch under `torchrun --standalone --nproc-per-node N -m "
+                             "accel ...`): MLA models with policy tpla run TPLA's latent shards; other models load "
+                             "with transformers' tensor parallelism (tp_plan=auto), each rank holding its heads' "
+                             "slice of accel's cache; 1 = one process")
         sp.add_argument("-v", "--verbose", action="store_true")
 
     sub.add_parser("info", help="versions, kernel backends and why any is unavailable, policies, models")

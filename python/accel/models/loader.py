@@ -114,21 +114,26 @@ def local_path(name_or_path: str) -> Path:
     return path
 
 
-def load(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+def load(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+         tp_plan: str | None = None):
     """Return ``(model, tokenizer)`` for a named embedded model or a local folder.
 
     The tokenizer is set to left padding (what decoder-only batched generation needs) and gets a pad
-    token if it has none.
+    token if it has none. ``tp_plan`` (e.g. ``"auto"``, under torchrun with the process group initialised) loads the
+    model with transformers' own tensor parallelism; its sharded parameters keep transformers' memory.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = local_path(name_or_path)
+    extra = {} if tp_plan is None else {"tp_plan": tp_plan}
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
         use_kernels=False,  # accel brings its own kernels; transformers 5.25 would otherwise kernelize from the hub
+        **extra,
     )
     model.eval()
-    _own_weights(model)
+    if tp_plan is None:
+        _own_weights(model)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     tok.padding_side = "left"
     if tok.pad_token is None:
