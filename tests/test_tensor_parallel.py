@@ -114,6 +114,7 @@ def test_calibrating_a_tensor_parallel_model_is_refused_with_the_way_to_do_it():
         accel.calibrate(model, None, ["text"], policy="hylra")
 
 
+@pytest.mark.exactness
 def test_accel_generate_tp_runs_a_policy_on_transformers_tensor_parallel_ranks(tmp_path):
     """`accel generate --tp 2` under torchrun (2 gloo ranks) loads the model with transformers' tensor parallelism and
     runs the policy on each rank's heads: rank 0 prints what one process prints (snapkv compressing the prompt's
