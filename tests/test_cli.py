@@ -189,12 +189,16 @@ def test_bench_repeats_report_the_median_run(tiny_folder, tmp_path, monkeypatch,
         assert float(r["decode_step_ms"]) == pytest.approx(sorted(runs)[1], abs=0.006)
     from accel.cli.bench import _median_runs
 
-    fake = [{"context": 8, "batch": 1, "policy": p, "decode_step_ms": ms, "run": i}
+    fake = [{"context": 8, "context_requested": 8, "batch": 1, "policy": p, "decode_step_ms": ms, "run": i}
             for i, (p, ms) in enumerate([("a", 5.0), ("b", 1.0), ("a", 3.0), ("b", 2.0), ("a", 4.0), ("b", 9.0)])]
     med = {r["policy"]: r for r in _median_runs(fake, 3)}
     assert (med["a"]["run"], med["a"]["step_ms_all"]) == (4, "5.00 3.00 4.00")
     assert (med["b"]["run"], med["b"]["repeats"]) == (3, 3)
     assert _median_runs(fake[:4], 2)[0]["run"] == 0  # even count: the upper middle run
+    # rows of other batches and other requested contexts (two clipped to one prompt length) stay apart
+    other = [{**r, "batch": 2, "run": 10 + r["run"]} for r in fake] + [{**r, "context_requested": 9} for r in fake]
+    groups = {(r["context_requested"], r["batch"], r["policy"]): r["run"] for r in _median_runs(fake + other, 3)}
+    assert groups == {(8, 1, "a"): 4, (8, 1, "b"): 3, (8, 2, "a"): 14, (8, 2, "b"): 13, (9, 1, "a"): 4, (9, 1, "b"): 3}
     capsys.readouterr()
     assert main(["bench", "--model", str(tiny_folder), "--repeats", "0", "--out", str(out)]) == 2
     assert "--repeats 0" in capsys.readouterr().err

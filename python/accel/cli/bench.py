@@ -190,12 +190,13 @@ def run(args) -> int:
 
 
 def _median_runs(rows: list[dict], repeats: int) -> list[dict]:
-    """One row per (context, batch, policy): the run with the median decode step (the upper of the two middle ones
+    """One row per (requested context, batch, policy): the run with the median decode step (the upper of the two middle ones
     for an even count), with ``repeats`` and every run's step time (``step_ms_all``, in run order) added; the
     prefill time is that run's own."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["context"], r["batch"], r["policy"]), []).append(r)
+        # the requested context: two requests clipped to one prompt length (the model's window) stay two rows
+        groups.setdefault((r["context_requested"], r["batch"], r["policy"]), []).append(r)
     out = []
     for runs in groups.values():
         med = sorted(runs, key=lambda r: r["decode_step_ms"])[len(runs) // 2]

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1", help="batch size(s), comma-separated, e.g. 1,8 (8 = throughput mode)")
     b.add_argument("--repeats", type=int, default=1,
                    help="run the whole grid N times, policies alternated, and report each row's median run (all "
-                        "runs' step times in step_ms_all; the anchors get REPS=N unless REPS is set)")
+                        "runs' step times in step_ms_all); with N > 1 and REPS unset the anchors run with REPS=N "
+                        "(run_anchors.sh's own default is 3; llama-bench rows are the mean of its runs)")
     b.add_argument("--synthetic-kv", action="store_true",
                    help="speed only: fill the cache with random K/V instead of running the prefill")
     b.add_argument("--out", default="accel_results/decode.csv", help="CSV to write (a PNG is written next to it)")

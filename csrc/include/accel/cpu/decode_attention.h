@@ -37,7 +37,7 @@ struct DecodeParams {
   int64_t v_sb = 0, v_sh = 0, v_st = 0;
   const int32_t* lengths = nullptr;  // [B*Hkv]
   // optional ragged pool: (b, kv-head) bh's token t lives at row offsets[bh] + t of a shared row pool
-  // (k_sb = k_sh = 0), so every head owns exactly the rows it keeps (KV compression, issue 6)
+  // (k_sb = k_sh = 0), so every head owns exactly the rows it keeps (KV compression)
   const int64_t* offsets = nullptr;  // [B*Hkv] or nullptr
   const int32_t* indices = nullptr;  // [B*Hkv*idx_stride] or nullptr
   int64_t idx_stride = 0;
@@ -72,7 +72,7 @@ constexpr int kMaxGroup = 64;
 // stay ahead of them: on the AVX-512 project machine (30 layers x 8K tokens, 3 KV heads, G = 3, fp32, from DRAM,
 // csrc/tools/decode_bench.cpp, 2026-12-04) the kernel read 14-16 GB/s without it and 24-25 GB/s with rows requested
 // 4-8 KB ahead (a plain sum of the same bytes: 33-37 GB/s); 12-16 KB ahead about the same in fp32, slower in bf16
-// (ACCEL_DECODE_PF_BYTES sets the distance for such comparisons). Requests
+// (ACCEL_DECODE_PF_BYTES sets the distance, at least one row, for such comparisons). Requests
 // issued a whole tile at a time, at a tile's start, were slower than none (they fill the miss buffers at once). In the
 // model's decode step (bench/bench_fused.py, SmolLM2 at 8K, three runs alternated against requests for the row being
 // read) fp32 33.5-36.8 against 37.8-39.9 ms a step, bf16 18.5-19.4 against 19.1-20.2 ms.
@@ -81,9 +81,11 @@ constexpr int kMaxGroup = 64;
 #endif
 constexpr int64_t kPfAheadBytes = ACCEL_DECODE_PF_BYTES;
 
-// request the cache lines of the row `ahead` elements after `row` (prefetches never fault, so a row past the end of the
-// buffer costs one wasted request; ahead = 0 requests the row about to be read, a few redundant instructions: GCC 12-13
-// at -O2/-O3 dropped every request of this function when it began with `if (ahead == 0) return;`)
+// request the cache lines of the row `ahead` elements after `row` (prefetches never fault: the rows requested past the
+// end of a span, up to kPfAheadBytes of them, are wasted requests). ahead = 0 (index lists, which make their own
+// requests one tile ahead) requests the row about to be read: a few redundant instructions per row, measured
+// unchanged on a 1/4-selection harness. GCC 12 at -O2/-O3 emitted none of this function's requests while it began
+// with `if (ahead == 0) return;` (no prefetcht0 in objdump -d of the built kernels), hence no such test.
 template <typename T, int DC>
 static inline void prefetch_row_ahead(const T* row, int64_t ahead) {
   const char* r = reinterpret_cast<const char*>(row + ahead);

@@ -23,13 +23,14 @@ namespace cpu {
 // ahead of them. On the AVX-512 project machine (2026-12-04, one thread, W from DRAM), SmolLM2's 576x1536 and
 // 1536x576 bf16 layers streamed at ~18.5 GB/s without it and 21-28 GB/s with the row ~8 KB ahead requested
 // (4 and 16 KB about the same); in the model's decode step (bench/bench_fused.py, SmolLM2 bf16 at 2K, four runs
-// alternated with and without) 12.8-16.0 ms against 16.0-16.6 ms a step. fp32 rows: alone, 28-31 against 30-39 GB/s,
+// alternated with and without) 12.8-16.0 ms against 16.0-16.6 ms a step. fp32 rows: alone, 30-39 GB/s with the requests against 28-31 without,
 // but in the decode step 24.4-27.0 against 22.6-22.9 ms (four alternated runs at 2K), so the fp32 kernel does not
 // prefetch.
 constexpr int64_t kWPfAheadBytes = 8192;
 
 // request the cache lines of row o + ahead of W (rows of K elements, ldw apart); ahead = rows covering
-// kWPfAheadBytes. Prefetches never fault: rows past the last one cost a wasted request each.
+// kWPfAheadBytes. Prefetches never fault: the last `ahead` rows of a matrix request rows past it (wasted requests;
+// a guard `o + ahead < N` was not measured).
 template <typename T>
 static inline int64_t w_prefetch_rows(int K) {
   const int64_t row = static_cast<int64_t>(K) * sizeof(T);
