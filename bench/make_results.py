@@ -364,10 +364,12 @@ def follow_the_bytes(rows: list[dict], name: str | None) -> list[str]:
     return out + (sources(name) if name else [""])
 
 
-def anchor_table(rows: list[dict], batch: bool = False, extra: bool = False, runs: bool = False) -> list[str]:
-    """accel's rows and the anchors' of one ``accel bench --anchors`` run (``batch``: a batch column; ``extra``: the
-    KV read per step and the ratio to accel dense; ``runs``: a ``--repeats`` run's step beyond the bytes, share of
-    the read bandwidth and every run's step)."""
+def anchor_section(name: str, intro: str | None = None, batch: bool = False, extra: bool = False,
+                   runs: bool = False) -> list[str]:
+    """``intro`` (a paragraph), then the table of accel's rows and the anchors' of one ``accel bench --anchors`` CSV
+    and its source line (``batch``: a batch column; ``extra``: the KV read per step and the ratio to accel dense;
+    ``runs``: a ``--repeats`` run's step beyond the bytes, share of the read bandwidth and every run's step)."""
+    rows = load(name)
     head = ["runtime / policy", "context"] + (["batch"] if batch else []) + ["tokens/s", "step ms"]
     head += (["KV read MB/step", "vs accel dense"] if extra else []) + ["vs the fastest anchor"]
     head += ["beyond the bytes ms", "% of read bw", "all runs (ms)"] if runs else []
@@ -383,7 +385,7 @@ def anchor_table(rows: list[dict], batch: bool = False, extra: bool = False, run
         if runs:
             row += ([f(r["overhead_ms"], 1), pct(r["frac_read_bw"]), r["step_ms_all"]] if ours else ["-", "-", "-"])
         body.append(row)
-    return table(head, body)
+    return ([intro, ""] if intro else []) + table(head, body) + sources(name)
 
 
 def sec_step() -> list[str]:
@@ -421,53 +423,47 @@ def sec_step() -> list[str]:
             "weights and KV; fp32 against F32 weights with F32 and F16 KV (\"vs the fastest anchor\": the fastest "
             "llama.cpp row of the table at that context).", ""]
     for name in ("decode_anchors_smollm2_b1_bf16_dense.csv", "decode_anchors_smollm2_b1_fp32_dense.csv"):
-        out += anchor_table(load(name), runs=True)
-        out += sources(name)
-    an = load("decode_anchors_smollm2_b1.csv")
-    out += ["Against the runtimes a CPU user would pick instead (`accel bench --anchors`, llama.cpp built by "
-            "`../shared/anchors/setup.sh` from the same packaged GGUF, one thread; its F32/F32 rows come from "
-            "llama-batched-bench, the others from llama-bench; each with flash attention on and off): "
-            "decode tokens/s at batch 1 in one run, accel dense fp32 beside them (\"vs the fastest anchor\": against "
-            "the fastest llama.cpp row at that context, any precision). This run forced its step count with "
-            "`min_new_tokens`, which adds two scans of the vocabulary a step (~0.4 ms) to the accel and HF rows only; "
-            "the bf16 and three-runtime tables below do not.", ""]
-    out += anchor_table(an)
-    out += sources("decode_anchors_smollm2_b1.csv")
-    bf = load("decode_anchors_smollm2_b1_bf16.csv")
-    out += ["The same in bf16 (`accel bench --dtype bfloat16 --anchors`, one run): accel's policies on a bf16 copy of "
-            "the model (bf16 weights and cache) beside llama.cpp's rows, whose F16/F16 ones are the equal-width "
-            "comparison (16-bit weights and KV; fp16 keeps more mantissa bits than bf16, bf16 more range). \"vs the "
-            "fastest anchor\" is against the fastest llama.cpp row at that context, any precision (Q4_1 included).", ""]
-    out += anchor_table(bf, extra=True)
-    out += sources("decode_anchors_smollm2_b1_bf16.csv")
-    out += follow_the_bytes(bf, None)  # the table above, same source
-    bf8 = load("decode_anchors_smollm2_b1_bf16_8k.csv")
-    out += ["The same policies at 8K again after the kernels' row requests (the dense notes), one run, against llama.cpp "
-            "with F16 and Q4_1 weights and an F16 cache:", ""]
-    out += anchor_table(bf8, extra=True)
-    out += sources("decode_anchors_smollm2_b1_bf16_8k.csv")
+        out += anchor_section(name, runs=True)
+    out += anchor_section(
+        "decode_anchors_smollm2_b1.csv",
+        "Against the runtimes a CPU user would pick instead (`accel bench --anchors`, llama.cpp built by "
+        "`../shared/anchors/setup.sh` from the same packaged GGUF, one thread; its F32/F32 rows come from "
+        "llama-batched-bench, the others from llama-bench; each with flash attention on and off): "
+        "decode tokens/s at batch 1 in one run, accel dense fp32 beside them (\"vs the fastest anchor\": against "
+        "the fastest llama.cpp row at that context, any precision). This run forced its step count with "
+        "`min_new_tokens`, which adds two scans of the vocabulary a step (~0.4 ms) to the accel and HF rows only; "
+        "the bf16 and three-runtime tables below do not.")
+    out += anchor_section(
+        "decode_anchors_smollm2_b1_bf16.csv",
+        "The same in bf16 (`accel bench --dtype bfloat16 --anchors`, one run): accel's policies on a bf16 copy of "
+        "the model (bf16 weights and cache) beside llama.cpp's rows, whose F16/F16 ones are the equal-width "
+        "comparison (16-bit weights and KV; fp16 keeps more mantissa bits than bf16, bf16 more range). \"vs the "
+        "fastest anchor\" is against the fastest llama.cpp row at that context, any precision (Q4_1 included).",
+        extra=True)
+    out += follow_the_bytes(load("decode_anchors_smollm2_b1_bf16.csv"), None)  # the table above, same source
+    out += anchor_section(
+        "decode_anchors_smollm2_b1_bf16_8k.csv",
+        "The same policies at 8K again after the kernels' row requests (the dense notes), one run, against llama.cpp "
+        "with F16 and Q4_1 weights and an F16 cache:", extra=True)
     kvp = load("decode_kvpolicies_smollm2_b1_bf16.csv")
     out += ["The other KV policies the same way at 8K (`accel bench --dtype bfloat16`, default budgets, one run):", ""]
     out += follow_the_bytes(kvp, "decode_kvpolicies_smollm2_b1_bf16.csv")
-    rt = load("decode_anchors_smollm2_b1_runtimes.csv")
-    out += ["In fp32 against all three anchor runtimes (llama.cpp with F32 weights, vLLM's CPU build and OpenVINO GenAI "
-            "with paged attention, fp32; llama.cpp with F32 weights and an F32 or F16 KV cache; one compute thread each; "
-            "`run_anchors.sh` with `RUNTIMES=\"llamacpp vllm openvino\"`), one run; the f32/f32 rows are the "
-            "equal-precision comparison, and \"vs the fastest anchor\" is against the fastest row at that context, F16 "
-            "KV included.", ""]
-    out += anchor_table(rt)
-    out += sources("decode_anchors_smollm2_b1_runtimes.csv")
-    b8 = load("decode_anchors_smollm2_b8.csv")
-    out += ["The same at batch 8 (8 sequences of the prompt decoded together; tokens/s counts all of them), in one run; "
-            "here every llama.cpp row comes from llama-batched-bench (one measurement each):", ""]
-    out += anchor_table(b8, batch=True)
-    out += sources("decode_anchors_smollm2_b8.csv")
-    b8b = load("decode_anchors_smollm2_b8_bf16.csv")
-    out += ["Batch 8 in bf16 against llama.cpp with F16 weights and KV (the equal-width comparison) and with F32 weights "
-            "and KV (`accel bench --dtype bfloat16 --batch 8 --anchors`, one run; the run above forced its step count "
-            "with `min_new_tokens`, this one did not):", ""]
-    out += anchor_table(b8b, batch=True)
-    out += sources("decode_anchors_smollm2_b8_bf16.csv")
+    out += anchor_section(
+        "decode_anchors_smollm2_b1_runtimes.csv",
+        "In fp32 against all three anchor runtimes (llama.cpp with F32 weights, vLLM's CPU build and OpenVINO GenAI "
+        "with paged attention, fp32; llama.cpp with F32 weights and an F32 or F16 KV cache; one compute thread each; "
+        "`run_anchors.sh` with `RUNTIMES=\"llamacpp vllm openvino\"`), one run; the f32/f32 rows are the "
+        "equal-precision comparison, and \"vs the fastest anchor\" is against the fastest row at that context, F16 "
+        "KV included.")
+    out += anchor_section(
+        "decode_anchors_smollm2_b8.csv",
+        "The same at batch 8 (8 sequences of the prompt decoded together; tokens/s counts all of them), in one run; "
+        "here every llama.cpp row comes from llama-batched-bench (one measurement each):", batch=True)
+    out += anchor_section(
+        "decode_anchors_smollm2_b8_bf16.csv",
+        "Batch 8 in bf16 against llama.cpp with F16 weights and KV (the equal-width comparison) and with F32 weights "
+        "and KV (`accel bench --dtype bfloat16 --batch 8 --anchors`, one run; the run above forced its step count "
+        "with `min_new_tokens`, this one did not):", batch=True)
     pr = load("decode_policies_smollm2_b1.csv")
     pred = predicted_step(pr)
     rows = []
