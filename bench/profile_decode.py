@@ -31,9 +31,11 @@ def main():
     ap.add_argument("--context", type=int, default=8150, help="prompt tokens (prompt + steps must fit the model)")
     ap.add_argument("--steps", type=int, default=17)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--sort", default="tottime", help="pstats key: tottime or cumulative")
+    ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model, tok = load_model(args.model, "float32")
+    model, tok = load_model(args.model, args.dtype)
     enc = tok([text_of_tokens(tok, args.context - 1)] * args.batch, return_tensors="pt", padding=True)
     n = enc["input_ids"].shape[1]
     hf = args.policy == "hf"
@@ -56,7 +58,7 @@ def main():
     prof = cProfile.Profile()
     t = generate(args.steps, prof)
     print(f"{args.policy}: {args.steps} tokens in {t:.3f} s ({1e3 * t / args.steps:.1f} ms per token, under cProfile)")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(prof).sort_stats(args.sort).print_stats(args.top)
     if handle is not None:
         handle.remove()
 

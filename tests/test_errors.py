@@ -97,6 +97,10 @@ def test_decode_goes_through_accel_kernel(monkeypatch):
     monkeypatch.setattr(af, "decode_attention", spy)
     model = tiny_model("llama")
     ids = torch.randint(3, 256, (1, 12))
-    with accel.patch(model, "dense"):
+    with accel.patch(model, "dense") as h:
+        model.generate(ids, max_new_tokens=6, do_sample=False)
+        # the dense decoder stack runs every layer's attention inside one C++ call per step
+        assert h.runtime.stats["stack_calls"] == 5 and h.runtime.stats["decode_layer_calls"] == 2 * 5 and not calls
+        h.runtime.fused.whole_stack = False
         model.generate(ids, max_new_tokens=6, do_sample=False)
     assert len(calls) == 2 * 5  # 2 layers x 5 decode steps (the first new token comes from prefill)

@@ -407,3 +407,59 @@ def test_bf16_rows_in_the_fused_halves_equal_their_fp32_widening(arch):
         assert torch.equal(C.fused_attn_out_mlp(xt, at, *post), C.fused_attn_out_mlp(x, a, *post))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         C.fused_attn_out_mlp(h.half(), att, *post)
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", FUSED_ARCHS)
+def test_the_whole_stack_in_one_call_equals_the_layers_one_by_one(arch, dtype):
+    """A dense decode step runs every layer in one C++ call (``FusedDecode.run_stack``): the tokens, the logits
+    (bit for bit) and the cache's accounting equal the per-layer fused path's, on a left-padded batch."""
+    model = tiny_model(arch).to(dtype)
+    ids, mask = _batch()
+    sliding = arch == "mistral"
+    res = {}
+    with torch.no_grad():
+        for whole in (True, False):
+            with accel.patch(model, "dense") as h:
+                assert h.runtime.fused._stack_reason == ("sliding-window layers" if sliding else None)
+                h.runtime.fused.whole_stack = whole
+                out = _generate(model, ids, mask)
+                res[whole] = (out, dict(h.runtime.stats), h.cache.get_seq_length(), h.cache.layers[-1].head_lengths)
+    (a, sa, na, la), (b, sb, nb, lb) = res[True], res[False]
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+    assert sa.pop("stack_calls", 0) == (0 if sliding else 9) and "stack_calls" not in sb  # every decode forward
+    assert sa == sb and na == nb and torch.equal(la, lb)
+
+
+def test_the_whole_stack_steps_aside_for_hidden_states_layer_hooks_and_other_policies():
+    """Where a layer's own forward must run in between -- hidden states of every layer asked for, a hook on a
+    decoder layer -- or the policy attends with its own decode, each layer runs on its own, with the same result."""
+    model = tiny_model("llama")
+    ids, mask = _batch(B=2)
+    L = model.config.num_hidden_layers
+    with torch.no_grad(), accel.patch(model, "dense") as h:
+        ref = _generate(model, ids, mask)
+        assert h.runtime.stats["stack_calls"] == 9
+        h.runtime.stats["stack_calls"] = 0
+        hs = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                            output_hidden_states=True, return_dict_in_generate=True)
+        assert h.runtime.stats["stack_calls"] == 0
+        seen = []
+        hook = model.model.layers[1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+        out = _generate(model, ids, mask)
+        hook.remove()
+        assert h.runtime.stats["stack_calls"] == 0 and seen.count(1) == 9
+        assert h.runtime.stats["fused_layer_calls"] >= 9 * L * 2  # still the fused layers, one by one
+        h.runtime.fused.whole_stack = False
+        per_layer = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                   output_hidden_states=True, return_dict_in_generate=True)
+    _close(out, ref)
+    for step_a, step_b in zip(hs.hidden_states, per_layer.hidden_states):  # every layer's output, every step
+        assert len(step_a) == L + 1 and all(torch.equal(x, y) for x, y in zip(step_a, step_b))
+    with accel.patch(model, "hylra", plan=hand_plan(L), topk=12, sink=2, recent=4, chunk=1) as h:
+        assert "own decode" in h.runtime.fused._stack_reason
+        with torch.no_grad():
+            _generate(model, ids, mask)
+        assert "stack_calls" not in h.runtime.stats and h.runtime.stats["fused_layer_calls"] == 9 * L

@@ -1,6 +1,10 @@
-// Torch-facing launchers for the fused decode-layer halves (accel/cpu/fused_layer.h).
+// Torch-facing launchers for the fused decode-layer halves (accel/cpu/fused_layer.h) and for a whole dense decoder
+// stack in one call.
 #include <torch/extension.h>
 
+#include <algorithm>
+
+#include "accel/cpu/decode_attention.h"
 #include "accel/cpu/fused_layer.h"
 
 namespace {
@@ -123,4 +127,178 @@ torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, tor
     accel::cpu::attn_out_mlp(p);
   }
   return bf16 ? out.to(torch::kBFloat16) : out;
+}
+
+// ---- the whole decoder stack of a dense decode step in one call -------------------------------------------------
+//
+// For a model whose every layer attends densely over accel's preallocated cache, the per-layer Python between the
+// two fused halves (the cache append, the attention function's routing, the policy's dense decode, the kernel's
+// launcher) costs more than a layer's attention at short contexts. This runs L layers back to back: for each,
+// attn_in, the new k and v written at cache position `pos` of the layer's buffers, decode attention of the new
+// query over tokens [start, pos] (the cache's live span), and attn_out_mlp. A bf16 model's values are rounded to
+// bf16 where the per-layer path rounds them (q, k, v after attn_in; the attention output; each layer's output),
+// with torch's own rounding (c10::BFloat16, round to nearest even), so the result is bit-identical to running the
+// layers one by one through the fused halves and dense_decode.
+
+namespace {
+
+void round_bf16_inplace(float* x, int64_t n) {  // x <- float(bf16(x)), torch's rounding
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(c10::BFloat16(x[i]));
+}
+
+const float* opt_f32vec(const c10::optional<torch::Tensor>& t, int64_t n, const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  return f32vec(*t, n, name);
+}
+
+const torch::Tensor& need(const c10::optional<torch::Tensor>& t, const char* name) {
+  TORCH_CHECK(t.has_value() && t->defined(), name, " is required");
+  return *t;
+}
+
+}  // namespace
+
+// h [B, C] fp32 or bf16 (one token per sequence). Per layer l: pre[l] = (ln, wq, wk, wv, bq, bk, bv, q_norm, k_norm),
+// post[l] = (wo, bo, ln2, wg, wu, wd), eps[3l..3l+2] = (input norm eps, post-attention norm eps, q/k norm eps);
+// k_bufs[l] / v_bufs[l] [B, Hkv, capacity, D] in h's dtype. `valid`: optional [B, pos + 1 - start] bool/uint8 over
+// the attended span. Returns the last layer's output [B, C] in h's dtype; writes the new k, v at position `pos`.
+torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<c10::optional<torch::Tensor>>> pre,
+                                    std::vector<std::vector<c10::optional<torch::Tensor>>> post, std::vector<double> eps,
+                                    std::vector<torch::Tensor> k_bufs, std::vector<torch::Tensor> v_bufs, int64_t start,
+                                    int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos,
+                                    torch::Tensor sin, int64_t H, int64_t Hkv, double scale) {
+  const bool bf16 = h_in.scalar_type() == torch::kBFloat16;
+  auto h = rows_f32(h_in, "h", "[B, C]", /*copy=*/true);
+  const int64_t B = h.size(0), C = h.size(1);
+  const size_t L = pre.size();
+  TORCH_CHECK(B >= 1 && B <= 64, "fused decode takes 1..64 token rows, got ", B);
+  TORCH_CHECK(L >= 1 && post.size() == L && eps.size() == 3 * L && k_bufs.size() == L && v_bufs.size() == L,
+              "per-layer lists must all have ", L, " entries (eps: ", 3 * L, ")");
+  TORCH_CHECK(start >= 0 && pos >= start, "the attended span [", start, ", ", pos, "] is empty");
+  const int64_t T = pos + 1 - start;
+  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && H / Hkv <= accel::cpu::kMaxGroup, "bad head counts H=", H,
+              " Hkv=", Hkv);
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == B),
+              "cos/sin must be contiguous float32 [1 or B, head_dim]");
+  const int64_t D = cos.size(1);
+  torch::Tensor valid_c;
+  const uint8_t* valid_p = nullptr;
+  if (valid.has_value() && valid->defined()) {
+    valid_c = valid->to(torch::kUInt8).contiguous();
+    TORCH_CHECK(valid_c.dim() == 2 && valid_c.size(0) == B && valid_c.size(1) == T, "valid must be [B, ", T, "]");
+    valid_p = valid_c.data_ptr<uint8_t>();
+  }
+  const auto cache_dtype = bf16 ? torch::kBFloat16 : torch::kFloat32;
+  std::vector<accel::cpu::AttnInParams> ins(L);
+  std::vector<accel::cpu::AttnOutParams> outs(L);
+  std::vector<accel::cpu::DecodeParams> atts(L);
+  std::vector<float> q(B * H * D), k(B * Hkv * D), v(B * Hkv * D), a(B * H * D);
+  std::vector<int32_t> lengths(B * Hkv, static_cast<int32_t>(T));
+  const int nthreads = threads();
+  for (size_t l = 0; l < L; ++l) {  // every argument checked before any layer runs (no half-updated cache)
+    TORCH_CHECK(pre[l].size() == 9 && post[l].size() == 6, "layer ", l, ": pre needs 9 entries, post 6");
+    auto& p = ins[l];
+    p.M = static_cast<int>(B);
+    p.C = static_cast<int>(C);
+    p.H = static_cast<int>(H);
+    p.Hkv = static_cast<int>(Hkv);
+    p.D = static_cast<int>(D);
+    p.ln = f32vec(need(pre[l][0], "input norm weight"), C, "input norm weight");
+    p.eps = static_cast<float>(eps[3 * l]);
+    p.wq = as_mat(need(pre[l][1], "q weight"), C, pre[l][4], "q weight");
+    p.wk = as_mat(need(pre[l][2], "k weight"), C, pre[l][5], "k weight");
+    p.wv = as_mat(need(pre[l][3], "v weight"), C, pre[l][6], "v weight");
+    TORCH_CHECK(p.wq.N == H * D && p.wk.N == Hkv * D && p.wv.N == Hkv * D, "layer ", l,
+                ": q/k/v weights must have ", H * D, "/", Hkv * D, "/", Hkv * D, " rows");
+    p.q_norm = opt_f32vec(pre[l][7], D, "q norm weight");
+    p.k_norm = opt_f32vec(pre[l][8], D, "k norm weight");
+    p.qk_eps = static_cast<float>(eps[3 * l + 2]);
+    p.cos = cos.data_ptr<float>();
+    p.sin = sin.data_ptr<float>();
+    p.cs_stride = cos.size(0) == 1 ? 0 : D;
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.threads = nthreads;
+    auto& o = outs[l];
+    o.M = static_cast<int>(B);
+    o.C = static_cast<int>(C);
+    o.HD = static_cast<int>(H * D);
+    o.wo = as_mat(need(post[l][0], "o weight"), H * D, post[l][1], "o weight");
+    TORCH_CHECK(o.wo.N == C, "layer ", l, ": o weight must have ", C, " rows");
+    o.ln = f32vec(need(post[l][2], "post-attention norm weight"), C, "post-attention norm weight");
+    o.eps = static_cast<float>(eps[3 * l + 1]);
+    o.wg = as_mat(need(post[l][3], "gate weight"), C, c10::nullopt, "gate weight");
+    o.wu = as_mat(need(post[l][4], "up weight"), C, c10::nullopt, "up weight");
+    o.I = o.wg.N;
+    TORCH_CHECK(o.wu.N == o.I, "layer ", l, ": up weight must have ", o.I, " rows");
+    o.wd = as_mat(need(post[l][5], "down weight"), o.I, c10::nullopt, "down weight");
+    TORCH_CHECK(o.wd.N == C, "layer ", l, ": down weight must have ", C, " rows");
+    o.a = a.data();
+    o.h = h.data_ptr<float>();
+    o.threads = nthreads;
+    const auto& kb = k_bufs[l];
+    const auto& vb = v_bufs[l];
+    for (const auto* t : {&kb, &vb}) {
+      TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv && t->size(3) == D &&
+                      t->stride(3) == 1 && t->scalar_type() == cache_dtype,
+                  "layer ", l, ": cache buffers must be CPU [", B, ", ", Hkv, ", capacity, ", D, "] in the model's dtype, "
+                  "contiguous in the head dimension");
+      TORCH_CHECK(pos < t->size(2), "layer ", l, ": cache position ", pos, " is past the buffer's capacity ", t->size(2));
+    }
+    auto& d = atts[l];
+    d.q = q.data();
+    d.k = static_cast<const char*>(kb.data_ptr()) + start * kb.stride(2) * kb.element_size();
+    d.v = static_cast<const char*>(vb.data_ptr()) + start * vb.stride(2) * vb.element_size();
+    d.k_sb = kb.stride(0); d.k_sh = kb.stride(1); d.k_st = kb.stride(2);
+    d.v_sb = vb.stride(0); d.v_sh = vb.stride(1); d.v_st = vb.stride(2);
+    d.lengths = lengths.data();
+    d.valid = valid_p;
+    d.valid_sb = T;
+    d.valid_len = valid_p ? T : 0;
+    d.scale = static_cast<float>(scale);
+    d.out = a.data();
+    d.B = static_cast<int>(B); d.H = static_cast<int>(H); d.Hkv = static_cast<int>(Hkv); d.D = static_cast<int>(D);
+    d.num_threads = nthreads;
+  }
+  {
+    pybind11::gil_scoped_release nogil;
+    for (size_t l = 0; l < L; ++l) {
+      auto& p = ins[l];
+      p.h = h.data_ptr<float>();
+      accel::cpu::attn_in(p);
+      if (bf16) {
+        round_bf16_inplace(q.data(), static_cast<int64_t>(q.size()));
+        round_bf16_inplace(k.data(), static_cast<int64_t>(k.size()));
+        round_bf16_inplace(v.data(), static_cast<int64_t>(v.size()));
+      }
+      // the new token's k and v at position pos of every (b, kv head)
+      const auto& kb = k_bufs[l];
+      const auto& vb = v_bufs[l];
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t kh = 0; kh < Hkv; ++kh) {
+          const float* ks = k.data() + (b * Hkv + kh) * D;
+          const float* vs = v.data() + (b * Hkv + kh) * D;
+          const int64_t ko = b * kb.stride(0) + kh * kb.stride(1) + pos * kb.stride(2);
+          const int64_t vo = b * vb.stride(0) + kh * vb.stride(1) + pos * vb.stride(2);
+          if (bf16) {
+            auto* kd = static_cast<c10::BFloat16*>(kb.data_ptr()) + ko;
+            auto* vd = static_cast<c10::BFloat16*>(vb.data_ptr()) + vo;
+            for (int64_t i = 0; i < D; ++i) kd[i] = c10::BFloat16(ks[i]), vd[i] = c10::BFloat16(vs[i]);
+          } else {
+            std::copy(ks, ks + D, static_cast<float*>(kb.data_ptr()) + ko);
+            std::copy(vs, vs + D, static_cast<float*>(vb.data_ptr()) + vo);
+          }
+        }
+      if (bf16)
+        accel::cpu::decode_attention<uint16_t>(atts[l]);
+      else
+        accel::cpu::decode_attention<float>(atts[l]);
+      if (bf16) round_bf16_inplace(a.data(), static_cast<int64_t>(a.size()));
+      accel::cpu::attn_out_mlp(outs[l]);
+      if (bf16) round_bf16_inplace(h.data_ptr<float>(), B * C);
+    }
+  }
+  return bf16 ? h.to(torch::kBFloat16) : h;
 }

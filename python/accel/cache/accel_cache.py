@@ -161,6 +161,18 @@ class AccelLayer(CacheLayerMixin):
         self.head_lengths.fill_(self.end - self.start)
         return self.k_buf[:, :, lo : self.end], self.v_buf[:, :, lo : self.end]
 
+    def room_for_one(self) -> int:
+        """Make room for one more token and return the buffer position it goes to: for a kernel that writes the new
+        keys and values itself (``accel.patching.fused.FusedDecode.run_stack``), followed by ``appended_one``."""
+        self._make_room(1)
+        return self.end
+
+    def appended_one(self) -> None:
+        """Account for one token written at position ``end`` by a kernel (what ``update`` does after its copy)."""
+        self.end += 1
+        self.cumulative_length += 1
+        self.head_lengths.fill_(self.end - self.start)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if not self.is_sliding:
             return self.cumulative_length + query_length, 0

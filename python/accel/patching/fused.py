@@ -10,6 +10,15 @@ instance ``forward`` to each decoder layer that, for a decode step (one token pe
   the cache append and the *policy's* attention, exactly as on the module path (``accel_attention_forward``);
   ``accel._C.fused_attn_out_mlp``   o projection + residual, RMSNorm, SiLU-gated MLP + residual.
 
+With the dense policy on layers that all attend over plain (full-attention) cache buffers, the first layer's forward
+runs the whole stack of a decode step in one call, ``accel._C.fused_dense_stack`` (``FusedDecode.run_stack``): per
+layer the same two halves, the new k/v written into accel's cache and dense decode attention over it, with the same
+roundings, so the result is bit-identical to the layers one by one; the later layers' forwards pass its output on.
+That saves the per-layer Python between the halves (the cache append, the attention function's routing, the kernel's
+launcher): ~1-2 ms a step on SmolLM2. It steps aside -- the layers run one by one -- when the hidden states of every
+layer are asked for, a hook sits on a decoder layer, the policy has its own decode, or the cache's layers are not all
+plain buffers at one position. ``FusedDecode.whole_stack = False`` turns it off (for comparisons).
+
 Everything else stays transformers' own: the embedding, the masks, the rotary cos/sin, the final norm and the LM
 head, and the prefill (several tokens) runs the original layer forward. The weights are read from the modules
 at every call (nothing is copied, and a model whose parameters are replaced or changed in place stays right).
@@ -47,6 +56,7 @@ import torch
 
 from .. import _ext
 from ..cache.accel_cache import AccelCache
+from ..errors import AccelError
 from .attention_fn import accel_attention_forward
 from .linear import _fast_forward
 
@@ -188,6 +198,13 @@ class FusedDecode:
         self._class_forwards = tuple({type(m): type(m).forward for layer in self.layers
                                       for m in layer.modules()}.items())
         self._mods = [layer_modules(layer, layout) for layer in self.layers]
+        #: run a dense decode step's whole layer stack in one C++ call (``run_stack``) where it applies; False: every
+        #: layer makes its own calls (the per-layer fused path; for comparisons)
+        self.whole_stack = True
+        self._layer_idx = [layer.self_attn.layer_idx for layer in self.layers]
+        self._stack_reason = self._stack_unsupported(runtime, adapter)
+        if self._stack_reason:
+            logger.info("fused decoder stack off: %s; decode runs the fused layers one by one", self._stack_reason)
         #: (position_embeddings, their fp32 [rows, D] cos and sin): transformers hands every layer of a step the same
         #: tuple, converted once per step (one attribute, so two threads generating at once read a matching pair)
         self._rope = (None, None)
@@ -214,6 +231,100 @@ class FusedDecode:
             if m._forward_hooks and any(getattr(h, "__module__", "") != _CAPTURE_MODULE for h in m._forward_hooks.values()):
                 return False
         return True
+
+    def _stack_unsupported(self, runtime, adapter) -> str | None:
+        """Why a decode step cannot run the whole stack in one call on this patch (None: it can, per step)."""
+        from ..policies.base import AttentionPolicy
+
+        if not hasattr(_ext.cpu_ext(), "fused_dense_stack"):
+            return "the built extension predates it"
+        if not runtime.is_dense() or type(runtime.attention).decode is not AttentionPolicy.decode:
+            return f"policy {runtime.policy.name!r} attends with its own decode"
+        if runtime.tensor_parallel is not None:
+            return "tensor-parallel ranks"
+        cfg = adapter.config
+        if len(self.layers) != getattr(cfg, "num_hidden_layers", len(self.layers)):
+            return "the model runs a different number of layers than it holds"
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, _ = get_layer_types_and_kwargs(cfg.get_text_config(decoder=True))  # as accel's cache reads them
+        if any(t != "full_attention" for t in types):
+            return "sliding-window layers"
+        if sorted(self._layer_idx) != list(range(len(self.layers))) or self._layer_idx != sorted(self._layer_idx):
+            return "layer indices out of order"
+        if len({layer.self_attn.scaling for layer in self.layers}) != 1:
+            return "layers with different attention scalings"
+        return None
+
+    def stack_ok(self, runtime, module, kwargs) -> bool:
+        """Whether this forward may run the whole stack in one call (checked once per forward, after ``active``):
+        the patch allows it, no hidden states of the layers are asked for, and nothing hooks the layers themselves
+        (their forward would not run in between)."""
+        if not self.whole_stack or self._stack_reason is not None:
+            return False
+        ohs = kwargs.get("output_hidden_states")
+        if ohs is None:
+            ohs = getattr(module.config, "output_hidden_states", False)
+        if ohs:
+            return False
+        for layer in self.layers:
+            if layer._forward_pre_hooks or (layer._forward_hooks and any(
+                    getattr(h, "__module__", "") != _CAPTURE_MODULE for h in layer._forward_hooks.values())):
+                return False
+        return True
+
+    def run_stack(self, rt, h, cache, attention_mask, cs):
+        """The whole decoder stack of one dense decode step in one C++ call (``accel._C.fused_dense_stack``): per
+        layer the fused halves around the new k/v written into accel's cache and dense decode attention over it,
+        bit-identical to the per-layer path. Returns the last layer's output rows [B, width], or None when the
+        cache's layers are not all plain dense buffers at one position (the per-layer path then runs)."""
+        from ..attention.masks import valid_from_mask
+
+        B = h.shape[0]
+        layers = cache.layers
+        if len(layers) < len(self.layers):
+            return None
+        first = layers[0]
+        for cl in layers[:len(self.layers)]:
+            if (cl.ragged is not None or cl.is_sliding or cl.k_buf is None or cl.k_buf.shape[0] != B
+                    or cl.k_buf.dtype != h.dtype or cl.v_buf.dtype != h.dtype or cl.start != first.start
+                    or cl.end != first.end):
+                return None
+        pos = [cl.room_for_one() for cl in layers[:len(self.layers)]]
+        start = first.start
+        if any(p != pos[0] for p in pos) or any(cl.start != start for cl in layers[:len(self.layers)]):
+            return None
+        T = pos[0] + 1 - start
+        memo = rt.shared.get("valid_mask")
+        if memo is not None and memo[0] is attention_mask and memo[1] == T:
+            ok, valid = memo[2]
+        else:
+            ok, valid = valid_from_mask(attention_mask, B, T)
+            rt.shared["valid_mask"] = (attention_mask, T, (ok, valid))
+        if not ok:
+            return None
+        pre_l, post_l, eps = [], [], []
+        for layer, mods in zip(self.layers, self._mods):
+            (ln, e1, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps), (wo, bo, ln2, e2, wg, wu, wd) = layer_weights(
+                layer, self.layout, mods)
+            pre_l.append((_f32(ln), wq, wk, wv, _f32(bq), _f32(bk), _f32(bv), _f32(qn), _f32(kn)))
+            post_l.append((wo, _f32(bo), _f32(ln2), wg, wu, wd))
+            eps += (e1, e2, qk_eps)
+        C = _ext.cpu_ext()
+        y = C.fused_dense_stack(h, pre_l, post_l, eps, [cl.k_buf for cl in layers[:len(self.layers)]],
+                                [cl.v_buf for cl in layers[:len(self.layers)]], start, pos[0], valid, cs[0], cs[1],
+                                self.H, self.Hkv, self.layers[0].self_attn.scaling)
+        n = len(self.layers)
+        for cl in layers[:n]:
+            cl.appended_one()
+        st = rt.stats
+        st["fused_layer_calls"] += n - 1  # the first layer counted its own call
+        st["decode_layer_calls"] += n
+        st["stack_calls"] = st.get("stack_calls", 0) + 1
+        k = first.k_buf
+        st["kv_read_bytes"] += n * B * self.Hkv * T * 2 * k.shape[-1] * k.element_size()
+        rt.attn_calls += n
+        return y
 
     def remove(self) -> None:
         self._rope = (None, None)
@@ -264,10 +375,21 @@ def _make_forward(fd: FusedDecode, idx: int):
     C = _ext.cpu_ext()
     mods = fd._mods[idx]
 
+    last = len(fd.layers) - 1
+
     def forward(self, hidden_states, *args, **kwargs):
         # the layer's keywords as transformers passes them: the cache is ``past_key_values`` before 5.24, ``cache``
         # from 5.24 on (the attention function receives neither)
         rt = fd.runtime_ref()
+        if idx and rt is not None and rt.stack_out is not None:
+            # the first layer ran the whole stack (``FusedDecode.run_stack``): this layer's work is done
+            if hidden_states is not rt.stack_out:
+                rt.stack_out = None
+                raise AccelError(f"decoder layer {idx} received hidden states other than the fused stack's output: the "
+                                 "model changes them between layers (patch with fused_decode=False)")
+            if idx == last:
+                rt.stack_out = None
+            return hidden_states
         cache_kw = "cache" if "cache" in kwargs else "past_key_values"
         cache = kwargs.get(cache_kw)
         pe = kwargs.get("position_embeddings")
@@ -291,6 +413,12 @@ def _make_forward(fd: FusedDecode, idx: int):
             fd._rope = (key, cs)
         B, width = hidden_states.shape[0], hidden_states.shape[-1]
         h = hidden_states.reshape(B, width)
+        if idx == 0 and rt.stack_now and not rest:
+            y = fd.run_stack(rt, h, cache, attention_mask, cs)
+            if y is not None:
+                out = y.view(B, 1, width)
+                rt.stack_out = out if last else None
+                return out
         # bf16 rows are widened inside the kernels, and q, k, v come back in bf16: rounded where transformers rounds
         # them, so the cache and the policy see the module path's dtypes
         (q, k, v), post = _fused_halves(C, h, self, layout, H, Hkv, cs[0], cs[1], mods)

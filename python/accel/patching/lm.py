@@ -49,6 +49,8 @@ class _ThreadState(threading.local):
         self.seq = SequenceState()
         self.attn_calls = 0
         self.fused_now = False
+        self.stack_now = False
+        self.stack_out = None
 
 
 def _tls_attr(name):
@@ -67,6 +69,10 @@ class ModelRuntime:
     attn_calls = _tls_attr("attn_calls")
     #: this forward may take the fused decode layers (``accel.patching.fused``)
     fused_now = _tls_attr("fused_now")
+    #: this forward may run the whole decoder stack in one call (``FusedDecode.run_stack``), and the hidden states that
+    #: call returned (the later layers pass them on)
+    stack_now = _tls_attr("stack_now")
+    stack_out = _tls_attr("stack_out")
     layer_state = _seq_attr("layer_state")
     shared = _seq_attr("shared")
     step = _seq_attr("step")
@@ -174,6 +180,8 @@ class ModelRuntime:
         oa = self.check_features(module, kwargs)
         self.attn_calls = 0
         self.fused_now = self.fused is not None and self.fused.active(oa)
+        self.stack_out = None
+        self.stack_now = self.fused_now and self.fused.stack_ok(self, module, kwargs)
         if isinstance(pkv, AccelCache):
             if pkv.get_seq_length() == 0:  # an empty cache starts a new sequence
                 seq = sequences.restart(pkv)
@@ -238,6 +246,11 @@ class ModelRuntime:
         accel's cache. Anything else means transformers routed around accel (e.g. a release that changed how the
         cache or the attention function is passed): refuse instead of returning unaccelerated or wrong output."""
         self.fused_now = False  # a later call that skips the pre-hook (a submodule called directly) takes the modules
+        self.stack_now = False
+        if self.stack_out is not None:
+            self.stack_out = None
+            raise AccelError("accel's fused decoder stack ran, but not every decoder layer was called after it; the "
+                             "model's forward did not run its layers in order (patch with fused_decode=False)")
         if module.training:
             return output
         n_layers = self.info.num_layers
