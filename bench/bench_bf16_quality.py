@@ -1,14 +1,14 @@
-"""Quality of the embedded model in bf16 against fp32, both decoding through accel (dense, the fused layers).
+"""Quality of the embedded model in bf16 and fp16 against fp32, all decoding through accel (dense, the fused layers).
 
     python bench/bench_bf16_quality.py --lm-contexts 2048,4096 --lm-samples 4 --lm-tokens 64 \
         --passkey-contexts 2048,4096 --passkey-samples 6
 
-Two copies of the model, fp32 and bf16 (the bf16 one rounded from the same weights), each patched with accel's dense
-policy:
+Copies of the model in each of ``--dtypes`` (fp32, bf16, fp16: the 16-bit ones rounded from the same weights), each
+patched with accel's dense policy:
 
   * ``lm``: for windows of the Paul Graham essays, the prefix is prefilled and the next ``--lm-tokens`` tokens are
-    decoded one step at a time with teacher forcing (the decode steps run the fused layers and the bf16 cache): the
-    perplexity of each copy, and the bf16 copy's top-1 agreement with and KL divergence from the fp32 copy's
+    decoded one step at a time with teacher forcing (the decode steps run the fused layers and the 16-bit cache): the
+    perplexity of each copy, and each 16-bit copy's top-1 agreement with and KL divergence from the fp32 copy's
     next-token distributions on the same tokens;
   * ``passkey``: accel's passkey samples (the evaluation harness's), greedy, accuracy of each copy.
 
@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--passkey-contexts", default="2048,4096")
     ap.add_argument("--passkey-samples", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated; float32 first (the reference)")
     ap.add_argument("--out", default="bench/results/bf16_quality_smollm2.csv")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -67,8 +68,12 @@ def main() -> int:
 
     t0 = time.time()
     models = {}
-    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        models[name], tok = load(args.model, dtype=dt)
+    DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    names = [d.strip() for d in args.dtypes.split(",")]
+    if names[0] != "float32" or any(d not in DT for d in names):
+        ap.error(f"--dtypes: float32 first, then any of {sorted(DT)}")
+    for name in names:
+        models[name], tok = load(args.model, dtype=DT[name])
     rows = []
     text = essays_text()
     for L in [int(c) for c in args.lm_contexts.split(",") if c]:

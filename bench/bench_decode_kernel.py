@@ -26,7 +26,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--head-dims", default="64,128")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default="bench/results/decode_kernel.csv")
     args = ap.parse_args()
     set_threads(1)

@@ -10,7 +10,9 @@ the full prompt prefills only the last token), so all variants decode over the s
   * ``hf``: unpatched transformers (a DynamicCache copy of the same keys and values);
   * ``modules``: accel dense with ``fused_decode=False`` (transformers' modules around accel's attention, the
     decode path before the fused layers);
-  * ``fused``: accel dense with the fused decode layers (the default).
+  * ``layers``: accel dense with the fused decode layers, each layer making its own calls (the cache append and the
+    attention between the two fused halves in Python);
+  * ``fused``: accel dense as it runs by default: the whole stack of fused layers in one C++ call per step.
 
 With several ``--dtypes`` each is a copy of the model in that dtype, prefilled on its own, and every variant runs in
 each (a bf16 row's bytes are its bf16 weights and cache). Runs alternate ``--repeats`` times (every dtype and variant
@@ -30,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("hf", "modules", "fused")
+VARIANTS = ("hf", "modules", "layers", "fused")
 
 
 def main() -> int:
@@ -40,7 +42,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16, float16")
     ap.add_argument("--out", default="bench/results/decode_fused_smollm2_b1.csv")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -55,7 +57,7 @@ def main() -> int:
     from common import write_csv
 
     dtypes = [d.strip() for d in args.dtypes.split(",")]
-    DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     models = {}
     for d in dtypes:
         models[d], tok = load(args.model, dtype=DT[d])
@@ -77,7 +79,9 @@ def main() -> int:
                 wbytes, n_layers = weight_bytes(model), model.config.num_hidden_layers
                 for v in VARIANTS:
                     cache = fork_cache(bases[d], for_hf=(v == "hf"))
-                    handle = None if v == "hf" else accel.patch(model, "dense", fused_decode=(v == "fused"))
+                    handle = None if v == "hf" else accel.patch(model, "dense", fused_decode=(v != "modules"))
+                    if v == "layers":
+                        handle.runtime.fused.whole_stack = False
                     st = TimingStreamer()
                     try:
                         with torch.no_grad():
@@ -93,7 +97,8 @@ def main() -> int:
                     kv = kv_bytes_read(model, n_prompt + args.new_tokens // 2, args.batch, DT[d].itemsize)
                     if stats and stats["decode_layer_calls"]:
                         kv = stats["kv_read_bytes"] * n_layers / stats["decode_layer_calls"]
-                        assert (stats["fused_layer_calls"] > 0) == (v == "fused")
+                        assert (stats["fused_layer_calls"] > 0) == (v != "modules")
+                        assert (stats.get("stack_calls", 0) > 0) == (v == "fused")
                     step = st.decode_s / max(1, st.decode_steps)
                     steps[d, v].append((step, bw, wbytes + kv))
                     print(f"  {d:8s} {v:8s} rep {rep}: {1e3 * step:7.2f} ms/step, read bandwidth {bw:.2f} GB/s",

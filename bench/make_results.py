@@ -33,7 +33,7 @@ COMMITTED = {
     "decode_anchors_smollm2_b8_bf16.csv": "2026-12-04",
     "decode_kvpolicies_smollm2_b1_bf16.csv": "2026-12-04",
     "bf16_quality_smollm2.csv": "2026-12-04",
-    "decode_fused_smollm2_b1.csv": "2026-12-04",
+    "decode_fused_smollm2_b1.csv": "2026-12-05",
     "decode_anchors_smollm2_b1_bf16_dense.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_bf16_8k.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_fp32_dense.csv": "2026-12-04",
@@ -394,8 +394,9 @@ def sec_step() -> list[str]:
     out = ["## The decode step against the bytes it reads", "",
            "What a batch-1 decode step costs beyond reading its bytes (the weights + the KV bytes the attention read, in "
            "the row's dtype) at the read bandwidth measured right after the run: transformers' modules around accel's "
-           "attention (`modules`, `fused_decode=False`) against accel's fused decode layers (`fused`, the default), with "
-           "unpatched transformers in the same dtype for scale (\"vs HF\"; \"vs HF fp32\": against unpatched transformers "
+           "attention (`modules`, `fused_decode=False`), accel's fused decode layers one by one (`layers`, the cache "
+           "append and the attention in Python between each layer's two fused calls) and the whole stack in one C++ call "
+           "(`fused`, the default for the dense policy), with unpatched transformers in the same dtype for scale (\"vs HF\"; \"vs HF fp32\": against unpatched transformers "
            "in fp32). bf16 rows are a bf16 copy of the model (bf16 weights and cache). Real prefill (one per context and "
            f"dtype, every run decodes from a copy of the same cache), {r0['new_tokens']} new tokens, {r0['repeats']} runs "
            "per variant alternated, median reported (all runs in the last column).", ""]
@@ -407,10 +408,10 @@ def sec_step() -> list[str]:
                    r["step_ms_all"]] for r in fr])
     out += sources("decode_fused_smollm2_b1.csv")
     q = load("bf16_quality_smollm2.csv")
-    out += ["Quality of the same model in bf16 against fp32, both through accel dense (the decode steps on the fused "
-            "layers): perplexity of teacher-forced decode steps after a prefix of the essays, the bf16 copy's top-1 "
-            "agreement with and KL divergence from the fp32 copy's next-token distributions, and passkey accuracy "
-            "(`bench/bench_bf16_quality.py`).", ""]
+    out += ["Quality of the same model in bf16 (and fp16, where the run has it) against fp32, all through accel dense "
+            "(the decode steps on the fused layers): perplexity of teacher-forced decode steps after a prefix of the "
+            "essays, each 16-bit copy's top-1 agreement with and KL divergence from the fp32 copy's next-token "
+            "distributions, and passkey accuracy (`bench/bench_bf16_quality.py`).", ""]
     out += table(["task", "context", "dtype", "samples", "tokens scored", "perplexity", "top-1 agree vs fp32",
                   "KL vs fp32", "accuracy"],
                  [[r["task"], r["context"], r["dtype"], r["n"], r["tokens_scored"] or "-", f(r["ppl"] or None, 3),

@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--steps", type=int, default=17)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--sort", default="tottime", help="pstats key: tottime or cumulative")
-    ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model(args.model, args.dtype)

@@ -16,7 +16,7 @@ def test_cpu_extension_is_built():
 
 # (dtype, atol): fp32 cache is exact up to reduction order; bf16 cache is compared against the
 # reference run on the same bf16 values upcast, so only accumulation order differs as well.
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5}
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
 
 
 def _case(B, H, Hkv, D, cap, dtype, seed=0):
@@ -27,7 +27,7 @@ def _case(B, H, Hkv, D, cap, dtype, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 80, 96, 128, 256, 40])
 @pytest.mark.parametrize("G", [1, 2, 3, 4, 8])
 def test_matches_reference_ragged_lengths(dtype, D, G):
@@ -41,7 +41,7 @@ def test_matches_reference_ragged_lengths(dtype, D, G):
     torch.testing.assert_close(lse, rl, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_valid_mask_and_strided_views(dtype):
     B, H, Hkv, D, cap = 2, 6, 2, 64, 300
     q, kbuf, vbuf = _case(B, H, Hkv, D, cap, dtype, seed=1)
@@ -54,7 +54,7 @@ def test_valid_mask_and_strided_views(dtype):
 
 @pytest.mark.parametrize("n_sel", [1, 17, 64, 200])
 @pytest.mark.parametrize("D,G", [(64, 1), (80, 3), (128, 4), (256, 8)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_index_lists_unsorted_ragged(n_sel, D, G, dtype):
     """Sparse decode over unsorted, duplicate-free index lists with a different count per (b, head)."""
     B, Hkv, cap = 2, 2, 200
@@ -76,7 +76,7 @@ def test_selecting_every_token_equals_dense_sdpa():
     torch.testing.assert_close(out, sd, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_multithreaded_split_matches_single_thread(dtype):
     """Two threads split the tokens (log-sum-exp merge of the spans; bf16 spans un-split their accumulators first)."""
     B, H, Hkv, D, T = 1, 9, 3, 64, 5000
@@ -154,7 +154,7 @@ def _pool_case(dtype, seed=0, D=64):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_ragged_pool_matches_padded_reference(backend, dtype):
     q, kp, vp, kk, vv, ln, off = _pool_case(dtype)
     out, lse = decode_attention(q, kp, vp, ln, offsets=off, return_lse=True, backend=backend)

@@ -241,14 +241,16 @@ def _forced_logits(model, ids, mask, follow, patch=None):
     return torch.stack(logits, 1), calls
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", FUSED_ARCHS)
-def test_bf16_fused_decode_is_closer_to_fp32_than_transformers_bf16(arch):
-    """A bf16 model decodes on the fused layers (bf16 weights and cache, fp32 arithmetic): on a left-padded batch its
-    logits stay within bf16 rounding of transformers' bf16 modules, and on average closer than those to the fp32
-    arithmetic on the same weight values (the model widened to fp32; measured 15-25% closer on these models)."""
+def test_half_fused_decode_is_closer_to_fp32_than_transformers_half(arch, dtype):
+    """A bf16 or fp16 model decodes on the fused layers (16-bit weights and cache, fp32 arithmetic): on a left-padded
+    batch its logits stay within 16-bit rounding of transformers' modules in that dtype, and on average closer than
+    those to the fp32 arithmetic on the same weight values (the model widened to fp32; measured 15-25% closer in bf16
+    on these models)."""
     import copy
 
-    m16 = tiny_model(arch, dtype=torch.bfloat16)
+    m16 = tiny_model(arch, dtype=dtype)
     m32 = copy.deepcopy(m16).float()
     ids, mask = _batch(B=2, pads=(0, 6))
     follow = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -264,11 +266,12 @@ def test_bf16_fused_decode_is_closer_to_fp32_than_transformers_bf16(arch):
     assert avg["fused"] < avg["hf"], avg
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("policy", ["hylra", "snapkv@budget_ratio=0.5"])
-def test_bf16_fused_decode_of_lossy_policies_matches_their_module_path(policy):
-    """The policies see the dtypes of the module path (bf16 q, k, v): a bf16 model's fused decode under hylra and
-    snapkv stays within bf16 rounding of the same patch on transformers' modules, step by step."""
-    m16 = tiny_model("llama", dtype=torch.bfloat16)
+def test_half_fused_decode_of_lossy_policies_matches_their_module_path(policy, dtype):
+    """The policies see the dtypes of the module path (16-bit q, k, v): a bf16 or fp16 model's fused decode under
+    hylra and snapkv stays within 16-bit rounding of the same patch on transformers' modules, step by step."""
+    m16 = tiny_model("llama", dtype=dtype)
     ids, mask = _batch(B=2, pads=(0, 6))
     follow = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(2))
     kw = {"plan": hand_plan(m16.config.num_hidden_layers), "topk": 12, "sink": 2, "recent": 4,
@@ -279,21 +282,21 @@ def test_bf16_fused_decode_of_lossy_policies_matches_their_module_path(policy):
     assert (fused - modules).abs().max().item() / modules.abs().max().item() < 0.02
 
 
-def test_fp16_cpu_models_are_refused_and_large_batches_decode_on_the_modules():
-    """fp16 on the CPU (the kernels read fp32 or bf16) is refused in one line, at patch time and when the model is
-    converted after patching; more than 8 sequences (matrix products, not GEMV) run transformers' modules, equal to
-    the unpatched model."""
-    m16 = tiny_model("llama", dtype=torch.float16)
-    with pytest.raises(accel.AccelError, match="float16 on the CPU.*model.to.torch.bfloat16"):
-        accel.patch(m16, "dense")
+def test_other_dtypes_and_fp16_autocast_are_refused_and_large_batches_decode_on_the_modules():
+    """A float64 model on the CPU (the kernels read fp32, bf16 and fp16) is refused in one line, at patch time and
+    when the model is converted after patching, and so is fp16 autocast (fp32 keys beside fp16 values); more than 8
+    sequences (matrix products, not GEMV) run transformers' modules, equal to the unpatched model."""
+    m64 = tiny_model("llama", dtype=torch.float64)
+    with pytest.raises(accel.AccelError, match="float64 on the CPU.*model.float"):
+        accel.patch(m64, "dense")
     m = tiny_model("llama")
     ids, mask = _batch(B=2)
     with accel.patch(m, "dense"):
-        m.half()
-        with pytest.raises(accel.AccelError, match="float16 on the CPU"), torch.no_grad():
+        m.double()
+        with pytest.raises(accel.AccelError, match="float64 on the CPU"), torch.no_grad():
             _generate(m, ids, mask)
         m.float()
-        with pytest.raises(accel.AccelError, match="fp16 autocast on the CPU"), torch.no_grad(), \
+        with pytest.raises(accel.AccelError, match="fp16 autocast on the CPU.*model.half"), torch.no_grad(), \
                 torch.autocast("cpu", dtype=torch.float16):
             _generate(m, ids, mask)
     model = tiny_model("llama")
@@ -306,15 +309,17 @@ def test_fp16_cpu_models_are_refused_and_large_batches_decode_on_the_modules():
     _close(out, ref)
 
 
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("K", [64, 80, 576, 592, 1536, 1100, 40])
-def test_bf16_weight_gemv_matches_fp32_product(M, K):
+def test_half_weight_gemv_matches_fp32_product(M, K, wdtype):
     """accel's GEMV on bf16 weights (the even/odd-lane kernel when K is a multiple of 16, the widening one
-    otherwise) equals the fp32 product of the widened weights up to summation order, with and without bias."""
+    otherwise) and on fp16 weights (vcvtph2ps rows for one token row, the widening blocks for several) equals the fp32
+    product of the widened weights up to summation order, with and without bias."""
     from accel import _ext
 
     g = torch.Generator().manual_seed(M * 1000 + K)
-    x, w = torch.randn(M, K, generator=g), torch.randn(200, K, generator=g).to(torch.bfloat16)
+    x, w = torch.randn(M, K, generator=g), torch.randn(200, K, generator=g).to(wdtype)
     b = torch.randn(200, generator=g)
     C = _ext.cpu_ext()
     for bias in (None, b):
@@ -351,7 +356,7 @@ def test_bf16_linear_layers_widen_on_cpus_without_bf16(monkeypatch, native):
             assert torch.equal(got, native_ref if native else widened)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_decode_under_inference_mode_equals_no_grad(dtype):
     """torch.inference_mode makes the rotary cos/sin inference tensors (no version counter): the fused layers'
     once-per-step conversion of them must not read one."""
@@ -367,16 +372,18 @@ def test_fused_decode_under_inference_mode_equals_no_grad(dtype):
     _close(out, ref, tol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_bf16_rows_in_the_fused_halves_equal_their_fp32_widening(arch):
-    """The fused halves take a bf16 model's hidden rows as they are and return q, k, v and the layer's output in bf16:
-    bit for bit the fp32 computation on the widened rows, rounded to bf16 by torch (the conversions the decode step
-    used to make in Python around each call). Inputs are never written, and non-contiguous rows give the same result."""
+def test_half_rows_in_the_fused_halves_equal_their_fp32_widening(arch, dtype):
+    """The fused halves take a bf16 or fp16 model's hidden rows as they are and return q, k, v and the layer's output
+    in that dtype: bit for bit the fp32 computation on the widened rows, rounded by torch (the conversions the decode
+    step used to make in Python around each call). Inputs are never written, and non-contiguous rows give the same
+    result."""
     from accel import _ext
     from accel.patching.fused import _fused_halves
 
     C = _ext.cpu_ext()
-    m = tiny_model(arch, dtype=torch.bfloat16)
+    m = tiny_model(arch, dtype=dtype)
     layer = m.model.layers[1]
     from accel.models import get_adapter
 
@@ -384,16 +391,16 @@ def test_bf16_rows_in_the_fused_halves_equal_their_fp32_widening(arch):
     cfg = m.config
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     g = torch.Generator().manual_seed(3)
-    h = torch.randn(3, cfg.hidden_size, generator=g).to(torch.bfloat16)
+    h = torch.randn(3, cfg.hidden_size, generator=g).to(dtype)
     cos, sin = torch.randn(1, D, generator=g), torch.randn(1, D, generator=g)
     qkv16, post = _fused_halves(C, h, layer, layout, H, Hkv, cos, sin)
     qkv32, _ = _fused_halves(C, h.float(), layer, layout, H, Hkv, cos, sin)
     for a, b in zip(qkv16, qkv32):
-        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16))
-    att = torch.randn(3, H * D, generator=g).to(torch.bfloat16)
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+    att = torch.randn(3, H * D, generator=g).to(dtype)
     y16 = C.fused_attn_out_mlp(h, att, *post)
     y32 = C.fused_attn_out_mlp(h.float(), att.float(), *post)
-    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
+    assert y16.dtype == dtype and torch.equal(y16, y32.to(dtype))
     for x in (h, h.float()):  # the residual input is not written (an fp32 one is the kernel's own dtype)
         before = x.clone()
         C.fused_attn_out_mlp(x, att, *post)
@@ -405,12 +412,12 @@ def test_bf16_rows_in_the_fused_halves_equal_their_fp32_widening(arch):
         assert all(torch.equal(u, w) for u, w in zip(_fused_halves(C, xt, layer, layout, H, Hkv, cos, sin)[0],
                                                      _fused_halves(C, x, layer, layout, H, Hkv, cos, sin)[0]))
         assert torch.equal(C.fused_attn_out_mlp(xt, at, *post), C.fused_attn_out_mlp(x, a, *post))
-    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        C.fused_attn_out_mlp(h.half(), att, *post)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        C.fused_attn_out_mlp(h.double(), att, *post)
 
 
 @pytest.mark.exactness
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", FUSED_ARCHS)
 def test_the_whole_stack_in_one_call_equals_the_layers_one_by_one(arch, dtype):
     """A dense decode step runs every layer in one C++ call (``FusedDecode.run_stack``): the tokens, the logits

@@ -14,7 +14,7 @@ from accel.ops.sparse import (block_sparse_prefill, block_sparse_prefill_ref, se
 @pytest.mark.parametrize("agg", ["max", "mean", "sum", "shared"])
 @pytest.mark.parametrize("T,budget,chunk,sink,recent", [(100, 100, 8, 4, 16), (97, 20, 1, 4, 8), (300, 64, 16, 16, 32),
                                                          (50, 7, 4, 0, 0), (129, 1000, 1, 0, 0)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_select_matches_reference(agg, T, budget, chunk, sink, recent, dtype):
     g = torch.Generator().manual_seed(T + budget)
     q = torch.randn(2, 6, 64, generator=g)
@@ -49,7 +49,7 @@ def test_select_batch_with_different_lengths():
 
 
 @pytest.mark.parametrize("D", [64, 128, 80])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Tq", [200, 203])
 def test_block_sparse_prefill_sink_window_matches_reference(D, dtype, Tq):
     """Query blocks of 64 rows and a last block of 8 or 11 (every row tiling of the kernels: 6, 2 and 1 rows)."""

@@ -212,7 +212,7 @@ def test_plan_round_trip_with_exact_layers(tmp_path):
         accel.patch(m, "tpla", plan=bad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_latent_kernel_matches_reference(dtype):
     g = torch.Generator().manual_seed(0)
     for B, H, dl, dr, T in ((2, 5, 24, 8, 37), (1, 16, 64, 16, 300), (3, 1, 16, 0, 5)):

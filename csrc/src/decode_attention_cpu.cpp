@@ -12,8 +12,9 @@ void check_kv(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 4, name, " must be [B, Hkv, capacity, D], got ", t.sizes());
   TORCH_CHECK(t.stride(3) == 1, name, " must be contiguous in the head dimension");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, name,
-              " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16 ||
+                  t.scalar_type() == torch::kHalf,
+              name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
 }
 
 }  // namespace
@@ -138,6 +139,8 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
     pybind11::gil_scoped_release nogil;
     if (k.scalar_type() == torch::kFloat32)
       accel::cpu::decode_attention<float>(p);
+    else if (k.scalar_type() == torch::kHalf)
+      accel::cpu::decode_attention<accel::cpu::f16>(p);
     else
       accel::cpu::decode_attention<uint16_t>(p);
   }

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "accel/cpu/decode_attention.h"
 #include "accel/cpu/fused_layer.h"
@@ -12,11 +13,14 @@ namespace {
 accel::cpu::Mat as_mat(const torch::Tensor& w, int64_t K, const c10::optional<torch::Tensor>& bias, const char* name) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.stride(1) == 1, name, " must be a CPU [N, K] weight, contiguous in K");
   TORCH_CHECK(w.size(1) == K, name, " has in_features ", w.size(1), ", expected ", K);
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16, name, " must be float32 or bfloat16");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf,
+              name, " must be float32, bfloat16 or float16");
   accel::cpu::Mat m;
   m.w = w.data_ptr();
   m.ldw = w.stride(0);
-  m.bf16 = w.scalar_type() == torch::kBFloat16;
+  m.type = w.scalar_type() == torch::kBFloat16 ? accel::cpu::WType::kBF16
+           : w.scalar_type() == torch::kHalf   ? accel::cpu::WType::kF16
+                                               : accel::cpu::WType::kF32;
   m.N = static_cast<int>(w.size(0));
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == w.size(0),
@@ -34,10 +38,14 @@ const float* f32vec(const torch::Tensor& t, int64_t n, const char* name) {
 
 int threads() { return at::get_num_threads(); }
 
-// a 2-D row tensor as contiguous fp32 (a bf16 model's rows widened exactly); `copy`: always a new tensor
+bool half_rows(const torch::Tensor& x) {  // a 16-bit model's rows: bf16 or fp16
+  return x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf;
+}
+
+// a 2-D row tensor as contiguous fp32 (a 16-bit model's rows widened exactly); `copy`: always a new tensor
 torch::Tensor rows_f32(const torch::Tensor& x, const char* name, const char* shape, bool copy = false) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              name, " must be a CPU float32 or bfloat16 ", shape, " tensor");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || half_rows(x)),
+              name, " must be a CPU float32, bfloat16 or float16 ", shape, " tensor");
   // (.to with MemoryFormat::Contiguous keeps a transposed 2-D view as it is: contiguous() is what makes rows dense)
   return x.to(torch::kFloat32, /*non_blocking=*/false, copy).contiguous();
 }
@@ -53,7 +61,7 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor l
                                              double qk_eps, torch::Tensor cos, torch::Tensor sin, int64_t H,
                                              int64_t Hkv) {
   const torch::Tensor h = rows_f32(h_in, "h", "[M, C]");
-  const bool bf16 = h_in.scalar_type() == torch::kBFloat16;
+  const bool half = half_rows(h_in);
   const int64_t M = h.size(0), C = h.size(1);
   TORCH_CHECK(M >= 1 && M <= 64, "fused decode takes 1..64 token rows, got ", M);
   accel::cpu::AttnInParams p;
@@ -91,8 +99,9 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor l
     pybind11::gil_scoped_release nogil;
     accel::cpu::attn_in(p);
   }
-  // rounded by torch itself (round to nearest even): exactly what .to(torch.bfloat16) gives in Python
-  if (bf16) return {q.to(torch::kBFloat16), k.to(torch::kBFloat16), v.to(torch::kBFloat16)};
+  // rounded by torch itself (round to nearest even): exactly what .to(torch.bfloat16 / torch.float16) gives in Python
+  const auto dt = h_in.scalar_type();
+  if (half) return {q.to(dt), k.to(dt), v.to(dt)};
   return {q, k, v};
 }
 
@@ -100,7 +109,7 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor l
 // (widened exactly), computed in fp32, returned in h's dtype
 torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, torch::Tensor wo, c10::optional<torch::Tensor> bo,
                                      torch::Tensor ln, double eps, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd) {
-  const bool bf16 = h_in.scalar_type() == torch::kBFloat16;
+  const bool half = half_rows(h_in);
   auto out = rows_f32(h_in, "h", "[M, C]", /*copy=*/true);  // the kernel adds into it in place: h is not modified
   const torch::Tensor a = rows_f32(a_in, "the attention output", "[M, H*D]");
   TORCH_CHECK(a.size(0) == out.size(0), "the attention output has ", a.size(0), " rows, h has ", out.size(0));
@@ -126,7 +135,7 @@ torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, tor
     pybind11::gil_scoped_release nogil;
     accel::cpu::attn_out_mlp(p);
   }
-  return bf16 ? out.to(torch::kBFloat16) : out;
+  return half ? out.to(h_in.scalar_type()) : out;
 }
 
 // ---- the whole decoder stack of a dense decode step in one call -------------------------------------------------
@@ -135,15 +144,39 @@ torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, tor
 // two fused halves (the cache append, the attention function's routing, the policy's dense decode, the kernel's
 // launcher) costs more than a layer's attention at short contexts. This runs L layers back to back: for each,
 // attn_in, the new k and v written at cache position `pos` of the layer's buffers, decode attention of the new
-// query over tokens [start, pos] (the cache's live span), and attn_out_mlp. A bf16 model's values are rounded to
-// bf16 where the per-layer path rounds them (q, k, v after attn_in; the attention output; each layer's output),
-// with torch's own rounding (c10::BFloat16, round to nearest even), so the result is bit-identical to running the
-// layers one by one through the fused halves and dense_decode.
+// query over tokens [start, pos] (the cache's live span), and attn_out_mlp. A bf16 or fp16 model's values are
+// rounded to its dtype where the per-layer path rounds them (q, k, v after attn_in; the attention output; each layer's
+// output), with torch's own rounding (c10::BFloat16 / c10::Half, round to nearest even), so the result is
+// bit-identical to running the layers one by one through the fused halves and dense_decode.
 
 namespace {
 
-void round_bf16_inplace(float* x, int64_t n) {  // x <- float(bf16(x)), torch's rounding
-  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(c10::BFloat16(x[i]));
+template <typename H>
+void round_inplace(float* x, int64_t n) {  // x <- float(H(x)), torch's rounding (H: c10::BFloat16 or c10::Half)
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(H(x[i]));
+}
+
+// the 16-bit model's per-layer work after attn_in: round q, k, v; write k, v at `pos`; attend; round the output
+template <typename H, typename T>
+void stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std::vector<float>& v, std::vector<float>& a,
+                           const torch::Tensor& kb, const torch::Tensor& vb, int64_t B, int64_t Hkv, int64_t D,
+                           int64_t pos, const accel::cpu::DecodeParams& d) {
+  constexpr bool narrow = !std::is_same<H, float>::value;
+  if constexpr (narrow) {
+    round_inplace<H>(q.data(), static_cast<int64_t>(q.size()));
+    round_inplace<H>(k.data(), static_cast<int64_t>(k.size()));
+    round_inplace<H>(v.data(), static_cast<int64_t>(v.size()));
+  }
+  for (int64_t b = 0; b < B; ++b)  // the new token's k and v at position pos of every (b, kv head)
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      const float* ks = k.data() + (b * Hkv + kh) * D;
+      const float* vs = v.data() + (b * Hkv + kh) * D;
+      H* kd = static_cast<H*>(kb.data_ptr()) + b * kb.stride(0) + kh * kb.stride(1) + pos * kb.stride(2);
+      H* vd = static_cast<H*>(vb.data_ptr()) + b * vb.stride(0) + kh * vb.stride(1) + pos * vb.stride(2);
+      for (int64_t i = 0; i < D; ++i) kd[i] = H(ks[i]), vd[i] = H(vs[i]);
+    }
+  accel::cpu::decode_attention<T>(d);
+  if constexpr (narrow) round_inplace<H>(a.data(), static_cast<int64_t>(a.size()));
 }
 
 const float* opt_f32vec(const c10::optional<torch::Tensor>& t, int64_t n, const char* name) {
@@ -158,7 +191,7 @@ const torch::Tensor& need(const c10::optional<torch::Tensor>& t, const char* nam
 
 }  // namespace
 
-// h [B, C] fp32 or bf16 (one token per sequence). Per layer l: pre[l] = (ln, wq, wk, wv, bq, bk, bv, q_norm, k_norm),
+// h [B, C] fp32, bf16 or fp16 (one token per sequence). Per layer l: pre[l] = (ln, wq, wk, wv, bq, bk, bv, q_norm, k_norm),
 // post[l] = (wo, bo, ln2, wg, wu, wd), eps[3l..3l+2] = (input norm eps, post-attention norm eps, q/k norm eps);
 // k_bufs[l] / v_bufs[l] [B, Hkv, capacity, D] in h's dtype. `valid`: optional [B, pos + 1 - start] bool/uint8 over
 // the attended span. Returns the last layer's output [B, C] in h's dtype; writes the new k, v at position `pos`.
@@ -167,7 +200,7 @@ torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<
                                     std::vector<torch::Tensor> k_bufs, std::vector<torch::Tensor> v_bufs, int64_t start,
                                     int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos,
                                     torch::Tensor sin, int64_t H, int64_t Hkv, double scale) {
-  const bool bf16 = h_in.scalar_type() == torch::kBFloat16;
+  const auto dt = h_in.scalar_type();
   auto h = rows_f32(h_in, "h", "[B, C]", /*copy=*/true);
   const int64_t B = h.size(0), C = h.size(1);
   const size_t L = pre.size();
@@ -189,7 +222,6 @@ torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<
     TORCH_CHECK(valid_c.dim() == 2 && valid_c.size(0) == B && valid_c.size(1) == T, "valid must be [B, ", T, "]");
     valid_p = valid_c.data_ptr<uint8_t>();
   }
-  const auto cache_dtype = bf16 ? torch::kBFloat16 : torch::kFloat32;
   std::vector<accel::cpu::AttnInParams> ins(L);
   std::vector<accel::cpu::AttnOutParams> outs(L);
   std::vector<accel::cpu::DecodeParams> atts(L);
@@ -242,7 +274,7 @@ torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<
     const auto& vb = v_bufs[l];
     for (const auto* t : {&kb, &vb}) {
       TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv && t->size(3) == D &&
-                      t->stride(3) == 1 && t->scalar_type() == cache_dtype,
+                      t->stride(3) == 1 && t->scalar_type() == dt,
                   "layer ", l, ": cache buffers must be CPU [", B, ", ", Hkv, ", capacity, ", D, "] in the model's dtype, "
                   "contiguous in the head dimension");
       TORCH_CHECK(pos < t->size(2), "layer ", l, ": cache position ", pos, " is past the buffer's capacity ", t->size(2));
@@ -268,37 +300,16 @@ torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<
       auto& p = ins[l];
       p.h = h.data_ptr<float>();
       accel::cpu::attn_in(p);
-      if (bf16) {
-        round_bf16_inplace(q.data(), static_cast<int64_t>(q.size()));
-        round_bf16_inplace(k.data(), static_cast<int64_t>(k.size()));
-        round_bf16_inplace(v.data(), static_cast<int64_t>(v.size()));
-      }
-      // the new token's k and v at position pos of every (b, kv head)
-      const auto& kb = k_bufs[l];
-      const auto& vb = v_bufs[l];
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t kh = 0; kh < Hkv; ++kh) {
-          const float* ks = k.data() + (b * Hkv + kh) * D;
-          const float* vs = v.data() + (b * Hkv + kh) * D;
-          const int64_t ko = b * kb.stride(0) + kh * kb.stride(1) + pos * kb.stride(2);
-          const int64_t vo = b * vb.stride(0) + kh * vb.stride(1) + pos * vb.stride(2);
-          if (bf16) {
-            auto* kd = static_cast<c10::BFloat16*>(kb.data_ptr()) + ko;
-            auto* vd = static_cast<c10::BFloat16*>(vb.data_ptr()) + vo;
-            for (int64_t i = 0; i < D; ++i) kd[i] = c10::BFloat16(ks[i]), vd[i] = c10::BFloat16(vs[i]);
-          } else {
-            std::copy(ks, ks + D, static_cast<float*>(kb.data_ptr()) + ko);
-            std::copy(vs, vs + D, static_cast<float*>(vb.data_ptr()) + vo);
-          }
-        }
-      if (bf16)
-        accel::cpu::decode_attention<uint16_t>(atts[l]);
+      if (dt == torch::kBFloat16)
+        stack_layer_attention<c10::BFloat16, uint16_t>(q, k, v, a, k_bufs[l], v_bufs[l], B, Hkv, D, pos, atts[l]);
+      else if (dt == torch::kHalf)
+        stack_layer_attention<c10::Half, accel::cpu::f16>(q, k, v, a, k_bufs[l], v_bufs[l], B, Hkv, D, pos, atts[l]);
       else
-        accel::cpu::decode_attention<float>(atts[l]);
-      if (bf16) round_bf16_inplace(a.data(), static_cast<int64_t>(a.size()));
+        stack_layer_attention<float, float>(q, k, v, a, k_bufs[l], v_bufs[l], B, Hkv, D, pos, atts[l]);
       accel::cpu::attn_out_mlp(outs[l]);
-      if (bf16) round_bf16_inplace(h.data_ptr<float>(), B * C);
+      if (dt == torch::kBFloat16) round_inplace<c10::BFloat16>(h.data_ptr<float>(), B * C);
+      else if (dt == torch::kHalf) round_inplace<c10::Half>(h.data_ptr<float>(), B * C);
     }
   }
-  return bf16 ? h.to(torch::kBFloat16) : h;
+  return dt == torch::kFloat32 ? h : h.to(dt);
 }

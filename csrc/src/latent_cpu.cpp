@@ -12,8 +12,9 @@ std::vector<torch::Tensor> latent_decode_cpu(torch::Tensor q, torch::Tensor kv, 
               q.scalar_type(), " ", q.sizes());
   q = q.contiguous();
   TORCH_CHECK(kv.dim() == 3 && kv.stride(2) == 1, "kv must be [B, T, Dl + Dr] contiguous in its last dimension");
-  TORCH_CHECK(kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kBFloat16,
-              "kv must be float32 or bfloat16, got ", kv.scalar_type());
+  TORCH_CHECK(kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kBFloat16 ||
+                  kv.scalar_type() == torch::kHalf,
+              "kv must be float32, bfloat16 or float16, got ", kv.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), Dk = q.size(2), T = kv.size(1);
   TORCH_CHECK(kv.size(0) == B, "kv batch ", kv.size(0), " != q batch ", B);
   TORCH_CHECK(kv.size(2) == Dk, "kv rows have ", kv.size(2), " values but q has ", Dk);
@@ -65,6 +66,7 @@ std::vector<torch::Tensor> latent_decode_cpu(torch::Tensor q, torch::Tensor kv, 
   {
     pybind11::gil_scoped_release nogil;
     if (kv.scalar_type() == torch::kFloat32) accel::cpu::latent_decode<float>(p);
+    else if (kv.scalar_type() == torch::kHalf) accel::cpu::latent_decode<accel::cpu::f16>(p);
     else accel::cpu::latent_decode<uint16_t>(p);
   }
   return {out, lse};

@@ -8,8 +8,9 @@ torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "x and weight must be CPU tensors");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be float32");
   TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "weight must be [N, K] contiguous in K");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16,
-              "weight must be float32 or bfloat16");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16 ||
+                  w.scalar_type() == torch::kHalf,
+              "weight must be float32, bfloat16 or float16");
   const int64_t K = w.size(1), N = w.size(0);
   TORCH_CHECK(x.size(-1) == K, "x last dim ", x.size(-1), " != weight in_features ", K);
   auto x2 = x.reshape({-1, K}).contiguous();
@@ -27,6 +28,11 @@ torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional
     if (w.scalar_type() == torch::kFloat32)
       accel::cpu::small_m_linear<float>(x2.data_ptr<float>(), M, K, w.data_ptr<float>(), w.stride(0),
                                         b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, threads);
+    else if (w.scalar_type() == torch::kHalf)
+      accel::cpu::small_m_linear<accel::cpu::f16>(x2.data_ptr<float>(), M, K,
+                                                  reinterpret_cast<const accel::cpu::f16*>(w.data_ptr()), w.stride(0),
+                                                  b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), N,
+                                                  threads);
     else
       accel::cpu::small_m_linear<uint16_t>(x2.data_ptr<float>(), M, K, reinterpret_cast<uint16_t*>(w.data_ptr()),
                                            w.stride(0), b.defined() ? b.data_ptr<float>() : nullptr,

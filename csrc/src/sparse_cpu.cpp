@@ -8,8 +8,9 @@ namespace {
 void check_cache(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, name, " must be [B, Hkv, T, D] contiguous in D");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, name,
-              " must be float32 or bfloat16");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16 ||
+                  t.scalar_type() == torch::kHalf,
+              name, " must be float32, bfloat16 or float16");
 }
 }  // namespace
 
@@ -49,6 +50,7 @@ std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, tor
   {
     pybind11::gil_scoped_release nogil;
     if (k.scalar_type() == torch::kFloat32) accel::cpu::select_topk<float>(p);
+    else if (k.scalar_type() == torch::kHalf) accel::cpu::select_topk<accel::cpu::f16>(p);
     else accel::cpu::select_topk<uint16_t>(p);
   }
   return {out, counts};
@@ -124,6 +126,7 @@ torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::
   {
     pybind11::gil_scoped_release nogil;
     if (k.scalar_type() == torch::kFloat32) accel::cpu::block_sparse_prefill<float>(p);
+    else if (k.scalar_type() == torch::kHalf) accel::cpu::block_sparse_prefill<accel::cpu::f16>(p);
     else accel::cpu::block_sparse_prefill<uint16_t>(p);
   }
   return out;

@@ -98,7 +98,8 @@ def load_model(name: str, dtype: str = "float32", tp_plan: str | None = None):
     from ..models import load
     from ..research.mla_models import RANDOM_MODELS
 
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
+          "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if name in RANDOM_MODELS:  # random-weight DeepSeek-V3 configs for TPLA (no MLA weights install here)
         from ..research.mla_models import ByteTokenizer, random_mla
 

@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, policy_default="dense"):
         sp.add_argument("--model", default="smollm2-135m", help="named model (smollm2-135m, gemma3-270m, random-mla-tiny, random-mla-mid) or a local folder")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         sp.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="policy option override (repeatable)")
         sp.add_argument("--tp", type=int, default=1,

@@ -37,13 +37,13 @@ When the fused path is taken, and when it is not:
   * per call: only for one token per sequence and at most ``MAX_ROWS`` sequences, hidden states of the model's
     dtype on the CPU, accel's cache, a full-width rotary, eval mode, no autograd, no autocast.
 
-bf16 models: the kernels read the bf16 weights (half the bytes of fp32) and compute in fp32; q, k and v are rounded
-to bf16 where transformers rounds them (before the cache and the policy's attention, which see exactly the dtypes of
-the module path) and the layer's output is rounded to bf16. Inside the halves the intermediates stay fp32 where
-transformers rounds each one to bf16, so the fused result differs from the module path by bf16 rounding, and it is the
-closer of the two to the fp32 arithmetic on the same weights (tests/test_fused_decode.py measures both against it).
-The probe runs each layer's own forward on fp32 copies of its parameters (``torch.func.functional_call``: the same
-weight values) against the fused halves. (fp16 models on the CPU are refused by ``accel.patch``.)
+bf16 and fp16 models: the kernels read the 16-bit weights (half the bytes of fp32) and compute in fp32; q, k and v are
+rounded to the model's dtype where transformers rounds them (before the cache and the policy's attention, which see
+exactly the dtypes of the module path) and the layer's output is rounded to it. Inside the halves the intermediates
+stay fp32 where transformers rounds each one, so the fused result differs from the module path by 16-bit rounding, and
+it is the closer of the two to the fp32 arithmetic on the same weights (tests/test_fused_decode.py measures both
+against it). The probe runs each layer's own forward on fp32 copies of its parameters
+(``torch.func.functional_call``: the same weight values) against the fused halves.
 ``remove()`` deletes the instance forwards.
 """
 from __future__ import annotations
@@ -65,6 +65,7 @@ logger = logging.getLogger("accel")
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
 #: at most this many sequences per step (the small-M GEMV's range; larger batches are matrix products for BLAS)
 MAX_ROWS = 8
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _rmsnorm_ok(norm) -> bool:
@@ -173,8 +174,8 @@ def unsupported_reason(adapter, layout) -> str | None:
         if layout.qk_norm and a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
             return f"layer {i}'s q_norm and k_norm have different epsilons"
         for w in (wq, wk, wv, wo, wg, wu, wd):
-            if w.dtype not in (torch.float32, torch.bfloat16) or w.dtype != wq.dtype:
-                return f"layer {i} has {w.dtype} weights (the fused layers read float32 or bfloat16, one dtype)"
+            if w.dtype not in _DTYPES or w.dtype != wq.dtype:
+                return f"layer {i} has {w.dtype} weights (the fused layers read float32, bfloat16 or float16, one dtype)"
             if w.dim() != 2 or w.stride(-1) != 1:
                 return f"layer {i} has a weight the kernel cannot read (non-contiguous rows)"
     return None
@@ -396,7 +397,7 @@ def _make_forward(fd: FusedDecode, idx: int):
         dt = hidden_states.dtype
         if (args or rt is None or not rt.fused_now or hidden_states.shape[1] != 1 or hidden_states.shape[0] > MAX_ROWS
                 or pe is None or not isinstance(cache, AccelCache)
-                or dt not in (torch.float32, torch.bfloat16) or hidden_states.device.type != "cpu"
+                or dt not in _DTYPES or hidden_states.device.type != "cpu"
                 or self.input_layernorm.weight.dtype != dt
                 or pe[0].shape[-1] != D or self.training or torch.is_grad_enabled()
                 or torch.is_autocast_enabled("cpu")):
@@ -451,8 +452,8 @@ def probe(adapter, layout, decoder) -> str | None:
             cos, sin = decoder.rotary_emb(h, pos)
             if h.device.type != "cpu" or cos.shape[-1] != D:
                 return "the model is not on the CPU or its rotary embedding is partial"
-            if h.dtype not in (torch.float32, torch.bfloat16):
-                return f"the model's dtype is {h.dtype} (the fused layers read float32 or bfloat16 weights)"
+            if h.dtype not in _DTYPES:
+                return f"the model's dtype is {h.dtype} (the fused layers read float32, bfloat16 or float16 weights)"
             # a bf16 model's layers are probed in fp32 arithmetic on their own weight values (transformers' layer
             # code on fp32 copies of the layer's tensors, one layer at a time): the fused halves compute in fp32, and
             # the rounding of q, k, v and the output to bf16 around them is accel's own

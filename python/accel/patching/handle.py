@@ -16,22 +16,25 @@ PATCHED: "weakref.WeakKeyDictionary[torch.nn.Module, HandleBase]" = weakref.Weak
 
 
 def dtype_problem(model) -> str | None:
-    """Why accel's kernels cannot serve this model's dtype on its device (None: they can). The CPU kernels read float32
-    and bfloat16 (an fp16 model, or fp16 autocast, is refused); on other devices every dtype goes to kernels that take
-    it."""
+    """Why accel's kernels cannot serve this model's dtype on its device (None: they can). The CPU kernels read float32,
+    bfloat16 and float16 models; another dtype (e.g. float64) is refused, and so is fp16 autocast on the CPU (it hands
+    the attention fp32 keys beside fp16 values: torch's CPU autocast runs the rotary embedding in fp32 but not the
+    value projection). On other devices every dtype goes to kernels that take it."""
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cpu":
         return None
     half_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
-    if p.dtype in (torch.float32, torch.bfloat16) and not half_autocast:
+    if p.dtype in (torch.float32, torch.bfloat16, torch.float16) and not half_autocast:
         return None
     from ..ops.attention import choose_backend
 
     if choose_backend(p.device) != "cpp":
         return None
-    what = "runs under fp16 autocast" if p.dtype in (torch.float32, torch.bfloat16) else f"is {p.dtype}"
-    return (f"the model {what} on the CPU, and accel's CPU kernels read float32 or bfloat16; convert it with "
-            "model.to(torch.bfloat16) (half the weight bytes) or model.float(); under autocast, use dtype=torch.bfloat16")
+    if half_autocast:
+        return ("the model runs under fp16 autocast on the CPU, which gives accel's cache fp32 keys beside fp16 values; "
+                "convert the model with model.half() instead, or use autocast with dtype=torch.bfloat16")
+    return (f"the model is {p.dtype} on the CPU, and accel's CPU kernels read float32, bfloat16 or float16; convert it "
+            "with model.float(), model.half() or model.to(torch.bfloat16)")
 
 
 def refuse_if_patched(model) -> None:

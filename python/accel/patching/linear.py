@@ -8,10 +8,11 @@ and reaches ~80% of it (bench/bench_linear.py). This module binds a replacement 
 and other models are untouched). Calls it cannot serve exactly (training, autograd, GPU tensors,
 more than ``max_rows`` rows, other dtypes) go to ``torch.nn.functional.linear`` unchanged.
 
-A bf16 layer (bf16 input and weight) is computed as torch computes it on the CPU -- fp32 accumulation of the bf16
+A bf16 or fp16 layer (input and weight of that dtype) is computed as torch computes it on the CPU -- fp32 accumulation of the bf16
 products, the result rounded to bf16 once -- from the input widened to fp32; only the summation order differs.
 On CPUs without bf16 instructions (no AVX512_BF16 / AMX: torch's bf16 matrix product there runs ~10x slower than
-fp32, measured 8.8 against 82 GFLOP/s on the project's AVX2 machine) the same holds for the prefill's many-row
+fp32, measured 8.8 against 82 GFLOP/s on the project's AVX2 machine; for fp16, without AVX512_FP16 / AMX_FP16) the
+same holds for the prefill's many-row
 products: both operands are widened to fp32 and the product rounded back to bf16, in blocks of output features (a
 block's fp32 weights and outputs at a time, never the whole layer's).
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from .. import _ext
 
 MAX_ROWS = 8
+_HALF = (torch.bfloat16, torch.float16)
 
 
 _NATIVE_BF16: bool | None = None
@@ -53,14 +55,35 @@ def native_bf16() -> bool:
     return _NATIVE_BF16
 
 
+_NATIVE_FP16: bool | None = None
+
+
+def native_fp16() -> bool:
+    """Whether this CPU multiplies fp16 natively (x86 Linux: the AVX512_FP16 or AMX_FP16 flags); as ``native_bf16``."""
+    global _NATIVE_FP16
+    if _NATIVE_FP16 is None:
+        import platform
+
+        _NATIVE_FP16 = True
+        if platform.machine() in ("x86_64", "AMD64"):
+            try:
+                with open("/proc/cpuinfo") as f:
+                    flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+                if flags:
+                    _NATIVE_FP16 = "avx512_fp16" in flags or "amx_fp16" in flags
+            except OSError:
+                pass
+    return _NATIVE_FP16
+
+
 def widened_bf16_linear(x, w, b):
-    """``F.linear`` of bf16 operands computed in fp32 and rounded to bf16 once, WIDEN_BLOCK output features at a
-    time."""
+    """``F.linear`` of bf16 (or fp16) operands computed in fp32 and rounded to their dtype once, WIDEN_BLOCK output
+    features at a time."""
     x32 = x.float()
     N = w.shape[0]
     if N <= WIDEN_BLOCK:
-        return F.linear(x32, w.float(), None if b is None else b.float()).to(torch.bfloat16)
-    out = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16, device=x.device)
+        return F.linear(x32, w.float(), None if b is None else b.float()).to(x.dtype)
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     for n0 in range(0, N, WIDEN_BLOCK):
         n1 = min(N, n0 + WIDEN_BLOCK)
         out[..., n0:n1] = F.linear(x32, w[n0:n1].float(), None if b is None else b[n0:n1].float())
@@ -71,8 +94,8 @@ def _fast_forward(self, x):
     w = self.weight
     if (
         x.device.type == "cpu"
-        and (x.dtype == torch.float32 or x.dtype == w.dtype == torch.bfloat16)
-        and w.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == w.dtype and x.dtype in _HALF))
+        and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and not torch.is_grad_enabled()
         and x.dim() >= 1
         and 0 < x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
@@ -83,8 +106,8 @@ def _fast_forward(self, x):
         else:
             y = _ext.cpu_ext().small_m_linear(x.float(), w, self.bias, 0)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    if (x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not native_bf16()):
+    if (x.dtype == w.dtype and x.dtype in _HALF and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not (native_bf16() if x.dtype == torch.bfloat16 else native_fp16())):
         return widened_bf16_linear(x, w, self.bias)
     return F.linear(x, w, self.bias)
 

@@ -13,6 +13,7 @@
 // Numerics: fp32 accumulation, online (streaming) softmax in tiles of kTile tokens (16 on AVX2, 64 with AVX-512), flash-decoding
 // style split over the token axis with a log-sum-exp merge for parallelism.
 #pragma once
+#include <type_traits>
 #include <algorithm>
 #include <cstring>
 #include <cmath>
@@ -382,7 +383,7 @@ static inline void tile_values_split(float* acc, const uint16_t* vb, int64_t v_s
 // whether split_tile serves (T, DC, G): bf16 data, head_dim a multiple of two vectors, 1-4 query heads per KV head
 template <typename T, int DC>
 static inline bool has_split_tile(int G) {
-  if constexpr (sizeof(T) == 2 && DC > 0 && DC % (2 * kLanes) == 0 && DC <= 256) return G >= 1 && G <= 4;
+  if constexpr (std::is_same<T, uint16_t>::value && DC > 0 && DC % (2 * kLanes) == 0 && DC <= 256) return G >= 1 && G <= 4;
   (void)G;
   return false;
 }
@@ -391,7 +392,7 @@ static inline bool has_split_tile(int G) {
 template <typename T, int DC>
 static inline bool split_tile(int G, bool values, const float* qs, float* acc, const T* base, int64_t st,
                               const int64_t* tok, int n, float scale, float (*s)[kTile], int64_t pf) {
-  if constexpr (sizeof(T) == 2 && DC > 0 && DC % (2 * kLanes) == 0 && DC <= 256) {
+  if constexpr (std::is_same<T, uint16_t>::value && DC > 0 && DC % (2 * kLanes) == 0 && DC <= 256) {
     switch (G) {
 #define ACCEL_SPLIT_CASE(GG)                                                   \
   case GG:                                                                     \

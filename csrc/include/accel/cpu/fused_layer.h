@@ -3,7 +3,7 @@
 //   attn_in:  x = rmsnorm(h) ; q, k, v = x Wq^T (+bq), x Wk^T (+bk), x Wv^T (+bv) ;
 //             optional per-head RMSNorm of q and k (Qwen3) ; rotary embedding of q and k
 //   attn_out: h += a Wo^T (+bo) ; x = rmsnorm(h) ; h += (silu(x Wg^T) * (x Wu^T)) Wd^T
-// The GEMVs are accel's small-M linear kernel (accel/cpu/linear.h); weights fp32 or bf16 rows, activations
+// The GEMVs are accel's small-M linear kernel (accel/cpu/linear.h); weights fp32, bf16 or fp16 rows, activations
 // fp32. The arithmetic follows transformers' LlamaRMSNorm (fp32 mean of squares, rsqrt(var + eps), then the
 // weight), apply_rotary_pos_emb (rotate_half convention, cos/sin as given) and the SiLU-gated MLP, so the result
 // equals the module-by-module forward up to float rounding. Torch-free.
@@ -17,17 +17,21 @@
 namespace accel {
 namespace cpu {
 
-struct Mat {  // a weight [N, K] with row stride ldw, fp32 (bf16 == false) or bf16 rows
+enum class WType { kF32, kBF16, kF16 };
+
+struct Mat {  // a weight [N, K] with row stride ldw, fp32, bf16 or fp16 rows
   const void* w = nullptr;
   int64_t ldw = 0;
-  bool bf16 = false;
+  WType type = WType::kF32;
   int N = 0;
   const float* bias = nullptr;
 };
 
 inline void gemv(const float* x, int M, int K, const Mat& m, float* y, int threads) {
-  if (m.bf16)
+  if (m.type == WType::kBF16)
     small_m_linear<uint16_t>(x, M, K, static_cast<const uint16_t*>(m.w), m.ldw, m.bias, y, m.N, threads);
+  else if (m.type == WType::kF16)
+    small_m_linear<f16>(x, M, K, static_cast<const f16*>(m.w), m.ldw, m.bias, y, m.N, threads);
   else
     small_m_linear<float>(x, M, K, static_cast<const float*>(m.w), m.ldw, m.bias, y, m.N, threads);
 }

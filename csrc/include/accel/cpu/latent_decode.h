@@ -50,7 +50,7 @@ inline const float* latent_row(const LatentParams& p, int64_t b, int64_t t, floa
     (void)Dk;
     return reinterpret_cast<const float*>(r);
   } else {
-    for (int64_t d = 0; d < Dk; ++d) buf[d] = bf16_to_float(r[d]);
+    for (int64_t d = 0; d < Dk; ++d) buf[d] = Load<T>::get(r, d);  // bf16 or fp16, widened
     return buf;
   }
 }

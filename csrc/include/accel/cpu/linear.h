@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "accel/cpu/vec_math.h"
@@ -212,12 +213,24 @@ static inline float f32_row(const float* x, const float* w, int K) {
   for (int u = 1; u < U; ++u) a[0] += a[u];
   return hsum16(a[0]) + dot_tail(x, w, k, K);
 }
+// the same for one fp16 W row (widened by vcvtph2ps)
+template <int U>
+static inline float half_row(const float* x, const f16* w, int K) {
+  v16f a[U];
+  for (int u = 0; u < U; ++u) a[u] = v16f{};
+  int k = 0;
+  for (; k + 16 * U <= K; k += 16 * U)
+    for (int u = 0; u < U; ++u) a[u] += load16(x + k + 16 * u) * load16(w + k + 16 * u);
+  for (; k + 16 <= K; k += 16) a[0] += load16(x + k) * load16(w + k);
+  for (int u = 1; u < U; ++u) a[0] += a[u];
+  return hsum16(a[0]) + dot_tail(x, w, k, K);
+}
 #endif
 
 template <typename T>
 inline void small_m_linear(const float* x, int M, int K, const T* W, int64_t ldw, const float* bias, float* y,
                            int N, int num_threads) {
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (std::is_same<T, uint16_t>::value) {  // bf16
     if (K % (2 * kLanes) == 0) {
       small_m_linear_bf16_split(x, M, K, W, ldw, y, N, num_threads);
       if (bias)
@@ -232,6 +245,17 @@ inline void small_m_linear(const float* x, int M, int K, const T* W, int64_t ldw
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
       for (int o = 0; o < N; ++o)
         y[o] = f32_row<4>(x, W + static_cast<int64_t>(o) * ldw, K) + (bias ? bias[o] : 0.f);
+      return;
+    }
+  }
+  if constexpr (std::is_same<T, f16>::value) {
+    if (M == 1) {  // fp16 rows: half_row, with the W row kWPfAheadBytes ahead requested as with bf16
+      const int64_t ahead = w_prefetch_rows<f16>(K);
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
+      for (int o = 0; o < N; ++o) {
+        prefetch_w_row(W, ldw, o + ahead, K);
+        y[o] = half_row<4>(x, W + static_cast<int64_t>(o) * ldw, K) + (bias ? bias[o] : 0.f);
+      }
       return;
     }
   }

@@ -3,6 +3,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace accel {
 namespace cpu {
@@ -36,12 +39,45 @@ static inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
+// IEEE half precision (fp16) storage: its own type, so that the kernels' overloads tell it from bfloat16's uint16_t
+struct f16 {
+  uint16_t bits;
+};
+static_assert(sizeof(f16) == 2, "f16 must be two bytes");
+
+// fp16 -> fp32, exact for every value (normals, subnormals, zeros, infinities, NaNs)
+static inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu;
+  uint32_t m = h & 0x3ffu, bits;
+  if (e == 0x1fu) {
+    bits = sign | 0x7f800000u | (m << 13);
+  } else if (e != 0) {
+    bits = sign | ((e + 112u) << 23) | (m << 13);
+  } else if (m == 0) {
+    bits = sign;
+  } else {  // subnormal: m * 2^-24, normalised
+    uint32_t s = 0;
+    while ((m & 0x400u) == 0) {
+      m <<= 1;
+      ++s;
+    }
+    bits = sign | ((113u - s) << 23) | ((m & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(float));
+  return f;
+}
+
 template <typename T> struct Load;
 template <> struct Load<float> {
   static inline float get(const float* p, int64_t i) { return p[i]; }
 };
 template <> struct Load<uint16_t> {  // bfloat16 storage
   static inline float get(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+};
+template <> struct Load<f16> {
+  static inline float get(const f16* p, int64_t i) { return f16_to_float(p[i].bits); }
 };
 
 // 16-lane fp32 vector. With AVX-512 it is one GCC/Clang vector-extension type (one zmm). Without it, GCC
@@ -118,6 +154,22 @@ static inline v8f load8_bf16(const uint16_t* p) {
   return r;
 }
 static inline v8f load8(const uint16_t* p) { return load8_bf16(p); }
+// fp16 widened by the F16C conversion where the build has it (every AVX2 and AVX-512 CPU), element by element otherwise
+static inline v8f load8_f16(const f16* p) {
+#if defined(__F16C__)
+  __m128i h;
+  std::memcpy(&h, p, sizeof(h));
+  const __m256 f = _mm256_cvtph_ps(h);
+  v8f r;
+  std::memcpy(&r, &f, sizeof(r));
+  return r;
+#else
+  v8f r;
+  for (int i = 0; i < 8; ++i) r[i] = f16_to_float(p[i].bits);
+  return r;
+#endif
+}
+static inline v8f load8(const f16* p) { return load8_f16(p); }
 static inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 // 16 bfloat16 values read as eight 32-bit words: `word << 16` is the even-indexed values as fp32, `word & 0xffff0000`
 // the odd-indexed ones (one operation per 8 values instead of widening each: the GEMV and decode-attention tiles)
@@ -147,6 +199,14 @@ static inline v16f load16(const uint16_t* p) {  // bfloat16 -> fp32 by widening 
   v16u u = __builtin_convertvector(h, v16u) << 16;
   v16f r;
   std::memcpy(&r, &u, sizeof(r));
+  return r;
+}
+static inline v16f load16(const f16* p) {  // fp16 -> fp32 (vcvtph2ps)
+  __m256i h;
+  std::memcpy(&h, p, sizeof(h));
+  const __m512 f = _mm512_cvtph_ps(h);
+  v16f r;
+  std::memcpy(&r, &f, sizeof(r));
   return r;
 }
 static inline v16f fast_exp16(v16f x) { return fast_exp_vec<v16f, v16i>(x); }
@@ -187,6 +247,7 @@ static inline v16f load16(const float* p) {
   return r;
 }
 static inline v16f load16(const uint16_t* p) { return v16f{load8_bf16(p), load8_bf16(p + 8)}; }
+static inline v16f load16(const f16* p) { return v16f{load8_f16(p), load8_f16(p + 8)}; }
 static inline v16f fast_exp16(v16f x) { return v16f{fast_exp_vec<v8f, v8i>(x.lo), fast_exp_vec<v8f, v8i>(x.hi)}; }
 static inline v16f vmax16(v16f a, v16f b) { return v16f{a.lo > b.lo ? a.lo : b.lo, a.hi > b.hi ? a.hi : b.hi}; }
 static inline float hsum16(v16f v) { return hsum8(v.lo + v.hi); }
@@ -216,6 +277,7 @@ template <> struct VecOps<v8f> {
   static constexpr int n = 8;
   static inline v8f load(const float* p) { return load8(p); }
   static inline v8f load(const uint16_t* p) { return load8_bf16(p); }
+  static inline v8f load(const f16* p) { return load8_f16(p); }
   static inline v8f splat(float x) { return splat8(x); }
   static inline float hsum(v8f v) { return hsum8(v); }
   static inline v4f hsum4(v8f a, v8f b, v8f c, v8f d) { return hsum8x4(a, b, c, d); }
@@ -228,6 +290,7 @@ template <> struct VecOps<v16f> {
   static constexpr int n = 16;
   static inline v16f load(const float* p) { return load16(p); }
   static inline v16f load(const uint16_t* p) { return load16(p); }
+  static inline v16f load(const f16* p) { return load16(p); }
   static inline v16f splat(float x) { return splat16(x); }
   static inline float hsum(const v16f& v) { return hsum16(v); }
 #ifdef ACCEL_V16F_NATIVE
