@@ -31,12 +31,14 @@ COMMITTED = {
     "decode_anchors_smollm2_b1_bf16.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_runtimes.csv": "2026-12-04",
     "decode_anchors_smollm2_b8_bf16.csv": "2026-12-04",
-    "decode_kvpolicies_smollm2_b1_bf16.csv": "2026-12-04",
-    "bf16_quality_smollm2.csv": "2026-12-04",
+    "decode_kvpolicies_smollm2_b1_bf16.csv": "2026-12-05",
+    "bf16_quality_smollm2.csv": "2026-12-05",
     "decode_fused_smollm2_b1.csv": "2026-12-05",
     "decode_anchors_smollm2_b1_bf16_dense.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_bf16_8k.csv": "2026-12-04",
-    "decode_anchors_smollm2_b1_fp32_dense.csv": "2026-12-04",
+    "decode_anchors_smollm2_b1_fp32_dense.csv": "2026-12-05",
+    "decode_anchors_smollm2_b1_fp16_dense.csv": "2026-12-05",
+    "decode_anchors_smollm2_b1_fp32_8k.csv": "2026-12-05",
     "decode_policies_smollm2_b1.csv": "2026-12-04",
     "decode_quest_smollm2_b1.csv": "2026-12-04",
     "eval_quest_smollm2_4k.csv": "2026-12-04",
@@ -422,8 +424,10 @@ def sec_step() -> list[str]:
             "its median run, every run in the last column; llama.cpp's llama-bench rows are the mean of three runs, its "
             "F32/F32 rows one llama-batched-bench run). bf16: a bf16 copy of the model against llama.cpp with F16 "
             "weights and KV; fp32 against F32 weights with F32 and F16 KV (\"vs the fastest anchor\": the fastest "
-            "llama.cpp row of the table at that context).", ""]
-    for name in ("decode_anchors_smollm2_b1_bf16_dense.csv", "decode_anchors_smollm2_b1_fp32_dense.csv"):
+            "llama.cpp row of the table at that context). fp16: an fp16 copy of the model against llama.cpp with F16 "
+            "weights and KV, the same precision on both sides.", ""]
+    for name in ("decode_anchors_smollm2_b1_bf16_dense.csv", "decode_anchors_smollm2_b1_fp16_dense.csv",
+                 "decode_anchors_smollm2_b1_fp32_dense.csv"):
         out += anchor_section(name, runs=True)
     out += anchor_section(
         "decode_anchors_smollm2_b1.csv",
@@ -446,6 +450,10 @@ def sec_step() -> list[str]:
         "decode_anchors_smollm2_b1_bf16_8k.csv",
         "The same policies at 8K again after the kernels' row requests (the dense notes), one run, against llama.cpp "
         "with F16 and Q4_1 weights and an F16 cache:", extra=True)
+    out += anchor_section(
+        "decode_anchors_smollm2_b1_fp32_8k.csv",
+        "The same policies at 8K in fp32 (fp32 weights and cache), one run, against llama.cpp with F32 weights and an "
+        "F32 or F16 cache:", extra=True)
     kvp = load("decode_kvpolicies_smollm2_b1_bf16.csv")
     out += ["The other KV policies the same way at 8K (`accel bench --dtype bfloat16`, default budgets, one run):", ""]
     out += follow_the_bytes(kvp, "decode_kvpolicies_smollm2_b1_bf16.csv")

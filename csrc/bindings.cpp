@@ -18,6 +18,9 @@ std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, tor
 torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
                                        torch::Tensor counts, double scale);
 std::string build_isa_cpu();
+std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax, int64_t n_pages,
+                                            int64_t k_pages, int64_t page, int64_t T, int64_t agg,
+                                            c10::optional<torch::Tensor> first);
 double scattered_read_probe_cpu(torch::Tensor buf, torch::Tensor rows, int64_t distance);
 bool flush_cache_lines_cpu(torch::Tensor t);
 int64_t ragged_evict_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score,
@@ -96,6 +99,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("h"), pybind11::arg("pre"), pybind11::arg("post"), pybind11::arg("eps"), pybind11::arg("k_bufs"),
         pybind11::arg("v_bufs"), pybind11::arg("start"), pybind11::arg("pos"), pybind11::arg("valid") = pybind11::none(),
         pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("H"), pybind11::arg("Hkv"), pybind11::arg("scale"));
+  m.def("quest_select", &quest_select_cpu,
+        "Quest's page selection: page upper bounds from the key min/max summaries, aggregated over each GQA group, "
+        "top k_pages (the current page always) expanded to token positions",
+        pybind11::arg("q"), pybind11::arg("kmin"), pybind11::arg("kmax"), pybind11::arg("n_pages"),
+        pybind11::arg("k_pages"), pybind11::arg("page"), pybind11::arg("T"), pybind11::arg("agg"),
+        pybind11::arg("first") = pybind11::none());
   m.def("build_isa", &build_isa_cpu,
         "the vector instructions the kernels were compiled for: 'AVX512' (16-lane vectors), 'AVX2' or 'baseline'");
   m.def("scattered_read_probe", &scattered_read_probe_cpu,

@@ -1,4 +1,5 @@
 """Invariants of the selection references (the oracle later kernels are tested against)."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -77,3 +78,24 @@ def test_quest_metadata_incremental_equals_reference():
     ref = quest_page_scores_ref(q, *page_minmax_ref(keys, keys.shape[2], 16), agg="max")
     torch.testing.assert_close(ub, ref)
     assert meta.full_pages == keys.shape[2] // 16
+
+
+@pytest.mark.parametrize("agg", ["max", "mean", "sum"])
+def test_quest_selection_kernel_equals_the_torch_path(agg):
+    """Quest's page selection in one C++ call (accel/cpu/quest.h) selects the positions of the torch path: strided
+    views of the summaries, budgets from one page to more than the context, left padding."""
+    from accel.policies.quest import select_pages
+
+    g = torch.Generator().manual_seed(11)
+    B, H, Hkv, D, P = 2, 6, 2, 64, 16
+    for T in (17, 160, 333):
+        n = -(-T // P)
+        kmin = torch.randn(B, Hkv, n + 3, D, generator=g)[:, :, :n]  # views of a larger buffer, as the summaries are
+        kmax = kmin + torch.rand(B, Hkv, n, D, generator=g)
+        q = torch.randn(B, H, D, generator=g)
+        for k_pages in (1, 3, n // 2 + 1, n + 2):
+            for first in (None, torch.tensor([0, 37])):
+                idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first)
+                ridx, rcnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, backend="torch")
+                assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx), (T, k_pages, first)
+                assert int(cnt.max()) <= min(k_pages, n) * P and bool((idx[..., :1] >= 0).all())

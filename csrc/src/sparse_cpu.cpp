@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "accel/cpu/block_sparse_prefill.h"
+#include "accel/cpu/quest.h"
 #include "accel/cpu/select.h"
 
 namespace {
@@ -130,4 +131,54 @@ torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::
     else accel::cpu::block_sparse_prefill<uint16_t>(p);
   }
   return out;
+}
+
+// Quest's page selection (accel/cpu/quest.h): q [B, H, D]; kmin / kmax [B, Hkv, >= n_pages, D] float32 page
+// summaries (contiguous in D); first: optional [B] int64 first real position. Returns (positions [B, Hkv,
+// k_pages * page] int32, -1 padded; counts [B, Hkv] int32).
+std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax, int64_t n_pages,
+                                            int64_t k_pages, int64_t page, int64_t T, int64_t agg,
+                                            c10::optional<torch::Tensor> first) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3, "q must be a CPU [B, H, D] tensor");
+  q = q.to(torch::kFloat32).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  for (const auto* t : {&kmin, &kmax})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->size(0) == B &&
+                    t->size(3) == D && t->stride(3) == 1,
+                "kmin/kmax must be CPU float32 [B, Hkv, pages, D] contiguous in D");
+  TORCH_CHECK(kmin.sizes() == kmax.sizes(), "kmin and kmax must have the same shape");
+  if (kmin.strides() != kmax.strides()) {  // one set of strides for both (the summaries' buffers already share one)
+    kmin = kmin.contiguous();
+    kmax = kmax.contiguous();
+  }
+  const int64_t Hkv = kmin.size(1);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads ", H, " must be a multiple of KV heads ", Hkv);
+  TORCH_CHECK(page >= 1 && n_pages >= 1 && n_pages <= kmin.size(2) && k_pages >= 1, "need 1 <= n_pages <= ",
+              kmin.size(2), ", k_pages >= 1, page >= 1");
+  TORCH_CHECK(T > (n_pages - 1) * page && T <= n_pages * page, "T = ", T, " does not end in the last of ", n_pages,
+              " pages of ", page);
+  TORCH_CHECK(agg >= 0 && agg <= 2, "agg must be 0 (max), 1 (mean) or 2 (sum)");
+  torch::Tensor first_c;
+  accel::cpu::QuestParams p;
+  if (first.has_value() && first->defined()) {
+    first_c = first->to(torch::kInt64).contiguous();
+    TORCH_CHECK(first_c.numel() == B, "first must have B entries");
+    p.first = first_c.data_ptr<int64_t>();
+  }
+  const int64_t k = std::min(k_pages, n_pages);
+  auto out = torch::empty({B, Hkv, k * page}, torch::dtype(torch::kInt32));
+  auto counts = torch::empty({B, Hkv}, torch::dtype(torch::kInt32));
+  p.q = q.data_ptr<float>();
+  p.kmin = kmin.data_ptr<float>();
+  p.kmax = kmax.data_ptr<float>();
+  p.sb = kmin.stride(0); p.sh = kmin.stride(1); p.sp = kmin.stride(2);
+  p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Hkv = static_cast<int>(Hkv); p.D = static_cast<int>(D);
+  p.n_pages = n_pages; p.k_pages = k; p.page = page; p.T = T; p.agg = static_cast<int>(agg);
+  p.out = out.data_ptr<int32_t>();
+  p.counts = counts.data_ptr<int32_t>();
+  {
+    pybind11::gil_scoped_release nogil;
+    accel::cpu::quest_select(p);
+  }
+  return {out, counts};
 }

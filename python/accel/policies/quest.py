@@ -25,16 +25,20 @@ from typing import ClassVar
 
 import torch
 
+from .. import _ext
 from ..attention.context import LayerContext
 from ..attention.decode import dense_decode, sparse_attend
 from ..attention.masks import first_valid_positions, step_valid
 from ..attention.selection import token_budget
-from ..cache.quest import QuestMetadata
+from ..cache.quest import QuestMetadata, upper_bounds
 from ..errors import AccelError
 from ..models.base import ModelInfo
 from ..plan import LayerPlan, Plan
 from .base import AttentionPolicy
 from .registry import register_policy
+
+
+_AGG = {"max": 0, "mean": 1, "sum": 2}  # the C++ selection's codes
 
 
 @register_policy("quest")
@@ -115,18 +119,36 @@ class QuestPolicy(AttentionPolicy):
         if held is None or held[0] != version or held[1].page != P or held[1].full_pages * P > T:
             held = ctx.state["quest"] = (version, QuestMetadata(P))
         meta = held[1]
-        scores = meta.page_scores(query[:, :, 0, :], key, self._knob(ctx, "agg"))  # [B, Hkv, n_pages] upper bounds
-        ctx.runtime.stats["kv_read_bytes"] += 2 * scores.numel() * D * 4  # the pages' key min and max (fp32)
+        agg = self._knob(ctx, "agg")
         ok, valid = step_valid(ctx, attention_mask, B, T)
         if not ok:
             raise AccelError("quest got a per-head attention mask it cannot apply; use policy='dense' for this model")
-        pages = torch.arange(n_pages, device=scores.device)
-        if valid is not None:  # pages of left padding only are never selected
-            first = first_valid_positions(valid, B).to(scores.device)
-            scores = scores.masked_fill(((pages + 1) * P <= first.view(B, 1)).view(B, 1, n_pages), float("-inf"))
-        scores[:, :, n_pages - 1] = float("inf")  # the current page is always attended
-        top = scores.topk(k_pages, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, k_pages] ascending
-        pos = (top.unsqueeze(-1) * P + torch.arange(P, device=top.device)).flatten(-2)
-        inside = pos < T  # only the current (last, partial) page reaches past T, and it sorts last
-        idx = torch.where(inside, pos, torch.full_like(pos, -1)).to(torch.int32).contiguous()
-        return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, inside.sum(-1).to(torch.int32))
+        first = first_valid_positions(valid, B) if valid is not None else None
+        mn, mx = meta.bounds(key)  # [B, Hkv, n_pages, D] views of the page summaries
+        ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * 4  # min and max, fp32
+        idx, counts = select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
+        return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
+
+
+def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg: str = "max", first=None,
+                 backend: str | None = None):
+    """Quest's selection for queries q [B, H, D] from page summaries kmin/kmax [B, Hkv, n_pages, D]: the pages' upper
+    bounds aggregated over each GQA group, pages of left padding only (``first`` [B]: each row's first real position)
+    last, the current page always, the top ``k_pages`` expanded to their positions below T, ascending. Returns
+    (positions [B, Hkv, k_pages * P] int32, -1 padded; counts [B, Hkv] int32). On the CPU one C++ call
+    (accel/cpu/quest.h); elsewhere (or ``backend="torch"``) torch operations, the same selection up to the order of
+    summation (a tie between two pages' bounds may go either way)."""
+    if backend != "torch" and q.device.type == "cpu" and _ext.HAS_CPU_EXT:
+        return tuple(_ext.cpu_ext().quest_select(q, kmin, kmax, n_pages, k_pages, P, T, _AGG[agg], first))
+    B = q.shape[0]
+    scores = upper_bounds(q, kmin, kmax, agg)  # [B, Hkv, n_pages]
+    pages = torch.arange(n_pages, device=scores.device)
+    if first is not None:  # pages of left padding only are never selected
+        first = first.to(scores.device)
+        scores = scores.masked_fill(((pages + 1) * P <= first.view(B, 1)).view(B, 1, n_pages), float("-inf"))
+    scores[:, :, n_pages - 1] = float("inf")  # the current page is always attended
+    top = scores.topk(min(k_pages, n_pages), dim=-1).indices.sort(dim=-1).values  # [B, Hkv, k_pages] ascending
+    pos = (top.unsqueeze(-1) * P + torch.arange(P, device=top.device)).flatten(-2)
+    inside = pos < T  # only the current (last, partial) page reaches past T, and it sorts last
+    idx = torch.where(inside, pos, torch.full_like(pos, -1)).to(torch.int32).contiguous()
+    return idx, inside.sum(-1).to(torch.int32)

@@ -77,6 +77,11 @@ constexpr int kMaxGroup = 64;
 // issued a whole tile at a time, at a tile's start, were slower than none (they fill the miss buffers at once). In the
 // model's decode step (bench/bench_fused.py, SmolLM2 at 8K, three runs alternated against requests for the row being
 // read) fp32 33.5-36.8 against 37.8-39.9 ms a step, bf16 18.5-19.4 against 19.1-20.2 ms.
+// rows of a run of consecutive indices requested by software before the hardware prefetcher is left to follow it
+// (index-list reads; see attend_span); settable for comparisons
+#ifndef ACCEL_DECODE_PF_RUN
+#define ACCEL_DECODE_PF_RUN 2
+#endif
 #ifndef ACCEL_DECODE_PF_BYTES
 #define ACCEL_DECODE_PF_BYTES 8192
 #endif
@@ -457,7 +462,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   // requests only compete with it (a 512-row run read at 9.4 GB/s with every row requested, 18.5 GB/s
   // with only the run heads; indices are sorted and unique, so idx[j-n] == idx[j]-n means a run).
   constexpr int kPfK = 1;
-  constexpr int64_t kPfRun = 2;
+  constexpr int64_t kPfRun = ACCEL_DECODE_PF_RUN;
   auto in_run = [&](int64_t jj) { return jj >= kPfRun && idx[jj - kPfRun] == idx[jj] - kPfRun; };
   auto prefetch_rows = [&](const T* base, int64_t st, int64_t a, int64_t e) {
     for (int64_t jj = a; jj < e; ++jj) {

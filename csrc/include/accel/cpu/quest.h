@@ -1,0 +1,89 @@
+// Quest's page selection for one decode step, CPU (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient
+// Long-Context LLM Inference", arXiv 2406.10774). Torch-free.
+//
+// Per (sequence, KV head): the upper bound U_j = sum_d max(q_d M_jd, q_d m_jd) of every page j from its key min m_j
+// and max M_j (accel.cache.quest.QuestMetadata keeps them), for each query head of the GQA group, aggregated over the
+// group (max / mean / sum); pages holding only left padding rank last (-inf), the current (last) page first (+inf);
+// the k_pages highest (ties: the lower page) are expanded to their token positions below T, ascending. One call
+// replaces the ~20 small torch operations per layer of the same selection (accel.policies.quest's torch path).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "accel/cpu/vec_math.h"
+
+namespace accel {
+namespace cpu {
+
+struct QuestParams {
+  const float* q = nullptr;  // [B, H, D] fp32
+  const float* kmin = nullptr;  // page summaries, fp32, (b, kh, page, d) at b*sb + kh*sh + page*sp + d
+  const float* kmax = nullptr;
+  int64_t sb = 0, sh = 0, sp = 0;
+  int B = 0, H = 0, Hkv = 0, D = 0;
+  int64_t n_pages = 0, k_pages = 0, page = 16, T = 0;
+  int agg = 0;  // 0 max, 1 mean, 2 sum
+  const int64_t* first = nullptr;  // [B] first real (non-padding) position, or nullptr
+  int32_t* out = nullptr;     // [B, Hkv, k_pages * page], -1 padded
+  int32_t* counts = nullptr;  // [B, Hkv]
+};
+
+inline void quest_select(const QuestParams& p) {
+  const int G = p.H / p.Hkv;
+  const int64_t width = p.k_pages * p.page;
+  const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int b = 0; b < p.B; ++b)
+    for (int kh = 0; kh < p.Hkv; ++kh) {
+      std::vector<float> qp(static_cast<size_t>(G) * p.D), qn(qp.size()), score(p.n_pages);
+      for (int g = 0; g < G; ++g)
+        for (int d = 0; d < p.D; ++d) {
+          const float x = p.q[(static_cast<int64_t>(b) * p.H + kh * G + g) * p.D + d];
+          qp[g * p.D + d] = x > 0.f ? x : 0.f;
+          qn[g * p.D + d] = x < 0.f ? x : 0.f;
+        }
+      const float* mn = p.kmin + b * p.sb + kh * p.sh;
+      const float* mx = p.kmax + b * p.sb + kh * p.sh;
+      for (int64_t j = 0; j < p.n_pages; ++j) {
+        const float* M = mx + j * p.sp;
+        const float* m = mn + j * p.sp;
+        float agg = p.agg == 0 ? ninf : 0.f;
+        for (int g = 0; g < G; ++g) {
+          const float* a = qp.data() + g * p.D;
+          const float* c = qn.data() + g * p.D;
+          float u = 0.f;
+          int d = 0;
+          if (p.D >= 16) {
+            v16f s{};
+            for (; d + 16 <= p.D; d += 16) s += load16(a + d) * load16(M + d) + load16(c + d) * load16(m + d);
+            u = hsum16(s);
+          }
+          for (; d < p.D; ++d) u += a[d] * M[d] + c[d] * m[d];
+          agg = p.agg == 0 ? std::max(agg, u) : agg + u;
+        }
+        score[j] = p.agg == 1 ? agg / static_cast<float>(G) : agg;
+      }
+      if (p.first)
+        for (int64_t j = 0; j < p.n_pages && (j + 1) * p.page <= p.first[b]; ++j) score[j] = ninf;
+      score[p.n_pages - 1] = pinf;  // the current page is always attended
+      std::vector<int64_t> order(p.n_pages);
+      std::iota(order.begin(), order.end(), 0);
+      const int64_t k = std::min(p.k_pages, p.n_pages);
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t x, int64_t y) {
+        return score[x] > score[y] || (score[x] == score[y] && x < y);
+      });
+      std::sort(order.begin(), order.begin() + k);
+      int32_t* out = p.out + (static_cast<int64_t>(b) * p.Hkv + kh) * width;
+      int64_t n = 0;
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t t = order[i] * p.page; t < (order[i] + 1) * p.page && t < p.T; ++t) out[n++] = static_cast<int32_t>(t);
+      std::fill(out + n, out + width, -1);
+      p.counts[b * p.Hkv + kh] = static_cast<int32_t>(n);
+    }
+}
+
+}  // namespace cpu
+}  // namespace accel
