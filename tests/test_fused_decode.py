@@ -470,3 +470,35 @@ def test_the_whole_stack_steps_aside_for_hidden_states_layer_hooks_and_other_pol
         with torch.no_grad():
             _generate(model, ids, mask)
         assert "stack_calls" not in h.runtime.stats and h.runtime.stats["fused_layer_calls"] == 9 * L
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_layer_wrapped_after_patching_turns_the_whole_stack_off(in_place):
+    """A decoder layer replaced in the model's layer list after patching (a steering wrapper around a middle layer)
+    must run: the stack steps aside and the result is the per-layer path's, whether the wrapper edits the hidden
+    states in place or not."""
+    model = tiny_model("llama")
+    ids, mask = _batch(B=2)
+
+    class Steer(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, hidden_states, *args, **kwargs):
+            if in_place:
+                hidden_states.add_(0.5)
+            else:
+                hidden_states = hidden_states + 0.5
+            return self.inner(hidden_states, *args, **kwargs)
+
+    with torch.no_grad(), accel.patch(model, "dense") as h:
+        inner = model.model.layers[1]
+        model.model.layers[1] = Steer(inner)
+        out = _generate(model, ids, mask)
+        assert h.runtime.stats.get("stack_calls", 0) == 0
+        h.runtime.fused.whole_stack = False
+        ref = _generate(model, ids, mask)
+        model.model.layers[1] = inner
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))

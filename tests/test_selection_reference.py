@@ -90,8 +90,10 @@ def test_quest_selection_kernel_equals_the_torch_path(agg):
     B, H, Hkv, D, P = 2, 6, 2, 64, 16
     for T in (17, 160, 333):
         n = -(-T // P)
-        kmin = torch.randn(B, Hkv, n + 3, D, generator=g)[:, :, :n]  # views of a larger buffer, as the summaries are
-        kmax = kmin + torch.rand(B, Hkv, n, D, generator=g)
+        bmin = torch.randn(B, Hkv, n + 3, D, generator=g)  # views of larger buffers, as the summaries are
+        bmax = bmin + torch.rand(B, Hkv, n + 3, D, generator=g)
+        kmin, kmax = bmin[:, :, :n], bmax[:, :, :n]
+        assert not kmin.is_contiguous() and kmin.stride() == kmax.stride()
         q = torch.randn(B, H, D, generator=g)
         for k_pages in (1, 3, n // 2 + 1, n + 2):
             for first in (None, torch.tensor([0, 37])):

@@ -15,7 +15,7 @@ runs the whole stack of a decode step in one call, ``accel._C.fused_dense_stack`
 layer the same two halves, the new k/v written into accel's cache and dense decode attention over it, with the same
 roundings, so the result is bit-identical to the layers one by one; the later layers' forwards pass its output on.
 That saves the per-layer Python between the halves (the cache append, the attention function's routing, the kernel's
-launcher): ~1-2 ms a step on SmolLM2. It steps aside -- the layers run one by one -- when the hidden states of every
+launcher): 1.2-1.9 ms a step on SmolLM2. It steps aside -- the layers run one by one -- when the hidden states of every
 layer are asked for, a hook sits on a decoder layer, the policy has its own decode, or the cache's layers are not all
 plain buffers at one position. ``FusedDecode.whole_stack = False`` turns it off (for comparisons).
 
@@ -203,6 +203,8 @@ class FusedDecode:
         #: layer makes its own calls (the per-layer fused path; for comparisons)
         self.whole_stack = True
         self._layer_idx = [layer.self_attn.layer_idx for layer in self.layers]
+        #: the container the model's forward iterates (a layer replaced or wrapped in it after patching: no stack)
+        self._container = getattr(adapter.decoder(), "layers", None)
         self._stack_reason = self._stack_unsupported(runtime, adapter)
         if self._stack_reason:
             logger.info("fused decoder stack off: %s; decode runs the fused layers one by one", self._stack_reason)
@@ -263,6 +265,12 @@ class FusedDecode:
         (their forward would not run in between)."""
         if not self.whole_stack or self._stack_reason is not None:
             return False
+        c = self._container  # the model still runs exactly the patched layers, each with accel's forward
+        if c is None or len(c) != len(self.layers) or any(a is not b for a, b in zip(c, self.layers)):
+            return False
+        for layer, (_, fn) in zip(self.layers, self._refs):
+            if layer.__dict__.get("forward") is not fn:
+                return False
         ohs = kwargs.get("output_hidden_states")
         if ohs is None:
             ohs = getattr(module.config, "output_hidden_states", False)
@@ -384,7 +392,7 @@ def _make_forward(fd: FusedDecode, idx: int):
         rt = fd.runtime_ref()
         if idx and rt is not None and rt.stack_out is not None:
             # the first layer ran the whole stack (``FusedDecode.run_stack``): this layer's work is done
-            if hidden_states is not rt.stack_out:
+            if hidden_states is not rt.stack_out or _version(hidden_states) != rt.stack_version:
                 rt.stack_out = None
                 raise AccelError(f"decoder layer {idx} received hidden states other than the fused stack's output: the "
                                  "model changes them between layers (patch with fused_decode=False)")
@@ -419,6 +427,7 @@ def _make_forward(fd: FusedDecode, idx: int):
             if y is not None:
                 out = y.view(B, 1, width)
                 rt.stack_out = out if last else None
+                rt.stack_version = _version(out)  # an in-place change on the way to a later layer is refused
                 return out
         # bf16 rows are widened inside the kernels, and q, k, v come back in bf16: rounded where transformers rounds
         # them, so the cache and the policy see the module path's dtypes

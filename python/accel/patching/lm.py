@@ -51,6 +51,7 @@ class _ThreadState(threading.local):
         self.fused_now = False
         self.stack_now = False
         self.stack_out = None
+        self.stack_version = 0
 
 
 def _tls_attr(name):
@@ -73,6 +74,7 @@ class ModelRuntime:
     #: call returned (the later layers pass them on)
     stack_now = _tls_attr("stack_now")
     stack_out = _tls_attr("stack_out")
+    stack_version = _tls_attr("stack_version")
     layer_state = _seq_attr("layer_state")
     shared = _seq_attr("shared")
     step = _seq_attr("step")

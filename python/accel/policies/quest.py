@@ -138,7 +138,8 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
     (positions [B, Hkv, k_pages * P] int32, -1 padded; counts [B, Hkv] int32). On the CPU one C++ call
     (accel/cpu/quest.h); elsewhere (or ``backend="torch"``) torch operations, the same selection up to the order of
     summation (a tie between two pages' bounds may go either way)."""
-    if backend != "torch" and q.device.type == "cpu" and _ext.HAS_CPU_EXT:
+    if (backend != "torch" and q.device.type == "cpu" and _ext.HAS_CPU_EXT
+            and hasattr(_ext.cpu_ext(), "quest_select")):
         return tuple(_ext.cpu_ext().quest_select(q, kmin, kmax, n_pages, k_pages, P, T, _AGG[agg], first))
     B = q.shape[0]
     scores = upper_bounds(q, kmin, kmax, agg)  # [B, Hkv, n_pages]
