@@ -36,22 +36,27 @@ _NATIVE_BF16: bool | None = None
 WIDEN_BLOCK = 4096
 
 
+def _x86_flags() -> list[str] | None:
+    """The CPU flags of /proc/cpuinfo on x86 Linux; None elsewhere or when unreadable (16-bit products are then assumed
+    native, and torch's own are kept)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln for ln in f if ln.startswith("flags")), "").split() or None
+    except OSError:
+        return None
+
+
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively. x86 Linux: the AVX512_BF16 or AMX flags of /proc/cpuinfo; anything
-    else (other systems, other architectures) is assumed to, and keeps torch's bf16 product."""
+    """Whether this CPU multiplies bf16 natively: the AVX512_BF16 or AMX flags on x86 Linux; anything else (other
+    systems, other architectures) is assumed to, and keeps torch's bf16 product."""
     global _NATIVE_BF16
     if _NATIVE_BF16 is None:
-        import platform
-
-        _NATIVE_BF16 = True
-        if platform.machine() in ("x86_64", "AMD64"):
-            try:
-                with open("/proc/cpuinfo") as f:
-                    flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-                if flags:
-                    _NATIVE_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
-            except OSError:
-                pass
+        flags = _x86_flags()
+        _NATIVE_BF16 = flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
     return _NATIVE_BF16
 
 
@@ -59,20 +64,11 @@ _NATIVE_FP16: bool | None = None
 
 
 def native_fp16() -> bool:
-    """Whether this CPU multiplies fp16 natively (x86 Linux: the AVX512_FP16 or AMX_FP16 flags); as ``native_bf16``."""
+    """Whether this CPU multiplies fp16 natively (the AVX512_FP16 or AMX_FP16 flags); as ``native_bf16``."""
     global _NATIVE_FP16
     if _NATIVE_FP16 is None:
-        import platform
-
-        _NATIVE_FP16 = True
-        if platform.machine() in ("x86_64", "AMD64"):
-            try:
-                with open("/proc/cpuinfo") as f:
-                    flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-                if flags:
-                    _NATIVE_FP16 = "avx512_fp16" in flags or "amx_fp16" in flags
-            except OSError:
-                pass
+        flags = _x86_flags()
+        _NATIVE_FP16 = flags is None or "avx512_fp16" in flags or "amx_fp16" in flags
     return _NATIVE_FP16
 
 
