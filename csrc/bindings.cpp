@@ -42,11 +42,13 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h, torch::Tensor ln, 
                                              int64_t Hkv);
 torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h, torch::Tensor a, torch::Tensor wo, c10::optional<torch::Tensor> bo,
                                      torch::Tensor ln, double eps, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd);
-torch::Tensor fused_dense_stack_cpu(torch::Tensor h, std::vector<std::vector<c10::optional<torch::Tensor>>> pre,
-                                    std::vector<std::vector<c10::optional<torch::Tensor>>> post, std::vector<double> eps,
-                                    std::vector<torch::Tensor> k_bufs, std::vector<torch::Tensor> v_bufs, int64_t start,
-                                    int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos,
-                                    torch::Tensor sin, int64_t H, int64_t Hkv, double scale);
+std::vector<torch::Tensor> fused_decode_stack_cpu(
+    torch::Tensor h, std::vector<std::vector<c10::optional<torch::Tensor>>> pre,
+    std::vector<std::vector<c10::optional<torch::Tensor>>> post, std::vector<double> eps,
+    std::vector<c10::optional<torch::Tensor>> k_bufs, std::vector<c10::optional<torch::Tensor>> v_bufs, int64_t start,
+    int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos, torch::Tensor sin, int64_t H, int64_t Hkv,
+    double scale, std::vector<std::vector<torch::Tensor>> ragged, std::vector<int64_t> ragged_flags,
+    std::vector<int64_t> positions);
 std::vector<torch::Tensor> latent_decode_cpu(torch::Tensor q, torch::Tensor kv, torch::Tensor lengths, int64_t dl,
                                              c10::optional<torch::Tensor> indices, c10::optional<torch::Tensor> valid,
                                              double scale, int64_t num_threads);
@@ -93,12 +95,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "decode layer, after attention: o projection + residual, RMSNorm, SiLU-gated MLP + residual (new tensor)",
         pybind11::arg("h"), pybind11::arg("a"), pybind11::arg("wo"), pybind11::arg("bo") = pybind11::none(),
         pybind11::arg("ln"), pybind11::arg("eps"), pybind11::arg("wg"), pybind11::arg("wu"), pybind11::arg("wd"));
-  m.def("fused_dense_stack", &fused_dense_stack_cpu,
-        "a dense decode step through every layer: per layer the fused halves, the new k/v written at cache position "
-        "`pos`, and decode attention over [start, pos]; returns the last layer's output",
+  m.def("fused_decode_stack", &fused_decode_stack_cpu,
+        "a decode step through every layer: per layer the fused halves, the new k/v written into the layer's cache "
+        "(dense buffers at position `pos`, or a compressed layer's per-head pools), decode attention over what it "
+        "holds, and a compressed layer's accumulation and eviction; returns (the last layer's output, KV rows read), "
+        "or nothing when a compressed layer must grow first",
         pybind11::arg("h"), pybind11::arg("pre"), pybind11::arg("post"), pybind11::arg("eps"), pybind11::arg("k_bufs"),
         pybind11::arg("v_bufs"), pybind11::arg("start"), pybind11::arg("pos"), pybind11::arg("valid") = pybind11::none(),
-        pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("H"), pybind11::arg("Hkv"), pybind11::arg("scale"));
+        pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("H"), pybind11::arg("Hkv"), pybind11::arg("scale"),
+        pybind11::arg("ragged") = std::vector<std::vector<torch::Tensor>>(),
+        pybind11::arg("ragged_flags") = std::vector<int64_t>(), pybind11::arg("positions") = std::vector<int64_t>());
   m.def("quest_select", &quest_select_cpu,
         "Quest's page selection: page upper bounds from the key min/max summaries, aggregated over each GQA group, "
         "top k_pages (the current page always) expanded to token positions",

@@ -440,6 +440,77 @@ def test_the_whole_stack_in_one_call_equals_the_layers_one_by_one(arch, dtype):
     assert sa == sb and na == nb and torch.equal(la, lb)
 
 
+def _kv_plan(name, L, Hkv):
+    from accel.plan import HeadPlan, LayerPlan, Plan
+
+    if name == "duo":  # half the heads retrieval (the largest scores), the rest streaming
+        heads = lambda i: [HeadPlan(kind="streaming", score=(0.9 if (i + h) % 2 else 0.1)) for h in range(Hkv)]
+    else:  # moa: spans of 6 + 0.25 n tokens
+        heads = lambda i: [HeadPlan(kind="budget", alpha=6.0, beta=0.25) for _ in range(Hkv)]
+    return Plan(policy=name, num_layers=L, num_kv_heads=Hkv,
+                layers=[LayerPlan(mode="compress", kv=name, heads=heads(i)) for i in range(L)])
+
+
+def _cache_state(cache):
+    """Every layer's cache as the tensors that hold it (a compressed layer: each head's live rows in slot order, with
+    their positions and eviction scores)."""
+    out = []
+    for cl in cache.layers:
+        rg = cl.ragged
+        if rg is None:
+            out.append((cl.cumulative_length, cl.k_buf[:, :, cl.start:cl.end], cl.v_buf[:, :, cl.start:cl.end]))
+        else:
+            rows, live = rg.rows()
+            out.append((cl.cumulative_length, rg.lengths.clone(), rg.k[rows[live]], rg.v[rows[live]],
+                        rg.pos[rows[live]], rg.score[rows[live]]))
+    return out
+
+
+KV_STACK = [
+    ("streaming", dict(sink=2, budget=10, budget_ratio=None)),
+    ("snapkv", dict(budget=10, budget_ratio=None, window=4, min_budget=0)),
+    ("pyramidkv", dict(budget=12, budget_ratio=None, window=4, min_budget=0)),
+    ("h2o", dict(budget=10, budget_ratio=None, min_budget=0)),
+    ("taskkv", dict(budget_ratio=0.3, het_fraction=0.25, sink=4, recent=8, window=8)),
+    ("duo", dict(sink=4, recent=8, sparsity=0.5)),
+    ("moa", dict(sparse_prefill=False)),
+    ("snapkv", dict(budget=10, budget_ratio=None, window=4, min_budget=0, decode="grow")),
+]
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,kw", KV_STACK, ids=[f"{n}-{k.get('decode', 'fixed')}" for n, k in KV_STACK])
+def test_the_whole_stack_runs_kv_policies_bit_for_bit(name, kw, dtype):
+    """With a budgeted KV-cache policy the whole stack also runs in one call: the append into each compressed
+    layer's per-head pools, the attention over them, the accumulated attention scores and the eviction happen in C++.
+    The tokens, the logits, every layer's kept rows, positions and eviction scores equal the per-layer path's bit for
+    bit, on a left-padded batch (a growing policy past its spare rows included)."""
+    model = tiny_model("llama").to(dtype)
+    ids, mask = left_padded(3, 40, (0, 5, 11), 0, high=250)
+    L, Hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    if name in ("duo", "moa"):
+        kw = dict(kw, plan=_kv_plan(name, L, Hkv))
+    new = 70 if kw.get("decode") == "grow" else 12  # a growing head fills its 64 spare rows and is re-laid out
+    res = {}
+    with torch.no_grad():
+        for whole in (True, False):
+            with accel.patch(model, name, **kw) as h:
+                assert h.runtime.fused._stack_reason is None
+                h.runtime.fused.whole_stack = whole
+                out = _generate(model, ids, mask, new=new)
+                res[whole] = (out, dict(h.runtime.stats), _cache_state(h.cache),
+                              sum(cl.ragged.num_reallocations for cl in h.cache.layers if cl.ragged is not None))
+    (a, sa, ca, ga), (b, sb, cb, gb) = res[True], res[False]
+    assert any(len(x) == 6 for x in ca)  # the policy compressed layers
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+    assert sa.pop("stack_calls", 0) == new - 1 and "stack_calls" not in sb  # every decode forward
+    assert sa == sb and ga == gb and (ga > 0) == (new == 70)
+    for x, y in zip(ca, cb):
+        assert len(x) == len(y) and x[0] == y[0] and all(torch.equal(s, t) for s, t in zip(x[1:], y[1:]))
+
+
 def test_the_whole_stack_steps_aside_for_hidden_states_layer_hooks_and_other_policies():
     """Where a layer's own forward must run in between -- hidden states of every layer asked for, a hook on a
     decoder layer -- or the policy attends with its own decode, each layer runs on its own, with the same result."""

@@ -7,6 +7,7 @@
 
 #include "accel/cpu/decode_attention.h"
 #include "accel/cpu/fused_layer.h"
+#include "accel/cpu/ragged_kv.h"
 
 namespace {
 
@@ -138,16 +139,23 @@ torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, tor
   return half ? out.to(h_in.scalar_type()) : out;
 }
 
-// ---- the whole decoder stack of a dense decode step in one call -------------------------------------------------
+// ---- the whole decoder stack of a decode step in one call ------------------------------------------------------
 //
-// For a model whose every layer attends densely over accel's preallocated cache, the per-layer Python between the
-// two fused halves (the cache append, the attention function's routing, the policy's dense decode, the kernel's
-// launcher) costs more than a layer's attention at short contexts. This runs L layers back to back: for each,
-// attn_in, the new k and v written at cache position `pos` of the layer's buffers, decode attention of the new
-// query over tokens [start, pos] (the cache's live span), and attn_out_mlp. A bf16 or fp16 model's values are
-// rounded to its dtype where the per-layer path rounds them (q, k, v after attn_in; the attention output; each layer's
-// output), with torch's own rounding (c10::BFloat16 / c10::Half, round to nearest even), so the result is
-// bit-identical to running the layers one by one through the fused halves and dense_decode.
+// For a model whose every layer attends densely over accel's cache, the per-layer Python between the two fused halves
+// (the cache append, the attention function's routing, the policy's decode, the KV policy's eviction, the kernel's
+// launchers) costs more than a layer's attention at short contexts, and more than a compressed layer's attention at
+// any context. This runs L layers back to back: for each, attn_in; the new k and v written into the layer's cache;
+// decode attention of the new query over what the cache holds; for a compressed layer (accel's ragged per-head pools,
+// python/accel/cache/ragged.py) the KV policy's decode-time bookkeeping; and attn_out_mlp. A layer's cache is either
+//   * dense buffers [B, Hkv, capacity, D]: k/v written at position `pos`, attention over [start, pos] (with `valid`);
+//   * a ragged pool: k/v appended to every head at absolute position positions[l], attention over each head's live
+//     rows; optionally each kept token's attention added to its eviction score (H2O-style accumulation, the
+//     per-layer ragged_accumulate) and every head evicted down to its budget (ragged_evict), in that order, as the
+//     per-layer path runs them (accel.attention.decode.ragged_decode, BudgetedKVPolicy.after_decode).
+// A 16-bit model's values are rounded to its dtype where the per-layer path rounds them (q, k, v after attn_in; the
+// attention output; each layer's output), with torch's own rounding (c10::BFloat16 / c10::Half, round to nearest
+// even), so the result -- the hidden states, the cache, the eviction scores -- is bit-identical to running the layers
+// one by one through the fused halves, the policy's decode and its eviction.
 
 namespace {
 
@@ -156,27 +164,74 @@ void round_inplace(float* x, int64_t n) {  // x <- float(H(x)), torch's rounding
   for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(H(x[i]));
 }
 
-// the 16-bit model's per-layer work after attn_in: round q, k, v; write k, v at `pos`; attend; round the output
+// one compressed layer's pool and its decode-time bookkeeping (raw pointers into the caller's tensors)
+struct RaggedStackLayer {
+  char* k = nullptr;
+  char* v = nullptr;
+  int64_t kb = 0, vb = 0;  // bytes per row
+  int64_t* pos = nullptr;
+  float* score = nullptr;
+  const int64_t* off = nullptr;
+  int32_t* len = nullptr;
+  const int64_t* cap = nullptr;
+  const int64_t* budget = nullptr;  // with evict
+  const int64_t* sink_end = nullptr;
+  const int64_t* recent = nullptr;
+  bool evict = false, by_age = false, accumulate = false;
+  int64_t position = 0;  // the new token's absolute position
+};
+
+// the per-layer work after attn_in: round q, k, v; write k, v into the layer's cache; attend (plus a compressed
+// layer's accumulation and eviction); round the attention output. Returns the KV rows the attention read.
 template <typename H, typename T>
-void stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std::vector<float>& v, std::vector<float>& a,
-                           const torch::Tensor& kb, const torch::Tensor& vb, int64_t B, int64_t Hkv, int64_t D,
-                           int64_t pos, const accel::cpu::DecodeParams& d) {
+int64_t stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std::vector<float>& v,
+                              std::vector<float>& a, const torch::Tensor* kb, const torch::Tensor* vb,
+                              const RaggedStackLayer* rg, int64_t B, int64_t Hkv, int64_t D, int64_t pos,
+                              accel::cpu::DecodeParams d, std::vector<H>& row_buf, std::vector<float>& scores,
+                              std::vector<float>& lse) {
   constexpr bool narrow = !std::is_same<H, float>::value;
   if constexpr (narrow) {
     round_inplace<H>(q.data(), static_cast<int64_t>(q.size()));
     round_inplace<H>(k.data(), static_cast<int64_t>(k.size()));
     round_inplace<H>(v.data(), static_cast<int64_t>(v.size()));
   }
-  for (int64_t b = 0; b < B; ++b)  // the new token's k and v at position pos of every (b, kv head)
-    for (int64_t kh = 0; kh < Hkv; ++kh) {
-      const float* ks = k.data() + (b * Hkv + kh) * D;
-      const float* vs = v.data() + (b * Hkv + kh) * D;
-      H* kd = static_cast<H*>(kb.data_ptr()) + b * kb.stride(0) + kh * kb.stride(1) + pos * kb.stride(2);
-      H* vd = static_cast<H*>(vb.data_ptr()) + b * vb.stride(0) + kh * vb.stride(1) + pos * vb.stride(2);
-      for (int64_t i = 0; i < D; ++i) kd[i] = H(ks[i]), vd[i] = H(vs[i]);
+  const int64_t BH = B * Hkv;
+  int64_t rows = 0;
+  if (rg == nullptr) {
+    for (int64_t b = 0; b < B; ++b)  // the new token's k and v at position pos of every (b, kv head)
+      for (int64_t kh = 0; kh < Hkv; ++kh) {
+        const float* ks = k.data() + (b * Hkv + kh) * D;
+        const float* vs = v.data() + (b * Hkv + kh) * D;
+        H* kd = static_cast<H*>(kb->data_ptr()) + b * kb->stride(0) + kh * kb->stride(1) + pos * kb->stride(2);
+        H* vd = static_cast<H*>(vb->data_ptr()) + b * vb->stride(0) + kh * vb->stride(1) + pos * vb->stride(2);
+        for (int64_t i = 0; i < D; ++i) kd[i] = H(ks[i]), vd[i] = H(vs[i]);
+      }
+    accel::cpu::decode_attention<T>(d);
+    for (int64_t i = 0; i < BH; ++i) rows += d.lengths[i];
+  } else {
+    row_buf.resize(2 * BH * D);  // the new rows in the pool's dtype
+    for (int64_t i = 0; i < BH * D; ++i) row_buf[i] = H(k[i]), row_buf[BH * D + i] = H(v[i]);
+    accel::cpu::ragged_append_rows(rg->k, rg->v, rg->kb, rg->vb, rg->pos, rg->score, rg->off, rg->len,
+                                   reinterpret_cast<const char*>(row_buf.data()),
+                                   reinterpret_cast<const char*>(row_buf.data() + BH * D), BH, rg->position);
+    int64_t W = 1;
+    for (int64_t i = 0; i < BH; ++i) rows += rg->len[i], W = std::max<int64_t>(W, rg->len[i]);
+    if (rg->accumulate) {
+      scores.resize(static_cast<size_t>(B * d.H * W));
+      lse.resize(static_cast<size_t>(B * d.H));
+      d.scores = scores.data();
+      d.scores_stride = W;
+      d.lse = lse.data();
     }
-  accel::cpu::decode_attention<T>(d);
+    accel::cpu::decode_attention<T>(d);
+    if (rg->accumulate)
+      accel::cpu::ragged_accumulate_rows(scores.data(), W, lse.data(), rg->off, rg->len, rg->score, B, d.H, Hkv);
+    if (rg->evict)
+      accel::cpu::ragged_evict_rows(rg->k, rg->v, rg->kb, rg->vb, rg->pos, rg->score, rg->off, rg->len, rg->budget,
+                                    rg->sink_end, rg->recent, BH, rg->by_age);
+  }
   if constexpr (narrow) round_inplace<H>(a.data(), static_cast<int64_t>(a.size()));
+  return rows;
 }
 
 const float* opt_f32vec(const c10::optional<torch::Tensor>& t, int64_t n, const char* name) {
@@ -189,17 +244,29 @@ const torch::Tensor& need(const c10::optional<torch::Tensor>& t, const char* nam
   return *t;
 }
 
+void check_meta(const torch::Tensor& t, torch::ScalarType st, int64_t n, size_t l, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == st && t.numel() == n, "layer ", l, ": ",
+              name, " must be a contiguous CPU ", st, " tensor of ", n, " entries");
+}
+
 }  // namespace
 
 // h [B, C] fp32, bf16 or fp16 (one token per sequence). Per layer l: pre[l] = (ln, wq, wk, wv, bq, bk, bv, q_norm, k_norm),
-// post[l] = (wo, bo, ln2, wg, wu, wd), eps[3l..3l+2] = (input norm eps, post-attention norm eps, q/k norm eps);
-// k_bufs[l] / v_bufs[l] [B, Hkv, capacity, D] in h's dtype. `valid`: optional [B, pos + 1 - start] bool/uint8 over
-// the attended span. Returns the last layer's output [B, C] in h's dtype; writes the new k, v at position `pos`.
-torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<c10::optional<torch::Tensor>>> pre,
-                                    std::vector<std::vector<c10::optional<torch::Tensor>>> post, std::vector<double> eps,
-                                    std::vector<torch::Tensor> k_bufs, std::vector<torch::Tensor> v_bufs, int64_t start,
-                                    int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos,
-                                    torch::Tensor sin, int64_t H, int64_t Hkv, double scale) {
+// post[l] = (wo, bo, ln2, wg, wu, wd), eps[3l..3l+2] = (input norm eps, post-attention norm eps, q/k norm eps).
+// A layer's cache: dense buffers k_bufs[l] / v_bufs[l] [B, Hkv, capacity, D] in h's dtype (the new k, v go to position
+// `pos`, attention over [start, pos]; `valid`: optional [B, pos + 1 - start] bool/uint8), or, where ragged[l] is not
+// empty, a compressed layer's pool: ragged[l] = (k [R, D], v [R, D], pos [R] int64, score [R] float32,
+// offsets [B*Hkv] int64, lengths [B*Hkv] int32, caps [B*Hkv] int64[, budget, sink_end, recent [B*Hkv] int64]) with
+// ragged_flags[l] = evict (1) | by_age (2) | accumulate (4) and the new token's absolute position positions[l].
+// Returns (the last layer's output [B, C] in h's dtype, the KV rows the attention read (int64 scalar)), or nothing --
+// before any layer ran, nothing written -- when a compressed layer has a head with no spare row (grow it and call again).
+std::vector<torch::Tensor> fused_decode_stack_cpu(
+    torch::Tensor h_in, std::vector<std::vector<c10::optional<torch::Tensor>>> pre,
+    std::vector<std::vector<c10::optional<torch::Tensor>>> post, std::vector<double> eps,
+    std::vector<c10::optional<torch::Tensor>> k_bufs, std::vector<c10::optional<torch::Tensor>> v_bufs, int64_t start,
+    int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos, torch::Tensor sin, int64_t H, int64_t Hkv,
+    double scale, std::vector<std::vector<torch::Tensor>> ragged, std::vector<int64_t> ragged_flags,
+    std::vector<int64_t> positions) {
   const auto dt = h_in.scalar_type();
   auto h = rows_f32(h_in, "h", "[B, C]", /*copy=*/true);
   const int64_t B = h.size(0), C = h.size(1);
@@ -207,6 +274,8 @@ torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<
   TORCH_CHECK(B >= 1 && B <= 64, "fused decode takes 1..64 token rows, got ", B);
   TORCH_CHECK(L >= 1 && post.size() == L && eps.size() == 3 * L && k_bufs.size() == L && v_bufs.size() == L,
               "per-layer lists must all have ", L, " entries (eps: ", 3 * L, ")");
+  TORCH_CHECK(ragged.empty() || (ragged.size() == L && ragged_flags.size() == L && positions.size() == L),
+              "ragged, ragged_flags and positions must be empty or have ", L, " entries");
   TORCH_CHECK(start >= 0 && pos >= start, "the attended span [", start, ", ", pos, "] is empty");
   const int64_t T = pos + 1 - start;
   TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && H / Hkv <= accel::cpu::kMaxGroup, "bad head counts H=", H,
@@ -222,12 +291,16 @@ torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<
     TORCH_CHECK(valid_c.dim() == 2 && valid_c.size(0) == B && valid_c.size(1) == T, "valid must be [B, ", T, "]");
     valid_p = valid_c.data_ptr<uint8_t>();
   }
+  const int64_t BH = B * Hkv;
   std::vector<accel::cpu::AttnInParams> ins(L);
   std::vector<accel::cpu::AttnOutParams> outs(L);
   std::vector<accel::cpu::DecodeParams> atts(L);
-  std::vector<float> q(B * H * D), k(B * Hkv * D), v(B * Hkv * D), a(B * H * D);
-  std::vector<int32_t> lengths(B * Hkv, static_cast<int32_t>(T));
+  std::vector<RaggedStackLayer> rgs(L);
+  std::vector<char> is_ragged(L, 0);
+  std::vector<float> q(B * H * D), k(BH * D), v(BH * D), a(B * H * D);
+  std::vector<int32_t> lengths(BH, static_cast<int32_t>(T));
   const int nthreads = threads();
+  bool room = true;
   for (size_t l = 0; l < L; ++l) {  // every argument checked before any layer runs (no half-updated cache)
     TORCH_CHECK(pre[l].size() == 9 && post[l].size() == 6, "layer ", l, ": pre needs 9 entries, post 6");
     auto& p = ins[l];
@@ -270,8 +343,67 @@ torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<
     o.a = a.data();
     o.h = h.data_ptr<float>();
     o.threads = nthreads;
-    const auto& kb = k_bufs[l];
-    const auto& vb = v_bufs[l];
+    auto& d = atts[l];
+    d.q = q.data();
+    d.scale = static_cast<float>(scale);
+    d.out = a.data();
+    d.B = static_cast<int>(B); d.H = static_cast<int>(H); d.Hkv = static_cast<int>(Hkv); d.D = static_cast<int>(D);
+    d.num_threads = nthreads;
+    if (!ragged.empty() && !ragged[l].empty()) {
+      const auto& r = ragged[l];
+      const int64_t flags = ragged_flags[l];
+      auto& g = rgs[l];
+      g.evict = flags & 1;
+      g.by_age = flags & 2;
+      g.accumulate = flags & 4;
+      TORCH_CHECK(r.size() == (g.evict ? 10u : 7u), "layer ", l, ": a compressed layer needs ", g.evict ? 10 : 7,
+                  " tensors, got ", r.size());
+      TORCH_CHECK(!k_bufs[l].has_value() && !v_bufs[l].has_value(), "layer ", l,
+                  ": give either dense buffers or a compressed pool, not both");
+      const auto &kp = r[0], &vp = r[1];
+      for (const auto* t : {&kp, &vp})
+        TORCH_CHECK(t->device().is_cpu() && t->dim() == 2 && t->is_contiguous() && t->size(1) == D &&
+                        t->scalar_type() == dt && t->size(0) == kp.size(0),
+                    "layer ", l, ": the compressed pools must be contiguous CPU [R, ", D, "] tensors in the model's dtype");
+      const int64_t R = kp.size(0);
+      check_meta(r[2], torch::kInt64, R, l, "pos");
+      check_meta(r[3], torch::kFloat32, R, l, "score");
+      check_meta(r[4], torch::kInt64, BH, l, "offsets");
+      check_meta(r[5], torch::kInt32, BH, l, "lengths");
+      check_meta(r[6], torch::kInt64, BH, l, "caps");
+      g.k = static_cast<char*>(kp.data_ptr());
+      g.v = static_cast<char*>(vp.data_ptr());
+      g.kb = D * kp.element_size();
+      g.vb = D * vp.element_size();
+      g.pos = r[2].data_ptr<int64_t>();
+      g.score = r[3].data_ptr<float>();
+      g.off = r[4].data_ptr<int64_t>();
+      g.len = r[5].data_ptr<int32_t>();
+      g.cap = r[6].data_ptr<int64_t>();
+      for (int64_t bh = 0; bh < BH; ++bh)
+        TORCH_CHECK(g.off[bh] >= 0 && g.len[bh] >= 0 && g.len[bh] <= g.cap[bh] && g.off[bh] + g.cap[bh] <= R, "layer ",
+                    l, ": head ", bh, " lies outside the pool");
+      if (g.evict) {
+        check_meta(r[7], torch::kInt64, BH, l, "budget");
+        check_meta(r[8], torch::kInt64, BH, l, "sink_end");
+        check_meta(r[9], torch::kInt64, BH, l, "recent");
+        g.budget = r[7].data_ptr<int64_t>();
+        g.sink_end = r[8].data_ptr<int64_t>();
+        g.recent = r[9].data_ptr<int64_t>();
+      }
+      g.position = positions[l];
+      room = room && accel::cpu::ragged_has_room(g.len, g.cap, BH);
+      is_ragged[l] = 1;
+      d.k = g.k;
+      d.v = g.v;
+      d.k_sb = d.k_sh = d.v_sb = d.v_sh = 0;
+      d.k_st = d.v_st = D;
+      d.lengths = g.len;
+      d.offsets = g.off;
+      continue;
+    }
+    const auto& kb = need(k_bufs[l], "k buffer");
+    const auto& vb = need(v_bufs[l], "v buffer");
     for (const auto* t : {&kb, &vb}) {
       TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv && t->size(3) == D &&
                       t->stride(3) == 1 && t->scalar_type() == dt,
@@ -279,8 +411,6 @@ torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<
                   "contiguous in the head dimension");
       TORCH_CHECK(pos < t->size(2), "layer ", l, ": cache position ", pos, " is past the buffer's capacity ", t->size(2));
     }
-    auto& d = atts[l];
-    d.q = q.data();
     d.k = static_cast<const char*>(kb.data_ptr()) + start * kb.stride(2) * kb.element_size();
     d.v = static_cast<const char*>(vb.data_ptr()) + start * vb.stride(2) * vb.element_size();
     d.k_sb = kb.stride(0); d.k_sh = kb.stride(1); d.k_st = kb.stride(2);
@@ -289,27 +419,34 @@ torch::Tensor fused_dense_stack_cpu(torch::Tensor h_in, std::vector<std::vector<
     d.valid = valid_p;
     d.valid_sb = T;
     d.valid_len = valid_p ? T : 0;
-    d.scale = static_cast<float>(scale);
-    d.out = a.data();
-    d.B = static_cast<int>(B); d.H = static_cast<int>(H); d.Hkv = static_cast<int>(Hkv); d.D = static_cast<int>(D);
-    d.num_threads = nthreads;
   }
+  if (!room) return {};
+  int64_t rows = 0;
   {
     pybind11::gil_scoped_release nogil;
+    std::vector<c10::BFloat16> bf_rows;
+    std::vector<c10::Half> f16_rows;
+    std::vector<float> f32_rows, scores, lse;
     for (size_t l = 0; l < L; ++l) {
       auto& p = ins[l];
       p.h = h.data_ptr<float>();
       accel::cpu::attn_in(p);
+      const torch::Tensor* kb = is_ragged[l] ? nullptr : &*k_bufs[l];
+      const torch::Tensor* vb = is_ragged[l] ? nullptr : &*v_bufs[l];
+      const RaggedStackLayer* rg = is_ragged[l] ? &rgs[l] : nullptr;
       if (dt == torch::kBFloat16)
-        stack_layer_attention<c10::BFloat16, uint16_t>(q, k, v, a, k_bufs[l], v_bufs[l], B, Hkv, D, pos, atts[l]);
+        rows += stack_layer_attention<c10::BFloat16, uint16_t>(q, k, v, a, kb, vb, rg, B, Hkv, D, pos, atts[l], bf_rows,
+                                                               scores, lse);
       else if (dt == torch::kHalf)
-        stack_layer_attention<c10::Half, accel::cpu::f16>(q, k, v, a, k_bufs[l], v_bufs[l], B, Hkv, D, pos, atts[l]);
+        rows += stack_layer_attention<c10::Half, accel::cpu::f16>(q, k, v, a, kb, vb, rg, B, Hkv, D, pos, atts[l],
+                                                                  f16_rows, scores, lse);
       else
-        stack_layer_attention<float, float>(q, k, v, a, k_bufs[l], v_bufs[l], B, Hkv, D, pos, atts[l]);
+        rows += stack_layer_attention<float, float>(q, k, v, a, kb, vb, rg, B, Hkv, D, pos, atts[l], f32_rows, scores,
+                                                    lse);
       accel::cpu::attn_out_mlp(outs[l]);
       if (dt == torch::kBFloat16) round_inplace<c10::BFloat16>(h.data_ptr<float>(), B * C);
       else if (dt == torch::kHalf) round_inplace<c10::Half>(h.data_ptr<float>(), B * C);
     }
   }
-  return dt == torch::kFloat32 ? h : h.to(dt);
+  return {dt == torch::kFloat32 ? h : h.to(dt), torch::tensor(rows, torch::dtype(torch::kInt64))};
 }

@@ -9,6 +9,8 @@
 #include <limits>
 #include <vector>
 
+#include "accel/cpu/ragged_kv.h"
+
 namespace {
 
 void check_1d(const torch::Tensor& t, torch::ScalarType st, const char* name) {
@@ -50,42 +52,7 @@ int64_t ragged_evict_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, to
   const int64_t* rc = recent.data_ptr<int64_t>();
   for (int64_t bh = 0; bh < BH; ++bh)
     TORCH_CHECK(off[bh] >= 0 && off[bh] + len[bh] <= R, "head ", bh, " lies outside the pool");
-  int64_t moved = 0;
-  for (int64_t bh = 0; bh < BH; ++bh) {
-    while (len[bh] > bud[bh] && len[bh] > 0) {
-      const int64_t o = off[bh], n = len[bh];
-      int64_t newest = std::numeric_limits<int64_t>::min();
-      for (int64_t i = 0; i < n; ++i) newest = std::max(newest, ps[o + i]);
-      int64_t best = -1, fb = -1, oldest = -1;
-      float best_s = std::numeric_limits<float>::infinity();
-      int64_t best_p = std::numeric_limits<int64_t>::max(), fb_p = best_p, old_p = best_p;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t p = ps[o + i];
-        if (p < old_p) { old_p = p; oldest = i; }
-        if (p < se[bh]) continue;
-        if (p < fb_p) { fb_p = p; fb = i; }
-        if (p > newest - rc[bh]) continue;
-        if (by_age) {
-          if (p < best_p) { best_p = p; best = i; }
-        } else if (sc[o + i] < best_s || best < 0) {
-          best_s = sc[o + i];
-          best = i;
-        }
-      }
-      const int64_t victim = best >= 0 ? best : (fb >= 0 ? fb : oldest);
-      const int64_t dst = o + victim, src = o + n - 1;
-      if (dst != src) {
-        std::memcpy(kp + dst * kb, kp + src * kb, kb);
-        std::memcpy(vp + dst * vb, vp + src * vb, vb);
-        ps[dst] = ps[src];
-        sc[dst] = sc[src];
-        ++moved;
-      }
-      ps[src] = -1;
-      len[bh] = static_cast<int32_t>(n - 1);
-    }
-  }
-  return moved;
+  return accel::cpu::ragged_evict_rows(kp, vp, kb, vb, ps, sc, off, len, bud, se, rc, BH, by_age);
 }
 
 // score[offsets[bh] + t] += mean over the G query heads of head bh of exp(logits[b, h, t] - lse[b, h]),
@@ -106,18 +73,9 @@ void ragged_accumulate_cpu(torch::Tensor logits, torch::Tensor lse, torch::Tenso
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int32_t* len = lengths.data_ptr<int32_t>();
   float* sc = score.data_ptr<float>();
-  const float inv = 1.f / static_cast<float>(G);
-  for (int64_t bh = 0; bh < BH; ++bh) {
+  for (int64_t bh = 0; bh < BH; ++bh)
     TORCH_CHECK(len[bh] <= W && off[bh] + len[bh] <= score.numel(), "head ", bh, " exceeds the logits or the pool");
-    const int64_t b = bh / Hkv, kh = bh % Hkv;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t h = kh * G + g;
-      const float* row = lg + (b * H + h) * W;
-      const float l = ls[b * H + h];
-      if (!std::isfinite(l)) continue;
-      for (int64_t t = 0; t < len[bh]; ++t) sc[off[bh] + t] += std::exp(row[t] - l) * inv;
-    }
-  }
+  accel::cpu::ragged_accumulate_rows(lg, W, ls, off, len, sc, B, H, Hkv);
 }
 
 // Append one token per head at the end of its live rows (new_k/new_v [B*Hkv, D], same dtype as the
@@ -141,25 +99,13 @@ bool ragged_append_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torc
   const int64_t* off = offsets.data_ptr<int64_t>();
   int32_t* len = lengths.data_ptr<int32_t>();
   const int64_t* cap = caps.data_ptr<int64_t>();
-  for (int64_t bh = 0; bh < BH; ++bh) {
-    TORCH_CHECK(off[bh] + cap[bh] <= R, "head ", bh, " lies outside the pool");
-    if (len[bh] >= cap[bh]) return false;
-  }
+  for (int64_t bh = 0; bh < BH; ++bh) TORCH_CHECK(off[bh] + cap[bh] <= R, "head ", bh, " lies outside the pool");
+  if (!accel::cpu::ragged_has_room(len, cap, BH)) return false;
   const int64_t kb = k.size(1) * k.element_size(), vb = v.size(1) * v.element_size();
-  char* kp = static_cast<char*>(k.data_ptr());
-  char* vp = static_cast<char*>(v.data_ptr());
-  const char* nk = static_cast<const char*>(new_k.data_ptr());
-  const char* nv = static_cast<const char*>(new_v.data_ptr());
-  int64_t* ps = pos.data_ptr<int64_t>();
-  float* sc = score.data_ptr<float>();
-  for (int64_t bh = 0; bh < BH; ++bh) {
-    const int64_t row = off[bh] + len[bh];
-    std::memcpy(kp + row * kb, nk + bh * kb, kb);
-    std::memcpy(vp + row * vb, nv + bh * vb, vb);
-    ps[row] = position;
-    sc[row] = 0.f;
-    len[bh] += 1;
-  }
+  accel::cpu::ragged_append_rows(static_cast<char*>(k.data_ptr()), static_cast<char*>(v.data_ptr()), kb, vb,
+                                 pos.data_ptr<int64_t>(), score.data_ptr<float>(), off, len,
+                                 static_cast<const char*>(new_k.data_ptr()), static_cast<const char*>(new_v.data_ptr()),
+                                 BH, position);
   return true;
 }
 

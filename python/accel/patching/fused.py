@@ -239,10 +239,16 @@ class FusedDecode:
         """Why a decode step cannot run the whole stack in one call on this patch (None: it can, per step)."""
         from ..policies.base import AttentionPolicy
 
-        if not hasattr(_ext.cpu_ext(), "fused_dense_stack"):
+        if not hasattr(_ext.cpu_ext(), "fused_decode_stack"):
             return "the built extension predates it"
-        if not runtime.is_dense() or type(runtime.attention).decode is not AttentionPolicy.decode:
-            return f"policy {runtime.policy.name!r} attends with its own decode"
+        if type(runtime.attention).decode is not AttentionPolicy.decode:
+            return f"policy {runtime.attention.name!r} attends with its own decode"
+        problem = _kv_stack_problem(runtime.kv)
+        if problem:
+            return problem
+        parts = [runtime.attention, *runtime.kv]
+        if any(hasattr(p, "install") for p in parts):
+            return "the policy hooks the model's modules"
         if runtime.tensor_parallel is not None:
             return "tensor-parallel ranks"
         cfg = adapter.config
@@ -283,35 +289,67 @@ class FusedDecode:
         return True
 
     def run_stack(self, rt, h, cache, attention_mask, cs):
-        """The whole decoder stack of one dense decode step in one C++ call (``accel._C.fused_dense_stack``): per
-        layer the fused halves around the new k/v written into accel's cache and dense decode attention over it,
-        bit-identical to the per-layer path. Returns the last layer's output rows [B, width], or None when the
-        cache's layers are not all plain dense buffers at one position (the per-layer path then runs)."""
+        """The whole decoder stack of one decode step in one C++ call (``accel._C.fused_decode_stack``): per layer the
+        fused halves around the new k/v written into accel's cache, decode attention over what the layer holds and,
+        for a layer a KV policy compressed, its accumulation and eviction; bit-identical to the per-layer path.
+        Returns the last layer's output rows [B, width], or None when a layer's cache is not one the call takes (the
+        per-layer path then runs)."""
         from ..attention.masks import valid_from_mask
 
         B = h.shape[0]
+        n = len(self.layers)
         layers = cache.layers
-        if len(layers) < len(self.layers):
+        if len(layers) < n:
             return None
-        first = layers[0]
-        for cl in layers[:len(self.layers)]:
-            if (cl.ragged is not None or cl.is_sliding or cl.k_buf is None or cl.k_buf.shape[0] != B
-                    or cl.k_buf.dtype != h.dtype or cl.v_buf.dtype != h.dtype or cl.start != first.start
-                    or cl.end != first.end):
+        layers = layers[:n]
+        dense = [cl for cl in layers if cl.ragged is None]
+        for cl in dense:
+            if (cl.is_sliding or cl.k_buf is None or cl.k_buf.shape[0] != B or cl.k_buf.dtype != h.dtype
+                    or cl.v_buf.dtype != h.dtype or cl.start != dense[0].start or cl.end != dense[0].end):
                 return None
-        pos = [cl.room_for_one() for cl in layers[:len(self.layers)]]
-        start = first.start
-        if any(p != pos[0] for p in pos) or any(cl.start != start for cl in layers[:len(self.layers)]):
-            return None
-        T = pos[0] + 1 - start
-        memo = rt.shared.get("valid_mask")
-        if memo is not None and memo[0] is attention_mask and memo[1] == T:
-            ok, valid = memo[2]
-        else:
-            ok, valid = valid_from_mask(attention_mask, B, T)
-            rt.shared["valid_mask"] = (attention_mask, T, (ok, valid))
-        if not ok:
-            return None
+        ragged, flags, positions = [], [], []
+        if len(dense) < n:
+            kv = rt.kv[0] if rt.kv else None
+            states = rt.layer_state
+            for i, cl in enumerate(layers):
+                rg = cl.ragged
+                if rg is None:
+                    ragged.append([])
+                    flags.append(0)
+                    positions.append(0)
+                    continue
+                if (cl.is_sliding or rg.k.dtype != h.dtype or rg.v.dtype != h.dtype or rg.k.device.type != "cpu"
+                        or rg.shape[0] != B or not rg.k.is_contiguous() or not rg.v.is_contiguous()):
+                    return None
+                st = states.get(i, {}).get(kv.STATE_KEY) if kv is not None else None
+                evict = kv is not None and kv.decode == "fixed"
+                if evict and st is None:
+                    return None  # the per-layer path raises its one-line error
+                if rg._caps_flat is None:
+                    rg._caps_flat = rg.caps.reshape(-1).contiguous()
+                t = [rg.k, rg.v, rg.pos, rg.score, rg.offsets.reshape(-1), rg.lengths.view(-1), rg._caps_flat]
+                if evict:
+                    t += list(st.current(rg))
+                ragged.append(t)
+                flags.append(int(evict) | (2 if st is not None and st.evict_by != "score" else 0)
+                             | (4 if st is not None and st.accumulate else 0))
+                positions.append(int(cl.cumulative_length))
+        start = pos = 0
+        valid = None
+        if dense:
+            pos = [cl.room_for_one() for cl in dense]
+            if any(p != pos[0] for p in pos) or any(cl.start != dense[0].start for cl in dense):
+                return None
+            pos, start = pos[0], dense[0].start
+            T = pos + 1 - start
+            memo = rt.shared.get("valid_mask")
+            if memo is not None and memo[0] is attention_mask and memo[1] == T:
+                ok, valid = memo[2]
+            else:
+                ok, valid = valid_from_mask(attention_mask, B, T)
+                rt.shared["valid_mask"] = (attention_mask, T, (ok, valid))
+            if not ok:
+                return None
         pre_l, post_l, eps = [], [], []
         for layer, mods in zip(self.layers, self._mods):
             (ln, e1, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps), (wo, bo, ln2, e2, wg, wu, wd) = layer_weights(
@@ -320,18 +358,30 @@ class FusedDecode:
             post_l.append((wo, _f32(bo), _f32(ln2), wg, wu, wd))
             eps += (e1, e2, qk_eps)
         C = _ext.cpu_ext()
-        y = C.fused_dense_stack(h, pre_l, post_l, eps, [cl.k_buf for cl in layers[:len(self.layers)]],
-                                [cl.v_buf for cl in layers[:len(self.layers)]], start, pos[0], valid, cs[0], cs[1],
-                                self.H, self.Hkv, self.layers[0].self_attn.scaling)
-        n = len(self.layers)
-        for cl in layers[:n]:
-            cl.appended_one()
+        kb = [cl.k_buf if cl.ragged is None else None for cl in layers]
+        vb = [cl.v_buf if cl.ragged is None else None for cl in layers]
+        args = (h, pre_l, post_l, eps, kb, vb, start, pos, valid, cs[0], cs[1], self.H, self.Hkv,
+                self.layers[0].self_attn.scaling, ragged, flags, positions)
+        with rt.lock:  # a compressed layer's eviction, as the per-layer path runs it
+            res = C.fused_decode_stack(*args)
+            if not res:  # a compressed layer has a full head: grow it (as its append would) and run
+                for cl in layers:
+                    rg = cl.ragged
+                    if rg is not None and bool((rg.lengths.long() >= rg.caps).any()):
+                        rg._grow(rg.lengths.long() >= rg.caps)
+                return self.run_stack(rt, h, cache, attention_mask, cs)
+        y, rows = res
+        for cl in layers:
+            if cl.ragged is None:
+                cl.appended_one()
+            else:
+                cl.cumulative_length += 1
         st = rt.stats
         st["fused_layer_calls"] += n - 1  # the first layer counted its own call
         st["decode_layer_calls"] += n
         st["stack_calls"] = st.get("stack_calls", 0) + 1
-        k = first.k_buf
-        st["kv_read_bytes"] += n * B * self.Hkv * T * 2 * k.shape[-1] * k.element_size()
+        D = self.D
+        st["kv_read_bytes"] += int(rows) * 2 * D * h.element_size()
         rt.attn_calls += n
         return y
 
@@ -342,6 +392,25 @@ class FusedDecode:
             if layer is not None and layer.__dict__.get("forward") is fn:
                 del layer.__dict__["forward"]
         self._refs = []
+
+
+def _kv_stack_problem(kv) -> str | None:
+    """Why the KV-cache policies ``kv`` keep the whole stack from running in one call (None: they do not): it runs
+    one ``BudgetedKVPolicy`` whose decode-time work is the shared budget eviction and accumulation, in C++."""
+    from ..policies.budgeted import BudgetedKVPolicy
+
+    if not kv:
+        return None
+    if len(kv) > 1:
+        return "several KV-cache policies"
+    p = kv[0]
+    if not isinstance(p, BudgetedKVPolicy):
+        return f"KV-cache policy {p.name!r} is not a budgeted eviction policy"
+    cls = type(p)
+    for name in ("after_decode", "accumulates", "evict_to_budget"):
+        if getattr(cls, name) is not getattr(BudgetedKVPolicy, name):
+            return f"KV-cache policy {p.name!r} has its own {name}"
+    return None
 
 
 _F32: dict = {}  # id(tensor) -> (weakref, version, fp32 copy): a bf16 model's norm weights and biases, widened once
