@@ -9,7 +9,7 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                                                 c10::optional<torch::Tensor> scores,
                                                 c10::optional<torch::Tensor> offsets);
 torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
-                                 int64_t num_threads);
+                                 int64_t num_threads, bool x_bf16);
 std::vector<torch::Tensor> select_from_logits_cpu(torch::Tensor scores, torch::Tensor lse, int64_t T, int64_t num_kv_heads,
                                                   int64_t budget, int64_t agg, int64_t chunk, int64_t sink,
                                                   int64_t recent, c10::optional<torch::Tensor> first);
@@ -18,6 +18,7 @@ std::vector<torch::Tensor> select_topk_cpu(torch::Tensor q, torch::Tensor k, tor
 torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor blocks,
                                        torch::Tensor counts, double scale);
 std::string build_isa_cpu();
+bool has_bf16_dot_cpu();
 std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax, int64_t n_pages,
                                             int64_t k_pages, int64_t page, int64_t T, int64_t agg,
                                             c10::optional<torch::Tensor> first);
@@ -39,16 +40,17 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h, torch::Tensor ln, 
                                              c10::optional<torch::Tensor> bk, c10::optional<torch::Tensor> bv,
                                              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
                                              double qk_eps, torch::Tensor cos, torch::Tensor sin, int64_t H,
-                                             int64_t Hkv);
+                                             int64_t Hkv, bool bf16_inputs);
 torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h, torch::Tensor a, torch::Tensor wo, c10::optional<torch::Tensor> bo,
-                                     torch::Tensor ln, double eps, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd);
+                                     torch::Tensor ln, double eps, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd,
+                                     bool bf16_inputs);
 std::vector<torch::Tensor> fused_decode_stack_cpu(
     torch::Tensor h, std::vector<std::vector<c10::optional<torch::Tensor>>> pre,
     std::vector<std::vector<c10::optional<torch::Tensor>>> post, std::vector<double> eps,
     std::vector<c10::optional<torch::Tensor>> k_bufs, std::vector<c10::optional<torch::Tensor>> v_bufs, int64_t start,
     int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos, torch::Tensor sin, int64_t H, int64_t Hkv,
     double scale, std::vector<std::vector<torch::Tensor>> ragged, std::vector<int64_t> ragged_flags,
-    std::vector<int64_t> positions);
+    std::vector<int64_t> positions, bool bf16_inputs);
 std::vector<torch::Tensor> latent_decode_cpu(torch::Tensor q, torch::Tensor kv, torch::Tensor lengths, int64_t dl,
                                              c10::optional<torch::Tensor> indices, c10::optional<torch::Tensor> valid,
                                              double scale, int64_t num_threads);
@@ -62,7 +64,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scores") = pybind11::none(), pybind11::arg("offsets") = pybind11::none());
   m.def("small_m_linear", &small_m_linear_cpu, "decode linear y = x W^T + b for 1..64 rows",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(),
-        pybind11::arg("num_threads") = 0);
+        pybind11::arg("num_threads") = 0, pybind11::arg("x_bf16") = false);
   m.def("select_topk", &select_topk_cpu, "group-aggregated top-k token selection with forced sink/recent");
   m.def("select_from_logits", &select_from_logits_cpu,
         "top-k token positions from decode logits and lse (layer-reuse anchors), same rules as select_topk");
@@ -90,11 +92,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("wv"), pybind11::arg("bq") = pybind11::none(), pybind11::arg("bk") = pybind11::none(),
         pybind11::arg("bv") = pybind11::none(), pybind11::arg("q_norm") = pybind11::none(),
         pybind11::arg("k_norm") = pybind11::none(), pybind11::arg("qk_eps") = 1e-6, pybind11::arg("cos"),
-        pybind11::arg("sin"), pybind11::arg("H"), pybind11::arg("Hkv"));
+        pybind11::arg("sin"), pybind11::arg("H"), pybind11::arg("Hkv"),
+        pybind11::arg("bf16_inputs") = false);
   m.def("fused_attn_out_mlp", &fused_attn_out_mlp_cpu,
         "decode layer, after attention: o projection + residual, RMSNorm, SiLU-gated MLP + residual (new tensor)",
         pybind11::arg("h"), pybind11::arg("a"), pybind11::arg("wo"), pybind11::arg("bo") = pybind11::none(),
-        pybind11::arg("ln"), pybind11::arg("eps"), pybind11::arg("wg"), pybind11::arg("wu"), pybind11::arg("wd"));
+        pybind11::arg("ln"), pybind11::arg("eps"), pybind11::arg("wg"), pybind11::arg("wu"), pybind11::arg("wd"),
+        pybind11::arg("bf16_inputs") = false);
   m.def("fused_decode_stack", &fused_decode_stack_cpu,
         "a decode step through every layer: per layer the fused halves, the new k/v written into the layer's cache "
         "(dense buffers at position `pos`, or a compressed layer's per-head pools), decode attention over what it "
@@ -104,13 +108,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("v_bufs"), pybind11::arg("start"), pybind11::arg("pos"), pybind11::arg("valid") = pybind11::none(),
         pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("H"), pybind11::arg("Hkv"), pybind11::arg("scale"),
         pybind11::arg("ragged") = std::vector<std::vector<torch::Tensor>>(),
-        pybind11::arg("ragged_flags") = std::vector<int64_t>(), pybind11::arg("positions") = std::vector<int64_t>());
+        pybind11::arg("ragged_flags") = std::vector<int64_t>(), pybind11::arg("positions") = std::vector<int64_t>(),
+        pybind11::arg("bf16_inputs") = false);
   m.def("quest_select", &quest_select_cpu,
         "Quest's page selection: page upper bounds from the key min/max summaries, aggregated over each GQA group, "
         "top k_pages (the current page always) expanded to token positions",
         pybind11::arg("q"), pybind11::arg("kmin"), pybind11::arg("kmax"), pybind11::arg("n_pages"),
         pybind11::arg("k_pages"), pybind11::arg("page"), pybind11::arg("T"), pybind11::arg("agg"),
         pybind11::arg("first") = pybind11::none());
+  m.def("has_bf16_dot", &has_bf16_dot_cpu,
+        "whether bf16 weights times bf16 inputs run on vdpbf16ps (AVX512_BF16) in this build");
   m.def("build_isa", &build_isa_cpu,
         "the vector instructions the kernels were compiled for: 'AVX512' (16-lane vectors), 'AVX2' or 'baseline'");
   m.def("scattered_read_probe", &scattered_read_probe_cpu,

@@ -212,7 +212,7 @@ def test_remove_deletes_the_layer_forwards():
     assert [set(layer.__dict__) for layer in model.model.layers] == [set(d) for d in before]
 
 
-def _forced_logits(model, ids, mask, follow, patch=None):
+def _forced_logits(model, ids, mask, follow, patch=None, configure=None):
     """Prefill ``ids`` then decode the tokens ``follow`` [B, n] one step at a time (teacher forcing: every variant
     sees the same tokens); the logits of every step, fp32, and the fused-layer count."""
     from accel import compat
@@ -220,6 +220,8 @@ def _forced_logits(model, ids, mask, follow, patch=None):
     from transformers import DynamicCache
 
     handle = accel.patch(model, **patch) if patch is not None else None
+    if configure is not None:
+        configure(handle)
     try:
         with torch.no_grad():
             cache = (AccelCache(model.config, reserve=ids.shape[1] + follow.shape[1]) if handle is not None
@@ -279,7 +281,10 @@ def test_half_fused_decode_of_lossy_policies_matches_their_module_path(policy, d
     fused, calls = _forced_logits(m16, ids, mask, follow, patch={"policy": policy, **kw})
     modules, _ = _forced_logits(m16, ids, mask, follow, patch={"policy": policy, "fused_decode": False, **kw})
     assert calls == 8 * m16.config.num_hidden_layers
-    assert (fused - modules).abs().max().item() / modules.abs().max().item() < 0.02
+    # a near-tie in hylra's top-k may go the other way under a different rounding (one step's logits then move by a
+    # few percent: 3.9% measured with bf16 projection inputs); on average the two stay within 16-bit rounding
+    assert (fused - modules).abs().max().item() / modules.abs().max().item() < 0.05
+    assert (fused - modules).abs().mean().item() / modules.abs().mean().item() < 0.01
 
 
 def test_other_dtypes_and_fp16_autocast_are_refused_and_large_batches_decode_on_the_modules():
@@ -326,6 +331,56 @@ def test_half_weight_gemv_matches_fp32_product(M, K, wdtype):
         got = C.small_m_linear(x, w, bias, 0)
         ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double()).float()
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * K ** 0.5)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("K", [64, 576, 1536, 592, 40])
+def test_bf16_gemv_with_bf16_inputs_is_the_exact_product(M, K):
+    """``x_bf16=True`` (x holds bf16 values, or may be rounded to them): where the build has AVX512_BF16 and K is a
+    multiple of 32 the product runs on vdpbf16ps over x rounded to bf16, otherwise as with fp32 x; either way it equals
+    the exact product of the operands the kernel multiplied, up to summation order, with and without bias. For x of
+    bf16 values the two settings agree to summation order."""
+    from accel import _ext
+
+    C = _ext.cpu_ext()
+    g = torch.Generator().manual_seed(M * 7 + K)
+    x, w = torch.randn(M, K, generator=g) * 3, torch.randn(200, K, generator=g).to(torch.bfloat16)
+    b = torch.randn(200, generator=g)
+    dot = C.has_bf16_dot() and K % 32 == 0
+    for bias in (None, b):
+        got = C.small_m_linear(x, w, bias, 0, True)
+        used = x.bfloat16().double() if dot else x.double()
+        exact = torch.nn.functional.linear(used, w.double(), None if bias is None else bias.double()).float()
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5 * K ** 0.5)
+        xb = x.bfloat16().float()  # bf16 values: rounding them is exact, both kernels give the same product
+        torch.testing.assert_close(C.small_m_linear(xb, w, bias, 0, True), C.small_m_linear(xb, w, bias, 0, False),
+                                   rtol=1e-5, atol=1e-5 * K ** 0.5)
+    if dot:  # fp32 values are rounded: the difference from the fp32-input product is bf16 rounding of x, not zero
+        diff = (C.small_m_linear(x, w, None, 0, True) - C.small_m_linear(x, w, None, 0, False)).abs().max().item()
+        assert 0 < diff < 0.05 * K ** 0.5
+
+
+def test_bf16_projection_inputs_switch_on_the_fused_path():
+    """A bf16 model's fused decode rounds its projections' inputs to bf16 by default (``FusedDecode.bf16_inputs``):
+    switched off, the logits differ by bf16 rounding only, and both stay within it of transformers' own bf16 path."""
+    m16 = tiny_model("llama", dtype=torch.bfloat16)
+    ids, mask = _batch(B=2, pads=(0, 6))
+    follow = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(3))
+    hf, _ = _forced_logits(m16, ids, mask, follow)
+    got = {}
+    for on in (True, False):
+        def configure(h, on=on):
+            assert h.runtime.fused.bf16_inputs is True
+            h.runtime.fused.bf16_inputs = on
+
+        got[on], calls = _forced_logits(m16, ids, mask, follow, patch={"policy": "dense"}, configure=configure)
+        assert calls == 8 * m16.config.num_hidden_layers
+    from accel import _ext
+
+    scale = hf.abs().max().item()
+    for v in got.values():
+        assert (v - hf).abs().max().item() / scale < 0.02
+    assert torch.equal(got[True], got[False]) != _ext.cpu_ext().has_bf16_dot()
 
 
 @pytest.mark.parametrize("native", [False, True])

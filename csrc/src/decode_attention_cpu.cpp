@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "accel/cpu/decode_attention.h"
+#include "accel/cpu/linear.h"
 
 namespace {
 
@@ -146,6 +147,15 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
   }
   if (return_lse) return {out, lse};
   return {out};
+}
+
+// whether bf16 GEMVs with bf16 inputs run on vdpbf16ps in this build (AVX512_BF16 at compile time, accel/cpu/linear.h)
+bool has_bf16_dot_cpu() {
+#if defined(ACCEL_BF16_DOT)
+  return true;
+#else
+  return false;
+#endif
 }
 
 // what the kernels of this build use (-march=native on the build machine, or ACCEL_MARCH): recorded with every

@@ -60,7 +60,7 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor l
                                              c10::optional<torch::Tensor> bk, c10::optional<torch::Tensor> bv,
                                              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
                                              double qk_eps, torch::Tensor cos, torch::Tensor sin, int64_t H,
-                                             int64_t Hkv) {
+                                             int64_t Hkv, bool bf16_inputs) {
   const torch::Tensor h = rows_f32(h_in, "h", "[M, C]");
   const bool half = half_rows(h_in);
   const int64_t M = h.size(0), C = h.size(1);
@@ -76,6 +76,7 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor l
   p.wq = as_mat(wq, C, bq, "q weight");
   p.wk = as_mat(wk, C, bk, "k weight");
   p.wv = as_mat(wv, C, bv, "v weight");
+  p.wq.x_bf16 = p.wk.x_bf16 = p.wv.x_bf16 = bf16_inputs;
   TORCH_CHECK(p.wq.N % H == 0, "q weight rows ", p.wq.N, " are not a multiple of ", H, " heads");
   p.D = p.wq.N / p.H;
   TORCH_CHECK(p.wk.N == Hkv * p.D && p.wv.N == Hkv * p.D, "k/v weights must have ", Hkv * p.D, " rows");
@@ -109,7 +110,8 @@ std::vector<torch::Tensor> fused_attn_in_cpu(torch::Tensor h_in, torch::Tensor l
 // (h [M, C], a [M, H*D]) -> h + o(a) + mlp(norm(h + o(a))), a new tensor (h is not modified); h and a fp32 or bf16
 // (widened exactly), computed in fp32, returned in h's dtype
 torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, torch::Tensor wo, c10::optional<torch::Tensor> bo,
-                                     torch::Tensor ln, double eps, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd) {
+                                     torch::Tensor ln, double eps, torch::Tensor wg, torch::Tensor wu, torch::Tensor wd,
+                                     bool bf16_inputs) {
   const bool half = half_rows(h_in);
   auto out = rows_f32(h_in, "h", "[M, C]", /*copy=*/true);  // the kernel adds into it in place: h is not modified
   const torch::Tensor a = rows_f32(a_in, "the attention output", "[M, H*D]");
@@ -131,6 +133,8 @@ torch::Tensor fused_attn_out_mlp_cpu(torch::Tensor h_in, torch::Tensor a_in, tor
   TORCH_CHECK(p.wu.N == p.I, "up weight must have ", p.I, " rows");
   p.wd = as_mat(wd, p.I, c10::nullopt, "down weight");
   TORCH_CHECK(p.wd.N == p.C, "down weight must have ", p.C, " rows");
+  p.wo.x_bf16 = bf16_inputs || a_in.scalar_type() == torch::kBFloat16;  // bf16 rows of `a`: exact
+  p.wg.x_bf16 = p.wu.x_bf16 = p.wd.x_bf16 = bf16_inputs;
   p.threads = threads();
   {
     pybind11::gil_scoped_release nogil;
@@ -266,7 +270,7 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
     std::vector<c10::optional<torch::Tensor>> k_bufs, std::vector<c10::optional<torch::Tensor>> v_bufs, int64_t start,
     int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos, torch::Tensor sin, int64_t H, int64_t Hkv,
     double scale, std::vector<std::vector<torch::Tensor>> ragged, std::vector<int64_t> ragged_flags,
-    std::vector<int64_t> positions) {
+    std::vector<int64_t> positions, bool bf16_inputs) {
   const auto dt = h_in.scalar_type();
   auto h = rows_f32(h_in, "h", "[B, C]", /*copy=*/true);
   const int64_t B = h.size(0), C = h.size(1);
@@ -314,6 +318,7 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
     p.wq = as_mat(need(pre[l][1], "q weight"), C, pre[l][4], "q weight");
     p.wk = as_mat(need(pre[l][2], "k weight"), C, pre[l][5], "k weight");
     p.wv = as_mat(need(pre[l][3], "v weight"), C, pre[l][6], "v weight");
+    p.wq.x_bf16 = p.wk.x_bf16 = p.wv.x_bf16 = bf16_inputs;
     TORCH_CHECK(p.wq.N == H * D && p.wk.N == Hkv * D && p.wv.N == Hkv * D, "layer ", l,
                 ": q/k/v weights must have ", H * D, "/", Hkv * D, "/", Hkv * D, " rows");
     p.q_norm = opt_f32vec(pre[l][7], D, "q norm weight");
@@ -340,6 +345,8 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
     TORCH_CHECK(o.wu.N == o.I, "layer ", l, ": up weight must have ", o.I, " rows");
     o.wd = as_mat(need(post[l][5], "down weight"), o.I, c10::nullopt, "down weight");
     TORCH_CHECK(o.wd.N == C, "layer ", l, ": down weight must have ", C, " rows");
+    o.wo.x_bf16 = bf16_inputs || dt == torch::kBFloat16;  // the attention output is rounded to bf16: exact
+    o.wg.x_bf16 = o.wu.x_bf16 = o.wd.x_bf16 = bf16_inputs;
     o.a = a.data();
     o.h = h.data_ptr<float>();
     o.threads = nthreads;

@@ -1,10 +1,11 @@
-// Torch-facing launcher for the small-M (decode) linear kernel.
+// Torch-facing launcher for the small-M (decode) linear kernel. x_bf16 (bf16 weights): x holds bf16 values (or may
+// be rounded to bf16), so the product may run on vdpbf16ps (accel/cpu/linear.h).
 #include <torch/extension.h>
 
 #include "accel/cpu/linear.h"
 
 torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
-                                 int64_t num_threads) {
+                                 int64_t num_threads, bool x_bf16) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "x and weight must be CPU tensors");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be float32");
   TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "weight must be [N, K] contiguous in K");
@@ -36,7 +37,7 @@ torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional
     else
       accel::cpu::small_m_linear<uint16_t>(x2.data_ptr<float>(), M, K, reinterpret_cast<uint16_t*>(w.data_ptr()),
                                            w.stride(0), b.defined() ? b.data_ptr<float>() : nullptr,
-                                           y.data_ptr<float>(), N, threads);
+                                           y.data_ptr<float>(), N, threads, x_bf16);
   }
   auto shape = x.sizes().vec();
   shape.back() = N;

@@ -202,6 +202,11 @@ class FusedDecode:
         #: run a dense decode step's whole layer stack in one C++ call (``run_stack``) where it applies; False: every
         #: layer makes its own calls (the per-layer fused path; for comparisons)
         self.whole_stack = True
+        #: a bf16 model's projections take their inputs rounded to bf16, as transformers' bf16 modules receive them
+        #: (the norm's output, the gated MLP's product), so the GEMV multiplies bf16 by bf16 with vdpbf16ps where the
+        #: CPU has AVX512_BF16 (~1.5x the weight bandwidth of widening the weights); False: fp32 inputs (the widening
+        #: kernel). The attention output a bf16 model hands to o_proj is bf16 either way.
+        self.bf16_inputs = True
         self._layer_idx = [layer.self_attn.layer_idx for layer in self.layers]
         #: the container the model's forward iterates (a layer replaced or wrapped in it after patching: no stack)
         self._container = getattr(adapter.decoder(), "layers", None)
@@ -361,7 +366,7 @@ class FusedDecode:
         kb = [cl.k_buf if cl.ragged is None else None for cl in layers]
         vb = [cl.v_buf if cl.ragged is None else None for cl in layers]
         args = (h, pre_l, post_l, eps, kb, vb, start, pos, valid, cs[0], cs[1], self.H, self.Hkv,
-                self.layers[0].self_attn.scaling, ragged, flags, positions)
+                self.layers[0].self_attn.scaling, ragged, flags, positions, self.bf16_inputs)
         with rt.lock:  # a compressed layer's eviction, as the per-layer path runs it
             res = C.fused_decode_stack(*args)
             if not res:  # a compressed layer has a full head: grow it (as its append would) and run
@@ -437,13 +442,14 @@ def _version(t) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _fused_halves(C, h, layer, layout, H, Hkv, cos, sin, mods=None):
+def _fused_halves(C, h, layer, layout, H, Hkv, cos, sin, mods=None, bf16_inputs=False):
     """The fused layer's weights and the first half's q, k, v for hidden rows ``h`` [M, width] (fp32 or bf16;
-    computed in fp32, returned in h's dtype)."""
+    computed in fp32, returned in h's dtype). ``bf16_inputs``: a bf16 model's projections take their inputs rounded to
+    bf16 (``FusedDecode.bf16_inputs``)."""
     pre, post = layer_weights(layer, layout, mods)
     ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps = pre
     q, k, v = C.fused_attn_in(h, _f32(ln), eps, wq, wk, wv, _f32(bq), _f32(bk), _f32(bv), _f32(qn), _f32(kn),
-                              qk_eps, cos, sin, H, Hkv)
+                              qk_eps, cos, sin, H, Hkv, bf16_inputs)
     wo, bo, ln2, eps2, wg, wu, wd = post
     return (q, k, v), (wo, _f32(bo), _f32(ln2), eps2, wg, wu, wd)
 
@@ -500,14 +506,15 @@ def _make_forward(fd: FusedDecode, idx: int):
                 return out
         # bf16 rows are widened inside the kernels, and q, k, v come back in bf16: rounded where transformers rounds
         # them, so the cache and the policy see the module path's dtypes
-        (q, k, v), post = _fused_halves(C, h, self, layout, H, Hkv, cs[0], cs[1], mods)
+        bi = fd.bf16_inputs
+        (q, k, v), post = _fused_halves(C, h, self, layout, H, Hkv, cs[0], cs[1], mods, bi)
         attn = self.self_attn
         k_all, v_all = cache.update(k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D), attn.layer_idx)
         out, _ = accel_attention_forward(attn, q.view(B, H, 1, D), k_all, v_all, attention_mask, dropout=0.0,
                                          scaling=attn.scaling, **rest)
         # the attention output in the model's dtype (bf16: rounded, as the module path hands it to o_proj); the
         # layer's output comes back in h's dtype
-        y = C.fused_attn_out_mlp(h, out.reshape(B, H * D), *post)
+        y = C.fused_attn_out_mlp(h, out.reshape(B, H * D), *post, bi)
         return y.view(B, 1, width)
 
     return forward

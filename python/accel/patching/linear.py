@@ -100,7 +100,8 @@ def _fast_forward(self, x):
         if torch.compiler.is_compiling():  # a node of the compiled graph (accel.ops.library)
             y = torch.ops.accel.small_m_linear(x.float(), w, self.bias)
         else:
-            y = _ext.cpu_ext().small_m_linear(x.float(), w, self.bias, 0)
+            # a bf16 x holds bf16 values: the kernel may multiply them as bf16 (exact; vdpbf16ps where the CPU has it)
+            y = _ext.cpu_ext().small_m_linear(x.float(), w, self.bias, 0, x.dtype == torch.bfloat16)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if (x.dtype == w.dtype and x.dtype in _HALF and x.device.type == "cpu" and not torch.is_grad_enabled()
             and not (native_bf16() if x.dtype == torch.bfloat16 else native_fp16())):

@@ -25,11 +25,14 @@ struct Mat {  // a weight [N, K] with row stride ldw, fp32, bf16 or fp16 rows
   WType type = WType::kF32;
   int N = 0;
   const float* bias = nullptr;
+  // bf16 rows only: the input rows may be rounded to bf16 for the product (small_m_linear's x_bf16: vdpbf16ps on
+  // CPUs with AVX512_BF16)
+  bool x_bf16 = false;
 };
 
 inline void gemv(const float* x, int M, int K, const Mat& m, float* y, int threads) {
   if (m.type == WType::kBF16)
-    small_m_linear<uint16_t>(x, M, K, static_cast<const uint16_t*>(m.w), m.ldw, m.bias, y, m.N, threads);
+    small_m_linear<uint16_t>(x, M, K, static_cast<const uint16_t*>(m.w), m.ldw, m.bias, y, m.N, threads, m.x_bf16);
   else if (m.type == WType::kF16)
     small_m_linear<f16>(x, M, K, static_cast<const f16*>(m.w), m.ldw, m.bias, y, m.N, threads);
   else

@@ -198,6 +198,83 @@ inline void small_m_linear_bf16_split(const float* x, int M, int K, const uint16
   }
 }
 
+#if defined(ACCEL_V16F_NATIVE) && defined(__AVX512BF16__)
+#define ACCEL_BF16_DOT 1
+// ---- bf16 weights against bf16 activations: vdpbf16ps (AVX512_BF16) ----
+// With the data in cache the even/odd kernel above runs at ~60 GB/s of W, but with W from DRAM at ~18 (no software
+// prefetch) to 21-28 GB/s (prefetch): its six operations per 64-byte W vector (load, shift, and, two x loads, two
+// FMAs) fill the reorder window, so too few W loads are in flight to cover the memory latency. vdpbf16ps multiplies 32
+// bf16 pairs and adds them into 16 fp32 lanes in one operation, three per W vector with the loads; on the AVX-512
+// project machine (2026-12-05, one thread, a scratch harness, SmolLM2's 576x1536, 1536x576 and 576x576 layers from
+// DRAM) it streamed W at 37-39 GB/s with the row 4 KB ahead requested (plain reads of the same buffers: 38-39), the
+// even/odd kernel at 17-20 in the same harness. It needs x in bf16: x is rounded to bf16 (round to nearest even) once
+// per call, which is exact when x holds bf16 values (a bf16 model's activations, as transformers hands them to a
+// linear layer); the products are then exact in fp32 and only the summation order differs from the widening kernel.
+// (vdpbf16ps treats denormal inputs as zero.)
+constexpr int64_t kWDotPfAheadBytes = 4096;
+
+// rows [m0, m0+MB) of bf16 x (xb, K per row) against W row w, K a multiple of 32; U runs of 32 per iteration
+template <int MB, int U>
+static inline void bf16_dot_row(const uint16_t* xb, int K, const uint16_t* w, int o, int m0, float* y, int N) {
+  __m512 acc[MB][U];
+  for (int m = 0; m < MB; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 32 * U <= K; k += 32 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
+      for (int m = 0; m < MB; ++m)
+        acc[m][u] = _mm512_dpbf16_ps(acc[m][u], (__m512bh)_mm512_loadu_si512(xb + static_cast<int64_t>(m0 + m) * K + k + 32 * u), wv);
+    }
+  for (; k < K; k += 32) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+    for (int m = 0; m < MB; ++m)
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(xb + static_cast<int64_t>(m0 + m) * K + k), wv);
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m512 t = acc[m][0];
+    for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][u]);
+    y[static_cast<int64_t>(m0 + m) * N + o] = _mm512_reduce_add_ps(t);
+  }
+}
+
+// y = bf16(x) W^T for bf16 W [N, K] (row stride ldw), K a multiple of 32
+inline void small_m_linear_bf16_dot(const float* x, int M, int K, const uint16_t* W, int64_t ldw, float* y, int N,
+                                    int num_threads) {
+  std::vector<uint16_t> xb(static_cast<size_t>(M) * K);
+  for (int m = 0; m < M; ++m)
+    for (int k = 0; k < K; k += 32) {
+      const float* src = x + static_cast<int64_t>(m) * K + k;
+      const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));  // lanes in order
+      _mm512_storeu_si512(xb.data() + static_cast<size_t>(m) * K + k, (__m512i)b);
+    }
+  const uint16_t* xp = xb.data();
+  const int64_t row = static_cast<int64_t>(K) * 2;
+  const int64_t ahead = std::max<int64_t>(1, (kWDotPfAheadBytes + row - 1) / row);
+  const int nblk = (N + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
+  for (int blk = 0; blk < nblk; ++blk) {
+    const int o_end = std::min(N, (blk + 1) * 64);
+    for (int o = blk * 64; o < o_end; ++o) {
+      const uint16_t* w = W + static_cast<int64_t>(o) * ldw;
+      prefetch_w_row(W, ldw, o + ahead, K);
+      if (M == 1) {
+        bf16_dot_row<1, 4>(xp, K, w, o, 0, y, N);
+        continue;
+      }
+      int m0 = 0;
+      for (; m0 + 4 <= M; m0 += 4) bf16_dot_row<4, 1>(xp, K, w, o, m0, y, N);
+      switch (M - m0) {
+        case 3: bf16_dot_row<3, 1>(xp, K, w, o, m0, y, N); break;
+        case 2: bf16_dot_row<2, 1>(xp, K, w, o, m0, y, N); break;
+        case 1: bf16_dot_row<1, 2>(xp, K, w, o, m0, y, N); break;
+        default: break;
+      }
+    }
+  }
+}
+#endif
+
 #ifdef ACCEL_V16F_NATIVE
 // one fp32 W row against one x row with U independent 16-lane accumulators: a single accumulator made each row a
 // chain of K/16 dependent FMAs (latency-bound, ~80% of the read bandwidth with W from DRAM on the AVX-512 project
@@ -227,10 +304,22 @@ static inline float half_row(const float* x, const f16* w, int K) {
 }
 #endif
 
+// x_bf16 (bf16 W only): x may be rounded to bf16 (it holds bf16 values, or the caller accepts the rounding); on CPUs
+// with AVX512_BF16 the product then runs on vdpbf16ps (small_m_linear_bf16_dot), elsewhere it is ignored
 template <typename T>
 inline void small_m_linear(const float* x, int M, int K, const T* W, int64_t ldw, const float* bias, float* y,
-                           int N, int num_threads) {
+                           int N, int num_threads, bool x_bf16 = false) {
+  (void)x_bf16;
   if constexpr (std::is_same<T, uint16_t>::value) {  // bf16
+#ifdef ACCEL_BF16_DOT
+    if (x_bf16 && K % 32 == 0) {
+      small_m_linear_bf16_dot(x, M, K, W, ldw, y, N, num_threads);
+      if (bias)
+        for (int m = 0; m < M; ++m)
+          for (int o = 0; o < N; ++o) y[static_cast<int64_t>(m) * N + o] += bias[o];
+      return;
+    }
+#endif
     if (K % (2 * kLanes) == 0) {
       small_m_linear_bf16_split(x, M, K, W, ldw, y, N, num_threads);
       if (bias)
