@@ -10,14 +10,17 @@ instance ``forward`` to each decoder layer that, for a decode step (one token pe
   the cache append and the *policy's* attention, exactly as on the module path (``accel_attention_forward``);
   ``accel._C.fused_attn_out_mlp``   o projection + residual, RMSNorm, SiLU-gated MLP + residual.
 
-With the dense policy on layers that all attend over plain (full-attention) cache buffers, the first layer's forward
-runs the whole stack of a decode step in one call, ``accel._C.fused_dense_stack`` (``FusedDecode.run_stack``): per
-layer the same two halves, the new k/v written into accel's cache and dense decode attention over it, with the same
-roundings, so the result is bit-identical to the layers one by one; the later layers' forwards pass its output on.
+With the dense policy, or one budgeted KV-cache policy with its default decode (streaming, snapkv, pyramidkv, h2o,
+taskkv, duo, moa), on layers that all attend over full-attention caches, the first layer's forward runs the whole
+stack of a decode step in one call, ``accel._C.fused_decode_stack`` (``FusedDecode.run_stack``): per layer the same
+two halves, the new k/v written into accel's cache (a plain buffer, or each head's ragged rows), dense decode
+attention over the live rows and, for a compressed layer, the accumulated scores and the eviction back to the
+budget, with the same roundings, so the result is bit-identical to the layers one by one; the later layers' forwards
+pass its output on.
 That saves the per-layer Python between the halves (the cache append, the attention function's routing, the kernel's
 launcher): 1.2-1.9 ms a step on SmolLM2. It steps aside -- the layers run one by one -- when the hidden states of every
 layer are asked for, a hook sits on a decoder layer, the policy has its own decode, or the cache's layers are not all
-plain buffers at one position. ``FusedDecode.whole_stack = False`` turns it off (for comparisons).
+plain buffers or one KV policy's ragged rows. ``FusedDecode.whole_stack = False`` turns it off (for comparisons).
 
 Everything else stays transformers' own: the embedding, the masks, the rotary cos/sin, the final norm and the LM
 head, and the prefill (several tokens) runs the original layer forward. The weights are read from the modules
@@ -199,7 +202,7 @@ class FusedDecode:
         self._class_forwards = tuple({type(m): type(m).forward for layer in self.layers
                                       for m in layer.modules()}.items())
         self._mods = [layer_modules(layer, layout) for layer in self.layers]
-        #: run a dense decode step's whole layer stack in one C++ call (``run_stack``) where it applies; False: every
+        #: run a decode step's whole layer stack in one C++ call (``run_stack``) where it applies; False: every
         #: layer makes its own calls (the per-layer fused path; for comparisons)
         self.whole_stack = True
         #: a bf16 model's projections take their inputs rounded to bf16, as transformers' bf16 modules receive them
