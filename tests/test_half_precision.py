@@ -7,7 +7,7 @@ import torch
 from .conftest import gen, hand_plan, left_padded, model4
 
 LAYER = [("hylra", {"plan": "hand", "topk": 4096}), ("delta", {"full_layers": [0], "delta_layers": [1], "topk": 4096}),
-         ("quest", {"topk": 4096}), ("recycled", {"topk": 4096})]
+         ("quest", {"topk": 4096}), ("hip", {"topk": 4096}), ("recycled", {"topk": 4096})]
 KV = [(p, {"budget_ratio": 1.0}) for p in ("streaming", "snapkv", "pyramidkv", "h2o", "taskkv")]
 
 

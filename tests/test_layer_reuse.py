@@ -19,8 +19,9 @@ from .conftest import gen, hand_plan, model4, same
 from accel.calibration.hylra import _ratio90, layer_statistics, mass_recall_matrix, overlap_matrix
 
 
-SMALL = {"hylra": {"sink": 4, "recent": 8}, "delta": {"page_size": 4, "recent_pages": 2}, "recycled": {"compact": False}}
-CASES = [("hylra", {"plan": "hand"}), ("delta", {"full_layers": [0], "delta_layers": [1]}), ("quest", {}), ("recycled", {}),
+SMALL = {"hylra": {"sink": 4, "recent": 8}, "hip": {"sink": 4, "window": 8, "key_block": 4, "dense_layers": 1}, "delta": {"page_size": 4, "recent_pages": 2}, "recycled": {"compact": False}}
+CASES = [("hylra", {"plan": "hand"}), ("delta", {"full_layers": [0], "delta_layers": [1]}), ("quest", {}), ("hip", {}),
+         ("hip", {"refresh": 1, "representative": "first"}), ("recycled", {}),
          ("recycled", {"schedule": "fixed", "stride": 3})]
 
 

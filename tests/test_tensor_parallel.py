@@ -76,7 +76,7 @@ def test_every_lm_policy_says_whether_it_runs_on_a_slice_of_the_heads():
         parts = [p.attention, *p.kv] if isinstance(p, ComposedPolicy) else [p]
         return "; ".join(r for q in parts if (r := q.tensor_parallel_problem(plan))) or None
 
-    for name in ["dense", "streaming", "snapkv", "pyramidkv", "h2o", "duo", "moa", "quest", "hylra", "hylra+snapkv"]:
+    for name in ["dense", "streaming", "snapkv", "pyramidkv", "h2o", "duo", "moa", "quest", "hip", "hylra", "hylra+snapkv"]:
         assert problem(name) is None, name
     for name, why in [("delta", "one page set per layer"), ("recycled", "averaged over all"),
                       ("taskkv", "layer's centre"), ("hylra+taskkv", "layer's centre")]:

@@ -21,6 +21,7 @@ _LAZY: dict[str, str] = {
     "taskkv": "accel.policies.taskkv:TaskKVPolicy",
     "moa": "accel.policies.moa:MoAPolicy",
     "quest": "accel.policies.quest:QuestPolicy",
+    "hip": "accel.policies.hip:HiPPolicy",
     # visual-token pruning (VLMs): act before the language model, compose with the policies above
     "fastervlm": "accel.policies.fastervlm:FasterVLMPolicy",
     "flowcut": "accel.policies.flowcut:FlowCutPolicy",

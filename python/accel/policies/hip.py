@@ -1,0 +1,239 @@
+"""HiP attention (Lee et al., "HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning",
+ICLR 2025, arXiv 2406.09827; methods.md 7.4): a top-k key mask found by a hierarchical search, at decode time.
+
+Per KV head, the keys between the sinks and the recent window are split into ``n_blocks`` equal branches. Each
+iteration splits every branch in two and scores each child by the logit of one representative key (the query's
+``q . k``, the maximum over the GQA group's query heads); the ``n_blocks`` best children are kept. The search stops
+when the branches are no longer than ``key_block`` tokens, so it reads ``2 * n_blocks`` keys per iteration and
+``log2(T / topk)`` iterations instead of all ``T`` keys. The step then attends exactly over the kept branches, the
+first ``sink`` tokens and the last ``window`` tokens, with accel's sparse decode kernel reading them in place.
+The mask is searched from the root every ``refresh`` decode steps; in between, as the paper refreshes its levels at
+different intervals, the cached branches of a coarser level (``refine_levels`` above the key block) are refined
+again with each step's query (the finest levels only: ``2 * n_blocks`` keys per level), the sinks stay and the window
+follows the newest tokens. The first ``dense_layers`` layers stay dense. A budget that covers the context is exact
+dense attention.
+
+[INFER] choices, switchable: the budget ``topk`` (or ``topk_ratio`` of the context, default 1/8, as accel's other
+sparse-attention policies) counts the sinks and the window, and ``n_blocks = ceil((topk - sink - window) /
+key_block)``; the representative key of a child is its middle key (``representative="middle"``; ``"first"``: its
+first key; ``"max"``: the exhaustive maximum over all its keys, which makes the search an exact block top-k and is
+meant for checking); key blocks of 4 tokens (the paper's b_k spans 2-8; with 8, passkey retrieval on SmolLM2 at 2K and
+1/8 of the context fell to 0 of 8 where 4 and 2 kept dense's accuracy); a full search every 8 steps with the two
+finest levels refined at every step (reusing the whole mask for 8 steps lost multi-token answers: NIAH 0 of 8 where
+every-step refinement kept them); sink 16 and window 64 tokens; the first two layers dense.
+Decode only: the prefill runs dense (transformers' own attention).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..attention.context import LayerContext
+from ..attention.decode import dense_decode, sparse_attend
+from ..attention.masks import first_valid_positions, step_valid
+from ..attention.selection import token_budget
+from ..errors import AccelError
+from ..models.base import ModelInfo
+from ..plan import LayerPlan, Plan
+from .base import AttentionPolicy
+from .registry import register_policy
+
+_REPRESENTATIVES = ("middle", "first", "max")
+
+
+@register_policy("hip")
+@dataclass
+class HiPPolicy(AttentionPolicy):
+    """Knobs:
+
+    Args:
+        topk: tokens attended per KV head and step, the sinks and the window included; None: ``topk_ratio``.
+        topk_ratio: fraction of the current context when ``topk`` is None (default 1/8).
+        key_block: the branch length at which the search stops (the paper's key block b_k).
+        sink: the first tokens of every sequence, always attended.
+        window: the most recent tokens, always attended.
+        refresh: decode steps between two full mask searches (1: every step).
+        refine_levels: the finest levels of the search, run again at every step between full searches from the
+            cached coarser branches (0: the whole mask is reused until the next full search).
+        representative: the key that scores a branch: 'middle' (default), 'first' or 'max' (exhaustive).
+        dense_layers: the first layers that stay dense; it shapes ``build_plan``, and a plan's per-layer modes decide.
+        min_topk: with ``topk_ratio``, attend to at least this many tokens (short prompts stay exact).
+    """
+
+    per_kv_head = True
+
+    plan_modes: ClassVar[tuple] = ("full", "hip")
+
+    topk: int | None = None
+    topk_ratio: float | None = 0.125
+    key_block: int = 4
+    sink: int = 16
+    window: int = 64
+    refresh: int = 8
+    refine_levels: int = 2
+    representative: str = "middle"
+    dense_layers: int = 2
+    min_topk: int = 128
+
+    def validate(self) -> None:
+        if self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
+            raise AccelError(f"hip: topk must be a positive number of tokens or None, got {self.topk!r}")
+        if self.topk is None and (self.topk_ratio is None or not 0 < float(self.topk_ratio) <= 1):
+            raise AccelError(f"hip: topk_ratio must be in (0, 1] when topk is None, got {self.topk_ratio!r}")
+        for knob in ("key_block", "refresh"):
+            if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
+                raise AccelError(f"hip: {knob} must be an integer >= 1, got {getattr(self, knob)!r}")
+        for knob in ("sink", "window", "dense_layers", "min_topk", "refine_levels"):
+            if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 0:
+                raise AccelError(f"hip: {knob} must be an integer >= 0, got {getattr(self, knob)!r}")
+        if self.representative not in _REPRESENTATIVES:
+            raise AccelError(f"hip: representative must be one of {', '.join(_REPRESENTATIVES)}, "
+                             f"got {self.representative!r}")
+
+    def build_plan(self, info: ModelInfo) -> Plan:
+        layers = [LayerPlan(mode="full" if i < self.dense_layers else "hip", attention="hip")
+                  for i in range(info.num_layers)]
+        return Plan(policy="hip", num_layers=info.num_layers, num_kv_heads=info.num_kv_heads,
+                    model_type=info.model_type, params=self.knobs(), layers=layers)
+
+    def _knob(self, ctx: LayerContext, name: str):
+        """A knob as the plan sets it (the layer's ``params``, then the plan's), else the policy's own value."""
+        for params in (ctx.plan.params, ctx.runtime.plan.params):
+            if params and name in params:
+                return params[name]
+        return getattr(self, name)
+
+    def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
+        cl = ctx.cache_layer
+        if ctx.plan.mode != "hip" or (cl is not None and cl.is_sliding) or key.shape[-1] != value.shape[-1]:
+            return dense_decode(ctx, query, key, value, attention_mask, scaling)
+        B, H, _, D = query.shape
+        T = key.shape[2]
+        topk = ctx.plan.topk if ctx.plan.topk is not None else self._knob(ctx, "topk")
+        budget = token_budget(T, topk, self._knob(ctx, "topk_ratio"), int(self._knob(ctx, "min_topk")))
+        sink, window = int(self._knob(ctx, "sink")), int(self._knob(ctx, "window"))
+        kb = int(self._knob(ctx, "key_block"))
+        n_blocks = max(0, math.ceil((budget - sink - window) / kb))
+        if budget >= T or sink + window + n_blocks * kb >= T:  # the budget covers the context: exact dense attention
+            return dense_decode(ctx, query, key, value, attention_mask, scaling)
+        ok, valid = step_valid(ctx, attention_mask, B, T)
+        if not ok:
+            raise AccelError("hip got a per-head attention mask it cannot apply; use policy='dense' for this model")
+        first = first_valid_positions(valid, B) if valid is not None else torch.zeros(B, dtype=torch.long)
+        version = cl.version if cl is not None else None
+        # (cache version, T at the last full search, steps since, coarse branches (lo, hi), the span's start)
+        held = ctx.state.get("hip")
+        refresh, levels = int(self._knob(ctx, "refresh")), int(self._knob(ctx, "refine_levels"))
+        rep = self._knob(ctx, "representative")
+        q = query[:, :, 0, :]
+        if (held is None or held[0] != version or held[2] + 1 >= refresh or held[1] >= T
+                or held[3][0].shape[:2] != (B, key.shape[1])):
+            lo, hi, start = initial_branches(first, key.shape[1], T, sink, window, n_blocks)
+            lo, hi, coarse = refine(q, key, lo, hi, n_blocks, kb, rep, scaling, coarse_at=kb << levels)
+            ctx.state["hip"] = held = (version, T, 0, coarse, start)
+            ctx.runtime.stats["hip_searches"] = ctx.runtime.stats.get("hip_searches", 0) + 1
+        else:  # between full searches: the finest levels again, from the cached coarse branches
+            held = ctx.state["hip"] = (held[0], held[1], held[2] + 1, held[3], held[4])
+            lo, hi, _ = refine(q, key, held[3][0], held[3][1], n_blocks, kb, rep, scaling)
+            ctx.runtime.stats["hip_refinements"] = ctx.runtime.stats.get("hip_refinements", 0) + 1
+        kept = kept_positions(lo, hi, first, held[4], sink)
+        idx, counts = with_window(kept, held[1], T, window)
+        return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
+
+
+def search_blocks(q, key, first, sink: int, window: int, n_blocks: int, key_block: int, representative: str = "middle",
+                  scaling: float = 1.0):
+    """HiP's hierarchical search for decode queries q [B, H, D] over key [B, Hkv, T, D] (each row's real tokens from
+    ``first`` [B]): the sink positions and the kept branches between the sinks and the last ``window`` tokens, as
+    positions [B, Hkv, n] ascending, -1 padded (the window is added per step by ``with_window``)."""
+    lo, hi, start = initial_branches(first, key.shape[1], key.shape[2], sink, window, n_blocks)
+    lo, hi, _ = refine(q, key, lo, hi, n_blocks, key_block, representative, scaling)
+    return kept_positions(lo, hi, first, start, sink)
+
+
+def initial_branches(first, Hkv: int, T: int, sink: int, window: int, n_blocks: int):
+    """The ``n_blocks`` equal branches [lo, hi) [B, Hkv, n_blocks] between each row's sinks and the window, and the
+    searched span's start [B, 1, 1]."""
+    B = first.shape[0]
+    first = first.to(torch.long).view(B, 1, 1)
+    start = (first + sink).clamp(max=max(T - window, 0))
+    end = torch.full_like(start, max(T - window, 0))
+    i = torch.arange(n_blocks + 1).view(1, 1, -1)
+    edges = start + ((end - start) * i) // max(n_blocks, 1)
+    lo = edges[..., :-1].expand(B, Hkv, n_blocks).contiguous()
+    hi = edges[..., 1:].expand(B, Hkv, n_blocks).contiguous()
+    return lo, hi, start
+
+
+def refine(q, key, lo, hi, n_blocks: int, key_block: int, representative: str = "middle", scaling: float = 1.0,
+           coarse_at: int | None = None):
+    """Split every branch in two and keep the ``n_blocks`` best children until no branch is longer than
+    ``key_block``. Returns the final (lo, hi) and the branches of the first level no longer than ``coarse_at``
+    (the cached coarse level a later step refines from; None without ``coarse_at``)."""
+    B, H, D = q.shape
+    Hkv, T = key.shape[1], key.shape[2]
+    qg = q.float().reshape(B, Hkv, H // Hkv, D)
+    full = None
+    if representative == "max":  # every key's logit, for the exhaustive branch maximum
+        full = torch.einsum("bhgd,bhtd->bhgt", qg, key.float()).amax(2) * scaling  # [B, Hkv, T]
+    coarse = None
+    while True:
+        longest = int((hi - lo).max()) if n_blocks else 0
+        if coarse is None and coarse_at is not None and longest <= coarse_at:
+            coarse = (lo, hi)
+        if longest <= key_block:
+            return lo, hi, coarse
+        mid = (lo + hi) // 2
+        clo = torch.stack((lo, mid), -1).flatten(-2)  # children in order: [lo, mid), [mid, hi)
+        chi = torch.stack((mid, hi), -1).flatten(-2)
+        score = _child_scores(qg, key, clo, chi, representative, full, scaling)
+        score = score.masked_fill(chi <= clo, float("-inf"))  # empty children
+        keep = score.topk(n_blocks, dim=-1).indices.sort(dim=-1).values
+        lo, hi = clo.gather(-1, keep), chi.gather(-1, keep)
+
+
+def kept_positions(lo, hi, first, start, sink: int):
+    """The sinks (each row's first ``sink`` real tokens) and the tokens of the branches [lo, hi), ascending,
+    [B, Hkv, n] with -1 padding."""
+    B, Hkv, n_blocks = lo.shape
+    L = max(int((hi - lo).max()) if n_blocks else 0, 1)
+    pos = (lo.unsqueeze(-1) + torch.arange(L)).flatten(-2)
+    inside = (pos < hi.unsqueeze(-1).expand(B, Hkv, n_blocks, L).flatten(-2))
+    sinks = (first.to(torch.long).view(B, 1, 1) + torch.arange(sink).view(1, 1, -1)).expand(B, Hkv, sink)
+    allpos = torch.cat((sinks, pos), -1)
+    ok = torch.cat((sinks < start.expand(B, Hkv, 1), inside), -1)
+    order = torch.where(ok, allpos, torch.full_like(allpos, 1 << 40)).sort(dim=-1).values
+    return torch.where(order < (1 << 40), order, torch.full_like(order, -1))
+
+
+def _child_scores(qg, key, clo, chi, representative: str, full, scaling: float):
+    """The score of each child branch [clo, chi): its representative key's logit, max over the group's heads."""
+    B, Hkv, G, D = qg.shape
+    T = key.shape[2]
+    if representative == "max":
+        L = int((chi - clo).max())
+        r = clo.unsqueeze(-1) + torch.arange(max(L, 1))
+        inside = r < chi.unsqueeze(-1)
+        s = full.unsqueeze(2).expand(B, Hkv, clo.shape[-1], T).gather(-1, r.clamp(max=T - 1))
+        return s.masked_fill(~inside, float("-inf")).amax(-1)
+    rep = clo if representative == "first" else (clo + chi - 1) // 2
+    rep = rep.clamp(0, T - 1)
+    k = key.gather(2, rep.unsqueeze(-1).expand(*rep.shape, D)).float()  # [B, Hkv, n, D]
+    return torch.einsum("bhgd,bhnd->bhgn", qg, k).amax(2) * scaling
+
+
+def with_window(kept, T_search: int, T: int, window: int):
+    """The step's positions: the kept sinks and branches (found at context ``T_search``) and the last ``window``
+    tokens of the current context T (the window follows the newest tokens between two searches). Returns
+    (idx [B, Hkv, n] int32 ascending, -1 padded; counts [B, Hkv] int32)."""
+    B, Hkv, _ = kept.shape
+    win = torch.arange(max(T - window, 0), T).view(1, 1, -1).expand(B, Hkv, -1)
+    # kept positions all lie below T_search - window <= T - window: the window never repeats them
+    allpos = torch.cat((kept, win), -1)
+    counts = (allpos >= 0).sum(-1)
+    order = torch.where(allpos >= 0, allpos, torch.full_like(allpos, 1 << 40)).sort(dim=-1).values
+    idx = torch.where(order < (1 << 40), order, torch.full_like(order, -1)).to(torch.int32).contiguous()
+    return idx, counts.to(torch.int32).contiguous()

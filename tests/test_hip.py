@@ -1,0 +1,128 @@
+"""HiP attention (methods.md 7.4): the hierarchical search finds the exact block top-k when branches are scored
+exhaustively, the mask always holds the sinks and the window, masks are reused between refreshes, and left-padded
+rows start their sinks at their first real token. (Exactness with a covering budget: tests/test_layer_reuse.py.)"""
+import pytest
+import torch
+
+import accel
+import accel.policies.hip as HIP
+from accel.errors import AccelError
+
+from .conftest import gen, left_padded, model4, same
+
+
+def _block_max(q, k, scaling, kb):
+    B, H, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    s = torch.einsum("bhgd,bhtd->bhgt", q.view(B, Hkv, H // Hkv, D), k).amax(2) * scaling  # [B, Hkv, T]
+    return s.view(B, Hkv, T // kb, kb).amax(-1)
+
+
+def test_exhaustive_scoring_gives_the_exact_block_top_k():
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D, kb = 2, 6, 2, 512, 16, 8
+    for trial in range(4):
+        q, k = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+        for n_blocks in (4, 8, 16):
+            kept = HIP.search_blocks(q, k, torch.zeros(B, dtype=torch.long), 0, 0, n_blocks, kb, "max", 0.25)
+            assert kept.shape[-1] == n_blocks * kb and bool((kept >= 0).all())
+            want = _block_max(q, k, 0.25, kb).topk(n_blocks, dim=-1).indices.sort(-1).values
+            got = (kept.view(B, Hkv, n_blocks, kb) // kb)
+            assert torch.equal(got[..., 0], want)  # whole, aligned blocks: the n best by their largest logit
+            assert torch.equal(got, got[..., :1].expand_as(got))
+
+
+def test_the_search_reads_few_keys_and_keeps_sinks_and_window():
+    g = torch.Generator().manual_seed(1)
+    B, H, Hkv, T, D = 1, 3, 1, 1000, 8
+    q, k = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    first = torch.tensor([37])  # left padding: the sinks start at the first real token
+    for rep in ("middle", "first"):
+        kept = HIP.search_blocks(q, k, first, 4, 16, 10, 8, rep, 1.0)
+        row = kept[0, 0][kept[0, 0] >= 0]
+        assert row[:4].tolist() == [37, 38, 39, 40]
+        assert bool((row[4:] >= 41).all()) and bool((row < T - 16).all())
+        assert torch.all(row[1:] > row[:-1]) and len(row) <= 4 + 10 * 8
+        idx, counts = HIP.with_window(kept, T, T + 3, 16)  # three steps later: the window follows
+        got = idx[0, 0, : counts[0, 0]].tolist()
+        assert got[-16:] == list(range(T + 3 - 16, T + 3)) and got[: len(row)] == row.tolist()
+        assert int(counts[0, 0]) == len(row) + 16
+
+
+def _run_spied(m, ids, **kw):
+    seen = []
+    orig = HIP.sparse_attend
+
+    def spy(ctx, query, key, value, mask, scaling, idx, counts):
+        if ctx.layer_idx == 2:
+            lo, hi = ctx.state["hip"][3]
+            seen.append((key.shape[2], idx.clone(), counts.clone(), lo.clone(), hi.clone()))
+        return orig(ctx, query, key, value, mask, scaling, idx, counts)
+
+    HIP.sparse_attend = spy
+    try:
+        with accel.patch(m, "hip", **kw) as h:
+            m.generate(ids, max_new_tokens=9, do_sample=False, pad_token_id=0)
+            stats = dict(h.runtime.stats)
+    finally:
+        HIP.sparse_attend = orig
+    return seen, stats
+
+
+def test_masks_are_searched_every_refresh_steps_and_reused_between():
+    m = model4("llama")
+    ids = torch.randint(3, 256, (1, 150), generator=torch.Generator().manual_seed(4))
+    kw = dict(topk=48, sink=4, window=8, key_block=4, refresh=4)
+    seen, stats = _run_spied(m, ids, refine_levels=0, **kw)
+    assert len(seen) == 8  # the 8 decode steps (the first token comes from the prefill)
+    assert stats["hip_searches"] == 2 * 2 and stats["hip_refinements"] == 2 * 6  # layers 2, 3; full at steps 1, 5
+    for s in (seen[1], seen[2], seen[3]):  # no refinement: the kept blocks of step 1, the window moved on
+        T, idx, counts = s[:3]
+        keep0 = seen[0][1][0, :, : int(seen[0][2][0, 0]) - 8]
+        assert torch.equal(idx[0, :, : keep0.shape[1]], keep0)
+        assert idx[0, 0, int(counts[0, 0]) - 8: int(counts[0, 0])].tolist() == list(range(T - 8, T))
+    # refining the finest level at every step: each step's blocks lie inside the coarse branches of the last search
+    seen, _ = _run_spied(m, ids, refine_levels=1, **kw)
+    for step, (T, idx, counts, lo, hi) in enumerate(seen):
+        base = seen[step - step % 4]
+        assert torch.equal(lo, base[3]) and torch.equal(hi, base[4])  # the cache holds the last search's branches
+        assert int((hi - lo).max()) <= 8
+        for h in range(idx.shape[1]):
+            row = idx[0, h, : counts[0, h]]
+            mid = row[(row >= 4) & (row < base[0] - 8)]  # between the sinks and the window of the last search
+            inside = ((mid.view(-1, 1) >= lo[0, h].view(1, -1)) & (mid.view(-1, 1) < hi[0, h].view(1, -1))).any(1)
+            assert bool(inside.all()) and len(mid) <= 10 * 4
+
+
+def test_left_padded_batch_equals_dense_with_a_covering_budget_and_runs_sparse_below_it():
+    m = model4("llama")
+    ids, mask = left_padded(L=80)
+    ref = gen(m, ids, "dense", mask)
+    assert same(gen(m, ids, "hip", mask, topk=4096), ref)
+    seen = []
+    orig = HIP.sparse_attend
+
+    def spy(ctx, query, key, value, mask_, scaling, idx, counts):
+        seen.append((idx.clone(), counts.clone()))
+        return orig(ctx, query, key, value, mask_, scaling, idx, counts)
+
+    HIP.sparse_attend = spy
+    try:
+        out = gen(m, ids, "hip", mask, topk=24, sink=2, window=4, key_block=2, dense_layers=1)
+    finally:
+        HIP.sparse_attend = orig
+    assert seen and out.sequences.shape == ref.sequences.shape
+    first = mask.argmax(1)
+    for idx, counts in seen:
+        for b in range(ids.shape[0]):
+            row = idx[b, 0, : counts[b, 0]].tolist()
+            assert row[:2] == [int(first[b]), int(first[b]) + 1]  # the sinks: the row's first real tokens
+            assert len(row) <= 24
+
+
+def test_bad_options_are_refused_in_one_line():
+    m = model4("llama")
+    for kw, why in (({"representative": "last"}, "representative must be one of"), ({"key_block": 0}, "key_block"),
+                    ({"refresh": 0}, "refresh"), ({"topk": -3}, "topk")):
+        with pytest.raises(AccelError, match=why):
+            accel.patch(m, "hip", **kw)
