@@ -126,3 +126,39 @@ def test_bad_options_are_refused_in_one_line():
                     ({"refresh": 0}, "refresh"), ({"topk": -3}, "topk")):
         with pytest.raises(AccelError, match=why):
             accel.patch(m, "hip", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpu_search_equals_the_torch_path(dtype):
+    """accel._C.hip_search (accel/cpu/hip.h) against the torch twin: the same branches, coarse level and positions,
+    for both representatives, left padding, strided cache views and empty children (key_block 1)."""
+    from accel import _ext
+
+    if not (_ext.HAS_CPU_EXT and hasattr(_ext.cpu_ext(), "hip_search")):
+        pytest.fail("the C++ extension is not built with hip_search")
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, T, D = 3, 6, 2, 700, 32
+    buf = torch.randn(B, Hkv, T + 50, D, generator=g).to(dtype)
+    key = buf[:, :, :T]  # a strided view, as the cache hands it over
+    q = torch.randn(B, H, D, generator=g).to(dtype).float()
+    first = torch.tensor([0, 13, 101])
+    for rep in ("middle", "first"):
+        for n_blocks, kb, sink, window, levels in ((20, 4, 8, 32, 2), (37, 1, 0, 0, 3), (5, 8, 4, 16, 0)):
+            lo, hi, start = HIP.initial_branches(first, Hkv, T, sink, window, n_blocks)
+            coarse_at = kb << levels if levels else 0
+            c = HIP.hip_step(q, key, lo, hi, kb, rep, 0.125, coarse_at, first, start, sink, window)
+            t = HIP.hip_step(q, key, lo, hi, kb, rep, 0.125, coarse_at, first, start, sink, window, backend="torch")
+            assert torch.equal(c[0], t[0]) and torch.equal(c[1], t[1])
+            if coarse_at:
+                assert torch.equal(c[2][0], t[2][0]) and torch.equal(c[2][1], t[2][1])
+            assert torch.equal(c[4], t[4])
+            for b in range(B):
+                for h in range(Hkv):
+                    n = int(c[4][b, h])
+                    assert torch.equal(c[3][b, h, :n], t[3][b, h, :n]) and bool((c[3][b, h, n:] == -1).all())
+            # a later step refines from the coarse level at a longer context: the window follows
+            if coarse_at:
+                c2 = HIP.hip_step(q, key, c[2][0], c[2][1], kb, rep, 0.125, 0, first, start, sink, window)
+                t2 = HIP.hip_step(q, key, t[2][0], t[2][1], kb, rep, 0.125, 0, first, start, sink, window,
+                                  backend="torch")
+                assert torch.equal(c2[4], t2[4]) and torch.equal(c2[0], t2[0])

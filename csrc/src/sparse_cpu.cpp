@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "accel/cpu/block_sparse_prefill.h"
+#include "accel/cpu/hip.h"
 #include "accel/cpu/quest.h"
 #include "accel/cpu/select.h"
 
@@ -181,4 +182,60 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
     accel::cpu::quest_select(p);
   }
   return {out, counts};
+}
+
+// HiP's branch search (accel/cpu/hip.h): q [B, H, D]; k [B, Hkv, T, D] (float32 / bfloat16 / float16, contiguous in
+// D); lo / hi [B, Hkv, n] int64 branches to refine; first / start [B] int64. Returns (lo, hi, coarse_lo, coarse_hi,
+// positions [B, Hkv, sink + n * key_block + window] int32 -1 padded, counts [B, Hkv] int32); coarse_* are empty
+// unless coarse_at > 0.
+std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lo, torch::Tensor hi,
+                                          int64_t key_block, int64_t rep, double scale, int64_t coarse_at,
+                                          torch::Tensor first, torch::Tensor start, int64_t sink, int64_t window) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3, "q must be a CPU [B, H, D] tensor");
+  q = q.to(torch::kFloat32).contiguous();
+  check_cache(k, "k");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0, "k must be [B, Hkv, T, D] matching q");
+  TORCH_CHECK(T >= 1, "k holds no tokens");
+  lo = lo.to(torch::kInt64).contiguous();
+  hi = hi.to(torch::kInt64).contiguous();
+  TORCH_CHECK(lo.dim() == 3 && lo.size(0) == B && lo.size(1) == Hkv && lo.sizes() == hi.sizes(),
+              "lo / hi must be [B, Hkv, n]");
+  first = first.to(torch::kInt64).contiguous();
+  start = start.to(torch::kInt64).contiguous();
+  TORCH_CHECK(first.numel() == B && start.numel() == B, "first / start must have B entries");
+  TORCH_CHECK(key_block >= 1 && (rep == 0 || rep == 1) && sink >= 0 && window >= 0,
+              "need key_block >= 1, rep 0 (middle) or 1 (first), sink and window >= 0");
+  const int64_t n = lo.size(2);
+  const int64_t width = sink + n * key_block + window;
+  auto lo_out = torch::empty_like(lo), hi_out = torch::empty_like(hi);
+  auto c_lo = coarse_at > 0 ? torch::empty_like(lo) : torch::empty({0}, lo.options());
+  auto c_hi = coarse_at > 0 ? torch::empty_like(hi) : torch::empty({0}, hi.options());
+  auto idx = torch::empty({B, Hkv, width}, torch::dtype(torch::kInt32));
+  auto counts = torch::empty({B, Hkv}, torch::dtype(torch::kInt32));
+  accel::cpu::HipParams p;
+  p.q = q.data_ptr<float>();
+  p.k = k.data_ptr();
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
+  p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Hkv = static_cast<int>(Hkv); p.D = static_cast<int>(D);
+  p.T = T;
+  p.lo = lo.data_ptr<int64_t>(); p.hi = hi.data_ptr<int64_t>();
+  p.n = static_cast<int>(n); p.key_block = static_cast<int>(key_block); p.rep = static_cast<int>(rep);
+  p.scale = static_cast<float>(scale);
+  p.coarse_at = coarse_at;
+  p.lo_out = lo_out.data_ptr<int64_t>(); p.hi_out = hi_out.data_ptr<int64_t>();
+  if (coarse_at > 0) {
+    p.coarse_lo = c_lo.data_ptr<int64_t>();
+    p.coarse_hi = c_hi.data_ptr<int64_t>();
+  }
+  p.first = first.data_ptr<int64_t>(); p.start = start.data_ptr<int64_t>();
+  p.sink = static_cast<int>(sink); p.window = window;
+  p.idx = idx.data_ptr<int32_t>(); p.width = width; p.counts = counts.data_ptr<int32_t>();
+  {
+    pybind11::gil_scoped_release nogil;
+    if (k.scalar_type() == torch::kFloat32) accel::cpu::hip_search<float>(p);
+    else if (k.scalar_type() == torch::kHalf) accel::cpu::hip_search<accel::cpu::f16>(p);
+    else accel::cpu::hip_search<uint16_t>(p);
+  }
+  return {lo_out, hi_out, c_lo, c_hi, idx, counts};
 }

@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import torch
 
+from .. import _ext
 from ..attention.context import LayerContext
 from ..attention.decode import dense_decode, sparse_attend
 from ..attention.masks import first_valid_positions, step_valid
@@ -132,15 +133,15 @@ class HiPPolicy(AttentionPolicy):
         if (held is None or held[0] != version or held[2] + 1 >= refresh or held[1] >= T
                 or held[3][0].shape[:2] != (B, key.shape[1])):
             lo, hi, start = initial_branches(first, key.shape[1], T, sink, window, n_blocks)
-            lo, hi, coarse = refine(q, key, lo, hi, n_blocks, kb, rep, scaling, coarse_at=kb << levels)
-            ctx.state["hip"] = held = (version, T, 0, coarse, start)
+            _, _, coarse, idx, counts = hip_step(q, key, lo, hi, kb, rep, scaling, kb << levels, first, start, sink,
+                                                 window)
+            ctx.state["hip"] = (version, T, 0, coarse, start)
             ctx.runtime.stats["hip_searches"] = ctx.runtime.stats.get("hip_searches", 0) + 1
         else:  # between full searches: the finest levels again, from the cached coarse branches
-            held = ctx.state["hip"] = (held[0], held[1], held[2] + 1, held[3], held[4])
-            lo, hi, _ = refine(q, key, held[3][0], held[3][1], n_blocks, kb, rep, scaling)
+            ctx.state["hip"] = (held[0], held[1], held[2] + 1, held[3], held[4])
+            _, _, _, idx, counts = hip_step(q, key, held[3][0], held[3][1], kb, rep, scaling, 0, first, held[4], sink,
+                                            window)
             ctx.runtime.stats["hip_refinements"] = ctx.runtime.stats.get("hip_refinements", 0) + 1
-        kept = kept_positions(lo, hi, first, held[4], sink)
-        idx, counts = with_window(kept, held[1], T, window)
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
 
 
@@ -152,6 +153,30 @@ def search_blocks(q, key, first, sink: int, window: int, n_blocks: int, key_bloc
     lo, hi, start = initial_branches(first, key.shape[1], key.shape[2], sink, window, n_blocks)
     lo, hi, _ = refine(q, key, lo, hi, n_blocks, key_block, representative, scaling)
     return kept_positions(lo, hi, first, start, sink)
+
+
+_REP_CODE = {"middle": 0, "first": 1}
+
+
+def hip_step(q, key, lo, hi, key_block: int, representative: str, scaling: float, coarse_at: int, first, start,
+             sink: int, window: int, backend: str | None = None):
+    """One step's search from the branches (lo, hi) [B, Hkv, n] and its positions: returns (lo, hi, coarse (lo, hi)
+    or None, idx [B, Hkv, width] int32 ascending -1 padded, counts [B, Hkv] int32) with the sinks, the kept branches
+    and the window of the current context. On the CPU one C++ call (accel/cpu/hip.h); elsewhere, for
+    ``representative="max"`` or with ``backend="torch"``, torch operations: the same positions up to the order of
+    summation (a near-tie between two children's scores may go either way)."""
+    T = key.shape[2]
+    if (backend != "torch" and representative in _REP_CODE and q.device.type == "cpu" and _ext.HAS_CPU_EXT
+            and hasattr(_ext.cpu_ext(), "hip_search") and key.stride(-1) == 1):
+        lo, hi, clo, chi, idx, counts = _ext.cpu_ext().hip_search(
+            q, key, lo, hi, key_block, _REP_CODE[representative], scaling, coarse_at, first,
+            start.reshape(-1), sink, window)
+        return lo, hi, ((clo, chi) if coarse_at > 0 else None), idx, counts
+    lo, hi, coarse = refine(q, key, lo, hi, lo.shape[-1], key_block, representative, scaling,
+                            coarse_at=coarse_at if coarse_at > 0 else None)
+    kept = kept_positions(lo, hi, first, start.view(-1, 1, 1), sink)
+    idx, counts = with_window(kept, T, T, window)
+    return lo, hi, coarse, idx, counts
 
 
 def initial_branches(first, Hkv: int, T: int, sink: int, window: int, n_blocks: int):
@@ -179,20 +204,29 @@ def refine(q, key, lo, hi, n_blocks: int, key_block: int, representative: str = 
     full = None
     if representative == "max":  # every key's logit, for the exhaustive branch maximum
         full = torch.einsum("bhgd,bhtd->bhgt", qg, key.float()).amax(2) * scaling  # [B, Hkv, T]
-    coarse = None
-    while True:
-        longest = int((hi - lo).max()) if n_blocks else 0
-        if coarse is None and coarse_at is not None and longest <= coarse_at:
-            coarse = (lo, hi)
-        if longest <= key_block:
-            return lo, hi, coarse
+    coarse_lo = coarse_hi = recorded = None
+    if coarse_at is not None:
+        coarse_lo, coarse_hi = lo.clone(), hi.clone()
+        recorded = torch.zeros(lo.shape[:2], dtype=torch.bool)
+    while True:  # every (sequence, KV head) stops on its own once its branches are short enough
+        longest = (hi - lo).amax(-1) if n_blocks else torch.zeros(lo.shape[:2], dtype=lo.dtype)
+        if coarse_at is not None:
+            now = ~recorded & (longest <= coarse_at)
+            coarse_lo = torch.where(now.unsqueeze(-1), lo, coarse_lo)
+            coarse_hi = torch.where(now.unsqueeze(-1), hi, coarse_hi)
+            recorded |= now
+        active = longest > key_block
+        if not bool(active.any()):
+            return lo, hi, ((coarse_lo, coarse_hi) if coarse_at is not None else None)
         mid = (lo + hi) // 2
         clo = torch.stack((lo, mid), -1).flatten(-2)  # children in order: [lo, mid), [mid, hi)
         chi = torch.stack((mid, hi), -1).flatten(-2)
         score = _child_scores(qg, key, clo, chi, representative, full, scaling)
         score = score.masked_fill(chi <= clo, float("-inf"))  # empty children
-        keep = score.topk(n_blocks, dim=-1).indices.sort(dim=-1).values
-        lo, hi = clo.gather(-1, keep), chi.gather(-1, keep)
+        # the n best children, ties to the lower child (as the C++ search), then in position order
+        keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :n_blocks].sort(dim=-1).values
+        a = active.unsqueeze(-1)
+        lo, hi = torch.where(a, clo.gather(-1, keep), lo), torch.where(a, chi.gather(-1, keep), hi)
 
 
 def kept_positions(lo, hi, first, start, sink: int):

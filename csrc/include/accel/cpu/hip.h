@@ -1,0 +1,146 @@
+// HiP attention's hierarchical top-k branch search for one decode step, CPU (Lee et al., "HiP Attention: Sparse
+// Sub-Quadratic Attention with Hierarchical Attention Pruning", ICLR 2025, arXiv 2406.09827). Torch-free.
+//
+// Per (sequence, KV head): starting from n branches [lo, hi) of the key range, every iteration splits each branch in
+// two, scores each child by the logit of one representative key (its middle or its first key; the largest
+// scale * q_g . k over the GQA group's query heads) and keeps the n best children (ties: the lower child), in position
+// order, until no branch is longer than key_block. The branches of the first level no longer than coarse_at are
+// written out as well (the level a later step refines from). The step's positions are then written ascending: the
+// sinks (first + i below start), the kept branches' tokens, and the window [T - window, T). One call replaces the
+// ~30 small torch operations per layer of the same search (accel.policies.hip's torch path, its tested twin).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "accel/cpu/vec_math.h"
+
+namespace accel {
+namespace cpu {
+
+#ifndef ACCEL_HIP_PF_ROWS
+#define ACCEL_HIP_PF_ROWS 16
+#endif
+constexpr int kHipPfRows = ACCEL_HIP_PF_ROWS;  // representative rows requested ahead of the one being scored
+
+struct HipParams {
+  const float* q = nullptr;  // [B, H, D] fp32
+  const void* k = nullptr;   // keys (b, kh, t, d) at b*k_sb + kh*k_sh + t*k_st + d
+  int64_t k_sb = 0, k_sh = 0, k_st = 0;
+  int B = 0, H = 0, Hkv = 0, D = 0;
+  int64_t T = 0;              // keys in the cache (representatives are clamped below it)
+  const int64_t* lo = nullptr;  // [B, Hkv, n] the branches to refine
+  const int64_t* hi = nullptr;
+  int n = 0, key_block = 1, rep = 0;  // rep: 0 middle key, 1 first key
+  float scale = 1.f;
+  int64_t coarse_at = 0;  // > 0: write the first level no longer than this to coarse_lo / coarse_hi
+  int64_t* lo_out = nullptr;  // [B, Hkv, n]
+  int64_t* hi_out = nullptr;
+  int64_t* coarse_lo = nullptr;
+  int64_t* coarse_hi = nullptr;
+  // the step's positions
+  const int64_t* first = nullptr;  // [B] first real position
+  const int64_t* start = nullptr;  // [B] the searched span's start (the sinks lie below it)
+  int sink = 0;
+  int64_t window = 0;
+  int32_t* idx = nullptr;  // [B, Hkv, width], -1 padded
+  int64_t width = 0;
+  int32_t* counts = nullptr;  // [B, Hkv]
+};
+
+template <typename T>
+inline void hip_search(const HipParams& p) {
+  const int G = p.H / p.Hkv;
+  const float ninf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int b = 0; b < p.B; ++b)
+    for (int kh = 0; kh < p.Hkv; ++kh) {
+      const int64_t bh = static_cast<int64_t>(b) * p.Hkv + kh;
+      const int n = p.n;
+      std::vector<int64_t> lo(p.lo + bh * n, p.lo + bh * n + n), hi(p.hi + bh * n, p.hi + bh * n + n);
+      std::vector<int64_t> clo(2 * n), chi(2 * n);
+      std::vector<float> score(2 * n);
+      std::vector<int> order(2 * n);
+      std::vector<int64_t> rep(2 * n);
+      const float* q = p.q + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(kh) * G) * p.D;
+      const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kh * p.k_sh;
+      bool coarse_done = p.coarse_at <= 0;
+      for (;;) {
+        int64_t longest = 0;
+        for (int i = 0; i < n; ++i) longest = std::max(longest, hi[i] - lo[i]);
+        if (!coarse_done && longest <= p.coarse_at) {
+          std::copy(lo.begin(), lo.end(), p.coarse_lo + bh * n);
+          std::copy(hi.begin(), hi.end(), p.coarse_hi + bh * n);
+          coarse_done = true;
+        }
+        if (longest <= p.key_block || n == 0) break;
+        for (int i = 0; i < n; ++i) {
+          const int64_t mid = (lo[i] + hi[i]) / 2;
+          clo[2 * i] = lo[i]; chi[2 * i] = mid;
+          clo[2 * i + 1] = mid; chi[2 * i + 1] = hi[i];
+        }
+        // the representatives' rows are scattered over the cache: each is requested kHipPfRows rows before it is
+        // read, so that many misses are in flight instead of one at a time
+        const int64_t row_bytes = static_cast<int64_t>(p.D) * sizeof(T);
+        auto request = [&](int c) {
+          const char* row = reinterpret_cast<const char*>(kb + rep[c] * p.k_st);
+          for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + o, 0, 0);
+        };
+        for (int c = 0; c < 2 * n; ++c) {
+          int64_t r = p.rep == 1 ? clo[c] : (clo[c] + chi[c] - 1) / 2;
+          rep[c] = std::min<int64_t>(std::max<int64_t>(r, 0), p.T - 1);
+        }
+        for (int c = 0; c < std::min(2 * n, kHipPfRows); ++c) request(c);
+        for (int c = 0; c < 2 * n; ++c) {
+          if (c + kHipPfRows < 2 * n) request(c + kHipPfRows);
+          if (chi[c] <= clo[c]) {
+            score[c] = ninf;
+            continue;
+          }
+          const T* kr = kb + rep[c] * p.k_st;
+          float best = ninf;
+          for (int g = 0; g < G; ++g) {
+            const float* qg = q + static_cast<int64_t>(g) * p.D;
+            int d = 0;
+            float dot = 0.f;
+            if (p.D % 16 == 0) {
+              v16f a{};
+              for (; d < p.D; d += 16) a += load16(qg + d) * load16(kr + d);
+              dot = hsum16(a);
+            }
+            for (; d < p.D; ++d) dot += qg[d] * Load<T>::get(kr, d);
+            best = std::max(best, dot);
+          }
+          score[c] = best * p.scale;
+        }
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + n, order.end(), [&](int a, int c) {
+          return score[a] > score[c] || (score[a] == score[c] && a < c);
+        });
+        std::sort(order.begin(), order.begin() + n);
+        for (int i = 0; i < n; ++i) {
+          lo[i] = clo[order[i]];
+          hi[i] = chi[order[i]];
+        }
+      }
+      std::copy(lo.begin(), lo.end(), p.lo_out + bh * n);
+      std::copy(hi.begin(), hi.end(), p.hi_out + bh * n);
+      // positions: sinks, kept branches, window (ascending: sinks < start <= branches < T - window)
+      int32_t* out = p.idx + bh * p.width;
+      int64_t m = 0;
+      for (int i = 0; i < p.sink && m < p.width; ++i) {
+        const int64_t t = p.first[b] + i;
+        if (t < p.start[b]) out[m++] = static_cast<int32_t>(t);
+      }
+      for (int i = 0; i < n; ++i)
+        for (int64_t t = lo[i]; t < hi[i] && m < p.width; ++t) out[m++] = static_cast<int32_t>(t);
+      for (int64_t t = std::max<int64_t>(p.T - p.window, 0); t < p.T && m < p.width; ++t) out[m++] = static_cast<int32_t>(t);
+      p.counts[bh] = static_cast<int32_t>(m);
+      for (int64_t i = m; i < p.width; ++i) out[i] = -1;
+    }
+}
+
+}  // namespace cpu
+}  // namespace accel
