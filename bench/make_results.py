@@ -43,6 +43,9 @@ COMMITTED = {
     "decode_quest_smollm2_b1.csv": "2026-12-04",
     "eval_quest_smollm2_4k.csv": "2026-12-04",
     "eval_quest_smollm2_4k_lm.csv": "2026-12-04",
+    "eval_hip_smollm2_4k.csv": "2026-12-05",
+    "eval_hip_smollm2_4k_lm.csv": "2026-12-05",
+    "decode_hip_smollm2_b1.csv": "2026-12-05",
     "compile_smollm2_4k.csv": "2026-12-03",
     "decode_delta_smollm2_b1.csv": "2026-11-24",
     "decode_delta_smollm2_b8.csv": "2026-11-24",
@@ -594,11 +597,13 @@ def _reuse_quality() -> Quality:
         q.add(n, lambda p: "hylra (current plan)" if p == "hylra" else None)
     for n in ("eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv"):
         q.add(n, lambda p: "quest" if p == "quest" else None)
+    for n in ("eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv"):
+        q.add(n, lambda p: "hip" if p == "hip" else None)
     return q
 
 
 REUSE_ORDER = ["hf", "dense", "delta (paper layout)", "delta (calibrated layout)", "hylra (first plan)",
-               "hylra (current plan)", "recycled", "quest"]
+               "hylra (current plan)", "recycled", "quest", "hip"]
 
 
 def sec_reuse() -> list[str]:
@@ -610,7 +615,7 @@ def sec_reuse() -> list[str]:
             v = q.lm.get((p, c))
             rows.append([display(p), c] + [q.cell(p, c, t, slack=1) for t in tasks]
                         + [q.ppl(p, c), f(v[1], 3) if v and v[1] is not None else "-"])
-    out = ["## Sparse-attention policies: hylra, delta, recycled, quest", "",
+    out = ["## Sparse-attention policies: hylra, delta, recycled, quest, hip", "",
            "### Quality on SmolLM2-135M", "",
            "Default top-k, plain prompts, the same samples for every policy (seed "
            f"{_one(load('eval_reuse_smollm2.csv'), 'seed')}; the sample count is the n of each k/n cell); perplexity "
@@ -622,7 +627,8 @@ def sec_reuse() -> list[str]:
     out += sources("eval_reuse_smollm2.csv", "eval_reuse_smollm2_8k.csv", "eval_reuse_smollm2_lm.csv",
                    "eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv",
                    "eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv",
-                   "eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv")
+                   "eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv",
+                   "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv")
     q6 = Quality().add("eval_hylra_smollm2_4k_lm6.csv")
     out += ["### hylra perplexity at 4K on 6 samples", ""]
     out += table(["policy", "context", "samples", "perplexity (vs dense)", "top-1 agree"],
@@ -644,6 +650,9 @@ def sec_reuse() -> list[str]:
     out += ["Real 8K prefill (not synthetic KV), batch 1: quest against hylra and dense, one run:", ""]
     out += _speed_table(["decode_quest_smollm2_b1.csv"])
     out += sources("decode_quest_smollm2_b1.csv")
+    out += ["Real 8K prefill, batch 1: hip against quest and dense, one run:", ""]
+    out += _speed_table(["decode_hip_smollm2_b1.csv"])
+    out += sources("decode_hip_smollm2_b1.csv")
     out += ["The same batch-8 run on a build of the previous small-M linear kernel:", ""]
     out += _speed_table(["decode_reuse_smollm2_b8_s12_oldlinear.csv"])
     out += sources("decode_reuse_smollm2_b8_s12_oldlinear.csv")
@@ -888,6 +897,7 @@ POLICIES = [  # name, paper (as cited in the code), what it does
     ("delta", "DELTA, arXiv 2510.09883", "Delta-layers pick 16-token pages from full attention; the layers below them attend to those pages"),
     ("recycled", "RefreshKV / Recycled Attention, Xu, Goyal, Choi, ACL 2025, arXiv 2411.05787", "partial cache of top tokens, refreshed by a full step when the query drifts"),
     ("quest", "Quest, Tang et al., ICML 2024, arXiv 2406.10774", "per KV head, the pages whose key min/max bound q.k highest, plus the current page"),
+    ("hip", "HiP, Lee et al., ICLR 2025, arXiv 2406.09827", "per KV head, a hierarchical search keeps the key blocks whose middle keys score highest, plus sinks and a window"),
     ("streaming", "StreamingLLM, Xiao et al. 2023", "keeps attention sinks + the newest tokens"),
     ("snapkv", "SnapKV, Li et al. 2024", "keeps the tokens the prompt's last queries attend to"),
     ("pyramidkv", "PyramidKV, Cai et al. 2024", "SnapKV scores with budgets shrinking with depth"),
@@ -935,6 +945,7 @@ def policy_table() -> list[str]:
                 f"576 → 64 tokens: LLM prefill {ratio(r['llm_speedup'])}, VLM prefill {ratio(r['prefill_speedup'])} (ViT-L-shaped tower)")
 
     qd = {r["policy"]: r for r in load("decode_quest_smollm2_b1.csv")}
+    hd = {r["policy"]: r for r in load("decode_hip_smollm2_b1.csv")}
     hsame, htotal, htasks, hctx = _headline_same()
     cells = {
         "dense": (f"{min(hctx) // 1024}K-{max(hctx) // 1024}K, {len(htasks)} tasks: same answers as unpatched on "
@@ -946,6 +957,9 @@ def policy_table() -> list[str]:
         "quest": ("4K, top-k 1/8: " + pk(rq, "quest", 4096),
                   f"{ratio(qd['quest']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; hylra "
                   f"{ratio(qd['hylra']['speedup_vs_accel_dense'])} in the same run)"),
+        "hip": ("4K, top-k 1/8: " + pk(rq, "hip", 4096),
+                f"{ratio(hd['hip']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; quest "
+                f"{ratio(hd['quest']['speedup_vs_accel_dense'])} in the same run)"),
         "tpla": ("random DeepSeek-V3 shape, g=2, Hadamard: relative output error "
                  f"{f(terr[('2', 'aligned', '1.0', '1', 'hadamard')]['rel_error'], 3)} (aligned queries)",
                  f"2 gloo ranks {ratio(tdec[('tpla-2-ranks', '32768')]['speedup_vs_mla_1_process'])} one process at 32K; "

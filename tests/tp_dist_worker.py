@@ -44,6 +44,7 @@ RUNS = [
     ("duo", dict(plan=duo_plan, sink=4, recent=8, sparsity=0.5)),
     ("moa", dict(plan=moa_plan, sparse_prefill=False)),
     ("quest", dict(topk=32)),
+    ("hip", dict(topk=32, sink=4, window=8, key_block=4, dense_layers=1)),
     ("hylra", dict(plan=hylra_plan, topk=32, min_topk=0, sink=4, recent=8, chunk=4)),
     ("hylra+streaming", {"plan": hylra_plan, "hylra.topk": 32, "hylra.min_topk": 0, "hylra.sink": 4, "hylra.recent": 8, "hylra.chunk": 4, "streaming.sink": 4, "streaming.budget": 96,
                          "streaming.budget_ratio": None}),
@@ -71,7 +72,7 @@ for policy, kw in RUNS:
     total = torch.tensor([got_bytes])
     dist.all_reduce(total)  # the ranks' caches together hold what one process holds
     assert int(total) == want_bytes, (policy, int(total), want_bytes)
-    if policy in ("quest", "hylra"):
+    if policy in ("quest", "hip", "hylra"):
         assert want_read < dense_read, policy  # sparse attention: reads fewer KV bytes per step
     elif policy != "dense":
         assert want_bytes < dense_bytes, policy  # a KV policy: holds fewer bytes
