@@ -421,11 +421,11 @@ def _kv_stack_problem(kv) -> str | None:
     return None
 
 
-_F32: dict = {}  # id(tensor) -> (weakref, version, fp32 copy): a bf16 model's norm weights and biases, widened once
+_F32: dict = {}  # id(tensor) -> (weakref, version, fp32 copy): a 16-bit model's norm weights and biases, widened once
 
 
 def _f32(t):
-    """A norm weight or bias as the kernels take it: fp32. A bf16 model's (a few hundred values each) are widened once
+    """A norm weight or bias as the kernels take it: fp32. A 16-bit model's (a few hundred values each) are widened once
     and reused while the tensor lives unchanged (same object, same in-place version)."""
     if t is None or t.dtype == torch.float32:
         return t
@@ -446,7 +446,7 @@ def _version(t) -> int:
 
 
 def _fused_halves(C, h, layer, layout, H, Hkv, cos, sin, mods=None, bf16_inputs=False):
-    """The fused layer's weights and the first half's q, k, v for hidden rows ``h`` [M, width] (fp32 or bf16;
+    """The fused layer's weights and the first half's q, k, v for hidden rows ``h`` [M, width] (fp32, bf16 or fp16;
     computed in fp32, returned in h's dtype). ``bf16_inputs``: a bf16 model's projections take their inputs rounded to
     bf16 (``FusedDecode.bf16_inputs``)."""
     pre, post = layer_weights(layer, layout, mods)
@@ -507,15 +507,15 @@ def _make_forward(fd: FusedDecode, idx: int):
                 rt.stack_out = out if last else None
                 rt.stack_version = _version(out)  # an in-place change on the way to a later layer is refused
                 return out
-        # bf16 rows are widened inside the kernels, and q, k, v come back in bf16: rounded where transformers rounds
-        # them, so the cache and the policy see the module path's dtypes
+        # 16-bit rows are widened inside the kernels, and q, k, v come back in the model's dtype: rounded where
+        # transformers rounds them, so the cache and the policy see the module path's dtypes
         bi = fd.bf16_inputs
         (q, k, v), post = _fused_halves(C, h, self, layout, H, Hkv, cs[0], cs[1], mods, bi)
         attn = self.self_attn
         k_all, v_all = cache.update(k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D), attn.layer_idx)
         out, _ = accel_attention_forward(attn, q.view(B, H, 1, D), k_all, v_all, attention_mask, dropout=0.0,
                                          scaling=attn.scaling, **rest)
-        # the attention output in the model's dtype (bf16: rounded, as the module path hands it to o_proj); the
+        # the attention output in the model's dtype (16-bit: rounded, as the module path hands it to o_proj); the
         # layer's output comes back in h's dtype
         y = C.fused_attn_out_mlp(h, out.reshape(B, H * D), *post, bi)
         return y.view(B, 1, width)
@@ -542,9 +542,9 @@ def probe(adapter, layout, decoder) -> str | None:
                 return "the model is not on the CPU or its rotary embedding is partial"
             if h.dtype not in _DTYPES:
                 return f"the model's dtype is {h.dtype} (the fused layers read float32, bfloat16 or float16 weights)"
-            # a bf16 model's layers are probed in fp32 arithmetic on their own weight values (transformers' layer
+            # a 16-bit model's layers are probed in fp32 arithmetic on their own weight values (transformers' layer
             # code on fp32 copies of the layer's tensors, one layer at a time): the fused halves compute in fp32, and
-            # the rounding of q, k, v and the output to bf16 around them is accel's own
+            # the rounding of q, k, v and the output to 16 bits around them is accel's own
             low = h.dtype != torch.float32
             h, cos, sin = h.float(), cos.float(), sin.float()
             kw = dict(attention_mask=None, position_ids=pos, use_cache=False, position_embeddings=(cos, sin))

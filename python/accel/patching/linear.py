@@ -72,7 +72,7 @@ def native_fp16() -> bool:
     return _NATIVE_FP16
 
 
-def widened_bf16_linear(x, w, b):
+def widened_half_linear(x, w, b):
     """``F.linear`` of bf16 (or fp16) operands computed in fp32 and rounded to their dtype once, WIDEN_BLOCK output
     features at a time."""
     x32 = x.float()
@@ -105,7 +105,7 @@ def _fast_forward(self, x):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if (x.dtype == w.dtype and x.dtype in _HALF and x.device.type == "cpu" and not torch.is_grad_enabled()
             and not (native_bf16() if x.dtype == torch.bfloat16 else native_fp16())):
-        return widened_bf16_linear(x, w, self.bias)
+        return widened_half_linear(x, w, self.bias)
     return F.linear(x, w, self.bias)
 
 
