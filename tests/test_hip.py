@@ -162,3 +162,52 @@ def test_the_cpu_search_equals_the_torch_path(dtype):
                 t2 = HIP.hip_step(q, key, t[2][0], t[2][1], kb, rep, 0.125, 0, first, start, sink, window,
                                   backend="torch")
                 assert torch.equal(c2[4], t2[4]) and torch.equal(c2[0], t2[0])
+
+
+def test_sparse_prefill_attends_sinks_window_and_searched_blocks_and_is_off_for_padding():
+    """sparse_prefill (off by default): each 64-token query block attends to its sink blocks, its window up to the
+    diagonal and the searched blocks in between, within the budget, computed by the block-sparse kernel; a padded
+    prompt and a covering budget keep the exact prefill."""
+    from accel.ops.sparse import BLOCK, block_sparse_prefill_ref
+
+    g = torch.Generator().manual_seed(6)
+    B, H, Hkv, T, D = 2, 6, 2, 700, 16
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (H, Hkv, Hkv))
+    budget, sink, window = 256, 16, 64
+    blocks, counts = HIP.prefill_blocks(q, k, 0.25, budget, sink, window)
+    nqb = -(-T // BLOCK)
+    assert blocks.shape[:3] == (B, H, nqb)
+    for b in range(B):
+        for h in range(H):
+            for i in range(nqb):
+                got = blocks[b, h, i, : counts[b, h, i]].tolist()
+                assert got == sorted(set(got)) and all(0 <= j <= i for j in got)
+                assert {0} | set(range(max(0, i - 1), i + 1)) <= set(got)  # sink block, window up to the diagonal
+                assert len(got) == min(i + 1, budget // BLOCK)  # 1 sink + 1 searched + 2 window blocks
+            assert torch.equal(blocks[b, h], blocks[b, h - h % 3])  # one selection per KV head
+    ref = torch.cat([block_sparse_prefill_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], blocks[b], counts[b], 0.25)
+                     for b in range(B)])
+    from accel.ops.sparse import block_sparse_prefill
+
+    out = torch.cat([block_sparse_prefill(q[b:b + 1], k[b:b + 1], v[b:b + 1], blocks[b], counts[b], scale=0.25)
+                     for b in range(B)])
+    assert (out.float() - ref).abs().max().item() < 1e-4
+
+    m = model4("llama")
+    ids = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(8))
+    kw = dict(topk=160, sink=16, window=64, dense_layers=1)
+    with accel.patch(m, "hip", sparse_prefill=True, **kw) as h:
+        sparse = m(ids).logits
+        assert h.runtime.stats.get("hip_prefill_blocks", 0) > 0
+    with accel.patch(m, "hip", **kw) as h:
+        exact = m(ids).logits
+        assert "hip_prefill_blocks" not in h.runtime.stats
+    dense = m(ids).logits
+    assert torch.equal(exact, dense) and not torch.allclose(sparse, dense, atol=1e-4)
+    ids2, mask = left_padded(B=2, L=300, pads=(0, 9))
+    with accel.patch(m, "hip", sparse_prefill=True, **kw) as h:
+        padded = m(ids2, attention_mask=mask).logits
+        assert "hip_prefill_blocks" not in h.runtime.stats
+    assert torch.allclose(padded, m(ids2, attention_mask=mask).logits, atol=1e-5)
+    with pytest.raises(AccelError, match="representative='max'"):
+        accel.patch(m, "hip", sparse_prefill=True, representative="max")

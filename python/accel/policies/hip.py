@@ -18,10 +18,10 @@ sparse-attention policies) counts the sinks and the window, and ``n_blocks = cei
 key_block)``; the representative key of a child is its middle key (``representative="middle"``; ``"first"``: its
 first key; ``"max"``: the exhaustive maximum over all its keys, which makes the search an exact block top-k and is
 meant for checking); key blocks of 4 tokens (the paper's b_k spans 2-8; with 8, passkey retrieval on SmolLM2 at 2K and
-1/8 of the context fell to 0 of 8 where 4 and 2 kept dense's accuracy); a full search every 8 steps with the two
-finest levels refined at every step (reusing the whole mask for 8 steps lost multi-token answers: NIAH 0 of 8 where
-every-step refinement kept them); sink 16 and window 64 tokens; the first two layers dense.
-Decode only: the prefill runs dense (transformers' own attention).
+1/8 of the context fell to 1 of 8 where 4 and 2 answered 6, dense 5); a full search every 8 steps with the two finest
+levels refined at every step (see docs/methods/hip.md for what reusing the whole mask cost); sink 16 and window 64
+tokens; the first two layers dense. The prefill is exact unless ``sparse_prefill=True`` (``prefill_blocks``: the same
+search per 64-token query block, on the block-sparse prefill kernel).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 from .. import _ext
 from ..attention.context import LayerContext
 from ..attention.decode import dense_decode, sparse_attend
-from ..attention.masks import first_valid_positions, step_valid
+from ..attention.masks import first_valid_positions, prompt_valid, step_valid
 from ..attention.selection import token_budget
 from ..errors import AccelError
 from ..models.base import ModelInfo
@@ -62,6 +62,8 @@ class HiPPolicy(AttentionPolicy):
         representative: the key that scores a branch: 'middle' (default), 'first' or 'max' (exhaustive).
         dense_layers: the first layers that stay dense; it shapes ``build_plan``, and a plan's per-layer modes decide.
         min_topk: with ``topk_ratio``, attend to at least this many tokens (short prompts stay exact).
+        sparse_prefill: the prefill attends per 64-token query block to the key blocks the same search picks (with
+            the block-sparse prefill kernel); False (default): an exact prefill.
     """
 
     per_kv_head = True
@@ -78,6 +80,7 @@ class HiPPolicy(AttentionPolicy):
     representative: str = "middle"
     dense_layers: int = 2
     min_topk: int = 128
+    sparse_prefill: bool = False
 
     def validate(self) -> None:
         if self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
@@ -90,6 +93,11 @@ class HiPPolicy(AttentionPolicy):
         for knob in ("sink", "window", "dense_layers", "min_topk", "refine_levels"):
             if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 0:
                 raise AccelError(f"hip: {knob} must be an integer >= 0, got {getattr(self, knob)!r}")
+        if not isinstance(self.sparse_prefill, bool):
+            raise AccelError(f"hip: sparse_prefill must be True or False, got {self.sparse_prefill!r}")
+        if self.sparse_prefill and self.representative == "max":
+            raise AccelError("hip: sparse_prefill scores branches by one key ('middle' or 'first'); representative='max' "
+                             "is for decode checks: use sparse_prefill=False with it")
         if self.representative not in _REPRESENTATIVES:
             raise AccelError(f"hip: representative must be one of {', '.join(_REPRESENTATIVES)}, "
                              f"got {self.representative!r}")
@@ -106,6 +114,36 @@ class HiPPolicy(AttentionPolicy):
             if params and name in params:
                 return params[name]
         return getattr(self, name)
+
+    def prefill(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
+        out = self._sparse_prefill(ctx, query, key, value, attention_mask, scaling)
+        if out is None:
+            return super().prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
+        return out
+
+    def _sparse_prefill(self, ctx, query, key, value, attention_mask, scaling):
+        """HiP's block-sparse prefill ([B, T, H, D]), or None where the prefill stays exact: off by default, dense
+        layers, sliding-window layers, a continued cache, padded prompts (the block kernel has no padding mask) and
+        budgets that cover the prompt."""
+        cl = ctx.cache_layer
+        if (not bool(self._knob(ctx, "sparse_prefill")) or ctx.plan.mode != "hip" or cl is None or cl.is_sliding
+                or key.shape[-1] != value.shape[-1]):
+            return None
+        B, H, T, D = query.shape
+        if key.shape[2] != T or prompt_valid(attention_mask, B, T) is not None:
+            return None
+        topk = ctx.plan.topk if ctx.plan.topk is not None else self._knob(ctx, "topk")
+        budget = token_budget(T, topk, self._knob(ctx, "topk_ratio"), int(self._knob(ctx, "min_topk")))
+        if budget >= T:
+            return None
+        from ..ops.sparse import block_sparse_prefill
+
+        blocks, counts = prefill_blocks(query, key, scaling, budget, int(self._knob(ctx, "sink")),
+                                        int(self._knob(ctx, "window")), self._knob(ctx, "representative"))
+        out = torch.cat([block_sparse_prefill(query[b:b + 1], key[b:b + 1], value[b:b + 1], blocks[b], counts[b],
+                                              scale=scaling) for b in range(B)])
+        ctx.runtime.stats["hip_prefill_blocks"] = ctx.runtime.stats.get("hip_prefill_blocks", 0) + int(counts.sum())
+        return out.transpose(1, 2).contiguous()
 
     def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
         cl = ctx.cache_layer
@@ -241,6 +279,70 @@ def kept_positions(lo, hi, first, start, sink: int):
     ok = torch.cat((sinks < start.expand(B, Hkv, 1), inside), -1)
     order = torch.where(ok, allpos, torch.full_like(allpos, 1 << 40)).sort(dim=-1).values
     return torch.where(order < (1 << 40), order, torch.full_like(order, -1))
+
+
+def prefill_blocks(query, key, scaling: float, budget: int, sink: int, window: int, representative: str = "middle"):
+    """HiP's masks for a prefill, per 64-token query block (the block kernel's size, accel's b_q and prefill key
+    block): query block i always attends to the sink blocks and the window blocks up to its own (diagonal) block,
+    and to the ``n`` key blocks in between that the hierarchical search picks, a child branch scored by its
+    representative key's largest logit over the block's queries and the GQA group's heads. ``n`` keeps the tokens
+    within ``budget``. Returns (blocks [B, H, nqb, width] int32 ascending, counts [B, H, nqb] int32)."""
+    from ..ops.sparse import BLOCK
+
+    B, H, T, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    nqb = -(-T // BLOCK)
+    sb, wb = -(-sink // BLOCK), -(-window // BLOCK)
+    n = max(0, -(-(budget - (sb + wb + 1) * BLOCK) // BLOCK))
+    i = torch.arange(nqb)
+    lo0 = torch.full((nqb,), sb)
+    hi0 = (i - wb).clamp(min=sb)  # the searched blocks of query block i: [sb, i - wb)
+    if n > 0:
+        e = torch.arange(n + 1)
+        edges = lo0.view(-1, 1) + ((hi0 - lo0).view(-1, 1) * e) // n  # [nqb, n + 1]
+        lo = edges[:, :-1].expand(B, Hkv, nqb, n).contiguous()
+        hi = edges[:, 1:].expand(B, Hkv, nqb, n).contiguous()
+        # the block's queries, padded to whole blocks: [B, Hkv, nqb, G * BLOCK, D]
+        qp = torch.nn.functional.pad(query.float(), (0, 0, 0, nqb * BLOCK - T))
+        qb = qp.view(B, Hkv, G, nqb, BLOCK, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, nqb, G * BLOCK, D)
+        real = (torch.arange(nqb * BLOCK) < T).view(nqb, BLOCK).repeat(1, G)  # [nqb, G * BLOCK]
+        kf = key.float()
+        while True:
+            active = (hi - lo).amax(-1) > 1  # [B, Hkv, nqb]
+            if not bool(active.any()):
+                break
+            mid = (lo + hi) // 2
+            clo = torch.stack((lo, mid), -1).flatten(-2)
+            chi = torch.stack((mid, hi), -1).flatten(-2)
+            if representative == "first":
+                rep = clo * BLOCK
+            else:
+                rep = (clo * BLOCK + chi * BLOCK - 1) // 2
+            rep = rep.clamp(0, T - 1)
+            kr = kf.gather(2, rep.reshape(B, Hkv, -1, 1).expand(B, Hkv, rep[0, 0].numel(), D)).view(
+                B, Hkv, nqb, 2 * n, D)
+            sc = torch.einsum("bhiqd,bhicd->bhiqc", qb, kr)
+            sc = sc.masked_fill(~real.view(1, 1, nqb, G * BLOCK, 1), float("-inf")).amax(3) * scaling
+            sc = sc.masked_fill(chi <= clo, float("-inf"))
+            keep = torch.sort(sc, dim=-1, descending=True, stable=True).indices[..., :n].sort(dim=-1).values
+            a = active.unsqueeze(-1)
+            lo, hi = torch.where(a, clo.gather(-1, keep), lo), torch.where(a, chi.gather(-1, keep), hi)
+        chosen = torch.where(hi > lo, lo, torch.full_like(lo, -1))  # branches of one block (or empty)
+    else:
+        chosen = torch.full((B, Hkv, nqb, 0), -1, dtype=torch.long)
+    # sinks, the chosen blocks and the window, per query block, ascending; repeated over each KV head's query heads
+    sink_b = torch.arange(sb).view(1, -1).expand(nqb, sb)
+    sink_b = torch.where(sink_b <= i.view(-1, 1), sink_b, torch.full_like(sink_b, -1))
+    win_b = (i.view(-1, 1) - wb + torch.arange(wb + 1).view(1, -1))  # [nqb, wb + 1], up to the diagonal
+    win_b = torch.where((win_b >= sb) & (win_b >= 0), win_b, torch.full_like(win_b, -1))
+    allb = torch.cat((sink_b.expand(B, Hkv, nqb, sb), chosen, win_b.expand(B, Hkv, nqb, wb + 1)), -1)
+    big = 1 << 30
+    allb = torch.where(allb >= 0, allb, torch.full_like(allb, big)).sort(-1).values
+    counts = (allb < big).sum(-1)
+    blocks = torch.where(allb < big, allb, torch.zeros_like(allb)).to(torch.int32)
+    blocks = blocks.repeat_interleave(G, dim=1).contiguous()
+    return blocks, counts.to(torch.int32).repeat_interleave(G, dim=1).contiguous()
 
 
 def _child_scores(qg, key, clo, chi, representative: str, full, scaling: float):
