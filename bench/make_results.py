@@ -44,6 +44,7 @@ COMMITTED = {
     "eval_quest_smollm2_4k.csv": "2026-12-04",
     "eval_quest_smollm2_4k_lm.csv": "2026-12-04",
     "eval_hip_smollm2_4k.csv": "2026-12-05",
+    "eval_hip_smollm2_2k.csv": "2026-12-05",
     "eval_hip_smollm2_4k_lm.csv": "2026-12-05",
     "decode_hip_smollm2_b1.csv": "2026-12-05",
     "compile_smollm2_4k.csv": "2026-12-03",
@@ -597,7 +598,7 @@ def _reuse_quality() -> Quality:
         q.add(n, lambda p: "hylra (current plan)" if p == "hylra" else None)
     for n in ("eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv"):
         q.add(n, lambda p: "quest" if p == "quest" else None)
-    for n in ("eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv"):
+    for n in ("eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv"):
         q.add(n, lambda p: "hip" if p == "hip" else None)
     return q
 
@@ -628,7 +629,7 @@ def sec_reuse() -> list[str]:
                    "eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv",
                    "eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv",
                    "eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv",
-                   "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv")
+                   "eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv")
     q6 = Quality().add("eval_hylra_smollm2_4k_lm6.csv")
     out += ["### hylra perplexity at 4K on 6 samples", ""]
     out += table(["policy", "context", "samples", "perplexity (vs dense)", "top-1 agree"],

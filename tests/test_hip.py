@@ -211,3 +211,17 @@ def test_sparse_prefill_attends_sinks_window_and_searched_blocks_and_is_off_for_
     assert torch.allclose(padded, m(ids2, attention_mask=mask).logits, atol=1e-5)
     with pytest.raises(AccelError, match="representative='max'"):
         accel.patch(m, "hip", sparse_prefill=True, representative="max")
+
+
+def test_tokens_added_to_the_cache_by_a_second_turn_start_a_new_search():
+    """The cached branches cover the context of their search: a multi-token forward on the same cache (a second
+    turn) must not reuse them, or the tokens between the old search and the new window would never be read."""
+    m = model4("llama")
+    ids = torch.randint(3, 256, (1, 150), generator=torch.Generator().manual_seed(9))
+    kw = dict(topk=48, sink=4, window=8, key_block=4, refresh=100, dense_layers=3)  # one sparse layer
+    with accel.patch(m, "hip", **kw) as h:
+        out = m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        assert h.runtime.stats["hip_searches"] == 1
+        more = torch.cat([out.sequences, torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(10))], 1)
+        m.generate(more, past_key_values=out.past_key_values, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert h.runtime.stats["hip_searches"] == 2

@@ -116,6 +116,7 @@ class HiPPolicy(AttentionPolicy):
         return getattr(self, name)
 
     def prefill(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
+        ctx.state.pop("hip", None)  # new tokens in the cache: the next decode step searches again
         out = self._sparse_prefill(ctx, query, key, value, attention_mask, scaling)
         if out is None:
             return super().prefill(ctx, query, key, value, attention_mask, scaling, **kwargs)
@@ -162,13 +163,16 @@ class HiPPolicy(AttentionPolicy):
         if not ok:
             raise AccelError("hip got a per-head attention mask it cannot apply; use policy='dense' for this model")
         first = first_valid_positions(valid, B) if valid is not None else torch.zeros(B, dtype=torch.long)
+        first = first.to(key.device)
         version = cl.version if cl is not None else None
         # (cache version, T at the last full search, steps since, coarse branches (lo, hi), the span's start)
         held = ctx.state.get("hip")
         refresh, levels = int(self._knob(ctx, "refresh")), int(self._knob(ctx, "refine_levels"))
         rep = self._knob(ctx, "representative")
         q = query[:, :, 0, :]
-        if (held is None or held[0] != version or held[2] + 1 >= refresh or held[1] >= T
+        # reuse the cached branches only while each step since the search appended one token (tokens added by a
+        # multi-token forward on the same cache, a second turn, start a new search)
+        if (held is None or held[0] != version or held[2] + 1 >= refresh or T != held[1] + held[2] + 1
                 or held[3][0].shape[:2] != (B, key.shape[1])):
             lo, hi, start = initial_branches(first, key.shape[1], T, sink, window, n_blocks)
             _, _, coarse, idx, counts = hip_step(q, key, lo, hi, kb, rep, scaling, kb << levels, first, start, sink,
@@ -224,7 +228,7 @@ def initial_branches(first, Hkv: int, T: int, sink: int, window: int, n_blocks: 
     first = first.to(torch.long).view(B, 1, 1)
     start = (first + sink).clamp(max=max(T - window, 0))
     end = torch.full_like(start, max(T - window, 0))
-    i = torch.arange(n_blocks + 1).view(1, 1, -1)
+    i = torch.arange(n_blocks + 1, device=first.device).view(1, 1, -1)
     edges = start + ((end - start) * i) // max(n_blocks, 1)
     lo = edges[..., :-1].expand(B, Hkv, n_blocks).contiguous()
     hi = edges[..., 1:].expand(B, Hkv, n_blocks).contiguous()
@@ -245,9 +249,9 @@ def refine(q, key, lo, hi, n_blocks: int, key_block: int, representative: str = 
     coarse_lo = coarse_hi = recorded = None
     if coarse_at is not None:
         coarse_lo, coarse_hi = lo.clone(), hi.clone()
-        recorded = torch.zeros(lo.shape[:2], dtype=torch.bool)
+        recorded = torch.zeros(lo.shape[:2], dtype=torch.bool, device=lo.device)
     while True:  # every (sequence, KV head) stops on its own once its branches are short enough
-        longest = (hi - lo).amax(-1) if n_blocks else torch.zeros(lo.shape[:2], dtype=lo.dtype)
+        longest = (hi - lo).amax(-1) if n_blocks else torch.zeros(lo.shape[:2], dtype=lo.dtype, device=lo.device)
         if coarse_at is not None:
             now = ~recorded & (longest <= coarse_at)
             coarse_lo = torch.where(now.unsqueeze(-1), lo, coarse_lo)
@@ -272,9 +276,10 @@ def kept_positions(lo, hi, first, start, sink: int):
     [B, Hkv, n] with -1 padding."""
     B, Hkv, n_blocks = lo.shape
     L = max(int((hi - lo).max()) if n_blocks else 0, 1)
-    pos = (lo.unsqueeze(-1) + torch.arange(L)).flatten(-2)
+    pos = (lo.unsqueeze(-1) + torch.arange(L, device=lo.device)).flatten(-2)
     inside = (pos < hi.unsqueeze(-1).expand(B, Hkv, n_blocks, L).flatten(-2))
-    sinks = (first.to(torch.long).view(B, 1, 1) + torch.arange(sink).view(1, 1, -1)).expand(B, Hkv, sink)
+    sinks = (first.to(device=lo.device, dtype=torch.long).view(B, 1, 1)
+             + torch.arange(sink, device=lo.device).view(1, 1, -1)).expand(B, Hkv, sink)
     allpos = torch.cat((sinks, pos), -1)
     ok = torch.cat((sinks < start.expand(B, Hkv, 1), inside), -1)
     order = torch.where(ok, allpos, torch.full_like(allpos, 1 << 40)).sort(dim=-1).values
@@ -295,18 +300,19 @@ def prefill_blocks(query, key, scaling: float, budget: int, sink: int, window: i
     nqb = -(-T // BLOCK)
     sb, wb = -(-sink // BLOCK), -(-window // BLOCK)
     n = max(0, -(-(budget - (sb + wb + 1) * BLOCK) // BLOCK))
-    i = torch.arange(nqb)
-    lo0 = torch.full((nqb,), sb)
+    dev = query.device
+    i = torch.arange(nqb, device=dev)
+    lo0 = torch.full((nqb,), sb, device=dev)
     hi0 = (i - wb).clamp(min=sb)  # the searched blocks of query block i: [sb, i - wb)
     if n > 0:
-        e = torch.arange(n + 1)
+        e = torch.arange(n + 1, device=dev)
         edges = lo0.view(-1, 1) + ((hi0 - lo0).view(-1, 1) * e) // n  # [nqb, n + 1]
         lo = edges[:, :-1].expand(B, Hkv, nqb, n).contiguous()
         hi = edges[:, 1:].expand(B, Hkv, nqb, n).contiguous()
         # the block's queries, padded to whole blocks: [B, Hkv, nqb, G * BLOCK, D]
         qp = torch.nn.functional.pad(query.float(), (0, 0, 0, nqb * BLOCK - T))
         qb = qp.view(B, Hkv, G, nqb, BLOCK, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, nqb, G * BLOCK, D)
-        real = (torch.arange(nqb * BLOCK) < T).view(nqb, BLOCK).repeat(1, G)  # [nqb, G * BLOCK]
+        real = (torch.arange(nqb * BLOCK, device=dev) < T).view(nqb, BLOCK).repeat(1, G)  # [nqb, G * BLOCK]
         kf = key.float()
         while True:
             active = (hi - lo).amax(-1) > 1  # [B, Hkv, nqb]
@@ -330,11 +336,11 @@ def prefill_blocks(query, key, scaling: float, budget: int, sink: int, window: i
             lo, hi = torch.where(a, clo.gather(-1, keep), lo), torch.where(a, chi.gather(-1, keep), hi)
         chosen = torch.where(hi > lo, lo, torch.full_like(lo, -1))  # branches of one block (or empty)
     else:
-        chosen = torch.full((B, Hkv, nqb, 0), -1, dtype=torch.long)
+        chosen = torch.full((B, Hkv, nqb, 0), -1, dtype=torch.long, device=dev)
     # sinks, the chosen blocks and the window, per query block, ascending; repeated over each KV head's query heads
-    sink_b = torch.arange(sb).view(1, -1).expand(nqb, sb)
+    sink_b = torch.arange(sb, device=dev).view(1, -1).expand(nqb, sb)
     sink_b = torch.where(sink_b <= i.view(-1, 1), sink_b, torch.full_like(sink_b, -1))
-    win_b = (i.view(-1, 1) - wb + torch.arange(wb + 1).view(1, -1))  # [nqb, wb + 1], up to the diagonal
+    win_b = (i.view(-1, 1) - wb + torch.arange(wb + 1, device=dev).view(1, -1))  # [nqb, wb + 1], up to the diagonal
     win_b = torch.where((win_b >= sb) & (win_b >= 0), win_b, torch.full_like(win_b, -1))
     allb = torch.cat((sink_b.expand(B, Hkv, nqb, sb), chosen, win_b.expand(B, Hkv, nqb, wb + 1)), -1)
     big = 1 << 30
@@ -351,7 +357,7 @@ def _child_scores(qg, key, clo, chi, representative: str, full, scaling: float):
     T = key.shape[2]
     if representative == "max":
         L = int((chi - clo).max())
-        r = clo.unsqueeze(-1) + torch.arange(max(L, 1))
+        r = clo.unsqueeze(-1) + torch.arange(max(L, 1), device=clo.device)
         inside = r < chi.unsqueeze(-1)
         s = full.unsqueeze(2).expand(B, Hkv, clo.shape[-1], T).gather(-1, r.clamp(max=T - 1))
         return s.masked_fill(~inside, float("-inf")).amax(-1)
@@ -366,7 +372,7 @@ def with_window(kept, T_search: int, T: int, window: int):
     tokens of the current context T (the window follows the newest tokens between two searches). Returns
     (idx [B, Hkv, n] int32 ascending, -1 padded; counts [B, Hkv] int32)."""
     B, Hkv, _ = kept.shape
-    win = torch.arange(max(T - window, 0), T).view(1, 1, -1).expand(B, Hkv, -1)
+    win = torch.arange(max(T - window, 0), T, device=kept.device).view(1, 1, -1).expand(B, Hkv, -1)
     # kept positions all lie below T_search - window <= T - window: the window never repeats them
     allpos = torch.cat((kept, win), -1)
     counts = (allpos >= 0).sum(-1)
