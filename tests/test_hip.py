@@ -123,7 +123,8 @@ def test_left_padded_batch_equals_dense_with_a_covering_budget_and_runs_sparse_b
 def test_bad_options_are_refused_in_one_line():
     m = model4("llama")
     for kw, why in (({"representative": "last"}, "representative must be one of"), ({"key_block": 0}, "key_block"),
-                    ({"refresh": 0}, "refresh"), ({"topk": -3}, "topk")):
+                    ({"refresh": 0}, "refresh"), ({"topk": -3}, "topk"),
+                    ({"topk": 40}, "exceed topk")):  # the default sink + window (80) would not fit
         with pytest.raises(AccelError, match=why):
             accel.patch(m, "hip", **kw)
 

@@ -96,6 +96,14 @@ class Policy:
 class AttentionPolicy(Policy):
     kind: ClassVar[str] = "attention"
 
+    def plan_knob(self, ctx: LayerContext, name: str):
+        """A knob as the plan sets it (the layer's ``params``, then the plan's), else the policy's own value: an edited
+        plan file takes effect."""
+        for params in (ctx.plan.params, ctx.runtime.plan.params):
+            if params and name in params:
+                return params[name]
+        return getattr(self, name)
+
     def prefill(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
         return hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 

@@ -35,7 +35,7 @@ from .. import _ext
 from ..attention.context import LayerContext
 from ..attention.decode import dense_decode, sparse_attend
 from ..attention.masks import first_valid_positions, prompt_valid, step_valid
-from ..attention.selection import token_budget
+from ..attention.selection import check_budget_knobs, token_budget
 from ..errors import AccelError
 from ..models.base import ModelInfo
 from ..plan import LayerPlan, Plan
@@ -83,16 +83,13 @@ class HiPPolicy(AttentionPolicy):
     sparse_prefill: bool = False
 
     def validate(self) -> None:
-        if self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
-            raise AccelError(f"hip: topk must be a positive number of tokens or None, got {self.topk!r}")
-        if self.topk is None and (self.topk_ratio is None or not 0 < float(self.topk_ratio) <= 1):
-            raise AccelError(f"hip: topk_ratio must be in (0, 1] when topk is None, got {self.topk_ratio!r}")
-        for knob in ("key_block", "refresh"):
-            if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
-                raise AccelError(f"hip: {knob} must be an integer >= 1, got {getattr(self, knob)!r}")
         for knob in ("sink", "window", "dense_layers", "min_topk", "refine_levels"):
             if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 0:
                 raise AccelError(f"hip: {knob} must be an integer >= 0, got {getattr(self, knob)!r}")
+        check_budget_knobs("hip", self.topk, self.topk_ratio, self.sink, self.window, 1)
+        for knob in ("key_block", "refresh"):
+            if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
+                raise AccelError(f"hip: {knob} must be an integer >= 1, got {getattr(self, knob)!r}")
         if not isinstance(self.sparse_prefill, bool):
             raise AccelError(f"hip: sparse_prefill must be True or False, got {self.sparse_prefill!r}")
         if self.sparse_prefill and self.representative == "max":
@@ -108,13 +105,6 @@ class HiPPolicy(AttentionPolicy):
         return Plan(policy="hip", num_layers=info.num_layers, num_kv_heads=info.num_kv_heads,
                     model_type=info.model_type, params=self.knobs(), layers=layers)
 
-    def _knob(self, ctx: LayerContext, name: str):
-        """A knob as the plan sets it (the layer's ``params``, then the plan's), else the policy's own value."""
-        for params in (ctx.plan.params, ctx.runtime.plan.params):
-            if params and name in params:
-                return params[name]
-        return getattr(self, name)
-
     def prefill(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
         ctx.state.pop("hip", None)  # new tokens in the cache: the next decode step searches again
         out = self._sparse_prefill(ctx, query, key, value, attention_mask, scaling)
@@ -127,20 +117,20 @@ class HiPPolicy(AttentionPolicy):
         layers, sliding-window layers, a continued cache, padded prompts (the block kernel has no padding mask) and
         budgets that cover the prompt."""
         cl = ctx.cache_layer
-        if (not bool(self._knob(ctx, "sparse_prefill")) or ctx.plan.mode != "hip" or cl is None or cl.is_sliding
+        if (not bool(self.plan_knob(ctx, "sparse_prefill")) or ctx.plan.mode != "hip" or cl is None or cl.is_sliding
                 or key.shape[-1] != value.shape[-1]):
             return None
         B, H, T, D = query.shape
         if key.shape[2] != T or prompt_valid(attention_mask, B, T) is not None:
             return None
-        topk = ctx.plan.topk if ctx.plan.topk is not None else self._knob(ctx, "topk")
-        budget = token_budget(T, topk, self._knob(ctx, "topk_ratio"), int(self._knob(ctx, "min_topk")))
+        topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
+        budget = token_budget(T, topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
         if budget >= T:
             return None
         from ..ops.sparse import block_sparse_prefill
 
-        blocks, counts = prefill_blocks(query, key, scaling, budget, int(self._knob(ctx, "sink")),
-                                        int(self._knob(ctx, "window")), self._knob(ctx, "representative"))
+        blocks, counts = prefill_blocks(query, key, scaling, budget, int(self.plan_knob(ctx, "sink")),
+                                        int(self.plan_knob(ctx, "window")), self.plan_knob(ctx, "representative"))
         out = torch.cat([block_sparse_prefill(query[b:b + 1], key[b:b + 1], value[b:b + 1], blocks[b], counts[b],
                                               scale=scaling) for b in range(B)])
         ctx.runtime.stats["hip_prefill_blocks"] = ctx.runtime.stats.get("hip_prefill_blocks", 0) + int(counts.sum())
@@ -152,10 +142,10 @@ class HiPPolicy(AttentionPolicy):
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         B, H, _, D = query.shape
         T = key.shape[2]
-        topk = ctx.plan.topk if ctx.plan.topk is not None else self._knob(ctx, "topk")
-        budget = token_budget(T, topk, self._knob(ctx, "topk_ratio"), int(self._knob(ctx, "min_topk")))
-        sink, window = int(self._knob(ctx, "sink")), int(self._knob(ctx, "window"))
-        kb = int(self._knob(ctx, "key_block"))
+        topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
+        budget = token_budget(T, topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
+        sink, window = int(self.plan_knob(ctx, "sink")), int(self.plan_knob(ctx, "window"))
+        kb = int(self.plan_knob(ctx, "key_block"))
         n_blocks = max(0, math.ceil((budget - sink - window) / kb))
         if budget >= T or sink + window + n_blocks * kb >= T:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
@@ -167,8 +157,8 @@ class HiPPolicy(AttentionPolicy):
         version = cl.version if cl is not None else None
         # (cache version, T at the last full search, steps since, coarse branches (lo, hi), the span's start)
         held = ctx.state.get("hip")
-        refresh, levels = int(self._knob(ctx, "refresh")), int(self._knob(ctx, "refine_levels"))
-        rep = self._knob(ctx, "representative")
+        refresh, levels = int(self.plan_knob(ctx, "refresh")), int(self.plan_knob(ctx, "refine_levels"))
+        rep = self.plan_knob(ctx, "representative")
         q = query[:, :, 0, :]
         # reuse the cached branches only while each step since the search appended one token (tokens added by a
         # multi-token forward on the same cache, a second turn, start a new search)

@@ -93,25 +93,18 @@ class QuestPolicy(AttentionPolicy):
         return Plan(policy="quest", num_layers=info.num_layers, num_kv_heads=info.num_kv_heads,
                     model_type=info.model_type, params=self.knobs(), layers=layers)
 
-    def _knob(self, ctx: LayerContext, name: str):
-        """A knob as the plan sets it (the layer's ``params``, then the plan's), else the policy's own value."""
-        for params in (ctx.plan.params, ctx.runtime.plan.params):
-            if params and name in params:
-                return params[name]
-        return getattr(self, name)
-
     def decode(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
         cl = ctx.cache_layer
         if ctx.plan.mode != "quest" or (cl is not None and cl.is_sliding) or key.shape[-1] != value.shape[-1]:
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         B, H, _, D = query.shape
         T = key.shape[2]
-        P = int(self._knob(ctx, "page_size"))
+        P = int(self.plan_knob(ctx, "page_size"))
         n_pages = (T + P - 1) // P
-        topk = ctx.plan.topk if ctx.plan.topk is not None else self._knob(ctx, "topk")
-        budget = token_budget(T, topk, self._knob(ctx, "topk_ratio"), int(self._knob(ctx, "min_topk")))
-        pages = -(-budget // P) if self._knob(ctx, "page_rounding") == "up" else budget // P
-        k_pages = max(int(self._knob(ctx, "min_pages")), pages)  # the current page counts, as in Quest's code
+        topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
+        budget = token_budget(T, topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
+        pages = -(-budget // P) if self.plan_knob(ctx, "page_rounding") == "up" else budget // P
+        k_pages = max(int(self.plan_knob(ctx, "min_pages")), pages)  # the current page counts, as in Quest's code
         if budget >= T or k_pages >= n_pages:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         version = cl.version if cl is not None else None
@@ -119,7 +112,7 @@ class QuestPolicy(AttentionPolicy):
         if held is None or held[0] != version or held[1].page != P or held[1].full_pages * P > T:
             held = ctx.state["quest"] = (version, QuestMetadata(P))
         meta = held[1]
-        agg = self._knob(ctx, "agg")
+        agg = self.plan_knob(ctx, "agg")
         ok, valid = step_valid(ctx, attention_mask, B, T)
         if not ok:
             raise AccelError("quest got a per-head attention mask it cannot apply; use policy='dense' for this model")
