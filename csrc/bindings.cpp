@@ -24,7 +24,8 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
                                             c10::optional<torch::Tensor> first);
 std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lo, torch::Tensor hi,
                                           int64_t key_block, int64_t rep, double scale, int64_t coarse_at,
-                                          torch::Tensor first, torch::Tensor start, int64_t sink, int64_t window);
+                                          torch::Tensor first, torch::Tensor start, int64_t sink, int64_t window,
+                                          bool aligned);
 double scattered_read_probe_cpu(torch::Tensor buf, torch::Tensor rows, int64_t distance);
 bool flush_cache_lines_cpu(torch::Tensor t);
 int64_t ragged_evict_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score,
@@ -124,7 +125,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "key's logit, down to key_block; returns (lo, hi, coarse_lo, coarse_hi, positions, counts)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("lo"), pybind11::arg("hi"), pybind11::arg("key_block"),
         pybind11::arg("rep"), pybind11::arg("scale"), pybind11::arg("coarse_at"), pybind11::arg("first"),
-        pybind11::arg("start"), pybind11::arg("sink"), pybind11::arg("window"));
+        pybind11::arg("start"), pybind11::arg("sink"), pybind11::arg("window"), pybind11::arg("aligned") = false);
   m.def("has_bf16_dot", &has_bf16_dot_cpu,
         "whether bf16 weights times bf16 inputs run on vdpbf16ps (AVX512_BF16) in this build");
   m.def("build_isa", &build_isa_cpu,

@@ -78,9 +78,10 @@ def test_masks_are_searched_every_refresh_steps_and_reused_between():
     assert stats["hip_searches"] == 2 * 2 and stats["hip_refinements"] == 2 * 6  # layers 2, 3; full at steps 1, 5
     for s in (seen[1], seen[2], seen[3]):  # no refinement: the kept blocks of step 1, the window moved on
         T, idx, counts = s[:3]
-        keep0 = seen[0][1][0, :, : int(seen[0][2][0, 0]) - 8]
-        assert torch.equal(idx[0, :, : keep0.shape[1]], keep0)
-        assert idx[0, 0, int(counts[0, 0]) - 8: int(counts[0, 0])].tolist() == list(range(T - 8, T))
+        for h in range(idx.shape[1]):  # heads may keep different counts (a row's shorter last branch)
+            keep0 = seen[0][1][0, h, : int(seen[0][2][0, h]) - 8]
+            assert int(counts[0, h]) == keep0.shape[0] + 8 and torch.equal(idx[0, h, : keep0.shape[0]], keep0)
+            assert idx[0, h, int(counts[0, h]) - 8: int(counts[0, h])].tolist() == list(range(T - 8, T))
     # refining the finest level at every step: each step's blocks lie inside the coarse branches of the last search
     seen, _ = _run_spied(m, ids, refine_levels=1, **kw)
     for step, (T, idx, counts, lo, hi) in enumerate(seen):
@@ -143,12 +144,13 @@ def test_the_cpu_search_equals_the_torch_path(dtype):
     key = buf[:, :, :T]  # a strided view, as the cache hands it over
     q = torch.randn(B, H, D, generator=g).to(dtype).float()
     first = torch.tensor([0, 13, 101])
-    for rep in ("middle", "first"):
+    for rep, aligned in [(r, a) for r in ("middle", "first") for a in (False, True)]:
         for n_blocks, kb, sink, window, levels in ((20, 4, 8, 32, 2), (37, 1, 0, 0, 3), (5, 8, 4, 16, 0)):
-            lo, hi, start = HIP.initial_branches(first, Hkv, T, sink, window, n_blocks)
+            lo, hi, start = HIP.initial_branches(first, Hkv, T, sink, window, n_blocks, kb, aligned)
             coarse_at = kb << levels if levels else 0
-            c = HIP.hip_step(q, key, lo, hi, kb, rep, 0.125, coarse_at, first, start, sink, window)
-            t = HIP.hip_step(q, key, lo, hi, kb, rep, 0.125, coarse_at, first, start, sink, window, backend="torch")
+            c = HIP.hip_step(q, key, lo, hi, kb, rep, 0.125, coarse_at, first, start, sink, window, aligned=aligned)
+            t = HIP.hip_step(q, key, lo, hi, kb, rep, 0.125, coarse_at, first, start, sink, window, backend="torch",
+                             aligned=aligned)
             assert torch.equal(c[0], t[0]) and torch.equal(c[1], t[1])
             if coarse_at:
                 assert torch.equal(c[2][0], t[2][0]) and torch.equal(c[2][1], t[2][1])
@@ -159,9 +161,10 @@ def test_the_cpu_search_equals_the_torch_path(dtype):
                     assert torch.equal(c[3][b, h, :n], t[3][b, h, :n]) and bool((c[3][b, h, n:] == -1).all())
             # a later step refines from the coarse level at a longer context: the window follows
             if coarse_at:
-                c2 = HIP.hip_step(q, key, c[2][0], c[2][1], kb, rep, 0.125, 0, first, start, sink, window)
+                c2 = HIP.hip_step(q, key, c[2][0], c[2][1], kb, rep, 0.125, 0, first, start, sink, window,
+                                  aligned=aligned)
                 t2 = HIP.hip_step(q, key, t[2][0], t[2][1], kb, rep, 0.125, 0, first, start, sink, window,
-                                  backend="torch")
+                                  backend="torch", aligned=aligned)
                 assert torch.equal(c2[4], t2[4]) and torch.equal(c2[0], t2[0])
 
 
@@ -226,3 +229,28 @@ def test_tokens_added_to_the_cache_by_a_second_turn_start_a_new_search():
         more = torch.cat([out.sequences, torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(10))], 1)
         m.generate(more, past_key_values=out.past_key_values, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert h.runtime.stats["hip_searches"] == 2
+
+
+def test_aligned_branches_end_at_the_key_block_so_a_step_attends_its_whole_budget():
+    """branches="aligned": the starting branches are key_block * 2**m long, so the search ends on branches of exactly
+    key_block tokens: a step attends sink + window + n_blocks * key_block tokens, less at most key_block - 1 where a
+    row's shorter last branch is kept (not the 60-80% of its budget that halving equal splits of the span leaves)."""
+    g = torch.Generator().manual_seed(11)
+    B, H, Hkv, D = 2, 4, 2, 16
+    for T, budget, kb in ((2048, 256, 4), (4096, 512, 4), (3001, 300, 8), (700, 150, 2)):
+        key = torch.randn(B, Hkv, T, D, generator=g)
+        q = torch.randn(B, H, D, generator=g)
+        first = torch.tensor([0, 37])
+        sink, window = 16, 64
+        n_blocks = -(-(budget - sink - window) // kb)
+        lo, hi, start = HIP.initial_branches(first, Hkv, T, sink, window, n_blocks, kb, aligned=True)
+        lengths = (hi - lo)[hi > lo]
+        assert bool((lengths == lengths.max()).sum() >= lengths.numel() - B * Hkv)  # equal but each row's last
+        top = int(lengths.max())
+        assert top % kb == 0 and (top // kb) & (top // kb - 1) == 0 and top * n_blocks >= T - window - sink
+        for backend in ("cpu", "torch"):
+            lo2, hi2, _, idx, counts = HIP.hip_step(q, key, lo, hi, kb, "middle", 0.25, 0, first, start, sink, window,
+                                                     backend=backend, aligned=True)
+            assert bool(((hi2 - lo2) <= kb).all())
+            full = sink + window + n_blocks * kb  # only a row's last, shorter branch can end below key_block
+            assert bool((counts <= full).all() and (counts > full - kb).all()), (T, budget, kb, backend, counts)

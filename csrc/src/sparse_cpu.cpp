@@ -190,7 +190,8 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
 // unless coarse_at > 0.
 std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lo, torch::Tensor hi,
                                           int64_t key_block, int64_t rep, double scale, int64_t coarse_at,
-                                          torch::Tensor first, torch::Tensor start, int64_t sink, int64_t window) {
+                                          torch::Tensor first, torch::Tensor start, int64_t sink, int64_t window,
+                                          bool aligned) {
   TORCH_CHECK(q.device().is_cpu() && q.dim() == 3, "q must be a CPU [B, H, D] tensor");
   q = q.to(torch::kFloat32).contiguous();
   check_cache(k, "k");
@@ -221,6 +222,7 @@ std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torc
   p.T = T;
   p.lo = lo.data_ptr<int64_t>(); p.hi = hi.data_ptr<int64_t>();
   p.n = static_cast<int>(n); p.key_block = static_cast<int>(key_block); p.rep = static_cast<int>(rep);
+  p.aligned = aligned;
   p.scale = static_cast<float>(scale);
   p.coarse_at = coarse_at;
   p.lo_out = lo_out.data_ptr<int64_t>(); p.hi_out = hi_out.data_ptr<int64_t>();

@@ -81,6 +81,7 @@ class HiPPolicy(AttentionPolicy):
     dense_layers: int = 2
     min_topk: int = 128
     sparse_prefill: bool = False
+    branches: str = "equal"
 
     def validate(self) -> None:
         for knob in ("sink", "window", "dense_layers", "min_topk", "refine_levels"):
@@ -95,6 +96,9 @@ class HiPPolicy(AttentionPolicy):
         if self.sparse_prefill and self.representative == "max":
             raise AccelError("hip: sparse_prefill scores branches by one key ('middle' or 'first'); representative='max' "
                              "is for decode checks: use sparse_prefill=False with it")
+        if self.branches not in ("aligned", "equal"):
+            raise AccelError(f"hip: branches must be 'aligned' (start at key_block * 2**m tokens) or 'equal' (equal "
+                             f"splits of the span), got {self.branches!r}")
         if self.representative not in _REPRESENTATIVES:
             raise AccelError(f"hip: representative must be one of {', '.join(_REPRESENTATIVES)}, "
                              f"got {self.representative!r}")
@@ -159,20 +163,21 @@ class HiPPolicy(AttentionPolicy):
         held = ctx.state.get("hip")
         refresh, levels = int(self.plan_knob(ctx, "refresh")), int(self.plan_knob(ctx, "refine_levels"))
         rep = self.plan_knob(ctx, "representative")
+        aligned = self.plan_knob(ctx, "branches") == "aligned"
         q = query[:, :, 0, :]
         # reuse the cached branches only while each step since the search appended one token (tokens added by a
         # multi-token forward on the same cache, a second turn, start a new search)
         if (held is None or held[0] != version or held[2] + 1 >= refresh or T != held[1] + held[2] + 1
                 or held[3][0].shape[:2] != (B, key.shape[1])):
-            lo, hi, start = initial_branches(first, key.shape[1], T, sink, window, n_blocks)
+            lo, hi, start = initial_branches(first, key.shape[1], T, sink, window, n_blocks, kb, aligned)
             _, _, coarse, idx, counts = hip_step(q, key, lo, hi, kb, rep, scaling, kb << levels, first, start, sink,
-                                                 window)
+                                                 window, aligned=aligned)
             ctx.state["hip"] = (version, T, 0, coarse, start)
             ctx.runtime.stats["hip_searches"] = ctx.runtime.stats.get("hip_searches", 0) + 1
         else:  # between full searches: the finest levels again, from the cached coarse branches
             ctx.state["hip"] = (held[0], held[1], held[2] + 1, held[3], held[4])
             _, _, _, idx, counts = hip_step(q, key, held[3][0], held[3][1], kb, rep, scaling, 0, first, held[4], sink,
-                                            window)
+                                            window, aligned=aligned)
             ctx.runtime.stats["hip_refinements"] = ctx.runtime.stats.get("hip_refinements", 0) + 1
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
 
@@ -182,7 +187,7 @@ def search_blocks(q, key, first, sink: int, window: int, n_blocks: int, key_bloc
     """HiP's hierarchical search for decode queries q [B, H, D] over key [B, Hkv, T, D] (each row's real tokens from
     ``first`` [B]): the sink positions and the kept branches between the sinks and the last ``window`` tokens, as
     positions [B, Hkv, n] ascending, -1 padded (the window is added per step by ``with_window``)."""
-    lo, hi, start = initial_branches(first, key.shape[1], key.shape[2], sink, window, n_blocks)
+    lo, hi, start = initial_branches(first, key.shape[1], key.shape[2], sink, window, n_blocks, key_block, False)
     lo, hi, _ = refine(q, key, lo, hi, n_blocks, key_block, representative, scaling)
     return kept_positions(lo, hi, first, start, sink)
 
@@ -191,7 +196,7 @@ _REP_CODE = {"middle": 0, "first": 1}
 
 
 def hip_step(q, key, lo, hi, key_block: int, representative: str, scaling: float, coarse_at: int, first, start,
-             sink: int, window: int, backend: str | None = None):
+             sink: int, window: int, backend: str | None = None, aligned: bool = False):
     """One step's search from the branches (lo, hi) [B, Hkv, n] and its positions: returns (lo, hi, coarse (lo, hi)
     or None, idx [B, Hkv, width] int32 ascending -1 padded, counts [B, Hkv] int32) with the sinks, the kept branches
     and the window of the current context. On the CPU one C++ call (accel/cpu/hip.h); elsewhere, for
@@ -202,31 +207,42 @@ def hip_step(q, key, lo, hi, key_block: int, representative: str, scaling: float
             and hasattr(_ext.cpu_ext(), "hip_search") and key.stride(-1) == 1):
         lo, hi, clo, chi, idx, counts = _ext.cpu_ext().hip_search(
             q, key, lo, hi, key_block, _REP_CODE[representative], scaling, coarse_at, first,
-            start.reshape(-1), sink, window)
+            start.reshape(-1), sink, window, aligned)
         return lo, hi, ((clo, chi) if coarse_at > 0 else None), idx, counts
     lo, hi, coarse = refine(q, key, lo, hi, lo.shape[-1], key_block, representative, scaling,
-                            coarse_at=coarse_at if coarse_at > 0 else None)
+                            coarse_at=coarse_at if coarse_at > 0 else None, aligned=aligned)
     kept = kept_positions(lo, hi, first, start.view(-1, 1, 1), sink)
     idx, counts = with_window(kept, T, T, window)
     return lo, hi, coarse, idx, counts
 
 
-def initial_branches(first, Hkv: int, T: int, sink: int, window: int, n_blocks: int):
-    """The ``n_blocks`` equal branches [lo, hi) [B, Hkv, n_blocks] between each row's sinks and the window, and the
-    searched span's start [B, 1, 1]."""
+def initial_branches(first, Hkv: int, T: int, sink: int, window: int, n_blocks: int, key_block: int = 1,
+                     aligned: bool = True):
+    """The starting branches [lo, hi) [B, Hkv, n_blocks] between each row's sinks and the window, and the searched
+    span's start [B, 1, 1]. Every branch is ``key_block * 2**m`` tokens long, with the smallest ``m`` for which
+    ``n_blocks`` of them cover the longest row's span (a row's last branch ends at its span's end, unused branches are
+    empty at the end), so halving ends on branches of exactly ``key_block`` tokens and the step attends its whole budget
+    (equal splits of the span, ``aligned=False``, end between ``key_block / 2`` and ``key_block`` tokens)."""
     B = first.shape[0]
     first = first.to(torch.long).view(B, 1, 1)
     start = (first + sink).clamp(max=max(T - window, 0))
     end = torch.full_like(start, max(T - window, 0))
     i = torch.arange(n_blocks + 1, device=first.device).view(1, 1, -1)
-    edges = start + ((end - start) * i) // max(n_blocks, 1)
+    if aligned:
+        span = int((end - start).max()) if B else 0
+        length = max(int(key_block), 1)
+        while n_blocks and length * n_blocks < span:
+            length *= 2
+        edges = torch.minimum(start + i * length, end)
+    else:
+        edges = start + ((end - start) * i) // max(n_blocks, 1)
     lo = edges[..., :-1].expand(B, Hkv, n_blocks).contiguous()
     hi = edges[..., 1:].expand(B, Hkv, n_blocks).contiguous()
     return lo, hi, start
 
 
 def refine(q, key, lo, hi, n_blocks: int, key_block: int, representative: str = "middle", scaling: float = 1.0,
-           coarse_at: int | None = None):
+           coarse_at: int | None = None, aligned: bool = False):
     """Split every branch in two and keep the ``n_blocks`` best children until no branch is longer than
     ``key_block``. Returns the final (lo, hi) and the branches of the first level no longer than ``coarse_at``
     (the cached coarse level a later step refines from; None without ``coarse_at``)."""
@@ -250,7 +266,10 @@ def refine(q, key, lo, hi, n_blocks: int, key_block: int, representative: str = 
         active = longest > key_block
         if not bool(active.any()):
             return lo, hi, ((coarse_lo, coarse_hi) if coarse_at is not None else None)
-        mid = (lo + hi) // 2
+        if aligned:  # children of half the level's length: a row's shorter last branch splits into a full child and
+            mid = torch.minimum(lo + ((longest + 1) // 2).unsqueeze(-1), hi)  # its rest, never into many short ones
+        else:
+            mid = (lo + hi) // 2
         clo = torch.stack((lo, mid), -1).flatten(-2)  # children in order: [lo, mid), [mid, hi)
         chi = torch.stack((mid, hi), -1).flatten(-2)
         score = _child_scores(qg, key, clo, chi, representative, full, scaling)

@@ -2,8 +2,9 @@
 // Sub-Quadratic Attention with Hierarchical Attention Pruning", ICLR 2025, arXiv 2406.09827). Torch-free.
 //
 // Per (sequence, KV head): starting from n branches [lo, hi) of the key range, every iteration splits each branch in
-// two, scores each child by the logit of one representative key (its middle or its first key; the largest
-// scale * q_g . k over the GQA group's query heads) and keeps the n best children (ties: the lower child), in position
+// two (at its midpoint; aligned branches at half the longest branch's length from their start), scores each child by
+// the logit of one representative key (its middle or its first key; the largest scale * q_g . k over the GQA group's
+// query heads) and keeps the n best children (ties: the lower child), in position
 // order, until no branch is longer than key_block. The branches of the first level no longer than coarse_at are
 // written out as well (the level a later step refines from). The step's positions are then written ascending: the
 // sinks (first + i below start), the kept branches' tokens, and the window [T - window, T). One call replaces the
@@ -34,6 +35,7 @@ struct HipParams {
   const int64_t* lo = nullptr;  // [B, Hkv, n] the branches to refine
   const int64_t* hi = nullptr;
   int n = 0, key_block = 1, rep = 0;  // rep: 0 middle key, 1 first key
+  bool aligned = false;  // children: half the longest branch's length from the start (else the branch's midpoint)
   float scale = 1.f;
   int64_t coarse_at = 0;  // > 0: write the first level no longer than this to coarse_lo / coarse_hi
   int64_t* lo_out = nullptr;  // [B, Hkv, n]
@@ -76,8 +78,9 @@ inline void hip_search(const HipParams& p) {
           coarse_done = true;
         }
         if (longest <= p.key_block || n == 0) break;
+        const int64_t half = (longest + 1) / 2;  // aligned: children of half the level's length (shorter: full + rest)
         for (int i = 0; i < n; ++i) {
-          const int64_t mid = (lo[i] + hi[i]) / 2;
+          const int64_t mid = p.aligned ? std::min(lo[i] + half, hi[i]) : (lo[i] + hi[i]) / 2;
           clo[2 * i] = lo[i]; chi[2 * i] = mid;
           clo[2 * i + 1] = mid; chi[2 * i + 1] = hi[i];
         }
