@@ -906,6 +906,7 @@ POLICIES = [  # name, paper (as cited in the code), what it does
     ("duo", "DuoAttention, Xiao et al. 2024, arXiv 2410.10819", "retrieval heads keep everything, streaming heads a small cache"),
     ("taskkv", "Task-KV, He, Liu, Chen, arXiv 2501.15113", "per request, heads far from their layer's semantic center keep everything"),
     ("moa", "MoA, Fu et al., arXiv 2406.14909", "per-head sink + band spans from an offline MILP; sparse prefill"),
+    ("tca", "TCA-Attention, You, Chen, Zhang et al., arXiv 2512.09238", "per KV head, a calibrated quota of each 16-token block's least redundant keys, in the prefill and the cache"),
     ("fastervlm", "FasterVLM, Zhang et al., arXiv 2412.01818", "keeps the image tokens the vision tower's [CLS] attends to"),
     ("flowcut", "FlowCut, Tong et al., arXiv 2505.19536", "prunes image tokens progressively inside the vision tower"),
     ("fastv", "FastV-style, after Chen et al., ECCV 2024", "ranks image tokens by the attention they get in an early LLM layer"),

@@ -62,8 +62,8 @@ def draw_plan(plan, path: str | Path, title: str | None = None) -> None:
 
 
 def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
-    """Per-head plans (DuoAttention): a layers x KV-heads map of the profiled scores, retrieval heads
-    outlined."""
+    """Per-head plans (DuoAttention, MoA, TCA): a layers x KV-heads map of the profiled scores (duo; retrieval heads
+    outlined), the spans (moa) or the share of each block kept (tca)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,9 +74,12 @@ def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
     H = max(len(lp.heads or []) for lp in plan.layers)
     grid = np.full((H, L), np.nan)
     is_moa = plan.policy == "moa"
+    is_tca = plan.policy == "tca"
     for i, lp in enumerate(plan.layers):
         for h, hp in enumerate(lp.heads or []):
-            if hp.score is not None:
+            if is_tca:
+                grid[h, i] = hp.budget / plan.params["block"]
+            elif hp.score is not None:
                 grid[h, i] = hp.score
             elif hp.alpha is not None and hp.beta is not None:
                 from ..policies.moa import moa_span
@@ -92,7 +95,10 @@ def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
     ax.set_ylabel("KV head")
     ax.set_yticks(range(H))
     n_ret = sum(hp.kind == "retrieval" for lp in plan.layers for hp in (lp.heads or []))
-    if is_moa:
+    if is_tca:
+        default = title or (f"tca plan: share of each block's {plan.params['block']} tokens a head keeps (tolerance "
+                            f"{plan.params.get('tolerance')}; mean {np.nanmean(grid):.2f})")
+    elif is_moa:
         default = title or (f"moa plan (density {plan.params.get('density')}): each head's span at 4096 tokens "
                             "as a fraction of the context")
     else:

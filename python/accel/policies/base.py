@@ -65,6 +65,11 @@ class Policy:
     def check_plan(self, plan: Plan) -> None:
         """Refuse a plan whose layer modes or head kinds this policy does not execute."""
         check_plan_fields(plan, self.name, self.plan_modes, self.head_kinds)
+        self.check_plan_params(plan)
+
+    def check_plan_params(self, plan: Plan) -> None:
+        """Refuse a plan whose method-specific fields (calibration settings, per-head values) this policy's options
+        cannot run exactly (alone or composed with other policies)."""
 
     def build_plan(self, info: ModelInfo) -> Plan:
         return Plan.uniform(
@@ -177,3 +182,5 @@ class ComposedPolicy:
         modes = tuple(dict.fromkeys(m for p in parts for m in p.plan_modes))
         kinds = tuple(dict.fromkeys(k for p in parts for k in p.head_kinds))
         check_plan_fields(plan, self.name, modes, kinds)
+        for p in parts:
+            p.check_plan_params(plan)

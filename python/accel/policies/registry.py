@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {
     "moa": "accel.policies.moa:MoAPolicy",
     "quest": "accel.policies.quest:QuestPolicy",
     "hip": "accel.policies.hip:HiPPolicy",
+    "tca": "accel.policies.tca:TCAPolicy",
     # visual-token pruning (VLMs): act before the language model, compose with the policies above
     "fastervlm": "accel.policies.fastervlm:FasterVLMPolicy",
     "flowcut": "accel.policies.flowcut:FlowCutPolicy",

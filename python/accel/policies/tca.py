@@ -1,0 +1,399 @@
+"""TCA-Attention (You, Chen, Zhang et al., "Training-free Context-adaptive Attention", arXiv 2512.09238; methods.md
+7.2): per-head token quotas from one offline calibration pass, and an online choice of the least redundant tokens of
+every block of keys, in the prefill and during decode, which shrinks each head's KV cache.
+
+**Calibration** (``accel plan --policy tca``, ``accel.calibration.tca``): candidate configurations are distributions
+over how many tokens a block of ``block`` keys keeps, ``k in {1, 2, 4, ..., block}`` with log-Gaussian proportions
+``p_k ~ exp(-(log2 k - mu)^2 / (2 sigma^2))``; a configuration's quota is ``round(sum_k p_k k)`` tokens per block.
+One dense forward over calibration text records each layer's queries, keys and values; every KV head gets the
+sparsest configuration whose attention output (this policy's attention, last queries of the text) stays within
+``tolerance`` relative L2 error of dense attention. The plan's heads carry their quota (``budget``), ``mu``
+(``alpha``), ``sigma`` (``beta``) and their error (``score``); each layer keeps every head's error at every quota, so
+``tolerance=`` picks other quotas at patch time without calibrating again.
+
+**Online selection.** A head's keys after the first ``sink`` tokens are cut into blocks of ``block`` tokens. Once a
+block is ``window`` tokens behind the newest token (block ``j`` when ``sink + (j + 1) * block + window`` tokens are
+before the newest one) it is compressed: it keeps the head's quota of its least redundant tokens and the rest leave the
+ragged cache (real bytes). [INFER] redundancy of a key = cosine of its (unit) key with the mean unit key of its block;
+the lowest are kept (ties: the earlier token). Sinks and the last ``window`` to ``window + block`` tokens are always
+kept. The prefill runs the same rule per query (``sparse_prefill``, default on): a query attends to the sinks, the
+kept tokens of the blocks compressed before its token arrived and every token after them, so a prompt prefilled at once and the
+same prompt fed one token at a time attend to the same keys. A configuration that keeps ``block`` of ``block`` tokens
+in every head is exact dense attention.
+
+[INFER] switchable: block 16, sink 16, window 64 (a multiple of the block, so a 16-query block shares one mask),
+sigma 1, the redundancy metric above. The prefill is computed as masked attention over every key (exact semantics,
+dense cost); the decode step reads only the kept rows. Layers with a sliding window are left alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..attention.masks import first_valid_positions, prompt_valid, step_valid
+from ..errors import AccelError
+from ..models.base import ModelInfo
+from ..plan import Plan
+from ..plan.shipped import require_shipped_plan
+from .budgeted import _NEG, FORCED, BudgetedKVPolicy
+from .registry import register_policy
+
+
+def block_sizes(block: int) -> list[int]:
+    """The per-block kept counts of the log-Gaussian family: 1, 2, 4, ..., block (block a power of two)."""
+    return [1 << i for i in range(int(math.log2(block)) + 1)]
+
+
+def log_gaussian(mu: float, sigma: float, block: int) -> list[float]:
+    """Proportions ``p_k ~ exp(-(log2 k - mu)^2 / (2 sigma^2))`` over ``block_sizes(block)`` (sigma 0: all mass on
+    the k nearest to ``2**mu``)."""
+    ks = block_sizes(block)
+    if sigma <= 0:
+        best = min(range(len(ks)), key=lambda i: (abs(i - mu), i))
+        return [1.0 if i == best else 0.0 for i in range(len(ks))]
+    w = [math.exp(-((i - mu) ** 2) / (2 * sigma * sigma)) for i in range(len(ks))]
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def config_quota(mu: float, sigma: float, block: int) -> int:
+    """Tokens a block keeps under configuration (mu, sigma): ``round(sum_k p_k k)``, at least 1."""
+    p = log_gaussian(mu, sigma, block)
+    return max(1, min(block, int(math.floor(sum(pk * k for pk, k in zip(p, block_sizes(block))) + 0.5))))
+
+
+def compressed_blocks(n: torch.Tensor | int, sink: int, window: int, block: int):
+    """Blocks compressed when a row holds ``n`` real tokens: block j once ``sink + (j + 1) * block + window <= n - 1``."""
+    if isinstance(n, torch.Tensor):
+        return ((n - 1 - sink - window).div(block, rounding_mode="floor")).clamp(min=0)
+    return max(0, (n - 1 - sink - window) // block)
+
+
+#: redundancy metrics of a key within its block (lower = less redundant = kept first)
+METRICS = ("cosine", "deviation", "norm")
+
+
+def block_keep(kb: torch.Tensor, quota: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
+    """The tokens each block keeps: ``kb`` [..., Hkv, nb, block, D] keys, ``quota`` [Hkv] (or broadcastable to
+    [..., Hkv]) tokens per block; returns bool [..., Hkv, nb, block], the ``quota`` least redundant keys of each block
+    (ties to the earlier token). Redundancy (``metric``): 'cosine', the cosine of the key with the block's mean unit
+    key; 'deviation', minus the key's distance from the block's mean key; 'norm', minus the key's norm."""
+    k = kb.float()
+    if metric == "cosine":
+        u = k / k.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        red = (u * u.mean(-2, keepdim=True)).sum(-1)  # [..., nb, block]
+    elif metric == "deviation":
+        red = -(k - k.mean(-2, keepdim=True)).norm(dim=-1)
+    else:
+        red = -k.norm(dim=-1)
+    order = torch.sort(red, dim=-1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    q = quota.to(rank.device)
+    return rank < q.view(*q.shape, 1, 1)
+
+
+def select(keys: torch.Tensor, first: torch.Tensor, quota: torch.Tensor, sink: int, window: int, block: int,
+           metric: str = "cosine"):
+    """Which tokens the cache keeps once every compressible block of the prompt is compressed: ``keys`` [B, Hkv, T, D]
+    (row b's real tokens from ``first[b]``), ``quota`` [Hkv]. Returns (kept [B, Hkv, T] bool, True for every real
+    token outside the compressed blocks; block [B, T] int64 block index of each token, -1 for padding and sinks)."""
+    B, Hkv, T, _ = keys.shape
+    dev = keys.device
+    kept = torch.ones(B, Hkv, T, dtype=torch.bool, device=dev)
+    t = torch.arange(T, device=dev)
+    first = first.to(dev).long()
+    rel = t.view(1, T) - first.view(B, 1)
+    blk = torch.where(rel >= sink, (rel - sink).div(block, rounding_mode="floor"), torch.full_like(rel, -1))
+    kept &= (rel >= 0).view(B, 1, T)
+    for b in range(B):
+        nb = compressed_blocks(T - int(first[b]), sink, window, block)
+        if nb == 0:
+            continue
+        lo = int(first[b]) + sink
+        kb = keys[b, :, lo:lo + nb * block].reshape(Hkv, nb, block, -1)
+        kept[b, :, lo:lo + nb * block] = block_keep(kb, quota, metric).reshape(Hkv, nb * block)
+    return kept, blk
+
+
+def visible(kept, blk, first, q0: int, q1: int, sink: int, window: int, block: int) -> torch.Tensor:
+    """[B, Hkv, q1 - q0, q1] bool: the keys queries ``q0 .. q1 - 1`` attend to under TCA (causal; the sinks, the kept
+    tokens of the blocks compressed before the query's token arrived, every token of the later blocks)."""
+    B = kept.shape[0]
+    dev = kept.device
+    tq = torch.arange(q0, q1, device=dev)
+    tk = torch.arange(q1, device=dev)
+    first = first.to(dev).long().view(B, 1)
+    # [B, C] blocks compressed when each query arrives: a decode step attends before its own token moves a block out
+    done = compressed_blocks(tq.view(1, -1) - first, sink, window, block)
+    open_ = blk[:, None, :q1] >= done[:, :, None]  # [B, C, q1] not (yet) compressed for that query
+    vis = kept[:, :, None, :q1] | open_[:, None]
+    vis &= (tk.view(1, -1) <= tq.view(-1, 1)).view(1, 1, q1 - q0, q1)
+    vis &= (tk.view(1, 1, -1) >= first.view(B, 1, 1)).view(B, 1, 1, q1)
+    return vis | (tk.view(1, -1) == tq.view(-1, 1)).view(1, 1, q1 - q0, q1)  # padding queries see themselves
+
+
+def tca_attention(query, key, value, kept, blk, first, scaling: float, sink: int, window: int, block: int,
+                  chunk: int = 256) -> torch.Tensor:
+    """TCA prefill attention [B, H, Tq, D] for the last ``Tq`` queries over ``T`` keys (masked SDPA per query chunk)."""
+    import torch.nn.functional as F
+
+    B, H, Tq, D = query.shape
+    Hkv, T = key.shape[1], key.shape[2]
+    G = H // Hkv
+    out = torch.empty(B, H, Tq, value.shape[-1], dtype=query.dtype, device=query.device)
+    for c0 in range(0, Tq, chunk):
+        c1 = min(Tq, c0 + chunk)
+        q0, q1 = T - Tq + c0, T - Tq + c1
+        vis = visible(kept, blk, first, q0, q1, sink, window, block)  # [B, Hkv, C, q1]
+        C = c1 - c0
+        q = query[:, :, c0:c1].reshape(B, Hkv, G * C, D)
+        m = vis.unsqueeze(2).expand(B, Hkv, G, C, q1).reshape(B, Hkv, G * C, q1)
+        o = F.scaled_dot_product_attention(q, key[:, :, :q1], value[:, :, :q1], attn_mask=m, scale=scaling)
+        out[:, :, c0:c1] = o.reshape(B, H, C, -1)
+    return out
+
+
+@register_policy("tca")
+@dataclass
+class TCAPolicy(BudgetedKVPolicy):
+    """TCA-Attention: calibrated per-head quotas, least-redundant tokens per block (see the module docstring).
+
+    Options:
+        tolerance: None keeps the plan's quotas; a value re-picks every head's sparsest quota whose calibrated error
+            is within it (the plan stores each head's error at every quota).
+        sparse_prefill: attend in the prefill as in decode (default True); False: dense prefill, then the prompt's
+            cache is compressed the same way.
+        block, sink, window, sigma: must match the plan's (its quotas were calibrated with them).
+    """
+
+    budget_ratio: float | None = None  # TCA's budget is the plan's per-head quotas
+    tolerance: float | None = None
+    sparse_prefill: bool = True
+    block: int = 16
+    sink: int = 16
+    window: int = 64
+    sigma: float = 1.0
+    metric: str = "cosine"
+
+    evict_by: ClassVar[str] = "score"
+    accumulate: ClassVar[bool] = False
+    needs_plan: ClassVar[bool] = True
+    per_kv_head: ClassVar[bool] = True  # each KV head's quota and selection use its own keys only
+    calibrator: ClassVar[str] = "accel.calibration.tca:calibrate_tca"
+    plan_modes: ClassVar[tuple] = ("full", "compress")
+    head_kinds: ClassVar[tuple] = ("tca",)
+
+    def validate(self) -> None:
+        b = self.block
+        if not isinstance(b, int) or b < 1 or b & (b - 1):
+            raise AccelError(f"tca: block must be a power of two >= 1, got {b!r}")
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise AccelError(f"tca: sink must be a number of tokens >= 0, got {self.sink!r}")
+        if not isinstance(self.window, int) or self.window < 0 or self.window % b:
+            raise AccelError(f"tca: window must be a multiple of block ({b}) >= 0, got {self.window!r}")
+        if self.tolerance is not None and not 0 <= float(self.tolerance):
+            raise AccelError(f"tca: tolerance must be a relative error >= 0 (or None: the plan's quotas), got "
+                             f"{self.tolerance!r}")
+        if self.metric not in METRICS:
+            raise AccelError(f"tca: metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if not self.sigma >= 0:
+            raise AccelError(f"tca: sigma must be >= 0, got {self.sigma!r}")
+        if self.decode != "fixed":
+            raise AccelError("tca: decode must be 'fixed' (blocks are compressed as they leave the window); "
+                             f"got {self.decode!r}")
+        self.dense_prefill = not self.sparse_prefill
+
+    def build_plan(self, info: ModelInfo) -> Plan:
+        return require_shipped_plan("tca", info, "per-head quotas from calibration")
+
+    def check_plan_params(self, plan: Plan) -> None:
+        params = plan.params or {}
+        for knob in ("block", "sink", "window", "sigma", "metric"):
+            if knob in params and params[knob] != getattr(self, knob):
+                raise AccelError(f"tca: the plan was calibrated with {knob}={params[knob]!r}, the policy has "
+                                 f"{getattr(self, knob)!r}; drop the option or calibrate a plan with it "
+                                 f"(`accel plan --policy tca --set {knob}={getattr(self, knob)}`)")
+        for i, lp in enumerate(plan.layers):
+            for j, hp in enumerate(lp.heads or []):
+                if hp.kind == "tca" and not (isinstance(hp.budget, int) and 1 <= hp.budget <= self.block):
+                    raise AccelError(f"tca: plan layers[{i}].heads[{j}].budget must be a quota of 1..{self.block} "
+                                     f"tokens per block, got {hp.budget!r}")
+        if self.tolerance is not None:
+            for i, lp in enumerate(plan.layers):
+                if lp.heads and len((lp.params or {}).get("errors") or []) != len(lp.heads):
+                    raise AccelError(f"tca: tolerance= needs each head's calibrated errors, and plan layers[{i}] has "
+                                     "none; calibrate the plan with `accel plan --policy tca`")
+
+    # -- quotas ------------------------------------------------------------------------------------------
+    def quotas(self, plan, layer_idx: int, Hkv: int, kv_offset: int = 0) -> torch.Tensor | None:
+        """[Hkv] tokens per block each head of the layer keeps (None: the layer is not compressed)."""
+        if plan is None:
+            raise AccelError("tca: no plan attached (patch the model with a tca plan)")
+        lp = plan.layers[layer_idx]
+        if not lp.heads:
+            return None
+        if self.tolerance is None:
+            q = [int(h.budget) for h in lp.heads]
+        else:
+            q = [next((i + 1 for i, e in enumerate(errs) if e <= float(self.tolerance)), self.block)
+                 for errs in lp.params["errors"]]
+        return torch.tensor(q[kv_offset:kv_offset + Hkv], dtype=torch.long)
+
+    def _layer_quotas(self, ctx, Hkv: int):
+        return self.quotas(ctx.runtime.plan, ctx.layer_idx, Hkv, ctx.runtime.kv_offset)
+
+    # -- prefill -------------------------------------------------------------------------------------------
+    def prefill_attention(self, ctx, query, key, value, attention_mask, scaling):
+        """TCA attention in the prefill (None: dense, where nothing is compressed or the layer is not TCA's)."""
+        cl = ctx.cache_layer
+        if not self.sparse_prefill or cl is None or cl.is_sliding or key.shape[-1] != value.shape[-1]:
+            return None
+        B, H, Tq, D = query.shape
+        T = key.shape[2]
+        quota = self._layer_quotas(ctx, key.shape[1])
+        if quota is None or bool((quota >= self.block).all()):
+            return None
+        valid = prompt_valid(attention_mask, B, T)
+        first = first_valid_positions(valid, B)
+        if all(compressed_blocks(T - f, self.sink, self.window, self.block) == 0 for f in first.tolist()):
+            return None  # no block is compressed for any query: dense attention is TCA's
+        kept, blk = select(key, first, quota, self.sink, self.window, self.block, self.metric)
+        out = tca_attention(query, key, value, kept, blk, first, scaling, self.sink, self.window, self.block)
+        ctx.runtime.stats["tca_prefill_layers"] = ctx.runtime.stats.get("tca_prefill_layers", 0) + 1
+        return out.transpose(1, 2).contiguous()
+
+    # -- compression of the prompt's cache (BudgetedKVPolicy.compress calls these) --------------------------
+    def budget_floor(self) -> int:
+        return 0  # the kept counts are exact: sinks + quotas + the tail
+
+    def head_budgets(self, layer_idx, num_layers, n, Hkv, view, keys, valid, scaling):
+        B, _, T, _ = keys.shape
+        quota = self.quotas(self._plan, layer_idx, Hkv, self._kv_offset)
+        if quota is None:
+            self._kept = None
+            return n.view(B, 1).expand(B, Hkv).clone()
+        first = first_valid_positions(valid, B)
+        self._kept, _ = select(keys, first, quota, self.sink, self.window, self.block, self.metric)
+        return self._kept.sum(-1).cpu()
+
+    def growing_heads(self, budgets, n):
+        return torch.ones_like(budgets, dtype=torch.bool)  # no budget eviction: blocks are compressed as they age
+
+    def protect(self, budgets):
+        return torch.full_like(budgets, self.sink), torch.zeros_like(budgets)
+
+    def token_scores(self, view, keys, valid, budgets, scaling):
+        B, Hkv, T, _ = keys.shape
+        if self._kept is None:
+            return torch.full((B, Hkv, T), FORCED, dtype=torch.float64, device=keys.device)
+        s = torch.full((B, Hkv, T), _NEG, dtype=torch.float64, device=keys.device)
+        return s.masked_fill(self._kept, FORCED)
+
+    def compress(self, cl, layer_idx, num_layers, view, valid, scaling, state, reserve=0, plan=None, kv_offset=0):
+        self._plan, self._kv_offset = plan, kv_offset
+        quota = self.quotas(plan, layer_idx, cl.keys.shape[1], kv_offset)
+        if quota is None or bool((quota >= self.block).all()):
+            return  # this layer keeps every token
+        B, _, T, _ = cl.keys.shape
+        first = first_valid_positions(valid, B)
+        if all(compressed_blocks(T - int(f), self.sink, self.window, self.block) == 0 for f in first.tolist()):
+            return  # nothing to compress yet: blocks are compressed as decoding reaches them
+        super().compress(cl, layer_idx, num_layers, view, valid, scaling, state, reserve=reserve, plan=plan,
+                         kv_offset=kv_offset)
+
+    # -- decode --------------------------------------------------------------------------------------------
+    def after_prefill(self, ctx, query, attention_mask) -> None:
+        cl = ctx.cache_layer
+        if cl is not None and not cl.is_sliding and cl.ragged is not None:  # more tokens on a compressed cache
+            self._compress_ready(ctx, query.shape[2], attention_mask)
+            return
+        super().after_prefill(ctx, query, attention_mask)
+
+    def after_decode(self, ctx, query, attention_mask) -> None:
+        self._compress_ready(ctx, query.shape[2], attention_mask)
+
+    def _compress_ready(self, ctx, new: int, attention_mask) -> None:
+        """Compress the blocks that the last ``new`` tokens moved out of the window."""
+        cl = ctx.cache_layer
+        if cl is None or cl.is_sliding:
+            return
+        T = cl.cumulative_length
+        s, w, b = self.sink, self.window, self.block
+        if cl.ragged is None:  # still dense (a short prompt): compress it once a row's first block is due
+            if cl.keys is None or cl.start != 0 or T <= s + w + b:
+                return
+            B, _, Tk, _ = cl.keys.shape
+            ok, valid = step_valid(ctx, attention_mask, B, Tk)
+            if not ok:
+                raise AccelError("tca got a per-head attention mask it cannot apply; use policy='dense' for this model")
+            n = Tk - first_valid_positions(valid, B)
+            if not bool((compressed_blocks(n, s, w, b) > compressed_blocks(n - new, s, w, b)).any()):
+                return
+            scaling = getattr(ctx.module, "scaling", None) or cl.keys.shape[-1] ** -0.5
+            from .budgeted import PrefillView
+
+            self.compress(cl, ctx.layer_idx, ctx.runtime.info.num_layers, PrefillView(), valid, scaling,
+                          ctx.state, reserve=int(getattr(ctx.runtime, "reserve", 0) or 0), plan=ctx.runtime.plan,
+                          kv_offset=ctx.runtime.kv_offset)
+            return
+        st = ctx.state.get(self.STATE_KEY)
+        if st is None:
+            raise AccelError(f"tca: layer {ctx.layer_idx} of this cache is compressed but its state is gone (the cache "
+                             "was copied other than with copy.deepcopy); continue the cache a patched call returned")
+        rg = cl.ragged
+        quota = self._layer_quotas(ctx, rg.shape[1])
+        _, sink_end, _ = st.current(rg)
+        first = sink_end.view(rg.shape)[:, 0] - s  # [B] each row's first real position
+        n = T - first
+        lo = compressed_blocks(n - new, s, w, b)
+        hi = compressed_blocks(n, s, w, b)
+        for j in range(int(lo.min()), int(hi.max())):
+            rows = (lo <= j) & (j < hi)
+            if bool(rows.any()):
+                drop_block(rg, first + s + j * b, rows, quota, b, T, self.metric)
+
+
+def drop_block(rg, start: torch.Tensor, rows: torch.Tensor, quota: torch.Tensor, block: int, T: int,
+               metric: str = "cosine") -> None:
+    """Compress one block per selected batch row of the ragged layer ``rg``: the tokens at positions
+    ``[start[b], start[b] + block)`` of every head keep the head's ``quota`` least redundant, the rest are evicted
+    (scored below every other token and evicted with the cache's own eviction, everything after the block
+    protected)."""
+    from .. import _ext
+
+    B, Hkv = rg.shape
+    slots, live = rg.rows()
+    pos = rg.pos[slots]
+    st = start.view(B, 1, 1)
+    inb = live & (pos >= st) & (pos < st + block) & rows.view(B, 1, 1)
+    count = inb.sum(-1)  # [B, Hkv]: block on the selected rows, 0 elsewhere
+    if not bool(((count == block) | ~rows.view(B, 1)).all()):
+        raise AccelError("tca: a block due for compression is not whole in the cache (the cache was edited outside "
+                         "accel); start a new cache")
+    key = torch.where(inb, pos, torch.iinfo(torch.int64).max)
+    order = key.sort(-1).indices[..., :block]  # the block's slots in position order
+    brow = slots.gather(-1, order)  # [B, Hkv, block] pool rows
+    keep = block_keep(rg.k[brow].unsqueeze(2), quota.view(1, Hkv).expand(B, Hkv), metric).squeeze(2)  # [B, Hkv, block]
+    sel = rows.view(B, 1, 1).expand(B, Hkv, block)
+    rg.score[brow[sel & ~keep]] = -1.0
+    rg.score[brow[sel & keep]] = 1.0
+    n_drop = (block - quota).view(1, Hkv).expand(B, Hkv)
+    budget = torch.where(rows.view(B, 1), rg.lengths.long() - n_drop, torch.iinfo(torch.int64).max)
+    sink_end = start.view(B, 1).expand(B, Hkv)  # tokens before the block (sinks, kept tokens) are not candidates
+    recent = (T - (start + block)).view(B, 1).expand(B, Hkv)  # neither is anything after it
+    budget, sink_end, recent = (x.reshape(-1).long().contiguous() for x in (budget, sink_end, recent))
+    if _ext.HAS_CPU_EXT and rg.k.device.type == "cpu":
+        _ext.cpu_ext().ragged_evict(rg.k, rg.v, rg.pos, rg.score, rg.offsets.reshape(-1), rg.lengths.view(-1),
+                                    budget, sink_end, recent, False)
+        return
+    from .budgeted import victims
+
+    while True:
+        over = rg.lengths.long() > budget.view(B, Hkv)
+        if not bool(over.any()):
+            return
+        rg.evict(victims(rg, sink_end.view(B, Hkv), recent.view(B, Hkv), "score"), over)
