@@ -220,3 +220,17 @@ def test_calibration_end_to_end_and_tolerance_picks_quotas_at_patch_time():
     assert same(ref, gen(m, ids, "tca", new=6, plan=plan, tolerance=0.0, **KW))  # tolerance 0: every head whole
     out = gen(m, ids, "tca", new=6, plan=plan, **KW)
     assert out.sequences.shape[1] == 126
+
+
+def test_inline_boolean_options_read_as_booleans():
+    """``name@flag=False`` (Python spelling) and ``flag=false`` (JSON) both turn a flag off; a string that is neither
+    is refused rather than read as a true value."""
+    from accel.policies.registry import make_policy
+
+    for spec in ("tca@sparse_prefill=False", "tca@sparse_prefill=false", "moa@sparse_prefill=False"):
+        p = make_policy(spec).kv[0]
+        assert p.sparse_prefill is False and p.dense_prefill is True, spec
+    assert make_policy("snapkv@budget=None@budget_ratio=0.5").kv[0].budget is None
+    for spec in ("tca@sparse_prefill=no", "moa@sparse_prefill=off"):
+        with pytest.raises(AccelError, match="sparse_prefill must be True or False"):
+            make_policy(spec)

@@ -71,6 +71,8 @@ class MoAPolicy(BudgetedKVPolicy):
             raise AccelError(f"moa: density must be in (0, 1], got {self.density!r}")
         if self.decode not in ("fixed", "grow"):
             raise AccelError(f"moa: decode must be 'fixed' or 'grow', got {self.decode!r}")
+        if not isinstance(self.sparse_prefill, bool):
+            raise AccelError(f"moa: sparse_prefill must be True or False, got {self.sparse_prefill!r}")
         self.dense_prefill = not self.sparse_prefill
 
     def build_plan(self, info: ModelInfo) -> Plan:

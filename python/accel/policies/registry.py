@@ -98,14 +98,20 @@ def split_spec(part: str) -> tuple[str, dict]:
 
 
 def parse_options(items, what: str = "option") -> dict:
-    """``["k=v", ...]`` -> ``{k: JSON value of v, or the string}`` (``--set`` and ``name@k=v`` specs)."""
+    """``["k=v", ...]`` -> ``{k: JSON value of v, or the string}`` (``--set`` and ``name@k=v`` specs). Python's
+    ``True`` / ``False`` / ``None`` read as JSON's ``true`` / ``false`` / ``null`` (the string "False" would be a true
+    value)."""
     import json
 
+    literals = {"True": True, "False": False, "None": None}
     out = {}
     for it in items or []:
         if "=" not in it:
             raise AccelError(f"{what} expects KEY=VALUE, got {it!r}")
         k, v = it.split("=", 1)
+        if v.strip() in literals:
+            out[k] = literals[v.strip()]
+            continue
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:

@@ -198,6 +198,8 @@ class TCAPolicy(BudgetedKVPolicy):
         if self.tolerance is not None and not 0 <= float(self.tolerance):
             raise AccelError(f"tca: tolerance must be a relative error >= 0 (or None: the plan's quotas), got "
                              f"{self.tolerance!r}")
+        if not isinstance(self.sparse_prefill, bool):
+            raise AccelError(f"tca: sparse_prefill must be True or False, got {self.sparse_prefill!r}")
         if self.metric not in METRICS:
             raise AccelError(f"tca: metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if not self.sigma >= 0:
