@@ -119,41 +119,50 @@ def select(keys: torch.Tensor, first: torch.Tensor, quota: torch.Tensor, sink: i
     return kept, blk
 
 
-def visible(kept, blk, first, q0: int, q1: int, sink: int, window: int, block: int) -> torch.Tensor:
-    """[B, Hkv, q1 - q0, q1] bool: the keys queries ``q0 .. q1 - 1`` attend to under TCA (causal; the sinks, the kept
-    tokens of the blocks compressed before the query's token arrived, every token of the later blocks)."""
-    B = kept.shape[0]
-    dev = kept.device
-    tq = torch.arange(q0, q1, device=dev)
-    tk = torch.arange(q1, device=dev)
-    first = first.to(dev).long().view(B, 1)
-    # [B, C] blocks compressed when each query arrives: a decode step attends before its own token moves a block out
-    done = compressed_blocks(tq.view(1, -1) - first, sink, window, block)
-    open_ = blk[:, None, :q1] >= done[:, :, None]  # [B, C, q1] not (yet) compressed for that query
-    vis = kept[:, :, None, :q1] | open_[:, None]
-    vis &= (tk.view(1, -1) <= tq.view(-1, 1)).view(1, 1, q1 - q0, q1)
-    vis &= (tk.view(1, 1, -1) >= first.view(B, 1, 1)).view(B, 1, 1, q1)
-    return vis | (tk.view(1, -1) == tq.view(-1, 1)).view(1, 1, q1 - q0, q1)  # padding queries see themselves
-
-
 def tca_attention(query, key, value, kept, blk, first, scaling: float, sink: int, window: int, block: int,
                   chunk: int = 256) -> torch.Tensor:
-    """TCA prefill attention [B, H, Tq, D] for the last ``Tq`` queries over ``T`` keys (masked SDPA per query chunk)."""
+    """TCA prefill attention [B, H, Tq, D] for the last ``Tq`` queries over ``T`` keys. Per row and query chunk the
+    keys are the kept tokens before the chunk's first open block (gathered once per row, in position order) and every
+    token from that block on, under a mask that closes the blocks compressed inside the chunk: the attention reads
+    about the kept share of the keys, not all of them. Padding queries get zeros."""
     import torch.nn.functional as F
 
     B, H, Tq, D = query.shape
     Hkv, T = key.shape[1], key.shape[2]
     G = H // Hkv
-    out = torch.empty(B, H, Tq, value.shape[-1], dtype=query.dtype, device=query.device)
-    for c0 in range(0, Tq, chunk):
-        c1 = min(Tq, c0 + chunk)
-        q0, q1 = T - Tq + c0, T - Tq + c1
-        vis = visible(kept, blk, first, q0, q1, sink, window, block)  # [B, Hkv, C, q1]
-        C = c1 - c0
-        q = query[:, :, c0:c1].reshape(B, Hkv, G * C, D)
-        m = vis.unsqueeze(2).expand(B, Hkv, G, C, q1).reshape(B, Hkv, G * C, q1)
-        o = F.scaled_dot_product_attention(q, key[:, :, :q1], value[:, :, :q1], attn_mask=m, scale=scaling)
-        out[:, :, c0:c1] = o.reshape(B, H, C, -1)
+    dev = key.device
+    out = torch.zeros(B, H, Tq, value.shape[-1], dtype=query.dtype, device=dev)
+    ar = torch.arange(T, device=dev)
+    for b in range(B):
+        f = int(first[b])
+        kb = kept[b]  # [Hkv, T]
+        cnt = int(kb.sum(-1).max())
+        pos = torch.where(kb, ar, T).sort(-1).values[:, :cnt]  # [Hkv, N] kept positions ascending, T = none
+        gidx = pos.clamp(max=T - 1).unsqueeze(-1)
+        kc = key[b].gather(1, gidx.expand(-1, -1, D))
+        vc = value[b].gather(1, gidx.expand(-1, -1, value.shape[-1]))
+        for c0 in range(0, Tq, chunk):
+            c1 = min(Tq, c0 + chunk)
+            q0, q1 = T - Tq + c0, T - Tq + c1
+            if q1 <= f:
+                continue  # padding queries
+            tq = torch.arange(q0, q1, device=dev)
+            done = compressed_blocks(tq - f, sink, window, block)  # [C] blocks compressed when each query arrives
+            a0 = min(f + sink + int(done[0]) * block, q1)  # the chunk's first open token
+            nA = int((pos < a0).sum(-1).max())
+            pa = pos[:, :nA]
+            ma = (pa < a0).unsqueeze(1) & (pa.unsqueeze(1) <= tq.view(1, -1, 1))  # [Hkv, C, nA]
+            tk = torch.arange(a0, q1, device=dev)
+            open_ = blk[b, a0:q1].view(1, -1) >= done.view(-1, 1)  # [C, nB]
+            mb = (kb[:, a0:q1].unsqueeze(1) | open_.unsqueeze(0)) & (tk.view(1, 1, -1) <= tq.view(1, -1, 1))
+            m = torch.cat([ma, mb], -1)  # [Hkv, C, nA + nB]
+            C = c1 - c0
+            m = m.unsqueeze(1).expand(Hkv, G, C, m.shape[-1]).reshape(Hkv, G * C, -1)
+            q = query[b, :, c0:c1].reshape(Hkv, G * C, D)
+            k = torch.cat([kc[:, :nA], key[b, :, a0:q1]], 1)
+            v = torch.cat([vc[:, :nA], value[b, :, a0:q1]], 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling).reshape(H, C, -1)
+            out[b, :, c0:c1] = o.nan_to_num(0.0)  # queries with no key: padding
     return out
 
 
