@@ -500,6 +500,10 @@ def _kv_plan(name, L, Hkv):
 
     if name == "duo":  # half the heads retrieval (the largest scores), the rest streaming
         heads = lambda i: [HeadPlan(kind="streaming", score=(0.9 if (i + h) % 2 else 0.1)) for h in range(Hkv)]
+    elif name == "tca":  # quotas of 1..3 tokens per block of 4
+        heads = lambda i: [HeadPlan(kind="tca", budget=1 + (i + h) % 3) for h in range(Hkv)]
+        return Plan(policy=name, num_layers=L, num_kv_heads=Hkv, params={"block": 4, "sink": 4, "window": 8},
+                    layers=[LayerPlan(mode="compress", kv=name, heads=heads(i)) for i in range(L)])
     else:  # moa: spans of 6 + 0.25 n tokens
         heads = lambda i: [HeadPlan(kind="budget", alpha=6.0, beta=0.25) for _ in range(Hkv)]
     return Plan(policy=name, num_layers=L, num_kv_heads=Hkv,
@@ -529,6 +533,7 @@ KV_STACK = [
     ("taskkv", dict(budget_ratio=0.3, het_fraction=0.25, sink=4, recent=8, window=8)),
     ("duo", dict(sink=4, recent=8, sparsity=0.5)),
     ("moa", dict(sparse_prefill=False)),
+    ("tca", dict(block=4, sink=4, window=8)),
     ("snapkv", dict(budget=10, budget_ratio=None, window=4, min_budget=0, decode="grow")),
 ]
 
@@ -544,7 +549,7 @@ def test_the_whole_stack_runs_kv_policies_bit_for_bit(name, kw, dtype):
     model = tiny_model("llama").to(dtype)
     ids, mask = left_padded(3, 40, (0, 5, 11), 0, high=250)
     L, Hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
-    if name in ("duo", "moa"):
+    if name in ("duo", "moa", "tca"):
         kw = dict(kw, plan=_kv_plan(name, L, Hkv))
     new = 70 if kw.get("decode") == "grow" else 12  # a growing head fills its 64 spare rows and is re-laid out
     res = {}

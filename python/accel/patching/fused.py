@@ -378,12 +378,14 @@ class FusedDecode:
                     if rg is not None and bool((rg.lengths.long() >= rg.caps).any()):
                         rg._grow(rg.lengths.long() >= rg.caps)
                 return self.run_stack(rt, h, cache, attention_mask, cs)
-        y, rows = res
-        for cl in layers:
-            if cl.ragged is None:
-                cl.appended_one()
-            else:
-                cl.cumulative_length += 1
+            y, rows = res
+            for cl in layers:
+                if cl.ragged is None:
+                    cl.appended_one()
+                else:
+                    cl.cumulative_length += 1
+            if rt.kv and hasattr(rt.kv[0], "after_stack"):  # the policy's own per-step work (TCA: blocks due)
+                rt.kv[0].after_stack(rt, attention_mask)
         st = rt.stats
         st["fused_layer_calls"] += n - 1  # the first layer counted its own call
         st["decode_layer_calls"] += n
@@ -404,7 +406,8 @@ class FusedDecode:
 
 def _kv_stack_problem(kv) -> str | None:
     """Why the KV-cache policies ``kv`` keep the whole stack from running in one call (None: they do not): it runs
-    one ``BudgetedKVPolicy`` whose decode-time work is the shared budget eviction and accumulation, in C++."""
+    one ``BudgetedKVPolicy`` whose decode-time work is the shared budget eviction and accumulation, in C++ (plus, for a
+    policy with ``after_stack``, its own work once per step after the call)."""
     from ..policies.budgeted import BudgetedKVPolicy
 
     if not kv:
@@ -415,7 +418,11 @@ def _kv_stack_problem(kv) -> str | None:
     if not isinstance(p, BudgetedKVPolicy):
         return f"KV-cache policy {p.name!r} is not a budgeted eviction policy"
     cls = type(p)
-    for name in ("after_decode", "accumulates", "evict_to_budget"):
+    # a policy whose own decode-time work runs once per step after the stack (``after_stack``) keeps its own
+    # after_decode for the per-layer path
+    own = ("accumulates", "evict_to_budget") if hasattr(cls, "after_stack") else ("after_decode", "accumulates",
+                                                                                    "evict_to_budget")
+    for name in own:
         if getattr(cls, name) is not getattr(BudgetedKVPolicy, name):
             return f"KV-cache policy {p.name!r} has its own {name}"
     return None

@@ -327,6 +327,12 @@ class TCAPolicy(BudgetedKVPolicy):
     def after_decode(self, ctx, query, attention_mask) -> None:
         self._compress_ready(ctx, query.shape[2], attention_mask)
 
+    def after_stack(self, rt, attention_mask) -> None:
+        """After a decode step that ran the whole stack in one C++ call (the heads grow, nothing is evicted there):
+        compress the blocks the step moved out of every layer's window, as ``after_decode`` does per layer."""
+        for i, module in enumerate(rt.adapter.attention_modules()):
+            self._compress_ready(rt.context(i, module), 1, attention_mask)
+
     def _compress_ready(self, ctx, new: int, attention_mask) -> None:
         """Compress the blocks that the last ``new`` tokens moved out of the window."""
         cl = ctx.cache_layer
