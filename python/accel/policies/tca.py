@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from ..attention.masks import first_valid_positions, prompt_valid, step_valid
+from ..attention.masks import first_valid_positions, prompt_valid, step_valid, valid_from_mask
 from ..errors import AccelError
 from ..models.base import ModelInfo
 from ..plan import Plan
@@ -329,7 +329,27 @@ class TCAPolicy(BudgetedKVPolicy):
 
     def after_stack(self, rt, attention_mask) -> None:
         """After a decode step that ran the whole stack in one C++ call (the heads grow, nothing is evicted there):
-        compress the blocks the step moved out of every layer's window, as ``after_decode`` does per layer."""
+        compress the blocks the step moved out of every layer's window, as ``after_decode`` does per layer. Every
+        layer holds the same tokens, so whether a block is due is decided once."""
+        s, w, b = self.sink, self.window, self.block
+        layers = [(i, cl) for i, cl in enumerate(rt.cache.layers) if not cl.is_sliding]
+        if not layers or layers[0][1].cumulative_length <= s + w + b:
+            return
+        T = layers[0][1].cumulative_length
+        first = None
+        for i, cl in layers:
+            st = rt.layer_state.get(i, {}).get(self.STATE_KEY)
+            if cl.ragged is not None and st is not None:
+                first = st.current(cl.ragged)[1].view(cl.ragged.shape)[:, 0] - s
+                break
+        if first is None:
+            cl = layers[0][1]
+            ok, valid = valid_from_mask(attention_mask, cl.keys.shape[0], cl.keys.shape[2])
+            first = first_valid_positions(valid, cl.keys.shape[0]) if ok else None
+        if first is not None:
+            n = T - first
+            if not bool((compressed_blocks(n, s, w, b) > compressed_blocks(n - 1, s, w, b)).any()):
+                return
         for i, module in enumerate(rt.adapter.attention_modules()):
             self._compress_ready(rt.context(i, module), 1, attention_mask)
 
