@@ -103,7 +103,7 @@ def test_a_prompt_prefilled_at_once_equals_it_fed_token_by_token():
     m = model4("llama")
     ids = torch.randint(3, 256, (1, 70), generator=torch.Generator().manual_seed(2))
     plan = tca_plan([[1, 2], [3, 1], [2, 4], [4, 4]])
-    with accel.patch(m, "tca", plan=plan, **KW) as h, torch.no_grad():
+    with accel.patch(m, "tca", plan=plan, sparse_prefill=True, **KW) as h, torch.no_grad():
         full = m(input_ids=ids, use_cache=True)
         assert h.runtime.stats.get("tca_prefill_layers", 0) == 3  # layer 3 keeps every token: dense
         n0 = 10
@@ -152,19 +152,21 @@ def test_full_quotas_equal_dense_on_padded_batches(arch):
     m = model4(arch)
     ids, mask = left_padded(B=3, L=60, pads=(0, 7, 19), seed=4)
     ref = gen(m, ids, "dense", mask=mask, new=14)
-    out = gen(m, ids, "tca", mask=mask, new=14, plan=tca_plan([[4, 4]] * 4), **KW)
-    assert same(ref, out)
+    for sparse_prefill in (False, True):
+        out = gen(m, ids, "tca", mask=mask, new=14, plan=tca_plan([[4, 4]] * 4), sparse_prefill=sparse_prefill, **KW)
+        assert same(ref, out)
     sparse = gen(m, ids, "tca", mask=mask, new=14, plan=tca_plan([[1, 2]] * 4), **KW)
     assert not same(ref, sparse)  # the quotas do change the attention
 
 
-def test_a_padded_batch_equals_each_row_alone():
+@pytest.mark.parametrize("sparse_prefill", [False, True])
+def test_a_padded_batch_equals_each_row_alone(sparse_prefill):
     m = model4("llama")
     ids, mask = left_padded(B=2, L=64, pads=(0, 11), seed=5)
     plan = tca_plan([[1, 2], [2, 3], [3, 1], [1, 1]])
-    both = gen(m, ids, "tca", mask=mask, new=10, plan=plan, **KW)
+    both = gen(m, ids, "tca", mask=mask, new=10, plan=plan, sparse_prefill=sparse_prefill, **KW)
     for b, pad in enumerate((0, 11)):
-        alone = gen(m, ids[b:b + 1, pad:], "tca", new=10, plan=plan, **KW)
+        alone = gen(m, ids[b:b + 1, pad:], "tca", new=10, plan=plan, sparse_prefill=sparse_prefill, **KW)
         assert torch.equal(both.sequences[b, 64:], alone.sequences[0, 64 - pad:])
         assert max((x[b] - y[0]).abs().max().item() for x, y in zip(both.scores, alone.scores)) < 1e-4
 

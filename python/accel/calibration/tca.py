@@ -22,9 +22,11 @@ logger = logging.getLogger("accel")
 
 
 def quota_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: int, window: int,
-                 block: int, metric: str = "cosine") -> torch.Tensor:
+                 block: int, metric: str = "cosine", reduce: str = "max") -> torch.Tensor:
     """[Hkv, block] relative L2 error of TCA attention against dense attention for the last ``S`` queries ``q``
-    [H, S, D] over keys/values [Hkv, T, D], at every per-block quota 1..block (same quota for every head)."""
+    [H, S, D] over keys/values [Hkv, T, D], at every per-block quota 1..block (same quota for every head).
+    ``reduce``: 'mean', the error of all the group's outputs together; 'max', the worst query's (each query's error
+    over the group's heads)."""
     H, S, D = q.shape
     Hkv, T = k.shape[0], k.shape[1]
     G = H // Hkv
@@ -35,10 +37,15 @@ def quota_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     for quota in range(block, 0, -1):  # block first: dense attention under the same rule
         kept, blk = select(kk, first, torch.full((Hkv,), quota, dtype=torch.long), sink, window, block, metric)
         o = tca_attention(qq, kk, vv, kept, blk, first, scale, sink, window, block)[0].float()  # [H, S, Dv]
+        o = o.view(Hkv, G, S, -1).transpose(1, 2)  # [Hkv, S, G, Dv]
         if dense is None:
-            dense = o.view(Hkv, G * S, -1)
-        diff = (o.view(Hkv, G * S, -1) - dense).flatten(1).norm(dim=-1)
-        out.append(diff / dense.flatten(1).norm(dim=-1).clamp(min=1e-12))
+            dense = o
+        if reduce == "max":
+            diff = (o - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp(min=1e-12)
+            out.append(diff.amax(-1))
+        else:
+            diff = (o - dense).flatten(1).norm(dim=-1)
+            out.append(diff / dense.flatten(1).norm(dim=-1).clamp(min=1e-12))
     return torch.stack(out[::-1], 1)  # [Hkv, block], column i: quota i + 1
 
 
@@ -67,7 +74,7 @@ def pick(errors: list[float], reachable: dict[int, float], tolerance: float, blo
 
 def calibrate_tca(model, tokenizer, texts=None, *, tokens: int = 2048, steps: int = 256, n_texts: int = 2,
                   block: int = 16, sink: int = 16, window: int = 64, sigma: float = 1.0, metric: str = "cosine",
-                  tolerance: float = 0.1, progress: bool = True) -> Plan:
+                  reduce: str = "max", tolerance: float = 0.25, progress: bool = True) -> Plan:
     """Calibrate every KV head of every full-attention layer (module docstring). Calibration text: synthetic
     retrieval prompts (seeds disjoint from the evaluation's) unless ``texts`` are given. Returns a ``tca`` plan whose
     heads carry their quota (``budget``), mu (``alpha``), sigma (``beta``) and error (``score``), with every head's
@@ -75,6 +82,8 @@ def calibrate_tca(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
     from ..policies.tca import TCAPolicy
 
     TCAPolicy(block=block, sink=sink, window=window, sigma=sigma, metric=metric)  # the same option checks as the policy's
+    if reduce not in ("mean", "max"):
+        raise AccelError(f"calibrate(tca): reduce must be 'mean' or 'max', got {reduce!r}")
     if not tolerance >= 0:
         raise AccelError(f"calibrate(tca): tolerance must be >= 0, got {tolerance!r}")
     info = get_adapter(model).info()
@@ -100,7 +109,7 @@ def calibrate_tca(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
             model(input_ids=ids, use_cache=True, **last_logits_only(model))
         for li in full_layers:
             q, k, scale = rec.records[li]
-            acc[li] += quota_errors(q, k, rec.values[li], scale, sink, window, block, metric).double()
+            acc[li] += quota_errors(q, k, rec.values[li], scale, sink, window, block, metric, reduce).double()
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -132,7 +141,8 @@ def calibrate_tca(model, tokenizer, texts=None, *, tokens: int = 2048, steps: in
             "fingerprint": info.fingerprint,
             "source": "accel.calibrate (TCA-Attention: per-head quota from the attention-output error, no training)",
             "args": {"tokens": tokens, "steps": steps, "n_texts": len(texts), "block": block, "sink": sink,
-                     "window": window, "sigma": sigma, "metric": metric, "tolerance": tolerance},
+                     "window": window, "sigma": sigma, "metric": metric, "reduce": reduce,
+                     "tolerance": tolerance},
             "seconds": round(time.perf_counter() - t0, 1),
         },
     )

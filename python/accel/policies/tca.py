@@ -16,9 +16,10 @@ block is ``window`` tokens behind the newest token (block ``j`` when ``sink + (j
 before the newest one) it is compressed: it keeps the head's quota of its least redundant tokens and the rest leave the
 ragged cache (real bytes). [INFER] redundancy of a key = cosine of its (unit) key with the mean unit key of its block;
 the lowest are kept (ties: the earlier token). Sinks and the last ``window`` to ``window + block`` tokens are always
-kept. The prefill runs the same rule per query (``sparse_prefill``, default on): a query attends to the sinks, the
-kept tokens of the blocks compressed before its token arrived and every token after them, so a prompt prefilled at once and the
-same prompt fed one token at a time attend to the same keys. A configuration that keeps ``block`` of ``block`` tokens
+kept. With ``sparse_prefill=True`` the prefill runs the same rule per query, as the paper's prefill does: a query
+attends to the sinks, the kept tokens of the blocks compressed before its token arrived and every token after them, so
+a prompt prefilled at once and the same prompt fed one token at a time attend to the same keys. [INFER] it is off by
+default: the prefill is exact and the prompt's cache is then compressed by the same rule. A configuration that keeps ``block`` of ``block`` tokens
 in every head is exact dense attention.
 
 [INFER] switchable: block 16, sink 16, window 64 (a multiple of the block, so a 16-query block shares one mask),
@@ -174,14 +175,15 @@ class TCAPolicy(BudgetedKVPolicy):
     Options:
         tolerance: None keeps the plan's quotas; a value re-picks every head's sparsest quota whose calibrated error
             is within it (the plan stores each head's error at every quota).
-        sparse_prefill: attend in the prefill as in decode (default True); False: dense prefill, then the prompt's
-            cache is compressed the same way.
+        sparse_prefill: attend in the prefill as in decode (the paper's prefill); default False: dense prefill, then
+            the prompt's cache is compressed by the same rule (on SmolLM2 it answered more passkeys, and accel's sparse
+            prefill is no faster than dense on the CPU).
         block, sink, window, sigma: must match the plan's (its quotas were calibrated with them).
     """
 
     budget_ratio: float | None = None  # TCA's budget is the plan's per-head quotas
     tolerance: float | None = None
-    sparse_prefill: bool = True
+    sparse_prefill: bool = False
     block: int = 16
     sink: int = 16
     window: int = 64
