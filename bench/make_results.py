@@ -47,6 +47,11 @@ COMMITTED = {
     "eval_hip_smollm2_2k.csv": "2026-12-05",
     "eval_hip_smollm2_4k_lm.csv": "2026-12-05",
     "decode_hip_smollm2_b1.csv": "2026-12-05",
+    "eval_tca_smollm2_2k.csv": "2026-12-05",
+    "eval_tca_smollm2_4k.csv": "2026-12-05",
+    "eval_tca_smollm2_4k_lm.csv": "2026-12-05",
+    "decode_tca_smollm2_b1.csv": "2026-12-05",
+    "decode_sparse_smollm2_b8.csv": "2026-12-05",
     "compile_smollm2_4k.csv": "2026-12-03",
     "decode_delta_smollm2_b1.csv": "2026-11-24",
     "decode_delta_smollm2_b8.csv": "2026-11-24",
@@ -697,6 +702,33 @@ def kv_speed() -> dict:
     return {(drop_option(r["policy"]), b): r for b, n in KV_SPEED.items() for r in load(n)}
 
 
+TCA_EVAL = ("eval_tca_smollm2_2k.csv", "eval_tca_smollm2_4k.csv", "eval_tca_smollm2_4k_lm.csv")
+TCA_SPEED = ("decode_tca_smollm2_b1.csv", "decode_sparse_smollm2_b8.csv")
+
+
+def sec_tca() -> list[str]:
+    q = Quality()
+    for n in TCA_EVAL:
+        q.add(n)
+    tasks = ["passkey", "niah", "ruler_niah_single_1"]
+    rows = []
+    pols = sorted({k[0] for k in q.acc if k[0] != "hf"}, key=lambda p: (p != "dense", p))
+    for c in sorted({k[1] for k in q.acc} | {k[1] for k in q.lm}):
+        for p in pols:
+            rows.append([display(p), c] + [q.cell(p, c, t, slack=1) if (p, c, t) in q.acc else "-" for t in tasks]
+                        + [q.ppl(p, c) if (p, c) in q.lm else "-"])
+    out = ["## TCA-Attention: calibrated per-head quotas", "",
+           "The shipped SmolLM2-135M plan (`accel plan --policy tca`; quotas in "
+           "[plan_smollm2-135m_tca.png](../bench/results/plan_smollm2-135m_tca.png)), default options, the same samples "
+           "as the other policies. ✓ = within one sample of dense.", ""]
+    out += table(["policy", "context"] + tasks + ["perplexity (vs dense)"], rows)
+    out += sources(*TCA_EVAL)
+    out += ["Decode after a real prefill, one run each (\"KV MB held\": the cache's kept bytes):", ""]
+    out += _speed_table(list(TCA_SPEED))
+    out += sources(*TCA_SPEED)
+    return out
+
+
 def sec_kv() -> list[str]:
     q, speed = kv_quality(), kv_speed()
     pols = sorted({k[0] for k in q.acc} | {k[0] for k in q.lm} | {k[0] for k in speed}, key=policy_order)
@@ -906,7 +938,7 @@ POLICIES = [  # name, paper (as cited in the code), what it does
     ("duo", "DuoAttention, Xiao et al. 2024, arXiv 2410.10819", "retrieval heads keep everything, streaming heads a small cache"),
     ("taskkv", "Task-KV, He, Liu, Chen, arXiv 2501.15113", "per request, heads far from their layer's semantic center keep everything"),
     ("moa", "MoA, Fu et al., arXiv 2406.14909", "per-head sink + band spans from an offline MILP; sparse prefill"),
-    ("tca", "TCA-Attention, You, Chen, Zhang et al., arXiv 2512.09238", "per KV head, a calibrated quota of each 16-token block's least redundant keys, in the prefill and the cache"),
+    ("tca", "TCA-Attention, You, Chen, Zhang et al., arXiv 2512.09238", "per KV head, a calibrated quota of each 16-token block's least redundant keys stays in the cache (optionally in the prefill too)"),
     ("fastervlm", "FasterVLM, Zhang et al., arXiv 2412.01818", "keeps the image tokens the vision tower's [CLS] attends to"),
     ("flowcut", "FlowCut, Tong et al., arXiv 2505.19536", "prunes image tokens progressively inside the vision tower"),
     ("fastv", "FastV-style, after Chen et al., ECCV 2024", "ranks image tokens by the attention they get in an early LLM layer"),
@@ -970,6 +1002,14 @@ def policy_table() -> list[str]:
     for p in ("streaming", "snapkv", "pyramidkv", "h2o", "duo", "taskkv"):
         cells[p] = kv_cells(f"{p}@budget_ratio=0.25")
     cells["moa"] = kv_cells("moa@density=0.25")
+    tq = Quality()
+    for n in TCA_EVAL:
+        tq.add(n)
+    td = {(r["policy"], r["batch"]): r for n in TCA_SPEED for r in load(n)}
+    cells["tca"] = ("4K, shipped quotas: " + pk(tq, "tca", 4096),
+                    f"{ratio(td[('tca', '1')]['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill); KV "
+                    f"{100 * float(td[('tca', '1')]['kv_held_mb']) / float(td[('dense', '1')]['kv_held_mb']):.0f}% of "
+                    "dense")
     for p in ("fastervlm", "flowcut", "fastv", "randomprune"):
         cells[p] = vlm_cells(p)
     out = ["| policy | paper | what it does | measured quality | measured speed |", "|---|---|---|---|---|"]
@@ -1014,7 +1054,7 @@ def _headline_same() -> tuple[int, int, set, set]:
 def results_md() -> str:
     _USED.clear()
     body = []
-    for sec in (sec_headline, sec_decode, sec_step, sec_throughput, sec_kernels, sec_linear, sec_reuse, sec_kv, sec_duo,
+    for sec in (sec_headline, sec_decode, sec_step, sec_throughput, sec_kernels, sec_linear, sec_reuse, sec_kv, sec_tca, sec_duo,
                 sec_vlm, sec_tpla, sec_compile):
         body += sec()
     head = ["# Measured results", "",
