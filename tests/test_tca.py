@@ -36,7 +36,7 @@ def test_the_log_gaussian_family_spans_the_quotas():
     quotas = [TCA.config_quota(mu / 8, 1.0, 16) for mu in range(-16, 65)]
     assert quotas == sorted(quotas) and quotas[0] == 1 and quotas[-1] >= 15  # monotone in mu
     assert TCA.config_quota(4.0, 0.0, 16) == 16 and TCA.config_quota(0.0, 0.0, 16) == 1  # sigma 0: one k
-    from accel.calibration.tca import family, pick
+    from accel.policies.tca import family, pick
 
     fam = family(16, 1.0)
     assert fam[16] is not None and min(fam) == 1 and all(TCA.config_quota(mu, 1.0, 16) == q or q == 16
@@ -217,6 +217,8 @@ def test_calibration_end_to_end_and_tolerance_picks_quotas_at_patch_time():
         assert len(errs) == 2 and all(len(e) == 4 and e[3] == 0.0 for e in errs)  # keeping the whole block: exact
         for hp, e in zip(lp.heads, errs):
             assert e[hp.budget - 1] <= 0.2 and all(x > 0.2 for x in e[: hp.budget - 1])  # the sparsest within it
+    again = TCA.TCAPolicy(tolerance=0.2, **KW)  # tolerance= at patch time follows the calibrator's rule
+    assert all(again.quotas(plan, i, 2).tolist() == [h.budget for h in lp.heads] for i, lp in enumerate(plan.layers))
     ids = torch.randint(3, 200, (1, 120), generator=torch.Generator().manual_seed(7))
     ref = gen(m, ids, "dense", new=6)
     assert same(ref, gen(m, ids, "tca", new=6, plan=plan, tolerance=0.0, **KW))  # tolerance 0: every head whole

@@ -15,7 +15,7 @@ from ..models.base import last_logits_only
 from ..models.registry import get_adapter
 from ..patching.lm import patch_lm
 from ..plan import HeadPlan, LayerPlan, Plan
-from ..policies.tca import config_quota, select, tca_attention
+from ..policies.tca import family, pick, select, tca_attention
 from .common import Recorder, calibration_prompts, progress_bar
 
 logger = logging.getLogger("accel")
@@ -47,29 +47,6 @@ def quota_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
             diff = (o - dense).flatten(1).norm(dim=-1)
             out.append(diff / dense.flatten(1).norm(dim=-1).clamp(min=1e-12))
     return torch.stack(out[::-1], 1)  # [Hkv, block], column i: quota i + 1
-
-
-def family(block: int, sigma: float, step: float = 0.125) -> dict[int, float]:
-    """quota -> the smallest mu of the log-Gaussian family that gives it (mu from -2 to log2(block) + 4 sigma);
-    a quota of ``block`` is always reachable (sigma 0, mu = log2(block): every block keeps all its tokens)."""
-    import math
-
-    top = math.log2(block)
-    out: dict[int, float] = {}
-    mu = -2.0
-    while mu <= top + 4 * max(sigma, 0.25) + 1e-9:
-        out.setdefault(config_quota(mu, sigma, block), round(mu, 6))
-        mu += step
-    out.setdefault(block, round(top, 6))
-    return dict(sorted(out.items()))
-
-
-def pick(errors: list[float], reachable: dict[int, float], tolerance: float, block: int) -> int:
-    """The smallest reachable quota whose error is within ``tolerance`` (``block`` when none is)."""
-    for qt in sorted(reachable):
-        if errors[qt - 1] <= tolerance:
-            return qt
-    return block
 
 
 def calibrate_tca(model, tokenizer, texts=None, *, tokens: int = 2048, steps: int = 256, n_texts: int = 2,

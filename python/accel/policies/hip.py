@@ -187,7 +187,7 @@ def search_blocks(q, key, first, sink: int, window: int, n_blocks: int, key_bloc
     """HiP's hierarchical search for decode queries q [B, H, D] over key [B, Hkv, T, D] (each row's real tokens from
     ``first`` [B]): the sink positions and the kept branches between the sinks and the last ``window`` tokens, as
     positions [B, Hkv, n] ascending, -1 padded (the window is added per step by ``with_window``)."""
-    lo, hi, start = initial_branches(first, key.shape[1], key.shape[2], sink, window, n_blocks, key_block, False)
+    lo, hi, start = initial_branches(first, key.shape[1], key.shape[2], sink, window, n_blocks, key_block)
     lo, hi, _ = refine(q, key, lo, hi, n_blocks, key_block, representative, scaling)
     return kept_positions(lo, hi, first, start, sink)
 
@@ -217,12 +217,12 @@ def hip_step(q, key, lo, hi, key_block: int, representative: str, scaling: float
 
 
 def initial_branches(first, Hkv: int, T: int, sink: int, window: int, n_blocks: int, key_block: int = 1,
-                     aligned: bool = True):
+                     aligned: bool = False):
     """The starting branches [lo, hi) [B, Hkv, n_blocks] between each row's sinks and the window, and the searched
-    span's start [B, 1, 1]. Every branch is ``key_block * 2**m`` tokens long, with the smallest ``m`` for which
-    ``n_blocks`` of them cover the longest row's span (a row's last branch ends at its span's end, unused branches are
-    empty at the end), so halving ends on branches of exactly ``key_block`` tokens and the step attends its whole budget
-    (equal splits of the span, ``aligned=False``, end between ``key_block / 2`` and ``key_block`` tokens)."""
+    span's start [B, 1, 1]: ``n_blocks`` equal splits of each row's span (halving ends them between ``key_block / 2``
+    and ``key_block`` tokens), or with ``aligned`` branches of ``key_block * 2**m`` tokens, the smallest ``m`` for
+    which ``n_blocks`` of them cover the longest row's span (a row's last branch ends at its span's end, unused
+    branches are empty at the end), so halving ends on branches of exactly ``key_block`` tokens."""
     B = first.shape[0]
     first = first.to(torch.long).view(B, 1, 1)
     start = (first + sink).clamp(max=max(T - window, 0))

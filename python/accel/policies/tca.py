@@ -66,6 +66,27 @@ def config_quota(mu: float, sigma: float, block: int) -> int:
     return max(1, min(block, int(math.floor(sum(pk * k for pk, k in zip(p, block_sizes(block))) + 0.5))))
 
 
+def family(block: int, sigma: float, step: float = 0.125) -> dict[int, float]:
+    """quota -> the smallest mu of the log-Gaussian family that gives it (mu from -2 to log2(block) + 4 sigma);
+    a quota of ``block`` is always reachable (sigma 0, mu = log2(block): every block keeps all its tokens)."""
+    top = math.log2(block)
+    out: dict[int, float] = {}
+    mu = -2.0
+    while mu <= top + 4 * max(sigma, 0.25) + 1e-9:
+        out.setdefault(config_quota(mu, sigma, block), round(mu, 6))
+        mu += step
+    out.setdefault(block, round(top, 6))
+    return dict(sorted(out.items()))
+
+
+def pick(errors: list[float], reachable: dict[int, float], tolerance: float, block: int) -> int:
+    """The smallest reachable quota whose error is within ``tolerance`` (``block`` when none is)."""
+    for qt in sorted(reachable):
+        if errors[qt - 1] <= tolerance:
+            return qt
+    return block
+
+
 def compressed_blocks(n: torch.Tensor | int, sink: int, window: int, block: int):
     """Blocks compressed when a row holds ``n`` real tokens: block j once ``sink + (j + 1) * block + window <= n - 1``."""
     if isinstance(n, torch.Tensor):
@@ -251,9 +272,9 @@ class TCAPolicy(BudgetedKVPolicy):
             return None
         if self.tolerance is None:
             q = [int(h.budget) for h in lp.heads]
-        else:
-            q = [next((i + 1 for i, e in enumerate(errs) if e <= float(self.tolerance)), self.block)
-                 for errs in lp.params["errors"]]
+        else:  # the calibrator's rule: the sparsest quota of the family within the tolerance
+            reachable = family(self.block, self.sigma)
+            q = [pick(errs, reachable, float(self.tolerance), self.block) for errs in lp.params["errors"]]
         return torch.tensor(q[kv_offset:kv_offset + Hkv], dtype=torch.long)
 
     def _layer_quotas(self, ctx, Hkv: int):
@@ -272,25 +293,25 @@ class TCAPolicy(BudgetedKVPolicy):
             return None
         valid = prompt_valid(attention_mask, B, T)
         first = first_valid_positions(valid, B)
-        if all(compressed_blocks(T - f, self.sink, self.window, self.block) == 0 for f in first.tolist()):
+        if not self._any_block(T, first):
             return None  # no block is compressed for any query: dense attention is TCA's
         kept, blk = select(key, first, quota, self.sink, self.window, self.block, self.metric)
         out = tca_attention(query, key, value, kept, blk, first, scaling, self.sink, self.window, self.block)
         ctx.runtime.stats["tca_prefill_layers"] = ctx.runtime.stats.get("tca_prefill_layers", 0) + 1
         return out.transpose(1, 2).contiguous()
 
+    def _any_block(self, T: int, first: torch.Tensor) -> bool:
+        """Whether any row of a ``T``-token cache (real tokens from ``first``) has a compressed block."""
+        return bool((compressed_blocks(T - first, self.sink, self.window, self.block) > 0).any())
+
     # -- compression of the prompt's cache (BudgetedKVPolicy.compress calls these) --------------------------
     def budget_floor(self) -> int:
         return 0  # the kept counts are exact: sinks + quotas + the tail
 
     def head_budgets(self, layer_idx, num_layers, n, Hkv, view, keys, valid, scaling):
-        B, _, T, _ = keys.shape
-        quota = self.quotas(self._plan, layer_idx, Hkv, self._kv_offset)
-        if quota is None:
-            self._kept = None
-            return n.view(B, 1).expand(B, Hkv).clone()
-        first = first_valid_positions(valid, B)
-        self._kept, _ = select(keys, first, quota, self.sink, self.window, self.block, self.metric)
+        B = keys.shape[0]  # ``compress`` set this layer's quotas (it returns early for a layer that keeps everything)
+        self._kept, _ = select(keys, first_valid_positions(valid, B), self._quota, self.sink, self.window, self.block,
+                               self.metric)
         return self._kept.sum(-1).cpu()
 
     def growing_heads(self, budgets, n):
@@ -301,8 +322,6 @@ class TCAPolicy(BudgetedKVPolicy):
 
     def token_scores(self, view, keys, valid, budgets, scaling):
         B, Hkv, T, _ = keys.shape
-        if self._kept is None:
-            return torch.full((B, Hkv, T), FORCED, dtype=torch.float64, device=keys.device)
         s = torch.full((B, Hkv, T), _NEG, dtype=torch.float64, device=keys.device)
         return s.masked_fill(self._kept, FORCED)
 
@@ -312,9 +331,9 @@ class TCAPolicy(BudgetedKVPolicy):
         if quota is None or bool((quota >= self.block).all()):
             return  # this layer keeps every token
         B, _, T, _ = cl.keys.shape
-        first = first_valid_positions(valid, B)
-        if all(compressed_blocks(T - int(f), self.sink, self.window, self.block) == 0 for f in first.tolist()):
+        if not self._any_block(T, first_valid_positions(valid, B)):
             return  # nothing to compress yet: blocks are compressed as decoding reaches them
+        self._quota = quota
         super().compress(cl, layer_idx, num_layers, view, valid, scaling, state, reserve=reserve, plan=plan,
                          kv_offset=kv_offset)
 
@@ -384,13 +403,16 @@ class TCAPolicy(BudgetedKVPolicy):
             raise AccelError(f"tca: layer {ctx.layer_idx} of this cache is compressed but its state is gone (the cache "
                              "was copied other than with copy.deepcopy); continue the cache a patched call returned")
         rg = cl.ragged
-        quota = self._layer_quotas(ctx, rg.shape[1])
         _, sink_end, _ = st.current(rg)
         first = sink_end.view(rg.shape)[:, 0] - s  # [B] each row's first real position
         n = T - first
         lo = compressed_blocks(n - new, s, w, b)
         hi = compressed_blocks(n, s, w, b)
-        for j in range(int(lo.min()), int(hi.max())):
+        j0, j1 = int(lo.min()), int(hi.max())
+        if j0 >= j1:
+            return  # no block left the window (15 steps in 16)
+        quota = self._layer_quotas(ctx, rg.shape[1])
+        for j in range(j0, j1):
             rows = (lo <= j) & (j < hi)
             if bool(rows.any()):
                 drop_block(rg, first + s + j * b, rows, quota, b, T, self.metric)
@@ -400,8 +422,7 @@ def drop_block(rg, start: torch.Tensor, rows: torch.Tensor, quota: torch.Tensor,
                metric: str = "cosine") -> None:
     """Compress one block per selected batch row of the ragged layer ``rg``: the tokens at positions
     ``[start[b], start[b] + block)`` of every head keep the head's ``quota`` least redundant, the rest are evicted
-    (scored below every other token and evicted with the cache's own eviction, everything after the block
-    protected)."""
+    by the cache's own eviction (lowest score first, with every token before and after the block protected)."""
     from .. import _ext
 
     B, Hkv = rg.shape
