@@ -54,6 +54,10 @@ class AccelLayer(CacheLayerMixin):
         #: bumped whenever stored tokens change other than by appending (reorder, batch selection, crop, reset,
         #: compression), so state a policy derives from the keys (e.g. Quest's page bounds) knows to rebuild
         self.version = 0
+        #: [B] for each batch row, the row it was at the layer's last multi-token write (the prompt's prefill), kept
+        #: through reorders (beam search) and batch selections, so per-row state a policy derived from the prompt
+        #: (Flux's layer routes) follows its row; None before the first write
+        self.rows: torch.Tensor | None = None
 
     # -- transformers' CacheLayerMixin API -------------------------------------------------------
     @property
@@ -146,6 +150,8 @@ class AccelLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[2]
+        if q > 1 or self.rows is None:
+            self.rows = torch.arange(key_states.shape[0])
         visible_before = self.end - self.start
         if self.is_sliding:
             visible_before = min(visible_before, self.sliding_window - 1)
@@ -191,6 +197,7 @@ class AccelLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.version += 1
         self.ragged = None
+        self.rows = None
         self.start = self.end = 0
         self.cumulative_length = 0
         if self.head_lengths is not None:
@@ -198,6 +205,8 @@ class AccelLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.version += 1
+        if self.rows is not None:
+            self.rows = self.rows[beam_idx.cpu()]
         if self.ragged is not None:
             self.ragged.select_batch(beam_idx)
             self.head_lengths = self.ragged.lengths
@@ -226,6 +235,8 @@ class AccelLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.version += 1
+        if self.rows is not None:
+            self.rows = self.rows.repeat_interleave(repeats)
         if self.ragged is not None:
             self.ragged.select_batch(torch.arange(self.ragged.shape[0]).repeat_interleave(repeats))
             self.head_lengths = self.ragged.lengths
@@ -237,6 +248,8 @@ class AccelLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.version += 1
+        if self.rows is not None:
+            self.rows = self.rows[indices.cpu()]
         if self.ragged is not None:
             idx = torch.arange(self.ragged.shape[0])[indices]
             self.ragged.select_batch(idx)

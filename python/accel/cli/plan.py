@@ -61,6 +61,34 @@ def draw_plan(plan, path: str | Path, title: str | None = None) -> None:
     plt.close(fig)
 
 
+def draw_flux_plan(plan, path: str | Path, title: str | None = None) -> None:
+    """Flux's router plan: per layer, the mean training label (KL of the next-token distribution when the layer alone
+    runs sparse attention) of each backend, log scale; the layers routed per request are decided at run time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = (plan.provenance or {}).get("mean_label") or {}
+    L = plan.num_layers
+    fig, ax = plt.subplots(figsize=(max(8, L * 0.35), 4.2))
+    w = 0.8 / max(1, len(means))
+    for j, (b, vals) in enumerate(sorted(means.items())):
+        ax.bar([i + j * w for i in range(len(vals))], [max(v, 1e-7) for v in vals], width=w, label=b)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KL, this layer alone sparse")
+    ax.legend(fontsize=8)
+    scores = (plan.provenance or {}).get("heldout_sa_kl") or {}
+    sub = "\n".join(f"{b}: router {s['router']:.3g}, static {s['static']:.3g}, oracle {s['oracle']:.3g}, random "
+                     f"{s['random']:.3g}" for b, s in sorted(scores.items()))
+    ax.set_title(title or "flux router plan: mean training label per layer; held-out KL summed over the SA layers at "
+                 f"the target ratio:\n{sub}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
     """Per-head plans (DuoAttention, MoA, TCA): a layers x KV-heads map of the profiled scores (duo; retrieval heads
     outlined), the spans (moa) or the share of each block kept (tca)."""
@@ -181,7 +209,9 @@ def run(args) -> int:
     plan.save(out)
     Plan.load(out)  # what we wrote reads back and validates
     png = args.png or str(out.with_suffix(".png"))
-    if any(lp.heads for lp in plan.layers):
+    if plan.policy == "flux":
+        draw_flux_plan(plan, png)
+    elif any(lp.heads for lp in plan.layers):
         draw_head_plan(plan, png)
     else:
         draw_plan(plan, png)

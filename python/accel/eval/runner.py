@@ -190,8 +190,13 @@ def _stats_needed(policies: list[str], overrides: dict | None = None) -> list:
         if name == BASELINE:
             continue
         pol = make_policy(name, _own_overrides(name, overrides))
-        for p in getattr(pol, "kv", []) or []:
-            key = (type(p), getattr(p, "window", None))  # one recording per statistic, not per budget of a policy
+        parts = list(getattr(pol, "kv", []) or [])
+        attn = getattr(pol, "attention", pol)
+        if "prefill_statistics" in type(attn).__dict__:  # an attention policy that decides from the prompt (flux)
+            parts.append(attn)
+        for p in parts:
+            # one recording per statistic, not per budget of a policy
+            key = (type(p), getattr(p, "stats_key", getattr(p, "window", None)))
             if key not in seen:
                 seen.add(key)
                 need.append(p)

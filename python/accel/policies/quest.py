@@ -97,31 +97,41 @@ class QuestPolicy(AttentionPolicy):
         cl = ctx.cache_layer
         if ctx.plan.mode != "quest" or (cl is not None and cl.is_sliding) or key.shape[-1] != value.shape[-1]:
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
-        B, H, _, D = query.shape
-        T = key.shape[2]
-        P = int(self.plan_knob(ctx, "page_size"))
-        n_pages = (T + P - 1) // P
         topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
-        budget = token_budget(T, topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
-        pages = -(-budget // P) if self.plan_knob(ctx, "page_rounding") == "up" else budget // P
-        k_pages = max(int(self.plan_knob(ctx, "min_pages")), pages)  # the current page counts, as in Quest's code
-        if budget >= T or k_pages >= n_pages:  # the budget covers the context: exact dense attention
+        budget = token_budget(key.shape[2], topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
+        sel = quest_selection(ctx, query, key, attention_mask, budget, int(self.plan_knob(ctx, "page_size")),
+                              int(self.plan_knob(ctx, "min_pages")), self.plan_knob(ctx, "agg"),
+                              self.plan_knob(ctx, "page_rounding"), "quest")
+        if sel is None:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
-        version = cl.version if cl is not None else None
-        held = ctx.state.get("quest")  # (the cache layer's version, the page metadata), rebuilt after reorders
-        if held is None or held[0] != version or held[1].page != P or held[1].full_pages * P > T:
-            held = ctx.state["quest"] = (version, QuestMetadata(P))
-        meta = held[1]
-        agg = self.plan_knob(ctx, "agg")
-        ok, valid = step_valid(ctx, attention_mask, B, T)
-        if not ok:
-            raise AccelError("quest got a per-head attention mask it cannot apply; use policy='dense' for this model")
-        first = first_valid_positions(valid, B) if valid is not None else None
-        mn, mx = meta.bounds(key)  # [B, Hkv, n_pages, D] views of the page summaries
-        ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * 4  # min and max, fp32
-        idx, counts = select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
-        return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
+        return sparse_attend(ctx, query, key, value, attention_mask, scaling, *sel)
 
+
+def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pages: int, agg: str = "max",
+                    page_rounding: str = "up", who: str = "quest"):
+    """One decode step's Quest pages for ``budget`` tokens: (positions [B, Hkv, n] int32 -1 padded, counts [B, Hkv]),
+    or None when the pages would cover the context. The page summaries live in the sequence's layer state
+    (``ctx.state["quest"]``), rebuilt when the cache layer's rows change; their bytes count as read."""
+    cl = ctx.cache_layer
+    B, H, _, D = query.shape
+    T = key.shape[2]
+    n_pages = (T + P - 1) // P
+    pages = -(-budget // P) if page_rounding == "up" else budget // P
+    k_pages = max(min_pages, pages)  # the current page counts, as in Quest's code
+    if budget >= T or k_pages >= n_pages:
+        return None
+    version = cl.version if cl is not None else None
+    held = ctx.state.get("quest")  # (the cache layer's version, the page metadata), rebuilt after reorders
+    if held is None or held[0] != version or held[1].page != P or held[1].full_pages * P > T:
+        held = ctx.state["quest"] = (version, QuestMetadata(P))
+    meta = held[1]
+    ok, valid = step_valid(ctx, attention_mask, B, T)
+    if not ok:
+        raise AccelError(f"{who} got a per-head attention mask it cannot apply; use policy='dense' for this model")
+    first = first_valid_positions(valid, B) if valid is not None else None
+    mn, mx = meta.bounds(key)  # [B, Hkv, n_pages, D] views of the page summaries
+    ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * 4  # min and max, fp32
+    return select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
 
 def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg: str = "max", first=None,
                  backend: str | None = None):

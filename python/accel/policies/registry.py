@@ -23,6 +23,7 @@ _LAZY: dict[str, str] = {
     "quest": "accel.policies.quest:QuestPolicy",
     "hip": "accel.policies.hip:HiPPolicy",
     "tca": "accel.policies.tca:TCAPolicy",
+    "flux": "accel.policies.flux:FluxPolicy",
     # visual-token pruning (VLMs): act before the language model, compose with the policies above
     "fastervlm": "accel.policies.fastervlm:FasterVLMPolicy",
     "flowcut": "accel.policies.flowcut:FlowCutPolicy",
