@@ -2,6 +2,8 @@
 (four architectures, padded batches), a covering budget is exact, per-request routes (a padded batch equals each row
 alone, the target ratio per row), rows followed through beam search, the evaluation harness's shared prefill, router
 training end to end, refusals."""
+import copy
+
 import pytest
 import torch
 
@@ -30,6 +32,24 @@ def flux_plan(n=4, sliding=(), router=None, backends=("quest", "select", "window
     args = FX.FluxPolicy(**KW).feature_args()
     return Plan(policy="flux", num_layers=n, num_kv_heads=2, layers=layers,
                 params={"routers": {b: router for b in backends}, "features": list(FX.FEATURES), "feature_args": args})
+
+
+def feature_router(n=4):
+    """A router that ranks layers by their first feature alone (the log of the attention mass a sink + window of the
+    feature budget misses), so two different prompts get different routes."""
+    F = len(FX.FEATURES)
+    w1 = torch.zeros(F + n, 8)
+    w1[0, 0] = 1.0
+    w2 = torch.zeros(8)
+    w2[0] = 1.0
+    return {"w1": w1.tolist(), "b1": [20.0] + [0.0] * 7, "w2": w2.tolist(), "b2": 0.0, "mu": [0.0] * F,
+            "sd": [1.0] * F, "threshold": 20.0, "static_order": [3, 2, 1, 0]}
+
+
+def two_prompts(L=64, pads=(0, 11), seed=5):
+    ids, mask = left_padded(B=2, L=L, pads=pads, seed=seed)
+    ids[1, pads[1]:] = torch.arange(L - pads[1]) % 5 + 7  # a short repeated cycle: attention unlike the random row's
+    return ids, mask
 
 
 def sliding_of(m):
@@ -84,12 +104,12 @@ def test_window_backend_attends_sink_and_recent_of_each_row():
 
 
 def test_routes_follow_the_target_ratio_per_row_and_a_padded_batch_equals_each_row_alone():
-    """Each row's features, routes and (with a budget in tokens and the window backend, whose positions follow each
-    row's real tokens) its generation are what it gets alone."""
+    """Each row's features and routes are what it gets alone; the two rows take different routes, so layers where
+    they disagree run one sparse call with the full-attention row selecting every position; with a budget in tokens
+    and the window backend (whose positions follow each row's real tokens) each row generates what it does alone."""
     m = model4("llama")
-    ids, mask = left_padded(B=2, L=64, pads=(0, 11), seed=5)
-    ids[1, 11:] = 7  # one repeated token: the two requests' attention differs
-    plan = flux_plan()
+    ids, mask = two_prompts()
+    plan = flux_plan(router=feature_router())
     kw = dict(KW, backend="window", full_ratio=0.5)
     with accel.patch(m, "flux", plan=plan, **kw) as h:
         both = m.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, return_dict_in_generate=True,
@@ -97,8 +117,9 @@ def test_routes_follow_the_target_ratio_per_row_and_a_padded_batch_equals_each_r
         st = h.runtime.stats
         assert st["flux_routed_layers"] == 8 and st["flux_full_layers"] == 4  # 2 of 4 layers per row
         seq = sequences.state_of(h.runtime.last_cache)
-        feats = torch.stack([seq.layer_state[i]["flux.features"] for i in range(4)], 1)
-        routes = seq.shared["flux.route"]
+        feats = torch.stack([seq.layer_state[i]["flux.features"][0] for i in range(4)], 1)
+        routes = seq.shared["flux.route"]["route"]
+    assert not torch.equal(routes[0], routes[1])  # per request
     score = FX.Router.from_plan(plan, "window").scores(feats, torch.arange(4))
     assert torch.equal(routes, torch.zeros(2, 4, dtype=torch.bool).scatter_(1, score.topk(2, dim=1).indices, True))
     for b, pad in enumerate((0, 11)):
@@ -106,34 +127,105 @@ def test_routes_follow_the_target_ratio_per_row_and_a_padded_batch_equals_each_r
             alone = m.generate(ids[b:b + 1, pad:], max_new_tokens=10, do_sample=False, return_dict_in_generate=True,
                                output_scores=True, pad_token_id=0)
             seq = sequences.state_of(h.runtime.last_cache)
-            f1 = torch.stack([seq.layer_state[i]["flux.features"] for i in range(4)], 1)
-            assert torch.equal(seq.shared["flux.route"][0], routes[b])
+            f1 = torch.stack([seq.layer_state[i]["flux.features"][0] for i in range(4)], 1)
+            assert torch.equal(seq.shared["flux.route"]["route"][0], routes[b])
         assert torch.allclose(f1[0], feats[b], atol=1e-4)
         assert torch.equal(both.sequences[b, 64:], alone.sequences[0, 64 - pad:])
         assert max((x[b] - y[0]).abs().max().item() for x, y in zip(both.scores, alone.scores)) < 1e-4
 
 
-def test_threshold_and_static_routing():
+def test_a_row_shorter_than_the_probe_reads_finite_features():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 10, 16, generator=g), torch.randn(2, 2, 10, 16, generator=g)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, :7] = False  # 3 real tokens, probe of 8
+    f = FX.layer_features(q, k, valid, 0.25, 8, 2, lambda T: max(1, T // 4))
+    assert bool(torch.isfinite(f).all())
+    alone = FX.layer_features(q[1:, :, 7:], k[1:, :, 7:], None, 0.25, 8, 2, lambda T: max(1, T // 4))
+    assert torch.allclose(f[1], alone[0], atol=1e-5)
+
+
+def test_threshold_static_and_the_full_ratio_ends():
     m = model4("llama")
     ids = torch.randint(3, 200, (1, 80), generator=torch.Generator().manual_seed(9))
     plan = flux_plan()
     with accel.patch(m, "flux", plan=plan, routing="static", full_ratio=0.5, **KW), torch.no_grad():
         out = m(input_ids=ids, use_cache=True)
         m(input_ids=ids[:, -1:], use_cache=True, **compat.cache_kwargs(m, compat.output_cache(out)))
-        r = sequences.state_of(compat.output_cache(out)).shared["flux.route"]
+        r = sequences.state_of(compat.output_cache(out)).shared["flux.route"]["route"]
     assert r[0].tolist() == [False, False, True, True]  # static order 3, 2, 1, 0: the top half
     pol = FX.FluxPolicy(routing="threshold", **KW)
     with accel.patch(m, pol, plan=plan) as h, torch.no_grad():
         out = m(input_ids=ids, use_cache=True)
         m(input_ids=ids[:, -1:], use_cache=True, **compat.cache_kwargs(m, compat.output_cache(out)))
-        r = sequences.state_of(compat.output_cache(out)).shared["flux.route"]
+        r = sequences.state_of(compat.output_cache(out)).shared["flux.route"]["route"]
         rt = h.runtime
-        feats = torch.stack([rt.layer_state[i]["flux.features"] for i in range(4)], 1)
+        feats = torch.stack([rt.layer_state[i]["flux.features"][0] for i in range(4)], 1)
     score = FX.Router.from_plan(plan, "quest").scores(feats, torch.arange(4))
     assert torch.equal(r, score > 0.0)
+    ref = gen(m, ids, "dense", new=6)
+    for routing in ("ratio", "threshold", "static"):  # full_ratio=1: every layer full, exact
+        assert same(ref, gen(m, ids, "flux", new=6, plan=plan, routing=routing, full_ratio=1, **KW))
+    zero = gen(m, ids, "flux", new=6, plan=plan, routing="threshold", full_ratio=0, **KW)
+    assert same(zero, gen(m, ids, "flux", new=6, plan=plan, route="sparse", **KW))  # full_ratio=0: every layer sparse
 
 
-def test_rows_follow_beam_search_and_num_return_sequences():
+def test_routes_follow_reordered_rows():
+    """Rows with different routes swapped after routing (what reorder_cache does in beam search) keep their routes."""
+    m = model4("llama")
+    ids, mask = two_prompts(pads=(0, 0))
+    plan = flux_plan(router=feature_router())
+    nxt = torch.tensor([[5], [9]])
+
+    def run(swap):
+        with accel.patch(m, "flux", plan=plan, full_ratio=0.5, **KW), torch.no_grad():
+            out = m(input_ids=ids, use_cache=True)
+            cache = compat.output_cache(out)
+            out = m(input_ids=nxt, use_cache=True, **compat.cache_kwargs(m, cache))
+            cache = compat.output_cache(out)
+            routes = sequences.state_of(cache).shared["flux.route"]["route"]
+            step = nxt
+            if swap:
+                cache.reorder_cache(torch.tensor([1, 0]))
+                step = nxt.flip(0)
+            return m(input_ids=step, use_cache=True, **compat.cache_kwargs(m, cache)).logits[:, -1], routes
+
+    plain, routes = run(False)
+    swapped, _ = run(True)
+    assert not torch.equal(routes[0], routes[1])
+    assert torch.allclose(swapped.flip(0), plain, atol=1e-5)
+
+
+def test_a_new_prompt_is_routed_from_its_own_prefill():
+    """A continued cache is routed again after its next prompt; a prompt written under another patch (no features)
+    is refused instead of being routed from the previous prompt's features."""
+    m = model4("llama")
+    ids = torch.randint(3, 200, (1, 70), generator=torch.Generator().manual_seed(4))
+    more = torch.randint(3, 200, (1, 30), generator=torch.Generator().manual_seed(5))
+    plan = flux_plan()
+    with torch.no_grad():
+        with accel.patch(m, "flux", plan=plan, full_ratio=0.5, **KW):
+            cache = compat.output_cache(m(input_ids=ids, use_cache=True))
+            cache = compat.output_cache(m(input_ids=ids[:, -1:], use_cache=True, **compat.cache_kwargs(m, cache)))
+            first = sequences.state_of(cache).shared["flux.route"]
+        with accel.patch(m, "dense"):
+            cache = compat.output_cache(m(input_ids=more, use_cache=True, **compat.cache_kwargs(m, cache)))
+        with accel.patch(m, "flux", plan=plan, full_ratio=0.5, **KW), pytest.raises(AccelError, match="latest prompt"):
+            m(input_ids=more[:, -1:], use_cache=True, **compat.cache_kwargs(m, copy.deepcopy(cache)))
+        with accel.patch(m, "flux", plan=plan, full_ratio=0.5, **KW):
+            cache = compat.output_cache(m(input_ids=more, use_cache=True, **compat.cache_kwargs(m, cache)))
+            m(input_ids=more[:, -1:], use_cache=True, **compat.cache_kwargs(m, cache))
+            again = sequences.state_of(cache).shared["flux.route"]
+    assert again["mark"] == first["mark"] + 2 and again is not first
+    # a cache decoded under flux and continued under route="full" is dense, whatever routes it held
+    with accel.patch(m, "dense"), torch.no_grad():
+        ref = m(input_ids=more[:, :1], use_cache=True, **compat.cache_kwargs(m, copy.deepcopy(cache))).logits
+    with accel.patch(m, "flux", plan=plan, route="full", **KW), torch.no_grad():
+        out = m(input_ids=more[:, :1], use_cache=True, **compat.cache_kwargs(m, cache)).logits
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_rows_through_reorders_and_beam_search_equal_each_request_alone():
     from accel.cache.accel_cache import AccelLayer
 
     layer = AccelLayer()
@@ -220,6 +312,12 @@ def test_bad_options_plans_and_caches_are_refused_in_one_line():
         accel.patch(m, "flux", plan=plan, backend="window", **KW)
     with pytest.raises(AccelError, match="probe=8"):
         accel.patch(m, "flux", plan=plan, **{**KW, "probe": 4})
+    plan.params["full_ratio"] = 1 / 3
+    with pytest.raises(AccelError, match="set for full_ratio=0.3333"):
+        accel.patch(m, "flux", plan=plan, routing="threshold", full_ratio=0.5, **KW)
+    plan.params["routers"]["quest"] = dict(plan.params["routers"]["quest"], static_order=[])
+    with pytest.raises(AccelError, match="static_order"):
+        accel.patch(m, "flux", plan=plan, routing="static", **KW)
     with pytest.raises(AccelError, match="accel plan --model PATH --policy flux"):
         accel.patch(m, "flux")  # no router ships for a random model
     with pytest.raises(AccelError, match="compressed cache"):

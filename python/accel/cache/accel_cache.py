@@ -58,6 +58,9 @@ class AccelLayer(CacheLayerMixin):
         #: through reorders (beam search) and batch selections, so per-row state a policy derived from the prompt
         #: (Flux's layer routes) follows its row; None before the first write
         self.rows: torch.Tensor | None = None
+        #: multi-token writes so far (prompts and continued prompts): state read off a prompt records it, to know
+        #: whether a later prompt was written without it
+        self.prefills = 0
 
     # -- transformers' CacheLayerMixin API -------------------------------------------------------
     @property
@@ -152,6 +155,7 @@ class AccelLayer(CacheLayerMixin):
         q = key_states.shape[2]
         if q > 1 or self.rows is None:
             self.rows = torch.arange(key_states.shape[0])
+            self.prefills += 1
         visible_before = self.end - self.start
         if self.is_sliding:
             visible_before = min(visible_before, self.sliding_window - 1)

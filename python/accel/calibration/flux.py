@@ -249,6 +249,7 @@ def calibrate_flux(model, tokenizer, texts=None, *, lengths=(1024, 2048), n_text
                                    "recent": recent, "chunk": chunk, "page_size": page_size},
                      "data": "passkey / niah / essay passages in turn (packaged corpora)"},
             "split": {"train": len(train), "held_out": len(test)},
+            "routed_layers": routed,
             "heldout_sa_kl": scores,
             "mean_label": means,
             "seconds": round(time.perf_counter() - t0, 1),

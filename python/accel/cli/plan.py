@@ -71,10 +71,11 @@ def draw_flux_plan(plan, path: str | Path, title: str | None = None) -> None:
 
     means = (plan.provenance or {}).get("mean_label") or {}
     L = plan.num_layers
+    routed = (plan.provenance or {}).get("routed_layers") or [i for i, lp in enumerate(plan.layers) if lp.mode == "flux"]
     fig, ax = plt.subplots(figsize=(max(8, L * 0.35), 4.2))
     w = 0.8 / max(1, len(means))
     for j, (b, vals) in enumerate(sorted(means.items())):
-        ax.bar([i + j * w for i in range(len(vals))], [max(v, 1e-7) for v in vals], width=w, label=b)
+        ax.bar([li + j * w for li in routed[:len(vals)]], [max(v, 1e-7) for v in vals], width=w, label=b)
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("KL, this layer alone sparse")

@@ -173,6 +173,8 @@ class ModelRuntime:
         if not hasattr(self.cache, "prefill_stats"):
             self.cache.prefill_stats = {}
         self.cache.prefill_stats[layer_idx] = st
+        if layer_idx < len(self.cache.layers):  # which prompt write the statistics belong to
+            st["prefill_mark"] = getattr(self.cache.layers[layer_idx], "prefills", 0)
 
     # -- the pre-hook -------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):

@@ -5,7 +5,8 @@ the layer runs full attention (FA) or sparse attention (SA).
 At the end of each layer's prefill the layer's routing features are read off the prompt's last ``probe`` queries
 (``layer_features``: how much of their attention mass the sparse backend's budget would miss, as sink + window and
 as an oracle top-k, and how spread it is). At the request's first decode step the router (``Router``, a two-layer
-MLP over those features and the layer's identity, weights in the plan) scores every routed layer of every batch row;
+MLP over those features and the layer's identity, weights in the plan; a score is the router's estimate of the layer's standardised log-KL)
+scores every routed layer of every batch row;
 per row the ``full_ratio`` of layers with the highest scores run FA and the rest SA, until the next prefill. Routing
 is per layer (all heads of a layer take the same route), as in the paper, so a layer's decode stays one dense or one
 sparse kernel call; rows of one batch may take different routes.
@@ -139,6 +140,15 @@ class FluxPolicy(AttentionPolicy):
                                  "with `accel plan --policy flux`")
             if self.routing == "threshold" and r.get("threshold") is None:
                 raise AccelError("flux: routing='threshold' needs the plan's threshold; retrain with `accel plan`")
+            trained = (plan.params or {}).get("full_ratio")
+            if (self.routing == "threshold" and self.full_ratio not in (0, 1) and trained is not None
+                    and abs(float(trained) - float(self.full_ratio)) > 1e-9):
+                raise AccelError(f"flux: routing='threshold' uses the plan's threshold, set for full_ratio={trained:.4g}, "
+                                 f"not {self.full_ratio:.4g}; use routing='ratio' for another ratio, or retrain with "
+                                 f"`accel plan --policy flux --set full_ratio={self.full_ratio}`")
+            if self.routing == "static" and not r.get("static_order"):
+                raise AccelError("flux: routing='static' needs the plan's layer order (static_order); retrain with "
+                                 "`accel plan --policy flux`")
         args = (plan.params or {}).get("feature_args") or {}
         for knob, v in args.items():
             if self.route == "router" and getattr(self, knob, v) != v:
@@ -152,12 +162,14 @@ class FluxPolicy(AttentionPolicy):
 
     # -- prefill: dense, and this layer's routing features ----------------------------------------------------
     def prefill(self, ctx: LayerContext, query, key, value, attention_mask, scaling, **kwargs):
+        if ctx.plan.mode == "flux" and key.shape[-1] != value.shape[-1]:
+            raise AccelError("flux needs keys and values of one width, and this model's differ (latent attention); "
+                             "use policy='dense' (or 'tpla' for MLA models)")
         out = hf_sdpa(ctx.module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        if ctx.plan.mode == "flux" and key.shape[-1] == value.shape[-1]:
+        if ctx.plan.mode == "flux":
             valid = prompt_valid(attention_mask, query.shape[0], key.shape[2])
             with torch.no_grad():
-                ctx.state[_STATE] = self.features(query, key, valid, scaling)
-            ctx.runtime.shared.pop(_ROUTE, None)  # a new prompt (or a continued one) is routed again
+                ctx.state[_STATE] = (self.features(query, key, valid, scaling), _mark(ctx.cache_layer))
         return out
 
     def prefill_statistics(self, query, keys, valid, scaling) -> dict:
@@ -208,22 +220,31 @@ class FluxPolicy(AttentionPolicy):
 
     # -- routes -----------------------------------------------------------------------------------------------
     def layer_route(self, ctx: LayerContext, B: int) -> torch.Tensor:
-        """[B] bool: which of the current batch rows run this layer with full attention (routes fixed with
-        ``set_routes`` win over the options)."""
+        """[B] bool: which of the current batch rows run this layer with full attention. Routes are decided once per
+        prompt (at the first decode step after it) and kept while the prompt and the options stay; routes fixed with
+        ``set_routes`` win over the options until the next prompt."""
         rt = ctx.runtime
         held = rt.shared.get(_ROUTE)
-        if held is None:
-            if self.route != "router":
-                return torch.full((B,), self.route == "full", dtype=torch.bool)
-            held = rt.shared[_ROUTE] = self.compute_routes(ctx)
+        mark = _mark(ctx.cache_layer)
+        fixed = held is not None and held["key"] == "fixed" and held["mark"] == mark
+        if not fixed:
+            if self.route != "router" or self.full_ratio in (0, 1):
+                return torch.full((B,), self.route == "full" or (self.route == "router" and self.full_ratio == 1),
+                                  dtype=torch.bool)
+            if held is None or held["key"] != self.route_key or held["mark"] != mark:
+                held = rt.shared[_ROUTE] = {"route": self.compute_routes(ctx), "key": self.route_key, "mark": mark}
         rows = ctx.cache_layer.rows if ctx.cache_layer is not None and ctx.cache_layer.rows is not None else None
-        r = held[:, ctx.layer_idx]
+        r = held["route"][:, ctx.layer_idx]
         if rows is not None and rows.numel() == B and int(rows.max()) < r.shape[0]:
             return r[rows]
         if r.shape[0] != B:
             raise AccelError(f"flux: the routes were decided for {r.shape[0]} batch rows and this step has {B}; "
                              "start a new generation (a new cache) for a different batch")
         return r
+
+    @property
+    def route_key(self):
+        return (self.backend, self.routing, float(self.full_ratio), self.stats_key)
 
     def compute_routes(self, ctx: LayerContext) -> torch.Tensor:
         """[B, num_layers] bool routes (True: full attention) from every routed layer's prefill features."""
@@ -233,12 +254,17 @@ class FluxPolicy(AttentionPolicy):
         feats = []
         stats = getattr(rt.cache, "prefill_stats", None) or {}
         for i in routed:
-            f = rt.layer_state.get(i, {}).get(_STATE)
-            if f is None:
-                f = stats.get(i, {}).get(self.stats_key)
-            if f is None:
-                raise AccelError("flux routes each request from its prefill, and this cache was prefilled without "
-                                 "flux's features; prefill the prompt with the model patched by policy='flux'")
+            mark = _mark(rt.cache.layers[i]) if rt.cache is not None and i < len(rt.cache.layers) else None
+            own = rt.layer_state.get(i, {}).get(_STATE)  # flux's own prefill of the latest prompt
+            rec = stats.get(i, {})  # a shared dense prefill that recorded them (the evaluation harness)
+            if own is not None and own[1] == mark:
+                f = own[0]
+            elif self.stats_key in rec and rec.get("prefill_mark") == mark:
+                f = rec[self.stats_key]
+            else:
+                raise AccelError("flux routes each request from its prompt's prefill, and the latest prompt in this "
+                                 "cache was prefilled without flux's features; prefill it with the model patched by "
+                                 "policy='flux'")
             feats.append(f)
         F = torch.stack(feats, 1)  # [B, R, n_features]
         B, L = F.shape[0], plan.num_layers
@@ -248,7 +274,7 @@ class FluxPolicy(AttentionPolicy):
         router = Router.from_plan(plan, self.backend)
         n_full = int(round(float(self.full_ratio) * len(routed)))
         sub = torch.zeros(B, len(routed), dtype=torch.bool)
-        if self.routing == "static":
+        if self.routing == "static":  # check_plan_params made sure the plan has the order
             order = [routed.index(i) for i in router.static_order if i in routed][:n_full]
             sub[:, order] = True
         else:
@@ -271,12 +297,19 @@ def set_routes(cache, route: torch.Tensor) -> None:
 
     for layer in cache.layers:
         layer.rows = torch.arange(route.shape[0])
-    sequences.state_of(cache).shared[_ROUTE] = route.to(torch.bool).cpu()
+    sequences.state_of(cache).shared[_ROUTE] = {"route": route.to(torch.bool).cpu(), "key": "fixed",
+                                                "mark": _mark(cache.layers[0])}
+
+
+def _mark(cache_layer):
+    """Which prompt write of the cache layer the routing state belongs to."""
+    return getattr(cache_layer, "prefills", None)
 
 
 class Router:
     """The layer router: ``score = w2 . relu(W1 x + b1) + b2`` with ``x`` = [standardised features, one-hot layer];
-    a higher score means the layer matters more to this request (its predicted log-KL when it alone runs SA)."""
+    a higher score means the layer matters more to this request (its estimate of the layer's log-KL when it alone
+    runs SA, standardised over the training labels; the plan's threshold is in the same units)."""
 
     def __init__(self, w1, b1, w2, b2, mu, sd, threshold=None, static_order=()):
         self.w1, self.b1, self.w2, self.b2 = (torch.as_tensor(x, dtype=torch.float32) for x in (w1, b1, w2, b2))
@@ -326,11 +359,20 @@ def layer_features(query, key, valid, scaling: float, probe: int, sink: int, bud
     recent = (budget - sink).clamp(min=0)
     win = ((pos.view(1, T) >= first.view(B, 1)) & (pos.view(1, T) < (first + sink).view(B, 1))) | \
         (pos.view(1, T) >= (T - recent).view(B, 1))
-    window_miss = (1 - (p * win.view(B, 1, 1, T).to(p.device)).sum(-1)).clamp(min=0).mean(-1)  # [B, H]
+    # a row with fewer real tokens than ``probe`` averages over its real queries only (padding queries see no key)
+    qreal = ((T - P + torch.arange(P)).view(1, P) >= first.view(B, 1)).float().to(p.device)  # [B, P]
+    n_q = qreal.sum(-1).clamp(min=1).view(B, 1)
+    p = torch.nan_to_num(p) * qreal.view(B, 1, P, 1)
+
+    def qmean(x):  # [B, H, P] -> [B, H], over each row's real queries
+        return (x * qreal.view(B, 1, P)).sum(-1) / n_q
+
+    window_miss = qmean((1 - (p * win.view(B, 1, 1, T).to(p.device)).sum(-1)).clamp(min=0))  # [B, H]
+    budget = budget.clamp(min=1)
     top = p.topk(int(budget.max()), dim=-1).values.cumsum(-1)  # [B, H, P, max budget]
     kept = top.gather(-1, (budget - 1).view(B, 1, 1, 1).expand(B, H, P, 1).to(top.device)).squeeze(-1)
-    topk_miss = (1 - kept).clamp(min=0).mean(-1)
-    ent = -(p * torch.log(p.clamp(min=1e-30))).sum(-1).mean(-1)  # [B, H]
+    topk_miss = qmean((1 - kept).clamp(min=0))
+    ent = qmean(-(p * torch.log(p.clamp(min=1e-30))).sum(-1))  # [B, H]
     ent = ent / torch.log(n_real.clamp(min=2)).view(B, 1).to(ent.device)
     f = torch.stack([
         torch.log(window_miss.mean(-1) + _EPS), torch.log(window_miss.amax(-1) + _EPS),
@@ -370,7 +412,3 @@ def with_full_rows(idx: torch.Tensor, counts: torch.Tensor, full: torch.Tensor, 
     return out.contiguous(), c.contiguous()
 
 
-def routed_fraction(stats: dict) -> float | None:
-    """The fraction of routed layer-rows that ran full attention so far (from the runtime's stats), or None."""
-    n = stats.get("flux_routed_layers", 0)
-    return stats.get("flux_full_layers", 0) / n if n else None
