@@ -52,6 +52,12 @@ COMMITTED = {
     "eval_tca_smollm2_4k_lm.csv": "2026-12-05",
     "decode_tca_smollm2_b1.csv": "2026-12-05",
     "decode_sparse_smollm2_b8.csv": "2026-12-05",
+    "eval_flux_smollm2_2k.csv": "2026-12-05",
+    "eval_flux_smollm2_4k.csv": "2026-12-05",
+    "eval_flux_smollm2_4k_lm.csv": "2026-12-05",
+    "decode_flux_smollm2_b1.csv": "2026-12-05",
+    "decode_flux_smollm2_b8.csv": "2026-12-05",
+    "eval_sparse_smollm2_8k.csv": "2026-12-05",
     "compile_smollm2_4k.csv": "2026-12-03",
     "decode_delta_smollm2_b1.csv": "2026-11-24",
     "decode_delta_smollm2_b8.csv": "2026-11-24",
@@ -729,6 +735,46 @@ def sec_tca() -> list[str]:
     return out
 
 
+FLUX_EVAL = ("eval_flux_smollm2_2k.csv", "eval_flux_smollm2_4k.csv", "eval_flux_smollm2_4k_lm.csv")
+FLUX_SPEED = ("decode_flux_smollm2_b1.csv", "decode_flux_smollm2_b8.csv")
+SPARSE_8K = "eval_sparse_smollm2_8k.csv"
+
+
+def sec_flux() -> list[str]:
+    q = Quality()
+    for n in FLUX_EVAL:
+        q.add(n)
+    tasks = ["passkey", "niah", "ruler_niah_single_1"]
+    rows = []
+    pols = sorted({k[0] for k in q.acc if k[0] != "hf"}, key=lambda p: (p != "dense", p != "hylra", p))
+    for c in sorted({k[1] for k in q.acc} | {k[1] for k in q.lm}):
+        for p in pols:
+            if not any(k[0] == p and k[1] == c for k in list(q.acc) + list(q.lm)):
+                continue
+            rows.append([display(p), c] + [q.cell(p, c, t, slack=1) if (p, c, t) in q.acc else "-" for t in tasks]
+                        + [q.ppl(p, c) if (p, c) in q.lm else "-"])
+    out = ["## Flux Attention: a trained layer router", "",
+           "The shipped SmolLM2-135M router (`accel plan --policy flux`; per-layer training labels in "
+           "[plan_smollm2-135m_flux.png](../bench/results/plan_smollm2-135m_flux.png)) at its default full-layer ratio "
+           "of 1/3 (10 of 30 layers full per request) and an SA budget of 1/8 of the context, next to hylra's shipped "
+           "plan (10 full layers) and duo at 1/8, the same samples. `flux@routing=static`: the same 10 layers for every "
+           "request (the router's training order, no context). ✓ = within one sample of dense.", ""]
+    out += table(["policy", "context"] + tasks + ["perplexity (vs dense)"], rows)
+    out += sources(*FLUX_EVAL)
+    out += ["Decode after a real prefill, one run each (\"KV MB read per step\": the runtime's own count):", ""]
+    out += _speed_table(list(FLUX_SPEED))
+    out += sources(*FLUX_SPEED)
+    q8 = Quality()
+    q8.add(SPARSE_8K)
+    pols = sorted({k[0] for k in q8.acc if k[0] != "hf"}, key=lambda p: (p != "dense", p))
+    out += ["### The sparse-attention policies at 8K", "",
+            "Each policy at its default budget (1/8 of the context; tca: its shipped quotas; duo at 1/8), the same "
+            "samples, one run. ✓ = within one sample of dense.", ""]
+    out += table(["policy"] + tasks, [[display(p)] + [q8.cell(p, 8192, t, slack=1) for t in tasks] for p in pols])
+    out += sources(SPARSE_8K)
+    return out
+
+
 def sec_kv() -> list[str]:
     q, speed = kv_quality(), kv_speed()
     pols = sorted({k[0] for k in q.acc} | {k[0] for k in q.lm} | {k[0] for k in speed}, key=policy_order)
@@ -938,6 +984,7 @@ POLICIES = [  # name, paper (as cited in the code), what it does
     ("duo", "DuoAttention, Xiao et al. 2024, arXiv 2410.10819", "retrieval heads keep everything, streaming heads a small cache"),
     ("taskkv", "Task-KV, He, Liu, Chen, arXiv 2501.15113", "per request, heads far from their layer's semantic center keep everything"),
     ("moa", "MoA, Fu et al., arXiv 2406.14909", "per-head sink + band spans from an offline MILP; sparse prefill"),
+    ("flux", "Flux Attention, Qiu et al., arXiv 2604.07394", "a trained layer router picks, per request and layer, full attention or a sparse backend (Quest pages by default) from the prefill"),
     ("tca", "TCA-Attention, You, Chen, Zhang et al., arXiv 2512.09238", "per KV head, a calibrated quota of each 16-token block's least redundant keys stays in the cache (optionally in the prefill too)"),
     ("fastervlm", "FasterVLM, Zhang et al., arXiv 2412.01818", "keeps the image tokens the vision tower's [CLS] attends to"),
     ("flowcut", "FlowCut, Tong et al., arXiv 2505.19536", "prunes image tokens progressively inside the vision tower"),
@@ -1010,6 +1057,15 @@ def policy_table() -> list[str]:
                     f"{ratio(td[('tca', '1')]['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill); KV "
                     f"{100 * float(td[('tca', '1')]['kv_held_mb']) / float(td[('dense', '1')]['kv_held_mb']):.0f}% of "
                     "dense")
+    fq = Quality()
+    for n in FLUX_EVAL:
+        fq.add(n)
+    fd = {(r["policy"], r["batch"]): r for n in FLUX_SPEED for r in load(n)}
+    cells["flux"] = ("4K, 1/3 of the layers full, top-k 1/8: " + pk(fq, "flux", 4096)
+                     + f"; hylra in the same run: passkey {fq.cell('hylra', 4096, 'passkey')}, NIAH "
+                     f"{fq.cell('hylra', 4096, 'niah')}",
+                     f"{ratio(fd[('flux', '1')]['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill), "
+                     f"{ratio(fd[('flux', '8')]['speedup_vs_accel_dense'])} (4K, batch 8, one prompt)")
     for p in ("fastervlm", "flowcut", "fastv", "randomprune"):
         cells[p] = vlm_cells(p)
     out = ["| policy | paper | what it does | measured quality | measured speed |", "|---|---|---|---|---|"]
@@ -1054,7 +1110,7 @@ def _headline_same() -> tuple[int, int, set, set]:
 def results_md() -> str:
     _USED.clear()
     body = []
-    for sec in (sec_headline, sec_decode, sec_step, sec_throughput, sec_kernels, sec_linear, sec_reuse, sec_kv, sec_tca, sec_duo,
+    for sec in (sec_headline, sec_decode, sec_step, sec_throughput, sec_kernels, sec_linear, sec_reuse, sec_kv, sec_tca, sec_flux, sec_duo,
                 sec_vlm, sec_tpla, sec_compile):
         body += sec()
     head = ["# Measured results", "",
