@@ -68,16 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick", action="store_true", help="a few samples at 512 tokens (smoke test, ~2 min)")
     e.add_argument("--out", default="accel_results/eval.csv", help="summary CSV to write (per-sample CSV and PNG next to it)")
 
-    pl = sub.add_parser("plan", help="make a plan for a policy: its calibrator on calibration text (hylra, duo, moa, ...) "
+    pl = sub.add_parser("plan", help="make a plan for a policy: its calibrator on calibration text (hylra, duo, moa, tca) or "
+                                          "training (flux's layer router) "
                                      "or its default plan")
     common(pl)
     pl.add_argument("--policy", default="hylra",
                     help="a policy with a calibrator (`accel info` lists them; e.g. hylra: profiler + layer DP, duo: "
-                         "per-head scores, moa: per-head spans by MILP) or any other policy (its default plan, e.g. delta)")
+                         "per-head scores, moa: per-head spans by MILP, tca: per-head quotas, flux: trains its layer router on the "
+                         "frozen model, ~6 min for SmolLM2) or any other policy (its default plan, e.g. delta)")
     pl.add_argument("--out", required=True, help="plan JSON to write (a PNG picture is written next to it)")
     pl.add_argument("--png", default=None, help="picture path (default: the --out path with .png)")
     pl.add_argument("--tokens", type=int, default=None, help="tokens per calibration text (hylra 4096, duo 2048)")
-    pl.add_argument("--n-texts", type=int, default=None, help="calibration texts (hylra 4 and duo 4 retrieval prompts, moa 2)")
+    pl.add_argument("--n-texts", type=int, default=None, help="calibration texts (hylra 4 and duo 4 retrieval prompts, moa 2, tca 2; "
+                                                                      "flux 24 training requests)")
     pl.add_argument("--steps", type=int, default=None, help="decode-step queries profiled per text (hylra 32, duo/moa 64)")
     pl.add_argument("--chunk", type=int, default=None, help="hylra: selection chunk the profiler emulates (16)")
     pl.add_argument("--preserved-ratio", type=float, default=None, help="hylra: profiled top-k as a fraction of the text (0.125)")
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--retrieval-fraction", type=float, default=None, help="duo: default share of retrieval heads (0.5)")
     pl.add_argument("--densities", default=None, help="moa: average densities to solve for, the first the default "
                                                       "(0.5,0.25,0.1)")
-    pl.add_argument("--lengths", default=None, help="moa: profiled lengths (2048,4096)")
+    pl.add_argument("--lengths", default=None, help="moa: profiled lengths (2048,4096); flux: training "
+                                                   "request lengths (1024,2048)")
     pl.add_argument("--sparsity", type=float, default=None, help="hylra: rollback layers = ceil(L*(1-sparsity)) (0.91)")
     pl.add_argument("--computed-ratio", type=float, default=None, help="hylra: switch budget share of the DP (0.2)")
     pl.add_argument("--anchor-mode", default=None, choices=["full", "select"], help="hylra (full)")

@@ -162,7 +162,8 @@ def make_policy(spec, overrides: dict | None = None):
     attn = [o for o in objs if isinstance(o, AttentionPolicy)]
     kv = [o for o in objs if isinstance(o, KVCachePolicy)]
     if len(attn) > 1:
-        raise AccelError(f"at most one attention policy per model, got {[o.name for o in attn]}")
+        raise AccelError(f"at most one attention policy per model, got {[o.name for o in attn]}; keep one of them "
+                         "(attention policies compose with KV-cache policies, e.g. 'hylra+snapkv')")
     if not attn:
         attn = [get_policy_class("dense")()]
     if kv and not getattr(attn[0], "supports_compressed_cache", False):
