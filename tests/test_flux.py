@@ -119,7 +119,10 @@ def test_routes_follow_the_target_ratio_per_row_and_a_padded_batch_equals_each_r
         seq = sequences.state_of(h.runtime.last_cache)
         feats = torch.stack([seq.layer_state[i]["flux.features"][0] for i in range(4)], 1)
         routes = seq.shared["flux.route"]["route"]
+        text = h.summary()
     assert not torch.equal(routes[0], routes[1])  # per request
+    assert "flux: backend window, routing ratio" in text and "2 of 4 routed layers full" in text
+    assert str(torch.nonzero(routes[1]).flatten().tolist()) in text
     score = FX.Router.from_plan(plan, "window").scores(feats, torch.arange(4))
     assert torch.equal(routes, torch.zeros(2, 4, dtype=torch.bool).scatter_(1, score.topk(2, dim=1).indices, True))
     for b, pad in enumerate((0, 11)):

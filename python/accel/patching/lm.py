@@ -308,9 +308,11 @@ class PatchHandle(HandleBase):
             key = lp.mode if lp.mode != "reuse" else "reuse"
             modes[key] = modes.get(key, 0) + 1
         mode_s = ", ".join(f"{k}: {v}" for k, v in sorted(modes.items()))
-        return (f"accel policy={self.runtime.policy.name} on {info.model_type} "
-                f"({info.num_layers} layers, {info.num_heads}/{info.num_kv_heads} heads, head_dim {info.head_dim}); "
-                f"layers by mode: {mode_s}")
+        out = (f"accel policy={self.runtime.policy.name} on {info.model_type} "
+               f"({info.num_layers} layers, {info.num_heads}/{info.num_kv_heads} heads, head_dim {info.head_dim}); "
+               f"layers by mode: {mode_s}")
+        describe = getattr(self.runtime.attention, "describe", None)  # a policy's own run-time decisions (flux)
+        return out + ("; " + describe(self.runtime) if describe is not None else "")
 
     def remove(self) -> None:
         if not self.active:

@@ -218,6 +218,21 @@ class FluxPolicy(AttentionPolicy):
         return select_from_scores(scores, lse, key.shape[1], budget, agg=self.agg, chunk=self.chunk, sink=self.sink,
                                   recent=self.recent, first_valid=first if valid is not None else None, T=T)
 
+    def describe(self, runtime) -> str:
+        """One line for ``PatchHandle.summary()``: the options and the latest routes (full layers per row)."""
+        from ..cache import sequences
+
+        routed = sum(lp.mode == "flux" for lp in runtime.plan.layers)
+        out = (f"flux: backend {self.backend}, routing {self.routing}, full_ratio {float(self.full_ratio):.3g} "
+               f"({int(round(float(self.full_ratio) * routed))} of {routed} routed layers full per request)")
+        cache = runtime.last_cache
+        held = sequences.state_of(cache).shared.get(_ROUTE) if cache is not None else None
+        if held is not None:
+            rows = held["route"]
+            out += "; latest routes, full layers per row: " + "; ".join(
+                str(torch.nonzero(r).flatten().tolist()) for r in rows[:4]) + (" ..." if rows.shape[0] > 4 else "")
+        return out
+
     # -- routes -----------------------------------------------------------------------------------------------
     def layer_route(self, ctx: LayerContext, B: int) -> torch.Tensor:
         """[B] bool: which of the current batch rows run this layer with full attention. Routes are decided once per
