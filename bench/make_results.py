@@ -58,6 +58,7 @@ COMMITTED = {
     "decode_flux_smollm2_b1.csv": "2026-12-05",
     "decode_flux_smollm2_b8.csv": "2026-12-05",
     "eval_sparse_smollm2_8k.csv": "2026-12-05",
+    "flux_router_heldout.csv": "2026-12-05",
     "compile_smollm2_4k.csv": "2026-12-03",
     "decode_delta_smollm2_b1.csv": "2026-11-24",
     "decode_delta_smollm2_b8.csv": "2026-11-24",
@@ -738,6 +739,7 @@ def sec_tca() -> list[str]:
 FLUX_EVAL = ("eval_flux_smollm2_2k.csv", "eval_flux_smollm2_4k.csv", "eval_flux_smollm2_4k_lm.csv")
 FLUX_SPEED = ("decode_flux_smollm2_b1.csv", "decode_flux_smollm2_b8.csv")
 SPARSE_8K = "eval_sparse_smollm2_8k.csv"
+FLUX_HELDOUT = "flux_router_heldout.csv"
 
 
 def sec_flux() -> list[str]:
@@ -764,6 +766,14 @@ def sec_flux() -> list[str]:
     out += ["Decode after a real prefill, one run each (\"KV MB read per step\": the runtime's own count):", ""]
     out += _speed_table(list(FLUX_SPEED))
     out += sources(*FLUX_SPEED)
+    out += ["The shipped router on 12 requests it never saw (the trainer's request series continued): the KL of the "
+            "next-token distribution summed over the layers each rule sends to sparse attention at 10 full layers "
+            "(lower is better), the router's rank correlation with the labels, and how many of its 10 full layers per "
+            "request differ from the static order's:", ""]
+    out += table(["backend", "requests", "router", "static order", "oracle", "random", "rank corr.", "layers off static"],
+                 [[r["backend"], r["requests"], r["kl_router"], r["kl_static"], r["kl_oracle"], r["kl_random"],
+                   r["spearman"], r["layers_off_static_per_request"]] for r in load(FLUX_HELDOUT)])
+    out += sources(FLUX_HELDOUT)
     q8 = Quality()
     q8.add(SPARSE_8K)
     pols = sorted({k[0] for k in q8.acc if k[0] != "hf"}, key=lambda p: (p != "dense", p))
