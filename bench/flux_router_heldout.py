@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from accel.calibration.flux import heldout_scores, request_labels, training_requests
+    from accel.calibration.flux import heldout_scores, label_requests, training_requests
     from accel.models import load
     from accel.models.registry import get_adapter
     from accel.plan.shipped import shipped_plan
@@ -46,12 +46,7 @@ def main(argv=None) -> int:
     routed = [i for i, lp in enumerate(plan.layers) if lp.mode == "flux"]
     policy = FluxPolicy(**plan.params["feature_args"])
     t0 = time.perf_counter()
-    feats, labels = [], {b: [] for b in backends}
-    for prompt, cont, _ in reqs:
-        f, lab = request_labels(model, policy, prompt, cont, routed, info.num_layers, backends)
-        feats.append(f)
-        for b in backends:
-            labels[b].append(lab[b])
+    feats, labels = label_requests(model, policy, reqs, routed, info.num_layers, backends)
     n_full = int(round(float(plan.params["full_ratio"]) * len(routed)))
     rows = []
     for b in backends:

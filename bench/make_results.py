@@ -709,6 +709,20 @@ def kv_speed() -> dict:
     return {(drop_option(r["policy"]), b): r for b, n in KV_SPEED.items() for r in load(n)}
 
 
+def _context_rows(q: "Quality", tasks: list[str], first=("dense",)) -> list[list]:
+    """One row per context and policy measured there (``first`` policies leading, then by name): each task's k/n
+    with ✓ / ✗ within one sample of dense, and the perplexity."""
+    pols = sorted({k[0] for k in q.acc if k[0] != "hf"}, key=lambda p: ([p != f for f in first], p))
+    rows = []
+    for c in sorted({k[1] for k in q.acc} | {k[1] for k in q.lm}):
+        for p in pols:
+            if not any(k[0] == p and k[1] == c for k in list(q.acc) + list(q.lm)):
+                continue
+            rows.append([display(p), c] + [q.cell(p, c, t, slack=1) if (p, c, t) in q.acc else "-" for t in tasks]
+                        + [q.ppl(p, c) if (p, c) in q.lm else "-"])
+    return rows
+
+
 TCA_EVAL = ("eval_tca_smollm2_2k.csv", "eval_tca_smollm2_4k.csv", "eval_tca_smollm2_4k_lm.csv")
 TCA_SPEED = ("decode_tca_smollm2_b1.csv", "decode_sparse_smollm2_b8.csv")
 
@@ -718,12 +732,7 @@ def sec_tca() -> list[str]:
     for n in TCA_EVAL:
         q.add(n)
     tasks = ["passkey", "niah", "ruler_niah_single_1"]
-    rows = []
-    pols = sorted({k[0] for k in q.acc if k[0] != "hf"}, key=lambda p: (p != "dense", p))
-    for c in sorted({k[1] for k in q.acc} | {k[1] for k in q.lm}):
-        for p in pols:
-            rows.append([display(p), c] + [q.cell(p, c, t, slack=1) if (p, c, t) in q.acc else "-" for t in tasks]
-                        + [q.ppl(p, c) if (p, c) in q.lm else "-"])
+    rows = _context_rows(q, tasks)
     out = ["## TCA-Attention: calibrated per-head quotas", "",
            "The shipped SmolLM2-135M plan (`accel plan --policy tca`; quotas in "
            "[plan_smollm2-135m_tca.png](../bench/results/plan_smollm2-135m_tca.png)), default options, the same samples "
@@ -747,14 +756,7 @@ def sec_flux() -> list[str]:
     for n in FLUX_EVAL:
         q.add(n)
     tasks = ["passkey", "niah", "ruler_niah_single_1"]
-    rows = []
-    pols = sorted({k[0] for k in q.acc if k[0] != "hf"}, key=lambda p: (p != "dense", p != "hylra", p))
-    for c in sorted({k[1] for k in q.acc} | {k[1] for k in q.lm}):
-        for p in pols:
-            if not any(k[0] == p and k[1] == c for k in list(q.acc) + list(q.lm)):
-                continue
-            rows.append([display(p), c] + [q.cell(p, c, t, slack=1) if (p, c, t) in q.acc else "-" for t in tasks]
-                        + [q.ppl(p, c) if (p, c) in q.lm else "-"])
+    rows = _context_rows(q, tasks, first=("dense", "hylra"))
     out = ["## Flux Attention: a trained layer router", "",
            "The shipped SmolLM2-135M router (`accel plan --policy flux`; per-layer training labels in "
            "[plan_smollm2-135m_flux.png](../bench/results/plan_smollm2-135m_flux.png)) at its default full-layer ratio "

@@ -104,6 +104,20 @@ def request_labels(model, policy, prompt: torch.Tensor, cont: torch.Tensor, rout
     return feats, labels
 
 
+def label_requests(model, policy, reqs, routed: list[int], num_layers: int, backends, bar=None):
+    """``request_labels`` of every request: (features [R, n_features] per request, {backend: labels [R] per
+    request})."""
+    feats, labels = [], {b: [] for b in backends}
+    for prompt, cont, _ in reqs:
+        f, lab = request_labels(model, policy, prompt, cont, routed, num_layers, backends)
+        feats.append(f)
+        for b in backends:
+            labels[b].append(lab[b])
+        if bar is not None:
+            bar.update(1)
+    return feats, labels
+
+
 def train_router(X: torch.Tensor, layers: torch.Tensor, y: torch.Tensor, num_layers: int, hidden: int = 16,
                  epochs: int = 600, lr: float = 1e-2, weight_decay: float = 1e-3, seed: int = 0) -> dict:
     """Fit the router MLP to ``y`` (log labels) from features ``X`` [N, F] of layers ``layers`` [N]; returns its
@@ -205,14 +219,7 @@ def calibrate_flux(model, tokenizer, texts=None, *, lengths=(1024, 2048), n_text
                              f"(training and held-out requests), got {len(reqs)}")
     bar = progress_bar(progress, len(reqs), "training flux router (labels)", unit="request")
     t0 = time.perf_counter()
-    feats, labels = [], {b: [] for b in backends}
-    for prompt, cont, _ in reqs:
-        f, lab = request_labels(model, policy, prompt, cont, routed, info.num_layers, backends)
-        feats.append(f)
-        for b in backends:
-            labels[b].append(lab[b])
-        if bar is not None:
-            bar.update(1)
+    feats, labels = label_requests(model, policy, reqs, routed, info.num_layers, backends, bar)
     if bar is not None:
         bar.close()
     t_labels = time.perf_counter() - t0

@@ -31,6 +31,7 @@ A budget that covers the context (``topk`` >= context) makes every SA layer exac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -176,7 +177,7 @@ class FluxPolicy(AttentionPolicy):
         """The features a shared dense prefill records (the evaluation harness prefills each sample once)."""
         return {self.stats_key: self.features(query, keys, valid, scaling)}
 
-    @property
+    @cached_property  # options are fixed once the policy is built; read on every decode step
     def stats_key(self) -> str:
         a = self.feature_args()
         return f"{_STATE}@" + ",".join(f"{k}={a[k]}" for k in sorted(a))
@@ -257,7 +258,7 @@ class FluxPolicy(AttentionPolicy):
                              "start a new generation (a new cache) for a different batch")
         return r
 
-    @property
+    @cached_property
     def route_key(self):
         return (self.backend, self.routing, float(self.full_ratio), self.stats_key)
 
