@@ -54,7 +54,8 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
     std::vector<c10::optional<torch::Tensor>> k_bufs, std::vector<c10::optional<torch::Tensor>> v_bufs, int64_t start,
     int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos, torch::Tensor sin, int64_t H, int64_t Hkv,
     double scale, std::vector<std::vector<torch::Tensor>> ragged, std::vector<int64_t> ragged_flags,
-    std::vector<int64_t> positions, bool bf16_inputs);
+    std::vector<int64_t> positions, bool bf16_inputs, std::vector<std::vector<torch::Tensor>> quest,
+    std::vector<int64_t> quest_args, c10::optional<torch::Tensor> first);
 std::vector<torch::Tensor> latent_decode_cpu(torch::Tensor q, torch::Tensor kv, torch::Tensor lengths, int64_t dl,
                                              c10::optional<torch::Tensor> indices, c10::optional<torch::Tensor> valid,
                                              double scale, int64_t num_threads);
@@ -106,14 +107,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_decode_stack", &fused_decode_stack_cpu,
         "a decode step through every layer: per layer the fused halves, the new k/v written into the layer's cache "
         "(dense buffers at position `pos`, or a compressed layer's per-head pools), decode attention over what it "
-        "holds, and a compressed layer's accumulation and eviction; returns (the last layer's output, KV rows read), "
+        "holds (a Quest layer: over its selected pages), and a compressed layer's accumulation and eviction; returns (the last layer's output, KV rows read), "
         "or nothing when a compressed layer must grow first",
         pybind11::arg("h"), pybind11::arg("pre"), pybind11::arg("post"), pybind11::arg("eps"), pybind11::arg("k_bufs"),
         pybind11::arg("v_bufs"), pybind11::arg("start"), pybind11::arg("pos"), pybind11::arg("valid") = pybind11::none(),
         pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("H"), pybind11::arg("Hkv"), pybind11::arg("scale"),
         pybind11::arg("ragged") = std::vector<std::vector<torch::Tensor>>(),
         pybind11::arg("ragged_flags") = std::vector<int64_t>(), pybind11::arg("positions") = std::vector<int64_t>(),
-        pybind11::arg("bf16_inputs") = false);
+        pybind11::arg("bf16_inputs") = false, pybind11::arg("quest") = std::vector<std::vector<torch::Tensor>>(),
+        pybind11::arg("quest_args") = std::vector<int64_t>(), pybind11::arg("first") = pybind11::none());
   m.def("quest_select", &quest_select_cpu,
         "Quest's page selection: page upper bounds from the key min/max summaries, aggregated over each GQA group, "
         "top k_pages (the current page always) expanded to token positions",

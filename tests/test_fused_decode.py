@@ -571,6 +571,51 @@ def test_the_whole_stack_runs_kv_policies_bit_for_bit(name, kw, dtype):
         assert len(x) == len(y) and x[0] == y[0] and all(torch.equal(s, t) for s, t in zip(x[1:], y[1:]))
 
 
+@pytest.mark.exactness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", [a for a in FUSED_ARCHS if a != "mistral"])
+def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype):
+    """Quest's decode also runs in the one-call stack: its page summaries, the page selection (pages of left padding
+    last, the current page always) and the attention over the chosen pages happen in C++. The tokens, the logits, the
+    summaries, the KV bytes counted and the cache equal the per-layer path's bit for bit on a left-padded batch, with
+    layers that go from dense (their pages cover the context) to sparse during the generation, a plan whose layers
+    take different budgets, and summaries the per-layer path started (the first steps run one by one)."""
+    from accel.plan import LayerPlan, Plan
+
+    model = tiny_model(arch).to(dtype)
+    ids, mask = left_padded(3, 37, (0, 6, 13), 1, high=250)
+    cfg = model.config
+    L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    plan = Plan(policy="quest", num_layers=L, num_kv_heads=Hkv, params={"page_size": 4, "min_topk": 0},
+                layers=[LayerPlan(mode="full" if i == 0 else "quest", attention="quest", topk=8 + 4 * (i % 3))
+                        for i in range(L)])
+    res = {}
+    with torch.no_grad():
+        for whole in (True, False):
+            with accel.patch(model, "quest", plan=plan, min_pages=2) as h:
+                fd = h.runtime.fused
+                assert fd._stack_reason is None
+                fd.whole_stack = False  # two steps one by one: the stack continues the summaries they started
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+                fd.whole_stack = whole
+                out = _generate(model, out, torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1), new=14)
+                metas = [h.runtime.layer_state.get(i, {}).get("quest") for i in range(L)]
+                res[whole] = (out, dict(h.runtime.stats), _cache_state(h.cache),
+                              [None if m is None else (m[1].full_pages, m[1].kmin[:, :, :m[1].full_pages],
+                                                       m[1].kmax[:, :, :m[1].full_pages]) for m in metas])
+    (a, sa, ca, ma), (b, sb, cb, mb) = res[True], res[False]
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+    assert sa.pop("stack_calls", 0) == 13 and "stack_calls" not in sb
+    assert sa == sb
+    assert ma[0] is None and all(m is not None and m[0] >= 12 for m in ma[1:])  # every Quest layer selected pages
+    for x, y in zip(ma, mb):
+        assert (x is None) == (y is None) and (x is None or (x[0] == y[0] and torch.equal(x[1], y[1])
+                                                              and torch.equal(x[2], y[2])))
+    for x, y in zip(ca, cb):
+        assert x[0] == y[0] and all(torch.equal(s, t) for s, t in zip(x[1:], y[1:]))
+
+
 def test_the_whole_stack_steps_aside_for_hidden_states_layer_hooks_and_other_policies():
     """Where a layer's own forward must run in between -- hidden states of every layer asked for, a hook on a
     decoder layer -- or the policy attends with its own decode, each layer runs on its own, with the same result."""

@@ -48,18 +48,30 @@ def test_small_budget_runs_sparse_and_stays_close(policy, kw):
     if kw.get("plan") == "hand":
         kw["plan"] = hand_plan()
     calls = []
-    mod = importlib.import_module(accel.get_policy_class(policy).decode.__module__)  # where its decode is written
+    cls = accel.get_policy_class(policy)
+    mod = importlib.import_module(cls.decode.__module__)  # where its decode is written
     orig = mod.sparse_attend
+    orig_stack = getattr(cls, "stack_layer", None)  # a decode the one-call C++ stack runs (quest)
 
     def spy(*a, **k):
         calls.append(1)
         return orig(*a, **k)
 
+    def stack_spy(*a, **k):
+        spec = orig_stack(*a, **k)
+        if spec is not None:  # the stack selects this layer's pages
+            calls.append(1)
+        return spec
+
     mod.sparse_attend = spy
+    if orig_stack is not None:
+        cls.stack_layer = stack_spy
     try:
         out = gen(m, ids, policy, topk=32, **SMALL.get(policy, {}), **kw)
     finally:
         mod.sparse_attend = orig
+        if orig_stack is not None:
+            cls.stack_layer = orig_stack
     assert calls, "no layer took the sparse path"
     assert out.sequences.shape == ref.sequences.shape
     assert not same(out, ref, tol=0.0)  # lossy at 32 of ~130 tokens on a random model
@@ -347,7 +359,8 @@ def test_cpp_selection_from_logits_matches_torch(agg):
 def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page():
     """Quest (methods.md 7.5): the first two layers stay dense; elsewhere each KV head attends to the
     ceil(topk / page) pages (at least 3) whose key min/max bound q.k highest, always with the current page, every
-    page whole; the incremental page metadata gives the reference's bounds."""
+    page whole; the incremental page metadata gives the reference's bounds. (The per-layer path, seen through its
+    ``sparse_attend``; the one-call C++ stack equals it bit for bit: tests/test_fused_decode.py.)"""
     from accel.ops._selection_reference import page_minmax_ref, quest_page_scores_ref
     import accel.policies.quest as Q
 
@@ -362,7 +375,7 @@ def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page():
 
     Q.sparse_attend = spy
     try:
-        gen(m, ids, "quest", topk=64, new=8)  # 4 pages of 16
+        gen(m, ids, "quest", topk=64, new=8, fused_decode=False)  # 4 pages of 16
     finally:
         Q.sparse_attend = orig
     assert seen and {s[0] for s in seen} == {2, 3}

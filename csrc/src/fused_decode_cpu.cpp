@@ -7,6 +7,7 @@
 
 #include "accel/cpu/decode_attention.h"
 #include "accel/cpu/fused_layer.h"
+#include "accel/cpu/quest.h"
 #include "accel/cpu/ragged_kv.h"
 
 namespace {
@@ -185,13 +186,25 @@ struct RaggedStackLayer {
   int64_t position = 0;  // the new token's absolute position
 };
 
+// one Quest layer's page summaries and this step's selection (accel.policies.quest: the layer attends to the top
+// k_pages pages by their upper bound, the current page always among them)
+struct QuestStackLayer {
+  float* kmin = nullptr;
+  float* kmax = nullptr;
+  int64_t sb = 0, sh = 0, sp = 0;
+  int64_t full_pages = 0, k_pages = 0, page = 16, T = 0;  // T: tokens attended, the new one included
+  int agg = 0;
+  const int64_t* first = nullptr;  // [B] first real position, or nullptr
+  std::vector<int32_t> idx, counts;
+};
+
 // the per-layer work after attn_in: round q, k, v; write k, v into the layer's cache; attend (plus a compressed
 // layer's accumulation and eviction); round the attention output. Returns the KV rows the attention read.
 template <typename H, typename T>
 int64_t stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std::vector<float>& v,
                               std::vector<float>& a, const torch::Tensor* kb, const torch::Tensor* vb,
-                              const RaggedStackLayer* rg, int64_t B, int64_t Hkv, int64_t D, int64_t pos,
-                              accel::cpu::DecodeParams d, std::vector<H>& row_buf, std::vector<float>& scores,
+                              const RaggedStackLayer* rg, QuestStackLayer* qs, int64_t B, int64_t Hkv, int64_t D,
+                              int64_t pos, accel::cpu::DecodeParams d, std::vector<H>& row_buf, std::vector<float>& scores,
                               std::vector<float>& lse) {
   constexpr bool narrow = !std::is_same<H, float>::value;
   if constexpr (narrow) {
@@ -210,6 +223,25 @@ int64_t stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std:
         H* vd = static_cast<H*>(vb->data_ptr()) + b * vb->stride(0) + kh * vb->stride(1) + pos * vb->stride(2);
         for (int64_t i = 0; i < D; ++i) kd[i] = H(ks[i]), vd[i] = H(vs[i]);
       }
+    if (qs != nullptr) {  // Quest: the pages filled since the last summary and the partial last page, then the pages
+      const int64_t Tn = qs->T;
+      accel::cpu::quest_summarize<T>(static_cast<const T*>(d.k), d.k_sb, d.k_sh, d.k_st, d.B, d.Hkv, d.D, Tn,
+                                     qs->page, qs->full_pages, qs->kmin, qs->kmax, qs->sb, qs->sh, qs->sp);
+      accel::cpu::QuestParams p;
+      p.q = q.data();
+      p.kmin = qs->kmin; p.kmax = qs->kmax;
+      p.sb = qs->sb; p.sh = qs->sh; p.sp = qs->sp;
+      p.B = d.B; p.H = d.H; p.Hkv = d.Hkv; p.D = d.D;
+      p.n_pages = (Tn + qs->page - 1) / qs->page;
+      p.k_pages = qs->k_pages; p.page = qs->page; p.T = Tn; p.agg = qs->agg;
+      p.first = qs->first;
+      p.out = qs->idx.data();
+      p.counts = qs->counts.data();
+      accel::cpu::quest_select(p);
+      d.indices = qs->idx.data();
+      d.idx_stride = qs->k_pages * qs->page;
+      d.lengths = qs->counts.data();
+    }
     accel::cpu::decode_attention<T>(d);
     for (int64_t i = 0; i < BH; ++i) rows += d.lengths[i];
   } else {
@@ -262,6 +294,11 @@ void check_meta(const torch::Tensor& t, torch::ScalarType st, int64_t n, size_t 
 // empty, a compressed layer's pool: ragged[l] = (k [R, D], v [R, D], pos [R] int64, score [R] float32,
 // offsets [B*Hkv] int64, lengths [B*Hkv] int32, caps [B*Hkv] int64[, budget, sink_end, recent [B*Hkv] int64]) with
 // ragged_flags[l] = evict (1) | by_age (2) | accumulate (4) and the new token's absolute position positions[l].
+// Where quest[l] = (kmin, kmax) is given (a dense layer), the layer attends only to Quest's pages (accel.policies.quest):
+// the summaries [B, Hkv, >= pages, D] float32 updated in place from pages quest_args[4l] (pages already summarised)
+// on, then the top quest_args[4l+1] pages of quest_args[4l+2] tokens by their upper bound, aggregated over each GQA
+// group by quest_args[4l+3] (0 max, 1 mean, 2 sum), pages of left padding only last (first: [B] each row's first
+// real position), the current page always.
 // Returns (the last layer's output [B, C] in h's dtype, the KV rows the attention read (int64 scalar)), or nothing --
 // before any layer ran, nothing written -- when a compressed layer has a head with no spare row (grow it and call again).
 std::vector<torch::Tensor> fused_decode_stack_cpu(
@@ -270,7 +307,8 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
     std::vector<c10::optional<torch::Tensor>> k_bufs, std::vector<c10::optional<torch::Tensor>> v_bufs, int64_t start,
     int64_t pos, c10::optional<torch::Tensor> valid, torch::Tensor cos, torch::Tensor sin, int64_t H, int64_t Hkv,
     double scale, std::vector<std::vector<torch::Tensor>> ragged, std::vector<int64_t> ragged_flags,
-    std::vector<int64_t> positions, bool bf16_inputs) {
+    std::vector<int64_t> positions, bool bf16_inputs, std::vector<std::vector<torch::Tensor>> quest,
+    std::vector<int64_t> quest_args, c10::optional<torch::Tensor> first) {
   const auto dt = h_in.scalar_type();
   auto h = rows_f32(h_in, "h", "[B, C]", /*copy=*/true);
   const int64_t B = h.size(0), C = h.size(1);
@@ -296,6 +334,15 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
     valid_p = valid_c.data_ptr<uint8_t>();
   }
   const int64_t BH = B * Hkv;
+  TORCH_CHECK(quest.empty() || (quest.size() == L && quest_args.size() == 4 * L),
+              "quest must be empty or have ", L, " entries, quest_args ", 4 * L);
+  torch::Tensor first_c;
+  if (first.has_value() && first->defined()) {
+    first_c = first->to(torch::kInt64).contiguous();
+    TORCH_CHECK(first_c.numel() == B, "first must have ", B, " entries");
+  }
+  std::vector<QuestStackLayer> qss(L);
+  std::vector<char> is_quest(L, 0);
   std::vector<accel::cpu::AttnInParams> ins(L);
   std::vector<accel::cpu::AttnOutParams> outs(L);
   std::vector<accel::cpu::DecodeParams> atts(L);
@@ -398,6 +445,7 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
         g.sink_end = r[8].data_ptr<int64_t>();
         g.recent = r[9].data_ptr<int64_t>();
       }
+      TORCH_CHECK(quest.empty() || quest[l].empty(), "layer ", l, ": quest selection runs over dense buffers only");
       g.position = positions[l];
       room = room && accel::cpu::ragged_has_room(g.len, g.cap, BH);
       is_ragged[l] = 1;
@@ -426,6 +474,34 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
     d.valid = valid_p;
     d.valid_sb = T;
     d.valid_len = valid_p ? T : 0;
+    if (!quest.empty() && !quest[l].empty()) {  // a Quest layer: page summaries [B, Hkv, >= pages, D] float32
+      TORCH_CHECK(quest[l].size() == 2, "layer ", l, ": quest needs (kmin, kmax)");
+      const auto &mn = quest[l][0], &mx = quest[l][1];
+      auto& g = qss[l];
+      g.full_pages = quest_args[4 * l];
+      g.k_pages = quest_args[4 * l + 1];
+      g.page = quest_args[4 * l + 2];
+      g.agg = static_cast<int>(quest_args[4 * l + 3]);
+      g.T = T;
+      const int64_t n_pages = g.page >= 1 ? (T + g.page - 1) / g.page : 0;
+      TORCH_CHECK(g.page >= 1 && g.k_pages >= 1 && g.k_pages < n_pages && g.full_pages >= 0 &&
+                      g.full_pages <= T / g.page && g.agg >= 0 && g.agg <= 2,
+                  "layer ", l, ": bad quest arguments (full pages ", g.full_pages, ", pages ", g.k_pages, " of ",
+                  n_pages, ", page ", g.page, ", agg ", g.agg, ")");
+      for (const auto* t : {&mn, &mx})
+        TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->size(0) == B &&
+                        t->size(1) == Hkv && t->size(2) >= n_pages && t->size(3) == D && t->stride(3) == 1 &&
+                        t->strides() == mn.strides(),
+                    "layer ", l, ": quest summaries must be CPU float32 [", B, ", ", Hkv, ", >= ", n_pages, ", ", D,
+                    "], contiguous in D, with one set of strides");
+      g.kmin = mn.data_ptr<float>();
+      g.kmax = mx.data_ptr<float>();
+      g.sb = mn.stride(0); g.sh = mn.stride(1); g.sp = mn.stride(2);
+      g.first = first_c.defined() ? first_c.data_ptr<int64_t>() : nullptr;
+      g.idx.resize(static_cast<size_t>(BH * g.k_pages * g.page));
+      g.counts.resize(static_cast<size_t>(BH));
+      is_quest[l] = 1;
+    }
   }
   if (!room) return {};
   int64_t rows = 0;
@@ -441,14 +517,15 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
       const torch::Tensor* kb = is_ragged[l] ? nullptr : &*k_bufs[l];
       const torch::Tensor* vb = is_ragged[l] ? nullptr : &*v_bufs[l];
       const RaggedStackLayer* rg = is_ragged[l] ? &rgs[l] : nullptr;
+      QuestStackLayer* qs = is_quest[l] ? &qss[l] : nullptr;
       if (dt == torch::kBFloat16)
-        rows += stack_layer_attention<c10::BFloat16, uint16_t>(q, k, v, a, kb, vb, rg, B, Hkv, D, pos, atts[l], bf_rows,
+        rows += stack_layer_attention<c10::BFloat16, uint16_t>(q, k, v, a, kb, vb, rg, qs, B, Hkv, D, pos, atts[l], bf_rows,
                                                                scores, lse);
       else if (dt == torch::kHalf)
-        rows += stack_layer_attention<c10::Half, accel::cpu::f16>(q, k, v, a, kb, vb, rg, B, Hkv, D, pos, atts[l],
+        rows += stack_layer_attention<c10::Half, accel::cpu::f16>(q, k, v, a, kb, vb, rg, qs, B, Hkv, D, pos, atts[l],
                                                                   f16_rows, scores, lse);
       else
-        rows += stack_layer_attention<float, float>(q, k, v, a, kb, vb, rg, B, Hkv, D, pos, atts[l], f32_rows, scores,
+        rows += stack_layer_attention<float, float>(q, k, v, a, kb, vb, rg, qs, B, Hkv, D, pos, atts[l], f32_rows, scores,
                                                     lse);
       accel::cpu::attn_out_mlp(outs[l]);
       if (dt == torch::kBFloat16) round_inplace<c10::BFloat16>(h.data_ptr<float>(), B * C);

@@ -10,8 +10,10 @@ instance ``forward`` to each decoder layer that, for a decode step (one token pe
   the cache append and the *policy's* attention, exactly as on the module path (``accel_attention_forward``);
   ``accel._C.fused_attn_out_mlp``   o projection + residual, RMSNorm, SiLU-gated MLP + residual.
 
-With the dense policy, or one budgeted KV-cache policy with its default decode (streaming, snapkv, pyramidkv, h2o,
-taskkv, duo, moa), on layers that all attend over full-attention caches, the first layer's forward runs the whole
+With the dense policy, Quest (an attention policy with ``stack_layer``: its page summaries, page selection and the
+attention over the chosen pages run inside the call), or one budgeted KV-cache policy with its default decode
+(streaming, snapkv, pyramidkv, h2o, taskkv, duo, moa, tca), on layers that all attend over full-attention caches,
+the first layer's forward runs the whole
 stack of a decode step in one call, ``accel._C.fused_decode_stack`` (``FusedDecode.run_stack``): per layer the same
 two halves, the new k/v written into accel's cache (a plain buffer, or each head's ragged rows), dense decode
 attention over the live rows and, for a compressed layer, the accumulated scores and the eviction back to the
@@ -249,8 +251,11 @@ class FusedDecode:
 
         if not hasattr(_ext.cpu_ext(), "fused_decode_stack"):
             return "the built extension predates it"
-        if type(runtime.attention).decode is not AttentionPolicy.decode:
+        own = type(runtime.attention).decode is not AttentionPolicy.decode
+        if own and not hasattr(runtime.attention, "stack_layer"):
             return f"policy {runtime.attention.name!r} attends with its own decode"
+        if own and runtime.kv:
+            return f"policy {runtime.attention.name!r} over a compressed cache"
         problem = _kv_stack_problem(runtime.kv)
         if problem:
             return problem
@@ -302,7 +307,7 @@ class FusedDecode:
         for a layer a KV policy compressed, its accumulation and eviction; bit-identical to the per-layer path.
         Returns the last layer's output rows [B, width], or None when a layer's cache is not one the call takes (the
         per-layer path then runs)."""
-        from ..attention.masks import valid_from_mask
+        from ..attention.masks import first_valid_positions, valid_from_mask
 
         B = h.shape[0]
         n = len(self.layers)
@@ -358,6 +363,24 @@ class FusedDecode:
                 rt.shared["valid_mask"] = (attention_mask, T, (ok, valid))
             if not ok:
                 return None
+        quest, quest_args, first, steps = [], [], None, []
+        stack_layer = getattr(rt.attention, "stack_layer", None)
+        if stack_layer is not None:  # an attention policy whose decode runs in the stack (Quest's page selection)
+            if len(dense) < n:
+                return None
+            T = pos + 1 - start
+            for i, (cl, layer) in enumerate(zip(layers, self.layers)):
+                spec = stack_layer(rt.context(i, layer.self_attn), T)
+                if spec is None:
+                    quest.append([])
+                    quest_args += [0, 0, 0, 0]
+                else:
+                    t, a = spec.args()
+                    quest.append(t)
+                    quest_args += a
+                    steps.append(spec)
+            if valid is not None and steps:
+                first = first_valid_positions(valid, B)
         pre_l, post_l, eps = [], [], []
         for layer, mods in zip(self.layers, self._mods):
             (ln, e1, wq, wk, wv, bq, bk, bv, qn, kn, qk_eps), (wo, bo, ln2, e2, wg, wu, wd) = layer_weights(
@@ -369,7 +392,8 @@ class FusedDecode:
         kb = [cl.k_buf if cl.ragged is None else None for cl in layers]
         vb = [cl.v_buf if cl.ragged is None else None for cl in layers]
         args = (h, pre_l, post_l, eps, kb, vb, start, pos, valid, cs[0], cs[1], self.H, self.Hkv,
-                self.layers[0].self_attn.scaling, ragged, flags, positions, self.bf16_inputs)
+                self.layers[0].self_attn.scaling, ragged, flags, positions, self.bf16_inputs,
+                quest if steps else [], quest_args if steps else [], first)
         with rt.lock:  # a compressed layer's eviction, as the per-layer path runs it
             res = C.fused_decode_stack(*args)
             if not res:  # a compressed layer has a full head: grow it (as its append would) and run
@@ -379,6 +403,8 @@ class FusedDecode:
                         rg._grow(rg.lengths.long() >= rg.caps)
                 return self.run_stack(rt, h, cache, attention_mask, cs)
             y, rows = res
+            for spec in steps:
+                spec.done()
             for cl in layers:
                 if cl.ragged is None:
                     cl.appended_one()
@@ -391,7 +417,7 @@ class FusedDecode:
         st["decode_layer_calls"] += n
         st["stack_calls"] = st.get("stack_calls", 0) + 1
         D = self.D
-        st["kv_read_bytes"] += int(rows) * 2 * D * h.element_size()
+        st["kv_read_bytes"] += int(rows) * 2 * D * h.element_size() + sum(spec.summary_bytes() for spec in steps)
         rt.attn_calls += n
         return y
 

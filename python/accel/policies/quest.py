@@ -106,25 +106,79 @@ class QuestPolicy(AttentionPolicy):
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, *sel)
 
+    def stack_layer(self, ctx: LayerContext, T: int):
+        """This decode step's work for the one-call C++ decode stack (``FusedDecode.run_stack``), which summarises the
+        pages, selects them and attends over them as ``decode`` does, bit for bit: ``StackQuest`` for a Quest layer,
+        None for a layer that attends densely this step (a ``full`` layer, or a budget whose pages cover the T tokens)."""
+        cl = ctx.cache_layer
+        if ctx.plan.mode != "quest" or cl is None or cl.is_sliding or cl.k_buf is None:
+            return None
+        topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
+        budget = token_budget(T, topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
+        P = int(self.plan_knob(ctx, "page_size"))
+        k_pages = quest_pages(T, budget, P, int(self.plan_knob(ctx, "min_pages")), self.plan_knob(ctx, "page_rounding"))
+        if k_pages is None:
+            return None
+        meta = quest_metadata(ctx, T, P)
+        meta._grow(cl.k_buf, T // P)  # room for every full page and the partial one
+        return StackQuest(meta, k_pages, P, _AGG[self.plan_knob(ctx, "agg")], T)
+
+
+@dataclass
+class StackQuest:
+    """One Quest layer's arguments to the C++ decode stack and its bookkeeping after the call."""
+
+    meta: QuestMetadata
+    k_pages: int
+    page: int
+    agg: int
+    T: int
+
+    def args(self):
+        return [self.meta.kmin, self.meta.kmax], [self.meta.full_pages, self.k_pages, self.page, self.agg]
+
+    def summary_bytes(self) -> int:
+        """The page summaries the selection read (min and max, fp32), as ``quest_selection`` counts them."""
+        B, Hkv, _, D = self.meta.kmin.shape
+        return 2 * B * Hkv * (-(-self.T // self.page)) * D * 4
+
+    def done(self) -> None:
+        """The stack summarised every full page (its partial last page sits in the spare slot, as ``bounds`` puts it)."""
+        self.meta.full_pages = self.T // self.page
+
+
+def quest_pages(T: int, budget: int, P: int, min_pages: int, page_rounding: str = "up") -> int | None:
+    """Pages a step attends to for ``budget`` tokens of T (the current page counts, as in Quest's code), or None when
+    they would cover the context."""
+    n_pages = (T + P - 1) // P
+    pages = -(-budget // P) if page_rounding == "up" else budget // P
+    k_pages = max(min_pages, pages)
+    return None if budget >= T or k_pages >= n_pages else k_pages
+
+
+def quest_metadata(ctx, T: int, P: int) -> QuestMetadata:
+    """The layer's page summaries (``ctx.state["quest"]``: the cache layer's version and the metadata), started again
+    when the cache layer's rows changed (a reorder, a crop) or the page size did."""
+    cl = ctx.cache_layer
+    version = cl.version if cl is not None else None
+    held = ctx.state.get("quest")
+    if held is None or held[0] != version or held[1].page != P or held[1].full_pages * P > T:
+        held = ctx.state["quest"] = (version, QuestMetadata(P))
+    return held[1]
+
 
 def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pages: int, agg: str = "max",
                     page_rounding: str = "up", who: str = "quest"):
     """One decode step's Quest pages for ``budget`` tokens: (positions [B, Hkv, n] int32 -1 padded, counts [B, Hkv]),
     or None when the pages would cover the context. The page summaries live in the sequence's layer state
     (``ctx.state["quest"]``), rebuilt when the cache layer's rows change; their bytes count as read."""
-    cl = ctx.cache_layer
     B, H, _, D = query.shape
     T = key.shape[2]
     n_pages = (T + P - 1) // P
-    pages = -(-budget // P) if page_rounding == "up" else budget // P
-    k_pages = max(min_pages, pages)  # the current page counts, as in Quest's code
-    if budget >= T or k_pages >= n_pages:
+    k_pages = quest_pages(T, budget, P, min_pages, page_rounding)
+    if k_pages is None:
         return None
-    version = cl.version if cl is not None else None
-    held = ctx.state.get("quest")  # (the cache layer's version, the page metadata), rebuilt after reorders
-    if held is None or held[0] != version or held[1].page != P or held[1].full_pages * P > T:
-        held = ctx.state["quest"] = (version, QuestMetadata(P))
-    meta = held[1]
+    meta = quest_metadata(ctx, T, P)
     ok, valid = step_valid(ctx, attention_mask, B, T)
     if not ok:
         raise AccelError(f"{who} got a per-head attention mask it cannot apply; use policy='dense' for this model")

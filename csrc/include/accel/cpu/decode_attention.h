@@ -82,6 +82,9 @@ constexpr int kMaxGroup = 64;
 #ifndef ACCEL_DECODE_PF_RUN
 #define ACCEL_DECODE_PF_RUN 2
 #endif
+#ifndef ACCEL_DECODE_PF_RUN_BYTES
+#define ACCEL_DECODE_PF_RUN_BYTES 4096
+#endif
 #ifndef ACCEL_DECODE_PF_BYTES
 #define ACCEL_DECODE_PF_BYTES 8192
 #endif
@@ -457,13 +460,18 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   // at the tile's start, 16-256 rows ahead, measured slower on the AVX-512 machine). (Two tiles ahead measured no better, with 16-token tiles on AVX2; with
   // AVX-512's 64-token tiles, one tile is 64 rows ahead: the hylra and snapkv steps of decode_policies_smollm2_b1.csv
   // follow their bytes at 8K with it.)
-  // Inside a run of consecutive indices (chunked selections, sink and recent spans) only the first
-  // kPfRun rows are requested: beyond that the hardware prefetcher follows the run, and software
-  // requests only compete with it (a 512-row run read at 9.4 GB/s with every row requested, 18.5 GB/s
-  // with only the run heads; indices are sorted and unique, so idx[j-n] == idx[j]-n means a run).
+  // Inside a run of consecutive indices (chunked selections, Quest's pages, sink and recent spans) only the first
+  // max(kPfRun rows, kPfRunBytes) of it are requested: beyond that the hardware prefetcher follows the run, and
+  // software requests only compete with it (a 512-row run read at 9.4 GB/s with every row requested, 18.5 GB/s
+  // with only the run heads; indices are sorted and unique, so idx[j-n] == idx[j]-n means a run). Short runs are
+  // requested whole: the prefetcher has not caught on before they end (28 layers x 3 KV heads of 63 random 16-token
+  // pages of 8K, bf16, AVX-512 project machine, 2026-12-05, scratch harness: 5.7-7.9 GB/s with two rows of each page
+  // requested, 12.0-12.8 GB/s with whole pages; a dense read of the same caches 31 GB/s).
   constexpr int kPfK = 1;
   constexpr int64_t kPfRun = ACCEL_DECODE_PF_RUN;
-  auto in_run = [&](int64_t jj) { return jj >= kPfRun && idx[jj - kPfRun] == idx[jj] - kPfRun; };
+  constexpr int64_t kPfRunBytes = ACCEL_DECODE_PF_RUN_BYTES;
+  const int64_t pf_run = std::max<int64_t>(kPfRun, kPfRunBytes / krow_bytes);
+  auto in_run = [&](int64_t jj) { return jj >= pf_run && idx[jj - pf_run] == idx[jj] - pf_run; };
   auto prefetch_rows = [&](const T* base, int64_t st, int64_t a, int64_t e) {
     for (int64_t jj = a; jj < e; ++jj) {
       if (in_run(jj)) continue;

@@ -31,6 +31,35 @@ struct QuestParams {
   int32_t* counts = nullptr;  // [B, Hkv]
 };
 
+// Page summaries of one layer's keys for Quest's bound, updated in place as the cache grows (the same values as
+// accel.cache.quest.QuestMetadata: min and max are exact in fp32). Keys of (b, kv head) token t at
+// k + b*k_sb + kh*k_sh + t*k_st (elements of T: float, bf16 bits or f16), t < T; pages [from_page, T / page) are
+// summarised into their slots, and a partial last page (T % page != 0) into the slot after them.
+template <typename E>
+void quest_summarize(const E* k, int64_t k_sb, int64_t k_sh, int64_t k_st, int B, int Hkv, int D, int64_t T,
+                     int64_t page, int64_t from_page, float* kmin, float* kmax, int64_t sb, int64_t sh, int64_t sp) {
+  const int64_t n_full = T / page, n_pages = (T + page - 1) / page;
+  if (from_page >= n_pages) return;
+  for (int b = 0; b < B; ++b)
+    for (int kh = 0; kh < Hkv; ++kh) {
+      const E* kk = k + b * k_sb + kh * k_sh;
+      for (int64_t j = std::min(from_page, n_full); j < n_pages; ++j) {
+        float* mn = kmin + b * sb + kh * sh + j * sp;
+        float* mx = kmax + b * sb + kh * sh + j * sp;
+        const int64_t t1 = std::min(T, (j + 1) * page);
+        for (int d = 0; d < D; ++d) mn[d] = mx[d] = Load<E>::get(kk + j * page * k_st, d);
+        for (int64_t t = j * page + 1; t < t1; ++t) {
+          const E* row = kk + t * k_st;
+          for (int d = 0; d < D; ++d) {
+            const float x = Load<E>::get(row, d);
+            mn[d] = x < mn[d] ? x : mn[d];
+            mx[d] = x > mx[d] ? x : mx[d];
+          }
+        }
+      }
+    }
+}
+
 inline void quest_select(const QuestParams& p) {
   const int G = p.H / p.Hkv;
   const int64_t width = p.k_pages * p.page;
