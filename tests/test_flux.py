@@ -173,6 +173,34 @@ def test_threshold_static_and_the_full_ratio_ends():
     assert same(zero, gen(m, ids, "flux", new=6, plan=plan, route="sparse", **KW))  # full_ratio=0: every layer sparse
 
 
+@pytest.mark.exactness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_quest_backend_runs_in_the_one_call_stack_bit_for_bit(dtype):
+    """With the quest backend, a decode step whose layers each run full or sparse for every row runs in the one-call
+    C++ stack (Quest's pages selected and attended there); a step where two rows take different routes on a layer
+    runs the layers one by one. Either way tokens, logits and the KV bytes counted equal the per-layer path's; the
+    window and select backends never take the stack."""
+    m = copy.deepcopy(model4("llama")).to(dtype)
+    plan = flux_plan(router=feature_router())
+    cases = [(left_padded(B=2, L=70, pads=(0, 9), seed=6), dict(routing="static"), 11),  # same layers in both rows
+             (two_prompts(), dict(), 0)]  # rows routed differently
+    for (ids, mask), opts, stack_calls in cases:
+        res = {}
+        for whole in (True, False):
+            with accel.patch(m, "flux", plan=plan, full_ratio=0.5, **opts, **KW) as h, torch.no_grad():
+                assert h.runtime.fused._stack_reason is None
+                h.runtime.fused.whole_stack = whole
+                out = m.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                 return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+                res[whole] = (out, dict(h.runtime.stats))
+        (a, sa), (b, sb) = res[True], res[False]
+        assert torch.equal(a.sequences, b.sequences) and all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+        assert sa.pop("stack_calls", 0) == stack_calls and sa == sb
+    for backend in ("window", "select"):
+        with accel.patch(m, "flux", plan=plan, backend=backend, **KW) as h:
+            assert f"flux's {backend!r} backend" in h.runtime.fused._stack_reason
+
+
 def test_routes_follow_reordered_rows():
     """Rows with different routes swapped after routing (what reorder_cache does in beam search) keep their routes."""
     m = model4("llama")

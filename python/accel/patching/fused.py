@@ -256,6 +256,9 @@ class FusedDecode:
             return f"policy {runtime.attention.name!r} attends with its own decode"
         if own and runtime.kv:
             return f"policy {runtime.attention.name!r} over a compressed cache"
+        problem = getattr(runtime.attention, "stack_problem", None)
+        if own and problem is not None and problem():
+            return problem()
         problem = _kv_stack_problem(runtime.kv)
         if problem:
             return problem
@@ -371,6 +374,8 @@ class FusedDecode:
             T = pos + 1 - start
             for i, (cl, layer) in enumerate(zip(layers, self.layers)):
                 spec = stack_layer(rt.context(i, layer.self_attn), T)
+                if spec is False:  # not this step (flux: the batch's rows take different routes here)
+                    return None
                 if spec is None:
                     quest.append([])
                     quest_args += [0, 0, 0, 0]

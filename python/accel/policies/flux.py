@@ -46,7 +46,7 @@ from ..models.base import ModelInfo
 from ..plan import Plan
 from ..plan.shipped import require_shipped_plan
 from .base import AttentionPolicy
-from .quest import quest_selection
+from .quest import quest_selection, stack_quest
 from .registry import register_policy
 
 BACKENDS = ("quest", "select", "window")
@@ -203,6 +203,28 @@ class FluxPolicy(AttentionPolicy):
         if bool(full.any()):  # FA rows attend to every position through the same call
             idx, counts = with_full_rows(idx, counts, full, T, key.shape[1])
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
+
+    def stack_problem(self) -> str | None:
+        """Why this patch's decode cannot run in the one-call C++ decode stack (None: it can, step by step)."""
+        if self.backend != "quest":
+            return f"flux's {self.backend!r} backend attends with its own decode"
+        return None
+
+    def stack_layer(self, ctx: LayerContext, T: int):
+        """This decode step's work in the one-call C++ decode stack (``FusedDecode.run_stack``), which runs Quest's
+        selection and the attention over its pages as ``decode`` does, bit for bit: ``StackQuest`` for a layer every
+        row runs sparse, None for one every row runs full (or whose pages cover the context), False when the rows of
+        the batch take different routes here (the layers then run one by one)."""
+        cl = ctx.cache_layer
+        if ctx.plan.mode != "flux" or cl is None or cl.is_sliding or cl.k_buf is None:
+            return None
+        full = self.layer_route(ctx, cl.k_buf.shape[0])
+        budget = token_budget(T, self.topk, self.topk_ratio, self.min_topk)
+        if bool(full.all()) or budget >= T:
+            return None
+        if bool(full.any()):
+            return False
+        return stack_quest(ctx, T, budget, self.page_size, self.min_pages, self.agg, "up")
 
     def sparse_selection(self, ctx, query, key, attention_mask, budget: int, scaling):
         B, T = query.shape[0], key.shape[2]

@@ -115,13 +115,19 @@ class QuestPolicy(AttentionPolicy):
             return None
         topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
         budget = token_budget(T, topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
-        P = int(self.plan_knob(ctx, "page_size"))
-        k_pages = quest_pages(T, budget, P, int(self.plan_knob(ctx, "min_pages")), self.plan_knob(ctx, "page_rounding"))
-        if k_pages is None:
-            return None
-        meta = quest_metadata(ctx, T, P)
-        meta._grow(cl.k_buf, T // P)  # room for every full page and the partial one
-        return StackQuest(meta, k_pages, P, _AGG[self.plan_knob(ctx, "agg")], T)
+        return stack_quest(ctx, T, budget, int(self.plan_knob(ctx, "page_size")), int(self.plan_knob(ctx, "min_pages")),
+                           self.plan_knob(ctx, "agg"), self.plan_knob(ctx, "page_rounding"))
+
+
+def stack_quest(ctx, T: int, budget: int, P: int, min_pages: int, agg: str = "max", page_rounding: str = "up"):
+    """``StackQuest`` for a layer whose Quest selection runs in the C++ decode stack this step (its summaries made
+    room for), or None when the pages for ``budget`` cover the T tokens (the layer attends densely)."""
+    k_pages = quest_pages(T, budget, P, min_pages, page_rounding)
+    if k_pages is None:
+        return None
+    meta = quest_metadata(ctx, T, P)
+    meta._grow(ctx.cache_layer.k_buf, T // P)  # room for every full page and the partial one
+    return StackQuest(meta, k_pages, P, _AGG[agg], T)
 
 
 @dataclass
