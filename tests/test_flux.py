@@ -174,7 +174,7 @@ def test_threshold_static_and_the_full_ratio_ends():
 
 
 @pytest.mark.exactness
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_quest_backend_runs_in_the_one_call_stack_bit_for_bit(dtype):
     """With the quest backend, a decode step whose layers each run full or sparse for every row runs in the one-call
     C++ stack (Quest's pages selected and attended there); a step where two rows take different routes on a layer

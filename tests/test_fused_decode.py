@@ -576,44 +576,85 @@ def test_the_whole_stack_runs_kv_policies_bit_for_bit(name, kw, dtype):
 @pytest.mark.parametrize("arch", [a for a in FUSED_ARCHS if a != "mistral"])
 def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype):
     """Quest's decode also runs in the one-call stack: its page summaries, the page selection (pages of left padding
-    last, the current page always) and the attention over the chosen pages happen in C++. The tokens, the logits, the
-    summaries, the KV bytes counted and the cache equal the per-layer path's bit for bit on a left-padded batch, with
-    layers that go from dense (their pages cover the context) to sparse during the generation, a plan whose layers
-    take different budgets, and summaries the per-layer path started (the first steps run one by one)."""
+    last, the current page always) and the attention over the chosen pages happen in C++. One generation, continued
+    on the same cache, alternates between the stack and the layers one by one (each continues the summaries the
+    other started); some layers go from dense (their pages cover the context) to sparse during it, and the plan's
+    layers take different budgets. The tokens, the logits, the summaries, the KV bytes counted and the cache equal a
+    generation that runs every step one by one, bit for bit, on a left-padded batch."""
+    from accel import compat
     from accel.plan import LayerPlan, Plan
 
     model = tiny_model(arch).to(dtype)
     ids, mask = left_padded(3, 37, (0, 6, 13), 1, high=250)
     cfg = model.config
     L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
-    plan = Plan(policy="quest", num_layers=L, num_kv_heads=Hkv, params={"page_size": 4, "min_topk": 0},
-                layers=[LayerPlan(mode="full" if i == 0 else "quest", attention="quest", topk=8 + 4 * (i % 3))
-                        for i in range(L)])
+    # layers 1, 4, ...: a budget of max(52, T/8) tokens: dense until the context fills 14 pages of 4 (T = 53, in the
+    # last leg, on the stack), then sparse
+    plan = Plan(policy="quest", num_layers=L, num_kv_heads=Hkv, params={"page_size": 4, "min_topk": 52},
+                layers=[LayerPlan(mode="full" if i == 0 else "quest", attention="quest",
+                                  topk=None if i % 3 == 1 else 8 + 4 * (i % 2)) for i in range(L)])
+    legs = [(False, 3), (True, 6), (False, 4), (True, 7)]  # (the whole stack?, new tokens)
     res = {}
     with torch.no_grad():
-        for whole in (True, False):
+        for mixed in (True, False):
             with accel.patch(model, "quest", plan=plan, min_pages=2) as h:
                 fd = h.runtime.fused
                 assert fd._stack_reason is None
-                fd.whole_stack = False  # two steps one by one: the stack continues the summaries they started
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-                fd.whole_stack = whole
-                out = _generate(model, out, torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1), new=14)
+                seq, m, cache, scores, crossed = ids, mask, None, [], []
+                for whole, new in legs:
+                    fd.whole_stack = whole and mixed
+                    kw = compat.cache_kwargs(model, cache) if cache is not None else {}
+                    out = model.generate(seq, attention_mask=m, max_new_tokens=new, min_new_tokens=new,
+                                         do_sample=False, pad_token_id=0, output_scores=True,
+                                         return_dict_in_generate=True, **kw)
+                    cache = compat.output_cache(out)
+                    m = torch.cat([m, torch.ones(3, out.sequences.shape[1] - seq.shape[1], dtype=m.dtype)], 1)
+                    seq, scores = out.sequences, scores + list(out.scores)
+                    crossed.append({i for i in range(L) if "quest" in h.runtime.layer_state.get(i, {})})
                 metas = [h.runtime.layer_state.get(i, {}).get("quest") for i in range(L)]
-                res[whole] = (out, dict(h.runtime.stats), _cache_state(h.cache),
-                              [None if m is None else (m[1].full_pages, m[1].kmin[:, :, :m[1].full_pages],
-                                                       m[1].kmax[:, :, :m[1].full_pages]) for m in metas])
-    (a, sa, ca, ma), (b, sb, cb, mb) = res[True], res[False]
-    assert torch.equal(a.sequences, b.sequences)
-    assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
-    assert sa.pop("stack_calls", 0) == 13 and "stack_calls" not in sb
+                res[mixed] = (seq, scores, dict(h.runtime.stats), _cache_state(h.cache), crossed,
+                              [None if x is None else (x[1].full_pages, x[1].kmin[:, :, :x[1].full_pages],
+                                                       x[1].kmax[:, :, :x[1].full_pages]) for x in metas])
+    (a, xa, sa, ca, ka, ma), (b, xb, sb, cb, kb, mb) = res[True], res[False]
+    assert a.shape[1] == 37 + 20 and torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(xa, xb))
+    assert sa.pop("stack_calls", 0) == 6 + 7 and "stack_calls" not in sb  # a continued leg starts with one token
     assert sa == sb
-    assert ma[0] is None and all(m is not None and m[0] >= 12 for m in ma[1:])  # every Quest layer selected pages
+    ratio_layers = {i for i in range(L) if i % 3 == 1}
+    assert ka == kb and ka[-1] == set(range(1, L)) and ka[-2] == set(range(1, L)) - ratio_layers  # crossed on the stack
     for x, y in zip(ma, mb):
         assert (x is None) == (y is None) and (x is None or (x[0] == y[0] and torch.equal(x[1], y[1])
                                                               and torch.equal(x[2], y[2])))
     for x, y in zip(ca, cb):
         assert x[0] == y[0] and all(torch.equal(s, t) for s, t in zip(x[1:], y[1:]))
+
+
+def test_the_stack_runs_a_policy_decode_only_through_its_own_class_and_a_build_that_takes_it(monkeypatch):
+    """A subclass that rewrites Quest's decode does not inherit the stack's Quest (its layers run one by one), and an
+    extension built before Quest joined the stack keeps every Quest step on the per-layer path."""
+    from accel import _ext
+    from accel.policies.quest import QuestPolicy
+
+    class Mine(QuestPolicy):
+        def decode(self, ctx, query, key, value, attention_mask, scaling, **kwargs):
+            return super().decode(ctx, query, key, value, attention_mask, scaling, **kwargs)
+
+    model = tiny_model("llama")
+    with accel.patch(model, Mine(topk=8, page_size=4, min_topk=0)) as h:
+        assert "attends with its own decode" in h.runtime.fused._stack_reason
+    real = _ext.cpu_ext()
+
+    class OldBuild:  # the stack's entry point without the quest arguments
+        def __getattr__(self, name):
+            if name == "fused_decode_stack":
+                return lambda *a: real.fused_decode_stack(*a)
+            return getattr(real, name)
+
+    monkeypatch.setattr(_ext, "cpu_ext", lambda: OldBuild())
+    with accel.patch(model, "quest", topk=8, page_size=4, min_topk=0) as h:
+        assert h.runtime.fused._stack_reason == "the built extension predates Quest in the stack"
+    with accel.patch(model, "dense") as h:
+        assert h.runtime.fused._stack_reason is None
 
 
 def test_the_whole_stack_steps_aside_for_hidden_states_layer_hooks_and_other_policies():

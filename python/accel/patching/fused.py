@@ -252,8 +252,12 @@ class FusedDecode:
         if not hasattr(_ext.cpu_ext(), "fused_decode_stack"):
             return "the built extension predates it"
         own = type(runtime.attention).decode is not AttentionPolicy.decode
-        if own and not hasattr(runtime.attention, "stack_layer"):
-            return f"policy {runtime.attention.name!r} attends with its own decode"
+        if own:  # the stack runs a policy's own decode only through ``stack_layer`` of the class that wrote that decode
+            owner = next(c for c in type(runtime.attention).__mro__ if "decode" in vars(c))
+            if "stack_layer" not in vars(owner):
+                return f"policy {runtime.attention.name!r} attends with its own decode"
+            if "quest_args" not in (_ext.cpu_ext().fused_decode_stack.__doc__ or ""):
+                return "the built extension predates Quest in the stack"
         if own and runtime.kv:
             return f"policy {runtime.attention.name!r} over a compressed cache"
         problem = getattr(runtime.attention, "stack_problem", None)
@@ -397,10 +401,13 @@ class FusedDecode:
         kb = [cl.k_buf if cl.ragged is None else None for cl in layers]
         vb = [cl.v_buf if cl.ragged is None else None for cl in layers]
         args = (h, pre_l, post_l, eps, kb, vb, start, pos, valid, cs[0], cs[1], self.H, self.Hkv,
-                self.layers[0].self_attn.scaling, ragged, flags, positions, self.bf16_inputs,
-                quest if steps else [], quest_args if steps else [], first)
+                self.layers[0].self_attn.scaling, ragged, flags, positions, self.bf16_inputs)
+        if steps:  # Quest layers this step (keywords: the other policies' calls stay those of earlier builds)
+            qkw = dict(quest=quest, quest_args=quest_args, first=first)
+        else:
+            qkw = {}
         with rt.lock:  # a compressed layer's eviction, as the per-layer path runs it
-            res = C.fused_decode_stack(*args)
+            res = C.fused_decode_stack(*args, **qkw)
             if not res:  # a compressed layer has a full head: grow it (as its append would) and run
                 for cl in layers:
                     rg = cl.ragged
