@@ -26,6 +26,21 @@ def test_unknown_override_names_the_options():
     assert model.config._attn_implementation == "sdpa"  # nothing half-applied
 
 
+def test_an_option_declared_as_a_number_given_text_is_refused_in_one_line():
+    """Every policy's numeric knobs, not only those its own ``validate`` converts: text (from ``--set`` or
+    ``policy@knob=``) and booleans are refused naming the knob; ints where floats are declared pass."""
+    model = tiny_model("llama")
+    for policy, kw, words in [("quest", dict(topk_ratio="abc"), "quest: topk_ratio must be a number (float or None)"),
+                              ("snapkv", dict(budget_ratio="x"), "snapkv: budget_ratio must be a number"),
+                              ("hylra", dict(topk="8"), "hylra: topk must be a number (int or None), got '8'"),
+                              ("quest", dict(page_size=True), "quest: page_size must be a number (int), got True")]:
+        with pytest.raises(accel.AccelError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            accel.patch(model, policy, **kw)
+    assert model.config._attn_implementation == "sdpa"  # nothing half-applied
+    with accel.patch(model, "quest", topk_ratio=1, topk=None):
+        pass
+
+
 def test_patch_of_something_that_is_not_a_model_is_one_line():
     for bad in (None, "smollm2-135m"):
         with pytest.raises(accel.AccelError, match="takes a loaded transformers model"):

@@ -36,7 +36,24 @@ class Policy:
     dense_prefill: ClassVar[bool] = True
 
     def __post_init__(self):
+        self._check_numbers()
         self.validate()
+
+    _NUMERIC = frozenset({"int", "float", "None"})
+
+    def _check_numbers(self) -> None:
+        """A knob declared as a number (``int``, ``float``, optionally ``None``) given anything else -- text from
+        ``--set topk_ratio=abc`` or ``"quest@topk_ratio=abc"`` -- is refused in one line naming it."""
+        for f in dataclasses.fields(self):
+            parts = {p.strip() for p in str(f.type).split("|")}
+            if not parts or not parts <= self._NUMERIC or parts == {"None"}:
+                continue
+            v = getattr(self, f.name)
+            if v is None and "None" in parts:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                kind = " or ".join(sorted(parts - {"None"}, reverse=True) + (["None"] if "None" in parts else []))
+                raise AccelError(f"{self.name or type(self).__name__}: {f.name} must be a number ({kind}), got {v!r}")
 
     def validate(self) -> None:
         """Raise ``AccelError`` naming any knob that is out of range."""
