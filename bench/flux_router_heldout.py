@@ -1,6 +1,6 @@
 """Flux's shipped router on requests it never saw: the KL its routes lose against the static layer order.
 
-The trainer (``accel plan --policy flux``) builds 24 requests and holds 6 of them out. This script builds the same
+The trainer (``accel plan --policy flux``) builds ``n_texts`` requests (48 by default) and holds every 4th out. This script builds the same
 request series further (indices ``--start`` onwards: new passkey / NIAH / essay requests, seeds the trainer did not
 use), labels them the trainer's way (per layer, the KL of the next-token distribution when that layer alone runs the
 sparse backend) and scores the shipped router against the static order, the oracle and a random order at the plan's
@@ -21,7 +21,8 @@ import torch
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--start", type=int, default=24, help="first request index (the trainer used 0..23)")
+    ap.add_argument("--start", type=int, default=None,
+                    help="first request index (default: the plan's n_texts, the first request the trainer did not use)")
     ap.add_argument("--n", type=int, default=12, help="requests to score")
     ap.add_argument("--backends", default="quest", help="comma-separated backends of the plan to score")
     ap.add_argument("--threads", type=int, default=1)
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
     if plan is None:
         raise SystemExit(f"no flux router ships for {args.model}")
     prov = plan.provenance["args"]
+    if args.start is None:
+        args.start = int(prov["n_texts"])
+    elif args.start < int(prov["n_texts"]):
+        raise SystemExit(f"--start {args.start}: the router was trained on requests 0..{prov['n_texts'] - 1}")
     backends = [b for b in args.backends.split(",") if b]
     reqs = training_requests(tok, args.start + args.n, prov["lengths"], prov["n_cont"])[args.start:]
     routed = [i for i, lp in enumerate(plan.layers) if lp.mode == "flux"]

@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--policy", default="hylra",
                     help="a policy with a calibrator (`accel info` lists them; e.g. hylra: profiler + layer DP, duo: "
                          "per-head scores, moa: per-head spans by MILP, tca: per-head quotas, flux: trains its layer router on the "
-                         "frozen model, ~6 min for SmolLM2) or any other policy (its default plan, e.g. delta)")
+                         "frozen model, ~14 min for SmolLM2) or any other policy (its default plan, e.g. delta)")
     pl.add_argument("--out", required=True, help="plan JSON to write (a PNG picture is written next to it)")
     pl.add_argument("--png", default=None, help="picture path (default: the --out path with .png)")
     pl.add_argument("--tokens", type=int, default=None, help="tokens per calibration text (hylra 4096, duo 2048)")
     pl.add_argument("--n-texts", type=int, default=None, help="calibration texts (hylra 4 and duo 4 retrieval prompts, moa 2, tca 2; "
-                                                                      "flux 24 training requests)")
+                                                                      "flux 48 training requests)")
     pl.add_argument("--steps", type=int, default=None, help="decode-step queries profiled per text (hylra 32, duo/moa 64)")
     pl.add_argument("--chunk", type=int, default=None, help="hylra: selection chunk the profiler emulates (16)")
     pl.add_argument("--preserved-ratio", type=float, default=None, help="hylra: profiled top-k as a fraction of the text (0.125)")
