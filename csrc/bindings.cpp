@@ -107,7 +107,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_decode_stack", &fused_decode_stack_cpu,
         "a decode step through every layer: per layer the fused halves, the new k/v written into the layer's cache "
         "(dense buffers at position `pos`, or a compressed layer's per-head pools), decode attention over what it "
-        "holds (a Quest layer: over its selected pages), and a compressed layer's accumulation and eviction; returns (the last layer's output, KV rows read), "
+        "holds (a Quest layer: over its selected pages, its summaries float32 or bfloat16), and a compressed layer's accumulation and eviction; returns (the last layer's output, KV rows read), "
         "or nothing when a compressed layer must grow first",
         pybind11::arg("h"), pybind11::arg("pre"), pybind11::arg("post"), pybind11::arg("eps"), pybind11::arg("k_bufs"),
         pybind11::arg("v_bufs"), pybind11::arg("start"), pybind11::arg("pos"), pybind11::arg("valid") = pybind11::none(),
@@ -117,8 +117,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bf16_inputs") = false, pybind11::arg("quest") = std::vector<std::vector<torch::Tensor>>(),
         pybind11::arg("quest_args") = std::vector<int64_t>(), pybind11::arg("first") = pybind11::none());
   m.def("quest_select", &quest_select_cpu,
-        "Quest's page selection: page upper bounds from the key min/max summaries, aggregated over each GQA group, "
-        "top k_pages (the current page always) expanded to token positions",
+        "Quest's page selection: page upper bounds from the key min/max summaries (float32 or bfloat16), aggregated over "
+        "each GQA group, top k_pages (the current page always) expanded to token positions",
         pybind11::arg("q"), pybind11::arg("kmin"), pybind11::arg("kmax"), pybind11::arg("n_pages"),
         pybind11::arg("k_pages"), pybind11::arg("page"), pybind11::arg("T"), pybind11::arg("agg"),
         pybind11::arg("first") = pybind11::none());

@@ -84,9 +84,12 @@ def test_forced_sparse_routes_equal_the_backend_alone(arch):
     plan = flux_plan(sliding=sl)
     quest_plan = Plan(policy="quest", num_layers=4, num_kv_heads=2,
                       layers=[LayerPlan(mode="full" if i in sl else "quest", attention="quest") for i in range(4)])
-    q = gen(m, ids, "quest", mask=mask, new=12, plan=quest_plan, topk=24, min_topk=0, page_size=4, agg="max")
-    f = gen(m, ids, "flux", mask=mask, new=12, plan=plan, backend="quest", route="sparse", **KW)
-    assert same(q, f)
+    for summaries in ("float32", "bfloat16"):
+        q = gen(m, ids, "quest", mask=mask, new=12, plan=quest_plan, topk=24, min_topk=0, page_size=4, agg="max",
+                summary_dtype=summaries)
+        f = gen(m, ids, "flux", mask=mask, new=12, plan=plan, backend="quest", route="sparse", summary_dtype=summaries,
+                **KW)
+        assert same(q, f)
     hy_plan = Plan(policy="hylra", num_layers=4, num_kv_heads=2,
                    layers=[LayerPlan(mode="full" if i in sl else "select", attention="hylra") for i in range(4)])
     h = gen(m, ids, "hylra", mask=mask, new=12, plan=hy_plan, topk=24, chunk=4, sink=4, recent=8, agg="max", min_topk=0)

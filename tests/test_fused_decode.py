@@ -574,13 +574,15 @@ def test_the_whole_stack_runs_kv_policies_bit_for_bit(name, kw, dtype):
 @pytest.mark.exactness
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", [a for a in FUSED_ARCHS if a != "mistral"])
-def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype):
+@pytest.mark.parametrize("summaries", ["float32", "bfloat16"])
+def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype, summaries):
     """Quest's decode also runs in the one-call stack: its page summaries, the page selection (pages of left padding
     last, the current page always) and the attention over the chosen pages happen in C++. One generation, continued
     on the same cache, alternates between the stack and the layers one by one (each continues the summaries the
     other started); some layers go from dense (their pages cover the context) to sparse during it, and the plan's
     layers take different budgets. The tokens, the logits, the summaries, the KV bytes counted and the cache equal a
-    generation that runs every step one by one, bit for bit, on a left-padded batch."""
+    generation that runs every step one by one, bit for bit, on a left-padded batch; with bfloat16 summaries too
+    (rounded outward in C++ as in torch)."""
     from accel import compat
     from accel.plan import LayerPlan, Plan
 
@@ -590,7 +592,8 @@ def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype):
     L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
     # layers 1, 4, ...: a budget of max(52, T/8) tokens: dense until the context fills 14 pages of 4 (T = 53, in the
     # last leg, on the stack), then sparse
-    plan = Plan(policy="quest", num_layers=L, num_kv_heads=Hkv, params={"page_size": 4, "min_topk": 52},
+    plan = Plan(policy="quest", num_layers=L, num_kv_heads=Hkv, params={"page_size": 4, "min_topk": 52,
+                                                                     "summary_dtype": summaries},
                 layers=[LayerPlan(mode="full" if i == 0 else "quest", attention="quest",
                                   topk=None if i % 3 == 1 else 8 + 4 * (i % 2)) for i in range(L)])
     legs = [(False, 3), (True, 6), (False, 4), (True, 7)]  # (the whole stack?, new tokens)
@@ -622,6 +625,7 @@ def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype):
     assert sa == sb
     ratio_layers = {i for i in range(L) if i % 3 == 1}
     assert ka == kb and ka[-1] == set(range(1, L)) and ka[-2] == set(range(1, L)) - ratio_layers  # crossed on the stack
+    assert all(x is None or x[1].dtype == getattr(torch, summaries) for x in ma)
     for x, y in zip(ma, mb):
         assert (x is None) == (y is None) and (x is None or (x[0] == y[0] and torch.equal(x[1], y[1])
                                                               and torch.equal(x[2], y[2])))
@@ -650,11 +654,35 @@ def test_the_stack_runs_a_policy_decode_only_through_its_own_class_and_a_build_t
                 return lambda *a: real.fused_decode_stack(*a)
             return getattr(real, name)
 
+    ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), accel.patch(model, "quest", topk=8, page_size=4, min_topk=0, summary_dtype="bfloat16") as h:
+        want = model.generate(ids, **kw)
+        assert h.runtime.stats["stack_calls"] == 5
     monkeypatch.setattr(_ext, "cpu_ext", lambda: OldBuild())
     with accel.patch(model, "quest", topk=8, page_size=4, min_topk=0) as h:
         assert h.runtime.fused._stack_reason == "the built extension predates Quest in the stack"
     with accel.patch(model, "dense") as h:
         assert h.runtime.fused._stack_reason is None
+
+    def without_bf16(fn, words):
+        def call(*a, **k):
+            return fn(*a, **k)
+        call.__doc__ = fn.__doc__.replace(words, "float32")
+        return call
+
+    class MidBuild:  # Quest in the stack, float32 summaries only (a build before bfloat16 summaries)
+        def __getattr__(self, name):
+            if name == "fused_decode_stack":
+                return without_bf16(real.fused_decode_stack, "float32 or bfloat16")
+            if name == "quest_select":
+                return without_bf16(real.quest_select, "float32 or bfloat16")
+            return getattr(real, name)
+
+    monkeypatch.setattr(_ext, "cpu_ext", lambda: MidBuild())
+    with torch.no_grad(), accel.patch(model, "quest", topk=8, page_size=4, min_topk=0, summary_dtype="bfloat16") as h:
+        assert h.runtime.fused._stack_reason == "the built extension predates bfloat16 Quest summaries in the stack"
+        assert torch.equal(model.generate(ids, **kw), want)  # per layer, the selection in torch
 
 
 def test_the_whole_stack_steps_aside_for_hidden_states_layer_hooks_and_other_policies():

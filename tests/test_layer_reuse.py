@@ -356,11 +356,14 @@ def test_cpp_selection_from_logits_matches_torch(agg):
                 assert torch.equal(i_t[b, h, : c_t[b, h]], i_c[b, h, : c_c[b, h]])
 
 
-def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page():
+@pytest.mark.parametrize("summaries", ["float32", "bfloat16"])
+def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page(summaries):
     """Quest (methods.md 7.5): the first two layers stay dense; elsewhere each KV head attends to the
     ceil(topk / page) pages (at least 3) whose key min/max bound q.k highest, always with the current page, every
-    page whole; the incremental page metadata gives the reference's bounds. (The per-layer path, seen through its
-    ``sparse_attend``; the one-call C++ stack equals it bit for bit: tests/test_fused_decode.py.)"""
+    page whole; the incremental page metadata gives the reference's bounds (bfloat16 summaries: its min and max
+    rounded outward). (The per-layer path, seen through its ``sparse_attend``; the one-call C++ stack equals it bit
+    for bit: tests/test_fused_decode.py.)"""
+    from accel.cache.quest import bf16_outward
     from accel.ops._selection_reference import page_minmax_ref, quest_page_scores_ref
     import accel.policies.quest as Q
 
@@ -375,7 +378,7 @@ def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page():
 
     Q.sparse_attend = spy
     try:
-        gen(m, ids, "quest", topk=64, new=8, fused_decode=False)  # 4 pages of 16
+        gen(m, ids, "quest", topk=64, page_size=16, summary_dtype=summaries, new=8, fused_decode=False)  # 4 pages
     finally:
         Q.sparse_attend = orig
     assert seen and {s[0] for s in seen} == {2, 3}
@@ -383,6 +386,8 @@ def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page():
         T = k.shape[2]
         n_pages = (T + 15) // 16
         kmin, kmax = page_minmax_ref(k, T, 16)
+        if summaries == "bfloat16":
+            kmin, kmax = bf16_outward(kmin, up=False).float(), bf16_outward(kmax, up=True).float()
         ub = quest_page_scores_ref(q[:, :, 0], kmin, kmax, "max")[0]  # [Hkv, n_pages]
         for h in range(k.shape[1]):
             got = idx[0, h, : counts[0, h]].long()

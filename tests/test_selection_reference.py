@@ -101,3 +101,54 @@ def test_quest_selection_kernel_equals_the_torch_path(agg):
                 ridx, rcnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, backend="torch")
                 assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx), (T, k_pages, first)
                 assert int(cnt.max()) <= min(k_pages, n) * P and bool((idx[..., :1] >= 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bfloat16_summaries_are_rounded_outward_and_stay_an_upper_bound(dtype):
+    """bfloat16 page summaries (quest's default) hold each page's min rounded down and max rounded up, so the bound is
+    still >= q . k of every key of the page; a bf16 cache's summaries are its exact min and max. The C++ selection
+    reads them as the torch path does."""
+    from accel.cache.quest import QuestMetadata, bf16_outward
+    from accel.policies.quest import select_pages
+
+    g = torch.Generator().manual_seed(13)
+    keys = (torch.randn(2, 2, 203, 64, generator=g) * 4).to(dtype)
+    meta = QuestMetadata(page_size=4, dtype=torch.bfloat16)
+    mn, mx = meta.bounds(keys)
+    assert mn.dtype == torch.bfloat16 and mn.shape[2] == 51
+    rmn, rmx = page_minmax_ref(keys.float(), keys.shape[2], 4)
+    assert bool((mn.float() <= rmn).all()) and bool((mx.float() >= rmx).all())
+    if dtype == torch.bfloat16:
+        assert torch.equal(mn.float(), rmn) and torch.equal(mx.float(), rmx)
+    else:  # the next bf16 value outward, never further
+        assert torch.equal(mn, bf16_outward(rmn, up=False)) and torch.equal(mx, bf16_outward(rmx, up=True))
+        assert bool((mn.float() > rmn - rmn.abs() / 64).all()) and not torch.equal(mn.float(), rmn)
+    q = torch.randn(2, 6, 64, generator=g)
+    ub = quest_page_scores_ref(q, mn.float(), mx.float(), agg="max")
+    qk = torch.einsum("bkgd,bktd->bkgt", q.view(2, 2, 3, 64), keys.float()).amax(2)  # [B, Hkv, T]
+    per_page = torch.nn.functional.pad(qk, (0, 1), value=float("-inf")).view(2, 2, 51, 4).amax(-1)
+    assert bool((ub >= per_page - 1e-4).all())
+    for k_pages in (3, 10, 50):
+        idx, cnt = select_pages(q, mn, mx, 51, k_pages, 4, 203, "max")
+        ridx, rcnt = select_pages(q, mn, mx, 51, k_pages, 4, 203, "max", backend="torch")
+        assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx)
+
+
+def test_a_nan_key_gives_its_page_a_nan_summary_and_the_first_rank_in_both_paths():
+    """NaN keys propagate into the page summaries (as torch's amin / amax) in float32 and bfloat16, and the C++
+    selection ranks a NaN bound first, as torch's topk does."""
+    from accel.cache.quest import QuestMetadata
+    from accel.policies.quest import select_pages
+
+    g = torch.Generator().manual_seed(14)
+    keys = torch.randn(1, 1, 64, 16, generator=g)
+    keys[0, 0, 21, 5] = float("nan")  # page 5 of 16 at page size 4
+    q = torch.randn(1, 3, 16, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        mn, mx = QuestMetadata(page_size=4, dtype=dtype).bounds(keys)
+        assert bool(torch.isnan(mn[0, 0, 5, 5])) and bool(torch.isnan(mx[0, 0, 5, 5]))
+        assert not bool(torch.isnan(mn[0, 0, 4]).any())
+        idx, cnt = select_pages(q, mn, mx, 16, 3, 4, 64, "max")
+        ridx, rcnt = select_pages(q, mn, mx, 16, 3, 4, 64, "max", backend="torch")
+        assert torch.equal(idx, ridx) and torch.equal(cnt, rcnt)
+        assert 20 in idx[0, 0].tolist() and 60 in idx[0, 0].tolist()

@@ -189,8 +189,9 @@ struct RaggedStackLayer {
 // one Quest layer's page summaries and this step's selection (accel.policies.quest: the layer attends to the top
 // k_pages pages by their upper bound, the current page always among them)
 struct QuestStackLayer {
-  float* kmin = nullptr;
-  float* kmax = nullptr;
+  void* kmin = nullptr;  // float32, or bf16 bits when bf16
+  void* kmax = nullptr;
+  bool bf16 = false;
   int64_t sb = 0, sh = 0, sp = 0;
   int64_t full_pages = 0, k_pages = 0, page = 16, T = 0;  // T: tokens attended, the new one included
   int agg = 0;
@@ -225,11 +226,17 @@ int64_t stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std:
       }
     if (qs != nullptr) {  // Quest: the pages filled since the last summary and the partial last page, then the pages
       const int64_t Tn = qs->T;
-      accel::cpu::quest_summarize<T>(static_cast<const T*>(d.k), d.k_sb, d.k_sh, d.k_st, d.B, d.Hkv, d.D, Tn,
-                                     qs->page, qs->full_pages, qs->kmin, qs->kmax, qs->sb, qs->sh, qs->sp);
+      if (qs->bf16)
+        accel::cpu::quest_summarize<T, uint16_t>(static_cast<const T*>(d.k), d.k_sb, d.k_sh, d.k_st, d.B, d.Hkv, d.D,
+                                                 Tn, qs->page, qs->full_pages, static_cast<uint16_t*>(qs->kmin),
+                                                 static_cast<uint16_t*>(qs->kmax), qs->sb, qs->sh, qs->sp);
+      else
+        accel::cpu::quest_summarize<T, float>(static_cast<const T*>(d.k), d.k_sb, d.k_sh, d.k_st, d.B, d.Hkv, d.D, Tn,
+                                              qs->page, qs->full_pages, static_cast<float*>(qs->kmin),
+                                              static_cast<float*>(qs->kmax), qs->sb, qs->sh, qs->sp);
       accel::cpu::QuestParams p;
       p.q = q.data();
-      p.kmin = qs->kmin; p.kmax = qs->kmax;
+      p.kmin = qs->kmin; p.kmax = qs->kmax; p.bf16 = qs->bf16;
       p.sb = qs->sb; p.sh = qs->sh; p.sp = qs->sp;
       p.B = d.B; p.H = d.H; p.Hkv = d.Hkv; p.D = d.D;
       p.n_pages = (Tn + qs->page - 1) / qs->page;
@@ -474,7 +481,7 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
     d.valid = valid_p;
     d.valid_sb = T;
     d.valid_len = valid_p ? T : 0;
-    if (!quest.empty() && !quest[l].empty()) {  // a Quest layer: page summaries [B, Hkv, >= pages, D] float32
+    if (!quest.empty() && !quest[l].empty()) {  // a Quest layer: page summaries [B, Hkv, >= pages, D] float32 or bf16
       TORCH_CHECK(quest[l].size() == 2, "layer ", l, ": quest needs (kmin, kmax)");
       const auto &mn = quest[l][0], &mx = quest[l][1];
       auto& g = qss[l];
@@ -489,13 +496,16 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
                   "layer ", l, ": bad quest arguments (full pages ", g.full_pages, ", pages ", g.k_pages, " of ",
                   n_pages, ", page ", g.page, ", agg ", g.agg, ")");
       for (const auto* t : {&mn, &mx})
-        TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->size(0) == B &&
+        TORCH_CHECK(t->device().is_cpu() &&
+                        (t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kBFloat16) &&
+                        t->scalar_type() == mn.scalar_type() && t->dim() == 4 && t->size(0) == B &&
                         t->size(1) == Hkv && t->size(2) >= n_pages && t->size(3) == D && t->stride(3) == 1 &&
                         t->strides() == mn.strides(),
-                    "layer ", l, ": quest summaries must be CPU float32 [", B, ", ", Hkv, ", >= ", n_pages, ", ", D,
-                    "], contiguous in D, with one set of strides");
-      g.kmin = mn.data_ptr<float>();
-      g.kmax = mx.data_ptr<float>();
+                    "layer ", l, ": quest summaries must be CPU float32 or bfloat16 (both alike) [", B, ", ", Hkv,
+                    ", >= ", n_pages, ", ", D, "], contiguous in D, with one set of strides");
+      g.bf16 = mn.scalar_type() == torch::kBFloat16;
+      g.kmin = mn.data_ptr();
+      g.kmax = mx.data_ptr();
       g.sb = mn.stride(0); g.sh = mn.stride(1); g.sp = mn.stride(2);
       g.first = first_c.defined() ? first_c.data_ptr<int64_t>() : nullptr;
       g.idx.resize(static_cast<size_t>(BH * g.k_pages * g.page));

@@ -134,7 +134,7 @@ torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::
   return out;
 }
 
-// Quest's page selection (accel/cpu/quest.h): q [B, H, D]; kmin / kmax [B, Hkv, >= n_pages, D] float32 page
+// Quest's page selection (accel/cpu/quest.h): q [B, H, D]; kmin / kmax [B, Hkv, >= n_pages, D] float32 or bfloat16 page
 // summaries (contiguous in D); first: optional [B] int64 first real position. Returns (positions [B, Hkv,
 // k_pages * page] int32, -1 padded; counts [B, Hkv] int32).
 std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax, int64_t n_pages,
@@ -144,9 +144,11 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
   q = q.to(torch::kFloat32).contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   for (const auto* t : {&kmin, &kmax})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->size(0) == B &&
-                    t->size(3) == D && t->stride(3) == 1,
-                "kmin/kmax must be CPU float32 [B, Hkv, pages, D] contiguous in D");
+    TORCH_CHECK(t->device().is_cpu() &&
+                    (t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kBFloat16) &&
+                    t->scalar_type() == kmin.scalar_type() && t->dim() == 4 && t->size(0) == B && t->size(3) == D &&
+                    t->stride(3) == 1,
+                "kmin/kmax must be CPU float32 or bfloat16 (both alike) [B, Hkv, pages, D] contiguous in D");
   TORCH_CHECK(kmin.sizes() == kmax.sizes(), "kmin and kmax must have the same shape");
   if (kmin.strides() != kmax.strides()) {  // one set of strides for both (the summaries' buffers already share one)
     kmin = kmin.contiguous();
@@ -170,8 +172,9 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
   auto out = torch::empty({B, Hkv, k * page}, torch::dtype(torch::kInt32));
   auto counts = torch::empty({B, Hkv}, torch::dtype(torch::kInt32));
   p.q = q.data_ptr<float>();
-  p.kmin = kmin.data_ptr<float>();
-  p.kmax = kmax.data_ptr<float>();
+  p.kmin = kmin.data_ptr();
+  p.kmax = kmax.data_ptr();
+  p.bf16 = kmin.scalar_type() == torch::kBFloat16;
   p.sb = kmin.stride(0); p.sh = kmin.stride(1); p.sp = kmin.stride(2);
   p.B = static_cast<int>(B); p.H = static_cast<int>(H); p.Hkv = static_cast<int>(Hkv); p.D = static_cast<int>(D);
   p.n_pages = n_pages; p.k_pages = k; p.page = page; p.T = T; p.agg = static_cast<int>(agg);

@@ -256,8 +256,11 @@ class FusedDecode:
             owner = next(c for c in type(runtime.attention).__mro__ if "decode" in vars(c))
             if "stack_layer" not in vars(owner):
                 return f"policy {runtime.attention.name!r} attends with its own decode"
-            if "quest_args" not in (_ext.cpu_ext().fused_decode_stack.__doc__ or ""):
+            doc = _ext.cpu_ext().fused_decode_stack.__doc__ or ""
+            if "quest_args" not in doc:
                 return "the built extension predates Quest in the stack"
+            if "float32 or bfloat16" not in doc:
+                return "the built extension predates bfloat16 Quest summaries in the stack"
         if own and runtime.kv:
             return f"policy {runtime.attention.name!r} over a compressed cache"
         problem = getattr(runtime.attention, "stack_problem", None)

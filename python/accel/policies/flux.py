@@ -46,7 +46,7 @@ from ..models.base import ModelInfo
 from ..plan import Plan
 from ..plan.shipped import require_shipped_plan
 from .base import AttentionPolicy
-from .quest import quest_selection, stack_quest
+from .quest import SUMMARY_DTYPES, quest_selection, stack_quest
 from .registry import register_policy
 
 BACKENDS = ("quest", "select", "window")
@@ -71,6 +71,7 @@ class FluxPolicy(AttentionPolicy):
         topk: tokens an SA layer attends per KV head and step; None: ``topk_ratio`` of the context (default 1/8),
             at least ``min_topk`` (64).
         page_size, min_pages: Quest's pages (16 tokens, at least 3) for ``backend='quest'``.
+        summary_dtype: Quest's page summaries, 'float32' (default, as quest's) or 'bfloat16' (rounded outward).
         chunk, sink, recent, agg: the 'select' backend's chunks (16), forced sink (16) and recent (64) tokens and its
             aggregation of a KV head's query heads ('max'; quest aggregates its page bounds the same way); the 'window'
             backend keeps ``sink`` tokens and fills the rest of the budget with the most recent ones.
@@ -92,6 +93,7 @@ class FluxPolicy(AttentionPolicy):
     min_topk: int = 64
     page_size: int = 16
     min_pages: int = 3
+    summary_dtype: str = "float32"
     chunk: int = 16
     sink: int = 16
     recent: int = 64
@@ -116,6 +118,8 @@ class FluxPolicy(AttentionPolicy):
             raise AccelError(f"flux: min_topk must be an integer >= 0, got {self.min_topk!r}")
         if self.agg not in ("max", "mean", "sum"):
             raise AccelError(f"flux: agg must be 'max', 'mean' or 'sum', got {self.agg!r}")
+        if self.summary_dtype not in SUMMARY_DTYPES:
+            raise AccelError(f"flux: summary_dtype must be 'bfloat16' or 'float32', got {self.summary_dtype!r}")
         if not isinstance(self.feature_ratio, (int, float)) or not 0 < float(self.feature_ratio) <= 1:
             raise AccelError(f"flux: feature_ratio must be in (0, 1], got {self.feature_ratio!r}")
         if self.topk is None and self.min_topk < self.sink + 1:
@@ -224,13 +228,14 @@ class FluxPolicy(AttentionPolicy):
             return None
         if bool(full.any()):
             return False
-        return stack_quest(ctx, T, budget, self.page_size, self.min_pages, self.agg, "up")
+        return stack_quest(ctx, T, budget, self.page_size, self.min_pages, self.agg, "up",
+                           SUMMARY_DTYPES[self.summary_dtype])
 
     def sparse_selection(self, ctx, query, key, attention_mask, budget: int, scaling):
         B, T = query.shape[0], key.shape[2]
         if self.backend == "quest":
             return quest_selection(ctx, query, key, attention_mask, budget, self.page_size, self.min_pages, self.agg,
-                                   "up", "flux")
+                                   "up", "flux", SUMMARY_DTYPES[self.summary_dtype])
         ok, valid = step_valid(ctx, attention_mask, B, T)
         if not ok:
             raise AccelError("flux got a per-head attention mask it cannot apply; use policy='dense' for this model")

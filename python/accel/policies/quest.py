@@ -39,6 +39,7 @@ from .registry import register_policy
 
 
 _AGG = {"max": 0, "mean": 1, "sum": 2}  # the C++ selection's codes
+SUMMARY_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @register_policy("quest")
@@ -50,13 +51,15 @@ class QuestPolicy(AttentionPolicy):
         topk: tokens attended per KV head and step (the paper's token budget: pages x page_size, the current page
             included); None: use ``topk_ratio``.
         topk_ratio: fraction of the current context when ``topk`` is None (default 1/8).
-        page_size: tokens per page (16, the paper's default).
+        page_size: tokens per page (4; the paper's default is 16, see docs/methods/quest.md for why accel's is smaller).
         min_pages: pages selected at least (3, as Quest's code).
         dense_layers: the first layers that stay dense (2, as the paper); it shapes ``build_plan``, and a plan's
             per-layer modes decide.
         agg: aggregation of a KV head's query heads' page bounds: 'max' (default), 'mean' or 'sum'.
         min_topk: with ``topk_ratio``, attend to at least this many tokens (64: short prompts stay exact).
         page_rounding: a budget that is not a whole number of pages: 'up' (default) or 'down' (Quest's code).
+        summary_dtype: the page summaries' precision: 'float32' (default) or 'bfloat16' (rounded outward, so still an
+            upper bound, and exact for a bf16 cache: half the summary bytes, but slower on the CPU, see the docs).
     """
 
     per_kv_head = True  # scores and budgets per KV head from its own query heads
@@ -65,12 +68,13 @@ class QuestPolicy(AttentionPolicy):
 
     topk: int | None = None
     topk_ratio: float | None = 0.125
-    page_size: int = 16
+    page_size: int = 4
     min_pages: int = 3
     dense_layers: int = 2
     agg: str = "max"
     min_topk: int = 64
     page_rounding: str = "up"
+    summary_dtype: str = "float32"
 
     def validate(self) -> None:
         if self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
@@ -86,6 +90,8 @@ class QuestPolicy(AttentionPolicy):
             raise AccelError(f"quest: page_rounding must be 'up' or 'down', got {self.page_rounding!r}")
         if self.agg not in ("max", "mean", "sum"):
             raise AccelError(f"quest: agg must be 'max', 'mean' or 'sum', got {self.agg!r}")
+        if self.summary_dtype not in SUMMARY_DTYPES:
+            raise AccelError(f"quest: summary_dtype must be 'bfloat16' or 'float32', got {self.summary_dtype!r}")
 
     def build_plan(self, info: ModelInfo) -> Plan:
         layers = [LayerPlan(mode="full" if i < self.dense_layers else "quest", attention="quest")
@@ -101,7 +107,8 @@ class QuestPolicy(AttentionPolicy):
         budget = token_budget(key.shape[2], topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
         sel = quest_selection(ctx, query, key, attention_mask, budget, int(self.plan_knob(ctx, "page_size")),
                               int(self.plan_knob(ctx, "min_pages")), self.plan_knob(ctx, "agg"),
-                              self.plan_knob(ctx, "page_rounding"), "quest")
+                              self.plan_knob(ctx, "page_rounding"), "quest",
+                              SUMMARY_DTYPES[self.plan_knob(ctx, "summary_dtype")])
         if sel is None:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, *sel)
@@ -116,16 +123,18 @@ class QuestPolicy(AttentionPolicy):
         topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
         budget = token_budget(T, topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
         return stack_quest(ctx, T, budget, int(self.plan_knob(ctx, "page_size")), int(self.plan_knob(ctx, "min_pages")),
-                           self.plan_knob(ctx, "agg"), self.plan_knob(ctx, "page_rounding"))
+                           self.plan_knob(ctx, "agg"), self.plan_knob(ctx, "page_rounding"),
+                           SUMMARY_DTYPES[self.plan_knob(ctx, "summary_dtype")])
 
 
-def stack_quest(ctx, T: int, budget: int, P: int, min_pages: int, agg: str = "max", page_rounding: str = "up"):
+def stack_quest(ctx, T: int, budget: int, P: int, min_pages: int, agg: str = "max", page_rounding: str = "up",
+                dtype: torch.dtype = torch.float32):
     """``StackQuest`` for a layer whose Quest selection runs in the C++ decode stack this step (its summaries made
     room for), or None when the pages for ``budget`` cover the T tokens (the layer attends densely)."""
     k_pages = quest_pages(T, budget, P, min_pages, page_rounding)
     if k_pages is None:
         return None
-    meta = quest_metadata(ctx, T, P)
+    meta = quest_metadata(ctx, T, P, dtype)
     meta._grow(ctx.cache_layer.k_buf, T // P)  # room for every full page and the partial one
     return StackQuest(meta, k_pages, P, _AGG[agg], T)
 
@@ -144,9 +153,9 @@ class StackQuest:
         return [self.meta.kmin, self.meta.kmax], [self.meta.full_pages, self.k_pages, self.page, self.agg]
 
     def summary_bytes(self) -> int:
-        """The page summaries the selection read (min and max, fp32), as ``quest_selection`` counts them."""
+        """The page summaries the selection read (min and max), as ``quest_selection`` counts them."""
         B, Hkv, _, D = self.meta.kmin.shape
-        return 2 * B * Hkv * (-(-self.T // self.page)) * D * 4
+        return 2 * B * Hkv * (-(-self.T // self.page)) * D * self.meta.kmin.element_size()
 
     def done(self) -> None:
         """The stack summarised every full page (its partial last page sits in the spare slot, as ``bounds`` puts it)."""
@@ -162,19 +171,20 @@ def quest_pages(T: int, budget: int, P: int, min_pages: int, page_rounding: str 
     return None if budget >= T or k_pages >= n_pages else k_pages
 
 
-def quest_metadata(ctx, T: int, P: int) -> QuestMetadata:
+def quest_metadata(ctx, T: int, P: int, dtype: torch.dtype = torch.float32) -> QuestMetadata:
     """The layer's page summaries (``ctx.state["quest"]``: the cache layer's version and the metadata), started again
-    when the cache layer's rows changed (a reorder, a crop) or the page size did."""
+    when the cache layer's rows changed (a reorder, a crop) or the page size or the summaries' dtype did."""
     cl = ctx.cache_layer
     version = cl.version if cl is not None else None
     held = ctx.state.get("quest")
-    if held is None or held[0] != version or held[1].page != P or held[1].full_pages * P > T:
-        held = ctx.state["quest"] = (version, QuestMetadata(P))
+    if (held is None or held[0] != version or held[1].page != P or held[1].dtype != dtype
+            or held[1].full_pages * P > T):
+        held = ctx.state["quest"] = (version, QuestMetadata(P, dtype))
     return held[1]
 
 
 def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pages: int, agg: str = "max",
-                    page_rounding: str = "up", who: str = "quest"):
+                    page_rounding: str = "up", who: str = "quest", dtype: torch.dtype = torch.float32):
     """One decode step's Quest pages for ``budget`` tokens: (positions [B, Hkv, n] int32 -1 padded, counts [B, Hkv]),
     or None when the pages would cover the context. The page summaries live in the sequence's layer state
     (``ctx.state["quest"]``), rebuilt when the cache layer's rows change; their bytes count as read."""
@@ -184,13 +194,13 @@ def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pa
     k_pages = quest_pages(T, budget, P, min_pages, page_rounding)
     if k_pages is None:
         return None
-    meta = quest_metadata(ctx, T, P)
+    meta = quest_metadata(ctx, T, P, dtype)
     ok, valid = step_valid(ctx, attention_mask, B, T)
     if not ok:
         raise AccelError(f"{who} got a per-head attention mask it cannot apply; use policy='dense' for this model")
     first = first_valid_positions(valid, B) if valid is not None else None
     mn, mx = meta.bounds(key)  # [B, Hkv, n_pages, D] views of the page summaries
-    ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * 4  # min and max, fp32
+    ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * mn.element_size()  # min, max
     return select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
 
 def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg: str = "max", first=None,
@@ -202,7 +212,8 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
     (accel/cpu/quest.h); elsewhere (or ``backend="torch"``) torch operations, the same selection up to the order of
     summation (a tie between two pages' bounds may go either way)."""
     if (backend != "torch" and q.device.type == "cpu" and _ext.HAS_CPU_EXT
-            and hasattr(_ext.cpu_ext(), "quest_select")):
+            and hasattr(_ext.cpu_ext(), "quest_select")
+            and (kmin.dtype == torch.float32 or "bfloat16" in (_ext.cpu_ext().quest_select.__doc__ or ""))):
         return tuple(_ext.cpu_ext().quest_select(q, kmin, kmax, n_pages, k_pages, P, T, _AGG[agg], first))
     B = q.shape[0]
     scores = upper_bounds(q, kmin, kmax, agg)  # [B, Hkv, n_pages]

@@ -9,6 +9,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -20,8 +21,9 @@ namespace cpu {
 
 struct QuestParams {
   const float* q = nullptr;  // [B, H, D] fp32
-  const float* kmin = nullptr;  // page summaries, fp32, (b, kh, page, d) at b*sb + kh*sh + page*sp + d
-  const float* kmax = nullptr;
+  const void* kmin = nullptr;  // page summaries, fp32 or bf16 bits (bf16), (b, kh, page, d) at b*sb + kh*sh + page*sp + d
+  const void* kmax = nullptr;
+  bool bf16 = false;
   int64_t sb = 0, sh = 0, sp = 0;
   int B = 0, H = 0, Hkv = 0, D = 0;
   int64_t n_pages = 0, k_pages = 0, page = 16, T = 0;
@@ -31,36 +33,63 @@ struct QuestParams {
   int32_t* counts = nullptr;  // [B, Hkv]
 };
 
+// A page summary stored in bfloat16 is rounded outward (a minimum down, a maximum up to the next bf16 value), so the
+// bound computed from it stays >= q . k of every key of the page; a NaN is stored as bf16's NaN. Values that are
+// already bf16 (a bf16 cache's keys) are stored exactly.
+static inline uint16_t bf16_outward(float x, bool up) {
+  if (x != x) return 0x7FC0;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(float));
+  uint16_t hi = static_cast<uint16_t>(bits >> 16);
+  const bool neg = (bits >> 31) != 0;
+  if ((bits & 0xFFFFu) != 0 && neg != up) ++hi;  // truncation moved toward zero; step one ulp outward
+  return hi;
+}
+
+template <typename S> struct SummaryStore;
+template <> struct SummaryStore<float> {
+  static inline void put(float* p, float x, bool) { *p = x; }
+  static inline float get(const float* p) { return *p; }
+};
+template <> struct SummaryStore<uint16_t> {
+  static inline void put(uint16_t* p, float x, bool up) { *p = bf16_outward(x, up); }
+  static inline float get(const uint16_t* p) { return bf16_to_float(*p); }
+};
+
 // Page summaries of one layer's keys for Quest's bound, updated in place as the cache grows (the same values as
-// accel.cache.quest.QuestMetadata: min and max are exact in fp32). Keys of (b, kv head) token t at
-// k + b*k_sb + kh*k_sh + t*k_st (elements of T: float, bf16 bits or f16), t < T; pages [from_page, T / page) are
-// summarised into their slots, and a partial last page (T % page != 0) into the slot after them.
-template <typename E>
+// accel.cache.quest.QuestMetadata: min and max are exact in fp32, rounded outward in bf16). Keys of (b, kv head) token
+// t at k + b*k_sb + kh*k_sh + t*k_st (elements of E: float, bf16 bits or f16), t < T; pages [from_page, T / page) are
+// summarised into their slots (elements of S: float, or bf16 bits), and a partial last page (T % page != 0) into
+// the slot after them.
+template <typename E, typename S>
 void quest_summarize(const E* k, int64_t k_sb, int64_t k_sh, int64_t k_st, int B, int Hkv, int D, int64_t T,
-                     int64_t page, int64_t from_page, float* kmin, float* kmax, int64_t sb, int64_t sh, int64_t sp) {
+                     int64_t page, int64_t from_page, S* kmin, S* kmax, int64_t sb, int64_t sh, int64_t sp) {
   const int64_t n_full = T / page, n_pages = (T + page - 1) / page;
   if (from_page >= n_pages) return;
+  std::vector<float> mn(D), mx(D);
   for (int b = 0; b < B; ++b)
     for (int kh = 0; kh < Hkv; ++kh) {
       const E* kk = k + b * k_sb + kh * k_sh;
       for (int64_t j = std::min(from_page, n_full); j < n_pages; ++j) {
-        float* mn = kmin + b * sb + kh * sh + j * sp;
-        float* mx = kmax + b * sb + kh * sh + j * sp;
         const int64_t t1 = std::min(T, (j + 1) * page);
         for (int d = 0; d < D; ++d) mn[d] = mx[d] = Load<E>::get(kk + j * page * k_st, d);
         for (int64_t t = j * page + 1; t < t1; ++t) {
           const E* row = kk + t * k_st;
           for (int d = 0; d < D; ++d) {
             const float x = Load<E>::get(row, d);
-            mn[d] = x < mn[d] ? x : mn[d];
-            mx[d] = x > mx[d] ? x : mx[d];
+            mn[d] = (x < mn[d] || x != x) ? x : mn[d];  // a NaN key makes its page's summary NaN, as torch's amin
+            mx[d] = (x > mx[d] || x != x) ? x : mx[d];
           }
         }
+        S* smn = kmin + b * sb + kh * sh + j * sp;
+        S* smx = kmax + b * sb + kh * sh + j * sp;
+        for (int d = 0; d < D; ++d) SummaryStore<S>::put(smn + d, mn[d], false), SummaryStore<S>::put(smx + d, mx[d], true);
       }
     }
 }
 
-inline void quest_select(const QuestParams& p) {
+template <typename S>
+void quest_select_t(const QuestParams& p) {
   const int G = p.H / p.Hkv;
   const int64_t width = p.k_pages * p.page;
   const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
@@ -74,26 +103,33 @@ inline void quest_select(const QuestParams& p) {
           qp[g * p.D + d] = x > 0.f ? x : 0.f;
           qn[g * p.D + d] = x < 0.f ? x : 0.f;
         }
-      const float* mn = p.kmin + b * p.sb + kh * p.sh;
-      const float* mx = p.kmax + b * p.sb + kh * p.sh;
-      for (int64_t j = 0; j < p.n_pages; ++j) {
-        const float* M = mx + j * p.sp;
-        const float* m = mn + j * p.sp;
-        float agg = p.agg == 0 ? ninf : 0.f;
+      const S* mn = static_cast<const S*>(p.kmin) + b * p.sb + kh * p.sh;
+      const S* mx = static_cast<const S*>(p.kmax) + b * p.sb + kh * p.sh;
+      const int D = p.D, agg_code = p.agg;  // locals: the loop below keeps them in registers
+      const int64_t sp = p.sp, n_pages = p.n_pages;
+      const float* qpp = qp.data();
+      const float* qnp = qn.data();
+      for (int64_t j = 0; j < n_pages; ++j) {
+        const S* M = mx + j * sp;
+        const S* m = mn + j * sp;
+        float agg = agg_code == 0 ? ninf : 0.f;
+        bool nan = false;
         for (int g = 0; g < G; ++g) {
-          const float* a = qp.data() + g * p.D;
-          const float* c = qn.data() + g * p.D;
+          const float* a = qpp + g * D;
+          const float* c = qnp + g * D;
           float u = 0.f;
           int d = 0;
-          if (p.D >= 16) {
+          if (D >= 16) {
             v16f s{};
-            for (; d + 16 <= p.D; d += 16) s += load16(a + d) * load16(M + d) + load16(c + d) * load16(m + d);
+            for (; d + 16 <= D; d += 16) s += load16(a + d) * load16(M + d) + load16(c + d) * load16(m + d);
             u = hsum16(s);
           }
-          for (; d < p.D; ++d) u += a[d] * M[d] + c[d] * m[d];
-          agg = p.agg == 0 ? std::max(agg, u) : agg + u;
+          for (; d < D; ++d) u += a[d] * SummaryStore<S>::get(M + d) + c[d] * SummaryStore<S>::get(m + d);
+          nan |= u != u;  // NaN keys: the bound is NaN (torch's amax would propagate it)
+          agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
         }
-        score[j] = p.agg == 1 ? agg / static_cast<float>(G) : agg;
+        if (nan) agg = pinf;  // a NaN bound ranks first, as torch's topk puts NaN
+        score[j] = agg_code == 1 && !nan ? agg / static_cast<float>(G) : agg;
       }
       if (p.first)
         for (int64_t j = 0; j < p.n_pages && (j + 1) * p.page <= p.first[b]; ++j) score[j] = ninf;
@@ -101,9 +137,11 @@ inline void quest_select(const QuestParams& p) {
       std::vector<int64_t> order(p.n_pages);
       std::iota(order.begin(), order.end(), 0);
       const int64_t k = std::min(p.k_pages, p.n_pages);
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t x, int64_t y) {
-        return score[x] > score[y] || (score[x] == score[y] && x < y);
-      });
+      // the k first in (score descending, page ascending), a strict total order: the same set as a full sort
+      if (k < p.n_pages)
+        std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int64_t x, int64_t y) {
+          return score[x] > score[y] || (score[x] == score[y] && x < y);
+        });
       std::sort(order.begin(), order.begin() + k);
       int32_t* out = p.out + (static_cast<int64_t>(b) * p.Hkv + kh) * width;
       int64_t n = 0;
@@ -112,6 +150,11 @@ inline void quest_select(const QuestParams& p) {
       std::fill(out + n, out + width, -1);
       p.counts[b * p.Hkv + kh] = static_cast<int32_t>(n);
     }
+}
+
+inline void quest_select(const QuestParams& p) {
+  if (p.bf16) quest_select_t<uint16_t>(p);
+  else quest_select_t<float>(p);
 }
 
 }  // namespace cpu
