@@ -40,9 +40,12 @@ COMMITTED = {
     "decode_anchors_smollm2_b1_fp16_dense.csv": "2026-12-05",
     "decode_anchors_smollm2_b1_fp32_8k.csv": "2026-12-05",
     "decode_policies_smollm2_b1.csv": "2026-12-04",
-    "decode_quest_smollm2_b1.csv": "2026-12-04",
-    "eval_quest_smollm2_4k.csv": "2026-12-04",
-    "eval_quest_smollm2_4k_lm.csv": "2026-12-04",
+    "decode_quest_smollm2_b1.csv": "2026-12-06",
+    "decode_quest_smollm2_b1_bf16.csv": "2026-12-06",
+    "eval_quest_smollm2_2k.csv": "2026-12-06",
+    "eval_quest_smollm2_4k.csv": "2026-12-06",
+    "eval_quest_smollm2_4k_lm.csv": "2026-12-06",
+    "eval_quest_pages_smollm2_8k.csv": "2026-12-06",
     "eval_hip_smollm2_4k.csv": "2026-12-05",
     "eval_hip_smollm2_2k.csv": "2026-12-05",
     "eval_hip_smollm2_4k_lm.csv": "2026-12-05",
@@ -608,15 +611,29 @@ def _reuse_quality() -> Quality:
         q.add(n, lambda p: "delta (calibrated layout)" if p == "delta" else None)
     for n in ("eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv"):
         q.add(n, lambda p: "hylra (current plan)" if p == "hylra" else None)
-    for n in ("eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv"):
-        q.add(n, lambda p: "quest" if p == "quest" else None)
+    for n in QUEST_EVAL:
+        q.add(n, quest_label)
+    q.add(SPARSE_8K, lambda p: quest_label(p) if p.startswith("quest") else None)
     for n in ("eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv"):
         q.add(n, lambda p: "hip" if p == "hip" else None)
     return q
 
 
 REUSE_ORDER = ["hf", "dense", "delta (paper layout)", "delta (calibrated layout)", "hylra (first plan)",
-               "hylra (current plan)", "recycled", "quest", "hip"]
+               "hylra (current plan)", "recycled", "quest", "quest (pages of 2)", "quest (pages of 8)",
+               "quest (pages of 16)", "hip"]
+QUEST_EVAL = ("eval_quest_smollm2_2k.csv", "eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv",
+              "eval_quest_pages_smollm2_8k.csv")
+
+
+def quest_label(p: str):
+    """quest's rows under one name per page size: the default (pages of 4, also spelled ``quest@page_size=4``) is
+    "quest", the others "quest (pages of N)"; dense and hf come from the policies' own rows."""
+    if p == "quest" or p == "quest@page_size=4":
+        return "quest"
+    if p.startswith("quest@page_size=") and "@" not in p[len("quest@"):]:
+        return f"quest (pages of {p.split('=')[1]})"
+    return None
 
 
 def sec_reuse() -> list[str]:
@@ -626,6 +643,8 @@ def sec_reuse() -> list[str]:
     for c in sorted({k[1] for k in q.acc}):
         for p in REUSE_ORDER:
             v = q.lm.get((p, c))
+            if p.startswith("quest (pages of") and v is None and not any(k[:2] == (p, c) for k in q.acc):
+                continue  # a page-size variant shows only where it was measured
             rows.append([display(p), c] + [q.cell(p, c, t, slack=1) for t in tasks]
                         + [q.ppl(p, c), f(v[1], 3) if v and v[1] is not None else "-"])
     out = ["## Sparse-attention policies: hylra, delta, recycled, quest, hip", "",
@@ -640,7 +659,7 @@ def sec_reuse() -> list[str]:
     out += sources("eval_reuse_smollm2.csv", "eval_reuse_smollm2_8k.csv", "eval_reuse_smollm2_lm.csv",
                    "eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv",
                    "eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv",
-                   "eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv",
+                   *QUEST_EVAL, SPARSE_8K,
                    "eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv")
     q6 = Quality().add("eval_hylra_smollm2_4k_lm6.csv")
     out += ["### hylra perplexity at 4K on 6 samples", ""]
@@ -660,9 +679,11 @@ def sec_reuse() -> list[str]:
             "On the AVX2-only machine with the current small-M linear kernel:", ""]
     out += _speed_table(["decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv"])
     out += sources("decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv")
-    out += ["Real 8K prefill (not synthetic KV), batch 1: quest against hylra and dense, one run:", ""]
-    out += _speed_table(["decode_quest_smollm2_b1.csv"])
-    out += sources("decode_quest_smollm2_b1.csv")
+    out += ["Real 8K prefill (not synthetic KV), batch 1: quest (pages of 4, and of 16: `quest@page_size=16`) against "
+            "hylra and dense, one run in fp32 and one in bf16 (`quest@summary_dtype=bfloat16`: bfloat16 page "
+            "summaries):", ""]
+    out += _speed_table(["decode_quest_smollm2_b1.csv", "decode_quest_smollm2_b1_bf16.csv"])
+    out += sources("decode_quest_smollm2_b1.csv", "decode_quest_smollm2_b1_bf16.csv")
     out += ["Real 8K prefill, batch 1: hip against quest and dense, one run:", ""]
     out += _speed_table(["decode_hip_smollm2_b1.csv"])
     out += sources("decode_hip_smollm2_b1.csv")
@@ -1047,12 +1068,12 @@ def policy_table() -> list[str]:
         "hylra": ("4K, top-k 1/8: " + pk(rq, "hylra (current plan)", 4096), reuse_speed("hylra")),
         "delta": ("4K, top-k 1/8: " + pk(rq, "delta (calibrated layout)", 4096), reuse_speed("delta")),
         "recycled": ("4K, top-k 1/8: " + pk(rq, "recycled", 4096), reuse_speed("recycled")),
-        "quest": ("4K, top-k 1/8: " + pk(rq, "quest", 4096),
+        "quest": ("4K, top-k 1/8, pages of 4: " + pk(rq, "quest", 4096),
                   f"{ratio(qd['quest']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; hylra "
                   f"{ratio(qd['hylra']['speedup_vs_accel_dense'])} in the same run)"),
         "hip": ("4K, top-k 1/8: " + pk(rq, "hip", 4096),
-                f"{ratio(hd['hip']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; quest "
-                f"{ratio(hd['quest']['speedup_vs_accel_dense'])} in the same run)"),
+                f"{ratio(hd['hip']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; quest with pages of 16 "
+                f"{ratio(hd['quest@page_size=16']['speedup_vs_accel_dense'])} in the same run)"),
         "tpla": ("random DeepSeek-V3 shape, g=2, Hadamard: relative output error "
                  f"{f(terr[('2', 'aligned', '1.0', '1', 'hadamard')]['rel_error'], 3)} (aligned queries)",
                  f"2 gloo ranks {ratio(tdec[('tpla-2-ranks', '32768')]['speedup_vs_mla_1_process'])} one process at 32K; "
