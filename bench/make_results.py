@@ -679,11 +679,14 @@ def sec_reuse() -> list[str]:
             "On the AVX2-only machine with the current small-M linear kernel:", ""]
     out += _speed_table(["decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv"])
     out += sources("decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv")
-    out += ["Real 8K prefill (not synthetic KV), batch 1: quest (pages of 4, and of 16: `quest@page_size=16`) against "
-            "hylra and dense, one run in fp32 and one in bf16 (`quest@summary_dtype=bfloat16`: bfloat16 page "
-            "summaries):", ""]
-    out += _speed_table(["decode_quest_smollm2_b1.csv", "decode_quest_smollm2_b1_bf16.csv"])
-    out += sources("decode_quest_smollm2_b1.csv", "decode_quest_smollm2_b1_bf16.csv")
+    out += ["Real 8K prefill (not synthetic KV), batch 1, fp32: quest (pages of 4, and of 16: `quest@page_size=16`) "
+            "against hylra and dense, one run:", ""]
+    out += _speed_table(["decode_quest_smollm2_b1.csv"])
+    out += sources("decode_quest_smollm2_b1.csv")
+    out += ["The same in bf16 (a bf16 copy of the model), with bfloat16 page summaries "
+            "(`quest@summary_dtype=bfloat16`), one run:", ""]
+    out += _speed_table(["decode_quest_smollm2_b1_bf16.csv"])
+    out += sources("decode_quest_smollm2_b1_bf16.csv")
     out += ["Real 8K prefill, batch 1: hip against quest and dense, one run:", ""]
     out += _speed_table(["decode_hip_smollm2_b1.csv"])
     out += sources("decode_hip_smollm2_b1.csv")

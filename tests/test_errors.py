@@ -119,3 +119,26 @@ def test_decode_goes_through_accel_kernel(monkeypatch):
         h.runtime.fused.whole_stack = False
         model.generate(ids, max_new_tokens=6, do_sample=False)
     assert len(calls) == 2 * 5  # 2 layers x 5 decode steps (the first new token comes from prefill)
+
+
+def test_a_quest_plan_whose_options_quest_would_refuse_is_refused_at_patch():
+    """A plan's ``params`` (and a layer's) override quest's options at run time; an edited plan file with a value the
+    options would refuse (a mistyped ``summary_dtype``, a page size of 0) is refused at ``patch`` in one line naming
+    where, not with a KeyError after the prefill. A text or list ``summary_dtype`` option is refused the same way."""
+    from accel.models.registry import get_adapter
+    from accel.policies.quest import QuestPolicy
+
+    model = tiny_model("llama")
+    info = get_adapter(model).info()
+    plan = QuestPolicy().build_plan(info)
+    plan.params["summary_dtype"] = "bf16"
+    with pytest.raises(accel.AccelError, match=r"^params: quest: summary_dtype must be 'bfloat16' or 'float32', got 'bf16'$"):
+        accel.patch(model, "quest", plan=plan)
+    plan = QuestPolicy().build_plan(info)
+    plan.layers[1].params = {"page_size": 0}
+    with pytest.raises(accel.AccelError, match=r"^layers\[1\]\.params: quest: page_size must be an integer >= 1, got 0$"):
+        accel.patch(model, "quest", plan=plan)
+    for bad in ("[1]", "{}"):
+        with pytest.raises(accel.AccelError, match="summary_dtype must be 'bfloat16' or 'float32'"):
+            accel.patch(model, f"quest@summary_dtype={bad}")
+    assert model.config._attn_implementation == "sdpa"  # nothing half-applied

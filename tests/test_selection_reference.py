@@ -105,7 +105,7 @@ def test_quest_selection_kernel_equals_the_torch_path(agg):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_bfloat16_summaries_are_rounded_outward_and_stay_an_upper_bound(dtype):
-    """bfloat16 page summaries (quest's default) hold each page's min rounded down and max rounded up, so the bound is
+    """bfloat16 page summaries (``summary_dtype="bfloat16"``) hold each page's min rounded down and max rounded up, so the bound is
     still >= q . k of every key of the page; a bf16 cache's summaries are its exact min and max. The C++ selection
     reads them as the torch path does."""
     from accel.cache.quest import QuestMetadata, bf16_outward
@@ -152,3 +152,25 @@ def test_a_nan_key_gives_its_page_a_nan_summary_and_the_first_rank_in_both_paths
         ridx, rcnt = select_pages(q, mn, mx, 16, 3, 4, 64, "max", backend="torch")
         assert torch.equal(idx, ridx) and torch.equal(cnt, rcnt)
         assert 20 in idx[0, 0].tolist() and 60 in idx[0, 0].tolist()
+
+
+@pytest.mark.parametrize("agg", ["max", "mean", "sum"])
+def test_the_current_page_is_attended_whatever_the_other_bounds(agg):
+    """Infinite and NaN keys give pages +inf or NaN bounds (a +inf and a -inf key in one page: a NaN bound); the current
+    page is still always attended, by the C++ selection and the torch path alike."""
+    from accel.cache.quest import QuestMetadata
+    from accel.policies.quest import select_pages
+
+    g = torch.Generator().manual_seed(15)
+    keys = torch.randn(1, 1, 30, 16, generator=g)
+    keys[0, 0, 5, 0] = float("inf")  # page 1: a +inf bound for a positive query coordinate
+    keys[0, 0, 9, 0], keys[0, 0, 10, 0] = float("inf"), float("-inf")  # page 2: NaN bound
+    keys[0, 0, 13, 3] = float("nan")  # page 3
+    q = torch.ones(1, 3, 16)
+    mn, mx = QuestMetadata(page_size=4).bounds(keys)  # 8 pages, the last partial
+    for k_pages in (1, 2, 3, 4):
+        for backend in (None, "torch"):
+            idx, cnt = select_pages(q, mn, mx, 8, k_pages, 4, 30, agg, backend=backend)
+            pages = sorted({p // 4 for p in idx[0, 0, : cnt[0, 0]].tolist()})
+            assert len(pages) == k_pages and pages[-1] == 7 and set(idx[0, 0, : cnt[0, 0]].tolist()) >= {28, 29}
+            assert set(pages[:-1]) <= {1, 2, 3}  # the infinite and NaN bounds rank first

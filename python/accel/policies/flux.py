@@ -118,7 +118,7 @@ class FluxPolicy(AttentionPolicy):
             raise AccelError(f"flux: min_topk must be an integer >= 0, got {self.min_topk!r}")
         if self.agg not in ("max", "mean", "sum"):
             raise AccelError(f"flux: agg must be 'max', 'mean' or 'sum', got {self.agg!r}")
-        if self.summary_dtype not in SUMMARY_DTYPES:
+        if not isinstance(self.summary_dtype, str) or self.summary_dtype not in SUMMARY_DTYPES:
             raise AccelError(f"flux: summary_dtype must be 'bfloat16' or 'float32', got {self.summary_dtype!r}")
         if not isinstance(self.feature_ratio, (int, float)) or not 0 < float(self.feature_ratio) <= 1:
             raise AccelError(f"flux: feature_ratio must be in (0, 1], got {self.feature_ratio!r}")

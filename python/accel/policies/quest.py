@@ -20,6 +20,7 @@ budget is never under-spent; Quest's code rounds down, ``page_rounding="down"``)
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -90,8 +91,24 @@ class QuestPolicy(AttentionPolicy):
             raise AccelError(f"quest: page_rounding must be 'up' or 'down', got {self.page_rounding!r}")
         if self.agg not in ("max", "mean", "sum"):
             raise AccelError(f"quest: agg must be 'max', 'mean' or 'sum', got {self.agg!r}")
-        if self.summary_dtype not in SUMMARY_DTYPES:
+        if not isinstance(self.summary_dtype, str) or self.summary_dtype not in SUMMARY_DTYPES:
             raise AccelError(f"quest: summary_dtype must be 'bfloat16' or 'float32', got {self.summary_dtype!r}")
+
+    def check_plan_params(self, plan: Plan) -> None:
+        """The plan's ``params`` and each layer's override the options (``plan_knob``): refuse, in one line naming
+        where, a value the options themselves would refuse (a mistyped ``summary_dtype`` in an edited plan file)."""
+        from ..errors import PlanValidationError
+
+        names = {f.name for f in dataclasses.fields(self)}
+        base = {k: v for k, v in (plan.params or {}).items() if k in names}
+        where = [("params", base)] + [(f"layers[{i}].params", {**base, **{k: v for k, v in (lp.params or {}).items()
+                                                                         if k in names}})
+                                      for i, lp in enumerate(plan.layers) if lp.params]
+        for at, over in where:
+            try:
+                dataclasses.replace(self, **over)  # validates
+            except AccelError as e:
+                raise PlanValidationError(f"{at}: {e}") from None
 
     def build_plan(self, info: ModelInfo) -> Plan:
         layers = [LayerPlan(mode="full" if i < self.dense_layers else "quest", attention="quest")
@@ -210,7 +227,7 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
     last, the current page always, the top ``k_pages`` expanded to their positions below T, ascending. Returns
     (positions [B, Hkv, k_pages * P] int32, -1 padded; counts [B, Hkv] int32). On the CPU one C++ call
     (accel/cpu/quest.h); elsewhere (or ``backend="torch"``) torch operations, the same selection up to the order of
-    summation (a tie between two pages' bounds may go either way)."""
+    summation (a tie between two pages' bounds, a NaN bound counting as +inf, may go either way)."""
     if (backend != "torch" and q.device.type == "cpu" and _ext.HAS_CPU_EXT
             and hasattr(_ext.cpu_ext(), "quest_select")
             and (kmin.dtype == torch.float32 or "bfloat16" in (_ext.cpu_ext().quest_select.__doc__ or ""))):
@@ -221,8 +238,10 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
     if first is not None:  # pages of left padding only are never selected
         first = first.to(scores.device)
         scores = scores.masked_fill(((pages + 1) * P <= first.view(B, 1)).view(B, 1, n_pages), float("-inf"))
-    scores[:, :, n_pages - 1] = float("inf")  # the current page is always attended
-    top = scores.topk(min(k_pages, n_pages), dim=-1).indices.sort(dim=-1).values  # [B, Hkv, k_pages] ascending
+    k = min(k_pages, n_pages)  # the current (last) page always, then the k - 1 highest of the others
+    top = scores[:, :, : n_pages - 1].topk(k - 1, dim=-1).indices
+    last = torch.full((*top.shape[:2], 1), n_pages - 1, dtype=top.dtype, device=top.device)
+    top = torch.cat([top, last], -1).sort(dim=-1).values  # [B, Hkv, k] ascending
     pos = (top.unsqueeze(-1) * P + torch.arange(P, device=top.device)).flatten(-2)
     inside = pos < T  # only the current (last, partial) page reaches past T, and it sorts last
     idx = torch.where(inside, pos, torch.full_like(pos, -1)).to(torch.int32).contiguous()

@@ -128,20 +128,22 @@ void quest_select_t(const QuestParams& p) {
           nan |= u != u;  // NaN keys: the bound is NaN (torch's amax would propagate it)
           agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
         }
-        if (nan) agg = pinf;  // a NaN bound ranks first, as torch's topk puts NaN
-        score[j] = agg_code == 1 && !nan ? agg / static_cast<float>(G) : agg;
+        nan = nan || agg != agg;  // NaN keys, or +inf and -inf bounds summed
+        // a NaN bound ranks first (torch's topk puts NaN first; among NaN and +inf bounds either order is a tie)
+        score[j] = nan ? pinf : agg_code == 1 ? agg / static_cast<float>(G) : agg;
       }
       if (p.first)
         for (int64_t j = 0; j < p.n_pages && (j + 1) * p.page <= p.first[b]; ++j) score[j] = ninf;
-      score[p.n_pages - 1] = pinf;  // the current page is always attended
+      // the current (last) page always, then the k - 1 first of the others in (score descending, page ascending),
+      // a strict total order: the same set as a full sort
       std::vector<int64_t> order(p.n_pages);
       std::iota(order.begin(), order.end(), 0);
-      const int64_t k = std::min(p.k_pages, p.n_pages);
-      // the k first in (score descending, page ascending), a strict total order: the same set as a full sort
-      if (k < p.n_pages)
-        std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int64_t x, int64_t y) {
+      const int64_t k = std::max<int64_t>(1, std::min(p.k_pages, p.n_pages)), others = p.n_pages - 1;
+      if (k - 1 > 0 && k - 1 < others)
+        std::nth_element(order.begin(), order.begin() + (k - 2), order.begin() + others, [&](int64_t x, int64_t y) {
           return score[x] > score[y] || (score[x] == score[y] && x < y);
         });
+      order[k - 1] = p.n_pages - 1;
       std::sort(order.begin(), order.begin() + k);
       int32_t* out = p.out + (static_cast<int64_t>(b) * p.Hkv + kh) * width;
       int64_t n = 0;
