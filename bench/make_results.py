@@ -49,6 +49,7 @@ COMMITTED = {
     "eval_hip_smollm2_4k.csv": "2026-12-05",
     "eval_hip_smollm2_2k.csv": "2026-12-05",
     "eval_hip_smollm2_4k_lm.csv": "2026-12-05",
+    "eval_hip_smollm2_8k.csv": "2026-12-06",
     "decode_hip_smollm2_b1.csv": "2026-12-05",
     "eval_tca_smollm2_2k.csv": "2026-12-05",
     "eval_tca_smollm2_4k.csv": "2026-12-05",
@@ -614,7 +615,8 @@ def _reuse_quality() -> Quality:
     for n in QUEST_EVAL:
         q.add(n, quest_label)
     q.add(SPARSE_8K, lambda p: quest_label(p) if p.startswith("quest") else None)
-    for n in ("eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv"):
+    for n in ("eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv",
+              "eval_hip_smollm2_8k.csv"):
         q.add(n, lambda p: "hip" if p == "hip" else None)
     return q
 
@@ -660,7 +662,8 @@ def sec_reuse() -> list[str]:
                    "eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv",
                    "eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv",
                    *QUEST_EVAL, SPARSE_8K,
-                   "eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv")
+                   "eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv",
+                   "eval_hip_smollm2_8k.csv")
     q6 = Quality().add("eval_hylra_smollm2_4k_lm6.csv")
     out += ["### hylra perplexity at 4K on 6 samples", ""]
     out += table(["policy", "context", "samples", "perplexity (vs dense)", "top-1 agree"],
