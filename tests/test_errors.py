@@ -141,4 +141,10 @@ def test_a_quest_plan_whose_options_quest_would_refuse_is_refused_at_patch():
     for bad in ("[1]", "{}"):
         with pytest.raises(accel.AccelError, match="summary_dtype must be 'bfloat16' or 'float32'"):
             accel.patch(model, f"quest@summary_dtype={bad}")
+    from accel.policies.hip import HiPPolicy  # hip reads its knobs through the plan the same way
+
+    plan = HiPPolicy().build_plan(info)
+    plan.params["representative"] = "centre"
+    with pytest.raises(accel.AccelError, match=r"^params: hip: representative must be"):
+        accel.patch(model, "hip", plan=plan)
     assert model.config._attn_implementation == "sdpa"  # nothing half-applied

@@ -88,6 +88,22 @@ class Policy:
         """Refuse a plan whose method-specific fields (calibration settings, per-head values) this policy's options
         cannot run exactly (alone or composed with other policies)."""
 
+    def check_plan_knobs(self, plan: Plan) -> None:
+        """For a policy that reads its knobs through ``plan_knob`` (the plan's ``params``, then each layer's, override
+        the options): refuse, in one line naming where, a value the options themselves would refuse (a mistyped
+        value in an edited plan file), instead of an error in the middle of a decode step."""
+        from ..errors import PlanValidationError
+
+        names = {f.name for f in dataclasses.fields(self)}
+        base = {k: v for k, v in (plan.params or {}).items() if k in names}
+        where = [("params", base)] + [(f"layers[{i}].params", {**base, **{k: v for k, v in lp.params.items() if k in names}})
+                                      for i, lp in enumerate(plan.layers) if lp.params]
+        for at, over in where:
+            try:
+                dataclasses.replace(self, **over)  # validates
+            except AccelError as e:
+                raise PlanValidationError(f"{at}: {e}") from None
+
     def build_plan(self, info: ModelInfo) -> Plan:
         return Plan.uniform(
             self.name, info.num_layers,

@@ -103,6 +103,9 @@ class HiPPolicy(AttentionPolicy):
             raise AccelError(f"hip: representative must be one of {', '.join(_REPRESENTATIVES)}, "
                              f"got {self.representative!r}")
 
+    def check_plan_params(self, plan: Plan) -> None:
+        self.check_plan_knobs(plan)
+
     def build_plan(self, info: ModelInfo) -> Plan:
         layers = [LayerPlan(mode="full" if i < self.dense_layers else "hip", attention="hip")
                   for i in range(info.num_layers)]

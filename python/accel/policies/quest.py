@@ -20,7 +20,7 @@ budget is never under-spent; Quest's code rounds down, ``page_rounding="down"``)
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,20 +95,7 @@ class QuestPolicy(AttentionPolicy):
             raise AccelError(f"quest: summary_dtype must be 'bfloat16' or 'float32', got {self.summary_dtype!r}")
 
     def check_plan_params(self, plan: Plan) -> None:
-        """The plan's ``params`` and each layer's override the options (``plan_knob``): refuse, in one line naming
-        where, a value the options themselves would refuse (a mistyped ``summary_dtype`` in an edited plan file)."""
-        from ..errors import PlanValidationError
-
-        names = {f.name for f in dataclasses.fields(self)}
-        base = {k: v for k, v in (plan.params or {}).items() if k in names}
-        where = [("params", base)] + [(f"layers[{i}].params", {**base, **{k: v for k, v in (lp.params or {}).items()
-                                                                         if k in names}})
-                                      for i, lp in enumerate(plan.layers) if lp.params]
-        for at, over in where:
-            try:
-                dataclasses.replace(self, **over)  # validates
-            except AccelError as e:
-                raise PlanValidationError(f"{at}: {e}") from None
+        self.check_plan_knobs(plan)
 
     def build_plan(self, info: ModelInfo) -> Plan:
         layers = [LayerPlan(mode="full" if i < self.dense_layers else "quest", attention="quest")
@@ -220,6 +207,12 @@ def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pa
     ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * mn.element_size()  # min, max
     return select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
 
+@functools.lru_cache(maxsize=8)
+def _reads_bf16(quest_select) -> bool:
+    """Whether a built ``quest_select`` reads bfloat16 summaries (a build before them reads float32 only)."""
+    return "bfloat16" in (quest_select.__doc__ or "")
+
+
 def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg: str = "max", first=None,
                  backend: str | None = None):
     """Quest's selection for queries q [B, H, D] from page summaries kmin/kmax [B, Hkv, n_pages, D]: the pages' upper
@@ -230,7 +223,7 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
     summation (a tie between two pages' bounds, a NaN bound counting as +inf, may go either way)."""
     if (backend != "torch" and q.device.type == "cpu" and _ext.HAS_CPU_EXT
             and hasattr(_ext.cpu_ext(), "quest_select")
-            and (kmin.dtype == torch.float32 or "bfloat16" in (_ext.cpu_ext().quest_select.__doc__ or ""))):
+            and (kmin.dtype == torch.float32 or _reads_bf16(_ext.cpu_ext().quest_select))):
         return tuple(_ext.cpu_ext().quest_select(q, kmin, kmax, n_pages, k_pages, P, T, _AGG[agg], first))
     B = q.shape[0]
     scores = upper_bounds(q, kmin, kmax, agg)  # [B, Hkv, n_pages]
