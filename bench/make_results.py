@@ -45,6 +45,7 @@ COMMITTED = {
     "eval_quest_smollm2_2k.csv": "2026-12-06",
     "eval_quest_smollm2_4k.csv": "2026-12-06",
     "eval_quest_smollm2_4k_lm.csv": "2026-12-06",
+    "eval_quest_agg_smollm2_4k.csv": "2026-12-06",
     "eval_quest_pages_smollm2_8k.csv": "2026-12-06",
     "eval_hip_smollm2_4k.csv": "2026-12-05",
     "eval_hip_smollm2_2k.csv": "2026-12-05",
@@ -614,6 +615,7 @@ def _reuse_quality() -> Quality:
         q.add(n, lambda p: "hylra (current plan)" if p == "hylra" else None)
     for n in QUEST_EVAL:
         q.add(n, quest_label)
+    q.add(QUEST_AGG, lambda p: f"quest (query heads by {p.split('=')[1]})" if p.startswith("quest@agg=") else None)
     q.add(SPARSE_8K, lambda p: quest_label(p) if p.startswith("quest") else None)
     for n in ("eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv",
               "eval_hip_smollm2_8k.csv"):
@@ -623,7 +625,8 @@ def _reuse_quality() -> Quality:
 
 REUSE_ORDER = ["hf", "dense", "delta (paper layout)", "delta (calibrated layout)", "hylra (first plan)",
                "hylra (current plan)", "recycled", "quest", "quest (pages of 2)", "quest (pages of 8)",
-               "quest (pages of 16)", "hip"]
+               "quest (pages of 16)", "quest (query heads by mean)", "quest (query heads by sum)", "hip"]
+QUEST_AGG = "eval_quest_agg_smollm2_4k.csv"  # GQA aggregation of a KV head's query heads' page bounds
 QUEST_EVAL = ("eval_quest_smollm2_2k.csv", "eval_quest_smollm2_4k.csv", "eval_quest_smollm2_4k_lm.csv",
               "eval_quest_pages_smollm2_8k.csv")
 
@@ -645,7 +648,7 @@ def sec_reuse() -> list[str]:
     for c in sorted({k[1] for k in q.acc}):
         for p in REUSE_ORDER:
             v = q.lm.get((p, c))
-            if p.startswith("quest (pages of") and v is None and not any(k[:2] == (p, c) for k in q.acc):
+            if p.startswith("quest (") and v is None and not any(k[:2] == (p, c) for k in q.acc):
                 continue  # a page-size variant shows only where it was measured
             rows.append([display(p), c] + [q.cell(p, c, t, slack=1) for t in tasks]
                         + [q.ppl(p, c), f(v[1], 3) if v and v[1] is not None else "-"])
@@ -661,7 +664,7 @@ def sec_reuse() -> list[str]:
     out += sources("eval_reuse_smollm2.csv", "eval_reuse_smollm2_8k.csv", "eval_reuse_smollm2_lm.csv",
                    "eval_hylra_smollm2.csv", "eval_hylra_smollm2_8k.csv", "eval_hylra_smollm2_lm.csv",
                    "eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv",
-                   *QUEST_EVAL, SPARSE_8K,
+                   *QUEST_EVAL, QUEST_AGG, SPARSE_8K,
                    "eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv",
                    "eval_hip_smollm2_8k.csv")
     q6 = Quality().add("eval_hylra_smollm2_4k_lm6.csv")
