@@ -103,6 +103,44 @@ def test_quest_selection_kernel_equals_the_torch_path(agg):
                 assert int(cnt.max()) <= min(k_pages, n) * P and bool((idx[..., :1] >= 0).all())
 
 
+@pytest.mark.parametrize("agg", ["max", "mean"])
+def test_quest_selection_kernel_on_long_contexts_and_ties(agg):
+    """Above 1024 pages the C++ selection brackets its threshold from a sample of the bounds (sixteen pages at a time
+    summed in one tree). Random bounds: it selects the torch path's positions. Many equal bounds (integer summaries
+    and queries, so every summation order gives the same exact bounds), left padding, budgets from a few pages to all
+    of them: it keeps the current page and the k - 1 best of the others, ties to the lower page."""
+    from accel.policies.quest import select_pages
+
+    g = torch.Generator().manual_seed(17)
+    B, H, Hkv, D, P = 2, 6, 2, 64, 4
+    n = 2043
+    T = n * P - 1
+    kmin = torch.randn(B, Hkv, n, D, generator=g)
+    kmax = kmin + torch.rand(B, Hkv, n, D, generator=g)
+    q = torch.randn(B, H, D, generator=g)
+    for k_pages in (3, 64, 511, 1500):
+        for first in (None, torch.tensor([0, 1001])):
+            idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first)
+            ridx, rcnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, backend="torch")
+            assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx), (k_pages, first)
+    kmin = torch.randint(-3, 3, (B, Hkv, 9, D), generator=g).float()[:, :, torch.randint(0, 9, (n,), generator=g)]
+    kmax = kmin + torch.randint(0, 2, kmin.shape, generator=g).float()
+    q = torch.randint(-2, 3, (B, H, D), generator=g).float()
+    ub = quest_page_scores_ref(q, kmin, kmax, agg=agg)  # exact: small integers
+    for k_pages in (3, 64, 511, 1500, n):
+        for first in (None, torch.tensor([0, 1001])):
+            idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first)
+            for b in range(B):
+                for h in range(Hkv):
+                    sc = ub[b, h].clone()
+                    if first is not None:
+                        sc[: int(first[b]) // P] = float("-inf")
+                    others = sorted(range(n - 1), key=lambda j: (-float(sc[j]), j))[: min(k_pages, n) - 1]
+                    want = [t for j in sorted(others + [n - 1]) for t in range(j * P, min((j + 1) * P, T))]
+                    got = idx[b, h, : int(cnt[b, h])].tolist()
+                    assert got == want, (agg, k_pages, first, b, h)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_bfloat16_summaries_are_rounded_outward_and_stay_an_upper_bound(dtype):
     """bfloat16 page summaries (``summary_dtype="bfloat16"``) hold each page's min rounded down and max rounded up, so the bound is

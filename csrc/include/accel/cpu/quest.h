@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -88,11 +89,148 @@ void quest_summarize(const E* k, int64_t k_sb, int64_t k_sh, int64_t k_st, int B
     }
 }
 
+// The lane sums of 16 vectors at once: lane i of the result is the sum of a[i]'s lanes (a pairwise tree of 15 adds and
+// shuffles per level instead of 16 separate horizontal sums; the tree leaves the vectors in bit-reversed lane order,
+// which the last shuffle undoes).
+static inline v16f hsum16x16(const v16f* a) {
+  v16f b[8], c[4], d[2];
+  for (int k = 0; k < 8; ++k)
+    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int k = 0; k < 4; ++k)
+    c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * k], b[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int k = 0; k < 2; ++k)
+    d[k] = __builtin_shufflevector(c[2 * k], c[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(c[2 * k], c[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const v16f e = __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+                 __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  return __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+// Quest's bound of every page of one (sequence, KV head), aggregated over the GQA group, into score[0, n_pages): NaN
+// bounds rank first (+inf). GC > 0: the group size known at compile time, D a multiple of 16; each 16-lane chunk of a
+// page's min and max is loaded once for the whole group and every query head keeps two independent accumulators, so
+// the loop runs at the summaries' read rate instead of one long chain of dependent multiply-adds per head.
+template <typename S, int GC>
+static void quest_bounds(const float* qp, const float* qn, const S* mn, const S* mx, int64_t sp, int64_t n_pages,
+                         int D, int G, int agg_code, float* score) {
+  const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
+  int64_t j0 = 0;
+  if constexpr (GC > 0) {
+    // 16 pages at a time: each page's per-head lane vectors go to a small buffer, then one tree sums all 16 of a head
+    v16f part[GC][16];
+    const v16f vninf = v16f{} + ninf, vpinf = v16f{} + pinf;
+    // the last block is padded with zero vectors, so every page's bound comes out of the same tree (equal pages tie
+    // exactly, as they do in the torch path)
+    for (; j0 < n_pages; j0 += 16) {
+      const int cnt = static_cast<int>(std::min<int64_t>(16, n_pages - j0));
+      for (int i = cnt; i < 16; ++i)
+        for (int g = 0; g < GC; ++g) part[g][i] = v16f{};
+      for (int i = 0; i < cnt; ++i) {
+        const S* M = mx + (j0 + i) * sp;
+        const S* m = mn + (j0 + i) * sp;
+        v16f up[GC], un[GC];
+        for (int g = 0; g < GC; ++g) up[g] = v16f{}, un[g] = v16f{};
+        for (int d = 0; d < D; d += 16) {
+          const v16f vM = load16(M + d), vm = load16(m + d);
+          for (int g = 0; g < GC; ++g) {
+            up[g] += load16(qp + g * D + d) * vM;
+            un[g] += load16(qn + g * D + d) * vm;
+          }
+        }
+        for (int g = 0; g < GC; ++g) part[g][i] = up[g] + un[g];
+      }
+      v16f agg = agg_code == 0 ? vninf : v16f{};
+      v16i nan{};
+      for (int g = 0; g < GC; ++g) {
+        const v16f u = hsum16x16(part[g]);
+        nan |= u != u;  // NaN keys: the bound is NaN (torch's amax would propagate it)
+        agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
+      }
+      nan |= agg != agg;  // NaN keys, or +inf and -inf bounds summed
+      if (agg_code == 1) agg /= static_cast<float>(G);
+      const v16f r = nan ? vpinf : agg;  // a NaN bound ranks first (as torch's topk)
+      std::memcpy(score + j0, &r, sizeof(float) * cnt);
+    }
+  }
+  for (int64_t j = j0; j < n_pages; ++j) {
+    const S* M = mx + j * sp;
+    const S* m = mn + j * sp;
+    float agg = agg_code == 0 ? ninf : 0.f;
+    bool nan = false;
+    if constexpr (GC > 0) {
+      v16f up[GC], un[GC];
+      for (int g = 0; g < GC; ++g) up[g] = v16f{}, un[g] = v16f{};
+      for (int d = 0; d < D; d += 16) {
+        const v16f vM = load16(M + d), vm = load16(m + d);
+        for (int g = 0; g < GC; ++g) {
+          up[g] += load16(qp + g * D + d) * vM;
+          un[g] += load16(qn + g * D + d) * vm;
+        }
+      }
+      for (int g = 0; g < GC; ++g) {
+        const float u = hsum16(up[g] + un[g]);
+        nan |= u != u;
+        agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
+      }
+    } else {
+      for (int g = 0; g < G; ++g) {
+        const float* a = qp + g * D;
+        const float* c = qn + g * D;
+        float u = 0.f;
+        int d = 0;
+        if (D >= 16) {
+          v16f s{};
+          for (; d + 16 <= D; d += 16) s += load16(a + d) * load16(M + d) + load16(c + d) * load16(m + d);
+          u = hsum16(s);
+        }
+        for (; d < D; ++d) u += a[d] * SummaryStore<S>::get(M + d) + c[d] * SummaryStore<S>::get(m + d);
+        nan |= u != u;  // NaN keys: the bound is NaN (torch's amax would propagate it)
+        agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
+      }
+    }
+    nan = nan || agg != agg;  // NaN keys, or +inf and -inf bounds summed
+    // a NaN bound ranks first (torch's topk puts NaN first; among NaN and +inf bounds either order is a tie)
+    score[j] = nan ? pinf : agg_code == 1 ? agg / static_cast<float>(G) : agg;
+  }
+}
+
+// The want-th largest of sc[0, n) (1 <= want <= n; no NaN). Above 1024 values a sample of every 8th brackets it,
+// one branch-free pass counts the values above the bracket and collects those inside, and the exact value is selected
+// among those few; a bracket that misses (the count shows it) falls back to selecting among all n.
+static inline float kth_largest(const float* sc, int64_t n, int64_t want, std::vector<float>& buf) {
+  if (n >= 1024) {
+    const int64_t step = 8, ns = n / step, r = (want - 1) / step;
+    const int64_t rhi = std::max<int64_t>(0, r - 6), rlo = std::min<int64_t>(ns - 1, r + 6);
+    buf.resize(ns);
+    for (int64_t i = 0; i < ns; ++i) buf[i] = sc[i * step];
+    std::nth_element(buf.begin(), buf.begin() + rhi, buf.end(), std::greater<float>());
+    const float hi = buf[rhi];
+    std::nth_element(buf.begin() + rhi, buf.begin() + rlo, buf.end(), std::greater<float>());
+    const float lo = buf[rlo];
+    int64_t above = 0, inside = 0;
+    for (int64_t i = 0; i < n; ++i) above += sc[i] > hi, inside += (sc[i] >= lo) & (sc[i] <= hi);
+    if (above < want && above + inside >= want) {
+      buf.clear();
+      for (int64_t i = 0; i < n; ++i)
+        if (sc[i] >= lo && sc[i] <= hi) buf.push_back(sc[i]);
+      const int64_t w = want - above;
+      std::nth_element(buf.begin(), buf.begin() + (w - 1), buf.end(), std::greater<float>());
+      return buf[w - 1];
+    }
+  }
+  buf.assign(sc, sc + n);
+  std::nth_element(buf.begin(), buf.begin() + (want - 1), buf.end(), std::greater<float>());
+  return buf[want - 1];
+}
+
 template <typename S>
 void quest_select_t(const QuestParams& p) {
   const int G = p.H / p.Hkv;
   const int64_t width = p.k_pages * p.page;
-  const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const bool vec = p.D % 16 == 0;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < p.B; ++b)
     for (int kh = 0; kh < p.Hkv; ++kh) {
@@ -105,50 +243,44 @@ void quest_select_t(const QuestParams& p) {
         }
       const S* mn = static_cast<const S*>(p.kmin) + b * p.sb + kh * p.sh;
       const S* mx = static_cast<const S*>(p.kmax) + b * p.sb + kh * p.sh;
-      const int D = p.D, agg_code = p.agg;  // locals: the loop below keeps them in registers
-      const int64_t sp = p.sp, n_pages = p.n_pages;
-      const float* qpp = qp.data();
-      const float* qnp = qn.data();
-      for (int64_t j = 0; j < n_pages; ++j) {
-        const S* M = mx + j * sp;
-        const S* m = mn + j * sp;
-        float agg = agg_code == 0 ? ninf : 0.f;
-        bool nan = false;
-        for (int g = 0; g < G; ++g) {
-          const float* a = qpp + g * D;
-          const float* c = qnp + g * D;
-          float u = 0.f;
-          int d = 0;
-          if (D >= 16) {
-            v16f s{};
-            for (; d + 16 <= D; d += 16) s += load16(a + d) * load16(M + d) + load16(c + d) * load16(m + d);
-            u = hsum16(s);
-          }
-          for (; d < D; ++d) u += a[d] * SummaryStore<S>::get(M + d) + c[d] * SummaryStore<S>::get(m + d);
-          nan |= u != u;  // NaN keys: the bound is NaN (torch's amax would propagate it)
-          agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
-        }
-        nan = nan || agg != agg;  // NaN keys, or +inf and -inf bounds summed
-        // a NaN bound ranks first (torch's topk puts NaN first; among NaN and +inf bounds either order is a tie)
-        score[j] = nan ? pinf : agg_code == 1 ? agg / static_cast<float>(G) : agg;
+      const float* a = qp.data();
+      const float* c = qn.data();
+      float* sc = score.data();
+      switch (vec ? G : 0) {
+        case 1: quest_bounds<S, 1>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc); break;
+        case 2: quest_bounds<S, 2>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc); break;
+        case 3: quest_bounds<S, 3>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc); break;
+        case 4: quest_bounds<S, 4>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc); break;
+        case 5: quest_bounds<S, 5>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc); break;
+        case 6: quest_bounds<S, 6>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc); break;
+        case 7: quest_bounds<S, 7>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc); break;
+        case 8: quest_bounds<S, 8>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc); break;
+        default: quest_bounds<S, 0>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc);
       }
       if (p.first)
         for (int64_t j = 0; j < p.n_pages && (j + 1) * p.page <= p.first[b]; ++j) score[j] = ninf;
-      // the current (last) page always, then the k - 1 first of the others in (score descending, page ascending),
-      // a strict total order: the same set as a full sort
-      std::vector<int64_t> order(p.n_pages);
-      std::iota(order.begin(), order.end(), 0);
+      // the current (last) page always, then the k - 1 first of the others in (score descending, page ascending):
+      // the (k-1)-th largest score of the others is the threshold; every page above it is kept and, of the pages at
+      // it, the lowest ones up to k - 1 in all (the same set as a full sort; scores hold no NaN here)
       const int64_t k = std::max<int64_t>(1, std::min(p.k_pages, p.n_pages)), others = p.n_pages - 1;
-      if (k - 1 > 0 && k - 1 < others)
-        std::nth_element(order.begin(), order.begin() + (k - 2), order.begin() + others, [&](int64_t x, int64_t y) {
-          return score[x] > score[y] || (score[x] == score[y] && x < y);
-        });
-      order[k - 1] = p.n_pages - 1;
-      std::sort(order.begin(), order.begin() + k);
       int32_t* out = p.out + (static_cast<int64_t>(b) * p.Hkv + kh) * width;
       int64_t n = 0;
-      for (int64_t i = 0; i < k; ++i)
-        for (int64_t t = order[i] * p.page; t < (order[i] + 1) * p.page && t < p.T; ++t) out[n++] = static_cast<int32_t>(t);
+      auto emit = [&](int64_t j) {
+        for (int64_t t = j * p.page; t < (j + 1) * p.page && t < p.T; ++t) out[n++] = static_cast<int32_t>(t);
+      };
+      const int64_t want = k - 1;
+      if (want >= others) {
+        for (int64_t j = 0; j < others; ++j) emit(j);
+      } else if (want > 0) {
+        std::vector<float> tmp;
+        const float thr = kth_largest(score.data(), others, want, tmp);
+        int64_t above = 0;
+        for (int64_t j = 0; j < others; ++j) above += score[j] > thr;
+        int64_t ties = want - above;  // pages at the threshold still to take, lowest first
+        for (int64_t j = 0; j < others; ++j)
+          if (score[j] > thr || (score[j] == thr && ties-- > 0)) emit(j);
+      }
+      emit(p.n_pages - 1);
       std::fill(out + n, out + width, -1);
       p.counts[b * p.Hkv + kh] = static_cast<int32_t>(n);
     }
