@@ -40,7 +40,8 @@ def test_vector_layer_matches_scalar_reference(tmp_path, pair):
 def test_kernel_headers_compile_for_each_x86_target(tmp_path, arch):
     src = tmp_path / "all.cpp"
     src.write_text("".join(f'#include "accel/cpu/{h}.h"\n' for h in
-                           ("decode_attention", "latent_decode", "block_sparse_prefill", "select", "linear"))
+                           ("decode_attention", "latent_decode", "block_sparse_prefill", "select", "linear",
+                                                              "quest"))
                    + "int main() { return 0; }\n")
     r = subprocess.run([CXX, "-fsyntax-only", "-std=c++17", "-fopenmp", "-Wno-psabi", f"-march={arch}",
                         "-I", str(ROOT / "csrc" / "include"), str(src)], capture_output=True, text=True, timeout=300)

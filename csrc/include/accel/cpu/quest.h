@@ -89,6 +89,7 @@ void quest_summarize(const E* k, int64_t k_sb, int64_t k_sh, int64_t k_st, int B
     }
 }
 
+#ifdef ACCEL_V16F_NATIVE  // the 16-page tree needs native 16-lane vectors (AVX-512)
 // The lane sums of 16 vectors at once: lane i of the result is the sum of a[i]'s lanes (a pairwise tree of 15 adds and
 // shuffles per level instead of 16 separate horizontal sums; the tree leaves the vectors in bit-reversed lane order,
 // which the last shuffle undoes).
@@ -107,6 +108,7 @@ static inline v16f hsum16x16(const v16f* a) {
                  __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
   return __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
 }
+#endif
 
 // Quest's bound of every page of one (sequence, KV head), aggregated over the GQA group, into score[0, n_pages): NaN
 // bounds rank first (+inf). GC > 0: the group size known at compile time, D a multiple of 16; each 16-lane chunk of a
@@ -117,6 +119,7 @@ static void quest_bounds(const float* qp, const float* qn, const S* mn, const S*
                          int D, int G, int agg_code, float* score) {
   const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
   int64_t j0 = 0;
+#ifdef ACCEL_V16F_NATIVE
   if constexpr (GC > 0) {
     // 16 pages at a time: each page's per-head lane vectors go to a small buffer, then one tree sums all 16 of a head
     v16f part[GC][16];
@@ -154,6 +157,7 @@ static void quest_bounds(const float* qp, const float* qn, const S* mn, const S*
       std::memcpy(score + j0, &r, sizeof(float) * cnt);
     }
   }
+#endif
   for (int64_t j = j0; j < n_pages; ++j) {
     const S* M = mx + j * sp;
     const S* m = mn + j * sp;
