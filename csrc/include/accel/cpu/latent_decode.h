@@ -55,32 +55,6 @@ inline const float* latent_row(const LatentParams& p, int64_t b, int64_t t, floa
   }
 }
 
-// Lane k of the result = sum of the 16 lanes of v[k]: a transpose-and-add network (15 adds, 30 shuffles)
-// instead of 16 separate horizontal sums.
-#ifdef ACCEL_V16F_NATIVE
-static inline v16f reduce16x16(const v16f* v) {
-  v16f w[8], x[4], y[2];
-  for (int i = 0; i < 8; ++i)
-    w[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int i = 0; i < 4; ++i)
-    x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int i = 0; i < 2; ++i)
-    y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-#else
-// v16f as two 8-lane halves (no AVX-512): lane k = sum of v[k]'s lanes, one horizontal sum each.
-static inline v16f reduce16x16(const v16f* v) {
-  float out[16];
-  for (int k = 0; k < 16; ++k) out[k] = hsum16(v[k]);
-  return load16(out);
-}
-#endif
-
 // Fast path (Dl and Dr multiples of 16): logits of 4 heads x 4 rows per pass with 16 vector accumulators
 // (8 loads per 16 FMAs), values accumulated in registers over the tile's rows for 4 heads x 64 channels.
 inline void logits_v16(const float* q, int64_t Dk, int nh, const float* const* rows, int kept, float scale,

@@ -89,31 +89,26 @@ void quest_summarize(const E* k, int64_t k_sb, int64_t k_sh, int64_t k_st, int B
     }
 }
 
-#ifdef ACCEL_V16F_NATIVE  // the 16-page tree needs native 16-lane vectors (AVX-512)
-// The lane sums of 16 vectors at once: lane i of the result is the sum of a[i]'s lanes (a pairwise tree of 15 adds and
-// shuffles per level instead of 16 separate horizontal sums; the tree leaves the vectors in bit-reversed lane order,
-// which the last shuffle undoes).
-static inline v16f hsum16x16(const v16f* a) {
-  v16f b[8], c[4], d[2];
-  for (int k = 0; k < 8; ++k)
-    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int k = 0; k < 4; ++k)
-    c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-           __builtin_shufflevector(b[2 * k], b[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int k = 0; k < 2; ++k)
-    d[k] = __builtin_shufflevector(c[2 * k], c[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-           __builtin_shufflevector(c[2 * k], c[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  const v16f e = __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-                 __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  return __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+// One page's bound lanes for each of the GC query heads of a group (D a multiple of 16; M the page's key max, m its
+// min, qp / qn the query's positive / negative parts): out[g]'s lanes sum to head g's bound. Each 16-lane chunk of
+// the page's min and max is loaded once for the whole group and every head keeps two independent accumulators, so the
+// loop runs at the summaries' read rate instead of one long chain of dependent multiply-adds per head.
+template <typename S, int GC>
+static inline void page_bound_lanes(const float* qp, const float* qn, const S* M, const S* m, int D, v16f* out) {
+  v16f up[GC], un[GC];
+  for (int g = 0; g < GC; ++g) up[g] = v16f{}, un[g] = v16f{};
+  for (int d = 0; d < D; d += 16) {
+    const v16f vM = load16(M + d), vm = load16(m + d);
+    for (int g = 0; g < GC; ++g) {
+      up[g] += load16(qp + g * D + d) * vM;
+      un[g] += load16(qn + g * D + d) * vm;
+    }
+  }
+  for (int g = 0; g < GC; ++g) out[g] = up[g] + un[g];
 }
-#endif
 
 // Quest's bound of every page of one (sequence, KV head), aggregated over the GQA group, into score[0, n_pages): NaN
-// bounds rank first (+inf). GC > 0: the group size known at compile time, D a multiple of 16; each 16-lane chunk of a
-// page's min and max is loaded once for the whole group and every query head keeps two independent accumulators, so
-// the loop runs at the summaries' read rate instead of one long chain of dependent multiply-adds per head.
+// bounds rank first (+inf). GC > 0: the group size known at compile time and D a multiple of 16 (page_bound_lanes).
 template <typename S, int GC>
 static void quest_bounds(const float* qp, const float* qn, const S* mn, const S* mx, int64_t sp, int64_t n_pages,
                          int D, int G, int agg_code, float* score) {
@@ -131,23 +126,14 @@ static void quest_bounds(const float* qp, const float* qn, const S* mn, const S*
       for (int i = cnt; i < 16; ++i)
         for (int g = 0; g < GC; ++g) part[g][i] = v16f{};
       for (int i = 0; i < cnt; ++i) {
-        const S* M = mx + (j0 + i) * sp;
-        const S* m = mn + (j0 + i) * sp;
-        v16f up[GC], un[GC];
-        for (int g = 0; g < GC; ++g) up[g] = v16f{}, un[g] = v16f{};
-        for (int d = 0; d < D; d += 16) {
-          const v16f vM = load16(M + d), vm = load16(m + d);
-          for (int g = 0; g < GC; ++g) {
-            up[g] += load16(qp + g * D + d) * vM;
-            un[g] += load16(qn + g * D + d) * vm;
-          }
-        }
-        for (int g = 0; g < GC; ++g) part[g][i] = up[g] + un[g];
+        v16f lanes[GC];
+        page_bound_lanes<S, GC>(qp, qn, mx + (j0 + i) * sp, mn + (j0 + i) * sp, D, lanes);
+        for (int g = 0; g < GC; ++g) part[g][i] = lanes[g];
       }
       v16f agg = agg_code == 0 ? vninf : v16f{};
       v16i nan{};
       for (int g = 0; g < GC; ++g) {
-        const v16f u = hsum16x16(part[g]);
+        const v16f u = reduce16x16(part[g]);
         nan |= u != u;  // NaN keys: the bound is NaN (torch's amax would propagate it)
         agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
       }
@@ -164,17 +150,10 @@ static void quest_bounds(const float* qp, const float* qn, const S* mn, const S*
     float agg = agg_code == 0 ? ninf : 0.f;
     bool nan = false;
     if constexpr (GC > 0) {
-      v16f up[GC], un[GC];
-      for (int g = 0; g < GC; ++g) up[g] = v16f{}, un[g] = v16f{};
-      for (int d = 0; d < D; d += 16) {
-        const v16f vM = load16(M + d), vm = load16(m + d);
-        for (int g = 0; g < GC; ++g) {
-          up[g] += load16(qp + g * D + d) * vM;
-          un[g] += load16(qn + g * D + d) * vm;
-        }
-      }
+      v16f lanes[GC];
+      page_bound_lanes<S, GC>(qp, qn, M, m, D, lanes);
       for (int g = 0; g < GC; ++g) {
-        const float u = hsum16(up[g] + un[g]);
+        const float u = hsum16(lanes[g]);
         nan |= u != u;
         agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
       }
