@@ -148,3 +148,46 @@ def test_a_quest_plan_whose_options_quest_would_refuse_is_refused_at_patch():
     with pytest.raises(accel.AccelError, match=r"^params: hip: representative must be"):
         accel.patch(model, "hip", plan=plan)
     assert model.config._attn_implementation == "sdpa"  # nothing half-applied
+
+
+def test_an_option_the_plan_sets_otherwise_is_refused_and_the_plan_alone_runs():
+    """quest and hip read their knobs through the plan (the plan's ``params``, a layer's ``params`` and ``topk``
+    win over the options, so an edited plan file takes effect). An option the user set explicitly that the plan
+    sets to another value would be silently dropped: it is refused at ``patch`` in one line naming both values.
+    The same option with the plan's value, an option the plan does not set, and the plan alone all run."""
+    from accel.models.registry import get_adapter
+    from accel.policies.hip import HiPPolicy
+    from accel.policies.quest import QuestPolicy
+
+    model = tiny_model("llama")
+    info = get_adapter(model).info()
+    ids = torch.randint(3, 256, (2, 40))
+    plan = QuestPolicy(topk_ratio=0.25, dense_layers=0, min_topk=8).build_plan(info)  # sparse on the 2 layers
+    msg = r"^quest: option topk_ratio=0\.5 contradicts the plan's params topk_ratio=0\.25; drop the option"
+    with pytest.raises(accel.AccelError, match=msg):
+        accel.patch(model, "quest", plan=plan, topk_ratio=0.5)
+    with pytest.raises(accel.AccelError, match=msg):
+        accel.patch(model, "quest@topk_ratio=0.5", plan=plan)
+    with pytest.raises(accel.AccelError, match=msg):
+        accel.patch(model, QuestPolicy(topk_ratio=0.5), plan=plan)  # a policy object: knobs off their defaults
+    assert model.config._attn_implementation == "sdpa"
+    plan.layers[1].params = {"page_size": 8}
+    with pytest.raises(accel.AccelError, match=r"^quest: option page_size=4 contradicts the plan's layers\[1\]\.params"):
+        accel.patch(model, "quest", plan=plan, page_size=4)
+    plan.layers[1].params = {}
+    with pytest.raises(accel.AccelError, match=r"^quest: option topk=32 contradicts the plan's params topk=None"):
+        accel.patch(model, "quest", plan=plan, topk=32)  # the plan's None (its ratio) would win
+    del plan.params["topk"]
+    plan.layers[1].topk = 16
+    with pytest.raises(accel.AccelError, match=r"^quest: option topk=32 contradicts the plan's layers\[1\] topk=16"):
+        accel.patch(model, "quest", plan=plan, topk=32)
+    plan.layers[1].topk = None
+    outs = []
+    for kw in ({}, {"topk_ratio": 0.25}, {"topk_ratio": 1 / 4, "min_pages": 3}):  # agreeing options run the plan
+        with accel.patch(model, "quest", plan=plan, **kw):
+            outs.append(model.generate(ids, max_new_tokens=4, do_sample=False))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    plan = HiPPolicy().build_plan(info)
+    with pytest.raises(accel.AccelError, match=r"^hip: option key_block=8 contradicts the plan's params key_block="):
+        accel.patch(model, "hip", plan=plan, key_block=8)
+    assert model.config._attn_implementation == "sdpa"

@@ -26,6 +26,13 @@ from ..models.base import ModelInfo
 from ..plan import Plan
 
 
+def _same_value(a, b) -> bool:
+    """Plan values come back from JSON: 0.125 and 1/8, 2 and 2.0 are the same knob value."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(a)), abs(float(b)))
+    return a == b
+
+
 class Policy:
     """Common base. ``name`` is the registry name; ``kind`` is 'attention' or 'kv'."""
 
@@ -103,6 +110,37 @@ class Policy:
                 dataclasses.replace(self, **over)  # validates
             except AccelError as e:
                 raise PlanValidationError(f"{at}: {e}") from None
+        # an option the user set and a plan that sets it otherwise: which one runs would be a silent choice
+        explicit = self.explicit_knobs()
+        clashes = [(at, k, v) for at, over in where for k, v in over.items()
+                   if k in explicit and not _same_value(v, getattr(self, k))]
+        if "topk" in explicit:
+            clashes += [(f"layers[{i}]", "topk", lp.topk) for i, lp in enumerate(plan.layers)
+                        if lp.topk is not None and not _same_value(lp.topk, getattr(self, "topk"))]
+        if clashes:
+            at, k, v = clashes[0]
+            raise PlanValidationError(
+                f"{self.name}: option {k}={getattr(self, k)!r} contradicts the plan's {at} {k}={v!r}; drop the option "
+                f"to run the plan's value, or edit the plan (or build one without a plan file) to run yours")
+
+    def explicit_knobs(self) -> frozenset:
+        """The knobs the user set: those given to ``from_overrides`` (``patch(..., knob=)``, ``"name@knob="``,
+        ``--set``), or for a policy object built directly, those that differ from their defaults."""
+        given = getattr(self, "_explicit", None)
+        if given is not None:
+            return given
+        out = set()
+        for f in dataclasses.fields(self):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                out.add(f.name)
+                continue
+            if not _same_value(getattr(self, f.name), default):
+                out.add(f.name)
+        return frozenset(out)
 
     def build_plan(self, info: ModelInfo) -> Plan:
         return Plan.uniform(
@@ -128,7 +166,9 @@ class Policy:
                 f"policy {cls.name!r} has no option(s) {sorted(bad)}; its options are {sorted(fields) or 'none'}"
                 + (f" ({hint})" if hint else "")
             )
-        return cls(**overrides)
+        obj = cls(**overrides)
+        object.__setattr__(obj, "_explicit", frozenset(overrides))
+        return obj
 
 
 class AttentionPolicy(Policy):

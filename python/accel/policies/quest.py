@@ -11,7 +11,8 @@ accel's sparse decode kernel. Prefill is dense; the first
 attention.
 
 Per layer, the plan says ``full`` (dense) or ``quest`` and may set the layer's ``topk``; the plan's ``params`` (and a
-layer's own) override the policy's options, so an edited plan file takes effect. [INFER] choices, switchable:
+layer's own) override the policy's options, so an edited plan file takes effect; an option the user sets that the plan
+sets otherwise is refused at ``patch``. [INFER] choices, switchable:
 under GQA the group's query heads share one page set per KV head, their bounds aggregated by ``agg`` (default
 ``max``: a page is kept if any query head of the group may need it; the paper selects per query head); the budget
 follows ``topk_ratio`` of the context when ``topk`` is not given (default 1/8), as in accel's other sparse-attention
