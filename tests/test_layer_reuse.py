@@ -356,6 +356,62 @@ def test_cpp_selection_from_logits_matches_torch(agg):
                 assert torch.equal(i_t[b, h, : c_t[b, h]], i_c[b, h, : c_c[b, h]])
 
 
+def test_quest_per_query_head_selection_attends_each_heads_own_pages():
+    """agg="none" (the paper's per-head selection, written for multi-head attention): each query head attends to the
+    pages whose bound for that head alone is highest, with the current page; its output is exact attention over its
+    own positions, for every head of a GQA group and every row of a left-padded batch. The one-call stack does not
+    serve it, so the step runs layer by layer; at a budget that covers the context it is dense attention."""
+    from accel.ops._selection_reference import page_minmax_ref, quest_page_scores_ref
+    import accel.policies.quest as Q
+
+    m = model4("llama")  # 4 query heads on 2 KV heads
+    ids = torch.randint(3, 256, (2, 150), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    seen = []
+    orig = Q.attend_per_query_head
+
+    def spy(ctx, query, key, value, attention_mask, scaling, sels):
+        out = orig(ctx, query, key, value, attention_mask, scaling, sels)
+        seen.append((query.clone(), key.clone(), value.clone(), scaling, sels, out.clone()))
+        return out
+
+    Q.attend_per_query_head = spy
+    try:
+        with accel.patch(m, "quest", agg="none", topk=64, page_size=16) as h:  # 4 pages of 16
+            m.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert not h.runtime.stats.get("stack_calls")
+    finally:
+        Q.attend_per_query_head = orig
+    assert len(seen) == 2 * 5  # layers 2 and 3, five decode steps
+    differs = False
+    for q, k, v, scaling, sels, out in seen:
+        B, H, _, Dh = q.shape
+        Hkv, T = k.shape[1], k.shape[2]
+        G = H // Hkv
+        n_pages = (T + 15) // 16
+        kmin, kmax = page_minmax_ref(k, T, 16)
+        assert len(sels) == G
+        differs |= any(not torch.equal(sels[0][0], s[0]) for s in sels[1:])
+        for head in range(H):
+            kh, g = divmod(head, G)
+            idx, cnt = sels[g]
+            ub = quest_page_scores_ref(q[:, kh * G + g: kh * G + g + 1, 0], kmin[:, kh:kh + 1], kmax[:, kh:kh + 1], "max")
+            for b in range(B):
+                pos = idx[b, kh, : cnt[b, kh]].long()
+                pages = set((pos // 16).tolist())
+                sc = ub[b, 0, : n_pages - 1].clone()
+                first = 13 if b == 1 else 0
+                sc[: first // 16] = float("-inf")  # pages of padding only are never picked
+                assert pages == set(sc.topk(3).indices.tolist()) | {n_pages - 1}
+                keep = pos[pos >= first]
+                w = torch.softmax((k[b, kh, keep].float() @ q[b, head, 0].float()) * scaling, 0)
+                torch.testing.assert_close(out[b, 0, head].float(), w @ v[b, kh, keep].float(), rtol=1e-5, atol=1e-5)
+    assert differs  # the heads of a group did pick different pages somewhere
+    ref = gen(m, ids, "dense", mask=mask, new=6)
+    assert same(gen(m, ids, "quest", mask=mask, new=6, agg="none", topk_ratio=1.0), ref)
+
+
 @pytest.mark.parametrize("summaries", ["float32", "bfloat16"])
 def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page(summaries):
     """Quest (methods.md 7.5): the first two layers stay dense; elsewhere each KV head attends to the

@@ -14,7 +14,8 @@ Per layer, the plan says ``full`` (dense) or ``quest`` and may set the layer's `
 layer's own) override the policy's options, so an edited plan file takes effect; an option the user sets that the plan
 sets otherwise is refused at ``patch``. [INFER] choices, switchable:
 under GQA the group's query heads share one page set per KV head, their bounds aggregated by ``agg`` (default
-``max``: a page is kept if any query head of the group may need it; the paper selects per query head); the budget
+``max``: a page is kept if any query head of the group may need it; ``agg="none"``: each query head selects its own
+pages, as the paper does for multi-head attention); the budget
 follows ``topk_ratio`` of the context when ``topk`` is not given (default 1/8), as in accel's other sparse-attention
 policies; a budget that is not a whole number of pages is rounded up to whole pages (``page_rounding="up"``: the
 budget is never under-spent; Quest's code rounds down, ``page_rounding="down"``).
@@ -57,7 +58,9 @@ class QuestPolicy(AttentionPolicy):
         min_pages: pages selected at least (3, as Quest's code).
         dense_layers: the first layers that stay dense (2, as the paper); it shapes ``build_plan``, and a plan's
             per-layer modes decide.
-        agg: aggregation of a KV head's query heads' page bounds: 'max' (default), 'mean' or 'sum'.
+        agg: aggregation of a KV head's query heads' page bounds: 'max' (default), 'mean' or 'sum'; 'none': every
+            query head selects its own pages (the paper, written for multi-head attention; a KV head's group then
+            reads up to G times the pages of one selection, counted in the bytes read).
         min_topk: with ``topk_ratio``, attend to at least this many tokens (64: short prompts stay exact).
         page_rounding: a budget that is not a whole number of pages: 'up' (default) or 'down' (Quest's code).
         summary_dtype: the page summaries' precision: 'float32' (default) or 'bfloat16' (rounded outward, so still an
@@ -90,8 +93,8 @@ class QuestPolicy(AttentionPolicy):
             raise AccelError(f"quest: dense_layers and min_topk must be >= 0, got {self.dense_layers}, {self.min_topk}")
         if self.page_rounding not in ("up", "down"):
             raise AccelError(f"quest: page_rounding must be 'up' or 'down', got {self.page_rounding!r}")
-        if self.agg not in ("max", "mean", "sum"):
-            raise AccelError(f"quest: agg must be 'max', 'mean' or 'sum', got {self.agg!r}")
+        if self.agg not in ("max", "mean", "sum", "none"):
+            raise AccelError(f"quest: agg must be 'max', 'mean', 'sum' or 'none', got {self.agg!r}")
         if not isinstance(self.summary_dtype, str) or self.summary_dtype not in SUMMARY_DTYPES:
             raise AccelError(f"quest: summary_dtype must be 'bfloat16' or 'float32', got {self.summary_dtype!r}")
 
@@ -116,6 +119,8 @@ class QuestPolicy(AttentionPolicy):
                               SUMMARY_DTYPES[self.plan_knob(ctx, "summary_dtype")])
         if sel is None:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
+        if isinstance(sel, list):  # agg="none": one selection per query head of each group
+            return attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel)
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, *sel)
 
     def stack_layer(self, ctx: LayerContext, T: int):
@@ -125,6 +130,8 @@ class QuestPolicy(AttentionPolicy):
         cl = ctx.cache_layer
         if ctx.plan.mode != "quest" or cl is None or cl.is_sliding or cl.k_buf is None:
             return None
+        if self.plan_knob(ctx, "agg") == "none":
+            return False  # the stack selects per KV head: this step runs layer by layer (``decode``)
         topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
         budget = token_budget(T, topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
         return stack_quest(ctx, T, budget, int(self.plan_knob(ctx, "page_size")), int(self.plan_knob(ctx, "min_pages")),
@@ -206,7 +213,21 @@ def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pa
     first = first_valid_positions(valid, B) if valid is not None else None
     mn, mx = meta.bounds(key)  # [B, Hkv, n_pages, D] views of the page summaries
     ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * mn.element_size()  # min, max
+    if agg == "none":  # query heads g, G + g, 2G + g, ... (one per KV head) select together, as a group of one
+        G = H // mn.shape[1]
+        return [select_pages(query[:, g::G, 0, :].contiguous(), mn, mx, n_pages, k_pages, P, T, "max", first)
+                for g in range(G)]
     return select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
+
+
+def attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sels):
+    """Decode attention where every query head attends to its own pages (``quest_selection`` with agg="none":
+    ``sels[g]`` holds the positions of query heads g, G + g, ... of the G in each group): out [B, 1, H, D]."""
+    B, H, _, D = query.shape
+    G = len(sels)
+    outs = [sparse_attend(ctx, query[:, g::G], key, value, attention_mask, scaling, idx, cnt)
+            for g, (idx, cnt) in enumerate(sels)]  # each [B, 1, Hkv, D]
+    return torch.stack(outs, 3).reshape(B, 1, H, D)  # head kh * G + g
 
 @functools.lru_cache(maxsize=8)
 def _reads_bf16(quest_select) -> bool:
