@@ -176,6 +176,39 @@ def test_threshold_static_and_the_full_ratio_ends():
     assert same(zero, gen(m, ids, "flux", new=6, plan=plan, route="sparse", **KW))  # full_ratio=0: every layer sparse
 
 
+def test_dense_layers_are_always_full_and_count_in_the_ratio():
+    """dense_layers=k: the first k routed layers run full for every request whatever their scores, and the router
+    picks the rest of the full_ratio among the other layers (ratio: by score; static: by the plan's order;
+    threshold: the layers past the threshold, plus the k)."""
+    m = model4("llama")
+    ids, mask = two_prompts()
+    plan = flux_plan(router=feature_router())
+    for routing, dense, ratio in (("ratio", 1, 0.5), ("ratio", 2, 0.5), ("static", 1, 0.5), ("threshold", 1, 0.25),
+                                  ("ratio", 0, 0.5)):
+        with accel.patch(m, "flux", plan=plan, **dict(KW, backend="window", full_ratio=ratio, routing=routing,
+                                                      dense_layers=dense)) as h:
+            m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            seq = sequences.state_of(h.runtime.last_cache)
+            routes = seq.shared["flux.route"]["route"]
+            feats = torch.stack([seq.layer_state[i]["flux.features"][0] for i in range(4)], 1)
+            text = h.summary()
+        score = FX.Router.from_plan(plan, "window").scores(feats, torch.arange(4))
+        want = torch.zeros(2, 4, dtype=torch.bool)
+        if routing == "ratio":
+            want.scatter_(1, score[:, dense:].topk(2 - dense, dim=1).indices + dense, True) if dense < 2 else None
+        elif routing == "static":  # feature_router's order: 3, 2, 1, 0
+            want[:, 3] = True
+        else:
+            want = score > 20.0
+        want[:, :dense] = True
+        assert torch.equal(routes, want), (routing, dense)
+        assert (f"the first {dense} always" in text) == (dense > 0)
+        if dense == 0:
+            assert not bool(routes[:, 0].any())  # the router alone leaves layer 0 sparse in both rows
+    with pytest.raises(AccelError, match="^flux: dense_layers must be an integer >= 0, got -1$"):
+        accel.patch(m, "flux", plan=plan, dense_layers=-1, **KW)
+
+
 @pytest.mark.exactness
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_quest_backend_runs_in_the_one_call_stack_bit_for_bit(dtype):

@@ -68,6 +68,9 @@ class FluxPolicy(AttentionPolicy):
         full_ratio: target fraction of the routed layers that run full attention per request (default 1/3).
         routing: 'ratio' (default), 'threshold' or 'static' (module docstring).
         route: 'router' (default), or 'full' / 'sparse' to force every routed layer.
+        dense_layers: the first routed layers that the router's routings ('ratio', 'threshold', 'static') always run
+            full, counted in ``full_ratio`` (0: the router decides every layer; [INFER], Quest keeps its first two
+            layers dense).
         topk: tokens an SA layer attends per KV head and step; None: ``topk_ratio`` of the context (default 1/8),
             at least ``min_topk`` (64).
         page_size, min_pages: Quest's pages (16 tokens, at least 3) for ``backend='quest'``.
@@ -88,6 +91,7 @@ class FluxPolicy(AttentionPolicy):
     full_ratio: float = 1 / 3
     routing: str = "ratio"
     route: str = "router"
+    dense_layers: int = 0
     topk: int | None = None
     topk_ratio: float | None = 0.125
     min_topk: int = 64
@@ -110,6 +114,8 @@ class FluxPolicy(AttentionPolicy):
             raise AccelError(f"flux: route must be 'router', 'full' or 'sparse', got {self.route!r}")
         if not isinstance(self.full_ratio, (int, float)) or not 0 <= float(self.full_ratio) <= 1:
             raise AccelError(f"flux: full_ratio must be a fraction of the layers in [0, 1], got {self.full_ratio!r}")
+        if not isinstance(self.dense_layers, int) or isinstance(self.dense_layers, bool) or self.dense_layers < 0:
+            raise AccelError(f"flux: dense_layers must be an integer >= 0, got {self.dense_layers!r}")
         check_budget_knobs("flux", self.topk, self.topk_ratio, self.sink, self.recent, self.chunk)
         for knob in ("page_size", "min_pages", "probe"):
             if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
@@ -252,7 +258,8 @@ class FluxPolicy(AttentionPolicy):
 
         routed = sum(lp.mode == "flux" for lp in runtime.plan.layers)
         out = (f"flux: backend {self.backend}, routing {self.routing}, full_ratio {float(self.full_ratio):.3g} "
-               f"({int(round(float(self.full_ratio) * routed))} of {routed} routed layers full per request)")
+               f"({int(round(float(self.full_ratio) * routed))} of {routed} routed layers full per request"
+               + (f", the first {self.dense_layers} always" if self.dense_layers and self.route == "router" else "") + ")")
         cache = runtime.last_cache
         held = sequences.state_of(cache).shared.get(_ROUTE) if cache is not None else None
         if held is not None:
@@ -287,7 +294,7 @@ class FluxPolicy(AttentionPolicy):
 
     @cached_property
     def route_key(self):
-        return (self.backend, self.routing, float(self.full_ratio), self.stats_key)
+        return (self.backend, self.routing, float(self.full_ratio), self.dense_layers, self.stats_key)
 
     def compute_routes(self, ctx: LayerContext) -> torch.Tensor:
         """[B, num_layers] bool routes (True: full attention) from every routed layer's prefill features."""
@@ -315,17 +322,20 @@ class FluxPolicy(AttentionPolicy):
         if not routed:
             return route
         router = Router.from_plan(plan, self.backend)
-        n_full = int(round(float(self.full_ratio) * len(routed)))
+        forced = [j for j, i in enumerate(routed) if i < self.dense_layers]  # full whatever the router says
+        n_full = max(0, int(round(float(self.full_ratio) * len(routed))) - len(forced))
         sub = torch.zeros(B, len(routed), dtype=torch.bool)
         if self.routing == "static":  # check_plan_params made sure the plan has the order
-            order = [routed.index(i) for i in router.static_order if i in routed][:n_full]
-            sub[:, order] = True
+            order = [routed.index(i) for i in router.static_order if i in routed and routed.index(i) not in forced]
+            sub[:, order[:n_full]] = True
         else:
             score = router.scores(F, torch.tensor(routed))  # [B, R]
             if self.routing == "threshold":
                 sub = score > router.threshold
             elif n_full > 0:
+                score[:, forced] = float("-inf")
                 sub.scatter_(1, score.topk(n_full, dim=1).indices, True)
+        sub[:, forced] = True
         route[:, routed] = sub
         st = rt.stats
         st["flux_routed_layers"] = st.get("flux_routed_layers", 0) + B * len(routed)
