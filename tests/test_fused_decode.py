@@ -574,15 +574,15 @@ def test_the_whole_stack_runs_kv_policies_bit_for_bit(name, kw, dtype):
 @pytest.mark.exactness
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", [a for a in FUSED_ARCHS if a != "mistral"])
-@pytest.mark.parametrize("summaries", ["float32", "bfloat16"])
-def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype, summaries):
+@pytest.mark.parametrize("summaries,agg", [("float32", "max"), ("bfloat16", "max"), ("float32", "none")])
+def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype, summaries, agg):
     """Quest's decode also runs in the one-call stack: its page summaries, the page selection (pages of left padding
     last, the current page always) and the attention over the chosen pages happen in C++. One generation, continued
     on the same cache, alternates between the stack and the layers one by one (each continues the summaries the
     other started); some layers go from dense (their pages cover the context) to sparse during it, and the plan's
     layers take different budgets. The tokens, the logits, the summaries, the KV bytes counted and the cache equal a
     generation that runs every step one by one, bit for bit, on a left-padded batch; with bfloat16 summaries too
-    (rounded outward in C++ as in torch)."""
+    (rounded outward in C++ as in torch), and with every query head selecting its own pages (agg="none")."""
     from accel import compat
     from accel.plan import LayerPlan, Plan
 
@@ -593,7 +593,7 @@ def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype, summaries):
     # layers 1, 4, ...: a budget of max(52, T/8) tokens: dense until the context fills 14 pages of 4 (T = 53, in the
     # last leg, on the stack), then sparse
     plan = Plan(policy="quest", num_layers=L, num_kv_heads=Hkv, params={"page_size": 4, "min_topk": 52,
-                                                                     "summary_dtype": summaries},
+                                                                     "summary_dtype": summaries, "agg": agg},
                 layers=[LayerPlan(mode="full" if i == 0 else "quest", attention="quest",
                                   topk=None if i % 3 == 1 else 8 + 4 * (i % 2)) for i in range(L)])
     legs = [(False, 3), (True, 6), (False, 4), (True, 7)]  # (the whole stack?, new tokens)

@@ -244,10 +244,33 @@ int64_t stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std:
       p.first = qs->first;
       p.out = qs->idx.data();
       p.counts = qs->counts.data();
-      accel::cpu::quest_select(p);
       d.indices = qs->idx.data();
       d.idx_stride = qs->k_pages * qs->page;
       d.lengths = qs->counts.data();
+      if (qs->agg == 3) {  // agg="none": query heads g, G + g, ... select and attend as a group of one, for each g
+        const int64_t G = d.H / Hkv;
+        std::vector<float> qg(static_cast<size_t>(BH * D)), og(static_cast<size_t>(BH * D));
+        p.q = qg.data();
+        p.H = d.Hkv;
+        p.agg = 0;  // one query head per selection: its own bound
+        accel::cpu::DecodeParams dg = d;
+        dg.q = qg.data();
+        dg.out = og.data();
+        dg.H = d.Hkv;
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t i = 0; i < BH; ++i)  // i = b * Hkv + kh, query head kh * G + g
+            std::copy_n(q.data() + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D, D, qg.data() + i * D);
+          accel::cpu::quest_select(p);
+          accel::cpu::decode_attention<T>(dg);
+          for (int64_t i = 0; i < BH; ++i) {
+            std::copy_n(og.data() + i * D, D, d.out + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D);
+            rows += qs->counts[i];
+          }
+        }
+        if constexpr (narrow) round_inplace<H>(a.data(), static_cast<int64_t>(a.size()));
+        return rows;
+      }
+      accel::cpu::quest_select(p);
     }
     accel::cpu::decode_attention<T>(d);
     for (int64_t i = 0; i < BH; ++i) rows += d.lengths[i];
@@ -304,7 +327,7 @@ void check_meta(const torch::Tensor& t, torch::ScalarType st, int64_t n, size_t 
 // Where quest[l] = (kmin, kmax) is given (a dense layer), the layer attends only to Quest's pages (accel.policies.quest):
 // the summaries [B, Hkv, >= pages, D] float32 updated in place from pages quest_args[4l] (pages already summarised)
 // on, then the top quest_args[4l+1] pages of quest_args[4l+2] tokens by their upper bound, aggregated over each GQA
-// group by quest_args[4l+3] (0 max, 1 mean, 2 sum), pages of left padding only last (first: [B] each row's first
+// group by quest_args[4l+3] (0 max, 1 mean, 2 sum; 3: each query head selects and attends alone), pages of left padding only last (first: [B] each row's first
 // real position), the current page always.
 // Returns (the last layer's output [B, C] in h's dtype, the KV rows the attention read (int64 scalar)), or nothing --
 // before any layer ran, nothing written -- when a compressed layer has a head with no spare row (grow it and call again).
@@ -492,7 +515,7 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
       g.T = T;
       const int64_t n_pages = g.page >= 1 ? (T + g.page - 1) / g.page : 0;
       TORCH_CHECK(g.page >= 1 && g.k_pages >= 1 && g.k_pages < n_pages && g.full_pages >= 0 &&
-                      g.full_pages <= T / g.page && g.agg >= 0 && g.agg <= 2,
+                      g.full_pages <= T / g.page && g.agg >= 0 && g.agg <= 3,
                   "layer ", l, ": bad quest arguments (full pages ", g.full_pages, ", pages ", g.k_pages, " of ",
                   n_pages, ", page ", g.page, ", agg ", g.agg, ")");
       for (const auto* t : {&mn, &mx})

@@ -41,7 +41,7 @@ from .base import AttentionPolicy
 from .registry import register_policy
 
 
-_AGG = {"max": 0, "mean": 1, "sum": 2}  # the C++ selection's codes
+_AGG = {"max": 0, "mean": 1, "sum": 2, "none": 3}  # the C++ selection's codes (3: the decode stack only)
 SUMMARY_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -130,8 +130,6 @@ class QuestPolicy(AttentionPolicy):
         cl = ctx.cache_layer
         if ctx.plan.mode != "quest" or cl is None or cl.is_sliding or cl.k_buf is None:
             return None
-        if self.plan_knob(ctx, "agg") == "none":
-            return False  # the stack selects per KV head: this step runs layer by layer (``decode``)
         topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
         budget = token_budget(T, topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
         return stack_quest(ctx, T, budget, int(self.plan_knob(ctx, "page_size")), int(self.plan_knob(ctx, "min_pages")),
