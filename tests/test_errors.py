@@ -181,7 +181,13 @@ def test_an_option_the_plan_sets_otherwise_is_refused_and_the_plan_alone_runs():
     plan.layers[1].topk = 16
     with pytest.raises(accel.AccelError, match=r"^quest: option topk=32 contradicts the plan's layers\[1\] topk=16"):
         accel.patch(model, "quest", plan=plan, topk=32)
+    with pytest.raises(accel.AccelError, match=r"^quest: option topk_ratio=0\.25 contradicts the plan's layers\[1\] topk=16"):
+        accel.patch(model, "quest", plan=plan, topk_ratio=0.25)  # the ratio would not be used on layer 1
     plan.layers[1].topk = None
+    plan.layers[0].mode, plan.layers[0].params = "full", {"page_size": 8}  # a dense layer reads no quest option
+    with accel.patch(model, "quest", plan=plan, page_size=4):
+        pass
+    plan.layers[0].mode, plan.layers[0].params = "quest", {}
     outs = []
     for kw in ({}, {"topk_ratio": 0.25}, {"topk_ratio": 1 / 4, "min_pages": 3}):  # agreeing options run the plan
         with accel.patch(model, "quest", plan=plan, **kw):

@@ -177,14 +177,15 @@ def test_threshold_static_and_the_full_ratio_ends():
 
 
 def test_dense_layers_are_always_full_and_count_in_the_ratio():
-    """dense_layers=k: the first k routed layers run full for every request whatever their scores, and the router
-    picks the rest of the full_ratio among the other layers (ratio: by score; static: by the plan's order;
-    threshold: the layers past the threshold, plus the k)."""
+    """dense_layers=k: the model's first k layers run full for every request whatever their scores (also at
+    full_ratio=0, and where they alone exceed full_ratio), and the router picks the rest of the full_ratio among the
+    other layers (ratio: by score; static: by the plan's order; threshold: the layers past the threshold, plus the
+    k)."""
     m = model4("llama")
     ids, mask = two_prompts()
     plan = flux_plan(router=feature_router())
     for routing, dense, ratio in (("ratio", 1, 0.5), ("ratio", 2, 0.5), ("static", 1, 0.5), ("threshold", 1, 0.25),
-                                  ("ratio", 0, 0.5)):
+                                  ("ratio", 0, 0.5), ("ratio", 1, 0.0), ("ratio", 3, 0.25)):
         with accel.patch(m, "flux", plan=plan, **dict(KW, backend="window", full_ratio=ratio, routing=routing,
                                                       dense_layers=dense)) as h:
             m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -194,8 +195,9 @@ def test_dense_layers_are_always_full_and_count_in_the_ratio():
             text = h.summary()
         score = FX.Router.from_plan(plan, "window").scores(feats, torch.arange(4))
         want = torch.zeros(2, 4, dtype=torch.bool)
-        if routing == "ratio":
-            want.scatter_(1, score[:, dense:].topk(2 - dense, dim=1).indices + dense, True) if dense < 2 else None
+        n_rest = max(0, round(ratio * 4) - dense)  # full_ratio=0 or 1/4 with more dense layers: only those
+        if routing == "ratio" and n_rest:
+            want.scatter_(1, score[:, dense:].topk(n_rest, dim=1).indices + dense, True)
         elif routing == "static":  # feature_router's order: 3, 2, 1, 0
             want[:, 3] = True
         else:

@@ -111,17 +111,26 @@ class Policy:
             except AccelError as e:
                 raise PlanValidationError(f"{at}: {e}") from None
         # an option the user set and a plan that sets it otherwise: which one runs would be a silent choice
+        # (a layer the plan runs dense reads none of them)
         explicit = self.explicit_knobs()
-        clashes = [(at, k, v) for at, over in where for k, v in over.items()
-                   if k in explicit and not _same_value(v, getattr(self, k))]
+        run = [("params", base)] + [(f"layers[{i}].params", {**base, **lp.params}) for i, lp in enumerate(plan.layers)
+                                    if lp.params and lp.mode != "full"]
+        clashes = [(at, k, k, v) for at, over in run for k, v in over.items()
+                   if k in names and k in explicit and not _same_value(v, getattr(self, k))]
+        layer_topk = [(f"layers[{i}]", lp.topk) for i, lp in enumerate(plan.layers)
+                      if lp.topk is not None and lp.mode != "full"]
         if "topk" in explicit:
-            clashes += [(f"layers[{i}]", "topk", lp.topk) for i, lp in enumerate(plan.layers)
-                        if lp.topk is not None and not _same_value(lp.topk, getattr(self, "topk"))]
+            clashes += [(at, "topk", "topk", v) for at, v in layer_topk if not _same_value(v, getattr(self, "topk"))]
+        # a budget ratio the user set is never used where the plan fixes the layer's budget in tokens
+        for k in ("topk_ratio", "min_topk"):
+            if k in explicit and "topk" in names:
+                clashes += [(at, k, "topk", over["topk"]) for at, over in run if over.get("topk") is not None]
+                clashes += [(at, k, "topk", v) for at, v in layer_topk]
         if clashes:
-            at, k, v = clashes[0]
+            at, k, theirs, v = clashes[0]
             raise PlanValidationError(
-                f"{self.name}: option {k}={getattr(self, k)!r} contradicts the plan's {at} {k}={v!r}; drop the option "
-                f"to run the plan's value, or edit the plan (or build one without a plan file) to run yours")
+                f"{self.name}: option {k}={getattr(self, k)!r} contradicts the plan's {at} {theirs}={v!r}; drop the "
+                f"option to run the plan's value, or edit the plan (or build one without a plan file) to run yours")
 
     def explicit_knobs(self) -> frozenset:
         """The knobs the user set: those given to ``from_overrides`` (``patch(..., knob=)``, ``"name@knob="``,

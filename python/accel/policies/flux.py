@@ -68,9 +68,10 @@ class FluxPolicy(AttentionPolicy):
         full_ratio: target fraction of the routed layers that run full attention per request (default 1/3).
         routing: 'ratio' (default), 'threshold' or 'static' (module docstring).
         route: 'router' (default), or 'full' / 'sparse' to force every routed layer.
-        dense_layers: the first routed layers that the router's routings ('ratio', 'threshold', 'static') always run
-            full, counted in ``full_ratio`` (0: the router decides every layer; [INFER], Quest keeps its first two
-            layers dense).
+        dense_layers: the model's first layers, which the router's routings ('ratio', 'threshold', 'static') always
+            run full (0: the router decides every routed layer; [INFER], Quest keeps its first two layers dense).
+            'ratio' and 'static' count them in ``full_ratio`` and pick the rest; where they alone exceed it they
+            all still run full. 'threshold' adds them to the layers past the threshold.
         topk: tokens an SA layer attends per KV head and step; None: ``topk_ratio`` of the context (default 1/8),
             at least ``min_topk`` (64).
         page_size, min_pages: Quest's pages (16 tokens, at least 3) for ``backend='quest'``.
@@ -278,7 +279,7 @@ class FluxPolicy(AttentionPolicy):
         mark = _mark(ctx.cache_layer)
         fixed = held is not None and held["key"] == "fixed" and held["mark"] == mark
         if not fixed:
-            if self.route != "router" or self.full_ratio in (0, 1):
+            if self.route != "router" or self.full_ratio == 1 or (self.full_ratio == 0 and not self.dense_layers):
                 return torch.full((B,), self.route == "full" or (self.route == "router" and self.full_ratio == 1),
                                   dtype=torch.bool)
             if held is None or held["key"] != self.route_key or held["mark"] != mark:

@@ -146,7 +146,7 @@ def stack_quest(ctx, T: int, budget: int, P: int, min_pages: int, agg: str = "ma
         return None
     meta = quest_metadata(ctx, T, P, dtype)
     meta._grow(ctx.cache_layer.k_buf, T // P)  # room for every full page and the partial one
-    return StackQuest(meta, k_pages, P, _AGG[agg], T)
+    return StackQuest(meta, k_pages, P, _AGG[agg], T, ctx.runtime.info.num_heads)
 
 
 @dataclass
@@ -158,14 +158,17 @@ class StackQuest:
     page: int
     agg: int
     T: int
+    heads: int = 0  # query heads (agg="none" reads the summaries once per query head of a group)
 
     def args(self):
         return [self.meta.kmin, self.meta.kmax], [self.meta.full_pages, self.k_pages, self.page, self.agg]
 
     def summary_bytes(self) -> int:
-        """The page summaries the selection read (min and max), as ``quest_selection`` counts them."""
+        """The page summaries the selection read (min and max; agg="none" reads them once per query head of a group,
+        G selections), as ``quest_selection`` counts them."""
         B, Hkv, _, D = self.meta.kmin.shape
-        return 2 * B * Hkv * (-(-self.T // self.page)) * D * self.meta.kmin.element_size()
+        reads = self.heads // Hkv if self.agg == _AGG["none"] else 1
+        return reads * 2 * B * Hkv * (-(-self.T // self.page)) * D * self.meta.kmin.element_size()
 
     def done(self) -> None:
         """The stack summarised every full page (its partial last page sits in the spare slot, as ``bounds`` puts it)."""
@@ -210,7 +213,8 @@ def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pa
         raise AccelError(f"{who} got a per-head attention mask it cannot apply; use policy='dense' for this model")
     first = first_valid_positions(valid, B) if valid is not None else None
     mn, mx = meta.bounds(key)  # [B, Hkv, n_pages, D] views of the page summaries
-    ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * mn.element_size()  # min, max
+    reads = H // mn.shape[1] if agg == "none" else 1  # agg="none": one pass over the summaries per query head of a group
+    ctx.runtime.stats["kv_read_bytes"] += reads * 2 * mn.shape[0] * mn.shape[1] * n_pages * D * mn.element_size()
     if agg == "none":  # query heads g, G + g, 2G + g, ... (one per KV head) select together, as a group of one
         G = H // mn.shape[1]
         return [select_pages(query[:, g::G, 0, :].contiguous(), mn, mx, n_pages, k_pages, P, T, "max", first)
