@@ -123,7 +123,7 @@ class Policy:
             clashes += [(at, "topk", "topk", v) for at, v in layer_topk if not _same_value(v, getattr(self, "topk"))]
         # a budget ratio the user set is never used where the plan fixes the layer's budget in tokens
         for k in ("topk_ratio", "min_topk"):
-            if k in explicit and "topk" in names:
+            if k in explicit and "topk" in names and getattr(self, "topk") is None:
                 clashes += [(at, k, "topk", over["topk"]) for at, over in run if over.get("topk") is not None]
                 clashes += [(at, k, "topk", v) for at, v in layer_topk]
         if clashes:
