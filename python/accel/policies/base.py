@@ -103,8 +103,9 @@ class Policy:
 
         names = {f.name for f in dataclasses.fields(self)}
         base = {k: v for k, v in (plan.params or {}).items() if k in names}
-        where = [("params", base)] + [(f"layers[{i}].params", {**base, **{k: v for k, v in lp.params.items() if k in names}})
-                                      for i, lp in enumerate(plan.layers) if lp.params]
+        layers = [(f"layers[{i}].params", lp.mode, {**base, **{k: v for k, v in lp.params.items() if k in names}})
+                  for i, lp in enumerate(plan.layers) if lp.params]
+        where = [("params", base)] + [(at, over) for at, _, over in layers]
         for at, over in where:
             try:
                 dataclasses.replace(self, **over)  # validates
@@ -113,10 +114,9 @@ class Policy:
         # an option the user set and a plan that sets it otherwise: which one runs would be a silent choice
         # (a layer the plan runs dense reads none of them)
         explicit = self.explicit_knobs()
-        run = [("params", base)] + [(f"layers[{i}].params", {**base, **lp.params}) for i, lp in enumerate(plan.layers)
-                                    if lp.params and lp.mode != "full"]
+        run = [("params", base)] + [(at, over) for at, mode, over in layers if mode != "full"]
         clashes = [(at, k, k, v) for at, over in run for k, v in over.items()
-                   if k in names and k in explicit and not _same_value(v, getattr(self, k))]
+                   if k in explicit and not _same_value(v, getattr(self, k))]
         layer_topk = [(f"layers[{i}]", lp.topk) for i, lp in enumerate(plan.layers)
                       if lp.topk is not None and lp.mode != "full"]
         if "topk" in explicit:

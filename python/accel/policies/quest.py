@@ -158,7 +158,7 @@ class StackQuest:
     page: int
     agg: int
     T: int
-    heads: int = 0  # query heads (agg="none" reads the summaries once per query head of a group)
+    heads: int  # query heads (agg="none" reads the summaries once per query head of a group)
 
     def args(self):
         return [self.meta.kmin, self.meta.kmax], [self.meta.full_pages, self.k_pages, self.page, self.agg]
@@ -213,10 +213,10 @@ def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pa
         raise AccelError(f"{who} got a per-head attention mask it cannot apply; use policy='dense' for this model")
     first = first_valid_positions(valid, B) if valid is not None else None
     mn, mx = meta.bounds(key)  # [B, Hkv, n_pages, D] views of the page summaries
-    reads = H // mn.shape[1] if agg == "none" else 1  # agg="none": one pass over the summaries per query head of a group
+    G = H // mn.shape[1]
+    reads = G if agg == "none" else 1  # agg="none": one pass over the summaries per query head of a group
     ctx.runtime.stats["kv_read_bytes"] += reads * 2 * mn.shape[0] * mn.shape[1] * n_pages * D * mn.element_size()
     if agg == "none":  # query heads g, G + g, 2G + g, ... (one per KV head) select together, as a group of one
-        G = H // mn.shape[1]
         return [select_pages(query[:, g::G, 0, :].contiguous(), mn, mx, n_pages, k_pages, P, T, "max", first)
                 for g in range(G)]
     return select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)

@@ -12,7 +12,6 @@
 #include <cstring>
 #include <functional>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 #include "accel/cpu/vec_math.h"
