@@ -703,7 +703,7 @@ def sec_reuse() -> list[str]:
     out += sources("decode_quest_smollm2_b1.csv")
     out += ["Quest with every query head selecting its own pages (`quest@agg=none`, the paper's selection) against "
             "the default (one page set per KV head) and dense, real 8K prefill, batch 1, fp32, one run, on another "
-            "machine (an Intel Xeon with AVX-512, 11-13 GB/s read bandwidth during the run, against the AMD EPYC of the "
+            "machine (an Intel Xeon with AVX-512, 11-14 GB/s read bandwidth during the run, against the AMD EPYC of the "
             "table above):", ""]
     out += _speed_table(["decode_quest_none_smollm2_b1.csv"])
     out += sources("decode_quest_none_smollm2_b1.csv")

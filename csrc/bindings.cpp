@@ -118,7 +118,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("quest_args") = std::vector<int64_t>(), pybind11::arg("first") = pybind11::none());
   m.def("quest_select", &quest_select_cpu,
         "Quest's page selection: page upper bounds from the key min/max summaries (float32 or bfloat16), aggregated over "
-        "each GQA group, top k_pages (the current page always) expanded to token positions",
+        "each GQA group or kept per query head (agg 3, one pass over the summaries for the whole group), top k_pages (the "
+        "current page always) expanded to token positions",
         pybind11::arg("q"), pybind11::arg("kmin"), pybind11::arg("kmax"), pybind11::arg("n_pages"),
         pybind11::arg("k_pages"), pybind11::arg("page"), pybind11::arg("T"), pybind11::arg("agg"),
         pybind11::arg("first") = pybind11::none());

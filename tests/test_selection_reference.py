@@ -80,10 +80,12 @@ def test_quest_metadata_incremental_equals_reference():
     assert meta.full_pages == keys.shape[2] // 16
 
 
-@pytest.mark.parametrize("agg", ["max", "mean", "sum"])
+@pytest.mark.parametrize("agg", ["max", "mean", "sum", "none"])
 def test_quest_selection_kernel_equals_the_torch_path(agg):
     """Quest's page selection in one C++ call (accel/cpu/quest.h) selects the positions of the torch path: strided
-    views of the summaries, budgets from one page to more than the context, left padding."""
+    views of the summaries, budgets from one page to more than the context, left padding. ``agg="none"`` (every query
+    head's bounds from one pass over the summaries) selects for query head kh * G + g what query heads g, G + g, ...
+    select as groups of one."""
     from accel.policies.quest import select_pages
 
     g = torch.Generator().manual_seed(11)
@@ -101,9 +103,15 @@ def test_quest_selection_kernel_equals_the_torch_path(agg):
                 ridx, rcnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, backend="torch")
                 assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx), (T, k_pages, first)
                 assert int(cnt.max()) <= min(k_pages, n) * P and bool((idx[..., :1] >= 0).all())
+                if agg == "none":
+                    G = H // Hkv
+                    assert idx.shape[:3] == (G, B, Hkv) and cnt.shape == (G, B, Hkv)
+                    for gi in range(G):
+                        one = select_pages(q[:, gi::G].contiguous(), kmin, kmax, n, k_pages, P, T, "max", first)
+                        assert torch.equal(idx[gi], one[0]) and torch.equal(cnt[gi], one[1]), (T, k_pages, gi)
 
 
-@pytest.mark.parametrize("agg", ["max", "mean"])
+@pytest.mark.parametrize("agg", ["max", "mean", "none"])
 def test_quest_selection_kernel_on_long_contexts_and_ties(agg):
     """Above 1024 pages the C++ selection brackets its threshold from a sample of the bounds (sixteen pages at a time
     summed in one tree). Random bounds: it selects the torch path's positions. Many equal bounds (integer summaries
@@ -126,18 +134,20 @@ def test_quest_selection_kernel_on_long_contexts_and_ties(agg):
     kmin = torch.randint(-3, 3, (B, Hkv, 9, D), generator=g).float()[:, :, torch.randint(0, 9, (n,), generator=g)]
     kmax = kmin + torch.randint(0, 2, kmin.shape, generator=g).float()
     q = torch.randint(-2, 3, (B, H, D), generator=g).float()
-    ub = quest_page_scores_ref(q, kmin, kmax, agg=agg)  # exact: small integers
+    ub = quest_page_scores_ref(q, kmin, kmax, agg=agg)  # exact: small integers; agg="none": [B, H, pages]
+    G = H // Hkv
     for k_pages in (3, 64, 511, 1500, n):
         for first in (None, torch.tensor([0, 1001])):
             idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first)
             for b in range(B):
-                for h in range(Hkv):
+                for h in range(H if agg == "none" else Hkv):
                     sc = ub[b, h].clone()
                     if first is not None:
                         sc[: int(first[b]) // P] = float("-inf")
                     others = sorted(range(n - 1), key=lambda j: (-float(sc[j]), j))[: min(k_pages, n) - 1]
                     want = [t for j in sorted(others + [n - 1]) for t in range(j * P, min((j + 1) * P, T))]
-                    got = idx[b, h, : int(cnt[b, h])].tolist()
+                    at = (h % G, b, h // G) if agg == "none" else (b, h)  # query head kh * G + g at [g, b, kh]
+                    got = idx[at][: int(cnt[at])].tolist()
                     assert got == want, (agg, k_pages, first, b, h)
 
 
@@ -192,7 +202,7 @@ def test_a_nan_key_gives_its_page_a_nan_summary_and_the_first_rank_in_both_paths
         assert 20 in idx[0, 0].tolist() and 60 in idx[0, 0].tolist()
 
 
-@pytest.mark.parametrize("agg", ["max", "mean", "sum"])
+@pytest.mark.parametrize("agg", ["max", "mean", "sum", "none"])
 def test_the_current_page_is_attended_whatever_the_other_bounds(agg):
     """Infinite and NaN keys give pages +inf or NaN bounds (a +inf and a -inf key in one page: a NaN bound); the current
     page is still always attended, by the C++ selection and the torch path alike."""
@@ -209,6 +219,7 @@ def test_the_current_page_is_attended_whatever_the_other_bounds(agg):
     for k_pages in (1, 2, 3, 4):
         for backend in (None, "torch"):
             idx, cnt = select_pages(q, mn, mx, 8, k_pages, 4, 30, agg, backend=backend)
-            pages = sorted({p // 4 for p in idx[0, 0, : cnt[0, 0]].tolist()})
-            assert len(pages) == k_pages and pages[-1] == 7 and set(idx[0, 0, : cnt[0, 0]].tolist()) >= {28, 29}
-            assert set(pages[:-1]) <= {1, 2, 3}  # the infinite and NaN bounds rank first
+            for i, c in zip(idx.reshape(-1, idx.shape[-1]), cnt.reshape(-1)):  # agg="none": every query head
+                pages = sorted({p // 4 for p in i[:c].tolist()})
+                assert len(pages) == k_pages and pages[-1] == 7 and set(i[:c].tolist()) >= {28, 29}
+                assert set(pages[:-1]) <= {1, 2, 3}  # the infinite and NaN bounds rank first

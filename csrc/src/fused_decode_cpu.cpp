@@ -247,12 +247,11 @@ int64_t stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std:
       d.indices = qs->idx.data();
       d.idx_stride = qs->k_pages * qs->page;
       d.lengths = qs->counts.data();
-      if (qs->agg == 3) {  // agg="none": query heads g, G + g, ... select and attend as a group of one, for each g
+      if (qs->agg == 3) {  // agg="none": one pass over the summaries selects for every query head, then query heads
+                           // g, G + g, ... attend as a group of one to their own pages, for each g
         const int64_t G = d.H / Hkv;
+        accel::cpu::quest_select(p);  // positions [G, B, Hkv, width], counts [G, B, Hkv]
         std::vector<float> qg(static_cast<size_t>(BH * D)), og(static_cast<size_t>(BH * D));
-        p.q = qg.data();
-        p.H = d.Hkv;
-        p.agg = 0;  // one query head per selection: its own bound
         accel::cpu::DecodeParams dg = d;
         dg.q = qg.data();
         dg.out = og.data();
@@ -260,11 +259,12 @@ int64_t stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std:
         for (int64_t g = 0; g < G; ++g) {
           for (int64_t i = 0; i < BH; ++i)  // i = b * Hkv + kh, query head kh * G + g
             std::copy_n(q.data() + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D, D, qg.data() + i * D);
-          accel::cpu::quest_select(p);
+          dg.indices = qs->idx.data() + g * BH * d.idx_stride;
+          dg.lengths = qs->counts.data() + g * BH;
           accel::cpu::decode_attention<T>(dg);
           for (int64_t i = 0; i < BH; ++i) {
             std::copy_n(og.data() + i * D, D, d.out + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D);
-            rows += qs->counts[i];
+            rows += dg.lengths[i];
           }
         }
         if constexpr (narrow) round_inplace<H>(a.data(), static_cast<int64_t>(a.size()));
@@ -531,8 +531,9 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
       g.kmax = mx.data_ptr();
       g.sb = mn.stride(0); g.sh = mn.stride(1); g.sp = mn.stride(2);
       g.first = first_c.defined() ? first_c.data_ptr<int64_t>() : nullptr;
-      g.idx.resize(static_cast<size_t>(BH * g.k_pages * g.page));
-      g.counts.resize(static_cast<size_t>(BH));
+      const int64_t sel = g.agg == 3 ? H / Hkv : 1;  // selections per (sequence, KV head): agg none, one per query head
+      g.idx.resize(static_cast<size_t>(sel * BH * g.k_pages * g.page));
+      g.counts.resize(static_cast<size_t>(sel * BH));
       is_quest[l] = 1;
     }
   }

@@ -136,7 +136,8 @@ torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::
 
 // Quest's page selection (accel/cpu/quest.h): q [B, H, D]; kmin / kmax [B, Hkv, >= n_pages, D] float32 or bfloat16 page
 // summaries (contiguous in D); first: optional [B] int64 first real position. Returns (positions [B, Hkv,
-// k_pages * page] int32, -1 padded; counts [B, Hkv] int32).
+// k_pages * page] int32, -1 padded; counts [B, Hkv] int32); agg 3 (each query head selects alone, one pass over the
+// summaries): positions [G, B, Hkv, k_pages * page] and counts [G, B, Hkv], query head kh * G + g at [g, b, kh].
 std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax, int64_t n_pages,
                                             int64_t k_pages, int64_t page, int64_t T, int64_t agg,
                                             c10::optional<torch::Tensor> first) {
@@ -160,7 +161,7 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
               kmin.size(2), ", k_pages >= 1, page >= 1");
   TORCH_CHECK(T > (n_pages - 1) * page && T <= n_pages * page, "T = ", T, " does not end in the last of ", n_pages,
               " pages of ", page);
-  TORCH_CHECK(agg >= 0 && agg <= 2, "agg must be 0 (max), 1 (mean) or 2 (sum)");
+  TORCH_CHECK(agg >= 0 && agg <= 3, "agg must be 0 (max), 1 (mean), 2 (sum) or 3 (none)");
   torch::Tensor first_c;
   accel::cpu::QuestParams p;
   if (first.has_value() && first->defined()) {
@@ -169,8 +170,11 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
     p.first = first_c.data_ptr<int64_t>();
   }
   const int64_t k = std::min(k_pages, n_pages);
-  auto out = torch::empty({B, Hkv, k * page}, torch::dtype(torch::kInt32));
-  auto counts = torch::empty({B, Hkv}, torch::dtype(torch::kInt32));
+  const int64_t G = H / Hkv;
+  auto out = agg == 3 ? torch::empty({G, B, Hkv, k * page}, torch::dtype(torch::kInt32))
+                      : torch::empty({B, Hkv, k * page}, torch::dtype(torch::kInt32));
+  auto counts = agg == 3 ? torch::empty({G, B, Hkv}, torch::dtype(torch::kInt32))
+                         : torch::empty({B, Hkv}, torch::dtype(torch::kInt32));
   p.q = q.data_ptr<float>();
   p.kmin = kmin.data_ptr();
   p.kmax = kmax.data_ptr();

@@ -92,19 +92,22 @@ class QuestMetadata:
 
 def upper_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, agg: str = "max") -> torch.Tensor:
     """Quest's page upper bounds [B, Hkv, n_pages] for queries q [B, H, D] from page summaries [B, Hkv, n_pages, D],
-    aggregated over each GQA group (``max``, ``mean`` or ``sum``).
+    aggregated over each GQA group (``max``, ``mean`` or ``sum``), or each query head's own (``none``: [G, B, Hkv,
+    n_pages], query head kh * G + g at [g, :, kh]).
 
     ``sum_d max(q_d M_d, q_d m_d)`` is ``sum_d max(q_d, 0) M_d + sum_d min(q_d, 0) m_d`` (M >= m): two batched matrix
     products over the summaries, which read each once instead of materialising the [B, Hkv, G, n_pages, D] products
     (the same bound; only the summation order differs)."""
-    if agg not in ("max", "mean", "sum"):
+    if agg not in ("max", "mean", "sum", "none"):
         from ..errors import AccelError
 
-        raise AccelError(f"Quest aggregation must be max, mean or sum, got {agg!r}")
+        raise AccelError(f"Quest aggregation must be max, mean, sum or none, got {agg!r}")
     B, H, D = q.shape
     Hkv = kmin.shape[1]
     qq = q.float().view(B, Hkv, H // Hkv, D).transpose(2, 3)  # [B, Hkv, D, G]
     ub = torch.matmul(kmax.float(), qq.clamp(min=0)) + torch.matmul(kmin.float(), qq.clamp(max=0))  # [B, Hkv, n_pages, G]
+    if agg == "none":
+        return ub.permute(3, 0, 1, 2)
     if agg == "max":
         return ub.amax(dim=3)
     if agg == "mean":

@@ -59,8 +59,9 @@ class QuestPolicy(AttentionPolicy):
         dense_layers: the first layers that stay dense (2, as the paper); it shapes ``build_plan``, and a plan's
             per-layer modes decide.
         agg: aggregation of a KV head's query heads' page bounds: 'max' (default), 'mean' or 'sum'; 'none': every
-            query head selects its own pages (the paper, written for multi-head attention; a KV head's group then
-            reads up to G times the pages of one selection, counted in the bytes read).
+            query head selects its own pages (the paper, written for multi-head attention; every head's bounds come
+            from one pass over the summaries, and a KV head's group then reads up to G times the pages of one
+            selection, counted in the bytes read).
         min_topk: with ``topk_ratio``, attend to at least this many tokens (64: short prompts stay exact).
         page_rounding: a budget that is not a whole number of pages: 'up' (default) or 'down' (Quest's code).
         summary_dtype: the page summaries' precision: 'float32' (default) or 'bfloat16' (rounded outward, so still an
@@ -146,7 +147,7 @@ def stack_quest(ctx, T: int, budget: int, P: int, min_pages: int, agg: str = "ma
         return None
     meta = quest_metadata(ctx, T, P, dtype)
     meta._grow(ctx.cache_layer.k_buf, T // P)  # room for every full page and the partial one
-    return StackQuest(meta, k_pages, P, _AGG[agg], T, ctx.runtime.info.num_heads)
+    return StackQuest(meta, k_pages, P, _AGG[agg], T)
 
 
 @dataclass
@@ -158,17 +159,15 @@ class StackQuest:
     page: int
     agg: int
     T: int
-    heads: int  # query heads (agg="none" reads the summaries once per query head of a group)
 
     def args(self):
         return [self.meta.kmin, self.meta.kmax], [self.meta.full_pages, self.k_pages, self.page, self.agg]
 
     def summary_bytes(self) -> int:
-        """The page summaries the selection read (min and max; agg="none" reads them once per query head of a group,
-        G selections), as ``quest_selection`` counts them."""
+        """The page summaries the selection read (min and max, once: agg="none" computes every query head's bounds
+        in the same pass), as ``quest_selection`` counts them."""
         B, Hkv, _, D = self.meta.kmin.shape
-        reads = self.heads // Hkv if self.agg == _AGG["none"] else 1
-        return reads * 2 * B * Hkv * (-(-self.T // self.page)) * D * self.meta.kmin.element_size()
+        return 2 * B * Hkv * (-(-self.T // self.page)) * D * self.meta.kmin.element_size()
 
     def done(self) -> None:
         """The stack summarised every full page (its partial last page sits in the spare slot, as ``bounds`` puts it)."""
@@ -213,13 +212,11 @@ def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pa
         raise AccelError(f"{who} got a per-head attention mask it cannot apply; use policy='dense' for this model")
     first = first_valid_positions(valid, B) if valid is not None else None
     mn, mx = meta.bounds(key)  # [B, Hkv, n_pages, D] views of the page summaries
-    G = H // mn.shape[1]
-    reads = G if agg == "none" else 1  # agg="none": one pass over the summaries per query head of a group
-    ctx.runtime.stats["kv_read_bytes"] += reads * 2 * mn.shape[0] * mn.shape[1] * n_pages * D * mn.element_size()
-    if agg == "none":  # query heads g, G + g, 2G + g, ... (one per KV head) select together, as a group of one
-        return [select_pages(query[:, g::G, 0, :].contiguous(), mn, mx, n_pages, k_pages, P, T, "max", first)
-                for g in range(G)]
-    return select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
+    ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * mn.element_size()
+    sel = select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
+    if agg == "none":  # one pass over the summaries; query heads g, G + g, 2G + g, ... (one per KV head) attend
+        return list(zip(*sel))  # to sel[0][g] as a group of one
+    return sel
 
 
 def attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sels):
@@ -232,6 +229,12 @@ def attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sels)
     return torch.stack(outs, 3).reshape(B, 1, H, D)  # head kh * G + g
 
 @functools.lru_cache(maxsize=8)
+def _per_head(quest_select) -> bool:
+    """Whether a built ``quest_select`` selects per query head in one pass (agg 3; a build before it does not)."""
+    return "per query head" in (quest_select.__doc__ or "")
+
+
+@functools.lru_cache(maxsize=8)
 def _reads_bf16(quest_select) -> bool:
     """Whether a built ``quest_select`` reads bfloat16 summaries (a build before them reads float32 only)."""
     return "bfloat16" in (quest_select.__doc__ or "")
@@ -242,15 +245,22 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
     """Quest's selection for queries q [B, H, D] from page summaries kmin/kmax [B, Hkv, n_pages, D]: the pages' upper
     bounds aggregated over each GQA group, pages of left padding only (``first`` [B]: each row's first real position)
     last, the current page always, the top ``k_pages`` expanded to their positions below T, ascending. Returns
-    (positions [B, Hkv, k_pages * P] int32, -1 padded; counts [B, Hkv] int32). On the CPU one C++ call
+    (positions [B, Hkv, k_pages * P] int32, -1 padded; counts [B, Hkv] int32); with ``agg="none"`` every query head
+    selects by its own bounds, all from one pass over the summaries: (positions [G, B, Hkv, k_pages * P], counts
+    [G, B, Hkv]), query head kh * G + g at [g, :, kh]. On the CPU one C++ call
     (accel/cpu/quest.h); elsewhere (or ``backend="torch"``) torch operations, the same selection up to the order of
     summation (a tie between two pages' bounds, a NaN bound counting as +inf, may go either way)."""
     if (backend != "torch" and q.device.type == "cpu" and _ext.HAS_CPU_EXT
             and hasattr(_ext.cpu_ext(), "quest_select")
-            and (kmin.dtype == torch.float32 or _reads_bf16(_ext.cpu_ext().quest_select))):
+            and (kmin.dtype == torch.float32 or _reads_bf16(_ext.cpu_ext().quest_select))
+            and (agg != "none" or _per_head(_ext.cpu_ext().quest_select))):
         return tuple(_ext.cpu_ext().quest_select(q, kmin, kmax, n_pages, k_pages, P, T, _AGG[agg], first))
-    B = q.shape[0]
-    scores = upper_bounds(q, kmin, kmax, agg)  # [B, Hkv, n_pages]
+    scores = upper_bounds(q, kmin, kmax, agg)  # [B, Hkv, n_pages]; agg="none": [G, B, Hkv, n_pages]
+    G = scores.shape[0] if agg == "none" else 1
+    if agg == "none":  # the G selections as a batch of G * B rows
+        scores = scores.flatten(0, 1)
+        first = first.repeat(G) if first is not None else None
+    B = scores.shape[0]
     pages = torch.arange(n_pages, device=scores.device)
     if first is not None:  # pages of left padding only are never selected
         first = first.to(scores.device)
@@ -262,4 +272,7 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
     pos = (top.unsqueeze(-1) * P + torch.arange(P, device=top.device)).flatten(-2)
     inside = pos < T  # only the current (last, partial) page reaches past T, and it sorts last
     idx = torch.where(inside, pos, torch.full_like(pos, -1)).to(torch.int32).contiguous()
-    return idx, inside.sum(-1).to(torch.int32)
+    counts = inside.sum(-1).to(torch.int32)
+    if agg == "none":
+        return idx.view(G, B // G, *idx.shape[1:]), counts.view(G, B // G, -1)
+    return idx, counts

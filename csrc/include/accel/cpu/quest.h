@@ -3,8 +3,9 @@
 //
 // Per (sequence, KV head): the upper bound U_j = sum_d max(q_d M_jd, q_d m_jd) of every page j from its key min m_j
 // and max M_j (accel.cache.quest.QuestMetadata keeps them), for each query head of the GQA group, aggregated over the
-// group (max / mean / sum); pages holding only left padding rank last (-inf), the current (last) page first (+inf);
-// the k_pages highest (ties: the lower page) are expanded to their token positions below T, ascending. One call
+// group (max / mean / sum), or kept per query head (none: each query head selects its own pages, all G heads' bounds
+// from one pass over the summaries); pages holding only left padding rank last (-inf), the current (last) page first
+// (+inf); the k_pages highest (ties: the lower page) are expanded to their token positions below T, ascending. One call
 // replaces the ~20 small torch operations per layer of the same selection (accel.policies.quest's torch path).
 #pragma once
 #include <algorithm>
@@ -27,10 +28,10 @@ struct QuestParams {
   int64_t sb = 0, sh = 0, sp = 0;
   int B = 0, H = 0, Hkv = 0, D = 0;
   int64_t n_pages = 0, k_pages = 0, page = 16, T = 0;
-  int agg = 0;  // 0 max, 1 mean, 2 sum
+  int agg = 0;  // 0 max, 1 mean, 2 sum, 3 none (one selection per query head)
   const int64_t* first = nullptr;  // [B] first real (non-padding) position, or nullptr
-  int32_t* out = nullptr;     // [B, Hkv, k_pages * page], -1 padded
-  int32_t* counts = nullptr;  // [B, Hkv]
+  int32_t* out = nullptr;     // [B, Hkv, k_pages * page], -1 padded; agg none: [G, B, Hkv, k_pages * page]
+  int32_t* counts = nullptr;  // [B, Hkv]; agg none: [G, B, Hkv] (query head kh * G + g at [g, b, kh])
 };
 
 // A page summary stored in bfloat16 is rounded outward (a minimum down, a maximum up to the next bf16 value), so the
@@ -106,8 +107,9 @@ static inline void page_bound_lanes(const float* qp, const float* qn, const S* M
   for (int g = 0; g < GC; ++g) out[g] = up[g] + un[g];
 }
 
-// Quest's bound of every page of one (sequence, KV head), aggregated over the GQA group, into score[0, n_pages): NaN
-// bounds rank first (+inf). GC > 0: the group size known at compile time and D a multiple of 16 (page_bound_lanes).
+// Quest's bound of every page of one (sequence, KV head), aggregated over the GQA group, into score[0, n_pages), or
+// (agg_code 3) each query head g's own bound into score[g * n_pages, (g + 1) * n_pages): NaN bounds rank first
+// (+inf). GC > 0: the group size known at compile time and D a multiple of 16 (page_bound_lanes).
 template <typename S, int GC>
 static void quest_bounds(const float* qp, const float* qn, const S* mn, const S* mx, int64_t sp, int64_t n_pages,
                          int D, int G, int agg_code, float* score) {
@@ -128,6 +130,14 @@ static void quest_bounds(const float* qp, const float* qn, const S* mn, const S*
         v16f lanes[GC];
         page_bound_lanes<S, GC>(qp, qn, mx + (j0 + i) * sp, mn + (j0 + i) * sp, D, lanes);
         for (int g = 0; g < GC; ++g) part[g][i] = lanes[g];
+      }
+      if (agg_code == 3) {  // every head's own bounds
+        for (int g = 0; g < GC; ++g) {
+          const v16f u = reduce16x16(part[g]);
+          const v16f r = (u != u) ? vpinf : u;
+          std::memcpy(score + g * n_pages + j0, &r, sizeof(float) * cnt);
+        }
+        continue;
       }
       v16f agg = agg_code == 0 ? vninf : v16f{};
       v16i nan{};
@@ -153,6 +163,7 @@ static void quest_bounds(const float* qp, const float* qn, const S* mn, const S*
       page_bound_lanes<S, GC>(qp, qn, M, m, D, lanes);
       for (int g = 0; g < GC; ++g) {
         const float u = hsum16(lanes[g]);
+        if (agg_code == 3) score[g * n_pages + j] = u != u ? pinf : u;
         nan |= u != u;
         agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
       }
@@ -168,10 +179,12 @@ static void quest_bounds(const float* qp, const float* qn, const S* mn, const S*
           u = hsum16(s);
         }
         for (; d < D; ++d) u += a[d] * SummaryStore<S>::get(M + d) + c[d] * SummaryStore<S>::get(m + d);
+        if (agg_code == 3) score[g * n_pages + j] = u != u ? pinf : u;
         nan |= u != u;  // NaN keys: the bound is NaN (torch's amax would propagate it)
         agg = agg_code == 0 ? (u > agg ? u : agg) : agg + u;
       }
     }
+    if (agg_code == 3) continue;
     nan = nan || agg != agg;  // NaN keys, or +inf and -inf bounds summed
     // a NaN bound ranks first (torch's topk puts NaN first; among NaN and +inf bounds either order is a tie)
     score[j] = nan ? pinf : agg_code == 1 ? agg / static_cast<float>(G) : agg;
@@ -210,13 +223,15 @@ static inline float kth_largest(const float* sc, int64_t n, int64_t want, std::v
 template <typename S>
 void quest_select_t(const QuestParams& p) {
   const int G = p.H / p.Hkv;
+  const bool per_head = p.agg == 3;
+  const int rows = per_head ? G : 1;  // selections per (sequence, KV head)
   const int64_t width = p.k_pages * p.page;
   const float ninf = -std::numeric_limits<float>::infinity();
   const bool vec = p.D % 16 == 0;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < p.B; ++b)
     for (int kh = 0; kh < p.Hkv; ++kh) {
-      std::vector<float> qp(static_cast<size_t>(G) * p.D), qn(qp.size()), score(p.n_pages);
+      std::vector<float> qp(static_cast<size_t>(G) * p.D), qn(qp.size()), score(static_cast<size_t>(rows) * p.n_pages);
       for (int g = 0; g < G; ++g)
         for (int d = 0; d < p.D; ++d) {
           const float x = p.q[(static_cast<int64_t>(b) * p.H + kh * G + g) * p.D + d];
@@ -239,32 +254,36 @@ void quest_select_t(const QuestParams& p) {
         case 8: quest_bounds<S, 8>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc); break;
         default: quest_bounds<S, 0>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc);
       }
-      if (p.first)
-        for (int64_t j = 0; j < p.n_pages && (j + 1) * p.page <= p.first[b]; ++j) score[j] = ninf;
-      // the current (last) page always, then the k - 1 first of the others in (score descending, page ascending):
-      // the (k-1)-th largest score of the others is the threshold; every page above it is kept and, of the pages at
-      // it, the lowest ones up to k - 1 in all (the same set as a full sort; scores hold no NaN here)
-      const int64_t k = std::max<int64_t>(1, std::min(p.k_pages, p.n_pages)), others = p.n_pages - 1;
-      int32_t* out = p.out + (static_cast<int64_t>(b) * p.Hkv + kh) * width;
-      int64_t n = 0;
-      auto emit = [&](int64_t j) {
-        for (int64_t t = j * p.page; t < (j + 1) * p.page && t < p.T; ++t) out[n++] = static_cast<int32_t>(t);
-      };
-      const int64_t want = k - 1;
-      if (want >= others) {
-        for (int64_t j = 0; j < others; ++j) emit(j);
-      } else if (want > 0) {
-        std::vector<float> tmp;
-        const float thr = kth_largest(score.data(), others, want, tmp);
-        int64_t above = 0;
-        for (int64_t j = 0; j < others; ++j) above += score[j] > thr;
-        int64_t ties = want - above;  // pages at the threshold still to take, lowest first
-        for (int64_t j = 0; j < others; ++j)
-          if (score[j] > thr || (score[j] == thr && ties-- > 0)) emit(j);
+      std::vector<float> tmp;
+      for (int r = 0; r < rows; ++r) {
+        float* srow = sc + static_cast<int64_t>(r) * p.n_pages;
+        if (p.first)
+          for (int64_t j = 0; j < p.n_pages && (j + 1) * p.page <= p.first[b]; ++j) srow[j] = ninf;
+        // the current (last) page always, then the k - 1 first of the others in (score descending, page ascending):
+        // the (k-1)-th largest score of the others is the threshold; every page above it is kept and, of the pages
+        // at it, the lowest ones up to k - 1 in all (the same set as a full sort; scores hold no NaN here)
+        const int64_t k = std::max<int64_t>(1, std::min(p.k_pages, p.n_pages)), others = p.n_pages - 1;
+        const int64_t slot = (static_cast<int64_t>(r) * p.B + b) * p.Hkv + kh;
+        int32_t* out = p.out + slot * width;
+        int64_t n = 0;
+        auto emit = [&](int64_t j) {
+          for (int64_t t = j * p.page; t < (j + 1) * p.page && t < p.T; ++t) out[n++] = static_cast<int32_t>(t);
+        };
+        const int64_t want = k - 1;
+        if (want >= others) {
+          for (int64_t j = 0; j < others; ++j) emit(j);
+        } else if (want > 0) {
+          const float thr = kth_largest(srow, others, want, tmp);
+          int64_t above = 0;
+          for (int64_t j = 0; j < others; ++j) above += srow[j] > thr;
+          int64_t ties = want - above;  // pages at the threshold still to take, lowest first
+          for (int64_t j = 0; j < others; ++j)
+            if (srow[j] > thr || (srow[j] == thr && ties-- > 0)) emit(j);
+        }
+        emit(p.n_pages - 1);
+        std::fill(out + n, out + width, -1);
+        p.counts[slot] = static_cast<int32_t>(n);
       }
-      emit(p.n_pages - 1);
-      std::fill(out + n, out + width, -1);
-      p.counts[b * p.Hkv + kh] = static_cast<int32_t>(n);
     }
 }
 
