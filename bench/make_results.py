@@ -56,7 +56,8 @@ COMMITTED = {
     "eval_hip_smollm2_2k.csv": "2026-12-05",
     "eval_hip_smollm2_4k_lm.csv": "2026-12-05",
     "eval_hip_smollm2_8k.csv": "2026-12-06",
-    "decode_hip_smollm2_b1.csv": "2026-12-05",
+    "decode_hip_smollm2_b1.csv": "2026-12-06",
+    "eval_hip_repkeys_smollm2_2k.csv": "2026-12-06",
     "eval_tca_smollm2_2k.csv": "2026-12-05",
     "eval_tca_smollm2_4k.csv": "2026-12-05",
     "eval_tca_smollm2_4k_lm.csv": "2026-12-05",
@@ -627,13 +628,17 @@ def _reuse_quality() -> Quality:
     for n in ("eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv",
               "eval_hip_smollm2_8k.csv"):
         q.add(n, lambda p: "hip" if p == "hip" else None)
+    q.add(HIP_REPKEYS, lambda p: HIP_REPKEYS_LABELS.get(p))
     return q
 
 
+HIP_REPKEYS = "eval_hip_repkeys_smollm2_2k.csv"  # HiP children scored by several keys (the run also holds dense, hip)
+HIP_REPKEYS_LABELS = {"hip@rep_keys=4": "hip (4 middle keys per child)", "hip@rep_keys=16": "hip (16 middle keys per child)",
+                      "hip@representative=first@rep_keys=4": "hip (first 4 keys per child)"}
 REUSE_ORDER = ["hf", "dense", "delta (paper layout)", "delta (calibrated layout)", "hylra (first plan)",
                "hylra (current plan)", "recycled", "quest", "quest (pages of 2)", "quest (pages of 8)",
                "quest (pages of 16)", "quest (query heads by mean)", "quest (query heads by sum)",
-               "quest (each query head its own pages)", "hip"]
+               "quest (each query head its own pages)", "hip", *HIP_REPKEYS_LABELS.values()]
 QUEST_NONE_LABEL = "quest (each query head its own pages)"
 # agg="none": the paper's per-query-head selection (the runs also hold dense, hf and quest, taken from their own files)
 QUEST_NONE = ("eval_quest_none_smollm2_2k.csv", "eval_quest_none_smollm2_4k.csv", "eval_quest_none_smollm2_4k_lm.csv",
@@ -660,8 +665,8 @@ def sec_reuse() -> list[str]:
     for c in sorted({k[1] for k in q.acc}):
         for p in REUSE_ORDER:
             v = q.lm.get((p, c))
-            if p.startswith("quest (") and v is None and not any(k[:2] == (p, c) for k in q.acc):
-                continue  # a page-size variant shows only where it was measured
+            if p.startswith(("quest (", "hip (")) and v is None and not any(k[:2] == (p, c) for k in q.acc):
+                continue  # a variant shows only where it was measured
             rows.append([display(p), c] + [q.cell(p, c, t, slack=1) for t in tasks]
                         + [q.ppl(p, c), f(v[1], 3) if v and v[1] is not None else "-"])
     out = ["## Sparse-attention policies: hylra, delta, recycled, quest, hip", "",
@@ -678,7 +683,7 @@ def sec_reuse() -> list[str]:
                    "eval_delta_smollm2.csv", "eval_delta_smollm2_8k.csv", "eval_delta_smollm2_lm.csv",
                    *QUEST_EVAL, QUEST_AGG, *QUEST_NONE, SPARSE_8K,
                    "eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv",
-                   "eval_hip_smollm2_8k.csv")
+                   "eval_hip_smollm2_8k.csv", HIP_REPKEYS)
     q6 = Quality().add("eval_hylra_smollm2_4k_lm6.csv")
     out += ["### hylra perplexity at 4K on 6 samples", ""]
     out += table(["policy", "context", "samples", "perplexity (vs dense)", "top-1 agree"],
@@ -711,7 +716,8 @@ def sec_reuse() -> list[str]:
             "(`quest@summary_dtype=bfloat16`), one run:", ""]
     out += _speed_table(["decode_quest_smollm2_b1_bf16.csv"])
     out += sources("decode_quest_smollm2_b1_bf16.csv")
-    out += ["Real 8K prefill, batch 1: hip against quest and dense, one run:", ""]
+    out += ["Real 8K prefill, batch 1: hip (one middle key per child, and 4 or 16: `hip@rep_keys=N`) against quest "
+            "and dense, one run on the Intel Xeon machine; hip's KV MB read include the key rows its search scored:", ""]
     out += _speed_table(["decode_hip_smollm2_b1.csv"])
     out += sources("decode_hip_smollm2_b1.csv")
     out += ["The same batch-8 run on a build of the previous small-M linear kernel:", ""]

@@ -25,7 +25,7 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
 std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lo, torch::Tensor hi,
                                           int64_t key_block, int64_t rep, double scale, int64_t coarse_at,
                                           torch::Tensor first, torch::Tensor start, int64_t sink, int64_t window,
-                                          bool aligned);
+                                          bool aligned, int64_t rep_keys);
 double scattered_read_probe_cpu(torch::Tensor buf, torch::Tensor rows, int64_t distance);
 bool flush_cache_lines_cpu(torch::Tensor t);
 int64_t ragged_evict_cpu(torch::Tensor k, torch::Tensor v, torch::Tensor pos, torch::Tensor score,
@@ -124,11 +124,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("k_pages"), pybind11::arg("page"), pybind11::arg("T"), pybind11::arg("agg"),
         pybind11::arg("first") = pybind11::none());
   m.def("hip_search", &hip_search_cpu,
-        "HiP's hierarchical branch search: split every branch in two, keep the n best children by one representative "
-        "key's logit, down to key_block; returns (lo, hi, coarse_lo, coarse_hi, positions, counts)",
+        "HiP's hierarchical branch search: split every branch in two, keep the n best children by their representative "
+        "keys' largest logit (rep_keys keys per child), down to key_block; returns (lo, hi, coarse_lo, coarse_hi, "
+        "positions, counts, reads)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("lo"), pybind11::arg("hi"), pybind11::arg("key_block"),
         pybind11::arg("rep"), pybind11::arg("scale"), pybind11::arg("coarse_at"), pybind11::arg("first"),
-        pybind11::arg("start"), pybind11::arg("sink"), pybind11::arg("window"), pybind11::arg("aligned") = false);
+        pybind11::arg("start"), pybind11::arg("sink"), pybind11::arg("window"), pybind11::arg("aligned") = false,
+        pybind11::arg("rep_keys") = 1);
   m.def("has_bf16_dot", &has_bf16_dot_cpu,
         "whether bf16 weights times bf16 inputs run on vdpbf16ps (AVX512_BF16) in this build");
   m.def("build_isa", &build_isa_cpu,

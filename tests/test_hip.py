@@ -32,6 +32,40 @@ def test_exhaustive_scoring_gives_the_exact_block_top_k():
             assert torch.equal(got, got[..., :1].expand_as(got))
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_representative_keys_that_cover_every_child_score_it_exhaustively(backend):
+    """``rep_keys``: a child scores as the largest logit of that many of its keys (from its start, or centred on its
+    middle). Keys that cover every child give the exhaustive search's branches (``representative="max"``); one key
+    per child is the single-key search; in between, every kept child's score is the largest over its keys counted."""
+    g = torch.Generator().manual_seed(21)
+    B, H, Hkv, T, D = 2, 6, 2, 600, 16
+    q, k = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    first = torch.tensor([0, 37])
+    for rep in ("middle", "first"):
+        for n_blocks, kb in ((12, 4), (30, 2)):
+            lo, hi, start = HIP.initial_branches(first, Hkv, T, 4, 16, n_blocks, kb)
+            longest = int((hi - lo).max())
+            ex = HIP.hip_step(q, k, lo, hi, kb, "max", 0.125, 0, first, start, 4, 16, backend="torch")
+            got = HIP.hip_step(q, k, lo, hi, kb, rep, 0.125, 0, first, start, 4, 16, backend=backend,
+                               rep_keys=longest)
+            assert torch.equal(got[0], ex[0]) and torch.equal(got[1], ex[1]) and torch.equal(got[3], ex[3])
+            one = HIP.hip_step(q, k, lo, hi, kb, rep, 0.125, 0, first, start, 4, 16, backend=backend)
+            two = HIP.hip_step(q, k, lo, hi, kb, rep, 0.125, 0, first, start, 4, 16, backend=backend, rep_keys=2)
+            assert not torch.equal(one[0], ex[0]) and not torch.equal(two[0], one[0])  # the keys counted matter
+            levels, L = 0, longest
+            while L > kb:
+                levels, L = levels + 1, (L + 1) // 2
+            # rows scored: one per child and level with one key (every child non-empty here), more with more keys
+            assert bool((one[5] <= 2 * n_blocks * levels).all()) and bool((one[5] >= 2 * n_blocks).all())
+            assert bool((two[5] > one[5]).all()) and bool((got[5] > two[5]).all())
+    s = HIP._child_scores(q.view(B, Hkv, 3, D), k, torch.tensor([[[10, 20, 30]] * Hkv] * B),
+                          torch.tensor([[[20, 23, 31]] * Hkv] * B), "middle", None, 1.0, 4)
+    logit = torch.einsum("bhgd,bhtd->bhgt", q.view(B, Hkv, 3, D), k).amax(2)
+    assert torch.allclose(s[..., 0], logit[..., 13:17].amax(-1))  # centred on the middle: (10 + 20 - 4) // 2 = 13
+    assert torch.allclose(s[..., 1], logit[..., 20:23].amax(-1))  # clipped to the child
+    assert torch.allclose(s[..., 2], logit[..., 30])
+
+
 def test_the_search_reads_few_keys_and_keeps_sinks_and_window():
     g = torch.Generator().manual_seed(1)
     B, H, Hkv, T, D = 1, 3, 1, 1000, 8
@@ -125,7 +159,9 @@ def test_bad_options_are_refused_in_one_line():
     m = model4("llama")
     for kw, why in (({"representative": "last"}, "representative must be one of"), ({"key_block": 0}, "key_block"),
                     ({"refresh": 0}, "refresh"), ({"topk": -3}, "topk"),
-                    ({"topk": 40}, "exceed topk")):  # the default sink + window (80) would not fit
+                    ({"topk": 40}, "exceed topk"),  # the default sink + window (80) would not fit
+                    ({"rep_keys": 0}, "rep_keys"), ({"rep_keys": 4, "representative": "max"}, "use rep_keys=1"),
+                    ({"rep_keys": 4, "sparse_prefill": True}, "use rep_keys=1")):
         with pytest.raises(AccelError, match=why):
             accel.patch(m, "hip", **kw)
 
@@ -144,17 +180,18 @@ def test_the_cpu_search_equals_the_torch_path(dtype):
     key = buf[:, :, :T]  # a strided view, as the cache hands it over
     q = torch.randn(B, H, D, generator=g).to(dtype).float()
     first = torch.tensor([0, 13, 101])
-    for rep, aligned in [(r, a) for r in ("middle", "first") for a in (False, True)]:
+    for rep, aligned, rk in [(r, a, k) for r in ("middle", "first") for a in (False, True) for k in (1, 3, 4)]:
         for n_blocks, kb, sink, window, levels in ((20, 4, 8, 32, 2), (37, 1, 0, 0, 3), (5, 8, 4, 16, 0)):
             lo, hi, start = HIP.initial_branches(first, Hkv, T, sink, window, n_blocks, kb, aligned)
             coarse_at = kb << levels if levels else 0
-            c = HIP.hip_step(q, key, lo, hi, kb, rep, 0.125, coarse_at, first, start, sink, window, aligned=aligned)
+            c = HIP.hip_step(q, key, lo, hi, kb, rep, 0.125, coarse_at, first, start, sink, window, aligned=aligned,
+                             rep_keys=rk)
             t = HIP.hip_step(q, key, lo, hi, kb, rep, 0.125, coarse_at, first, start, sink, window, backend="torch",
-                             aligned=aligned)
+                             aligned=aligned, rep_keys=rk)
             assert torch.equal(c[0], t[0]) and torch.equal(c[1], t[1])
             if coarse_at:
                 assert torch.equal(c[2][0], t[2][0]) and torch.equal(c[2][1], t[2][1])
-            assert torch.equal(c[4], t[4])
+            assert torch.equal(c[4], t[4]) and torch.equal(c[5], t[5])  # the key rows scored: the same count
             for b in range(B):
                 for h in range(Hkv):
                     n = int(c[4][b, h])
@@ -162,9 +199,9 @@ def test_the_cpu_search_equals_the_torch_path(dtype):
             # a later step refines from the coarse level at a longer context: the window follows
             if coarse_at:
                 c2 = HIP.hip_step(q, key, c[2][0], c[2][1], kb, rep, 0.125, 0, first, start, sink, window,
-                                  aligned=aligned)
+                                  aligned=aligned, rep_keys=rk)
                 t2 = HIP.hip_step(q, key, t[2][0], t[2][1], kb, rep, 0.125, 0, first, start, sink, window,
-                                  backend="torch", aligned=aligned)
+                                  backend="torch", aligned=aligned, rep_keys=rk)
                 assert torch.equal(c2[4], t2[4]) and torch.equal(c2[0], t2[0])
 
 
@@ -249,7 +286,7 @@ def test_aligned_branches_end_at_the_key_block_so_a_step_attends_its_whole_budge
         top = int(lengths.max())
         assert top % kb == 0 and (top // kb) & (top // kb - 1) == 0 and top * n_blocks >= T - window - sink
         for backend in ("cpu", "torch"):
-            lo2, hi2, _, idx, counts = HIP.hip_step(q, key, lo, hi, kb, "middle", 0.25, 0, first, start, sink, window,
+            lo2, hi2, _, idx, counts, _ = HIP.hip_step(q, key, lo, hi, kb, "middle", 0.25, 0, first, start, sink, window,
                                                      backend=backend, aligned=True)
             assert bool(((hi2 - lo2) <= kb).all())
             full = sink + window + n_blocks * kb  # only a row's last, shorter branch can end below key_block

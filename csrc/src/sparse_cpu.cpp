@@ -193,12 +193,12 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
 
 // HiP's branch search (accel/cpu/hip.h): q [B, H, D]; k [B, Hkv, T, D] (float32 / bfloat16 / float16, contiguous in
 // D); lo / hi [B, Hkv, n] int64 branches to refine; first / start [B] int64. Returns (lo, hi, coarse_lo, coarse_hi,
-// positions [B, Hkv, sink + n * key_block + window] int32 -1 padded, counts [B, Hkv] int32); coarse_* are empty
-// unless coarse_at > 0.
+// positions [B, Hkv, sink + n * key_block + window] int32 -1 padded, counts [B, Hkv] int32, reads [B, Hkv] int64:
+// the key rows the search scored); coarse_* are empty unless coarse_at > 0.
 std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lo, torch::Tensor hi,
                                           int64_t key_block, int64_t rep, double scale, int64_t coarse_at,
                                           torch::Tensor first, torch::Tensor start, int64_t sink, int64_t window,
-                                          bool aligned) {
+                                          bool aligned, int64_t rep_keys) {
   TORCH_CHECK(q.device().is_cpu() && q.dim() == 3, "q must be a CPU [B, H, D] tensor");
   q = q.to(torch::kFloat32).contiguous();
   check_cache(k, "k");
@@ -212,8 +212,8 @@ std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torc
   first = first.to(torch::kInt64).contiguous();
   start = start.to(torch::kInt64).contiguous();
   TORCH_CHECK(first.numel() == B && start.numel() == B, "first / start must have B entries");
-  TORCH_CHECK(key_block >= 1 && (rep == 0 || rep == 1) && sink >= 0 && window >= 0,
-              "need key_block >= 1, rep 0 (middle) or 1 (first), sink and window >= 0");
+  TORCH_CHECK(key_block >= 1 && (rep == 0 || rep == 1) && sink >= 0 && window >= 0 && rep_keys >= 1,
+              "need key_block >= 1, rep 0 (middle) or 1 (first), sink and window >= 0, rep_keys >= 1");
   const int64_t n = lo.size(2);
   const int64_t width = sink + n * key_block + window;
   auto lo_out = torch::empty_like(lo), hi_out = torch::empty_like(hi);
@@ -221,6 +221,7 @@ std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torc
   auto c_hi = coarse_at > 0 ? torch::empty_like(hi) : torch::empty({0}, hi.options());
   auto idx = torch::empty({B, Hkv, width}, torch::dtype(torch::kInt32));
   auto counts = torch::empty({B, Hkv}, torch::dtype(torch::kInt32));
+  auto reads = torch::zeros({B, Hkv}, torch::dtype(torch::kInt64));
   accel::cpu::HipParams p;
   p.q = q.data_ptr<float>();
   p.k = k.data_ptr();
@@ -230,6 +231,7 @@ std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torc
   p.lo = lo.data_ptr<int64_t>(); p.hi = hi.data_ptr<int64_t>();
   p.n = static_cast<int>(n); p.key_block = static_cast<int>(key_block); p.rep = static_cast<int>(rep);
   p.aligned = aligned;
+  p.rep_keys = rep_keys;
   p.scale = static_cast<float>(scale);
   p.coarse_at = coarse_at;
   p.lo_out = lo_out.data_ptr<int64_t>(); p.hi_out = hi_out.data_ptr<int64_t>();
@@ -240,11 +242,12 @@ std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torc
   p.first = first.data_ptr<int64_t>(); p.start = start.data_ptr<int64_t>();
   p.sink = static_cast<int>(sink); p.window = window;
   p.idx = idx.data_ptr<int32_t>(); p.width = width; p.counts = counts.data_ptr<int32_t>();
+  p.reads = reads.data_ptr<int64_t>();
   {
     pybind11::gil_scoped_release nogil;
     if (k.scalar_type() == torch::kFloat32) accel::cpu::hip_search<float>(p);
     else if (k.scalar_type() == torch::kHalf) accel::cpu::hip_search<accel::cpu::f16>(p);
     else accel::cpu::hip_search<uint16_t>(p);
   }
-  return {lo_out, hi_out, c_lo, c_hi, idx, counts};
+  return {lo_out, hi_out, c_lo, c_hi, idx, counts, reads};
 }

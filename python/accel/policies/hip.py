@@ -60,6 +60,9 @@ class HiPPolicy(AttentionPolicy):
         refine_levels: the finest levels of the search, run again at every step between full searches from the
             cached coarser branches (0: the whole mask is reused until the next full search).
         representative: the key that scores a branch: 'middle' (default), 'first' or 'max' (exhaustive).
+        rep_keys: keys scored per child, from the representative on ('first': the child's first keys; 'middle':
+            centred on its middle), the child's score their largest logit (HiP's code scores a child by all keys of
+            its first key block); 1 (default): one key.
         dense_layers: the first layers that stay dense; it shapes ``build_plan``, and a plan's per-layer modes decide.
         min_topk: with ``topk_ratio``, attend to at least this many tokens (short prompts stay exact).
         sparse_prefill: the prefill attends per 64-token query block to the key blocks the same search picks (with
@@ -78,6 +81,7 @@ class HiPPolicy(AttentionPolicy):
     refresh: int = 8
     refine_levels: int = 2
     representative: str = "middle"
+    rep_keys: int = 1
     dense_layers: int = 2
     min_topk: int = 128
     sparse_prefill: bool = False
@@ -88,7 +92,7 @@ class HiPPolicy(AttentionPolicy):
             if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 0:
                 raise AccelError(f"hip: {knob} must be an integer >= 0, got {getattr(self, knob)!r}")
         check_budget_knobs("hip", self.topk, self.topk_ratio, self.sink, self.window, 1)
-        for knob in ("key_block", "refresh"):
+        for knob in ("key_block", "refresh", "rep_keys"):
             if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
                 raise AccelError(f"hip: {knob} must be an integer >= 1, got {getattr(self, knob)!r}")
         if not isinstance(self.sparse_prefill, bool):
@@ -102,6 +106,10 @@ class HiPPolicy(AttentionPolicy):
         if self.representative not in _REPRESENTATIVES:
             raise AccelError(f"hip: representative must be one of {', '.join(_REPRESENTATIVES)}, "
                              f"got {self.representative!r}")
+        if self.rep_keys != 1 and (self.representative == "max" or self.sparse_prefill):
+            raise AccelError(f"hip: rep_keys={self.rep_keys} applies to decode's 'middle' or 'first' representatives "
+                             "(representative='max' reads every key; sparse_prefill scores one key per branch); "
+                             "use rep_keys=1 with them")
 
     def check_plan_params(self, plan: Plan) -> None:
         self.check_plan_knobs(plan)
@@ -166,6 +174,7 @@ class HiPPolicy(AttentionPolicy):
         held = ctx.state.get("hip")
         refresh, levels = int(self.plan_knob(ctx, "refresh")), int(self.plan_knob(ctx, "refine_levels"))
         rep = self.plan_knob(ctx, "representative")
+        rk = int(self.plan_knob(ctx, "rep_keys"))
         aligned = self.plan_knob(ctx, "branches") == "aligned"
         q = query[:, :, 0, :]
         # reuse the cached branches only while each step since the search appended one token (tokens added by a
@@ -173,15 +182,17 @@ class HiPPolicy(AttentionPolicy):
         if (held is None or held[0] != version or held[2] + 1 >= refresh or T != held[1] + held[2] + 1
                 or held[3][0].shape[:2] != (B, key.shape[1])):
             lo, hi, start = initial_branches(first, key.shape[1], T, sink, window, n_blocks, kb, aligned)
-            _, _, coarse, idx, counts = hip_step(q, key, lo, hi, kb, rep, scaling, kb << levels, first, start, sink,
-                                                 window, aligned=aligned)
+            _, _, coarse, idx, counts, reads = hip_step(q, key, lo, hi, kb, rep, scaling, kb << levels, first, start,
+                                                        sink, window, aligned=aligned, rep_keys=rk)
             ctx.state["hip"] = (version, T, 0, coarse, start)
             ctx.runtime.stats["hip_searches"] = ctx.runtime.stats.get("hip_searches", 0) + 1
         else:  # between full searches: the finest levels again, from the cached coarse branches
             ctx.state["hip"] = (held[0], held[1], held[2] + 1, held[3], held[4])
-            _, _, _, idx, counts = hip_step(q, key, held[3][0], held[3][1], kb, rep, scaling, 0, first, held[4], sink,
-                                            window, aligned=aligned)
+            _, _, _, idx, counts, reads = hip_step(q, key, held[3][0], held[3][1], kb, rep, scaling, 0, first,
+                                                   held[4], sink, window, aligned=aligned, rep_keys=rk)
             ctx.runtime.stats["hip_refinements"] = ctx.runtime.stats.get("hip_refinements", 0) + 1
+        # the key rows the search scored count as read, next to the rows the attention reads (sparse_attend)
+        ctx.runtime.stats["kv_read_bytes"] += int(reads.sum()) * D * key.element_size()
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
 
 
@@ -191,7 +202,7 @@ def search_blocks(q, key, first, sink: int, window: int, n_blocks: int, key_bloc
     ``first`` [B]): the sink positions and the kept branches between the sinks and the last ``window`` tokens, as
     positions [B, Hkv, n] ascending, -1 padded (the window is added per step by ``with_window``)."""
     lo, hi, start = initial_branches(first, key.shape[1], key.shape[2], sink, window, n_blocks, key_block)
-    lo, hi, _ = refine(q, key, lo, hi, n_blocks, key_block, representative, scaling)
+    lo, hi, _, _ = refine(q, key, lo, hi, n_blocks, key_block, representative, scaling)
     return kept_positions(lo, hi, first, start, sink)
 
 
@@ -199,24 +210,26 @@ _REP_CODE = {"middle": 0, "first": 1}
 
 
 def hip_step(q, key, lo, hi, key_block: int, representative: str, scaling: float, coarse_at: int, first, start,
-             sink: int, window: int, backend: str | None = None, aligned: bool = False):
+             sink: int, window: int, backend: str | None = None, aligned: bool = False, rep_keys: int = 1):
     """One step's search from the branches (lo, hi) [B, Hkv, n] and its positions: returns (lo, hi, coarse (lo, hi)
-    or None, idx [B, Hkv, width] int32 ascending -1 padded, counts [B, Hkv] int32) with the sinks, the kept branches
-    and the window of the current context. On the CPU one C++ call (accel/cpu/hip.h); elsewhere, for
+    or None, idx [B, Hkv, width] int32 ascending -1 padded, counts [B, Hkv] int32, reads [B, Hkv] int64: the key rows
+    the search scored) with the sinks, the kept branches and the window of the current context. On the CPU one C++ call (accel/cpu/hip.h); elsewhere, for
     ``representative="max"`` or with ``backend="torch"``, torch operations: the same positions up to the order of
     summation (a near-tie between two children's scores may go either way)."""
     T = key.shape[2]
     if (backend != "torch" and representative in _REP_CODE and q.device.type == "cpu" and _ext.HAS_CPU_EXT
-            and hasattr(_ext.cpu_ext(), "hip_search") and key.stride(-1) == 1):
-        lo, hi, clo, chi, idx, counts = _ext.cpu_ext().hip_search(
+            and hasattr(_ext.cpu_ext(), "hip_search") and key.stride(-1) == 1
+            and (rep_keys == 1 or "rep_keys" in (_ext.cpu_ext().hip_search.__doc__ or ""))):
+        extra = (rep_keys,) if rep_keys != 1 else ()  # a build before rep_keys takes one key
+        lo, hi, clo, chi, idx, counts, reads = _ext.cpu_ext().hip_search(
             q, key, lo, hi, key_block, _REP_CODE[representative], scaling, coarse_at, first,
-            start.reshape(-1), sink, window, aligned)
-        return lo, hi, ((clo, chi) if coarse_at > 0 else None), idx, counts
-    lo, hi, coarse = refine(q, key, lo, hi, lo.shape[-1], key_block, representative, scaling,
-                            coarse_at=coarse_at if coarse_at > 0 else None, aligned=aligned)
+            start.reshape(-1), sink, window, aligned, *extra)
+        return lo, hi, ((clo, chi) if coarse_at > 0 else None), idx, counts, reads
+    lo, hi, coarse, reads = refine(q, key, lo, hi, lo.shape[-1], key_block, representative, scaling,
+                            coarse_at=coarse_at if coarse_at > 0 else None, aligned=aligned, rep_keys=rep_keys)
     kept = kept_positions(lo, hi, first, start.view(-1, 1, 1), sink)
     idx, counts = with_window(kept, T, T, window)
-    return lo, hi, coarse, idx, counts
+    return lo, hi, coarse, idx, counts, reads
 
 
 def initial_branches(first, Hkv: int, T: int, sink: int, window: int, n_blocks: int, key_block: int = 1,
@@ -245,16 +258,19 @@ def initial_branches(first, Hkv: int, T: int, sink: int, window: int, n_blocks: 
 
 
 def refine(q, key, lo, hi, n_blocks: int, key_block: int, representative: str = "middle", scaling: float = 1.0,
-           coarse_at: int | None = None, aligned: bool = False):
+           coarse_at: int | None = None, aligned: bool = False, rep_keys: int = 1):
     """Split every branch in two and keep the ``n_blocks`` best children until no branch is longer than
-    ``key_block``. Returns the final (lo, hi) and the branches of the first level no longer than ``coarse_at``
-    (the cached coarse level a later step refines from; None without ``coarse_at``)."""
+    ``key_block``. Returns the final (lo, hi), the branches of the first level no longer than ``coarse_at``
+    (the cached coarse level a later step refines from; None without ``coarse_at``) and the key rows scored [B, Hkv]
+    (int64; every key once for ``representative="max"``)."""
     B, H, D = q.shape
     Hkv, T = key.shape[1], key.shape[2]
     qg = q.float().reshape(B, Hkv, H // Hkv, D)
     full = None
+    reads = torch.zeros(lo.shape[:2], dtype=torch.long, device=lo.device)
     if representative == "max":  # every key's logit, for the exhaustive branch maximum
         full = torch.einsum("bhgd,bhtd->bhgt", qg, key.float()).amax(2) * scaling  # [B, Hkv, T]
+        reads += T
     coarse_lo = coarse_hi = recorded = None
     if coarse_at is not None:
         coarse_lo, coarse_hi = lo.clone(), hi.clone()
@@ -268,15 +284,20 @@ def refine(q, key, lo, hi, n_blocks: int, key_block: int, representative: str = 
             recorded |= now
         active = longest > key_block
         if not bool(active.any()):
-            return lo, hi, ((coarse_lo, coarse_hi) if coarse_at is not None else None)
+            return lo, hi, ((coarse_lo, coarse_hi) if coarse_at is not None else None), reads
         if aligned:  # children of half the level's length: a row's shorter last branch splits into a full child and
             mid = torch.minimum(lo + ((longest + 1) // 2).unsqueeze(-1), hi)  # its rest, never into many short ones
         else:
             mid = (lo + hi) // 2
         clo = torch.stack((lo, mid), -1).flatten(-2)  # children in order: [lo, mid), [mid, hi)
         chi = torch.stack((mid, hi), -1).flatten(-2)
-        score = _child_scores(qg, key, clo, chi, representative, full, scaling)
+        score = _child_scores(qg, key, clo, chi, representative, full, scaling, rep_keys)
         score = score.masked_fill(chi <= clo, float("-inf"))  # empty children
+        if representative != "max":  # each non-empty child's keys scored (the C++ search counts the same)
+            r0 = clo if representative == "first" else torch.maximum(clo, (clo + chi - rep_keys) // 2)
+            rep = r0.clamp(0, T - 1)
+            n_read = (torch.minimum(torch.minimum(r0 + rep_keys, chi), torch.full_like(chi, T)) - rep).clamp(min=1)
+            reads += torch.where(active.unsqueeze(-1) & (chi > clo), n_read, torch.zeros_like(n_read)).sum(-1)
         # the n best children, ties to the lower child (as the C++ search), then in position order
         keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :n_blocks].sort(dim=-1).values
         a = active.unsqueeze(-1)
@@ -363,8 +384,9 @@ def prefill_blocks(query, key, scaling: float, budget: int, sink: int, window: i
     return blocks, counts.to(torch.int32).repeat_interleave(G, dim=1).contiguous()
 
 
-def _child_scores(qg, key, clo, chi, representative: str, full, scaling: float):
-    """The score of each child branch [clo, chi): its representative key's logit, max over the group's heads."""
+def _child_scores(qg, key, clo, chi, representative: str, full, scaling: float, rep_keys: int = 1):
+    """The score of each child branch [clo, chi): its representative keys' largest logit (``rep_keys`` keys from its
+    start, or centred on its middle, inside the child), max over the group's heads."""
     B, Hkv, G, D = qg.shape
     T = key.shape[2]
     if representative == "max":
@@ -373,10 +395,18 @@ def _child_scores(qg, key, clo, chi, representative: str, full, scaling: float):
         inside = r < chi.unsqueeze(-1)
         s = full.unsqueeze(2).expand(B, Hkv, clo.shape[-1], T).gather(-1, r.clamp(max=T - 1))
         return s.masked_fill(~inside, float("-inf")).amax(-1)
-    rep = clo if representative == "first" else (clo + chi - 1) // 2
-    rep = rep.clamp(0, T - 1)
-    k = key.gather(2, rep.unsqueeze(-1).expand(*rep.shape, D)).float()  # [B, Hkv, n, D]
-    return torch.einsum("bhgd,bhnd->bhgn", qg, k).amax(2) * scaling
+    r0 = clo if representative == "first" else torch.maximum(clo, (clo + chi - rep_keys) // 2)
+    rep = r0.clamp(0, T - 1)
+    if rep_keys == 1:
+        k = key.gather(2, rep.unsqueeze(-1).expand(*rep.shape, D)).float()  # [B, Hkv, n, D]
+        return torch.einsum("bhgd,bhnd->bhgn", qg, k).amax(2) * scaling
+    n = clo.shape[-1]
+    r = rep.unsqueeze(-1) + torch.arange(rep_keys, device=clo.device)  # [B, Hkv, n, rep_keys]
+    inside = (r < torch.minimum(r0 + rep_keys, chi).clamp(max=T).unsqueeze(-1))
+    inside[..., 0] = True  # at least the representative itself (an empty child's score is masked by the caller)
+    k = key.gather(2, r.clamp(max=T - 1).reshape(B, Hkv, n * rep_keys, 1).expand(B, Hkv, n * rep_keys, D)).float()
+    s = torch.einsum("bhgd,bhnd->bhgn", qg, k).amax(2).view(B, Hkv, n, rep_keys)
+    return s.masked_fill(~inside, float("-inf")).amax(-1) * scaling
 
 
 def with_window(kept, T_search: int, T: int, window: int):

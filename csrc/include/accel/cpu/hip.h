@@ -3,8 +3,8 @@
 //
 // Per (sequence, KV head): starting from n branches [lo, hi) of the key range, every iteration splits each branch in
 // two (at its midpoint; aligned branches at half the longest branch's length from their start), scores each child by
-// the logit of one representative key (its middle or its first key; the largest scale * q_g . k over the GQA group's
-// query heads) and keeps the n best children (ties: the lower child), in position
+// the logits of its representative keys (rep_keys keys at its middle or its start, inside the child: the largest
+// scale * q_g . k over them and the GQA group's query heads) and keeps the n best children (ties: the lower child), in position
 // order, until no branch is longer than key_block. The branches of the first level no longer than coarse_at are
 // written out as well (the level a later step refines from). The step's positions are then written ascending: the
 // sinks (first + i below start), the kept branches' tokens, and the window [T - window, T). One call replaces the
@@ -34,7 +34,8 @@ struct HipParams {
   int64_t T = 0;              // keys in the cache (representatives are clamped below it)
   const int64_t* lo = nullptr;  // [B, Hkv, n] the branches to refine
   const int64_t* hi = nullptr;
-  int n = 0, key_block = 1, rep = 0;  // rep: 0 middle key, 1 first key
+  int n = 0, key_block = 1, rep = 0;  // rep: 0 middle keys, 1 first keys
+  int64_t rep_keys = 1;  // keys scored per child (HiP's code scores a child by its first key block, max over its keys)
   bool aligned = false;  // children: half the longest branch's length from the start (else the branch's midpoint)
   float scale = 1.f;
   int64_t coarse_at = 0;  // > 0: write the first level no longer than this to coarse_lo / coarse_hi
@@ -50,6 +51,7 @@ struct HipParams {
   int32_t* idx = nullptr;  // [B, Hkv, width], -1 padded
   int64_t width = 0;
   int32_t* counts = nullptr;  // [B, Hkv]
+  int64_t* reads = nullptr;   // [B, Hkv] key rows the search scored (a row scored at two levels counts twice), or nullptr
 };
 
 template <typename T>
@@ -65,10 +67,11 @@ inline void hip_search(const HipParams& p) {
       std::vector<int64_t> clo(2 * n), chi(2 * n);
       std::vector<float> score(2 * n);
       std::vector<int> order(2 * n);
-      std::vector<int64_t> rep(2 * n);
+      std::vector<int64_t> rep(2 * n), rlen(2 * n);
       const float* q = p.q + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(kh) * G) * p.D;
       const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kh * p.k_sh;
       bool coarse_done = p.coarse_at <= 0;
+      int64_t rows_read = 0;
       for (;;) {
         int64_t longest = 0;
         for (int i = 0; i < n; ++i) longest = std::max(longest, hi[i] - lo[i]);
@@ -88,12 +91,15 @@ inline void hip_search(const HipParams& p) {
         // read, so that many misses are in flight instead of one at a time
         const int64_t row_bytes = static_cast<int64_t>(p.D) * sizeof(T);
         auto request = [&](int c) {
-          const char* row = reinterpret_cast<const char*>(kb + rep[c] * p.k_st);
-          for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + o, 0, 0);
+          for (int64_t j = 0; j < rlen[c]; ++j) {
+            const char* row = reinterpret_cast<const char*>(kb + (rep[c] + j) * p.k_st);
+            for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + o, 0, 0);
+          }
         };
-        for (int c = 0; c < 2 * n; ++c) {
-          int64_t r = p.rep == 1 ? clo[c] : (clo[c] + chi[c] - 1) / 2;
+        for (int c = 0; c < 2 * n; ++c) {  // keys [r, r + rep_keys) clipped to the child (and the cache)
+          const int64_t r = p.rep == 1 ? clo[c] : std::max(clo[c], (clo[c] + chi[c] - p.rep_keys) / 2);
           rep[c] = std::min<int64_t>(std::max<int64_t>(r, 0), p.T - 1);
+          rlen[c] = std::max<int64_t>(1, std::min({r + p.rep_keys, chi[c], p.T}) - rep[c]);
         }
         for (int c = 0; c < std::min(2 * n, kHipPfRows); ++c) request(c);
         for (int c = 0; c < 2 * n; ++c) {
@@ -102,19 +108,22 @@ inline void hip_search(const HipParams& p) {
             score[c] = ninf;
             continue;
           }
-          const T* kr = kb + rep[c] * p.k_st;
+          rows_read += rlen[c];
           float best = ninf;
-          for (int g = 0; g < G; ++g) {
-            const float* qg = q + static_cast<int64_t>(g) * p.D;
-            int d = 0;
-            float dot = 0.f;
-            if (p.D % 16 == 0) {
-              v16f a{};
-              for (; d < p.D; d += 16) a += load16(qg + d) * load16(kr + d);
-              dot = hsum16(a);
+          for (int64_t j = 0; j < rlen[c]; ++j) {
+            const T* kr = kb + (rep[c] + j) * p.k_st;
+            for (int g = 0; g < G; ++g) {
+              const float* qg = q + static_cast<int64_t>(g) * p.D;
+              int d = 0;
+              float dot = 0.f;
+              if (p.D % 16 == 0) {
+                v16f a{};
+                for (; d < p.D; d += 16) a += load16(qg + d) * load16(kr + d);
+                dot = hsum16(a);
+              }
+              for (; d < p.D; ++d) dot += qg[d] * Load<T>::get(kr, d);
+              best = std::max(best, dot);
             }
-            for (; d < p.D; ++d) dot += qg[d] * Load<T>::get(kr, d);
-            best = std::max(best, dot);
           }
           score[c] = best * p.scale;
         }
@@ -128,6 +137,7 @@ inline void hip_search(const HipParams& p) {
           hi[i] = chi[order[i]];
         }
       }
+      if (p.reads) p.reads[bh] = rows_read;
       std::copy(lo.begin(), lo.end(), p.lo_out + bh * n);
       std::copy(hi.begin(), hi.end(), p.hi_out + bh * n);
       // positions: sinks, kept branches, window (ascending: sinks < start <= branches < T - window)
