@@ -84,17 +84,37 @@ def test_forced_sparse_routes_equal_the_backend_alone(arch):
     plan = flux_plan(sliding=sl)
     quest_plan = Plan(policy="quest", num_layers=4, num_kv_heads=2,
                       layers=[LayerPlan(mode="full" if i in sl else "quest", attention="quest") for i in range(4)])
-    for summaries in ("float32", "bfloat16"):
-        q = gen(m, ids, "quest", mask=mask, new=12, plan=quest_plan, topk=24, min_topk=0, page_size=4, agg="max",
+    for summaries, agg in (("float32", "max"), ("bfloat16", "max"), ("float32", "none")):
+        q = gen(m, ids, "quest", mask=mask, new=12, plan=quest_plan, topk=24, min_topk=0, page_size=4, agg=agg,
                 summary_dtype=summaries)
         f = gen(m, ids, "flux", mask=mask, new=12, plan=plan, backend="quest", route="sparse", summary_dtype=summaries,
-                **KW)
+                **dict(KW, agg=agg))
         assert same(q, f)
     hy_plan = Plan(policy="hylra", num_layers=4, num_kv_heads=2,
                    layers=[LayerPlan(mode="full" if i in sl else "select", attention="hylra") for i in range(4)])
     h = gen(m, ids, "hylra", mask=mask, new=12, plan=hy_plan, topk=24, chunk=4, sink=4, recent=8, agg="max", min_topk=0)
     f = gen(m, ids, "flux", mask=mask, new=12, plan=plan, backend="select", route="sparse", **KW)
     assert same(h, f, tol=1e-4)
+
+
+def test_rows_routed_differently_with_each_query_head_on_its_own_pages_equal_their_own_layouts():
+    """flux over quest with agg='none' (every query head selects its own pages): where the rows of a batch take
+    different routes, each row generates what quest with agg='none' does on the same batch with that row's routes
+    as its plan (full where the row runs full attention)."""
+    m = model4("llama")
+    ids, mask = two_prompts()
+    plan = flux_plan(router=feature_router())
+    with accel.patch(m, "flux", plan=plan, backend="quest", full_ratio=0.5, **dict(KW, agg="none")) as h:
+        f = m.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, return_dict_in_generate=True,
+                       output_scores=True, pad_token_id=0)
+        routes = sequences.state_of(h.runtime.last_cache).shared["flux.route"]["route"]
+    assert not torch.equal(routes[0], routes[1]) and bool(routes.any(1).all()) and not bool(routes.all(1).any())
+    for b in range(2):
+        own = Plan(policy="quest", num_layers=4, num_kv_heads=2,
+                   layers=[LayerPlan(mode="full" if bool(routes[b, i]) else "quest", attention="quest") for i in range(4)])
+        q = gen(m, ids, "quest", mask=mask, new=10, plan=own, topk=24, min_topk=0, page_size=4, agg="none")
+        assert torch.equal(f.sequences[b], q.sequences[b])
+        assert max((x[b] - y[b]).abs().max().item() for x, y in zip(f.scores, q.scores)) < 1e-4
 
 
 def test_window_backend_attends_sink_and_recent_of_each_row():
@@ -374,7 +394,8 @@ def test_bad_options_plans_and_caches_are_refused_in_one_line():
     m = model4("llama")
     plan = flux_plan(backends=("quest",))
     for kw, word in ((dict(backend="hip"), "backend"), (dict(routing="best"), "routing"),
-                     (dict(full_ratio=1.5), "full_ratio"), (dict(route="half"), "route")):
+                     (dict(full_ratio=1.5), "full_ratio"), (dict(route="half"), "route"),
+                     (dict(backend="select", agg="none"), "use backend='quest' or agg='max'")):
         with pytest.raises(AccelError, match=word):
             accel.patch(m, "flux", plan=plan, **{**KW, **kw})
     with pytest.raises(AccelError, match="trained for backend"):

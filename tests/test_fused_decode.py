@@ -633,6 +633,47 @@ def test_the_whole_stack_runs_quest_bit_for_bit(arch, dtype, summaries, agg):
         assert x[0] == y[0] and all(torch.equal(s, t) for s, t in zip(x[1:], y[1:]))
 
 
+def test_a_nan_key_reaches_the_stacks_quest_summaries_as_the_per_layer_paths():
+    """A NaN in a cached key (put into the partial last page of one row and KV head after the prompt) makes that
+    page's summary NaN in the C++ stack as in torch's amin / amax; its bound then ranks first, so the page is attended
+    and the NaN reaches that row's logits, the same way on both paths; the other row stays finite."""
+    from accel import compat
+    from accel.plan import LayerPlan, Plan
+
+    model = tiny_model("llama")
+    ids, mask = left_padded(2, 45, (0, 5), 1, high=250)
+    L, Hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    plan = Plan(policy="quest", num_layers=L, num_kv_heads=Hkv, params={"page_size": 4, "min_topk": 0},
+                layers=[LayerPlan(mode="full" if i == 0 else "quest", attention="quest", topk=None if i == 0 else 12)
+                        for i in range(L)])
+    res = {}
+    with torch.no_grad():
+        for whole in (True, False):
+            with accel.patch(model, "quest", plan=plan, min_pages=2) as h:
+                fd = h.runtime.fused
+                fd.whole_stack = whole
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                                     pad_token_id=0, return_dict_in_generate=True)
+                cache = compat.output_cache(out)
+                cl = cache.layers[1]
+                assert (cl.end - cl.start) % 4 != 0  # the last page is partial: summarised again at the next step
+                cl.k_buf[1, 0, cl.end - 1, 3] = float("nan")
+                m = torch.cat([mask, torch.ones(2, out.sequences.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+                out2 = model.generate(out.sequences, attention_mask=m, max_new_tokens=3, min_new_tokens=3,
+                                      do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                                      **compat.cache_kwargs(model, cache))
+                meta = h.runtime.layer_state[1]["quest"][1]
+                res[whole] = (out2.sequences, out2.scores, meta.full_pages, meta.kmin[:, :, :meta.full_pages + 1].clone(),
+                              meta.kmax[:, :, :meta.full_pages + 1].clone(), dict(h.runtime.stats))
+    (a, xa, fa, na, ma, sa), (b, xb, fb, nb, mb, sb) = res[True], res[False]
+    assert sa.pop("stack_calls", 0) == 1 + 3 and "stack_calls" not in sb and sa == sb  # a decode step of each leg
+    assert torch.equal(a, b) and fa == fb
+    for x, y in [*zip(xa, xb), (na, nb), (ma, mb)]:
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    assert bool(na[1, 0].isnan().any()) and bool(ma[1, 0].isnan().any()) and not bool(na[0].isnan().any())
+    assert bool(xa[0][1].isnan().any()) and not bool(xa[0][0].isnan().any())  # (min_new_tokens masks one token -inf)
+
+
 def test_the_stack_runs_a_policy_decode_only_through_its_own_class_and_a_build_that_takes_it(monkeypatch):
     """A subclass that rewrites Quest's decode does not inherit the stack's Quest (its layers run one by one), and an
     extension built before Quest joined the stack keeps every Quest step on the per-layer path."""

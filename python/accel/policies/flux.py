@@ -46,7 +46,7 @@ from ..models.base import ModelInfo
 from ..plan import Plan
 from ..plan.shipped import require_shipped_plan
 from .base import AttentionPolicy
-from .quest import SUMMARY_DTYPES, quest_selection, stack_quest
+from .quest import SUMMARY_DTYPES, attend_per_query_head, quest_selection, stack_quest
 from .registry import register_policy
 
 BACKENDS = ("quest", "select", "window")
@@ -77,7 +77,8 @@ class FluxPolicy(AttentionPolicy):
         page_size, min_pages: Quest's pages (16 tokens, at least 3) for ``backend='quest'``.
         summary_dtype: Quest's page summaries, 'float32' (default, as quest's) or 'bfloat16' (rounded outward).
         chunk, sink, recent, agg: the 'select' backend's chunks (16), forced sink (16) and recent (64) tokens and its
-            aggregation of a KV head's query heads ('max'; quest aggregates its page bounds the same way); the 'window'
+            aggregation of a KV head's query heads ('max'; quest aggregates its page bounds the same way, and with
+            'none', quest's backend only, every query head selects its own pages); the 'window'
             backend keeps ``sink`` tokens and fills the rest of the budget with the most recent ones.
         probe: prompt queries (the last ones) the routing features are read from (16).
         feature_ratio: the budget (fraction of the context) the features' missed attention mass is measured at
@@ -123,8 +124,12 @@ class FluxPolicy(AttentionPolicy):
                 raise AccelError(f"flux: {knob} must be an integer >= 1, got {getattr(self, knob)!r}")
         if not isinstance(self.min_topk, int) or self.min_topk < 0:
             raise AccelError(f"flux: min_topk must be an integer >= 0, got {self.min_topk!r}")
-        if self.agg not in ("max", "mean", "sum"):
-            raise AccelError(f"flux: agg must be 'max', 'mean' or 'sum', got {self.agg!r}")
+        if self.agg not in ("max", "mean", "sum", "none"):
+            raise AccelError(f"flux: agg must be 'max', 'mean', 'sum' or 'none', got {self.agg!r}")
+        if self.agg == "none" and self.backend != "quest":
+            raise AccelError(f"flux: agg='none' (every query head its own pages) is quest's selection; the "
+                             f"{self.backend!r} backend aggregates a KV head's query heads: use backend='quest' or "
+                             "agg='max'")
         if not isinstance(self.summary_dtype, str) or self.summary_dtype not in SUMMARY_DTYPES:
             raise AccelError(f"flux: summary_dtype must be 'bfloat16' or 'float32', got {self.summary_dtype!r}")
         if not isinstance(self.feature_ratio, (int, float)) or not 0 < float(self.feature_ratio) <= 1:
@@ -210,6 +215,10 @@ class FluxPolicy(AttentionPolicy):
         sel = self.sparse_selection(ctx, query, key, attention_mask, budget, scaling)
         if sel is None:  # the backend's selection covers the context: exact
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
+        if self.agg == "none":  # quest's per-query-head selection: one (idx, counts) per query head of each group
+            if bool(full.any()):
+                sel = [with_full_rows(i, c, full, T, key.shape[1]) for i, c in sel]
+            return attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel)
         idx, counts = sel
         if bool(full.any()):  # FA rows attend to every position through the same call
             idx, counts = with_full_rows(idx, counts, full, T, key.shape[1])

@@ -120,7 +120,7 @@ class QuestPolicy(AttentionPolicy):
                               SUMMARY_DTYPES[self.plan_knob(ctx, "summary_dtype")])
         if sel is None:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
-        if isinstance(sel, list):  # agg="none": one selection per query head of each group
+        if self.plan_knob(ctx, "agg") == "none":  # one selection per query head of each group
             return attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel)
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, *sel)
 
