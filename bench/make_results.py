@@ -66,6 +66,8 @@ COMMITTED = {
     "eval_flux_smollm2_2k.csv": "2026-12-05",
     "eval_flux_smollm2_4k.csv": "2026-12-05",
     "eval_flux_smollm2_4k_lm.csv": "2026-12-05",
+    "eval_flux_pages4_smollm2_4k.csv": "2026-12-06",
+    "eval_flux_pages4_none_smollm2_4k.csv": "2026-12-06",
     "decode_flux_smollm2_b1.csv": "2026-12-05",
     "decode_flux_smollm2_b8.csv": "2026-12-05",
     "eval_sparse_smollm2_8k.csv": "2026-12-05",
@@ -801,6 +803,9 @@ def sec_tca() -> list[str]:
 
 FLUX_EVAL = ("eval_flux_smollm2_2k.csv", "eval_flux_smollm2_4k.csv", "eval_flux_smollm2_4k_lm.csv")
 FLUX_SPEED = ("decode_flux_smollm2_b1.csv", "decode_flux_smollm2_b8.csv")
+# the quest backend with pages of 4 (the quest policy's default) and per-query-head pages; one policy per run, the
+# runs' HF rows equal the committed dense ones
+FLUX_PAGES = ("eval_flux_pages4_smollm2_4k.csv", "eval_flux_pages4_none_smollm2_4k.csv")
 SPARSE_8K = "eval_sparse_smollm2_8k.csv"
 FLUX_HELDOUT = "flux_router_heldout.csv"
 
@@ -809,6 +814,8 @@ def sec_flux() -> list[str]:
     q = Quality()
     for n in FLUX_EVAL:
         q.add(n)
+    for n in FLUX_PAGES:
+        q.add(n, lambda p: None if p == "hf" else p)
     tasks = ["passkey", "niah", "ruler_niah_single_1"]
     rows = _context_rows(q, tasks, first=("dense", "hylra"))
     out = ["## Flux Attention: a trained layer router", "",
@@ -816,9 +823,11 @@ def sec_flux() -> list[str]:
            "[plan_smollm2-135m_flux.png](../bench/results/plan_smollm2-135m_flux.png)) at its default full-layer ratio "
            "of 1/3 (10 of 30 layers full per request) and an SA budget of 1/8 of the context, next to hylra's shipped "
            "plan (10 full layers) and duo at 1/8, the same samples. `flux@routing=static`: the same 10 layers for every "
-           "request (the router's training order, no context). ✓ = within one sample of dense.", ""]
+           "request (the router's training order, no context). `flux@page_size=4` (`@agg=none`): the quest backend "
+           "with the quest policy's pages of 4 (and every query head selecting its own pages), separate runs on the "
+           "Intel Xeon machine on the same samples. ✓ = within one sample of dense.", ""]
     out += table(["policy", "context"] + tasks + ["perplexity (vs dense)"], rows)
-    out += sources(*FLUX_EVAL)
+    out += sources(*FLUX_EVAL, *FLUX_PAGES)
     out += ["Decode after a real prefill, one run each (\"KV MB read per step\": the runtime's own count):", ""]
     out += _speed_table(list(FLUX_SPEED))
     out += sources(*FLUX_SPEED)
