@@ -66,6 +66,52 @@ def test_representative_keys_that_cover_every_child_score_it_exhaustively(backen
     assert torch.allclose(s[..., 2], logit[..., 30])
 
 
+@pytest.mark.parametrize("rep", ["middle", "first"])
+def test_a_nan_key_ranks_its_child_first_in_both_searches(rep):
+    """A NaN key's logit makes its child's score +inf in the C++ search and the torch path alike (NaN ranks first):
+    the same branches; with first keys as representatives (the NaN key stays its branch's first key at every level)
+    the NaN key is among the positions attended."""
+    g = torch.Generator().manual_seed(8)
+    B, H, Hkv, T, D = 1, 6, 2, 400, 16
+    q, k = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    first = torch.zeros(B, dtype=torch.long)
+    for rk in (1, 4):
+        lo, hi, start = HIP.initial_branches(first, Hkv, T, 4, 16, 12, 4)
+        probe = HIP.hip_step(q, k, lo, hi, 4, rep, 0.125, 0, first, start, 4, 16, rep_keys=rk)
+        # a key the search scores at its first level (the first representative of branch 3), in KV head 1
+        kk = k.clone()
+        c0, c1 = int(lo[0, 1, 3]), int(hi[0, 1, 3])
+        mid = (c0 + c1) // 2
+        t = c0 if rep == "first" else max(c0, (c0 + mid - rk) // 2)
+        kk[0, 1, t, 5] = float("nan")
+        c = HIP.hip_step(q, kk, lo, hi, 4, rep, 0.125, 0, first, start, 4, 16, rep_keys=rk)
+        r = HIP.hip_step(q, kk, lo, hi, 4, rep, 0.125, 0, first, start, 4, 16, backend="torch", rep_keys=rk)
+        assert all(torch.equal(x, y) for x, y in zip(c[:2] + c[3:], r[:2] + r[3:]))
+        n = int(c[4][0, 1])
+        if rep == "first":
+            assert t in c[3][0, 1, :n].tolist() and t not in probe[3][0, 1, : int(probe[4][0, 1])].tolist()
+
+
+def test_a_build_before_rep_keys_runs_the_torch_search(monkeypatch):
+    """An extension built before ``rep_keys`` (its hip_search takes neither rep_keys nor returns the rows scored)
+    is not called: the torch search runs, the same positions."""
+    from accel import _ext
+
+    class OldBuild:
+        def hip_search(self, *a):
+            raise AssertionError("an old build must not be called")
+
+    OldBuild.hip_search.__doc__ = "HiP's hierarchical branch search: split every branch in two"
+    g = torch.Generator().manual_seed(9)
+    q, k = torch.randn(1, 4, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g)
+    first = torch.zeros(1, dtype=torch.long)
+    lo, hi, start = HIP.initial_branches(first, 2, 300, 4, 16, 10, 4)
+    want = HIP.hip_step(q, k, lo, hi, 4, "middle", 0.125, 0, first, start, 4, 16)
+    monkeypatch.setattr(_ext, "cpu_ext", lambda: OldBuild())
+    got = HIP.hip_step(q, k, lo, hi, 4, "middle", 0.125, 0, first, start, 4, 16)
+    assert all(torch.equal(x, y) for x, y in zip(want[:2] + want[3:], got[:2] + got[3:]))
+
+
 def test_the_search_reads_few_keys_and_keeps_sinks_and_window():
     g = torch.Generator().manual_seed(1)
     B, H, Hkv, T, D = 1, 3, 1, 1000, 8
@@ -202,7 +248,7 @@ def test_the_cpu_search_equals_the_torch_path(dtype):
                                   aligned=aligned, rep_keys=rk)
                 t2 = HIP.hip_step(q, key, t[2][0], t[2][1], kb, rep, 0.125, 0, first, start, sink, window,
                                   backend="torch", aligned=aligned, rep_keys=rk)
-                assert torch.equal(c2[4], t2[4]) and torch.equal(c2[0], t2[0])
+                assert torch.equal(c2[4], t2[4]) and torch.equal(c2[0], t2[0]) and torch.equal(c2[5], t2[5])
 
 
 def test_sparse_prefill_attends_sinks_window_and_searched_blocks_and_is_off_for_padding():

@@ -86,7 +86,8 @@ class QuestMetadata:
         return self.kmin[:, :, :n], self.kmax[:, :, :n]
 
     def page_scores(self, q: torch.Tensor, keys: torch.Tensor, agg: str = "max") -> torch.Tensor:
-        """Upper bounds [B, Hkv, n_pages] for queries q [B, H, D], aggregated over each GQA group."""
+        """Upper bounds [B, Hkv, n_pages] for queries q [B, H, D], aggregated over each GQA group (``none``: each
+        query head's own, [G, B, Hkv, n_pages])."""
         return upper_bounds(q, *self.bounds(keys), agg)
 
 

@@ -25,6 +25,7 @@ search per 64-token query block, on the block-sparse prefill kernel).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -209,6 +210,14 @@ def search_blocks(q, key, first, sink: int, window: int, n_blocks: int, key_bloc
 _REP_CODE = {"middle": 0, "first": 1}
 
 
+@functools.lru_cache(maxsize=8)
+def _counts_reads(hip_search) -> bool:
+    """Whether a built ``hip_search`` takes ``rep_keys`` and returns the rows it scored (a build before them does
+    not: the torch path runs instead)."""
+    doc = hip_search.__doc__ or ""
+    return "rep_keys" in doc and "reads" in doc
+
+
 def hip_step(q, key, lo, hi, key_block: int, representative: str, scaling: float, coarse_at: int, first, start,
              sink: int, window: int, backend: str | None = None, aligned: bool = False, rep_keys: int = 1):
     """One step's search from the branches (lo, hi) [B, Hkv, n] and its positions: returns (lo, hi, coarse (lo, hi)
@@ -219,11 +228,10 @@ def hip_step(q, key, lo, hi, key_block: int, representative: str, scaling: float
     T = key.shape[2]
     if (backend != "torch" and representative in _REP_CODE and q.device.type == "cpu" and _ext.HAS_CPU_EXT
             and hasattr(_ext.cpu_ext(), "hip_search") and key.stride(-1) == 1
-            and (rep_keys == 1 or "rep_keys" in (_ext.cpu_ext().hip_search.__doc__ or ""))):
-        extra = (rep_keys,) if rep_keys != 1 else ()  # a build before rep_keys takes one key
+            and _counts_reads(_ext.cpu_ext().hip_search)):
         lo, hi, clo, chi, idx, counts, reads = _ext.cpu_ext().hip_search(
             q, key, lo, hi, key_block, _REP_CODE[representative], scaling, coarse_at, first,
-            start.reshape(-1), sink, window, aligned, *extra)
+            start.reshape(-1), sink, window, aligned, rep_keys)
         return lo, hi, ((clo, chi) if coarse_at > 0 else None), idx, counts, reads
     lo, hi, coarse, reads = refine(q, key, lo, hi, lo.shape[-1], key_block, representative, scaling,
                             coarse_at=coarse_at if coarse_at > 0 else None, aligned=aligned, rep_keys=rep_keys)
@@ -292,7 +300,8 @@ def refine(q, key, lo, hi, n_blocks: int, key_block: int, representative: str = 
         clo = torch.stack((lo, mid), -1).flatten(-2)  # children in order: [lo, mid), [mid, hi)
         chi = torch.stack((mid, hi), -1).flatten(-2)
         score = _child_scores(qg, key, clo, chi, representative, full, scaling, rep_keys)
-        score = score.masked_fill(chi <= clo, float("-inf"))  # empty children
+        # a NaN logit (a NaN key) ranks its child first, as +inf (the C++ search does the same); empty children last
+        score = score.masked_fill(score.isnan(), float("inf")).masked_fill(chi <= clo, float("-inf"))
         if representative != "max":  # each non-empty child's keys scored (the C++ search counts the same)
             r0 = clo if representative == "first" else torch.maximum(clo, (clo + chi - rep_keys) // 2)
             rep = r0.clamp(0, T - 1)

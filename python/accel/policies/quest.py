@@ -41,7 +41,7 @@ from .base import AttentionPolicy
 from .registry import register_policy
 
 
-_AGG = {"max": 0, "mean": 1, "sum": 2, "none": 3}  # the C++ selection's codes (3: the decode stack only)
+_AGG = {"max": 0, "mean": 1, "sum": 2, "none": 3}  # the C++ selection's codes (3: one selection per query head)
 SUMMARY_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -197,8 +197,9 @@ def quest_metadata(ctx, T: int, P: int, dtype: torch.dtype = torch.float32) -> Q
 
 def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pages: int, agg: str = "max",
                     page_rounding: str = "up", who: str = "quest", dtype: torch.dtype = torch.float32):
-    """One decode step's Quest pages for ``budget`` tokens: (positions [B, Hkv, n] int32 -1 padded, counts [B, Hkv]),
-    or None when the pages would cover the context. The page summaries live in the sequence's layer state
+    """One decode step's Quest pages for ``budget`` tokens: (positions [B, Hkv, n] int32 -1 padded, counts [B, Hkv]);
+    with ``agg="none"`` a list of G such pairs, one per query head of each group (query heads g, G + g, ...); or
+    None when the pages would cover the context. The page summaries live in the sequence's layer state
     (``ctx.state["quest"]``), rebuilt when the cache layer's rows change; their bytes count as read."""
     B, H, _, D = query.shape
     T = key.shape[2]

@@ -122,7 +122,7 @@ inline void hip_search(const HipParams& p) {
                 dot = hsum16(a);
               }
               for (; d < p.D; ++d) dot += qg[d] * Load<T>::get(kr, d);
-              best = std::max(best, dot);
+              best = dot != dot ? std::numeric_limits<float>::infinity() : std::max(best, dot);  // NaN ranks first
             }
           }
           score[c] = best * p.scale;
