@@ -67,6 +67,7 @@ COMMITTED = {
     "eval_flux_smollm2_4k.csv": "2026-12-05",
     "eval_flux_smollm2_4k_lm.csv": "2026-12-05",
     "eval_flux_pages4_smollm2_4k.csv": "2026-12-06",
+    "decode_flux_smollm2_b8_distinct.csv": "2026-12-06",
     "eval_flux_pages4_none_smollm2_4k.csv": "2026-12-06",
     "decode_flux_smollm2_b1.csv": "2026-12-05",
     "decode_flux_smollm2_b8.csv": "2026-12-05",
@@ -803,6 +804,7 @@ def sec_tca() -> list[str]:
 
 FLUX_EVAL = ("eval_flux_smollm2_2k.csv", "eval_flux_smollm2_4k.csv", "eval_flux_smollm2_4k_lm.csv")
 FLUX_SPEED = ("decode_flux_smollm2_b1.csv", "decode_flux_smollm2_b8.csv")
+FLUX_DISTINCT = "decode_flux_smollm2_b8_distinct.csv"  # rows routed differently: the mixed-route path
 # the quest backend with pages of 4 (the quest policy's default) and per-query-head pages; one policy per run, the
 # runs' HF rows equal the committed dense ones
 FLUX_PAGES = ("eval_flux_pages4_smollm2_4k.csv", "eval_flux_pages4_none_smollm2_4k.csv")
@@ -831,6 +833,13 @@ def sec_flux() -> list[str]:
     out += ["Decode after a real prefill, one run each (\"KV MB read per step\": the runtime's own count):", ""]
     out += _speed_table(list(FLUX_SPEED))
     out += sources(*FLUX_SPEED)
+    out += ["Batch 8 with every row its own prompt (`accel bench --prompts distinct`: a passage each from a different "
+            "part of the essays), on the Intel Xeon machine, one run. The router routed the rows differently on 11 of "
+            "the 30 layers (checked on the same prompts), so no step ran in the one-call C++ stack: the layers ran one "
+            "by one, the rows of a mixed layer in one sparse call with the full-attention rows selecting every "
+            "position.", ""]
+    out += _speed_table([FLUX_DISTINCT])
+    out += sources(FLUX_DISTINCT)
     out += ["The shipped router on 12 requests it never saw (the trainer's request series continued): the KL of the "
             "next-token distribution summed over the layers each rule sends to sparse attention at 10 full layers "
             "(lower is better), the router's rank correlation with the labels, and how many of its 10 full layers per "

@@ -221,6 +221,30 @@ def test_bench_batches_and_synthetic_kv(tiny_folder, tmp_path):
     assert dense2["speedup_vs_accel_dense"] == "1.0"
 
 
+def test_bench_distinct_prompts_give_each_row_its_own_passage(tiny_folder, tmp_path, capsys):
+    """``--prompts distinct``: every row of a batch its own passage of the essays, all of one length (no padding);
+    the CSV says which prompts ran; with --synthetic-kv (which replaces the prompts' K/V) it is refused."""
+    import csv
+
+    from accel.cli.bench import _distinct_prompts
+    from accel.cli.common import load_model
+
+    _, tok = load_model(str(tiny_folder), "float32")
+    enc = _distinct_prompts(tok, 80, 3)
+    ids = enc["input_ids"]
+    assert ids.shape[0] == 3 and abs(ids.shape[1] - 80) <= 2 and bool(enc["attention_mask"].all())
+    assert len({tuple(r.tolist()) for r in ids}) == 3  # three different prompts
+    out = tmp_path / "d.csv"
+    assert main(["bench", "--model", str(tiny_folder), "--contexts", "96", "--batch", "2", "--new-tokens", "3",
+                 "--prompts", "distinct", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {r["policy"] for r in rows} == {"hf", "dense"} and all(r["prompts"] == "distinct" for r in rows)
+    capsys.readouterr()
+    assert main(["bench", "--model", str(tiny_folder), "--prompts", "distinct", "--synthetic-kv",
+                 "--out", str(out)]) == 2
+    assert "--prompts distinct" in capsys.readouterr().err
+
+
 def test_plan_command_writes_a_loadable_plan_and_picture(tiny_folder, tmp_path, capsys):
     from accel.plan import Plan
 

@@ -63,6 +63,10 @@ def run(args) -> int:
     if args.anchors and not (Path(args.anchors) / "run_anchors.sh").is_file():
         raise AccelError(f"--anchors {args.anchors!r}: no run_anchors.sh there; give the folder that holds the anchor "
                          "scripts (run_anchors.sh, setup.sh)")
+    distinct = getattr(args, "prompts", "same") == "distinct"
+    if distinct and args.synthetic_kv:
+        raise AccelError("--prompts distinct gives each row its own prompt, which --synthetic-kv replaces with random "
+                         "K/V: drop one of them")
     if args.synthetic_kv and HF_COMPILE in split_policies(args.policies):
         raise AccelError("hf-compile decodes on transformers' own static cache, which --synthetic-kv does not fill: "
                          "drop one of them")
@@ -98,8 +102,11 @@ def run(args) -> int:
     for ctx, batch, pol in tqdm(runs, desc="bench", unit="run"):
         # prompt + generated tokens must fit the context window; the context reported is the prompt's
         n_ctx = min(ctx, limit - args.new_tokens)
-        prompt = text_of_tokens(tok, n_ctx - 1)  # +BOS where the tokenizer adds one
-        enc = tok([prompt] * batch, return_tensors="pt", padding=True)
+        if distinct:
+            enc = _distinct_prompts(tok, n_ctx - 1, batch)
+        else:
+            prompt = text_of_tokens(tok, n_ctx - 1)  # +BOS where the tokenizer adds one
+            enc = tok([prompt] * batch, return_tensors="pt", padding=True)
         n_prompt = enc["input_ids"].shape[1]
         cache = _synthetic_cache(model, batch, n_prompt - 1, for_hf=(pol == BASELINE)) if args.synthetic_kv else None
         # exactly --new-tokens steps with no end-of-sequence check: min_new_tokens would add two scans of the vocabulary
@@ -162,7 +169,8 @@ def run(args) -> int:
             "read_bw_gbs": round(run_bw, 2), "read_bw_start_gbs": round(read_bw, 2), "copy_bw_gbs": round(copy_bw, 2),
             "kv_held_mb": round(held / 1e6, 2),
             "peak_rss_mb": round(mem.peak / 1e6, 1), "rss_growth_mb": round((mem.peak - mem.start) / 1e6, 1),
-            "dtype": args.dtype, "synthetic_kv": bool(args.synthetic_kv), **facts,
+            "dtype": args.dtype, "synthetic_kv": bool(args.synthetic_kv),
+            "prompts": "distinct" if distinct else "same", **facts,
         })
         time.sleep(0.1)
     rows = _median_runs(rows, repeats)
@@ -270,6 +278,19 @@ def _write_csv(path, rows) -> Path:
         w.writeheader()
         w.writerows(rows)
     return out
+
+
+def _distinct_prompts(tok, n_tokens: int, batch: int) -> dict:
+    """``batch`` prompts of the same token count from passages spread over the essays (row i starts i / batch of the
+    way in), stacked without padding: {"input_ids", "attention_mask"}."""
+    from ..eval.text import essays_text, text_of_tokens
+
+    span = len(essays_text())
+    rows = [tok(text_of_tokens(tok, n_tokens, offset_chars=(i * span) // max(batch, 1)), return_tensors="pt")["input_ids"][0]
+            for i in range(batch)]
+    n = min(len(r) for r in rows)
+    ids = torch.stack([r[:n] for r in rows])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _synthetic_cache(model, batch: int, length: int, for_hf: bool):

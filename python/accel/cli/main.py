@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(run_anchors.sh's own default is 3; llama-bench rows are the mean of its runs)")
     b.add_argument("--synthetic-kv", action="store_true",
                    help="speed only: fill the cache with random K/V instead of running the prefill")
+    b.add_argument("--prompts", choices=("same", "distinct"), default="same",
+                   help="batch rows: the same essay prefix (default), or each row its own passage of the essays "
+                        "(equal lengths; per-request policies such as flux's router then route rows differently)")
     b.add_argument("--out", default="accel_results/decode.csv", help="CSV to write (a PNG is written next to it)")
 
     e = sub.add_parser("eval", help="accuracy of unpatched vs accel policies on passkey / NIAH / RULER / perplexity")
