@@ -247,33 +247,31 @@ int64_t stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std:
       d.indices = qs->idx.data();
       d.idx_stride = qs->k_pages * qs->page;
       d.lengths = qs->counts.data();
-      if (qs->agg == 3) {  // agg="none": one pass over the summaries selects for every query head, then query heads
-                           // g, G + g, ... attend as a group of one to their own pages, for each g
-        const int64_t G = d.H / Hkv;
-        accel::cpu::quest_select(p);  // positions [G, B, Hkv, width], counts [G, B, Hkv]
-        std::vector<float> qg(static_cast<size_t>(BH * D)), og(static_cast<size_t>(BH * D));
-        accel::cpu::DecodeParams dg = d;
-        dg.q = qg.data();
-        dg.out = og.data();
-        dg.H = d.Hkv;
-        for (int64_t g = 0; g < G; ++g) {
-          for (int64_t i = 0; i < BH; ++i)  // i = b * Hkv + kh, query head kh * G + g
-            std::copy_n(q.data() + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D, D, qg.data() + i * D);
-          dg.indices = qs->idx.data() + g * BH * d.idx_stride;
-          dg.lengths = qs->counts.data() + g * BH;
-          accel::cpu::decode_attention<T>(dg);
-          for (int64_t i = 0; i < BH; ++i) {
-            std::copy_n(og.data() + i * D, D, d.out + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D);
-            rows += dg.lengths[i];
-          }
-        }
-        if constexpr (narrow) round_inplace<H>(a.data(), static_cast<int64_t>(a.size()));
-        return rows;
-      }
-      accel::cpu::quest_select(p);
+      accel::cpu::quest_select(p);  // agg none: positions [G, B, Hkv, width], counts [G, B, Hkv]
     }
-    accel::cpu::decode_attention<T>(d);
-    for (int64_t i = 0; i < BH; ++i) rows += d.lengths[i];
+    if (qs != nullptr && qs->agg == 3) {  // agg="none": query heads g, G + g, ... attend as a group of one to their
+                                          // own pages, for each g
+      const int64_t G = d.H / Hkv;
+      std::vector<float> qg(static_cast<size_t>(BH * D)), og(static_cast<size_t>(BH * D));
+      accel::cpu::DecodeParams dg = d;
+      dg.q = qg.data();
+      dg.out = og.data();
+      dg.H = d.Hkv;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < BH; ++i)  // i = b * Hkv + kh, query head kh * G + g
+          std::copy_n(q.data() + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D, D, qg.data() + i * D);
+        dg.indices = qs->idx.data() + g * BH * d.idx_stride;
+        dg.lengths = qs->counts.data() + g * BH;
+        accel::cpu::decode_attention<T>(dg);
+        for (int64_t i = 0; i < BH; ++i) {
+          std::copy_n(og.data() + i * D, D, d.out + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D);
+          rows += dg.lengths[i];
+        }
+      }
+    } else {
+      accel::cpu::decode_attention<T>(d);
+      for (int64_t i = 0; i < BH; ++i) rows += d.lengths[i];
+    }
   } else {
     row_buf.resize(2 * BH * D);  // the new rows in the pool's dtype
     for (int64_t i = 0; i < BH * D; ++i) row_buf[i] = H(k[i]), row_buf[BH * D + i] = H(v[i]);

@@ -303,9 +303,8 @@ def refine(q, key, lo, hi, n_blocks: int, key_block: int, representative: str = 
         # a NaN logit (a NaN key) ranks its child first, as +inf (the C++ search does the same); empty children last
         score = score.masked_fill(score.isnan(), float("inf")).masked_fill(chi <= clo, float("-inf"))
         if representative != "max":  # each non-empty child's keys scored (the C++ search counts the same)
-            r0 = clo if representative == "first" else torch.maximum(clo, (clo + chi - rep_keys) // 2)
-            rep = r0.clamp(0, T - 1)
-            n_read = (torch.minimum(torch.minimum(r0 + rep_keys, chi), torch.full_like(chi, T)) - rep).clamp(min=1)
+            rep, end = _rep_window(clo, chi, representative, rep_keys, T)
+            n_read = (end - rep).clamp(min=1)
             reads += torch.where(active.unsqueeze(-1) & (chi > clo), n_read, torch.zeros_like(n_read)).sum(-1)
         # the n best children, ties to the lower child (as the C++ search), then in position order
         keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :n_blocks].sort(dim=-1).values
@@ -393,6 +392,13 @@ def prefill_blocks(query, key, scaling: float, budget: int, sink: int, window: i
     return blocks, counts.to(torch.int32).repeat_interleave(G, dim=1).contiguous()
 
 
+def _rep_window(clo, chi, representative: str, rep_keys: int, T: int):
+    """The keys [rep, end) that score each child [clo, chi): ``rep_keys`` from its start (``first``) or centred on its
+    middle, clipped to the child and the cache; ``rep`` is clamped into the cache (an empty child keeps one key)."""
+    r0 = clo if representative == "first" else torch.maximum(clo, (clo + chi - rep_keys) // 2)
+    return r0.clamp(0, T - 1), torch.minimum(r0 + rep_keys, chi).clamp(max=T)
+
+
 def _child_scores(qg, key, clo, chi, representative: str, full, scaling: float, rep_keys: int = 1):
     """The score of each child branch [clo, chi): its representative keys' largest logit (``rep_keys`` keys from its
     start, or centred on its middle, inside the child), max over the group's heads."""
@@ -404,14 +410,13 @@ def _child_scores(qg, key, clo, chi, representative: str, full, scaling: float, 
         inside = r < chi.unsqueeze(-1)
         s = full.unsqueeze(2).expand(B, Hkv, clo.shape[-1], T).gather(-1, r.clamp(max=T - 1))
         return s.masked_fill(~inside, float("-inf")).amax(-1)
-    r0 = clo if representative == "first" else torch.maximum(clo, (clo + chi - rep_keys) // 2)
-    rep = r0.clamp(0, T - 1)
+    rep, end = _rep_window(clo, chi, representative, rep_keys, T)
     if rep_keys == 1:
         k = key.gather(2, rep.unsqueeze(-1).expand(*rep.shape, D)).float()  # [B, Hkv, n, D]
         return torch.einsum("bhgd,bhnd->bhgn", qg, k).amax(2) * scaling
     n = clo.shape[-1]
     r = rep.unsqueeze(-1) + torch.arange(rep_keys, device=clo.device)  # [B, Hkv, n, rep_keys]
-    inside = (r < torch.minimum(r0 + rep_keys, chi).clamp(max=T).unsqueeze(-1))
+    inside = r < end.unsqueeze(-1)
     inside[..., 0] = True  # at least the representative itself (an empty child's score is masked by the caller)
     k = key.gather(2, r.clamp(max=T - 1).reshape(B, Hkv, n * rep_keys, 1).expand(B, Hkv, n * rep_keys, D)).float()
     s = torch.einsum("bhgd,bhnd->bhgn", qg, k).amax(2).view(B, Hkv, n, rep_keys)

@@ -114,13 +114,13 @@ class QuestPolicy(AttentionPolicy):
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
         budget = token_budget(key.shape[2], topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
+        agg = self.plan_knob(ctx, "agg")
         sel = quest_selection(ctx, query, key, attention_mask, budget, int(self.plan_knob(ctx, "page_size")),
-                              int(self.plan_knob(ctx, "min_pages")), self.plan_knob(ctx, "agg"),
-                              self.plan_knob(ctx, "page_rounding"), "quest",
-                              SUMMARY_DTYPES[self.plan_knob(ctx, "summary_dtype")])
+                              int(self.plan_knob(ctx, "min_pages")), agg, self.plan_knob(ctx, "page_rounding"),
+                              "quest", SUMMARY_DTYPES[self.plan_knob(ctx, "summary_dtype")])
         if sel is None:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
-        if self.plan_knob(ctx, "agg") == "none":  # one selection per query head of each group
+        if agg == "none":  # one selection per query head of each group
             return attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel)
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, *sel)
 
