@@ -7,7 +7,8 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                                                 c10::optional<torch::Tensor> valid, double scale,
                                                 bool return_lse, int64_t num_threads,
                                                 c10::optional<torch::Tensor> scores,
-                                                c10::optional<torch::Tensor> offsets);
+                                                c10::optional<torch::Tensor> offsets,
+                                                c10::optional<torch::Tensor> head_mask);
 torch::Tensor small_m_linear_cpu(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
                                  int64_t num_threads, bool x_bf16);
 std::vector<torch::Tensor> select_from_logits_cpu(torch::Tensor scores, torch::Tensor lse, int64_t T, int64_t num_kv_heads,
@@ -21,7 +22,7 @@ std::string build_isa_cpu();
 bool has_bf16_dot_cpu();
 std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax, int64_t n_pages,
                                             int64_t k_pages, int64_t page, int64_t T, int64_t agg,
-                                            c10::optional<torch::Tensor> first);
+                                            c10::optional<torch::Tensor> first, bool merged);
 std::vector<torch::Tensor> hip_search_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor lo, torch::Tensor hi,
                                           int64_t key_block, int64_t rep, double scale, int64_t coarse_at,
                                           torch::Tensor first, torch::Tensor start, int64_t sink, int64_t window,
@@ -66,7 +67,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("lengths"),
         pybind11::arg("indices") = pybind11::none(), pybind11::arg("valid") = pybind11::none(),
         pybind11::arg("scale"), pybind11::arg("return_lse") = false, pybind11::arg("num_threads") = 0,
-        pybind11::arg("scores") = pybind11::none(), pybind11::arg("offsets") = pybind11::none());
+        pybind11::arg("scores") = pybind11::none(), pybind11::arg("offsets") = pybind11::none(),
+        pybind11::arg("head_mask") = pybind11::none());
   m.def("small_m_linear", &small_m_linear_cpu, "decode linear y = x W^T + b for 1..64 rows",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("num_threads") = 0, pybind11::arg("x_bf16") = false);
@@ -119,10 +121,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quest_select", &quest_select_cpu,
         "Quest's page selection: page upper bounds from the key min/max summaries (float32 or bfloat16), aggregated over "
         "each GQA group or kept per query head (agg 3, one pass over the summaries for the whole group), top k_pages (the "
-        "current page always) expanded to token positions",
+        "current page always) expanded to token positions; agg 3 with merged: the group's union with a head_mask "
+        "(bit g: query head g of the group selected the position)",
         pybind11::arg("q"), pybind11::arg("kmin"), pybind11::arg("kmax"), pybind11::arg("n_pages"),
         pybind11::arg("k_pages"), pybind11::arg("page"), pybind11::arg("T"), pybind11::arg("agg"),
-        pybind11::arg("first") = pybind11::none());
+        pybind11::arg("first") = pybind11::none(), pybind11::arg("merged") = false);
   m.def("hip_search", &hip_search_cpu,
         "HiP's hierarchical branch search: split every branch in two, keep the n best children by their representative "
         "keys' largest logit (rep_keys keys per child), down to key_block; returns (lo, hi, coarse_lo, coarse_hi, "

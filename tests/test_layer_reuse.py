@@ -390,14 +390,21 @@ def test_quest_per_query_head_selection_attends_each_heads_own_pages():
         G = H // Hkv
         n_pages = (T + 15) // 16
         kmin, kmax = page_minmax_ref(k, T, 16)
-        assert len(sels) == G
-        differs |= any(not torch.equal(sels[0][0], s[0]) for s in sels[1:])
+        uidx, ucnt, umask = sels  # the group's union of pages, bit g for query head kh * G + g
+        assert umask.dtype == torch.int64 and umask.shape == uidx.shape
+        for b in range(B):
+            for kh in range(Hkv):
+                held = umask[b, kh, : ucnt[b, kh]]
+                assert bool((held != 0).all()) and bool((held >> G == 0).all())  # every entry some head's, no other bits
+        per_head = [[[uidx[b, kh, : ucnt[b, kh]][((umask[b, kh, : ucnt[b, kh]] >> g) & 1) == 1] for kh in range(Hkv)]
+                     for b in range(B)] for g in range(G)]
+        differs |= any(not torch.equal(per_head[0][b][kh], per_head[g][b][kh])
+                       for g in range(1, G) for b in range(B) for kh in range(Hkv))
         for head in range(H):
             kh, g = divmod(head, G)
-            idx, cnt = sels[g]
             ub = quest_page_scores_ref(q[:, kh * G + g: kh * G + g + 1, 0], kmin[:, kh:kh + 1], kmax[:, kh:kh + 1], "max")
             for b in range(B):
-                pos = idx[b, kh, : cnt[b, kh]].long()
+                pos = per_head[g][b][kh].long()
                 pages = set((pos // 16).tolist())
                 sc = ub[b, 0, : n_pages - 1].clone()
                 first = 13 if b == 1 else 0
@@ -413,8 +420,9 @@ def test_quest_per_query_head_selection_attends_each_heads_own_pages():
 
 @pytest.mark.parametrize("summaries", ["float32", "bfloat16"])
 def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page(summaries):
-    """Quest (methods.md 7.5): the first two layers stay dense; elsewhere each KV head attends to the
-    ceil(topk / page) pages (at least 3) whose key min/max bound q.k highest, always with the current page, every
+    """Quest (methods.md 7.5) with one page set per KV head (agg="max"): the first two layers stay dense; elsewhere each
+    KV head attends to the ceil(topk / page) pages (at least 3) whose key min/max bound q.k highest (the largest over
+    its query heads), always with the current page, every
     page whole; the incremental page metadata gives the reference's bounds (bfloat16 summaries: its min and max
     rounded outward). (The per-layer path, seen through its ``sparse_attend``; the one-call C++ stack equals it bit
     for bit: tests/test_fused_decode.py.)"""
@@ -433,7 +441,8 @@ def test_quest_attends_the_pages_with_the_highest_bounds_and_the_current_page(su
 
     Q.sparse_attend = spy
     try:
-        gen(m, ids, "quest", topk=64, page_size=16, summary_dtype=summaries, new=8, fused_decode=False)  # 4 pages
+        gen(m, ids, "quest", topk=64, page_size=16, summary_dtype=summaries, agg="max", new=8,
+            fused_decode=False)  # 4 pages, one set per KV head
     finally:
         Q.sparse_attend = orig
     assert seen and {s[0] for s in seen} == {2, 3}

@@ -85,7 +85,9 @@ def test_quest_selection_kernel_equals_the_torch_path(agg):
     """Quest's page selection in one C++ call (accel/cpu/quest.h) selects the positions of the torch path: strided
     views of the summaries, budgets from one page to more than the context, left padding. ``agg="none"`` (every query
     head's bounds from one pass over the summaries) selects for query head kh * G + g what query heads g, G + g, ...
-    select as groups of one."""
+    select as groups of one, and its merged form (one C++ pass, as the decode uses it) is the union of the G
+    selections with each position's heads."""
+    from accel.ops._selection_reference import merge_head_selections_ref
     from accel.policies.quest import select_pages
 
     g = torch.Generator().manual_seed(11)
@@ -99,9 +101,14 @@ def test_quest_selection_kernel_equals_the_torch_path(agg):
         q = torch.randn(B, H, D, generator=g)
         for k_pages in (1, 3, n // 2 + 1, n + 2):
             for first in (None, torch.tensor([0, 37])):
-                idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first)
-                ridx, rcnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, backend="torch")
+                idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, merged=False)
+                ridx, rcnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, backend="torch", merged=False)
                 assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx), (T, k_pages, first)
+                if agg == "none":
+                    union = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first)
+                    runion = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, backend="torch")
+                    for a, r, m in zip(union, runion, merge_head_selections_ref(idx, cnt)):
+                        assert torch.equal(a, m) and torch.equal(r, m), (T, k_pages, first)
                 assert int(cnt.max()) <= min(k_pages, n) * P and bool((idx[..., :1] >= 0).all())
                 if agg == "none":
                     G = H // Hkv
@@ -117,6 +124,7 @@ def test_quest_selection_kernel_on_long_contexts_and_ties(agg):
     summed in one tree). Random bounds: it selects the torch path's positions. Many equal bounds (integer summaries
     and queries, so every summation order gives the same exact bounds), left padding, budgets from a few pages to all
     of them: it keeps the current page and the k - 1 best of the others, ties to the lower page."""
+    from accel.ops._selection_reference import merge_head_selections_ref
     from accel.policies.quest import select_pages
 
     g = torch.Generator().manual_seed(17)
@@ -128,9 +136,13 @@ def test_quest_selection_kernel_on_long_contexts_and_ties(agg):
     q = torch.randn(B, H, D, generator=g)
     for k_pages in (3, 64, 511, 1500):
         for first in (None, torch.tensor([0, 1001])):
-            idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first)
-            ridx, rcnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, backend="torch")
+            idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, merged=False)
+            ridx, rcnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, backend="torch", merged=False)
             assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx), (k_pages, first)
+            if agg == "none":  # the merged form: the union of the G selections
+                for a, r in zip(select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first),
+                                merge_head_selections_ref(idx, cnt)):
+                    assert torch.equal(a, r), (k_pages, first)
     kmin = torch.randint(-3, 3, (B, Hkv, 9, D), generator=g).float()[:, :, torch.randint(0, 9, (n,), generator=g)]
     kmax = kmin + torch.randint(0, 2, kmin.shape, generator=g).float()
     q = torch.randint(-2, 3, (B, H, D), generator=g).float()
@@ -138,7 +150,7 @@ def test_quest_selection_kernel_on_long_contexts_and_ties(agg):
     G = H // Hkv
     for k_pages in (3, 64, 511, 1500, n):
         for first in (None, torch.tensor([0, 1001])):
-            idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first)
+            idx, cnt = select_pages(q, kmin, kmax, n, k_pages, P, T, agg, first, merged=False)
             for b in range(B):
                 for h in range(H if agg == "none" else Hkv):
                     sc = ub[b, h].clone()
@@ -218,7 +230,7 @@ def test_the_current_page_is_attended_whatever_the_other_bounds(agg):
     mn, mx = QuestMetadata(page_size=4).bounds(keys)  # 8 pages, the last partial
     for k_pages in (1, 2, 3, 4):
         for backend in (None, "torch"):
-            idx, cnt = select_pages(q, mn, mx, 8, k_pages, 4, 30, agg, backend=backend)
+            idx, cnt = select_pages(q, mn, mx, 8, k_pages, 4, 30, agg, backend=backend, merged=False)
             for i, c in zip(idx.reshape(-1, idx.shape[-1]), cnt.reshape(-1)):  # agg="none": every query head
                 pages = sorted({p // 4 for p in i[:c].tolist()})
                 assert len(pages) == k_pages and pages[-1] == 7 and set(i[:c].tolist()) >= {28, 29}

@@ -100,3 +100,91 @@ def test_shared_selection_decodes_every_kv_head_over_the_same_set():
     out = decode_attention(q, k, v, cnt, indices=idx)
     ref = decode_attention_ref(q, k, v, cnt.expand(B, Hkv), indices=idx.expand(B, Hkv, -1), scale=1 / math.sqrt(D))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def _head_selections(G, B, Hkv, W, T, seed):
+    """G random sorted, repeat-free selections per (sequence, KV head), of random lengths (0 included), -1 padded."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.full((G, B, Hkv, W), -1, dtype=torch.int32)
+    counts = torch.zeros(G, B, Hkv, dtype=torch.int32)
+    for s in range(G):
+        for b in range(B):
+            for h in range(Hkv):
+                n = int(torch.randint(0, W + 1, (1,), generator=g)) if (s + b + h) % 4 else W
+                pos = torch.randperm(T, generator=g)[:n].sort().values
+                idx[s, b, h, :n] = pos.to(torch.int32)
+                counts[s, b, h] = n
+    return idx, counts
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+def test_merged_head_selections_are_the_union_with_each_heads_bit(G):
+    """The union of G per-query-head selections (the torch path's; the C++ selection's merged form equals it:
+    tests/test_selection_reference.py): every position of any selection once, ascending, its bit g set exactly when
+    selection g holds it, -1 / 0 padding."""
+    from accel.ops._selection_reference import merge_head_selections_ref
+
+    B, Hkv, W, T = 2, 3, 24, 60
+    idx, counts = _head_selections(G, B, Hkv, W, T, seed=G)
+    pos, n, mask = merge_head_selections_ref(idx, counts)
+    assert pos.shape == (B, Hkv, G * W) and mask.dtype == torch.int64
+    for b in range(B):
+        for h in range(Hkv):
+            sets = [set(idx[s, b, h, : counts[s, b, h]].tolist()) for s in range(G)]
+            union = sorted(set().union(*sets))
+            m = int(n[b, h])
+            assert pos[b, h, :m].tolist() == union and bool((pos[b, h, m:] == -1).all())
+            assert bool((mask[b, h, m:] == 0).all())
+            for i, p in enumerate(union):
+                assert int(mask[b, h, i]) == sum(1 << s for s in range(G) if p in sets[s])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,Hkv,D", [(6, 2, 64), (8, 2, 128), (4, 4, 80), (8, 1, 64)])
+def test_head_mask_attends_each_query_head_over_its_own_entries(dtype, H, Hkv, D):
+    """decode_attention with a head mask: query head kh * G + g attends exactly the listed positions of its bit, with a
+    left-padding mask, against the torch reference, against one call per query head, and against each head's own
+    selection attended alone (the per-query-head decode before the union)."""
+    from accel.ops._selection_reference import merge_head_selections_ref
+    from accel.ops.attention import per_query_head
+
+    G = H // Hkv
+    B, T = 2, 150
+    g = torch.Generator().manual_seed(H * D)
+    q = torch.randn(B, H, D, generator=g)
+    k = torch.randn(B, Hkv, T + 7, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, T + 7, D, generator=g).to(dtype)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :11] = False
+    sel, counts = _head_selections(G, B, Hkv, 70, T, seed=D)
+    counts = counts.clamp(min=1)
+    sel[:, :, :, 0] = torch.where(sel[:, :, :, 0] < 0, T - 1, sel[:, :, :, 0])  # no empty selection
+    idx, n, mask = merge_head_selections_ref(sel, counts)
+    scale = 1 / math.sqrt(D)
+    out, lse = decode_attention(q, k, v, n, indices=idx, valid=valid, scale=scale, head_mask=mask, return_lse=True)
+    ref, ref_lse = decode_attention_ref(q, k, v, n, indices=idx, valid=valid, scale=scale, head_mask=mask,
+                                        return_lse=True)
+    tol = dict(atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+    split, split_lse = per_query_head(q, k, v, n, idx, mask, valid, scale, True, "cpp")
+    torch.testing.assert_close(split, out, **tol)
+    torch.testing.assert_close(split_lse, lse, **tol)
+    for s in range(G):  # each query head's own selection, attended as a group of one
+        alone = decode_attention(q[:, s::G].contiguous(), k, v, counts[s], indices=sel[s].contiguous(), valid=valid,
+                                 scale=scale)
+        torch.testing.assert_close(out[:, s::G], alone, **tol)
+    if G > 1:  # the mask takes effect
+        assert not torch.equal(out, decode_attention(q, k, v, n, indices=idx, valid=valid, scale=scale))
+
+
+def test_head_mask_refusals():
+    from accel.errors import AccelError
+
+    q, k = torch.randn(1, 2, 64), torch.randn(1, 1, 10, 64)
+    idx = torch.arange(4, dtype=torch.int32).view(1, 1, 4)
+    n = torch.tensor([[4]], dtype=torch.int32)
+    with pytest.raises(AccelError, match="head_mask needs indices"):
+        decode_attention(q, k, k, n, head_mask=torch.ones(1, 1, 4, dtype=torch.int64))
+    with pytest.raises(AccelError, match="int64 shaped like indices"):
+        decode_attention(q, k, k, n, indices=idx, head_mask=torch.ones(1, 1, 4, dtype=torch.int32))

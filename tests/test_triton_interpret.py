@@ -53,6 +53,18 @@ SCRIPT = textwrap.dedent(
         out, lse = decode_attention_triton(q, kx, vx, ln, offsets=off.view(B, Hkv), num_splits=2)
         ro, rl = decode_attention_ref(q, kk, vv, ln, scale=1 / math.sqrt(D), return_lse=True)
         assert (out - ro).abs().max() < 1e-4, ("pool", dtype, (out - ro).abs().max())
+    # a head mask (quest's per-query-head pages): one Triton call per query head of each group
+    from accel.ops.attention import decode_attention
+    B, H, Hkv, D, cap = 2, 6, 2, 64, 70
+    q = torch.randn(B, H, D, generator=g)
+    k = torch.randn(B, Hkv, cap, D, generator=g); v = torch.randn(B, Hkv, cap, D, generator=g)
+    idx = torch.stack([torch.stack([torch.randperm(cap, generator=g)[:30].sort().values for _ in range(Hkv)])
+                       for _ in range(B)]).int()
+    ln = torch.tensor([[30, 21], [9, 30]], dtype=torch.int32)
+    mask = torch.randint(1, 8, (B, Hkv, 30), generator=g)  # bits of the G = 3 query heads, every entry someone's
+    out = decode_attention(q, k, v, ln, indices=idx, head_mask=mask, backend="triton")
+    ro = decode_attention_ref(q, k, v, ln, indices=idx, head_mask=mask, scale=1 / math.sqrt(D))
+    assert (out - ro).abs().max() < 1e-4, ("head_mask", (out - ro).abs().max())
     # token selection
     from accel.kernels.attention.select import select_topk_triton
     from accel.ops._selection_reference import select_topk_ref

@@ -26,7 +26,8 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                                                 c10::optional<torch::Tensor> valid, double scale,
                                                 bool return_lse, int64_t num_threads,
                                                 c10::optional<torch::Tensor> scores,
-                                                c10::optional<torch::Tensor> offsets) {
+                                                c10::optional<torch::Tensor> offsets,
+                                                c10::optional<torch::Tensor> head_mask) {
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor");
   TORCH_CHECK(q.dim() == 3, "q must be [B, H, D], got ", q.sizes());
   TORCH_CHECK(q.scalar_type() == torch::kFloat32, "q must be float32 (cast in the caller)");
@@ -102,6 +103,14 @@ std::vector<torch::Tensor> decode_attention_cpu(torch::Tensor q, torch::Tensor k
                   " is outside [0, cache capacity ", limit(bh), "]");
       max_pos = std::max<int64_t>(max_pos, ln[bh]);
     }
+  }
+  torch::Tensor mask_c;
+  if (head_mask.has_value() && head_mask->defined()) {  // bit g: query head kh * G + g attends the entry
+    TORCH_CHECK(p.indices != nullptr, "head_mask needs indices");
+    mask_c = head_mask->contiguous();
+    TORCH_CHECK(mask_c.scalar_type() == torch::kInt64 && mask_c.sizes() == indices->sizes(),
+                "head_mask must be int64 shaped like indices ", indices->sizes());
+    p.head_mask = reinterpret_cast<const uint64_t*>(mask_c.data_ptr<int64_t>());
   }
   torch::Tensor valid_c;
   if (valid.has_value() && valid->defined()) {

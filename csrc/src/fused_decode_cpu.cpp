@@ -197,6 +197,7 @@ struct QuestStackLayer {
   int agg = 0;
   const int64_t* first = nullptr;  // [B] first real position, or nullptr
   std::vector<int32_t> idx, counts;
+  std::vector<uint64_t> umask;  // agg none: which query heads of the group selected each entry of the union
 };
 
 // the per-layer work after attn_in: round q, k, v; write k, v into the layer's cache; attend (plus a compressed
@@ -247,31 +248,15 @@ int64_t stack_layer_attention(std::vector<float>& q, std::vector<float>& k, std:
       d.indices = qs->idx.data();
       d.idx_stride = qs->k_pages * qs->page;
       d.lengths = qs->counts.data();
-      accel::cpu::quest_select(p);  // agg none: positions [G, B, Hkv, width], counts [G, B, Hkv]
-    }
-    if (qs != nullptr && qs->agg == 3) {  // agg="none": query heads g, G + g, ... attend as a group of one to their
-                                          // own pages, for each g
-      const int64_t G = d.H / Hkv;
-      std::vector<float> qg(static_cast<size_t>(BH * D)), og(static_cast<size_t>(BH * D));
-      accel::cpu::DecodeParams dg = d;
-      dg.q = qg.data();
-      dg.out = og.data();
-      dg.H = d.Hkv;
-      for (int64_t g = 0; g < G; ++g) {
-        for (int64_t i = 0; i < BH; ++i)  // i = b * Hkv + kh, query head kh * G + g
-          std::copy_n(q.data() + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D, D, qg.data() + i * D);
-        dg.indices = qs->idx.data() + g * BH * d.idx_stride;
-        dg.lengths = qs->counts.data() + g * BH;
-        accel::cpu::decode_attention<T>(dg);
-        for (int64_t i = 0; i < BH; ++i) {
-          std::copy_n(og.data() + i * D, D, d.out + ((i / Hkv) * d.H + (i % Hkv) * G + g) * D);
-          rows += dg.lengths[i];
-        }
+      if (qs->agg == 3) {  // agg="none": each query head attends to its own pages, the group's union read once
+        p.head_mask = qs->umask.data();  // (decode_attention's head_mask; out and counts then hold the union)
+        d.idx_stride *= d.H / Hkv;
+        d.head_mask = qs->umask.data();
       }
-    } else {
-      accel::cpu::decode_attention<T>(d);
-      for (int64_t i = 0; i < BH; ++i) rows += d.lengths[i];
+      accel::cpu::quest_select(p);
     }
+    accel::cpu::decode_attention<T>(d);
+    for (int64_t i = 0; i < BH; ++i) rows += d.lengths[i];
   } else {
     row_buf.resize(2 * BH * D);  // the new rows in the pool's dtype
     for (int64_t i = 0; i < BH * D; ++i) row_buf[i] = H(k[i]), row_buf[BH * D + i] = H(v[i]);
@@ -325,7 +310,7 @@ void check_meta(const torch::Tensor& t, torch::ScalarType st, int64_t n, size_t 
 // Where quest[l] = (kmin, kmax) is given (a dense layer), the layer attends only to Quest's pages (accel.policies.quest):
 // the summaries [B, Hkv, >= pages, D] float32 updated in place from pages quest_args[4l] (pages already summarised)
 // on, then the top quest_args[4l+1] pages of quest_args[4l+2] tokens by their upper bound, aggregated over each GQA
-// group by quest_args[4l+3] (0 max, 1 mean, 2 sum; 3: each query head selects and attends alone), pages of left padding only last (first: [B] each row's first
+// group by quest_args[4l+3] (0 max, 1 mean, 2 sum; 3: each query head selects alone and attends to its own pages, the group's union read once), pages of left padding only last (first: [B] each row's first
 // real position), the current page always.
 // Returns (the last layer's output [B, C] in h's dtype, the KV rows the attention read (int64 scalar)), or nothing --
 // before any layer ran, nothing written -- when a compressed layer has a head with no spare row (grow it and call again).
@@ -532,6 +517,7 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
       const int64_t sel = g.agg == 3 ? H / Hkv : 1;  // selections per (sequence, KV head): agg none, one per query head
       g.idx.resize(static_cast<size_t>(sel * BH * g.k_pages * g.page));
       g.counts.resize(static_cast<size_t>(sel * BH));
+      if (g.agg == 3) g.umask.resize(g.idx.size());  // the union: idx [B, Hkv, G * width], counts [B, Hkv]
       is_quest[l] = 1;
     }
   }

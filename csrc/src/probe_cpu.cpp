@@ -3,7 +3,8 @@
 // Sparse decode reads K/V rows at arbitrary positions, so its bandwidth ceiling is not the streaming
 // read bandwidth (which the hardware prefetcher helps) but the rate at which the memory system serves
 // independent row-sized reads. This function sums the given rows of a [R, W] fp32 buffer with a
-// software prefetch `distance` rows ahead, doing no other work, so its GB/s is that ceiling.
+// software prefetch `distance` rows ahead (with the kernels' locality, ACCEL_PF_LOCALITY), doing no other work, so
+// its GB/s is that ceiling.
 #include <torch/extension.h>
 
 #include "accel/cpu/vec_math.h"
@@ -25,7 +26,7 @@ double scattered_read_probe_cpu(torch::Tensor buf, torch::Tensor rows, int64_t d
     for (int64_t i = 0; i < n; ++i) {
       if (distance > 0 && i + distance < n) {
         const char* p = reinterpret_cast<const char*>(b + static_cast<int64_t>(r[i + distance]) * W);
-        for (int64_t off = 0; off < W * 4; off += 64) __builtin_prefetch(p + off, 0, 0);
+        for (int64_t off = 0; off < W * 4; off += 64) __builtin_prefetch(p + off, 0, ACCEL_PF_LOCALITY);
       }
       const float* row = b + static_cast<int64_t>(r[i]) * W;
       for (int64_t c = 0; c < W; c += 16) acc += accel::cpu::load16(row + c);

@@ -137,10 +137,13 @@ torch::Tensor block_sparse_prefill_cpu(torch::Tensor q, torch::Tensor k, torch::
 // Quest's page selection (accel/cpu/quest.h): q [B, H, D]; kmin / kmax [B, Hkv, >= n_pages, D] float32 or bfloat16 page
 // summaries (contiguous in D); first: optional [B] int64 first real position. Returns (positions [B, Hkv,
 // k_pages * page] int32, -1 padded; counts [B, Hkv] int32); agg 3 (each query head selects alone, one pass over the
-// summaries): positions [G, B, Hkv, k_pages * page] and counts [G, B, Hkv], query head kh * G + g at [g, b, kh].
+// summaries): positions [G, B, Hkv, k_pages * page] and counts [G, B, Hkv], query head kh * G + g at [g, b, kh]; agg 3
+// with `merged`: the union of each group's G selections, (positions [B, Hkv, G * k_pages * page] ascending, -1 padded,
+// counts [B, Hkv], head_mask [B, Hkv, G * k_pages * page] int64, bit g where query head kh * G + g selected the
+// position), the arguments of decode_attention's head_mask.
 std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax, int64_t n_pages,
                                             int64_t k_pages, int64_t page, int64_t T, int64_t agg,
-                                            c10::optional<torch::Tensor> first) {
+                                            c10::optional<torch::Tensor> first, bool merged) {
   TORCH_CHECK(q.device().is_cpu() && q.dim() == 3, "q must be a CPU [B, H, D] tensor");
   q = q.to(torch::kFloat32).contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
@@ -162,6 +165,7 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
   TORCH_CHECK(T > (n_pages - 1) * page && T <= n_pages * page, "T = ", T, " does not end in the last of ", n_pages,
               " pages of ", page);
   TORCH_CHECK(agg >= 0 && agg <= 3, "agg must be 0 (max), 1 (mean), 2 (sum) or 3 (none)");
+  TORCH_CHECK(!merged || (agg == 3 && H / Hkv <= 64), "merged needs agg 3 (none) and at most 64 query heads per KV head");
   torch::Tensor first_c;
   accel::cpu::QuestParams p;
   if (first.has_value() && first->defined()) {
@@ -171,10 +175,16 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
   }
   const int64_t k = std::min(k_pages, n_pages);
   const int64_t G = H / Hkv;
-  auto out = agg == 3 ? torch::empty({G, B, Hkv, k * page}, torch::dtype(torch::kInt32))
-                      : torch::empty({B, Hkv, k * page}, torch::dtype(torch::kInt32));
-  auto counts = agg == 3 ? torch::empty({G, B, Hkv}, torch::dtype(torch::kInt32))
-                         : torch::empty({B, Hkv}, torch::dtype(torch::kInt32));
+  auto out = merged     ? torch::empty({B, Hkv, G * k * page}, torch::dtype(torch::kInt32))
+             : agg == 3 ? torch::empty({G, B, Hkv, k * page}, torch::dtype(torch::kInt32))
+                        : torch::empty({B, Hkv, k * page}, torch::dtype(torch::kInt32));
+  auto counts = agg == 3 && !merged ? torch::empty({G, B, Hkv}, torch::dtype(torch::kInt32))
+                                    : torch::empty({B, Hkv}, torch::dtype(torch::kInt32));
+  torch::Tensor head_mask;
+  if (merged) {
+    head_mask = torch::empty({B, Hkv, G * k * page}, torch::dtype(torch::kInt64));
+    p.head_mask = reinterpret_cast<uint64_t*>(head_mask.data_ptr<int64_t>());
+  }
   p.q = q.data_ptr<float>();
   p.kmin = kmin.data_ptr();
   p.kmax = kmax.data_ptr();
@@ -188,6 +198,7 @@ std::vector<torch::Tensor> quest_select_cpu(torch::Tensor q, torch::Tensor kmin,
     pybind11::gil_scoped_release nogil;
     accel::cpu::quest_select(p);
   }
+  if (merged) return {out, counts, head_mask};
   return {out, counts};
 }
 

@@ -130,8 +130,10 @@ def dense_with_scores(ctx, query, key, value, attention_mask, scaling):
     return out.unsqueeze(1), scores, lse, valid
 
 
-def sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts):
-    """Decode attention over the selected positions only. idx [B, Hs, n] (Hs = Hkv or 1)."""
+def sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts, head_mask=None):
+    """Decode attention over the selected positions only. idx [B, Hs, n] (Hs = Hkv or 1); ``head_mask`` [B, Hkv, n]
+    (int64, with Hs = Hkv): query head kh * G + g attends the entries whose bit g is set, every listed row read once
+    for the group (``decode_attention``'s ``head_mask``)."""
     B, H, _, D = query.shape
     T = key.shape[2]
     ok, valid = step_valid(ctx, attention_mask, B, T)
@@ -141,7 +143,8 @@ def sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts):
     if idx.shape[1] == 1 and Hkv > 1:
         idx = idx.expand(B, Hkv, idx.shape[2]).contiguous()
         counts = counts.reshape(B, 1).expand(B, Hkv).contiguous()
-    out = decode_attention(query[:, :, 0, :], key, value, lengths=counts, indices=idx, valid=valid, scale=scaling)
+    out = decode_attention(query[:, :, 0, :], key, value, lengths=counts, indices=idx, valid=valid, scale=scaling,
+                           head_mask=head_mask)
     count_kv_read(ctx, int(counts.sum()), key, value)
     return out.unsqueeze(1)
 

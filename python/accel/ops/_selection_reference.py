@@ -103,3 +103,31 @@ def quest_page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
     qq = q.float().unsqueeze(2)
     ub = torch.maximum(qq * mx, qq * mn).sum(-1)
     return aggregate_ref(ub, Hkv, agg) if agg != "none" else ub
+
+
+def merge_head_selections_ref(idx: torch.Tensor, counts: torch.Tensor):
+    """The union of G per-query-head selections of each (sequence, KV head): idx [G, B, Hkv, W] int32 (each list sorted
+    ascending without repeats in its first counts [G, B, Hkv] entries). Returns (positions [B, Hkv, G * W] int32
+    ascending, -1 padded; counts [B, Hkv] int32; head_mask [B, Hkv, G * W] int64, bit g set where selection g holds
+    the position), the arguments of ``decode_attention``'s ``head_mask``."""
+    G, B, Hkv, W = idx.shape
+    live = torch.arange(W, device=idx.device) < counts.unsqueeze(-1)  # [G, B, Hkv, W]
+    T = int(idx[live].max()) + 1 if bool(live.any()) else 1
+    bits = torch.zeros(B, Hkv, T + 1, dtype=torch.int64, device=idx.device)
+    for g in range(G):  # positions are unique within a selection: adding bit g is setting it
+        pos = torch.where(live[g], idx[g].long(), torch.full_like(idx[g], T, dtype=torch.long))
+        bits.scatter_add_(2, pos, live[g].long() << g)
+    bits = bits[:, :, :T]
+    held = bits != 0
+    n = held.sum(-1)
+    at = torch.arange(T, device=idx.device).expand(B, Hkv, T)
+    order = torch.where(held, at, T).sort(dim=-1).values[:, :, : G * W]  # held positions first, ascending
+    width = order.shape[-1]
+    inside = torch.arange(width, device=idx.device) < n.unsqueeze(-1)
+    pos = torch.where(inside, order, -1)
+    mask = torch.where(inside, bits.gather(2, order.clamp(max=T - 1)), 0)
+    if width < G * W:  # pad to the fixed width G * W
+        pad = G * W - width
+        pos = torch.cat([pos, pos.new_full((B, Hkv, pad), -1)], -1)
+        mask = torch.cat([mask, mask.new_zeros(B, Hkv, pad)], -1)
+    return pos.to(torch.int32).contiguous(), n.to(torch.int32), mask.contiguous()

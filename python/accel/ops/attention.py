@@ -85,6 +85,7 @@ def decode_attention(
     backend: str | None = None,
     scores: torch.Tensor | None = None,
     offsets: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
 ):
     """Attention of one new query per sequence over a KV cache.
 
@@ -105,9 +106,21 @@ def decode_attention(
             cache, ``accel.cache.ragged``) and token ``t`` of head (b, h) is row ``offsets[b, h] + t``;
             ``indices`` are then positions inside each head's segment. ``valid`` is not allowed
             with a pool (a compressed cache holds no padding).
+        head_mask: optional int64 [B, Hkv, S] with ``indices`` [B, Hkv, S]: query head ``h * G + g`` attends only
+            the entries whose bit ``g`` is set, so a GQA group's query heads attend to different token sets while
+            the C++ kernel reads each listed row once for all of them (Quest's per-query-head pages, agg="none").
+            The GPU backends run one call per query head of the group.
     Returns:
         out [B, H, D] in q's dtype, and lse [B, H] (fp32) if ``return_lse``.
     """
+    if head_mask is not None:
+        from ..errors import AccelError
+
+        if indices is None or offsets is not None or scores is not None:
+            raise AccelError("head_mask needs indices, over a cache (not a ragged pool) and without scores")
+        if head_mask.dtype != torch.int64 or head_mask.shape != indices.shape or indices.shape[1] != k.shape[1]:
+            raise AccelError(f"head_mask must be int64 shaped like indices [B, Hkv, S], got {tuple(head_mask.shape)} "
+                             f"{head_mask.dtype} for indices {tuple(indices.shape)}")
     if offsets is not None:
         return _pooled(q, k, v, lengths, offsets, indices=indices, valid=valid, scale=scale,
                        return_lse=return_lse, backend=backend, scores=scores)
@@ -122,6 +135,8 @@ def decode_attention(
     backend = backend or choose_backend(q.device)
     if backend in ("cuda", "triton"):
         lengths, indices, valid = on_device(k.device, lengths, indices, valid)
+        if head_mask is not None:
+            return per_query_head(q, k, v, lengths, indices, head_mask.to(k.device), valid, scale, return_lse, backend)
     if scores is not None and backend != "cpp":
         _scores_torch(q, k, lengths, indices, valid, scale, scores)
     if backend == "cpp":
@@ -133,7 +148,14 @@ def decode_attention(
 
             ensure_ops()  # a node of the compiled graph instead of a graph break
             return torch.ops.accel.decode_attention(qf, k, v, lengths, valid, scale).to(q.dtype)
-        res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0, scores)
+        if head_mask is not None and "head_mask" not in (_ext.cpu_ext().decode_attention.__doc__ or ""):
+            # a build before the kernel's head mask: one call per query head
+            return per_query_head(q, k, v, lengths, indices, head_mask, valid, scale, return_lse, backend)
+        if head_mask is None:
+            res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0, scores)
+        else:
+            res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0,
+                                                  head_mask=head_mask.contiguous())
         out = res[0] if q.dtype == torch.float32 else res[0].to(q.dtype)
         return (out, res[1]) if return_lse else out
     if backend == "cuda":
@@ -145,10 +167,33 @@ def decode_attention(
 
         res = decode_attention_triton(q, k, v, lengths, indices=indices, valid=valid, scale=scale)
         return res if return_lse else res[0]
-    res = decode_attention_ref(q, k, v, lengths, indices=indices, valid=valid, scale=scale, return_lse=return_lse)
+    res = decode_attention_ref(q, k, v, lengths, indices=indices, valid=valid, scale=scale, return_lse=return_lse,
+                               head_mask=head_mask)
     if return_lse:
         return res[0].to(q.dtype), res[1]
     return res.to(q.dtype)
+
+
+def per_query_head(q, k, v, lengths, indices, head_mask, valid, scale, return_lse, backend):
+    """``decode_attention`` with a ``head_mask`` as one call per query head g of each group, over the entries whose
+    bit g is set (the backends without a head mask of their own; every backend gives the same attention)."""
+    B, H, _ = q.shape
+    Hkv, S = k.shape[1], indices.shape[2]
+    G = H // Hkv
+    at = torch.arange(S, device=indices.device)
+    live = at < lengths.reshape(B, Hkv, 1).to(indices.device)
+    outs, lses = [], []
+    for g in range(G):
+        on = live & (((head_mask >> g) & 1) != 0)
+        n = on.sum(-1)
+        order = torch.sort((~on).to(torch.int8), dim=-1, stable=True).indices  # head g's entries first, in order
+        idx_g = torch.where(at < n.unsqueeze(-1), indices.gather(2, order), -1).to(torch.int32)
+        out, lse = decode_attention(q[:, g::G], k, v, n.to(torch.int32), indices=idx_g, valid=valid, scale=scale,
+                                    return_lse=True, backend=backend)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.stack(outs, 2).reshape(B, H, -1)  # [B, Hkv, G, Dv]: query head kh * G + g
+    return (out, torch.stack(lses, 2).reshape(B, H)) if return_lse else out
 
 
 def _pooled(q, k, v, lengths, offsets, *, indices, valid, scale, return_lse, backend, scores):

@@ -215,9 +215,10 @@ class FluxPolicy(AttentionPolicy):
         sel = self.sparse_selection(ctx, query, key, attention_mask, budget, scaling)
         if sel is None:  # the backend's selection covers the context: exact
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
-        if self.agg == "none":  # quest's per-query-head selection: one (idx, counts) per query head of each group
+        if self.agg == "none":  # quest's per-query-head pages: the group's union and the heads that selected each
             if bool(full.any()):
-                sel = [with_full_rows(i, c, full, T, key.shape[1]) for i, c in sel]
+                G = query.shape[1] // key.shape[1]
+                sel = with_full_rows(*sel[:2], full, T, key.shape[1], head_mask=sel[2], G=G)
             return attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel)
         idx, counts = sel
         if bool(full.any()):  # FA rows attend to every position through the same call
@@ -461,8 +462,11 @@ def window_positions(first: torch.Tensor, T: int, budget: int, sink: int):
     return idx.view(B, 1, n).contiguous(), counts.to(torch.int32).view(B, 1)
 
 
-def with_full_rows(idx: torch.Tensor, counts: torch.Tensor, full: torch.Tensor, T: int, Hkv: int):
-    """The sparse selection (idx [B, Hs, n], counts [B, Hs]) with the rows ``full`` [B] attending every position."""
+def with_full_rows(idx: torch.Tensor, counts: torch.Tensor, full: torch.Tensor, T: int, Hkv: int,
+                   head_mask: torch.Tensor | None = None, G: int = 1):
+    """The sparse selection (idx [B, Hs, n], counts [B, Hs]) with the rows ``full`` [B] attending every position; with
+    a ``head_mask`` [B, Hkv, n] (per-query-head selections of G heads per group) the full rows' every head attends
+    every position, returned as a third tensor."""
     B, Hs, n = idx.shape
     if Hs == 1 and Hkv > 1:
         idx, counts = idx.expand(B, Hkv, n), counts.reshape(B, 1).expand(B, Hkv)
@@ -472,6 +476,11 @@ def with_full_rows(idx: torch.Tensor, counts: torch.Tensor, full: torch.Tensor, 
     out[full, :, :T] = torch.arange(T, dtype=torch.int32, device=idx.device).view(1, 1, T)
     c = counts.clone().to(torch.int32)
     c[full] = T
-    return out.contiguous(), c.contiguous()
+    if head_mask is None:
+        return out.contiguous(), c.contiguous()
+    mask = torch.zeros((B, Hkv, width), dtype=torch.int64, device=idx.device)
+    mask[:, :, :n] = head_mask
+    mask[full, :, :T] = (1 << G) - 1 if G < 64 else -1  # every query head of the group
+    return out.contiguous(), c.contiguous(), mask.contiguous()
 
 

@@ -13,9 +13,11 @@ attention.
 Per layer, the plan says ``full`` (dense) or ``quest`` and may set the layer's ``topk``; the plan's ``params`` (and a
 layer's own) override the policy's options, so an edited plan file takes effect; an option the user sets that the plan
 sets otherwise is refused at ``patch``. [INFER] choices, switchable:
-under GQA the group's query heads share one page set per KV head, their bounds aggregated by ``agg`` (default
-``max``: a page is kept if any query head of the group may need it; ``agg="none"``: each query head selects its own
-pages, as the paper does for multi-head attention); the budget
+under GQA every query head selects its own pages by its own bounds, as the paper does for multi-head attention
+(``agg="none"``, the default), and a KV head's group reads the union of its heads' pages once, each head attending
+to its own (``decode_attention``'s ``head_mask``); ``agg="max"`` (or ``mean``, ``sum``) gives the group one page
+set per KV head instead, from its query heads' bounds aggregated (``max``: a page is kept if any query head may need
+it), fewer rows read at some accuracy (docs/methods/quest.md); the budget
 follows ``topk_ratio`` of the context when ``topk`` is not given (default 1/8), as in accel's other sparse-attention
 policies; a budget that is not a whole number of pages is rounded up to whole pages (``page_rounding="up"``: the
 budget is never under-spent; Quest's code rounds down, ``page_rounding="down"``).
@@ -35,6 +37,7 @@ from ..attention.masks import first_valid_positions, step_valid
 from ..attention.selection import token_budget
 from ..cache.quest import QuestMetadata, upper_bounds
 from ..errors import AccelError
+from ..ops._selection_reference import merge_head_selections_ref
 from ..models.base import ModelInfo
 from ..plan import LayerPlan, Plan
 from .base import AttentionPolicy
@@ -58,10 +61,10 @@ class QuestPolicy(AttentionPolicy):
         min_pages: pages selected at least (3, as Quest's code).
         dense_layers: the first layers that stay dense (2, as the paper); it shapes ``build_plan``, and a plan's
             per-layer modes decide.
-        agg: aggregation of a KV head's query heads' page bounds: 'max' (default), 'mean' or 'sum'; 'none': every
-            query head selects its own pages (the paper, written for multi-head attention; every head's bounds come
-            from one pass over the summaries, and a KV head's group then reads up to G times the pages of one
-            selection, counted in the bytes read).
+        agg: 'none' (default): every query head selects its own pages (the paper, written for multi-head attention;
+            every head's bounds come from one pass over the summaries, and a KV head's group reads the union of its
+            heads' pages once: up to G times the pages of one selection, counted in the bytes read); 'max', 'mean' or
+            'sum': one page set per KV head, by its query heads' page bounds aggregated so.
         min_topk: with ``topk_ratio``, attend to at least this many tokens (64: short prompts stay exact).
         page_rounding: a budget that is not a whole number of pages: 'up' (default) or 'down' (Quest's code).
         summary_dtype: the page summaries' precision: 'float32' (default) or 'bfloat16' (rounded outward, so still an
@@ -77,7 +80,7 @@ class QuestPolicy(AttentionPolicy):
     page_size: int = 4
     min_pages: int = 3
     dense_layers: int = 2
-    agg: str = "max"
+    agg: str = "none"
     min_topk: int = 64
     page_rounding: str = "up"
     summary_dtype: str = "float32"
@@ -198,8 +201,9 @@ def quest_metadata(ctx, T: int, P: int, dtype: torch.dtype = torch.float32) -> Q
 def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pages: int, agg: str = "max",
                     page_rounding: str = "up", who: str = "quest", dtype: torch.dtype = torch.float32):
     """One decode step's Quest pages for ``budget`` tokens: (positions [B, Hkv, n] int32 -1 padded, counts [B, Hkv]);
-    with ``agg="none"`` a list of G such pairs, one per query head of each group (query heads g, G + g, ...); or
-    None when the pages would cover the context. The page summaries live in the sequence's layer state
+    with ``agg="none"`` the union of each group's G query heads' own pages and which heads selected each position,
+    (positions, counts, head_mask [B, Hkv, n] int64: bit g for query head kh * G + g); or None when the pages would
+    cover the context. The page summaries live in the sequence's layer state
     (``ctx.state["quest"]``), rebuilt when the cache layer's rows change; their bytes count as read."""
     B, H, _, D = query.shape
     T = key.shape[2]
@@ -214,25 +218,27 @@ def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pa
     first = first_valid_positions(valid, B) if valid is not None else None
     mn, mx = meta.bounds(key)  # [B, Hkv, n_pages, D] views of the page summaries
     ctx.runtime.stats["kv_read_bytes"] += 2 * mn.shape[0] * mn.shape[1] * n_pages * D * mn.element_size()
-    sel = select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
-    if agg == "none":  # one pass over the summaries; query heads g, G + g, 2G + g, ... (one per KV head) attend
-        return list(zip(*sel))  # to sel[0][g] as a group of one
-    return sel
+    return select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
 
 
-def attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sels):
-    """Decode attention where every query head attends to its own pages (``quest_selection`` with agg="none":
-    ``sels[g]`` holds the positions of query heads g, G + g, ... of the G in each group): out [B, 1, H, D]."""
-    B, H, _, D = query.shape
-    G = len(sels)
-    outs = [sparse_attend(ctx, query[:, g::G], key, value, attention_mask, scaling, idx, cnt)
-            for g, (idx, cnt) in enumerate(sels)]  # each [B, 1, Hkv, D]
-    return torch.stack(outs, 3).reshape(B, 1, H, D)  # head kh * G + g
+def attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel):
+    """Decode attention where every query head attends to its own pages (``quest_selection`` with agg="none": the
+    union of a group's pages with the heads that selected each, ``sel = (positions, counts, head_mask)``), each
+    selected row read once for the group: out [B, 1, H, D]."""
+    idx, counts, head_mask = sel
+    return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts, head_mask)
+
 
 @functools.lru_cache(maxsize=8)
 def _per_head(quest_select) -> bool:
     """Whether a built ``quest_select`` selects per query head in one pass (agg 3; a build before it does not)."""
     return "per query head" in (quest_select.__doc__ or "")
+
+
+@functools.lru_cache(maxsize=8)
+def _merges(quest_select) -> bool:
+    """Whether a built ``quest_select`` returns a group's union of per-query-head selections (``merged``)."""
+    return "merged" in (quest_select.__doc__ or "")
 
 
 @functools.lru_cache(maxsize=8)
@@ -242,20 +248,26 @@ def _reads_bf16(quest_select) -> bool:
 
 
 def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg: str = "max", first=None,
-                 backend: str | None = None):
+                 backend: str | None = None, merged: bool = True):
     """Quest's selection for queries q [B, H, D] from page summaries kmin/kmax [B, Hkv, n_pages, D]: the pages' upper
     bounds aggregated over each GQA group, pages of left padding only (``first`` [B]: each row's first real position)
     last, the current page always, the top ``k_pages`` expanded to their positions below T, ascending. Returns
     (positions [B, Hkv, k_pages * P] int32, -1 padded; counts [B, Hkv] int32); with ``agg="none"`` every query head
-    selects by its own bounds, all from one pass over the summaries: (positions [G, B, Hkv, k_pages * P], counts
-    [G, B, Hkv]), query head kh * G + g at [g, :, kh]. On the CPU one C++ call
+    selects by its own bounds, all from one pass over the summaries, and the result is each group's union: (positions
+    [B, Hkv, G * k_pages * P] ascending, counts [B, Hkv], head_mask [B, Hkv, G * k_pages * P] int64, bit g where
+    query head kh * G + g selected the position); ``merged=False`` gives the G selections instead, (positions [G, B,
+    Hkv, k_pages * P], counts [G, B, Hkv]), query head kh * G + g at [g, :, kh]. On the CPU one C++ call
     (accel/cpu/quest.h); elsewhere (or ``backend="torch"``) torch operations, the same selection up to the order of
     summation (a tie between two pages' bounds, a NaN bound counting as +inf, may go either way)."""
     if (backend != "torch" and q.device.type == "cpu" and _ext.HAS_CPU_EXT
             and hasattr(_ext.cpu_ext(), "quest_select")
             and (kmin.dtype == torch.float32 or _reads_bf16(_ext.cpu_ext().quest_select))
             and (agg != "none" or _per_head(_ext.cpu_ext().quest_select))):
-        return tuple(_ext.cpu_ext().quest_select(q, kmin, kmax, n_pages, k_pages, P, T, _AGG[agg], first))
+        fn = _ext.cpu_ext().quest_select
+        if agg == "none" and merged and _merges(fn):
+            return tuple(fn(q, kmin, kmax, n_pages, k_pages, P, T, 3, first, merged=True))
+        sel = tuple(fn(q, kmin, kmax, n_pages, k_pages, P, T, _AGG[agg], first))
+        return merge_head_selections_ref(*sel) if agg == "none" and merged else sel
     scores = upper_bounds(q, kmin, kmax, agg)  # [B, Hkv, n_pages]; agg="none": [G, B, Hkv, n_pages]
     G = scores.shape[0] if agg == "none" else 1
     if agg == "none":  # the G selections as a batch of G * B rows
@@ -275,5 +287,6 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
     idx = torch.where(inside, pos, torch.full_like(pos, -1)).to(torch.int32).contiguous()
     counts = inside.sum(-1).to(torch.int32)
     if agg == "none":
-        return idx.view(G, B // G, *idx.shape[1:]), counts.view(G, B // G, -1)
+        sel = idx.view(G, B // G, *idx.shape[1:]), counts.view(G, B // G, -1)
+        return merge_head_selections_ref(*sel) if merged else sel
     return idx, counts

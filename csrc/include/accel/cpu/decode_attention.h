@@ -42,6 +42,11 @@ struct DecodeParams {
   const int64_t* offsets = nullptr;  // [B*Hkv] or nullptr
   const int32_t* indices = nullptr;  // [B*Hkv*idx_stride] or nullptr
   int64_t idx_stride = 0;
+  // optional, with indices: which query heads of the group attend each entry, bit g for query head kh * G + g
+  // (head_mask[(b*Hkv+h)*idx_stride + i]). A KV head's G query heads then attend to different token sets while each
+  // listed row is read once for all of them (the union of Quest's per-query-head page sets, agg="none"); a head's
+  // unset entries count as masked (logit -inf, weight exactly 0).
+  const uint64_t* head_mask = nullptr;
   const uint8_t* valid = nullptr;    // [B*valid_sb] or nullptr (only with position-addressed tokens)
   int64_t valid_sb = 0;
   int64_t valid_len = 0;             // positions >= valid_len count as valid
@@ -430,6 +435,8 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kh * p.k_sh + row0 * p.k_st;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + kh * p.v_sh + row0 * p.v_st;
   const int32_t* idx = p.indices ? p.indices + (static_cast<int64_t>(b) * p.Hkv + kh) * p.idx_stride : nullptr;
+  const uint64_t* hmask =
+      idx && p.head_mask ? p.head_mask + (static_cast<int64_t>(b) * p.Hkv + kh) * p.idx_stride : nullptr;
   const uint8_t* valid = p.valid ? p.valid + b * p.valid_sb : nullptr;
 
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -476,7 +483,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     for (int64_t jj = a; jj < e; ++jj) {
       if (in_run(jj)) continue;
       const char* r = reinterpret_cast<const char*>(base + idx[jj] * st);
-      for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(r + off, 0, 0);
+      for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(r + off, 0, ACCEL_PF_LOCALITY);
     }
   };
   // contiguous rows (no index list): each tile row requests the row kPfAheadBytes ahead of it (see kPfAheadBytes);
@@ -537,6 +544,12 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
         }
       }
     }
+    if (hmask)  // entries another query head of the group selected: masked for this one
+      for (int j = 0; j < n; ++j) {
+        const uint64_t mk = hmask[i + j];
+        for (int g = 0; g < G; ++g)
+          if (!((mk >> g) & 1u)) s[g][j] = ninf;
+      }
     if (p.scores) {
       float* sc = p.scores + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(kh) * G) * p.scores_stride;
       for (int g = 0; g < G; ++g)
@@ -582,7 +595,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     for (int64_t jj = pf0; jj < pf1; ++jj) {
       if (in_run(jj)) continue;
       const char* vr = reinterpret_cast<const char*>(vb + idx[jj] * p.v_st);
-      for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(vr + off, 0, 0);
+      for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(vr + off, 0, ACCEL_PF_LOCALITY);
     }
     // values: the accumulator of one head stays in registers across the tile
     if (split ? split_tile<T, DC>(G, true, qs, acc, vb, p.v_st, tok, n, p.scale, s, pf_v)

@@ -93,7 +93,7 @@ inline void hip_search(const HipParams& p) {
         auto request = [&](int c) {
           for (int64_t j = 0; j < rlen[c]; ++j) {
             const char* row = reinterpret_cast<const char*>(kb + (rep[c] + j) * p.k_st);
-            for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + o, 0, 0);
+            for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + o, 0, ACCEL_PF_LOCALITY);
           }
         };
         for (int c = 0; c < 2 * n; ++c) {  // keys [r, r + rep_keys) clipped to the child (and the cache)

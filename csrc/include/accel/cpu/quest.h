@@ -32,6 +32,10 @@ struct QuestParams {
   const int64_t* first = nullptr;  // [B] first real (non-padding) position, or nullptr
   int32_t* out = nullptr;     // [B, Hkv, k_pages * page], -1 padded; agg none: [G, B, Hkv, k_pages * page]
   int32_t* counts = nullptr;  // [B, Hkv]; agg none: [G, B, Hkv] (query head kh * G + g at [g, b, kh])
+  // agg none, optional: the G selections' union instead, out [B, Hkv, G * k_pages * page] ascending, -1 padded,
+  // counts [B, Hkv], head_mask [B, Hkv, G * k_pages * page] bit g where query head kh * G + g selected the position
+  // (what merge_head_selections in select.h makes of the G selections, from the pages directly)
+  uint64_t* head_mask = nullptr;
 };
 
 // A page summary stored in bfloat16 is rounded outward (a minimum down, a maximum up to the next bf16 value), so the
@@ -255,6 +259,8 @@ void quest_select_t(const QuestParams& p) {
         default: quest_bounds<S, 0>(a, c, mn, mx, p.sp, p.n_pages, p.D, G, p.agg, sc);
       }
       std::vector<float> tmp;
+      const bool merged = per_head && p.head_mask != nullptr;
+      std::vector<uint64_t> held(merged ? static_cast<size_t>(p.n_pages) : 0);  // per page: the heads that chose it
       for (int r = 0; r < rows; ++r) {
         float* srow = sc + static_cast<int64_t>(r) * p.n_pages;
         if (p.first)
@@ -267,6 +273,10 @@ void quest_select_t(const QuestParams& p) {
         int32_t* out = p.out + slot * width;
         int64_t n = 0;
         auto emit = [&](int64_t j) {
+          if (merged) {
+            held[j] |= uint64_t{1} << r;
+            return;
+          }
           for (int64_t t = j * p.page; t < (j + 1) * p.page && t < p.T; ++t) out[n++] = static_cast<int32_t>(t);
         };
         const int64_t want = k - 1;
@@ -281,8 +291,21 @@ void quest_select_t(const QuestParams& p) {
             if (srow[j] > thr || (srow[j] == thr && ties-- > 0)) emit(j);
         }
         emit(p.n_pages - 1);
+        if (merged) continue;
         std::fill(out + n, out + width, -1);
         p.counts[slot] = static_cast<int32_t>(n);
+      }
+      if (merged) {  // the union, ascending, each position with the heads that chose its page
+        const int64_t bh = static_cast<int64_t>(b) * p.Hkv + kh, uw = static_cast<int64_t>(G) * width;
+        int32_t* out = p.out + bh * uw;
+        uint64_t* mk = p.head_mask + bh * uw;
+        int64_t n = 0;
+        for (int64_t j = 0; j < p.n_pages; ++j)
+          if (held[j])
+            for (int64_t t = j * p.page; t < (j + 1) * p.page && t < p.T; ++t) out[n] = static_cast<int32_t>(t), mk[n++] = held[j];
+        std::fill(out + n, out + uw, -1);
+        std::fill(mk + n, mk + uw, uint64_t{0});
+        p.counts[bh] = static_cast<int32_t>(n);
       }
     }
 }
