@@ -109,7 +109,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_decode_stack", &fused_decode_stack_cpu,
         "a decode step through every layer: per layer the fused halves, the new k/v written into the layer's cache "
         "(dense buffers at position `pos`, or a compressed layer's per-head pools), decode attention over what it "
-        "holds (a Quest layer: over its selected pages, its summaries float32 or bfloat16), and a compressed layer's accumulation and eviction; returns (the last layer's output, KV rows read), "
+        "holds (a Quest layer: over its selected pages, its summaries float32 or bfloat16, per-query-head pages read as "
+        "their union), and a compressed layer's accumulation and eviction; returns (the last layer's output, KV rows read), "
         "or nothing when a compressed layer must grow first",
         pybind11::arg("h"), pybind11::arg("pre"), pybind11::arg("post"), pybind11::arg("eps"), pybind11::arg("k_bufs"),
         pybind11::arg("v_bufs"), pybind11::arg("start"), pybind11::arg("pos"), pybind11::arg("valid") = pybind11::none(),

@@ -716,18 +716,27 @@ def test_the_stack_runs_a_policy_decode_only_through_its_own_class_and_a_build_t
         call.__doc__ = fn.__doc__.replace(words, "float32")
         return call
 
-    class MidBuild:  # Quest in the stack, float32 summaries only (a build before bfloat16 summaries)
-        def __getattr__(self, name):
-            if name == "fused_decode_stack":
-                return without_bf16(real.fused_decode_stack, "float32 or bfloat16")
-            if name == "quest_select":
-                return without_bf16(real.quest_select, "float32 or bfloat16")
-            return getattr(real, name)
+    def build_without(docs):  # an older build: the named functions' docs lack the given words
+        class Build:
+            def __getattr__(self, name):
+                fn = getattr(real, name)
+                return without_bf16(fn, docs[name]) if name in docs else fn
+        return Build()
 
-    monkeypatch.setattr(_ext, "cpu_ext", lambda: MidBuild())
-    with torch.no_grad(), accel.patch(model, "quest", topk=8, page_size=4, min_topk=0, summary_dtype="bfloat16") as h:
-        assert h.runtime.fused._stack_reason == "the built extension predates bfloat16 Quest summaries in the stack"
-        assert torch.equal(model.generate(ids, **kw), want)  # per layer, the selection in torch
+    for docs, reason in (
+            # Quest in the stack, float32 summaries only: per layer, the bf16 selection in torch
+            ({"fused_decode_stack": "float32 or bfloat16", "quest_select": "float32 or bfloat16"},
+             "the built extension predates bfloat16 Quest summaries in the stack"),
+            # Quest in the stack, one page set per KV head only: per layer, the same union read by decode_attention
+            ({"fused_decode_stack": "per-query-head pages"},
+             "the built extension predates per-query-head Quest pages in the stack")):
+        monkeypatch.setattr(_ext, "cpu_ext", lambda docs=docs: build_without(docs))
+        with torch.no_grad(), accel.patch(model, "quest", topk=8, page_size=4, min_topk=0,
+                                          summary_dtype="bfloat16") as h:
+            assert h.runtime.fused._stack_reason == reason
+            assert torch.equal(model.generate(ids, **kw), want)
+    with accel.patch(model, "quest", agg="max", topk=8, page_size=4, min_topk=0) as h:
+        assert h.runtime.fused._stack_reason is None  # one page set per KV head still runs in the stack
 
 
 def test_the_whole_stack_steps_aside_for_hidden_states_layer_hooks_and_other_policies():

@@ -514,10 +514,12 @@ std::vector<torch::Tensor> fused_decode_stack_cpu(
       g.kmax = mx.data_ptr();
       g.sb = mn.stride(0); g.sh = mn.stride(1); g.sp = mn.stride(2);
       g.first = first_c.defined() ? first_c.data_ptr<int64_t>() : nullptr;
-      const int64_t sel = g.agg == 3 ? H / Hkv : 1;  // selections per (sequence, KV head): agg none, one per query head
+      // agg none: room for the union of the G query heads' pages per (sequence, KV head), idx [B, Hkv, G * width]
+      // with a head mask alike, counts [B, Hkv]
+      const int64_t sel = g.agg == 3 ? H / Hkv : 1;
       g.idx.resize(static_cast<size_t>(sel * BH * g.k_pages * g.page));
-      g.counts.resize(static_cast<size_t>(sel * BH));
-      if (g.agg == 3) g.umask.resize(g.idx.size());  // the union: idx [B, Hkv, G * width], counts [B, Hkv]
+      g.counts.resize(static_cast<size_t>(BH));
+      if (g.agg == 3) g.umask.resize(g.idx.size());
       is_quest[l] = 1;
     }
   }

@@ -145,7 +145,11 @@ def sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts, 
         counts = counts.reshape(B, 1).expand(B, Hkv).contiguous()
     out = decode_attention(query[:, :, 0, :], key, value, lengths=counts, indices=idx, valid=valid, scale=scaling,
                            head_mask=head_mask)
-    count_kv_read(ctx, int(counts.sum()), key, value)
+    rows = int(counts.sum())
+    if head_mask is not None and key.device.type != "cpu":  # the GPU backends read each query head's rows apart
+        live = torch.arange(idx.shape[-1], device=idx.device) < counts.unsqueeze(-1).to(idx.device)
+        rows = sum(int((((head_mask >> g) & 1).bool() & live).sum()) for g in range(query.shape[1] // key.shape[1]))
+    count_kv_read(ctx, rows, key, value)
     return out.unsqueeze(1)
 
 

@@ -188,8 +188,8 @@ def per_query_head(q, k, v, lengths, indices, head_mask, valid, scale, return_ls
         n = on.sum(-1)
         order = torch.sort((~on).to(torch.int8), dim=-1, stable=True).indices  # head g's entries first, in order
         idx_g = torch.where(at < n.unsqueeze(-1), indices.gather(2, order), -1).to(torch.int32)
-        out, lse = decode_attention(q[:, g::G], k, v, n.to(torch.int32), indices=idx_g, valid=valid, scale=scale,
-                                    return_lse=True, backend=backend)
+        out, lse = decode_attention(q[:, g::G].contiguous(), k, v, n.to(torch.int32), indices=idx_g, valid=valid,
+                                    scale=scale, return_lse=True, backend=backend)
         outs.append(out)
         lses.append(lse)
     out = torch.stack(outs, 2).reshape(B, H, -1)  # [B, Hkv, G, Dv]: query head kh * G + g

@@ -261,6 +261,10 @@ class FusedDecode:
                 return "the built extension predates Quest in the stack"
             if "float32 or bfloat16" not in doc:
                 return "the built extension predates bfloat16 Quest summaries in the stack"
+            pol = runtime.attention
+            if "per-query-head pages" not in doc and getattr(pol, "agg", None) == "none" and (
+                    pol.name == "quest" or getattr(pol, "backend", None) == "quest"):
+                return "the built extension predates per-query-head Quest pages in the stack"
         if own and runtime.kv:
             return f"policy {runtime.attention.name!r} over a compressed cache"
         problem = getattr(runtime.attention, "stack_problem", None)

@@ -77,8 +77,9 @@ class FluxPolicy(AttentionPolicy):
         page_size, min_pages: Quest's pages (16 tokens, at least 3) for ``backend='quest'``.
         summary_dtype: Quest's page summaries, 'float32' (default, as quest's) or 'bfloat16' (rounded outward).
         chunk, sink, recent, agg: the 'select' backend's chunks (16), forced sink (16) and recent (64) tokens and its
-            aggregation of a KV head's query heads ('max'; quest aggregates its page bounds the same way, and with
-            'none', quest's backend only, every query head selects its own pages); the 'window'
+            aggregation of a KV head's query heads ('max'; the quest backend aggregates its page bounds the same way,
+            and with 'none', quest's backend only and quest's own default, every query head selects its own pages);
+            the 'window'
             backend keeps ``sink`` tokens and fills the rest of the budget with the most recent ones.
         probe: prompt queries (the last ones) the routing features are read from (16).
         feature_ratio: the budget (fraction of the context) the features' missed attention mass is measured at

@@ -123,7 +123,7 @@ class QuestPolicy(AttentionPolicy):
                               "quest", SUMMARY_DTYPES[self.plan_knob(ctx, "summary_dtype")])
         if sel is None:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
-        if agg == "none":  # one selection per query head of each group
+        if agg == "none":  # every query head its own pages: the group's union, with the heads that chose each row
             return attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel)
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, *sel)
 
@@ -141,7 +141,7 @@ class QuestPolicy(AttentionPolicy):
                            SUMMARY_DTYPES[self.plan_knob(ctx, "summary_dtype")])
 
 
-def stack_quest(ctx, T: int, budget: int, P: int, min_pages: int, agg: str = "max", page_rounding: str = "up",
+def stack_quest(ctx, T: int, budget: int, P: int, min_pages: int, agg: str = "none", page_rounding: str = "up",
                 dtype: torch.dtype = torch.float32):
     """``StackQuest`` for a layer whose Quest selection runs in the C++ decode stack this step (its summaries made
     room for), or None when the pages for ``budget`` cover the T tokens (the layer attends densely)."""
@@ -198,7 +198,7 @@ def quest_metadata(ctx, T: int, P: int, dtype: torch.dtype = torch.float32) -> Q
     return held[1]
 
 
-def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pages: int, agg: str = "max",
+def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pages: int, agg: str = "none",
                     page_rounding: str = "up", who: str = "quest", dtype: torch.dtype = torch.float32):
     """One decode step's Quest pages for ``budget`` tokens: (positions [B, Hkv, n] int32 -1 padded, counts [B, Hkv]);
     with ``agg="none"`` the union of each group's G query heads' own pages and which heads selected each position,
@@ -247,7 +247,7 @@ def _reads_bf16(quest_select) -> bool:
     return "bfloat16" in (quest_select.__doc__ or "")
 
 
-def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg: str = "max", first=None,
+def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg: str = "none", first=None,
                  backend: str | None = None, merged: bool = True):
     """Quest's selection for queries q [B, H, D] from page summaries kmin/kmax [B, Hkv, n_pages, D]: the pages' upper
     bounds aggregated over each GQA group, pages of left padding only (``first`` [B]: each row's first real position)

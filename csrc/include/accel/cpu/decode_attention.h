@@ -45,7 +45,8 @@ struct DecodeParams {
   // optional, with indices: which query heads of the group attend each entry, bit g for query head kh * G + g
   // (head_mask[(b*Hkv+h)*idx_stride + i]). A KV head's G query heads then attend to different token sets while each
   // listed row is read once for all of them (the union of Quest's per-query-head page sets, agg="none"); a head's
-  // unset entries count as masked (logit -inf, weight exactly 0).
+  // unset entries count as masked (logit -inf, weight exactly 0; as with masked padding, a value row holding inf or
+  // NaN still reaches a head through 0 * inf = NaN).
   const uint64_t* head_mask = nullptr;
   const uint8_t* valid = nullptr;    // [B*valid_sb] or nullptr (only with position-addressed tokens)
   int64_t valid_sb = 0;
