@@ -51,6 +51,7 @@ COMMITTED = {
     "eval_quest_none_smollm2_4k_lm.csv": "2026-12-06",
     "eval_quest_none_smollm2_8k.csv": "2026-12-06",
     "decode_quest_none_smollm2_b1.csv": "2026-12-06",
+    "decode_quest_smollm2_b8.csv": "2026-12-06",
     "eval_quest_pages_smollm2_8k.csv": "2026-12-06",
     "eval_hip_smollm2_4k.csv": "2026-12-05",
     "eval_hip_smollm2_2k.csv": "2026-12-05",
@@ -157,10 +158,36 @@ _CACHE: dict[str, list[dict]] = {}
 _USED: list[str] = []
 
 
+#: runs made while quest's default was one page set per KV head (``agg="max"``; the default became every query head's
+#: own pages, ``agg="none"``, on 2026-12-06): their quest rows are read under that explicit spec, so every table names
+#: what ran
+QUEST_AGG_MAX_RUNS = {"decode_kvpolicies_smollm2_b1_bf16.csv", "decode_quest_smollm2_b1.csv",
+                      "decode_quest_smollm2_b1_bf16.csv", "decode_sparse_smollm2_b8.csv", "eval_quest_agg_smollm2_4k.csv",
+                      "eval_quest_pages_smollm2_8k.csv", "eval_quest_smollm2_2k.csv", "eval_quest_smollm2_4k.csv",
+                      "eval_quest_smollm2_4k_lm.csv", "eval_sparse_smollm2_8k.csv"}
+
+
+def quest_agg_explicit(p: str) -> str:
+    """A quest spec of a run in QUEST_AGG_MAX_RUNS with its aggregation spelled out (``quest@page_size=16`` ->
+    ``quest@page_size=16@agg=max``)."""
+    parts = p.split("@")
+    if parts[0] != "quest" or any(x.startswith("agg=") for x in parts[1:]):
+        return p
+    return p + "@agg=max"
+
+
 def load(name: str) -> list[dict]:
     if name not in _CACHE:
         with open(RESULTS / name, newline="") as f:
-            _CACHE[name] = list(csv.DictReader(f))
+            rows = list(csv.DictReader(f))
+        if name in QUEST_AGG_MAX_RUNS:
+            for r in rows:
+                if "policy" in r:
+                    r["policy"] = quest_agg_explicit(r["policy"])
+        elif {"quest", "quest@agg=none"} <= {r.get("policy") for r in rows}:
+            raise SystemExit(f"make_results: {name} holds quest and quest@agg=none rows, so its quest rows ran agg=max; "
+                             "add it to QUEST_AGG_MAX_RUNS")
+        _CACHE[name] = rows
     return _CACHE[name]
 
 
@@ -624,10 +651,11 @@ def _reuse_quality() -> Quality:
         q.add(n, lambda p: "hylra (current plan)" if p == "hylra" else None)
     for n in QUEST_EVAL:
         q.add(n, quest_label)
-    q.add(QUEST_AGG, lambda p: f"quest (query heads by {p.split('=')[1]})" if p.startswith("quest@agg=") else None)
+    q.add(QUEST_AGG, lambda p: f"quest (query heads by {p.split('=')[1]})" if p in ("quest@agg=mean", "quest@agg=sum")
+          else None)
     for n in QUEST_NONE:
-        q.add(n, lambda p: QUEST_NONE_LABEL if p == "quest@agg=none" else None)
-    q.add(SPARSE_8K, lambda p: quest_label(p) if p.startswith("quest") else None)
+        q.add(n, quest_label)
+    q.add(SPARSE_8K, quest_label)
     for n in ("eval_hip_smollm2_2k.csv", "eval_hip_smollm2_4k.csv", "eval_hip_smollm2_4k_lm.csv",
               "eval_hip_smollm2_8k.csv"):
         q.add(n, lambda p: "hip" if p == "hip" else None)
@@ -638,12 +666,13 @@ def _reuse_quality() -> Quality:
 HIP_REPKEYS = "eval_hip_repkeys_smollm2_2k.csv"  # HiP children scored by several keys (the run also holds dense, hip)
 HIP_REPKEYS_LABELS = {"hip@rep_keys=4": "hip (4 middle keys per child)", "hip@rep_keys=16": "hip (16 middle keys per child)",
                       "hip@representative=first@rep_keys=4": "hip (first 4 keys per child)"}
+QUEST_SHARED = "quest (one page set per KV head)"  # agg="max": the former default
 REUSE_ORDER = ["hf", "dense", "delta (paper layout)", "delta (calibrated layout)", "hylra (first plan)",
-               "hylra (current plan)", "recycled", "quest", "quest (pages of 2)", "quest (pages of 8)",
-               "quest (pages of 16)", "quest (query heads by mean)", "quest (query heads by sum)",
-               "quest (each query head its own pages)", "hip", *HIP_REPKEYS_LABELS.values()]
-QUEST_NONE_LABEL = "quest (each query head its own pages)"
-# agg="none": the paper's per-query-head selection (the runs also hold dense, hf and quest, taken from their own files)
+               "hylra (current plan)", "recycled", "quest", QUEST_SHARED, f"quest (pages of 2, {QUEST_SHARED[7:-1]})",
+               f"quest (pages of 8, {QUEST_SHARED[7:-1]})", f"quest (pages of 16, {QUEST_SHARED[7:-1]})",
+               "quest (query heads by mean)", "quest (query heads by sum)", "hip", *HIP_REPKEYS_LABELS.values()]
+# the default quest (every query head its own pages, agg="none") and the former default (agg="max") in one run per
+# length (the runs also hold dense and hf, taken from their own files)
 QUEST_NONE = ("eval_quest_none_smollm2_2k.csv", "eval_quest_none_smollm2_4k.csv", "eval_quest_none_smollm2_4k_lm.csv",
               "eval_quest_none_smollm2_8k.csv")
 QUEST_AGG = "eval_quest_agg_smollm2_4k.csv"  # GQA aggregation of a KV head's query heads' page bounds
@@ -652,13 +681,16 @@ QUEST_EVAL = ("eval_quest_smollm2_2k.csv", "eval_quest_smollm2_4k.csv", "eval_qu
 
 
 def quest_label(p: str):
-    """quest's rows under one name per page size: the default (pages of 4, also spelled ``quest@page_size=4``) is
-    "quest", the others "quest (pages of N)"; dense and hf come from the policies' own rows."""
-    if p == "quest" or p == "quest@page_size=4":
-        return "quest"
-    if p.startswith("quest@page_size=") and "@" not in p[len("quest@"):]:
-        return f"quest (pages of {p.split('=')[1]})"
-    return None
+    """quest's rows under one name per page size and aggregation: the default (every query head its own pages, pages
+    of 4) is "quest", ``agg=max`` (one page set per KV head, from the group's largest bound) QUEST_SHARED, other page
+    sizes "quest (pages of N[, one page set per KV head])"; other variants, dense and hf: None (their own rows)."""
+    opts = dict(x.split("=", 1) for x in p.split("@")[1:]) if p.split("@")[0] == "quest" else None
+    if opts is None or set(opts) - {"page_size", "agg"} or opts.get("agg", "none") not in ("none", "max"):
+        return None
+    pages, shared = opts.get("page_size", "4"), opts.get("agg") == "max"
+    if pages == "4":
+        return QUEST_SHARED if shared else "quest"
+    return f"quest (pages of {pages}, {QUEST_SHARED[7:-1]})" if shared else f"quest (pages of {pages})"
 
 
 def sec_reuse() -> list[str]:
@@ -705,16 +737,17 @@ def sec_reuse() -> list[str]:
             "On the AVX2-only machine with the current small-M linear kernel:", ""]
     out += _speed_table(["decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv"])
     out += sources("decode_reuse_smollm2_b1_s12.csv", "decode_reuse_smollm2_b8_s12.csv")
-    out += ["Real 8K prefill (not synthetic KV), batch 1, fp32: quest (pages of 4, and of 16: `quest@page_size=16`) "
-            "against hylra and dense, one run:", ""]
+    out += ["Real 8K prefill (not synthetic KV), batch 1, fp32: quest with one page set per KV head (`agg=max`, the "
+            "default until 2026-12-06; pages of 4, and of 16) against hylra and dense, one run:", ""]
     out += _speed_table(["decode_quest_smollm2_b1.csv"])
     out += sources("decode_quest_smollm2_b1.csv")
-    out += ["Quest with every query head selecting its own pages (`quest@agg=none`, the paper's selection) against "
-            "the default (one page set per KV head) and dense, real 8K prefill, batch 1, fp32, one run, on another "
-            "machine (an Intel Xeon with AVX-512, 11-14 GB/s read bandwidth during the run, against the AMD EPYC of the "
-            "table above):", ""]
-    out += _speed_table(["decode_quest_none_smollm2_b1.csv"])
-    out += sources("decode_quest_none_smollm2_b1.csv")
+    out += ["quest (every query head selects its own pages and a group reads their union once, the paper's selection "
+            "and the default) against one page set per KV head (`quest@agg=max`) and dense, real 8K prefill, batch 1, "
+            "fp32, one run, on another machine (an Intel Xeon with AVX-512, against the AMD EPYC of the table above), "
+            "and the same at 4K, batch 8, each row of the batch its own passage of the essays "
+            "(`--prompts distinct`):", ""]
+    out += _speed_table(["decode_quest_none_smollm2_b1.csv", "decode_quest_smollm2_b8.csv"])
+    out += sources("decode_quest_none_smollm2_b1.csv", "decode_quest_smollm2_b8.csv")
     out += ["The same in bf16 (a bf16 copy of the model), with bfloat16 page summaries "
             "(`quest@summary_dtype=bfloat16`), one run:", ""]
     out += _speed_table(["decode_quest_smollm2_b1_bf16.csv"])
@@ -1059,7 +1092,7 @@ POLICIES = [  # name, paper (as cited in the code), what it does
     ("hylra", "HyLRA, Ai et al. 2026, arXiv 2602.00777", "per layer from a calibrated plan: full attention, or reuse an earlier layer's top-k tokens"),
     ("delta", "DELTA, arXiv 2510.09883", "Delta-layers pick 16-token pages from full attention; the layers below them attend to those pages"),
     ("recycled", "RefreshKV / Recycled Attention, Xu, Goyal, Choi, ACL 2025, arXiv 2411.05787", "partial cache of top tokens, refreshed by a full step when the query drifts"),
-    ("quest", "Quest, Tang et al., ICML 2024, arXiv 2406.10774", "per KV head, the pages whose key min/max bound q.k highest, plus the current page"),
+    ("quest", "Quest, Tang et al., ICML 2024, arXiv 2406.10774", "per query head, the pages whose key min/max bound q.k highest, plus the current page; a GQA group reads their union once"),
     ("hip", "HiP, Lee et al., ICLR 2025, arXiv 2406.09827", "per KV head, a hierarchical search keeps the key blocks whose middle keys score highest, plus sinks and a window"),
     ("streaming", "StreamingLLM, Xiao et al. 2023", "keeps attention sinks + the newest tokens"),
     ("snapkv", "SnapKV, Li et al. 2024", "keeps the tokens the prompt's last queries attend to"),
@@ -1109,7 +1142,8 @@ def policy_table() -> list[str]:
         return (f"digits VLM, 16 of 64 tokens: {f(c16['accuracy'], 3)} (all: {f(c64['accuracy'], 3)})",
                 f"576 → 64 tokens: LLM prefill {ratio(r['llm_speedup'])}, VLM prefill {ratio(r['prefill_speedup'])} (ViT-L-shaped tower)")
 
-    qd = {r["policy"]: r for r in load("decode_quest_smollm2_b1.csv")}
+    qd = {r["policy"]: r for r in load("decode_quest_none_smollm2_b1.csv")}
+    qb8 = {r["policy"]: r for r in load("decode_quest_smollm2_b8.csv")}
     hd = {r["policy"]: r for r in load("decode_hip_smollm2_b1.csv")}
     hsame, htotal, htasks, hctx = _headline_same()
     cells = {
@@ -1120,8 +1154,9 @@ def policy_table() -> list[str]:
         "delta": ("4K, top-k 1/8: " + pk(rq, "delta (calibrated layout)", 4096), reuse_speed("delta")),
         "recycled": ("4K, top-k 1/8: " + pk(rq, "recycled", 4096), reuse_speed("recycled")),
         "quest": ("4K, top-k 1/8, pages of 4: " + pk(rq, "quest", 4096),
-                  f"{ratio(qd['quest']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; hylra "
-                  f"{ratio(qd['hylra']['speedup_vs_accel_dense'])} in the same run)"),
+                  f"{ratio(qd['quest']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; one page set per "
+                  f"KV head {ratio(qd['quest@agg=max']['speedup_vs_accel_dense'])} in the same run), "
+                  f"{ratio(qb8['quest']['speedup_vs_accel_dense'])} (4K, batch 8, distinct prompts)"),
         "hip": ("4K, top-k 1/8: " + pk(rq, "hip", 4096),
                 f"{ratio(hd['hip']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; quest with pages of 16 "
                 f"{ratio(hd['quest@page_size=16']['speedup_vs_accel_dense'])} in the same run)"),
