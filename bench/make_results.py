@@ -666,10 +666,11 @@ def _reuse_quality() -> Quality:
 HIP_REPKEYS = "eval_hip_repkeys_smollm2_2k.csv"  # HiP children scored by several keys (the run also holds dense, hip)
 HIP_REPKEYS_LABELS = {"hip@rep_keys=4": "hip (4 middle keys per child)", "hip@rep_keys=16": "hip (16 middle keys per child)",
                       "hip@representative=first@rep_keys=4": "hip (first 4 keys per child)"}
-QUEST_SHARED = "quest (one page set per KV head)"  # agg="max": the former default
+ONE_SET = "one page set per KV head"  # quest agg="max": the former default
+QUEST_SHARED = f"quest ({ONE_SET})"
 REUSE_ORDER = ["hf", "dense", "delta (paper layout)", "delta (calibrated layout)", "hylra (first plan)",
-               "hylra (current plan)", "recycled", "quest", QUEST_SHARED, f"quest (pages of 2, {QUEST_SHARED[7:-1]})",
-               f"quest (pages of 8, {QUEST_SHARED[7:-1]})", f"quest (pages of 16, {QUEST_SHARED[7:-1]})",
+               "hylra (current plan)", "recycled", "quest", QUEST_SHARED, f"quest (pages of 2, {ONE_SET})",
+               f"quest (pages of 8, {ONE_SET})", f"quest (pages of 16, {ONE_SET})",
                "quest (query heads by mean)", "quest (query heads by sum)", "hip", *HIP_REPKEYS_LABELS.values()]
 # the default quest (every query head its own pages, agg="none") and the former default (agg="max") in one run per
 # length (the runs also hold dense and hf, taken from their own files)
@@ -690,7 +691,7 @@ def quest_label(p: str):
     pages, shared = opts.get("page_size", "4"), opts.get("agg") == "max"
     if pages == "4":
         return QUEST_SHARED if shared else "quest"
-    return f"quest (pages of {pages}, {QUEST_SHARED[7:-1]})" if shared else f"quest (pages of {pages})"
+    return f"quest (pages of {pages}, {ONE_SET})" if shared else f"quest (pages of {pages})"
 
 
 def sec_reuse() -> list[str]:

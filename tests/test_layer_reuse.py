@@ -369,19 +369,19 @@ def test_quest_per_query_head_selection_attends_each_heads_own_pages():
     mask = torch.ones_like(ids)
     mask[1, :13] = 0
     seen = []
-    orig = Q.attend_per_query_head
+    orig = Q.sparse_attend
 
-    def spy(ctx, query, key, value, attention_mask, scaling, sels):
-        out = orig(ctx, query, key, value, attention_mask, scaling, sels)
+    def spy(ctx, query, key, value, attention_mask, scaling, *sels):
+        out = orig(ctx, query, key, value, attention_mask, scaling, *sels)
         seen.append((query.clone(), key.clone(), value.clone(), scaling, sels, out.clone()))
         return out
 
-    Q.attend_per_query_head = spy
+    Q.sparse_attend = spy
     try:
         with accel.patch(m, "quest", agg="none", topk=64, page_size=16, fused_decode=False):  # 4 pages of 16
             m.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     finally:
-        Q.attend_per_query_head = orig
+        Q.sparse_attend = orig
     assert len(seen) == 2 * 5  # layers 2 and 3, five decode steps
     differs = False
     for q, k, v, scaling, sels, out in seen:

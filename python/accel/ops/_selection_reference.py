@@ -105,14 +105,16 @@ def quest_page_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
     return aggregate_ref(ub, Hkv, agg) if agg != "none" else ub
 
 
-def merge_head_selections_ref(idx: torch.Tensor, counts: torch.Tensor):
+def merge_head_selections_ref(idx: torch.Tensor, counts: torch.Tensor, T: int | None = None):
     """The union of G per-query-head selections of each (sequence, KV head): idx [G, B, Hkv, W] int32 (each list sorted
     ascending without repeats in its first counts [G, B, Hkv] entries). Returns (positions [B, Hkv, G * W] int32
     ascending, -1 padded; counts [B, Hkv] int32; head_mask [B, Hkv, G * W] int64, bit g set where selection g holds
-    the position), the arguments of ``decode_attention``'s ``head_mask``."""
+    the position), the arguments of ``decode_attention``'s ``head_mask``. ``T``: a bound on the positions (default: the
+    largest one + 1)."""
     G, B, Hkv, W = idx.shape
     live = torch.arange(W, device=idx.device) < counts.unsqueeze(-1)  # [G, B, Hkv, W]
-    T = int(idx[live].max()) + 1 if bool(live.any()) else 1
+    if T is None:
+        T = int(idx[live].max()) + 1 if bool(live.any()) else 1
     bits = torch.zeros(B, Hkv, T + 1, dtype=torch.int64, device=idx.device)
     for g in range(G):  # positions are unique within a selection: adding bit g is setting it
         pos = torch.where(live[g], idx[g].long(), torch.full_like(idx[g], T, dtype=torch.long))

@@ -7,6 +7,7 @@ Backends, in priority order for a tensor's device:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -148,14 +149,11 @@ def decode_attention(
 
             ensure_ops()  # a node of the compiled graph instead of a graph break
             return torch.ops.accel.decode_attention(qf, k, v, lengths, valid, scale).to(q.dtype)
-        if head_mask is not None and "head_mask" not in (_ext.cpu_ext().decode_attention.__doc__ or ""):
-            # a build before the kernel's head mask: one call per query head
+        fn = _ext.cpu_ext().decode_attention
+        if head_mask is not None and not _masks_heads(fn):  # a build before the kernel's head mask
             return per_query_head(q, k, v, lengths, indices, head_mask, valid, scale, return_lse, backend)
-        if head_mask is None:
-            res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0, scores)
-        else:
-            res = _ext.cpu_ext().decode_attention(qf, k, v, lengths, indices, valid, scale, return_lse, 0,
-                                                  head_mask=head_mask.contiguous())
+        mask = {} if head_mask is None else {"head_mask": head_mask.contiguous()}
+        res = fn(qf, k, v, lengths, indices, valid, scale, return_lse, 0, scores, **mask)
         out = res[0] if q.dtype == torch.float32 else res[0].to(q.dtype)
         return (out, res[1]) if return_lse else out
     if backend == "cuda":
@@ -172,6 +170,12 @@ def decode_attention(
     if return_lse:
         return res[0].to(q.dtype), res[1]
     return res.to(q.dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _masks_heads(decode_attention_cpp) -> bool:
+    """Whether a built C++ ``decode_attention`` takes a ``head_mask``."""
+    return "head_mask" in (decode_attention_cpp.__doc__ or "")
 
 
 def per_query_head(q, k, v, lengths, indices, head_mask, valid, scale, return_lse, backend):

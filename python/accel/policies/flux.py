@@ -46,7 +46,7 @@ from ..models.base import ModelInfo
 from ..plan import Plan
 from ..plan.shipped import require_shipped_plan
 from .base import AttentionPolicy
-from .quest import SUMMARY_DTYPES, attend_per_query_head, quest_selection, stack_quest
+from .quest import SUMMARY_DTYPES, quest_selection, stack_quest
 from .registry import register_policy
 
 BACKENDS = ("quest", "select", "window")
@@ -216,15 +216,10 @@ class FluxPolicy(AttentionPolicy):
         sel = self.sparse_selection(ctx, query, key, attention_mask, budget, scaling)
         if sel is None:  # the backend's selection covers the context: exact
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
-        if self.agg == "none":  # quest's per-query-head pages: the group's union and the heads that selected each
-            if bool(full.any()):
-                G = query.shape[1] // key.shape[1]
-                sel = with_full_rows(*sel[:2], full, T, key.shape[1], head_mask=sel[2], G=G)
-            return attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel)
-        idx, counts = sel
+        # sel: (idx, counts), or with agg="none" quest's union of a group's pages and the head mask of who chose each
         if bool(full.any()):  # FA rows attend to every position through the same call
-            idx, counts = with_full_rows(idx, counts, full, T, key.shape[1])
-        return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts)
+            sel = with_full_rows(*sel[:2], full, T, key.shape[1], *sel[2:], G=query.shape[1] // key.shape[1])
+        return sparse_attend(ctx, query, key, value, attention_mask, scaling, *sel)
 
     def stack_problem(self) -> str | None:
         """Why this patch's decode cannot run in the one-call C++ decode stack (None: it can, step by step)."""

@@ -117,14 +117,13 @@ class QuestPolicy(AttentionPolicy):
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
         topk = ctx.plan.topk if ctx.plan.topk is not None else self.plan_knob(ctx, "topk")
         budget = token_budget(key.shape[2], topk, self.plan_knob(ctx, "topk_ratio"), int(self.plan_knob(ctx, "min_topk")))
-        agg = self.plan_knob(ctx, "agg")
         sel = quest_selection(ctx, query, key, attention_mask, budget, int(self.plan_knob(ctx, "page_size")),
-                              int(self.plan_knob(ctx, "min_pages")), agg, self.plan_knob(ctx, "page_rounding"),
+                              int(self.plan_knob(ctx, "min_pages")), self.plan_knob(ctx, "agg"),
+                              self.plan_knob(ctx, "page_rounding"),
                               "quest", SUMMARY_DTYPES[self.plan_knob(ctx, "summary_dtype")])
         if sel is None:  # the budget covers the context: exact dense attention
             return dense_decode(ctx, query, key, value, attention_mask, scaling)
-        if agg == "none":  # every query head its own pages: the group's union, with the heads that chose each row
-            return attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel)
+        # agg="none": the group's union of its query heads' pages, with the head mask of who chose each row
         return sparse_attend(ctx, query, key, value, attention_mask, scaling, *sel)
 
     def stack_layer(self, ctx: LayerContext, T: int):
@@ -221,14 +220,6 @@ def quest_selection(ctx, query, key, attention_mask, budget: int, P: int, min_pa
     return select_pages(query[:, :, 0, :], mn, mx, n_pages, k_pages, P, T, agg, first)
 
 
-def attend_per_query_head(ctx, query, key, value, attention_mask, scaling, sel):
-    """Decode attention where every query head attends to its own pages (``quest_selection`` with agg="none": the
-    union of a group's pages with the heads that selected each, ``sel = (positions, counts, head_mask)``), each
-    selected row read once for the group: out [B, 1, H, D]."""
-    idx, counts, head_mask = sel
-    return sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts, head_mask)
-
-
 @functools.lru_cache(maxsize=8)
 def _per_head(quest_select) -> bool:
     """Whether a built ``quest_select`` selects per query head in one pass (agg 3; a build before it does not)."""
@@ -267,7 +258,7 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
         if agg == "none" and merged and _merges(fn):
             return tuple(fn(q, kmin, kmax, n_pages, k_pages, P, T, 3, first, merged=True))
         sel = tuple(fn(q, kmin, kmax, n_pages, k_pages, P, T, _AGG[agg], first))
-        return merge_head_selections_ref(*sel) if agg == "none" and merged else sel
+        return merge_head_selections_ref(*sel, T) if agg == "none" and merged else sel
     scores = upper_bounds(q, kmin, kmax, agg)  # [B, Hkv, n_pages]; agg="none": [G, B, Hkv, n_pages]
     G = scores.shape[0] if agg == "none" else 1
     if agg == "none":  # the G selections as a batch of G * B rows
@@ -288,5 +279,5 @@ def select_pages(q, kmin, kmax, n_pages: int, k_pages: int, P: int, T: int, agg:
     counts = inside.sum(-1).to(torch.int32)
     if agg == "none":
         sel = idx.view(G, B // G, *idx.shape[1:]), counts.view(G, B // G, -1)
-        return merge_head_selections_ref(*sel) if merged else sel
+        return merge_head_selections_ref(*sel, T) if merged else sel
     return idx, counts

@@ -34,7 +34,7 @@ struct QuestParams {
   int32_t* counts = nullptr;  // [B, Hkv]; agg none: [G, B, Hkv] (query head kh * G + g at [g, b, kh])
   // agg none, optional: the G selections' union instead, out [B, Hkv, G * k_pages * page] ascending, -1 padded,
   // counts [B, Hkv], head_mask [B, Hkv, G * k_pages * page] bit g where query head kh * G + g selected the position
-  // (what merge_head_selections in select.h makes of the G selections, from the pages directly)
+  // (what accel.ops._selection_reference.merge_head_selections_ref makes of the G selections, here from the pages)
   uint64_t* head_mask = nullptr;
 };
 
