@@ -534,13 +534,15 @@ KV_STACK = [
     ("duo", dict(sink=4, recent=8, sparsity=0.5)),
     ("moa", dict(sparse_prefill=False)),
     ("tca", dict(block=4, sink=4, window=8)),
+    ("tca", dict(block=4, sink=4, window=8, metric="context")),
     ("snapkv", dict(budget=10, budget_ratio=None, window=4, min_budget=0, decode="grow")),
 ]
 
 
 @pytest.mark.exactness
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name,kw", KV_STACK, ids=[f"{n}-{k.get('decode', 'fixed')}" for n, k in KV_STACK])
+@pytest.mark.parametrize("name,kw", KV_STACK, ids=["-".join([n, k.get("decode", "fixed"), *k.get("metric", "").split()])
+                                               for n, k in KV_STACK])
 def test_the_whole_stack_runs_kv_policies_bit_for_bit(name, kw, dtype):
     """With a budgeted KV-cache policy the whole stack also runs in one call: the append into each compressed
     layer's per-head pools, the attention over them, the accumulated attention scores and the eviction happen in C++.

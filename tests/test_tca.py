@@ -59,6 +59,27 @@ def test_each_block_keeps_its_least_redundant_keys():
             assert torch.nonzero(keep[h, j]).flatten().tolist() == want
 
 
+def test_context_metric_keeps_the_keys_least_like_the_window_after_their_block():
+    g = torch.Generator().manual_seed(11)
+    Hkv, T, D, s, w, b = 2, 61, 8, 4, 8, 4
+    k = torch.randn(1, Hkv, T, D, generator=g)
+    quota = torch.tensor([1, 3])
+    kept, _ = TCA.select(k, torch.zeros(1, dtype=torch.long), quota, s, w, b, "context")
+    nb = (T - 1 - s - w) // b
+    assert nb > 5
+    for h in range(Hkv):
+        for j in range(nb):
+            lo = s + j * b
+            u = torch.nn.functional.normalize(k[0, h, lo:lo + b], dim=-1)
+            ref = torch.nn.functional.normalize(k[0, h, lo + b:lo + b + w], dim=-1).mean(0)
+            want = sorted(torch.argsort(u @ ref, stable=True)[: int(quota[h])].tolist())
+            assert torch.nonzero(kept[0, h, lo:lo + b]).flatten().tolist() == want, (h, j)
+    cos, _ = TCA.select(k, torch.zeros(1, dtype=torch.long), quota, s, w, b, "cosine")
+    assert not torch.equal(kept, cos)  # a different rule from the block's own mean
+    with pytest.raises(AccelError, match="window"):
+        TCA.block_keep(k[:, :, :b].view(1, Hkv, 1, b, D), quota, "context")  # no reference given
+
+
 def test_prefill_attention_matches_a_per_query_reference():
     g = torch.Generator().manual_seed(1)
     B, H, Hkv, T, D, Tq = 2, 4, 2, 61, 8, 23
@@ -98,12 +119,13 @@ def _kept_positions(layer):
     return [[sorted(pos[b, h][live[b, h]].tolist()) for h in range(pos.shape[1])] for b in range(pos.shape[0])]
 
 
-def test_a_prompt_prefilled_at_once_equals_it_fed_token_by_token():
+@pytest.mark.parametrize("metric", ["cosine", "context"])
+def test_a_prompt_prefilled_at_once_equals_it_fed_token_by_token(metric):
     """The prefill rule is the decode rule: the logits of every position and the kept tokens of every head agree."""
     m = model4("llama")
     ids = torch.randint(3, 256, (1, 70), generator=torch.Generator().manual_seed(2))
     plan = tca_plan([[1, 2], [3, 1], [2, 4], [4, 4]])
-    with accel.patch(m, "tca", plan=plan, sparse_prefill=True, **KW) as h, torch.no_grad():
+    with accel.patch(m, "tca", plan=plan, sparse_prefill=True, metric=metric, **KW) as h, torch.no_grad():
         full = m(input_ids=ids, use_cache=True)
         assert h.runtime.stats.get("tca_prefill_layers", 0) == 3  # layer 3 keeps every token: dense
         n0 = 10
@@ -159,11 +181,13 @@ def test_full_quotas_equal_dense_on_padded_batches(arch):
     assert not same(ref, sparse)  # the quotas do change the attention
 
 
-@pytest.mark.parametrize("sparse_prefill", [False, True])
-def test_a_padded_batch_equals_each_row_alone(sparse_prefill):
+@pytest.mark.parametrize("sparse_prefill,metric", [(False, "cosine"), (True, "cosine"), (False, "context"),
+                                                    (True, "context")])
+def test_a_padded_batch_equals_each_row_alone(sparse_prefill, metric):
     m = model4("llama")
     ids, mask = left_padded(B=2, L=64, pads=(0, 11), seed=5)
     plan = tca_plan([[1, 2], [2, 3], [3, 1], [1, 1]])
+    plan.params["metric"] = metric  # the policy takes the plan's metric
     both = gen(m, ids, "tca", mask=mask, new=10, plan=plan, sparse_prefill=sparse_prefill, **KW)
     for b, pad in enumerate((0, 11)):
         alone = gen(m, ids[b:b + 1, pad:], "tca", new=10, plan=plan, sparse_prefill=sparse_prefill, **KW)
@@ -188,6 +212,16 @@ def test_bad_options_and_plans_are_refused_in_one_line():
                      (dict(tolerance=-1.0), "tolerance"), (dict(decode="grow"), "decode")):
         with pytest.raises(AccelError, match=word):
             accel.patch(m, "tca", plan=tca_plan([[1, 2]] * 4), **{**KW, **kw})
+    with pytest.raises(AccelError, match="window >= block"):
+        accel.patch(m, "tca", plan=tca_plan([[1, 2]] * 4, window=0), block=4, sink=4, window=0, metric="context")
+    ctx_plan = tca_plan([[1, 2]] * 4, window=0)
+    ctx_plan.params["metric"] = "context"
+    with pytest.raises(AccelError, match="the plan's metric 'context'"):
+        accel.patch(m, "tca", plan=ctx_plan, block=4, sink=4, window=0)
+    ctx_plan = tca_plan([[1, 2]] * 4)
+    ctx_plan.params["metric"] = "context"
+    with pytest.raises(AccelError, match="calibrated with metric='context'"):
+        accel.patch(m, "tca", plan=ctx_plan, metric="cosine", **KW)
     with pytest.raises(AccelError, match="calibrated with block=4"):
         accel.patch(m, "tca", plan=tca_plan([[1, 2]] * 4), block=8, sink=4, window=8)
     with pytest.raises(AccelError, match="1..4"):
@@ -211,7 +245,7 @@ def test_calibration_end_to_end_and_tolerance_picks_quotas_at_patch_time():
     txt = "the quick brown fox jumps over the lazy dog " * 10
     plan = calibrate_tca(m, Tok(), [txt, txt[::-1]], tokens=300, steps=32, progress=False, tolerance=0.2, **KW)
     plan.validate()
-    assert plan.policy == "tca" and plan.params["block"] == 4
+    assert plan.policy == "tca" and plan.params["block"] == 4 and plan.params["metric"] == "context"
     for lp in plan.layers:
         errs = lp.params["errors"]
         assert len(errs) == 2 and all(len(e) == 4 and e[3] == 0.0 for e in errs)  # keeping the whole block: exact

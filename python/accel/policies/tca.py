@@ -14,13 +14,15 @@ sparsest configuration whose attention output (this policy's attention, last que
 **Online selection.** A head's keys after the first ``sink`` tokens are cut into blocks of ``block`` tokens. Once a
 block is ``window`` tokens behind the newest token (block ``j`` when ``sink + (j + 1) * block + window`` tokens are
 before the newest one) it is compressed: it keeps the head's quota of its least redundant tokens and the rest leave the
-ragged cache (real bytes). [INFER] redundancy of a key = cosine of its (unit) key with the mean unit key of its block;
-the lowest are kept (ties: the earlier token). Sinks and the last ``window`` to ``window + block`` tokens are always
-kept. With ``sparse_prefill=True`` the prefill runs the same rule per query, as the paper's prefill does: a query
-attends to the sinks, the kept tokens of the blocks compressed before its token arrived and every token after them, so
-a prompt prefilled at once and the same prompt fed one token at a time attend to the same keys. [INFER] it is off by
-default: the prefill is exact and the prompt's cache is then compressed by the same rule. A configuration that keeps ``block`` of ``block`` tokens
-in every head is exact dense attention.
+ragged cache (real bytes). [INFER] redundancy of a key = cosine of its (unit) key with the mean unit key of the
+``window`` tokens that follow its block (the window the block leaves: ``metric="context"``, the shipped plan's), or
+with the mean unit key of its own block (``metric="cosine"``); the lowest are kept (ties: the earlier token). Sinks
+and the last ``window`` to ``window + block`` tokens are always kept. With ``sparse_prefill=True`` the prefill runs
+the same rule per query, as the paper's prefill does: a query attends to the sinks, the kept tokens of the blocks
+compressed before its token arrived and every token after them, so a prompt prefilled at once and the same prompt fed
+one token at a time attend to the same keys. [INFER] it is off by default: the prefill is exact and the prompt's cache
+is then compressed by the same rule. A configuration that keeps ``block`` of ``block`` tokens in every head is exact
+dense attention.
 
 [INFER] switchable: block 16, sink 16, window 64 (a multiple of the block, so a 16-query block shares one mask),
 sigma 1, the redundancy metric above. The prefill is computed as masked attention over every key (exact semantics,
@@ -95,17 +97,29 @@ def compressed_blocks(n: torch.Tensor | int, sink: int, window: int, block: int)
 
 
 #: redundancy metrics of a key within its block (lower = less redundant = kept first)
-METRICS = ("cosine", "deviation", "norm")
+METRICS = ("context", "cosine", "deviation", "norm")
 
 
-def block_keep(kb: torch.Tensor, quota: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
+def _unit(k: torch.Tensor) -> torch.Tensor:
+    k = k.float()
+    return k / k.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def block_keep(kb: torch.Tensor, quota: torch.Tensor, metric: str = "cosine", ref: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """The tokens each block keeps: ``kb`` [..., Hkv, nb, block, D] keys, ``quota`` [Hkv] (or broadcastable to
     [..., Hkv]) tokens per block; returns bool [..., Hkv, nb, block], the ``quota`` least redundant keys of each block
-    (ties to the earlier token). Redundancy (``metric``): 'cosine', the cosine of the key with the block's mean unit
-    key; 'deviation', minus the key's distance from the block's mean key; 'norm', minus the key's norm."""
+    (ties to the earlier token). Redundancy (``metric``): 'context', the cosine of the key with ``ref``
+    [..., Hkv, nb, D], the mean unit key of the ``window`` tokens after each block (``context_refs``); 'cosine', the
+    cosine of the key with the block's mean unit key; 'deviation', minus the key's distance from the block's mean key;
+    'norm', minus the key's norm."""
     k = kb.float()
-    if metric == "cosine":
-        u = k / k.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    if metric == "context":
+        if ref is None:
+            raise AccelError("tca: metric='context' needs the mean unit key of the window after each block")
+        red = (_unit(k) * ref.float().unsqueeze(-2)).sum(-1)  # [..., nb, block]
+    elif metric == "cosine":
+        u = _unit(k)
         red = (u * u.mean(-2, keepdim=True)).sum(-1)  # [..., nb, block]
     elif metric == "deviation":
         red = -(k - k.mean(-2, keepdim=True)).norm(dim=-1)
@@ -137,8 +151,24 @@ def select(keys: torch.Tensor, first: torch.Tensor, quota: torch.Tensor, sink: i
             continue
         lo = int(first[b]) + sink
         kb = keys[b, :, lo:lo + nb * block].reshape(Hkv, nb, block, -1)
-        kept[b, :, lo:lo + nb * block] = block_keep(kb, quota, metric).reshape(Hkv, nb * block)
+        ref = context_refs(keys[b], lo, nb, block, window) if metric == "context" else None
+        kept[b, :, lo:lo + nb * block] = block_keep(kb, quota, metric, ref).reshape(Hkv, nb * block)
     return kept, blk
+
+
+def context_refs(keys: torch.Tensor, lo: int, nb: int, block: int, window: int) -> torch.Tensor:
+    """``metric="context"``'s reference of blocks ``0..nb-1`` starting at ``lo`` of ``keys`` [Hkv, T, D]: the mean
+    unit key of the ``window`` tokens after each block, [Hkv, nb, D]. A block is compressed when it leaves the window,
+    so those tokens are in the cache, uncompressed, whether the prompt is prefilled at once or fed token by token
+    (``drop_block`` takes the same mean over the same rows)."""
+    Hkv, D = keys.shape[0], keys.shape[-1]
+    out = torch.empty(Hkv, nb, D, dtype=torch.float32, device=keys.device)
+    w = torch.arange(window, device=keys.device)
+    for j0 in range(0, nb, 256):  # a bounded gather per chunk of blocks (window rows each)
+        j1 = min(nb, j0 + 256)
+        t = lo + block + torch.arange(j0, j1, device=keys.device).view(-1, 1) * block + w
+        out[:, j0:j1] = _unit(keys[:, t.reshape(-1)]).view(Hkv, j1 - j0, window, D).mean(2)
+    return out
 
 
 def tca_attention(query, key, value, kept, blk, first, scaling: float, sink: int, window: int, block: int,
@@ -209,7 +239,7 @@ class TCAPolicy(BudgetedKVPolicy):
     sink: int = 16
     window: int = 64
     sigma: float = 1.0
-    metric: str = "cosine"
+    metric: str | None = None  # None: the plan's (``cosine`` for a plan that names none)
 
     evict_by: ClassVar[str] = "score"
     accumulate: ClassVar[bool] = False
@@ -232,8 +262,10 @@ class TCAPolicy(BudgetedKVPolicy):
                              f"{self.tolerance!r}")
         if not isinstance(self.sparse_prefill, bool):
             raise AccelError(f"tca: sparse_prefill must be True or False, got {self.sparse_prefill!r}")
-        if self.metric not in METRICS:
+        if self.metric is not None and self.metric not in METRICS:
             raise AccelError(f"tca: metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.metric == "context" and self.window < 1:
+            raise AccelError("tca: metric='context' compares each block with the window after it; set window >= block")
         if not self.sigma >= 0:
             raise AccelError(f"tca: sigma must be >= 0, got {self.sigma!r}")
         if self.decode != "fixed":
@@ -244,10 +276,18 @@ class TCAPolicy(BudgetedKVPolicy):
     def build_plan(self, info: ModelInfo) -> Plan:
         return require_shipped_plan("tca", info, "per-head quotas from calibration")
 
+    def _metric(self) -> str:
+        """The redundancy metric in use: the option, else the plan's (set by ``check_plan_params``)."""
+        return self.metric or getattr(self, "_plan_metric", None) or "cosine"
+
     def check_plan_params(self, plan: Plan) -> None:
         params = plan.params or {}
+        self._plan_metric = params.get("metric", "cosine")
+        if self._metric() == "context" and self.window < 1:
+            raise AccelError("tca: the plan's metric 'context' compares each block with the window after it; the "
+                             f"window is {self.window}: set window >= block and calibrate a plan with it")
         for knob in ("block", "sink", "window", "sigma", "metric"):
-            if knob in params and params[knob] != getattr(self, knob):
+            if knob in params and getattr(self, knob) is not None and params[knob] != getattr(self, knob):
                 raise AccelError(f"tca: the plan was calibrated with {knob}={params[knob]!r}, the policy has "
                                  f"{getattr(self, knob)!r}; drop the option or calibrate a plan with it "
                                  f"(`accel plan --policy tca --set {knob}={getattr(self, knob)}`)")
@@ -295,7 +335,7 @@ class TCAPolicy(BudgetedKVPolicy):
         first = first_valid_positions(valid, B)
         if not self._any_block(T, first):
             return None  # no block is compressed for any query: dense attention is TCA's
-        kept, blk = select(key, first, quota, self.sink, self.window, self.block, self.metric)
+        kept, blk = select(key, first, quota, self.sink, self.window, self.block, self._metric())
         out = tca_attention(query, key, value, kept, blk, first, scaling, self.sink, self.window, self.block)
         ctx.runtime.stats["tca_prefill_layers"] = ctx.runtime.stats.get("tca_prefill_layers", 0) + 1
         return out.transpose(1, 2).contiguous()
@@ -311,7 +351,7 @@ class TCAPolicy(BudgetedKVPolicy):
     def head_budgets(self, layer_idx, num_layers, n, Hkv, view, keys, valid, scaling):
         B = keys.shape[0]  # ``compress`` set this layer's quotas (it returns early for a layer that keeps everything)
         self._kept, _ = select(keys, first_valid_positions(valid, B), self._quota, self.sink, self.window, self.block,
-                               self.metric)
+                               self._metric())
         return self._kept.sum(-1).cpu()
 
     def growing_heads(self, budgets, n):
@@ -415,14 +455,15 @@ class TCAPolicy(BudgetedKVPolicy):
         for j in range(j0, j1):
             rows = (lo <= j) & (j < hi)
             if bool(rows.any()):
-                drop_block(rg, first + s + j * b, rows, quota, b, T, self.metric)
+                drop_block(rg, first + s + j * b, rows, quota, b, T, self._metric(), w)
 
 
 def drop_block(rg, start: torch.Tensor, rows: torch.Tensor, quota: torch.Tensor, block: int, T: int,
-               metric: str = "cosine") -> None:
+               metric: str = "cosine", window: int = 0) -> None:
     """Compress one block per selected batch row of the ragged layer ``rg``: the tokens at positions
-    ``[start[b], start[b] + block)`` of every head keep the head's ``quota`` least redundant, the rest are evicted
-    by the cache's own eviction (lowest score first, with every token before and after the block protected)."""
+    ``[start[b], start[b] + block)`` of every head keep the head's ``quota`` least redundant (``metric="context"``:
+    against the ``window`` tokens after the block), the rest are evicted by the cache's own eviction (lowest score
+    first, with every token before and after the block protected)."""
     from .. import _ext
 
     B, Hkv = rg.shape
@@ -437,7 +478,15 @@ def drop_block(rg, start: torch.Tensor, rows: torch.Tensor, quota: torch.Tensor,
     key = torch.where(inb, pos, torch.iinfo(torch.int64).max)
     order = key.sort(-1).indices[..., :block]  # the block's slots in position order
     brow = slots.gather(-1, order)  # [B, Hkv, block] pool rows
-    keep = block_keep(rg.k[brow].unsqueeze(2), quota.view(1, Hkv).expand(B, Hkv), metric).squeeze(2)  # [B, Hkv, block]
+    ref = None
+    if metric == "context":  # the window after the block: uncompressed, every row in the cache
+        inw = live & (pos >= st + block) & (pos < st + block + window) & rows.view(B, 1, 1)
+        if not bool(((inw.sum(-1) == window) | ~rows.view(B, 1)).all()):
+            raise AccelError("tca: the window after a block due for compression is not whole in the cache (the cache "
+                             "was edited outside accel); start a new cache")
+        worder = torch.where(inw, pos, torch.iinfo(torch.int64).max).sort(-1).indices[..., :window]
+        ref = _unit(rg.k[slots.gather(-1, worder)]).mean(-2).unsqueeze(2)  # [B, Hkv, 1, D]
+    keep = block_keep(rg.k[brow].unsqueeze(2), quota.view(1, Hkv).expand(B, Hkv), metric, ref).squeeze(2)
     sel = rows.view(B, 1, 1).expand(B, Hkv, block)
     rg.score[brow[sel & ~keep]] = -1.0
     rg.score[brow[sel & keep]] = 1.0
