@@ -627,3 +627,20 @@ def test_a_compressed_cache_keeps_its_budget_under_a_new_patch_and_in_a_deep_cop
             assert torch.all(layer.ragged.lengths == 40), layer.ragged.lengths
         logits.append(torch.stack(got))
     assert torch.equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv"])
+def test_a_second_turn_on_a_compressed_cache_returns_every_head_to_its_budget(name):
+    """A multi-token forward on a compressed cache (the next turn of a conversation) appends its tokens to every head
+    and the policy then evicts back to the budgets, as a decode step does."""
+    from accel import compat
+
+    m = model4("llama")
+    with accel.patch(m, name, budget=40, budget_ratio=None, **({"window": 4, "min_budget": 0} if name == "snapkv" else {})):
+        out = m.generate(prompt(200), max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        cache = compat.output_cache(out)
+        turn = torch.randint(3, 256, (1, 15), generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            m(input_ids=turn, use_cache=True, **compat.cache_kwargs(m, cache))
+    for layer in cache.layers:
+        assert torch.all(layer.ragged.lengths == 40), layer.ragged.lengths

@@ -206,6 +206,37 @@ def test_dense_prefill_option_compresses_the_same_tokens():
     assert _kept_positions(caches[0].layers[0]) == _kept_positions(caches[1].layers[0])  # layer 0: same keys
 
 
+def test_the_plan_names_the_metric_and_a_continued_prompt_keeps_what_one_prefill_keeps():
+    """Without ``metric=`` the policy takes the plan's (cosine for a plan that names none); a prompt continued in
+    chunks (several blocks compressed in one call on an already compressed cache) keeps what the whole prompt
+    prefilled at once keeps, and so does a prompt fed token by token (layer 0, whose keys do not depend on what the
+    chunks attended to)."""
+    m = model4("llama")
+    ids = torch.randint(3, 256, (1, 80), generator=torch.Generator().manual_seed(12))
+
+    def kept(plan, chunks=(80,), **kw):
+        with accel.patch(m, "tca", plan=plan, **{**KW, **kw}), torch.no_grad():
+            cache, t = None, 0
+            for n in chunks:
+                cache = m(input_ids=ids[:, t:t + n], past_key_values=cache, use_cache=True).past_key_values
+                t += n
+        return [_kept_positions(cache.layers[i]) for i in range(4)]
+
+    plain = tca_plan([[1, 2]] * 4)
+    ctx = tca_plan([[1, 2]] * 4)
+    ctx.params["metric"] = "context"
+    assert kept(ctx) == kept(plain, metric="context") != kept(plain) == kept(plain, metric="cosine")
+    one = kept(ctx)[0]
+    assert kept(ctx, chunks=(30, 25, 25))[0] == one == kept(ctx, chunks=(30,) + (1,) * 50)[0]
+    assert kept(plain, chunks=(30, 50))[0] == kept(plain)[0]
+    bad = tca_plan([[1, 2]] * 4)
+    bad.params["metric"] = "contex"
+    with pytest.raises(AccelError, match="the plan's metric 'contex'"):
+        accel.patch(m, "tca", plan=bad, **KW)
+    with pytest.raises(AccelError, match="metric must be one of"):
+        TCA.block_keep(torch.zeros(1, 1, 4, 8), torch.tensor([1]), "contex")
+
+
 def test_bad_options_and_plans_are_refused_in_one_line():
     m = model4("llama")
     for kw, word in ((dict(block=6), "power of two"), (dict(window=10), "multiple of block"),

@@ -145,6 +145,10 @@ class ModelRuntime:
                         p.after_decode(ctx, query, attention_mask)
         elif ctx.cache_layer is not None and ctx.cache_layer.ragged is not None:
             out = ragged_prefill(ctx, query, scaling)
+            if self.kv:  # more prompt tokens on a compressed layer: each policy brings it back to its plan
+                with self.lock:
+                    for p in self.kv:
+                        p.after_prefill(ctx, query, attention_mask)
         else:
             out = None
             for p in self.kv:  # a KV policy may sparsify the prefill too (MoA)

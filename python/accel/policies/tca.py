@@ -96,7 +96,7 @@ def compressed_blocks(n: torch.Tensor | int, sink: int, window: int, block: int)
     return max(0, (n - 1 - sink - window) // block)
 
 
-#: redundancy metrics of a key within its block (lower = less redundant = kept first)
+#: redundancy metrics of a key (lower = less redundant = kept first)
 METRICS = ("context", "cosine", "deviation", "norm")
 
 
@@ -123,8 +123,10 @@ def block_keep(kb: torch.Tensor, quota: torch.Tensor, metric: str = "cosine", re
         red = (u * u.mean(-2, keepdim=True)).sum(-1)  # [..., nb, block]
     elif metric == "deviation":
         red = -(k - k.mean(-2, keepdim=True)).norm(dim=-1)
-    else:
+    elif metric == "norm":
         red = -k.norm(dim=-1)
+    else:
+        raise AccelError(f"tca: metric must be one of {', '.join(METRICS)}, got {metric!r}")
     order = torch.sort(red, dim=-1, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
@@ -161,6 +163,8 @@ def context_refs(keys: torch.Tensor, lo: int, nb: int, block: int, window: int) 
     unit key of the ``window`` tokens after each block, [Hkv, nb, D]. A block is compressed when it leaves the window,
     so those tokens are in the cache, uncompressed, whether the prompt is prefilled at once or fed token by token
     (``drop_block`` takes the same mean over the same rows)."""
+    if window < 1:
+        raise AccelError("tca: metric='context' compares each block with the window after it; set window >= block")
     Hkv, D = keys.shape[0], keys.shape[-1]
     out = torch.empty(Hkv, nb, D, dtype=torch.float32, device=keys.device)
     w = torch.arange(window, device=keys.device)
@@ -230,6 +234,9 @@ class TCAPolicy(BudgetedKVPolicy):
             the prompt's cache is compressed by the same rule (on SmolLM2 it answered more passkeys, and accel's sparse
             prefill is no faster than dense on the CPU).
         block, sink, window, sigma: must match the plan's (its quotas were calibrated with them).
+        metric: the redundancy of a key: 'context' (against the window after its block), 'cosine' (against its own
+            block), 'deviation' or 'norm'; None (default): the plan's ('cosine' for a plan that names none). A value
+            must match the plan's.
     """
 
     budget_ratio: float | None = None  # TCA's budget is the plan's per-head quotas
@@ -276,14 +283,16 @@ class TCAPolicy(BudgetedKVPolicy):
     def build_plan(self, info: ModelInfo) -> Plan:
         return require_shipped_plan("tca", info, "per-head quotas from calibration")
 
-    def _metric(self) -> str:
-        """The redundancy metric in use: the option, else the plan's (set by ``check_plan_params``)."""
-        return self.metric or getattr(self, "_plan_metric", None) or "cosine"
+    def _metric(self, plan) -> str:
+        """The redundancy metric in use: the option, else ``plan``'s (``cosine`` for a plan that names none)."""
+        return self.metric or ((plan.params or {}).get("metric") if plan is not None else None) or "cosine"
 
     def check_plan_params(self, plan: Plan) -> None:
         params = plan.params or {}
-        self._plan_metric = params.get("metric", "cosine")
-        if self._metric() == "context" and self.window < 1:
+        if params.get("metric", "cosine") not in METRICS:
+            raise AccelError(f"tca: the plan's metric {params['metric']!r} is not one of {', '.join(METRICS)}; "
+                             "calibrate a plan with `accel plan --policy tca`")
+        if self._metric(plan) == "context" and self.window < 1:
             raise AccelError("tca: the plan's metric 'context' compares each block with the window after it; the "
                              f"window is {self.window}: set window >= block and calibrate a plan with it")
         for knob in ("block", "sink", "window", "sigma", "metric"):
@@ -335,7 +344,7 @@ class TCAPolicy(BudgetedKVPolicy):
         first = first_valid_positions(valid, B)
         if not self._any_block(T, first):
             return None  # no block is compressed for any query: dense attention is TCA's
-        kept, blk = select(key, first, quota, self.sink, self.window, self.block, self._metric())
+        kept, blk = select(key, first, quota, self.sink, self.window, self.block, self._metric(ctx.runtime.plan))
         out = tca_attention(query, key, value, kept, blk, first, scaling, self.sink, self.window, self.block)
         ctx.runtime.stats["tca_prefill_layers"] = ctx.runtime.stats.get("tca_prefill_layers", 0) + 1
         return out.transpose(1, 2).contiguous()
@@ -351,7 +360,7 @@ class TCAPolicy(BudgetedKVPolicy):
     def head_budgets(self, layer_idx, num_layers, n, Hkv, view, keys, valid, scaling):
         B = keys.shape[0]  # ``compress`` set this layer's quotas (it returns early for a layer that keeps everything)
         self._kept, _ = select(keys, first_valid_positions(valid, B), self._quota, self.sink, self.window, self.block,
-                               self._metric())
+                               self._metric(self._plan))
         return self._kept.sum(-1).cpu()
 
     def growing_heads(self, budgets, n):
@@ -455,7 +464,7 @@ class TCAPolicy(BudgetedKVPolicy):
         for j in range(j0, j1):
             rows = (lo <= j) & (j < hi)
             if bool(rows.any()):
-                drop_block(rg, first + s + j * b, rows, quota, b, T, self._metric(), w)
+                drop_block(rg, first + s + j * b, rows, quota, b, T, self._metric(ctx.runtime.plan), w)
 
 
 def drop_block(rg, start: torch.Tensor, rows: torch.Tensor, quota: torch.Tensor, block: int, T: int,
@@ -480,6 +489,8 @@ def drop_block(rg, start: torch.Tensor, rows: torch.Tensor, quota: torch.Tensor,
     brow = slots.gather(-1, order)  # [B, Hkv, block] pool rows
     ref = None
     if metric == "context":  # the window after the block: uncompressed, every row in the cache
+        if window < 1:
+            raise AccelError("tca: metric='context' compares each block with the window after it; set window >= block")
         inw = live & (pos >= st + block) & (pos < st + block + window) & rows.view(B, 1, 1)
         if not bool(((inw.sum(-1) == window) | ~rows.view(B, 1)).all()):
             raise AccelError("tca: the window after a block due for compression is not whole in the cache (the cache "
