@@ -51,7 +51,7 @@ def quota_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 def calibrate_tca(model, tokenizer, texts=None, *, tokens: int = 2048, steps: int = 256, n_texts: int = 2,
                   block: int = 16, sink: int = 16, window: int = 64, sigma: float = 1.0, metric: str = "context",
-                  reduce: str = "max", tolerance: float = 0.25, progress: bool = True) -> Plan:
+                  reduce: str = "max", tolerance: float = 0.37, progress: bool = True) -> Plan:
     """Calibrate every KV head of every full-attention layer (module docstring). Calibration text: synthetic
     retrieval prompts (seeds disjoint from the evaluation's) unless ``texts`` are given. Returns a ``tca`` plan whose
     heads carry their quota (``budget``), mu (``alpha``), sigma (``beta``) and error (``score``), with every head's
