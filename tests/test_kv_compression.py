@@ -644,3 +644,24 @@ def test_a_second_turn_on_a_compressed_cache_returns_every_head_to_its_budget(na
             m(input_ids=turn, use_cache=True, **compat.cache_kwargs(m, cache))
     for layer in cache.layers:
         assert torch.all(layer.ragged.lengths == 40), layer.ragged.lengths
+
+
+@pytest.mark.parametrize("name", ["snapkv", "duo"])
+def test_a_second_turn_on_a_growing_cache_keeps_every_token(name):
+    """Under decode="grow" no head evicts after the prompt is compressed, in a decode step or in the next turn."""
+    from accel import compat
+
+    m = model4("llama")
+    kw = (dict(budget=40, budget_ratio=None, min_budget=0, window=4) if name == "snapkv"
+          else dict(plan=duo_plan(SCORES), sink=4, recent=8, sparsity=0.5))
+    with accel.patch(m, name, decode="grow", **kw):
+        out = m.generate(prompt(200), max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        cache = compat.output_cache(out)
+        layers = [layer for layer in cache.layers if layer.ragged is not None]
+        assert layers  # the prompt was compressed
+        before = [layer.ragged.lengths.clone() for layer in layers]
+        turn = torch.randint(3, 256, (1, 15), generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            m(input_ids=turn, use_cache=True, **compat.cache_kwargs(m, cache))
+    for layer, n in zip(layers, before):
+        assert torch.equal(layer.ragged.lengths, n + 15), (layer.ragged.lengths, n)

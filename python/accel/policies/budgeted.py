@@ -229,8 +229,8 @@ class BudgetedKVPolicy(KVCachePolicy):
             )
         if cl.is_sliding:
             return  # window layers are bounded already
-        if cl.ragged is not None:  # more prompt tokens on a compressed cache: back down to the budgets
-            self.evict_to_budget(cl.ragged, ctx.state.get(self.STATE_KEY))
+        if cl.ragged is not None:  # more prompt tokens on a compressed cache: back down to the budgets, as a decode
+            self.after_decode(ctx, query, attention_mask)  # step does (not under decode="grow"; a lost state raises)
             return
         T = cl.end - cl.start
         # a prompt continued on a cache the budget covered so far (a second turn, a chunked prompt): compress what

@@ -171,8 +171,8 @@ class TaskKVPolicy(BudgetedKVPolicy):
             return super().after_prefill(ctx, query, attention_mask)  # the same clear error
         if cl.is_sliding:
             return
-        if cl.ragged is not None:
-            self.evict_to_budget(cl.ragged, ctx.state.get(self.STATE_KEY))
+        if cl.ragged is not None:  # more prompt tokens on a compressed cache: as a decode step
+            self.after_decode(ctx, query, attention_mask)
             return
         T = cl.end - cl.start
         if query.shape[2] != T:
