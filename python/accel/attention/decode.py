@@ -148,7 +148,8 @@ def sparse_attend(ctx, query, key, value, attention_mask, scaling, idx, counts, 
     rows = int(counts.sum())
     if head_mask is not None and key.device.type != "cpu":  # the GPU backends read each query head's rows apart
         live = torch.arange(idx.shape[-1], device=idx.device) < counts.unsqueeze(-1).to(idx.device)
-        rows = sum(int((((head_mask >> g) & 1).bool() & live).sum()) for g in range(query.shape[1] // key.shape[1]))
+        g = torch.arange(query.shape[1] // key.shape[1], device=head_mask.device)
+        rows = int((((head_mask.unsqueeze(-1) >> g) & 1).sum(-1) * live).sum())  # one sync, not one per head
     count_kv_read(ctx, rows, key, value)
     return out.unsqueeze(1)
 

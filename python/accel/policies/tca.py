@@ -98,6 +98,7 @@ def compressed_blocks(n: torch.Tensor | int, sink: int, window: int, block: int)
 
 #: redundancy metrics of a key (lower = less redundant = kept first)
 METRICS = ("context", "cosine", "deviation", "norm")
+_NEEDS_WINDOW = "tca: metric='context' compares each block with the window after it; set window >= block"
 
 
 def _unit(k: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,7 @@ def context_refs(keys: torch.Tensor, lo: int, nb: int, block: int, window: int) 
     so those tokens are in the cache, uncompressed, whether the prompt is prefilled at once or fed token by token
     (``drop_block`` takes the same mean over the same rows)."""
     if window < 1:
-        raise AccelError("tca: metric='context' compares each block with the window after it; set window >= block")
+        raise AccelError(_NEEDS_WINDOW)
     Hkv, D = keys.shape[0], keys.shape[-1]
     out = torch.empty(Hkv, nb, D, dtype=torch.float32, device=keys.device)
     w = torch.arange(window, device=keys.device)
@@ -272,7 +273,7 @@ class TCAPolicy(BudgetedKVPolicy):
         if self.metric is not None and self.metric not in METRICS:
             raise AccelError(f"tca: metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.metric == "context" and self.window < 1:
-            raise AccelError("tca: metric='context' compares each block with the window after it; set window >= block")
+            raise AccelError(_NEEDS_WINDOW)
         if not self.sigma >= 0:
             raise AccelError(f"tca: sigma must be >= 0, got {self.sigma!r}")
         if self.decode != "fixed":
@@ -490,7 +491,7 @@ def drop_block(rg, start: torch.Tensor, rows: torch.Tensor, quota: torch.Tensor,
     ref = None
     if metric == "context":  # the window after the block: uncompressed, every row in the cache
         if window < 1:
-            raise AccelError("tca: metric='context' compares each block with the window after it; set window >= block")
+            raise AccelError(_NEEDS_WINDOW)
         inw = live & (pos >= st + block) & (pos < st + block + window) & rows.view(B, 1, 1)
         if not bool(((inw.sum(-1) == window) | ~rows.view(B, 1)).all()):
             raise AccelError("tca: the window after a block due for compression is not whole in the cache (the cache "
