@@ -10,7 +10,7 @@ import torch
 
 from ..errors import AccelError
 from .registry import register_policy
-from .visual import VisualPolicy, keep_topk
+from .visual import VisualPolicy, keep_top_per_image
 
 
 @register_policy("fastv")
@@ -47,21 +47,7 @@ class FastVPolicy(VisualPolicy):
         (tokens the adapter marks as always kept, e.g. row-end newlines, first)."""
         full = torch.cat(feats, 0)
         scores = self.scores(runtime, module, ids, img, full, mask, pos)
-        sizes = [int(f.shape[0]) for f in feats]
-        flags, feats, start = [], list(feats), 0
-        for i, n in enumerate(sizes):
-            sc = scores[start:start + n].clone()
-            fixed = enc["fixed"][i] if enc["fixed"] is not None else None
-            if fixed is not None:
-                sc[fixed] = float("inf")  # always-kept tokens first
-            k = self.n_keep(n - (int(fixed.sum()) if fixed is not None else 0))
-            k += int(fixed.sum()) if fixed is not None else 0
-            fl = torch.zeros(n, dtype=torch.bool, device=ids.device)
-            fl[keep_topk(sc[None], k)[0]] = True
-            flags.append(fl)
-            feats[i] = feats[i][fl.to(feats[i].device)]
-            start += n
-        return flags, feats
+        return keep_top_per_image(self, scores, feats, enc["fixed"])
 
     def scores(self, runtime, module, ids, img, full, mask, pos) -> torch.Tensor:
         """The attention each image token receives in decoder layer ``layer - 1`` (head mean) from the queries

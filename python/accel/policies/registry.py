@@ -29,6 +29,7 @@ _LAZY: dict[str, str] = {
     "flowcut": "accel.policies.flowcut:FlowCutPolicy",
     "fastv": "accel.policies.fastv:FastVPolicy",
     "randomprune": "accel.policies.randomprune:RandomPrunePolicy",
+    "sgl": "accel.policies.sgl:SGLPolicy",
     # tensor-parallel latent attention for MLA models (DeepSeek-V2/V3): swaps the attention modules
     "tpla": "accel.tpla.policy:TPLAPolicy",
 }

@@ -36,6 +36,25 @@ def keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 
+def keep_top_per_image(policy, scores: torch.Tensor, feats: list, fixed) -> tuple[list, list]:
+    """Per image, keep the ``policy.n_keep`` tokens with the largest ``scores`` (every image token of the batch in
+    order), tokens ``fixed`` marks (e.g. row-end newlines) first. Returns ``(flags, kept feats)`` per image."""
+    flags, out, start = [], list(feats), 0
+    for i, f in enumerate(feats):
+        n = int(f.shape[0])
+        sc = scores[start:start + n].clone()
+        fx = fixed[i] if fixed is not None else None
+        if fx is not None:
+            sc[fx] = float("inf")  # always-kept tokens first
+        k = policy.n_keep(n - (int(fx.sum()) if fx is not None else 0)) + (int(fx.sum()) if fx is not None else 0)
+        fl = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        fl[keep_topk(sc[None], k)[0]] = True
+        flags.append(fl)
+        out[i] = f[fl.to(f.device)]
+        start += n
+    return flags, out
+
+
 @dataclass
 class VisualPolicy(Policy):
     """Base: the budget. Exactly one of ``keep`` (tokens per image) and ``keep_ratio`` (fraction of each

@@ -111,6 +111,15 @@ class VisualRuntime:
         self._orig_mask = None
         #: what the last prefill did (tokens per image, kept per image, prompt tokens before / after)
         self.last: dict = {}
+        #: a guide run made by ``generate`` for the prefill that follows (``sgl``): (input_ids, mask, run)
+        self.guide_stash = None
+        #: the guide run the last prefill used (``sgl``)
+        self.last_guide = None
+        #: the 2-D attention mask of the call under way (layer-wise pruning builds its layers' masks from it)
+        self._call_mask = None
+        self._call_past = 0
+        self._phase = None
+        self._pending_gather = False
 
     # -- image features (what generate pre-encodes) -----------------------------------------------------
     def image_features(self, pixel_values, *args, **kw):
@@ -137,6 +146,30 @@ class VisualRuntime:
     def probe(self, layer: int, embeds, mask, pos) -> _ProbeDone:
         """Decoder layer ``layer``'s attention inputs over a prompt (for policies that score in the LM)."""
         return _run_probe(self.adapter.language_model(), layer, embeds, mask, pos)
+
+    def run_guide(self, ids, pixel_values, mask, new_tokens: int):
+        """The policy's guide answering this prompt with its attention recorded (``accel.vlm.guide.run_guide``)."""
+        from .guide import run_guide
+
+        return run_guide(self.policy.guide, ids, pixel_values, mask, new_tokens, self.policy.exit_score)
+
+    def check_guide_tokens(self, pixel_values, kw) -> None:
+        from .guide import check_tokens
+
+        check_tokens(self.adapter, self.policy, pixel_values, kw)
+
+    def take_guide_run(self, ids, mask):
+        """The guide run ``generate`` made for exactly this prompt (``sgl``), once; None if there is none."""
+        st, self.guide_stash = self.guide_stash, None
+        if st is None:
+            return None
+        sids, smask, run = st
+        same = sids.shape == ids.shape and torch.equal(sids.to(ids.device), ids)
+        if same and (smask is None) != (mask is None):
+            same = bool((mask if mask is not None else smask).bool().all())
+        elif same and mask is not None:
+            same = torch.equal(smask.to(mask.device).bool(), mask.bool())
+        return run if same else None
 
     # -- the hook --------------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
@@ -190,7 +223,10 @@ class VisualRuntime:
             return args, kwargs
         st = self.state
         if st is not None and pkv is not None and past > 0 and st["cache"]() is pkv:
-            return args, self._decode(kwargs, past)
+            kwargs = self._decode(kwargs, past)
+            self._call_mask = kwargs.get("attention_mask")
+            self._call_past, self._phase = past, "decode"
+            return args, kwargs
         if past == 0:
             self.state = None
         return args, kwargs
@@ -214,9 +250,22 @@ class VisualRuntime:
         pos = self.adapter.prompt_positions(kwargs, ids, mask)
         if pos.dim() != 2 and not self.adapter.multi_axis_positions:
             raise InputError(f"{self.policy.name}: position_ids must be [batch, tokens] for this model, got {tuple(pos.shape)}")
+        full_feats = list(feats)
         # the policy's language-model stage (FastV scores there; FlowCut's second stage on anyres models)
         flags, feats = self.policy.language_model_stage(self, module, ids, img, feats, enc["flags"], enc, mask, pos)
         c = self.compact(module, ids, img, feats, flags, mask, pos)
+        layer = int(getattr(self.policy, "prune_layer", 0) or 0)
+        lw = None
+        if layer > 0:  # the first `layer` decoder layers see every token; the layers from `layer` on the kept ones
+            red = c
+            c = self.compact(module, ids, img, full_feats, [torch.ones_like(f) for f in flags], mask, pos)
+            inv = torch.zeros(b, length, dtype=torch.long, device=ids.device)
+            cols = torch.arange(c["src"].shape[1], device=ids.device).expand_as(c["src"])
+            inv.scatter_(1, c["src"].clamp_min(0), torch.where(c["real"], cols, torch.zeros_like(cols)))
+            rows = torch.where(red["real"], inv.gather(1, red["src"].clamp_min(0)), torch.zeros_like(red["src"]))
+            lm_cfg = self.adapter.language_model().config
+            lw = {"layer": layer, "rows": rows, "mask": red["mask"], "full_len": c["src"].shape[1],
+                  "red_len": red["src"].shape[1], "additive": lm_cfg._attn_implementation == "eager"}
         keep_cols, src, real, gidx = c["keep_cols"], c["src"], c["real"], c["gidx"]
         new_len = src.shape[1]
         embeds, new_mask, new_pos = c["embeds"], c["mask"], c["pos"]
@@ -233,7 +282,12 @@ class VisualRuntime:
         kwargs[compat.cache_arg_name(type(module).forward)] = pkv
         self.adapter.after_prefill_rewrite(self, kwargs, ids, keep_cols, gidx, real)
         self.state = {"cache": weakref.ref(pkv) if pkv is not None else (lambda: None), "src": src,
-                      "prompt_len": length, "dropped": length - new_len, "next_pos": self.adapter.next_positions(kwargs)}
+                      "prompt_len": length, "dropped": length - new_len, "next_pos": self.adapter.next_positions(kwargs),
+                      "layerwise": lw}
+        self._call_mask, self._phase = None, "prefill"
+        self._pending_gather = lw is not None
+        if lw is not None:
+            new_len = lw["red_len"]
         kept = [int(f.sum()) for f in flags]
         idx = [torch.nonzero(f).flatten().cpu() for f in flags]
         self.last = {"tokens_per_image": sizes[0] if len(set(sizes)) == 1 else sizes,
@@ -243,6 +297,62 @@ class VisualRuntime:
         logger.info("%s: kept %s of %s visual tokens per image; LM prompt %d -> %d tokens",
                     self.policy.name, self.last["kept_per_image"], self.last["tokens_per_image"], length, new_len)
         return kwargs
+
+    def layer_hook(self, index: int, module, args, kwargs):
+        """Forward pre-hook of the decoder layers from the policy's ``prune_layer`` on (layer-wise pruning, ``sgl``):
+        the first such layer drops the pruned rows of the prefill's hidden states; every such layer gets the kept
+        rows' position embeddings and a mask over its own (shorter) cache. The layers before it run unchanged."""
+        st = self.state
+        lw = st.get("layerwise") if st is not None else None
+        if lw is None:
+            return None
+        hs = args[0] if args else kwargs["hidden_states"]
+        B, q = hs.shape[0], hs.shape[1]
+        rows = lw["rows"].to(hs.device)
+        prefill = self._phase == "prefill"
+        if prefill:
+            if index == lw["layer"]:
+                if q != lw["full_len"]:
+                    raise InputError(f"{self.policy.name}: the prefill reached layer {index} with {q} rows, expected "
+                                     f"{lw['full_len']}")
+                hs = hs.gather(1, rows[..., None].expand(B, rows.shape[1], hs.shape[-1]))
+                self._pending_gather = False
+                if args:
+                    args = (hs,) + tuple(args[1:])
+                else:
+                    kwargs["hidden_states"] = hs
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                kwargs["position_embeddings"] = tuple(
+                    t.expand(B, *t.shape[1:]).gather(1, rows[..., None].expand(B, rows.shape[1], t.shape[-1]))
+                    for t in pe)
+            if kwargs.get("position_ids") is not None:
+                p = kwargs["position_ids"]
+                if p.dim() == 2:
+                    kwargs["position_ids"] = p.expand(B, p.shape[1]).gather(1, rows)
+            keymask = lw["mask"].to(hs.device).bool()
+            n = keymask.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=hs.device).tril()
+            allowed = (keymask[:, None, :] & causal) | torch.eye(n, dtype=torch.bool, device=hs.device)
+        else:
+            m2 = self._call_mask
+            extra_n = self._call_past + q - lw["full_len"]
+            extra = (m2[:, lw["full_len"]:].to(hs.device).bool() if m2 is not None
+                     else torch.ones(B, extra_n, dtype=torch.bool, device=hs.device))
+            if extra.shape[1] != extra_n:
+                raise InputError(f"{self.policy.name}: the attention mask covers {m2.shape[1]} tokens, the cache and "
+                                 f"this call {self._call_past + q}")
+            keymask = torch.cat([lw["mask"].to(hs.device).bool(), extra], 1)
+            kv = keymask.shape[1]
+            qpos = torch.arange(q, device=hs.device).view(q, 1) + (kv - q)
+            causal = torch.arange(kv, device=hs.device).view(1, kv) <= qpos
+            allowed = keymask[:, None, :] & causal
+        allowed = allowed[:, None]  # [B, 1, q, kv]
+        if lw.get("additive"):
+            dt = hs.dtype
+            allowed = torch.zeros(allowed.shape, dtype=dt, device=hs.device).masked_fill(~allowed, torch.finfo(dt).min)
+        kwargs["attention_mask"] = allowed
+        return args, kwargs
 
     def compact(self, module, ids, img, feats, flags, mask, pos) -> dict:
         """The prompt with only the kept image tokens: ``inputs_embeds``, mask and original positions,
@@ -403,7 +513,27 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
         lm_handle = patch_lm(model, (lm_spec, dict(lm_overrides or {})), plan=plan, **patch_kwargs)
     elif plan is not None:
         raise AccelError(f"plan= is for an LM-side policy; {vpol.name} alone takes none (compose, e.g. '{vpol.name}+hylra')")
+    layer = int(getattr(vpol, "prune_layer", 0) or 0)
     try:
+        if getattr(vpol, "guided", False):
+            from .guide import check_pair
+
+            check_pair(model, adapter, vpol)
+        if layer > 0:
+            lm = adapter.language_model()
+            layers = getattr(lm, "layers", None)
+            if lm_spec is not None:
+                raise AccelError(f"{vpol.name}: pruning from decoder layer {layer} does not compose with a language-model "
+                                 f"policy ({lm_spec}); use layer=0 to compose")
+            if layers is None:
+                raise UnsupportedModelError(f"{vpol.name}: this language model has no decoder layer list to prune from "
+                                            f"layer {layer}; use layer=0")
+            if layer >= len(layers):
+                raise AccelError(f"{vpol.name}: layer {layer} is past the language model's {len(layers)} layers")
+            if lm.config._attn_implementation not in ("sdpa", "eager"):
+                raise UnsupportedModelError(
+                    f"{vpol.name}: pruning from layer {layer} needs the language model's attention to be 'sdpa' or "
+                    f"'eager', not {lm.config._attn_implementation!r}; set it with model.set_attn_implementation('sdpa')")
         runtime = VisualRuntime(model, adapter, vpol)
         hooks = [adapter.hook_module().register_forward_pre_hook(runtime.pre_forward, with_kwargs=True),
                  model.register_forward_pre_hook(_refuse_labels(vpol.name), with_kwargs=True),
@@ -414,6 +544,15 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
             hooks.append(GenerateGuard(model, lambda m, a, k: check_generate_request(
                 m, a, k, policy_name=vpol.name, dense=False,
                 context_limit=limit if patch_kwargs.get("check_context", True) else None)))
+        if layer > 0:
+            import functools
+
+            hooks += [layers[i].register_forward_pre_hook(functools.partial(runtime.layer_hook, i), with_kwargs=True)
+                      for i in range(layer, len(layers))]
+        if getattr(vpol, "guided", False):  # outermost, so removed first
+            from .guide import GuidedGenerate
+
+            hooks.insert(0, GuidedGenerate(model, runtime, vpol))
     except BaseException:
         if lm_handle is not None:
             lm_handle.remove()

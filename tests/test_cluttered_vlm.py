@@ -1,0 +1,86 @@
+"""The cluttered-digits task and its project-trained VLM pair (accel.research.cluttered_vlm): the canvases put every
+digit where its labels say, each question names exactly one digit, the small model is the large model's language
+model cut to its first layers, training leaves the language model frozen, and a guided pair runs end to end."""
+import torch
+
+import accel
+from accel.research import cluttered_vlm as C
+from accel.research.digits_vlm import digits_split
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from accel.models.loader import converted_path
+
+    path = converted_path("smollm2-135m")
+    if not (path / "tokenizer.json").exists():
+        accel.models.load("smollm2-135m")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def test_render_places_four_coloured_digits_and_asks_about_one():
+    cfg = C.ClutterConfig(strokes=0, noise=0.0)
+    x, y, _, _ = digits_split(cfg)
+    for kind in ("colour", "position"):
+        b = C.render(x, y, cfg, 12, kind, torch.Generator().manual_seed(5))
+        assert b.pixel_values.shape == (12, 3, 40, 40)
+        assert (b.patch_digit < 10).sum(1).tolist() == [64] * 12  # four digits of 4x4 patches each
+        for i in range(12):
+            assert sorted(b.quadrant_colour[i].tolist()) == [0, 1, 2, 3]  # one colour per digit
+            t = int(b.target[i])
+            assert int(b.answer[i]) == int(b.quadrant_digit[i, t])
+            if kind == "colour":
+                assert b.which[i] == C.COLOURS[int(b.quadrant_colour[i, t])]
+            else:
+                assert b.which[i] == C.POSITIONS[t]
+            # the asked digit's patches lie in its quadrant and carry its colour's ink only
+            grid = b.patch_colour[i].view(10, 10)
+            qy, qx = divmod(t, 2)
+            quad = grid[qy * 5:(qy + 1) * 5, qx * 5:(qx + 1) * 5]
+            assert int((quad == b.quadrant_colour[i, t]).sum()) == 16
+            raw = (b.pixel_values[i] * 0.5 + 0.5)
+            ink = raw.amax(0) > 0.2
+            tok = ink.view(10, 4, 10, 4).permute(0, 2, 1, 3).reshape(10, 10, 16).any(-1)
+            assert not bool((tok & (grid == 4)).any())  # no ink outside the digits without strokes or noise
+
+
+def test_prompts_of_a_kind_have_one_length_and_the_image_tokens():
+    tok = _tokenizer()
+    cfg = C.ClutterConfig()
+    image_id = tok.convert_tokens_to_ids("<jupyter_output>")
+    for kind, names in (("colour", C.COLOURS), ("position", C.POSITIONS)):
+        ids = C.prompt_ids(tok, image_id, cfg.tokens, kind, list(names))
+        assert ids.shape[0] == 4 and int((ids == image_id).sum(1).unique()) == cfg.tokens
+
+
+def test_small_model_is_the_language_models_first_layers_frozen_through_training():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=len(tok), tie_word_embeddings=True)).eval()
+    cfg = C.small_config(width=32, layers=2, heads=2, lm_layers=2, stage_a_steps=2, stage_a_batch=8, stage_b_steps=2,
+                         stage_b_batch=4, n_train=64)
+    vlm, image_id = C.build_vlm(lm, tok, cfg)
+    inner = vlm.model.language_model
+    assert len(inner.layers) == 2
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        full = lm.model(ids, output_hidden_states=True).hidden_states
+        cut = inner(ids, output_hidden_states=True)
+    torch.testing.assert_close(cut.hidden_states[1], full[1])  # after the first decoder layer
+    torch.testing.assert_close(cut.last_hidden_state, lm.model.norm(full[2]))  # the second, then the final norm
+    before = {k: v.clone() for k, v in inner.state_dict().items()}
+    rec = C.train(vlm, tok, image_id, cfg)
+    assert all(torch.isfinite(torch.tensor(rec["stage_b_loss_first_last"])))
+    assert all(torch.equal(v, before[k]) for k, v in inner.state_dict().items())
+    # a guided pair on the task runs end to end: keep-all without exit answers as the large model does
+    large, _ = C.build_vlm(lm, tok, C.ClutterConfig(width=32, layers=2, heads=2, n_train=64))
+    batches = C.test_batches(cfg, n=4, batch=4)
+    ref = C.answers(large, tok, image_id, cfg, batches)
+    with accel.patch(large, "sgl", guide=vlm, keep=cfg.tokens, layer=2):
+        got = C.answers(large, tok, image_id, cfg, batches)
+    assert torch.equal(ref["pred"], got["pred"])
+    torch.testing.assert_close(ref["conf"], got["conf"])
