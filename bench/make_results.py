@@ -146,6 +146,9 @@ COMMITTED = {
     "tpla_error.csv": "2026-11-24",
     "vlm_digits_curve.csv": "2026-11-24",
     "vlm_digits_kept_on_digit.csv": "2026-11-24",
+    "vlm_clutter_curve.csv": "2026-12-06",
+    "vlm_clutter_on_target.csv": "2026-12-06",
+    "vlm_clutter_see.csv": "2026-12-06",
     "vlm_prefill_small.csv": "2026-11-24",
     "vlm_prefill_vitl.csv": "2026-11-24",
 }
@@ -1062,6 +1065,72 @@ def sec_vlm() -> list[str]:
     return out
 
 
+CLUTTER_KEEP = 16  # the kept count the policy table quotes
+
+
+def see_within_one_point():
+    """SGL's early exit at the threshold with the most exits whose accuracy stays within 1 point of the large model
+    alone (the row, and the large model's row)."""
+    see = load("vlm_clutter_see.csv")
+    base = next(r for r in see if r["setting"] == "large model alone")
+    ok = [r for r in see if r["setting"] == "sgl" and float(r["accuracy"]) >= float(base["accuracy"]) - 0.01]
+    return (max(ok, key=lambda r: (float(r["exit_rate"]), -float(r["threshold"]))) if ok else None), base
+
+
+def sec_vlm_clutter() -> list[str]:
+    cur = load("vlm_clutter_curve.csv")
+    full = {r["policy"]: r for r in cur if r["policy"].endswith("all tokens")}
+    pols = list(dict.fromkeys(r["policy"] for r in cur if not r["policy"].endswith("all tokens")))
+    keeps = sorted({int(r["keep"]) for r in cur if not r["policy"].endswith("all tokens")}, reverse=True)
+    acc = {(r["policy"], int(r["keep"])): r for r in cur}
+    n_tok = cur[0]["tokens"]
+    large, small = full["large model, all tokens"], full["small model, all tokens"]
+    out = ["## Visual-token pruning on cluttered digits", "",
+           f"### Accuracy against kept visual tokens, {cur[0]['model']}", "",
+           "Not a published VLM: accel's project-trained pair (see [sgl](methods/sgl.md#the-project-trained-cluttered-digits-pair)). "
+           "Four coloured digits per image, a question about one of them (by colour or position); only the asked "
+           f"digit's 16 of the {n_tok} visual tokens hold the answer. {cur[0]['questions']} held-out questions, the "
+           f"large model's first answer token, one run. All {n_tok} tokens: large model {f(large['accuracy'], 3)}, "
+           f"small model {f(small['accuracy'], 3)} (chance 0.1). `sgl` is guided by the small model.", ""]
+    out += table([f"kept of {n_tok}"] + pols,
+                 [[k] + [f(acc[(p, k)]["accuracy"], 3) if (p, k) in acc else "-" for p in pols] for k in keeps])
+    out += ["![accuracy vs kept tokens](../bench/results/vlm_clutter_curve.png)", ""]
+    out += sources("vlm_clutter_curve.csv")
+    on = load("vlm_clutter_on_target.csv")
+    pol_rows = [r for r in on if not r.get("accuracy")]
+    ref_rows = [r for r in on if r.get("accuracy")]
+    out += ["Where the kept tokens lie: the share of them on the asked digit (its 16 tokens are 16% of the image), and "
+            "the share of questions that keep two or more of the asked digit's tokens:", ""]
+    out += table(["policy", "kept", "kept tokens on the asked digit", "questions keeping 2+ of its tokens",
+                  "accuracy (above)"],
+                 [[r["policy"], r["keep"], pct(r["on_asked_digit_share"]), pct(r["two_or_more_on_asked_digit"]),
+                   f(acc[(r["policy"], int(r["keep"]))]["accuracy"], 3) if (r["policy"], int(r["keep"])) in acc else "-"]
+                  for r in pol_rows])
+    out += ["Where the large model reads the answer (the unpatched model fed only the marked image tokens, at their "
+            "original positions):", ""]
+    out += table(["image tokens fed", "accuracy"], [[r["policy"], f(r["accuracy"], 3)] for r in ref_rows])
+    out += sources("vlm_clutter_on_target.csv")
+    see = load("vlm_clutter_see.csv")
+    best, base = see_within_one_point()
+    out += ["### SGL's early exit (SEE)", "",
+            "The small model answers every question first; at a threshold, the questions whose answer it gave with at "
+            "least that probability (its answer token's) take its answer and the large model does not run. Time per "
+            "answer includes the small model. The pruning beside it keeps every token.", ""]
+    out += table(["setting", "threshold", "answered by the small model", "accuracy", "ms per answer", "vs large alone"],
+                 [[r["setting"], r["threshold"] or "-", pct(r["exit_rate"], 1), f(r["accuracy"], 3),
+                   f(r["ms_per_answer"], 1), ratio(r["speedup"])] for r in see])
+    if best is not None:
+        out += [f"Within 1 point of the large model alone ({f(base['accuracy'], 3)}): threshold {best['threshold']}, "
+                f"{pct(best['exit_rate'], 1)} of the questions answered by the small model alone, accuracy "
+                f"{f(best['accuracy'], 3)}, {ratio(best['speedup'])} end to end.", ""]
+    else:
+        out += [f"No threshold measured keeps the accuracy within 1 point of the large model alone "
+                f"({f(base['accuracy'], 3)}).", ""]
+    out += ["![early exit](../bench/results/vlm_clutter_see.png)", ""]
+    out += sources("vlm_clutter_see.csv")
+    return out
+
+
 def sec_tpla() -> list[str]:
     err = load("tpla_error.csv")
     tr = list(dict.fromkeys(r["transform"] for r in err))
@@ -1138,6 +1207,7 @@ POLICIES = [  # name, paper (as cited in the code), what it does
     ("fastervlm", "FasterVLM, Zhang et al., arXiv 2412.01818", "keeps the image tokens the vision tower's [CLS] attends to"),
     ("flowcut", "FlowCut, Tong et al., arXiv 2505.19536", "prunes image tokens progressively inside the vision tower"),
     ("fastv", "FastV-style, after Chen et al., ECCV 2024", "ranks image tokens by the attention they get in an early LLM layer"),
+    ("sgl", "SGL, Zhao et al., CVPR 2025", "a small VLM's attention ranks the large one's image tokens; confident small answers skip the large model"),
     ("randomprune", "— (control)", "keeps a seeded random subset of image tokens"),
     ("tpla", "TPLA, Tang et al., arXiv 2508.15881", "splits MLA's latent cache over tensor-parallel shards"),
 ]
@@ -1219,6 +1289,17 @@ def policy_table() -> list[str]:
                      f"{ratio(fd[('flux', '8')]['speedup_vs_accel_dense'])} (4K, batch 8, one prompt)")
     for p in ("fastervlm", "flowcut", "fastv", "randomprune"):
         cells[p] = vlm_cells(p)
+    cl = {(r["policy"], int(r["keep"])): r for r in load("vlm_clutter_curve.csv")}
+    single = max((r for (p, k), r in cl.items() if k == CLUTTER_KEEP and not p.startswith(("sgl", "randomprune"))),
+                 key=lambda r: float(r["accuracy"]))
+    best, base = see_within_one_point()
+    cells["sgl"] = (f"cluttered digits (large model), {CLUTTER_KEEP} of {cl[('sgl', CLUTTER_KEEP)]['tokens']} tokens: "
+                    f"{f(cl[('sgl', CLUTTER_KEEP)]['accuracy'], 3)} (best single-model {single['policy']}: "
+                    f"{f(single['accuracy'], 3)}; random {f(cl[('randomprune', CLUTTER_KEEP)]['accuracy'], 3)}; all: "
+                    f"{f(cl[('large model, all tokens', int(cl[('sgl', CLUTTER_KEEP)]['tokens']))]['accuracy'], 3)})",
+                    (f"early exit within 1 point of the large model: {pct(best['exit_rate'], 1)} answered by the small "
+                     f"model alone, {ratio(best['speedup'])} end to end" if best is not None else
+                     "no early-exit threshold within 1 point of the large model"))
     out = ["| policy | paper | what it does | measured quality | measured speed |", "|---|---|---|---|---|"]
     pages = sorted(x.stem for x in (ROOT / "docs" / "methods").glob("*.md") if x.stem != "README")
     missing = sorted(set(pages) - {n for n, _, _ in POLICIES})
@@ -1227,7 +1308,8 @@ def policy_table() -> list[str]:
     for name, paper, what in POLICIES:
         q, s = cells.get(name, ("not measured yet", "not measured yet"))
         out.append(f"| [`{name}`](docs/methods/{name}.md) | {paper} | {what} | {q} | {s} |")
-    out += ["", "SmolLM2-135M (the VLM rows: SmolLM2-135M inside a project-trained digits VLM; tpla: a random "
+    out += ["", "SmolLM2-135M (the VLM rows: SmolLM2-135M inside a project-trained digits VLM, sgl's inside the "
+            "project-trained cluttered-digits pair; tpla: a random "
             "DeepSeek-V3-shaped model, no quality), CPU, one thread. KV policies at a 25% budget (moa: density 0.25); "
             "speed against accel dense unless it says unpatched HF. Every cell is generated from `bench/results/` by "
             "`python bench/make_results.py`; sources, machines and dates in [docs/results.md](docs/results.md)."]
@@ -1262,7 +1344,7 @@ def results_md() -> str:
     _USED.clear()
     body = []
     for sec in (sec_headline, sec_decode, sec_step, sec_throughput, sec_kernels, sec_linear, sec_reuse, sec_kv, sec_tca, sec_flux, sec_duo,
-                sec_vlm, sec_tpla, sec_compile):
+                sec_vlm, sec_vlm_clutter, sec_tpla, sec_compile):
         body += sec()
     head = ["# Measured results", "",
             "<!-- generated by `python bench/make_results.py` from bench/results/*.csv; do not edit by hand -->", "",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import accel
-from accel.errors import AccelError, InputError
+from accel.errors import AccelError, InputError, UnsupportedModelError
 
 IMG = 299
 N_IMG = 16
@@ -64,7 +64,7 @@ def test_keep_all_and_no_exit_equal_the_large_model(layer, pad):
         with accel.patch(large, "sgl", guide=guide, keep=N_IMG, layer=layer, exit_threshold=2.0) as h:
             out = large(input_ids=ids, pixel_values=pv, attention_mask=mask).logits
             g = large.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=5, do_sample=False)
-            assert h.runtime.last_exit["exited"] == [False, False]
+            assert h.last_exit["exited"] == [False, False]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(g, gref)
     assert "generate" not in large.__dict__  # remove() restored generate
@@ -163,12 +163,12 @@ def test_early_exit_returns_the_guides_answer_for_confident_rows_only():
         gref = guide.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
         with accel.patch(large, "sgl", guide=guide, keep=8, exit_threshold=0.0) as h:  # every row exits
             g = large.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
-            scores = torch.tensor(h.runtime.last_exit["score"])
+            scores = torch.tensor(h.last_exit["score"])
         assert torch.equal(g, gref)
         thr = float(scores.max())  # only the most confident row exits
         with accel.patch(large, "sgl", guide=guide, keep=8, exit_threshold=thr) as h:
             g2 = large.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
-            out = torch.tensor(h.runtime.last_exit["exited"])
+            out = torch.tensor(h.last_exit["exited"])
         assert int(out.sum()) == 1
         r = int(out.nonzero()[0, 0])
         o = 1 - r
@@ -204,6 +204,9 @@ def test_refusals_name_the_problem():
     with accel.patch(large, "sgl", guide=guide, keep=4, exit_threshold=0.5, guide_tokens=1):
         with pytest.raises(InputError, match="guide_tokens"):
             large.generate(input_ids=ids, pixel_values=pv, max_new_tokens=3)
+    from .test_vlm import tiny_llava_next
+    with pytest.raises(UnsupportedModelError, match="both be LLaVA"):
+        accel.patch(large, "sgl", guide=tiny_llava_next()[0])
     from accel.policies.sgl import SGLPolicy
     with pytest.raises(AccelError, match="exit_score"):
         SGLPolicy(guide=guide, exit_score="max")

@@ -115,6 +115,8 @@ class VisualRuntime:
         self.guide_stash = None
         #: the guide run the last prefill used (``sgl``)
         self.last_guide = None
+        #: which rows of the last ``generate()`` took the guide's answer (``sgl``), and every row's answer score
+        self.last_exit = None
         #: the 2-D attention mask of the call under way (layer-wise pruning builds its layers' masks from it)
         self._call_mask = None
         self._call_past = 0
@@ -432,6 +434,12 @@ class VisualPatchHandle(HandleBase):
     def last(self) -> dict:
         """What the last prefill kept (tokens per image, kept per image, LM prompt length)."""
         return dict(self.runtime.last)
+
+    @property
+    def last_exit(self) -> dict | None:
+        """``sgl``: which rows of the last ``generate()`` took the guide's answer (``exited``) and each row's answer
+        score (``score``); None before any."""
+        return self.runtime.last_exit
 
     def summary(self) -> str:
         s = f"accel visual policy={self.policy.name} ({type(self.runtime.adapter).__name__})"
