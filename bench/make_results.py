@@ -1310,7 +1310,7 @@ def policy_table() -> list[str]:
         out.append(f"| [`{name}`](docs/methods/{name}.md) | {paper} | {what} | {q} | {s} |")
     out += ["", "SmolLM2-135M (the VLM rows: SmolLM2-135M inside a project-trained digits VLM, sgl's inside the "
             "project-trained cluttered-digits pair; tpla: a random "
-            "DeepSeek-V3-shaped model, no quality), CPU, one thread. KV policies at a 25% budget (moa: density 0.25); "
+            "DeepSeek-V3-shaped model, no quality), CPU, one thread (the sgl row: two). KV policies at a 25% budget (moa: density 0.25); "
             "speed against accel dense unless it says unpatched HF. Every cell is generated from `bench/results/` by "
             "`python bench/make_results.py`; sources, machines and dates in [docs/results.md](docs/results.md)."]
     return out

@@ -199,8 +199,12 @@ def test_refusals_name_the_problem():
         with pytest.raises(AccelError, match="guide model is patched"):
             accel.patch(large, "sgl", guide=guide)
     with accel.patch(large, "sgl", guide=guide, keep=4, exit_threshold=0.5):
-        with pytest.raises(InputError, match="exit_threshold serves greedy"):
+        with pytest.raises(InputError, match="plain greedy answer.*num_beams"):
             large.generate(input_ids=ids, pixel_values=pv, max_new_tokens=3, num_beams=2)
+        with pytest.raises(InputError, match="repetition_penalty"):
+            large.generate(input_ids=ids, pixel_values=pv, max_new_tokens=3, repetition_penalty=5.0)
+        with pytest.raises(InputError, match="by keyword"):
+            large.generate(ids, pv, max_new_tokens=3)
     with accel.patch(large, "sgl", guide=guide, keep=4, exit_threshold=0.5, guide_tokens=1):
         with pytest.raises(InputError, match="guide_tokens"):
             large.generate(input_ids=ids, pixel_values=pv, max_new_tokens=3)
@@ -210,3 +214,77 @@ def test_refusals_name_the_problem():
     from accel.policies.sgl import SGLPolicy
     with pytest.raises(AccelError, match="exit_score"):
         SGLPolicy(guide=guide, exit_score="max")
+
+
+def test_a_rows_ranking_does_not_depend_on_when_its_batch_mates_stop():
+    from accel.vlm.guide import run_guide
+
+    large, guide = pair()
+    ids, mask = prompt(pad=True)
+    pv = pixels()
+    with torch.no_grad():
+        first = guide.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=1,
+                               do_sample=False)[:, -1]
+    guide.generation_config.eos_token_id = int(first[0])  # row 0 ends at once; row 1 goes on (if it differs)
+    assert int(first[1]) != int(first[0])
+    both = run_guide(guide, ids, pv, mask, 4)
+    for r in range(2):
+        alone = run_guide(guide, ids[r:r + 1], pv[r:r + 1], mask[r:r + 1], 4)
+        img = ids[r] == IMG
+        torch.testing.assert_close(both.received[r][img], alone.received[0][img[-alone.received.shape[1]:]],
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_generates_guide_run_serves_only_its_own_prompt_and_images():
+    large, guide = pair()
+    ids, mask = prompt()
+    pv, other = pixels(), pixels(seed=7)
+    with accel.patch(large, "sgl", guide=guide, keep=5, layer=0) as h, torch.no_grad():
+        large(input_ids=ids, pixel_values=other)
+        fresh = h.last["kept_indices"].clone()
+        # a run left for the same ids but other images is not used
+        h.runtime.guide_stash = (ids, None, pv, h.runtime.run_guide(ids, pv, None, 3))
+        large(input_ids=ids, pixel_values=other)
+        assert torch.equal(h.last["kept_indices"], fresh)
+        # generate's inputs= is its input_ids, with early exit (every row exits at threshold 0)
+        ref = guide.generate(input_ids=ids, pixel_values=pv, max_new_tokens=2, do_sample=False)
+    with accel.patch(large, "sgl", guide=guide, keep=5, exit_threshold=0.0) as h, torch.no_grad():
+        got = large.generate(inputs=ids, pixel_values=pv, max_new_tokens=2, do_sample=False)
+        assert h.last_exit["exited"] == [True, True]
+    assert torch.equal(got, ref)
+
+
+def test_expanded_batches_reuse_generates_guide_run(monkeypatch):
+    import accel.vlm.guide as G
+
+    large, guide = pair()
+    ids, mask = prompt()
+    pv = pixels()
+    calls = []
+    real = G.run_guide
+
+    def counting(*a, **k):
+        calls.append(a[1].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(G, "run_guide", counting)
+    with accel.patch(large, "sgl", guide=guide, keep=5), torch.no_grad():
+        out = large.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                             num_beams=2, num_return_sequences=2)
+    assert calls == [2] and out.shape[0] == 4  # one guide run, for the two prompts, reused by the expanded prefill
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_pruned_left_padded_batch_equals_each_row_alone(layer):
+    large, guide = pair()
+    ids, mask = prompt(pad=True)
+    pv = pixels()
+    with accel.patch(large, "sgl", guide=guide, keep=6, layer=layer) as h, torch.no_grad():
+        both = large.generate(input_ids=ids, pixel_values=pv, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        kept = h.last["kept_indices"].clone()
+        for r in range(2):
+            real = mask[r].bool()
+            one = large.generate(input_ids=ids[r:r + 1, real], pixel_values=pv[r:r + 1], max_new_tokens=4,
+                                 do_sample=False)
+            assert torch.equal(h.last["kept_indices"][0], kept[r])
+            assert torch.equal(one[0, -4:], both[r, -4:]), r

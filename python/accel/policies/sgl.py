@@ -54,12 +54,14 @@ class SGLPolicy(VisualPolicy):
         if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
             raise AccelError(f"sgl: layer must be an integer >= 0 (the large model's decoder layer pruning starts at), "
                              f"got {self.layer!r}")
-        if self.guide_tokens is not None and (not isinstance(self.guide_tokens, int) or self.guide_tokens < 1):
+        if self.guide_tokens is not None and (not isinstance(self.guide_tokens, int) or isinstance(self.guide_tokens, bool)
+                                              or self.guide_tokens < 1):
             raise AccelError(f"sgl: guide_tokens must be an integer >= 1 or None, got {self.guide_tokens!r}")
         if self.exit_score not in ("min", "mean"):
             raise AccelError(f"sgl: exit_score must be 'min' or 'mean', got {self.exit_score!r}")
-        if self.exit_threshold is not None and not isinstance(self.exit_threshold, (int, float)):
-            raise AccelError(f"sgl: exit_threshold must be a number or None, got {self.exit_threshold!r}")
+        t = self.exit_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t != t):
+            raise AccelError(f"sgl: exit_threshold must be a number or None, got {t!r}")
 
     @property
     def prune_layer(self) -> int:
@@ -73,9 +75,9 @@ class SGLPolicy(VisualPolicy):
 
     def language_model_stage(self, runtime, module, ids, img, feats, flags, enc, mask, pos):
         """Rank every image's tokens by the guide's attention and keep the top ``keep`` per image."""
-        run = runtime.take_guide_run(ids, mask)
+        pv = torch.stack(enc["images"]).to(ids.device)
+        run = runtime.take_guide_run(ids, mask, pv)
         if run is None:
-            pv = torch.stack(enc["images"]).to(ids.device)
             run = runtime.run_guide(ids, pv, mask, self.guide_tokens or 1)
         runtime.last_guide = run
         return keep_top_per_image(self, run.received.to(ids.device)[img], feats, enc["fixed"])

@@ -121,7 +121,6 @@ class VisualRuntime:
         self._call_mask = None
         self._call_past = 0
         self._phase = None
-        self._pending_gather = False
 
     # -- image features (what generate pre-encodes) -----------------------------------------------------
     def image_features(self, pixel_values, *args, **kw):
@@ -160,21 +159,28 @@ class VisualRuntime:
 
         check_tokens(self.adapter, self.policy, pixel_values, kw)
 
-    def take_guide_run(self, ids, mask):
-        """The guide run ``generate`` made for exactly this prompt (``sgl``), once; None if there is none."""
-        st, self.guide_stash = self.guide_stash, None
+    def take_guide_run(self, ids, mask, pixel_values):
+        """The guide run ``generate`` made for exactly this prompt and these images (``sgl``), rows repeated as
+        generate expands them for beams or several return sequences; None if there is none."""
+        st, self.guide_stash = self.guide_stash, None  # one prefill takes it
         if st is None:
             return None
-        sids, smask, run = st
-        same = sids.shape == ids.shape and torch.equal(sids.to(ids.device), ids)
-        if same and (smask is None) != (mask is None):
-            same = bool((mask if mask is not None else smask).bool().all())
-        elif same and mask is not None:
-            same = torch.equal(smask.to(mask.device).bool(), mask.bool())
-        return run if same else None
+        sids, smask, spv, run = st
+        if ids.shape[1] != sids.shape[1] or ids.shape[0] % sids.shape[0]:
+            return None
+        r = ids.shape[0] // sids.shape[0]
+        if r > 1:
+            sids, spv, run = sids.repeat_interleave(r, 0), spv.repeat_interleave(r, 0), run.repeat(r)
+            smask = smask.repeat_interleave(r, 0) if smask is not None else None
+        same = torch.equal(sids.to(ids.device), ids) and spv.shape == pixel_values.shape and torch.equal(
+            spv.to(pixel_values.device), pixel_values)
+        m1 = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        m2 = smask.to(ids.device).bool() if smask is not None else torch.ones_like(ids, dtype=torch.bool)
+        return run if same and torch.equal(m1, m2) else None
 
     # -- the hook --------------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
+        self._phase = None  # the layer hooks act only on a prefill or decode step this hook set up
         if args:  # transformers' VLMs call their inner model with keywords; be safe anyway
             names = ["input_ids", "pixel_values", "attention_mask", "position_ids",
                      compat.cache_arg_name(type(module).forward), "inputs_embeds"]
@@ -261,9 +267,11 @@ class VisualRuntime:
         if layer > 0:  # the first `layer` decoder layers see every token; the layers from `layer` on the kept ones
             red = c
             c = self.compact(module, ids, img, full_feats, [torch.ones_like(f) for f in flags], mask, pos)
-            inv = torch.zeros(b, length, dtype=torch.long, device=ids.device)
+            # the full layout's column of every original column (padding goes to an extra column, then dropped)
+            inv = torch.zeros(b, length + 1, dtype=torch.long, device=ids.device)
             cols = torch.arange(c["src"].shape[1], device=ids.device).expand_as(c["src"])
-            inv.scatter_(1, c["src"].clamp_min(0), torch.where(c["real"], cols, torch.zeros_like(cols)))
+            inv.scatter_(1, torch.where(c["real"], c["src"], torch.full_like(c["src"], length)), cols)
+            inv = inv[:, :length]
             rows = torch.where(red["real"], inv.gather(1, red["src"].clamp_min(0)), torch.zeros_like(red["src"]))
             lm_cfg = self.adapter.language_model().config
             lw = {"layer": layer, "rows": rows, "mask": red["mask"], "full_len": c["src"].shape[1],
@@ -287,7 +295,6 @@ class VisualRuntime:
                       "prompt_len": length, "dropped": length - new_len, "next_pos": self.adapter.next_positions(kwargs),
                       "layerwise": lw}
         self._call_mask, self._phase = None, "prefill"
-        self._pending_gather = lw is not None
         if lw is not None:
             new_len = lw["red_len"]
         kept = [int(f.sum()) for f in flags]
@@ -306,7 +313,7 @@ class VisualRuntime:
         rows' position embeddings and a mask over its own (shorter) cache. The layers before it run unchanged."""
         st = self.state
         lw = st.get("layerwise") if st is not None else None
-        if lw is None:
+        if lw is None or self._phase is None:
             return None
         hs = args[0] if args else kwargs["hidden_states"]
         B, q = hs.shape[0], hs.shape[1]
@@ -318,7 +325,6 @@ class VisualRuntime:
                     raise InputError(f"{self.policy.name}: the prefill reached layer {index} with {q} rows, expected "
                                      f"{lw['full_len']}")
                 hs = hs.gather(1, rows[..., None].expand(B, rows.shape[1], hs.shape[-1]))
-                self._pending_gather = False
                 if args:
                     args = (hs,) + tuple(args[1:])
                 else:
@@ -538,6 +544,11 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
                                             f"layer {layer}; use layer=0")
             if layer >= len(layers):
                 raise AccelError(f"{vpol.name}: layer {layer} is past the language model's {len(layers)} layers")
+            types = set(getattr(lm.config, "layer_types", None) or [])
+            if getattr(lm.config, "sliding_window", None) is not None or types - {"full_attention"}:
+                raise UnsupportedModelError(
+                    f"{vpol.name}: pruning from layer {layer} builds full causal masks, and this language model has "
+                    "sliding-window layers; use layer=0")
             if lm.config._attn_implementation not in ("sdpa", "eager"):
                 raise UnsupportedModelError(
                     f"{vpol.name}: pruning from layer {layer} needs the language model's attention to be 'sdpa' or "
@@ -549,9 +560,11 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
                      adapter.hook_module().get_image_features, runtime.image_features))]
         if True:  # visual pruning is never dense, whatever the composed LM policy: its own guard, outermost
             limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-            hooks.append(GenerateGuard(model, lambda m, a, k: check_generate_request(
-                m, a, k, policy_name=vpol.name, dense=False,
-                context_limit=limit if patch_kwargs.get("check_context", True) else None)))
+            def check(m, a, k):
+                check_generate_request(m, a, k, policy_name=vpol.name, dense=False,
+                                       context_limit=limit if patch_kwargs.get("check_context", True) else None)
+
+            hooks.append(GenerateGuard(model, check))
         if layer > 0:
             import functools
 
@@ -560,7 +573,7 @@ def patch_vlm(model, vpol, lm_spec, plan=None, lm_overrides=None, **patch_kwargs
         if getattr(vpol, "guided", False):  # outermost, so removed first
             from .guide import GuidedGenerate
 
-            hooks.insert(0, GuidedGenerate(model, runtime, vpol))
+            hooks.insert(0, GuidedGenerate(model, runtime, vpol, check))
     except BaseException:
         if lm_handle is not None:
             lm_handle.remove()
