@@ -264,7 +264,9 @@ class VisualRuntime:
         c = self.compact(module, ids, img, feats, flags, mask, pos)
         layer = int(getattr(self.policy, "prune_layer", 0) or 0)
         lw = None
-        if layer > 0:  # the first `layer` decoder layers see every token; the layers from `layer` on the kept ones
+        if layer > 0 and not all(bool(fl.all()) for fl in flags):
+            # the first `layer` decoder layers see every token; the layers from `layer` on the kept ones (with every
+            # token kept, the plain path below is the same forward, without the hooks' explicit masks)
             red = c
             c = self.compact(module, ids, img, full_feats, [torch.ones_like(f) for f in flags], mask, pos)
             # the full layout's column of every original column (padding goes to an extra column, then dropped)
