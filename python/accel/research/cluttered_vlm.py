@@ -24,17 +24,13 @@ with a fixed seed. Every number from these models is a **project-trained** model
 from __future__ import annotations
 
 import copy
-import json
-import logging
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..errors import AccelError
-from .digits_vlm import IMAGE_TOKEN, _load_trainable, _trainable_state, digit_token_ids, digits_split
-
-logger = logging.getLogger("accel")
+from .digits_vlm import IMAGE_TOKEN, cached_vlm, digit_token_ids, digits_split, train_projector
 
 COLOURS = ("red", "green", "blue", "yellow")
 _RGB = torch.tensor([[1.0, 0.15, 0.15], [0.15, 0.9, 0.15], [0.3, 0.4, 1.0], [1.0, 0.9, 0.1]])
@@ -265,28 +261,12 @@ def train(vlm, tok, image_id: int, cfg: ClutterConfig, progress: bool = False) -
     record["stage_a_seconds"] = round(time.time() - t0, 1)
     t1 = time.time()
     digit_ids = torch.tensor(digit_token_ids(tok))
-    proj = vlm.model.multi_modal_projector
-    opt = torch.optim.AdamW([{"params": proj.parameters(), "lr": cfg.stage_b_lr},
-                             {"params": tower.parameters(), "lr": cfg.stage_b_lr * 0.1}], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.stage_b_lr, cfg.stage_b_lr * 0.1],
-                                                total_steps=cfg.stage_b_steps, pct_start=0.1)
-    bar = tqdm(total=cfg.stage_b_steps, desc=f"cluttered VLM {cfg.key()} stage B (projector)", disable=not progress)
-    losses, hits = [], []
-    for step in range(cfg.stage_b_steps):
+
+    def batch(step):
         b = render(xtr, ytr, cfg, cfg.stage_b_batch, kinds[step % len(kinds)], g)
-        ids = prompt_ids(tok, image_id, cfg.tokens, b.kind, b.which)
-        logits = vlm(input_ids=ids, pixel_values=b.pixel_values, logits_to_keep=1, use_cache=False).logits[:, -1]
-        loss = torch.nn.functional.cross_entropy(logits, digit_ids[b.answer])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        hits.append(float((logits.argmax(-1) == digit_ids[b.answer]).float().mean()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(hits[-10:]) / len(hits[-10:]):.2f}")
-    bar.close()
-    tower.eval()
+        return prompt_ids(tok, image_id, cfg.tokens, b.kind, b.which), b.pixel_values, digit_ids[b.answer]
+
+    losses, hits = train_projector(vlm, cfg, batch, f"cluttered VLM {cfg.key()} stage B (projector)", progress, 10)
     record["stage_b_loss_first_last"] = [round(losses[0], 4), round(sum(losses[-10:]) / 10, 4)]
     record["stage_b_train_acc_last_20_steps"] = round(sum(hits[-20:]) / len(hits[-20:]), 4)
     record["stage_b_seconds"] = round(time.time() - t1, 1)
@@ -294,32 +274,10 @@ def train(vlm, tok, image_id: int, cfg: ClutterConfig, progress: bool = False) -
     return record
 
 
-def cache_path(cfg: ClutterConfig):
-    from ..config import cache_dir
-
-    return cache_dir() / "vlm" / cfg.key()
-
-
 def load_or_train(cfg: ClutterConfig, retrain: bool = False, progress: bool = False):
     """A project-trained cluttered-digits VLM: ``(vlm, tokenizer, image_token_id, record)``. Trains and caches it
     on first use (needs SmolLM2-135M, installed offline by ``scripts/setup.sh``)."""
-    from safetensors.torch import load_file, save_file
-
-    from ..models import load
-
-    lm, tok = load("smollm2-135m")
-    vlm, image_id = build_vlm(lm, tok, cfg)
-    path = cache_path(cfg)
-    wfile, rfile = path / "trainable.safetensors", path / "record.json"
-    if wfile.exists() and rfile.exists() and not retrain:
-        _load_trainable(vlm, load_file(str(wfile)))
-        return vlm, tok, image_id, json.loads(rfile.read_text())
-    logger.info("training the cluttered-digits VLM %s (project-trained; cached under %s)", cfg.key(), path)
-    record = train(vlm, tok, image_id, cfg, progress=progress)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(_trainable_state(vlm), str(wfile))
-    rfile.write_text(json.dumps(record, indent=1))
-    return vlm.eval(), tok, image_id, record
+    return cached_vlm(cfg, build_vlm, train, progress, retrain, f"cluttered-digits VLM {cfg.key()}")
 
 
 @torch.no_grad()

@@ -211,35 +211,18 @@ def train(vlm, tok, image_id: int, cfg: DigitsConfig, progress: bool = False) ->
     # stage B
     t1 = time.time()
     digit_ids = torch.tensor(digit_token_ids(tok))
-    proj = vlm.model.multi_modal_projector
-    opt = torch.optim.AdamW([{"params": proj.parameters(), "lr": cfg.stage_b_lr},
-                             {"params": tower.parameters(), "lr": cfg.stage_b_lr * 0.1}], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.stage_b_lr, cfg.stage_b_lr * 0.1],
-                                                total_steps=cfg.stage_b_steps, pct_start=0.1)
     ids = prompt_ids(tok, image_id, cfg.tokens, cfg.stage_b_batch)
-    bar = tqdm(total=cfg.stage_b_steps, desc="digits VLM stage B (projector through the frozen LM)", disable=not progress)
-    losses = []
-    hits = []
-    perm = torch.randperm(len(ytr), generator=g)
-    pos = 0
-    for step in range(cfg.stage_b_steps):
+    perm, pos = torch.randperm(len(ytr), generator=g), 0
+
+    def batch(step):
+        nonlocal perm, pos
         if pos + cfg.stage_b_batch > len(ytr):
             perm, pos = torch.randperm(len(ytr), generator=g), 0
         idx = perm[pos:pos + cfg.stage_b_batch]
         pos += cfg.stage_b_batch
-        pv = render(xtr[idx], cfg, g, augment=cfg.augment)
-        logits = vlm(input_ids=ids, pixel_values=pv, logits_to_keep=1, use_cache=False).logits[:, -1]
-        loss = torch.nn.functional.cross_entropy(logits, digit_ids[ytr[idx]])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        hits.append(float((logits.argmax(-1) == digit_ids[ytr[idx]]).float().mean()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(hits[-8:]) / len(hits[-8:]):.2f}")
-    bar.close()
-    tower.eval()
+        return ids, render(xtr[idx], cfg, g, augment=cfg.augment), digit_ids[ytr[idx]]
+
+    losses, hits = train_projector(vlm, cfg, batch, "digits VLM stage B (projector through the frozen LM)", progress, 8)
     record["stage_b_loss_first_last"] = [round(losses[0], 4), round(sum(losses[-5:]) / 5, 4)]
     record["stage_b_train_acc_last_8_steps"] = round(sum(hits[-8:]) / len(hits[-8:]), 4)
     record["stage_b_seconds"] = round(time.time() - t1, 1)
@@ -247,7 +230,61 @@ def train(vlm, tok, image_id: int, cfg: DigitsConfig, progress: bool = False) ->
     return record
 
 
-def cache_path(cfg: DigitsConfig):
+def train_projector(vlm, cfg, batch, desc: str, progress: bool, window: int) -> tuple[list, list]:
+    """Stage B of the project-trained VLMs: the projector, and the tower at a tenth of the rate, through the frozen
+    language model, cross-entropy on the answer token. ``batch(step)`` gives ``(input_ids, pixel_values, answer token
+    ids)``. Returns the per-step losses and accuracies; the tower is left in eval mode."""
+    from tqdm.auto import tqdm
+
+    tower, proj = vlm.model.vision_tower, vlm.model.multi_modal_projector
+    opt = torch.optim.AdamW([{"params": proj.parameters(), "lr": cfg.stage_b_lr},
+                             {"params": tower.parameters(), "lr": cfg.stage_b_lr * 0.1}], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.stage_b_lr, cfg.stage_b_lr * 0.1],
+                                                total_steps=cfg.stage_b_steps, pct_start=0.1)
+    bar = tqdm(total=cfg.stage_b_steps, desc=desc, disable=not progress)
+    losses, hits = [], []
+    for step in range(cfg.stage_b_steps):
+        ids, pv, answer = batch(step)
+        logits = vlm(input_ids=ids, pixel_values=pv, logits_to_keep=1, use_cache=False).logits[:, -1]
+        loss = torch.nn.functional.cross_entropy(logits, answer)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        hits.append(float((logits.argmax(-1) == answer).float().mean()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(hits[-window:]) / len(hits[-window:]):.2f}")
+    bar.close()
+    tower.eval()
+    return losses, hits
+
+
+def cached_vlm(cfg, build, train_fn, progress: bool, retrain: bool, what: str):
+    """A project-trained VLM ``(vlm, tokenizer, image_token_id, record)``: ``build(lm, tok, cfg)`` around the frozen
+    SmolLM2-135M (installed offline by ``scripts/setup.sh``), its tower and projector loaded from
+    ``$ACCEL_CACHE_DIR/vlm/<cfg.key()>`` or trained by ``train_fn(vlm, tok, image_id, cfg, progress=...)`` and
+    cached there."""
+    from safetensors.torch import load_file, save_file
+
+    from ..models import load
+
+    lm, tok = load("smollm2-135m")
+    vlm, image_id = build(lm, tok, cfg)
+    path = cache_path(cfg)
+    wfile, rfile = path / "trainable.safetensors", path / "record.json"
+    if wfile.exists() and rfile.exists() and not retrain:
+        _load_trainable(vlm, load_file(str(wfile)))
+        return vlm, tok, image_id, json.loads(rfile.read_text())
+    logger.info("training the %s (project-trained; cached under %s)", what, path)
+    record = train_fn(vlm, tok, image_id, cfg, progress=progress)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(_trainable_state(vlm), str(wfile))
+    rfile.write_text(json.dumps(record, indent=1))
+    return vlm.eval(), tok, image_id, record
+
+
+def cache_path(cfg):
     from ..config import cache_dir
 
     return cache_dir() / "vlm" / cfg.key()
@@ -256,24 +293,7 @@ def cache_path(cfg: DigitsConfig):
 def load_or_train(cfg: DigitsConfig | None = None, retrain: bool = False, progress: bool = False):
     """The project-trained digits VLM: ``(vlm, tokenizer, image_token_id, record)``. Trains and caches it
     on first use (needs SmolLM2-135M, installed offline by ``scripts/setup.sh``)."""
-    from safetensors.torch import load_file, save_file
-
-    from ..models import load
-
-    cfg = cfg or DigitsConfig()
-    lm, tok = load("smollm2-135m")
-    vlm, image_id = build_vlm(lm, tok, cfg)
-    path = cache_path(cfg)
-    wfile, rfile = path / "trainable.safetensors", path / "record.json"
-    if wfile.exists() and rfile.exists() and not retrain:
-        _load_trainable(vlm, load_file(str(wfile)))
-        return vlm, tok, image_id, json.loads(rfile.read_text())
-    logger.info("training the digits VLM (project-trained; cached under %s)", path)
-    record = train(vlm, tok, image_id, cfg, progress=progress)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(_trainable_state(vlm), str(wfile))
-    rfile.write_text(json.dumps(record, indent=1))
-    return vlm.eval(), tok, image_id, record
+    return cached_vlm(cfg or DigitsConfig(), build_vlm, train, progress, retrain, "digits VLM")
 
 
 @torch.no_grad()

@@ -121,6 +121,8 @@ class VisualRuntime:
         self._call_mask = None
         self._call_past = 0
         self._phase = None
+        #: the pruned layers' position embeddings and mask for the call under way (built by the first of them)
+        self._layer_args = None
 
     # -- image features (what generate pre-encodes) -----------------------------------------------------
     def image_features(self, pixel_values, *args, **kw):
@@ -181,6 +183,7 @@ class VisualRuntime:
     # -- the hook --------------------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
         self._phase = None  # the layer hooks act only on a prefill or decode step this hook set up
+        self._layer_args = None
         if args:  # transformers' VLMs call their inner model with keywords; be safe anyway
             names = ["input_ids", "pixel_values", "attention_mask", "position_ids",
                      compat.cache_arg_name(type(module).forward), "inputs_embeds"]
@@ -319,10 +322,10 @@ class VisualRuntime:
             return None
         hs = args[0] if args else kwargs["hidden_states"]
         B, q = hs.shape[0], hs.shape[1]
-        rows = lw["rows"].to(hs.device)
         prefill = self._phase == "prefill"
         if prefill:
             if index == lw["layer"]:
+                rows = lw["rows"].to(hs.device)
                 if q != lw["full_len"]:
                     raise InputError(f"{self.policy.name}: the prefill reached layer {index} with {q} rows, expected "
                                      f"{lw['full_len']}")
@@ -331,38 +334,46 @@ class VisualRuntime:
                     args = (hs,) + tuple(args[1:])
                 else:
                     kwargs["hidden_states"] = hs
+        if self._layer_args is None:  # the same for every pruned layer of this call: built once
+            self._layer_args = self._pruned_layer_args(lw, kwargs, hs.dtype, hs.device, B, q, prefill)
+        kwargs.update(self._layer_args)
+        return args, kwargs
+
+    def _pruned_layer_args(self, lw, kwargs, dtype, device, B: int, q: int, prefill: bool) -> dict:
+        """The kept rows' position embeddings and ids (prefill) and the mask over a pruned layer's cache."""
+        out = {}
+        rows = lw["rows"].to(device)
+        if prefill:
             pe = kwargs.get("position_embeddings")
             if pe is not None:
-                kwargs["position_embeddings"] = tuple(
+                out["position_embeddings"] = tuple(
                     t.expand(B, *t.shape[1:]).gather(1, rows[..., None].expand(B, rows.shape[1], t.shape[-1]))
                     for t in pe)
-            if kwargs.get("position_ids") is not None:
-                p = kwargs["position_ids"]
-                if p.dim() == 2:
-                    kwargs["position_ids"] = p.expand(B, p.shape[1]).gather(1, rows)
-            keymask = lw["mask"].to(hs.device).bool()
+            p = kwargs.get("position_ids")
+            if p is not None and p.dim() == 2:
+                out["position_ids"] = p.expand(B, p.shape[1]).gather(1, rows)
+            keymask = lw["mask"].to(device).bool()
             n = keymask.shape[1]
-            causal = torch.ones(n, n, dtype=torch.bool, device=hs.device).tril()
-            allowed = (keymask[:, None, :] & causal) | torch.eye(n, dtype=torch.bool, device=hs.device)
+            causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            allowed = (keymask[:, None, :] & causal) | torch.eye(n, dtype=torch.bool, device=device)
         else:
             m2 = self._call_mask
             extra_n = self._call_past + q - lw["full_len"]
-            extra = (m2[:, lw["full_len"]:].to(hs.device).bool() if m2 is not None
-                     else torch.ones(B, extra_n, dtype=torch.bool, device=hs.device))
+            extra = (m2[:, lw["full_len"]:].to(device).bool() if m2 is not None
+                     else torch.ones(B, extra_n, dtype=torch.bool, device=device))
             if extra.shape[1] != extra_n:
                 raise InputError(f"{self.policy.name}: the attention mask covers {m2.shape[1]} tokens, the cache and "
                                  f"this call {self._call_past + q}")
-            keymask = torch.cat([lw["mask"].to(hs.device).bool(), extra], 1)
+            keymask = torch.cat([lw["mask"].to(device).bool(), extra], 1)
             kv = keymask.shape[1]
-            qpos = torch.arange(q, device=hs.device).view(q, 1) + (kv - q)
-            causal = torch.arange(kv, device=hs.device).view(1, kv) <= qpos
+            qpos = torch.arange(q, device=device).view(q, 1) + (kv - q)
+            causal = torch.arange(kv, device=device).view(1, kv) <= qpos
             allowed = keymask[:, None, :] & causal
         allowed = allowed[:, None]  # [B, 1, q, kv]
         if lw.get("additive"):
-            dt = hs.dtype
-            allowed = torch.zeros(allowed.shape, dtype=dt, device=hs.device).masked_fill(~allowed, torch.finfo(dt).min)
-        kwargs["attention_mask"] = allowed
-        return args, kwargs
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        out["attention_mask"] = allowed
+        return out
 
     def compact(self, module, ids, img, feats, flags, mask, pos) -> dict:
         """The prompt with only the kept image tokens: ``inputs_embeds``, mask and original positions,
