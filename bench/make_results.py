@@ -146,6 +146,7 @@ COMMITTED = {
     "tpla_error.csv": "2026-11-24",
     "vlm_digits_curve.csv": "2026-11-24",
     "vlm_digits_kept_on_digit.csv": "2026-11-24",
+    "vlm_clutter_ceiling.csv": "2026-12-07",
     "vlm_clutter_curve.csv": "2026-12-06",
     "vlm_clutter_on_target.csv": "2026-12-06",
     "vlm_clutter_see.csv": "2026-12-06",
@@ -1110,6 +1111,16 @@ def sec_vlm_clutter() -> list[str]:
             "original positions):", ""]
     out += table(["image tokens fed", "accuracy"], [[r["policy"], f(r["accuracy"], 3)] for r in ref_rows])
     out += sources("vlm_clutter_on_target.csv")
+    ceil = load("vlm_clutter_ceiling.csv")
+    out += ["Does the question pick the digit? The VLMs against a uniform pick among the image's four digits, and the "
+            "frozen language models asked the same questions with the image's four digits written out for them as "
+            "text (colour, position and digit each), their choice among the ten digits:", ""]
+    out += table(["answered by", "from", "accuracy", "by colour", "by position", "answer is a digit in the image"],
+                 [[r["source"], r["input"] or "-", f(r["accuracy"], 3),
+                   f(r["accuracy_colour"], 3) if r["accuracy_colour"] else "-",
+                   f(r["accuracy_position"], 3) if r["accuracy_position"] else "-",
+                   pct(r["answer_is_a_digit_in_the_image"])] for r in ceil])
+    out += sources("vlm_clutter_ceiling.csv")
     see = load("vlm_clutter_see.csv")
     best, base = see_within_one_point()
     out += ["### SGL's early exit (SEE)", "",

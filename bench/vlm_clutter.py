@@ -10,11 +10,15 @@ VLM's.
     python bench/vlm_clutter.py curve --out bench/results/vlm_clutter_curve.csv
     python bench/vlm_clutter.py see --out bench/results/vlm_clutter_see.csv
     python bench/vlm_clutter.py diagnose --out bench/results/vlm_clutter_on_target.csv
+    python bench/vlm_clutter.py ceiling --out bench/results/vlm_clutter_ceiling.csv
 
 ``curve``: the large model's accuracy against kept visual tokens for each policy (``sgl`` guided by the small model),
 one row per (policy, kept tokens), and a PNG. ``see``: SGL's early exit at several thresholds: the share of questions
 the small model answers alone, the accuracy, and the time per answer including the small model, against the large
-model alone. ``diagnose``: the share of each policy's kept tokens that lie on the asked digit.
+model alone. ``diagnose``: the share of each policy's kept tokens that lie on the asked digit. ``ceiling``: how well
+the frozen language models answer the same held-out questions when the image is written out for them as text (each
+digit with its colour and position), against the VLMs and a uniform pick among the image's four digits: what a
+perfect tower could get from a frozen language model on this task.
 """
 from __future__ import annotations
 
@@ -82,12 +86,96 @@ def _forward_kept(vlm, ids, pixel_values, keep, image_id) -> torch.Tensor:
     return vlm.lm_head(hs[:, -1])
 
 
+FORMATS = {
+    # each digit's facts as a list, then as sentences; the question is the VLM's own
+    "list": lambda facts: "Image: " + ", ".join(f"{c} {p}: {d}" for c, p, d in facts) + ".",
+    "sentences": lambda facts: "Image: " + " ".join(f"The {c} digit at the {p} is {d}." for c, p, d in facts),
+}
+
+
+@torch.no_grad()
+def _text_choice(lm, tok, prompts: list[str]) -> torch.Tensor:
+    """The digit (0-9) each prompt's most likely continuation `` d`` names: the ten candidates' log-probabilities
+    under ``lm`` (one forward when the candidates share a prefix and differ in one last token, as with SmolLM2's
+    and Gemma's single-digit tokens; otherwise each candidate in full)."""
+    out = []
+    for p in prompts:
+        base = tok(p, add_special_tokens=True)["input_ids"]
+        cands = [tok(f"{p} {d}", add_special_tokens=True)["input_ids"] for d in range(10)]
+        if any(c[:len(base)] != base for c in cands):
+            raise RuntimeError(f"the tokenizer does not extend {p[-20:]!r} by its answer; cannot score it")
+        tails = [c[len(base):] for c in cands]
+        if all(len(t) == len(tails[0]) and t[:-1] == tails[0][:-1] for t in tails):
+            ids = torch.tensor([base + tails[0][:-1]])
+            logp = torch.log_softmax(lm(input_ids=ids).logits[0, -1].float(), -1)
+            scores = torch.stack([logp[t[-1]] for t in tails])
+        else:
+            scores = []
+            for t in tails:
+                ids = torch.tensor([base + t])
+                logp = torch.log_softmax(lm(input_ids=ids).logits[0].float(), -1)
+                scores.append(sum(logp[len(base) - 1 + i, tok_id] for i, tok_id in enumerate(t)))
+            scores = torch.stack(scores)
+        out.append(int(scores.argmax()))
+    return torch.tensor(out)
+
+
+def _ceiling(args, large, small, tok, image_id, cfg, batches):
+    """The frozen language models on the held-out questions with the image written out as text, next to the VLMs
+    and a uniform pick among the image's four digits (``ceiling`` in the module doc)."""
+    from tqdm.auto import tqdm
+
+    from accel.models import load
+    from accel.research import cluttered_vlm as C
+
+    gold = torch.cat([b.answer for b in batches])
+    quad = torch.cat([b.quadrant_digit for b in batches])
+    kinds = [b.kind for b in batches for _ in b.answer]
+    n_q = len(gold)
+
+    def row(source, fmt, pred):
+        pred = torch.as_tensor(pred)
+        acc = float((pred == gold).float().mean())
+        present = float((pred[:, None] == quad).any(1).float().mean())
+        per = {f"accuracy_{k}": round(float((pred == gold)[torch.tensor([x == k for x in kinds])].float().mean()), 4)
+               for k in cfg.kind_list}
+        print(f"{source} ({fmt}): accuracy {acc:.3f}, answers one of the image's digits {present:.3f}", flush=True)
+        return {"source": source, "input": fmt, "accuracy": round(acc, 4), **per,
+                "answer_is_a_digit_in_the_image": round(present, 4), "questions": n_q}
+
+    rows = []
+    # a uniform pick among the four digits: right with probability (copies of the answer) / 4
+    uniform = float(((quad == gold[:, None]).float().mean(1)).mean())
+    rows.append({"source": "uniform pick among the image's four digits", "input": "", "accuracy": round(uniform, 4),
+                 **{f"accuracy_{k}": "" for k in cfg.kind_list}, "answer_is_a_digit_in_the_image": 1.0,
+                 "questions": n_q})
+    print(f"uniform pick among the image's four digits: accuracy {uniform:.3f}")
+    for name, m in (("large VLM", large), ("small VLM", small)):
+        res = C.answers(m, tok, image_id, cfg, batches)
+        rows.append(row(name, "image (100 visual tokens)", res["pred"]))
+    for lm_name in [x for x in args.lms.split(",") if x]:
+        lm, ltok = load(lm_name)
+        for fmt, render in FORMATS.items():
+            prompts = []
+            for b in batches:
+                for i in range(len(b.answer)):
+                    facts = [(C.COLOURS[int(b.quadrant_colour[i, q])], C.POSITIONS[q], int(b.quadrant_digit[i, q]))
+                             for q in range(4)]
+                    prompts.append(render(facts) + C.question(b.kind, b.which[i]))
+            pred = _text_choice(lm, ltok, tqdm(prompts, desc=f"{lm_name} on text ({fmt})", leave=False))
+            rows.append(row(f"{lm_name} (frozen, text only)", f"the image's digits as text ({fmt})", pred))
+        del lm
+    _write(rows, Path(args.out or "bench/results/vlm_clutter_ceiling.csv"))
+    print(f"wrote {args.out or 'bench/results/vlm_clutter_ceiling.csv'}")
+
+
 def main(argv=None):
     import accel
     from accel.research import cluttered_vlm as C
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "curve", "see", "diagnose"])
+    ap.add_argument("command", choices=["train", "curve", "see", "diagnose", "ceiling"])
+    ap.add_argument("--lms", default="smollm2-135m,gemma3-270m", help="ceiling: the language models to ask in text")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--policies", default="sgl,sgl@layer=0,fastervlm,flowcut,fastv,randomprune")
     ap.add_argument("--keeps", default="16,8,4")
@@ -204,6 +292,9 @@ def main(argv=None):
                          "two_or_more_on_asked_digit": 1.0 if name.startswith("only") else 0.0, "asked_digit_tokens": 16, "tokens": n_tok, "questions": n_q, "accuracy": round(acc, 4)})
             print(f"{name}: accuracy {acc:.3f}", flush=True)
         _write(rows, Path(args.out or "bench/results/vlm_clutter_on_target.csv"))
+        return
+    if args.command == "ceiling":
+        _ceiling(args, large, small, tok, image_id, lcfg, batches)
         return
     # see: early exit at several thresholds, answers through generate (one new token: the digit)
     digit_ids = torch.tensor(C.digit_token_ids(tok))
