@@ -48,7 +48,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     import accel
-    from accel.cli.bench import _compress_synthetic, _synthetic_cache
+    from accel.eval.synthetic import compress_synthetic, synthetic_cache
     from accel.eval.text import text_of_tokens
     from accel.perf import machine_facts
 
@@ -57,15 +57,15 @@ def main() -> int:
     enc = tok([prompt], return_tensors="pt")
     n = enc["input_ids"].shape[1]
     rows = []
-    rate, _ = decode_rate(model, tok, enc, lambda: _synthetic_cache(model, 1, n - 1, for_hf=True), args.new_tokens)
+    rate, _ = decode_rate(model, tok, enc, lambda: synthetic_cache(model, 1, n - 1, for_hf=True), args.new_tokens)
     rows.append({"policy": "hf", "mode": "eager", "decode_tok_s": rate, "compile_s": 0.0, "same_tokens": "",
                  "runs": f"{rate:.2f}"})
     for pol in [p for p in args.policies.split(",") if p]:
         with accel.patch(model, pol, reserve=n + args.new_tokens + 8) as handle:
             def fresh():
-                cache = _synthetic_cache(model, 1, n - 1, for_hf=False)
+                cache = synthetic_cache(model, 1, n - 1, for_hf=False)
                 if handle.runtime.kv:  # KV policies: compress the random cache to their budgets, as `accel bench`
-                    _compress_synthetic(cache, handle)
+                    compress_synthetic(cache, handle)
                 return cache
             compiled = torch.compile(model.forward)
             model.forward = compiled

@@ -18,7 +18,7 @@ import time
 import torch
 
 import accel
-from accel.cli.bench import _synthetic_cache
+from accel.eval.synthetic import synthetic_cache
 from accel.cli.common import load_model
 from accel.eval.text import text_of_tokens
 
@@ -42,7 +42,7 @@ def main():
     handle = None if hf else accel.patch(model, args.policy, reserve=n + args.steps + 8)
 
     def generate(k: int, prof: cProfile.Profile | None = None) -> float:
-        cache = _synthetic_cache(model, args.batch, n - 1, for_hf=hf)
+        cache = synthetic_cache(model, args.batch, n - 1, for_hf=hf)
         if prof is not None:
             prof.enable()
         t = time.perf_counter()

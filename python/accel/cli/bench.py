@@ -48,6 +48,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..eval.text import text_of_tokens
+    from ..eval.synthetic import compress_synthetic, synthetic_cache
     from ..perf import PeakRSS, TimingStreamer, kv_bytes_read, machine_facts, measure_copy_bandwidth, measure_read_bandwidth, weight_bytes
 
     setup(args)
@@ -108,7 +109,7 @@ def run(args) -> int:
             prompt = text_of_tokens(tok, n_ctx - 1)  # +BOS where the tokenizer adds one
             enc = tok([prompt] * batch, return_tensors="pt", padding=True)
         n_prompt = enc["input_ids"].shape[1]
-        cache = _synthetic_cache(model, batch, n_prompt - 1, for_hf=(pol == BASELINE)) if args.synthetic_kv else None
+        cache = synthetic_cache(model, batch, n_prompt - 1, for_hf=(pol == BASELINE)) if args.synthetic_kv else None
         # exactly --new-tokens steps with no end-of-sequence check: min_new_tokens would add two scans of the vocabulary
         # per step (transformers' MinLength processors, ~0.4 ms on SmolLM2) that runtimes without them do not pay
         gen = dict(max_new_tokens=args.new_tokens, eos_token_id=None, do_sample=False,
@@ -127,7 +128,7 @@ def run(args) -> int:
                 handle = patch_for(model, pol, overrides if pol != BASELINE else None,
                                    reserve=n_prompt + args.new_tokens)
             if cache is not None and handle is not None and handle.runtime.kv:
-                _compress_synthetic(cache, handle)
+                compress_synthetic(cache, handle)
             st = TimingStreamer()
             with torch.no_grad(), PeakRSS() as mem:
                 out = model.generate(**enc, streamer=st, **gen, **compat.cache_kwargs(model, cache))
@@ -291,41 +292,6 @@ def _distinct_prompts(tok, n_tokens: int, batch: int) -> dict:
     n = min(len(r) for r in rows)
     ids = torch.stack([r[:n] for r in rows])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _synthetic_cache(model, batch: int, length: int, for_hf: bool):
-    """A cache of ``length`` random tokens per layer (speed-only runs): AccelCache, or a DynamicCache
-    copy of it for the unpatched baseline."""
-    from ..cache.accel_cache import AccelCache
-    from ..eval.runner import fork_cache
-    from ..models.registry import get_adapter
-
-    info = get_adapter(model).info()
-    dt = next(model.parameters()).dtype
-    cache = AccelCache(model.config, reserve=length + 64)
-    g = torch.Generator().manual_seed(0)
-    for i in range(info.num_layers):
-        kv = torch.randn(batch, info.num_kv_heads, length, info.head_dim, generator=g).to(dt)
-        cache.update(kv, kv.clone(), i)
-    return fork_cache(cache, for_hf=True) if for_hf else cache
-
-
-def _compress_synthetic(cache, handle) -> None:
-    """Speed-only runs of KV-cache policies: compress the random cache with each policy's own budgets
-    (random window queries / attention statistics stand in for the prompt's; which tokens are kept does
-    not change the decode cost, how many does)."""
-    g = torch.Generator().manual_seed(1)
-    info = handle.runtime.info
-    stats = {}
-    for i, layer in enumerate(cache.layers):
-        if layer.keys is None:
-            continue
-        B, _, T, D = layer.keys.shape
-        stats[i] = {"q_window": torch.randn(B, info.num_heads, 64, D, generator=g).to(layer.keys.dtype),
-                    "colsum": torch.rand(B, info.num_heads, T, generator=g)}
-    cache.prefill_stats = stats
-    for p in handle.runtime.kv:
-        p.compress_recorded(cache, handle.runtime)
 
 
 def _print_table(rows):
