@@ -72,7 +72,7 @@ setup(
     # every package under python/ is found (a hand-written list once left subpackages out of non-editable installs)
     packages=find_packages("python", include=["accel", "accel.*"])
     + ["accel.kernels"] + [f"accel.kernels.{p}" for p in find_packages("kernels")],
-    package_data={"accel": ["plan/shipped_plans/*.json"]},
+    package_data={"accel": ["plan/shipped_plans/*.json", "scheduler/shipped_costs/*.json"]},
     install_requires=[
         "torch>=2.4",
         # the window accel is tested on, both ends in CI (accel.compat.TRANSFORMERS_MIN / _MAX)

@@ -21,7 +21,7 @@ LAYERS = [
     {"accel.vlm", "accel.tpla"},  # the VLM and MLA patchers
     {"accel.api"},  # patch(): picks the patcher from its table
     {"accel.eval", "accel.perf"},
-    {"accel.calibration"},  # the calibrators (above the policies whose plans they make)
+    {"accel.calibration", "accel.scheduler"},  # the calibrators (above the policies whose plans they make), the cost model
     {"accel.research"},  # research-only code: never imported by anything below
     {"accel.cli"},
     {"accel.__main__", "accel"},  # the package root: a lazy public surface over accel.api

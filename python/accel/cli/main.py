@@ -1,4 +1,4 @@
-"""The `accel` command line: info, generate, bench, eval, plan, demo."""
+"""The `accel` command line: info, generate, bench, eval, plan, calibrate-cost, demo."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "duo: head score (far_mass; residual, relative)")
     pl.add_argument("--reduce", default=None, choices=["max", "mean"], help="duo: head score over the profiled steps (max)")
 
+    cc = sub.add_parser("calibrate-cost", help="measure the decode cost model of a model on this machine (versioned "
+                                              "JSON + CSV + PNG of the fit)")
+    cc.add_argument("--model", default="smollm2-135m", help="named model (smollm2-135m, gemma3-270m) or a local folder")
+    cc.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    cc.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1; the cost model holds "
+                                                          "for this count only)")
+    cc.add_argument("-v", "--verbose", action="store_true")
+    cc.add_argument("--batches", default="1,4,8", help="batch sizes to measure (predictions interpolate between them)")
+    cc.add_argument("--contexts", default=None, help="per batch LOW,MID,HIGH contexts, e.g. '1:1024,4096,8000;"
+                                                    "8:512,2048,4096' (the default)")
+    cc.add_argument("--new-tokens", type=int, default=24, help="generated tokens per timed run (the median step counts)")
+    cc.add_argument("--passes", type=int, default=3, help="times the whole design is measured (each point's median "
+                                                        "over them is fitted)")
+    cc.add_argument("--out", required=True, help="cost model JSON to write (CSV and PNG of the fit next to it)")
+
     d = sub.add_parser("demo", help="passkey on the embedded SmolLM2: unpatched vs accel, answers and speed")
     common(d)
     d.add_argument("--policy", default="dense")
@@ -129,6 +144,8 @@ def main(argv=None) -> int:
             from .evaluate import run
         elif args.cmd == "plan":
             from .plan import run
+        elif args.cmd == "calibrate-cost":
+            from .calibrate_cost import run
         else:
             from .demo import run
         return run(args)

@@ -1,0 +1,90 @@
+"""The decode cost model against measured steps: policies and plans beyond the calibration's, at contexts it never
+measured, and at batch sizes between the measured ones (2 and 6, interpolated).
+
+    accel calibrate-cost --threads 2 --out bench/results/cost_model_smollm2.json
+    python bench/cost_model.py --cost bench/results/cost_model_smollm2.json --threads 2 \\
+        --out bench/results/cost_model_check.csv
+
+Each row: a policy patched on the model, the cost model's predicted decode step (from the layer kinds and keys the
+step touches, ``accel.scheduler.measure.step_work``) and the step measured right after (``generate()`` from a random
+cache of that context, median step), one run each. Writes the CSV and a PNG of predicted against measured.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_POLICIES = ("dense,hylra,hylra@topk_ratio=0.25,snapkv@budget_ratio=0.25,snapkv@budget_ratio=0.1,"
+                    "h2o@budget_ratio=0.25,streaming@budget_ratio=0.1,pyramidkv@budget_ratio=0.25,duo@budget_ratio=0.25,"
+                    "moa")
+
+
+def main(argv=None):
+    from accel.api import patch
+    from accel.cli.calibrate_cost import draw_fit
+    from accel.cli.common import load_model
+    from accel.perf import machine_facts
+    from accel.policies.registry import split_spec
+    from accel.scheduler.cost import cost_model_for
+    from accel.scheduler.measure import step_work, time_steps
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--cost", required=True, help="cost model JSON from `accel calibrate-cost`")
+    ap.add_argument("--policies", default=DEFAULT_POLICIES)
+    ap.add_argument("--points", default="1:3000,6000;2:2500;4:2000;6:2500;8:1500,3000",
+                    help="BATCH:CONTEXTS;... measured for every policy")
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/cost_model_check.csv")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from tqdm.auto import tqdm
+
+    model, _ = load_model(args.model)
+    cm = cost_model_for(model, args.cost)
+    facts = machine_facts()
+    points = [(int(b), int(c)) for part in args.points.split(";") for b, cs in [part.split(":")]
+              for c in cs.split(",")]
+    jobs = [(p, b, c) for b, c in points for p in args.policies.split(",") if p]
+    rows = []
+    for spec, b, c in tqdm(jobs, desc="cost model check"):
+        name, opts = split_spec(spec)
+        h = patch(model, name, reserve=c + args.new_tokens + 64, **opts)
+        try:
+            t = time.time()
+            work = step_work(h, model, c)
+            pred = cm.predict(work, b)
+            ms = time_steps(model, h, b, c, args.new_tokens)
+        finally:
+            h.remove()
+        kinds = {} if work.stacked else {"layer by layer": 1}
+        for w in work.layers:
+            kinds[w.kind] = kinds.get(w.kind, 0) + 1
+        rows.append({"model": args.model, "policy": spec, "batch": b, "context": c,
+                     "layer_kinds": " ".join(f"{k}:{n}" if k != "layer by layer" else k for k, n in kinds.items()),
+                     "predicted_ms": round(pred, 3), "step_ms": round(ms, 3), "error": round(pred / ms - 1, 4),
+                     "interpolated_batch": b not in cm.batches(), "cost_model": Path(args.cost).name,
+                     "seconds": round(time.time() - t, 1), **facts})
+        tqdm.write(f"{spec} batch {b} context {c}: predicted {pred:.1f} ms, measured {ms:.1f} ms ({100 * (pred / ms - 1):+.1f}%)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    draw_fit(rows, out.with_suffix(".png"), f"cost model vs measured steps, {args.model} (plans it was not fitted on)",
+             pred_key="predicted_ms")
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    within = sum(abs(r["error"]) <= 0.15 for r in rows)
+    print(f"{within} of {len(rows)} within 15%; worst {worst['policy']} batch {worst['batch']} context "
+          f"{worst['context']}: {100 * worst['error']:+.1f}%")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
