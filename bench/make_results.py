@@ -137,6 +137,8 @@ COMMITTED = {
     "eval_reuse_smollm2_8k.csv": "2026-11-24",
     "eval_reuse_smollm2_lm.csv": "2026-11-24",
     "eval_smollm2.csv": "2026-11-23",
+    "cost_model_check.csv": "2026-12-07",
+    "cost_model_smollm2.csv": "2026-12-07",
     "eval_smollm2_long.csv": "2026-11-23",
     "eval_smollm2_ruler.csv": "2026-11-23",
     "kv_long_generation.csv": "2026-11-27",
@@ -1112,9 +1114,10 @@ def sec_vlm_clutter() -> list[str]:
     out += table(["image tokens fed", "accuracy"], [[r["policy"], f(r["accuracy"], 3)] for r in ref_rows])
     out += sources("vlm_clutter_on_target.csv")
     ceil = load("vlm_clutter_ceiling.csv")
-    out += ["Does the question pick the digit? The VLMs against a uniform pick among the image's four digits, and the "
-            "frozen language models asked the same questions with the image's four digits written out for them as "
-            "text (colour, position and digit each), their choice among the ten digits:", ""]
+    out += ["Does the question pick the digit? The VLMs (an answer that is not a digit counts as wrong) against a "
+            "uniform pick among the image's four digits, and the frozen language models asked the same questions, "
+            "zero-shot, with the image's four digits written out for them as text (colour, position and digit each), "
+            "their choice among the ten digits:", ""]
     out += table(["answered by", "from", "accuracy", "by colour", "by position", "answer is a digit in the image"],
                  [[r["source"], r["input"] or "-", f(r["accuracy"], 3),
                    f(r["accuracy_colour"], 3) if r["accuracy_colour"] else "-",
@@ -1139,6 +1142,45 @@ def sec_vlm_clutter() -> list[str]:
                 f"({f(base['accuracy'], 3)}).", ""]
     out += ["![early exit](../bench/results/vlm_clutter_see.png)", ""]
     out += sources("vlm_clutter_see.csv")
+    return out
+
+
+def sec_cost_model() -> list[str]:
+    chk = load("cost_model_check.csv")
+    cal = load("cost_model_smollm2.csv")
+    errs = [abs(float(r["error"])) for r in chk]
+    within = sum(e <= 0.15 for e in errs)
+    worst = max(chk, key=lambda r: abs(float(r["error"])))
+    points = list(dict.fromkeys((int(r["batch"]), int(r["context"])) for r in chk))
+    pols = list(dict.fromkeys(r["policy"] for r in chk))
+    by = {(r["policy"], int(r["batch"]), int(r["context"])): r for r in chk}
+    # the calibration's passes over the same runs: the machine's own run-to-run spread (max/min - 1 per point)
+    pts: dict = {}
+    for r in cal:
+        pts.setdefault((r["batch"], r["policy"], r["modes"], r["overrides"], r["context"]), []).append(float(r["step_ms"]))
+    spread = sorted(max(v) / min(v) - 1 for v in pts.values() if len(v) > 1)
+    passes = max(len(v) for v in pts.values())
+    fit_err = max(abs(float(r["error"])) for r in cal)
+    med = sorted(errs)[len(errs) // 2]
+    interp = " and ".join(sorted({r["batch"] for r in chk if r["interpolated_batch"] == "True"}, key=int)) or "none"
+    out = ["## The decode cost model", "",
+           f"`accel calibrate-cost` fitted on {chk[0]['model']} ({len(cal)} timed runs: the design of "
+           f"[docs/cost-model.md](cost-model.md) {passes} times, batch sizes " + ", ".join(sorted({r['batch'] for r in cal}, key=int))
+           + "), then every policy below predicted and measured at contexts the calibration never ran, one run each "
+           f"(batch sizes {interp} interpolated between measured ones): **{within} of {len(chk)} predictions within 15% "
+           f"of the measured step** (median error "
+           f"{pct(med, 1)}; worst {worst['policy']} at batch {worst['batch']}, context {worst['context']}: predicted "
+           f"{f(worst['predicted_ms'], 1)} ms, measured {f(worst['step_ms'], 1)}). The machine's own run-to-run spread: "
+           f"the slowest of the calibration's {passes} runs of the same point is {pct(spread[len(spread) // 2], 1)} "
+           f"slower than the fastest (median over {len(spread)} points), up to {pct(spread[-1], 0)}; the worst single "
+           f"calibration run is {pct(fit_err, 1)} off the fit (which takes each point's median). "
+           "Each cell is predicted / measured decode step (ms) and the error.", ""]
+    out += table(["policy"] + [f"batch {b}, {c} tokens" for b, c in points],
+                 [[p] + [(f"{f(by[(p, b, c)]['predicted_ms'], 1)} / {f(by[(p, b, c)]['step_ms'], 1)} "
+                          f"({float(by[(p, b, c)]['error']) * 100:+.0f}%)") if (p, b, c) in by else "-"
+                         for b, c in points] for p in pols])
+    out += ["![predicted vs measured](../bench/results/cost_model_check.png)", ""]
+    out += sources("cost_model_check.csv", "cost_model_smollm2.csv")
     return out
 
 
@@ -1355,7 +1397,7 @@ def results_md() -> str:
     _USED.clear()
     body = []
     for sec in (sec_headline, sec_decode, sec_step, sec_throughput, sec_kernels, sec_linear, sec_reuse, sec_kv, sec_tca, sec_flux, sec_duo,
-                sec_vlm, sec_vlm_clutter, sec_tpla, sec_compile):
+                sec_vlm, sec_vlm_clutter, sec_tpla, sec_compile, sec_cost_model):
         body += sec()
     head = ["# Measured results", "",
             "<!-- generated by `python bench/make_results.py` from bench/results/*.csv; do not edit by hand -->", "",

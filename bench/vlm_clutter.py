@@ -16,9 +16,9 @@ VLM's.
 one row per (policy, kept tokens), and a PNG. ``see``: SGL's early exit at several thresholds: the share of questions
 the small model answers alone, the accuracy, and the time per answer including the small model, against the large
 model alone. ``diagnose``: the share of each policy's kept tokens that lie on the asked digit. ``ceiling``: how well
-the frozen language models answer the same held-out questions when the image is written out for them as text (each
-digit with its colour and position), against the VLMs and a uniform pick among the image's four digits: what a
-perfect tower could get from a frozen language model on this task.
+the frozen language models answer the same held-out questions, zero-shot, when the image's four digits are written out
+for them as text (each with its colour and position; their choice among the ten digits), against the VLMs (whose
+answer counts as wrong when it is not a digit) and a uniform pick among the image's four digits.
 """
 from __future__ import annotations
 
