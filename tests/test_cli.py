@@ -110,6 +110,13 @@ def test_anchor_folder_and_leftover_parts_are_refused_before_the_model_loads(tmp
     assert "left from an interrupted data-parallel run" in capsys.readouterr().err
 
 
+def test_a_thread_count_below_one_is_refused_in_one_line(capsys):
+    for cmd, n in ((["eval", "--quick"], "-1"), (["bench"], "0"), (["generate", "--prompt", "x"], "-2")):
+        assert main([*cmd, "--threads", n]) == 2
+        err = capsys.readouterr().err
+        assert f"--threads {n}: give a positive number" in err and err.count("\n") == 1, err
+
+
 def test_generate_errors_are_clean(tiny_folder, capsys):
     assert main(["generate", "--model", str(tiny_folder), "--prompt", "", "--max-new-tokens", "4"]) == 2
     assert "empty prompt" in capsys.readouterr().err

@@ -254,7 +254,9 @@ def test_calibrate_cost_cli_refuses_bad_contexts(capsys):
     for argv, msg in ((["--contexts", "1:4096,1024,8000", "--out", "x.json"], "three increasing contexts"),
                       (["--contexts", "2:100,200,300", "--batches", "1", "--out", "x.json"], "not among --batches"),
                       (["--out", "x.csv"], "give a .json path"),
-                      (["--passes", "0", "--out", "x.json"], "--passes 0")):
+                      (["--passes", "0", "--out", "x.json"], "--passes 0"),
+                      (["--threads", "0", "--out", "x.json"], "--threads 0: give a positive number"),
+                      (["--threads", "-1", "--out", "x.json"], "--threads -1: give a positive number")):
         assert main(["calibrate-cost", *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err

@@ -34,8 +34,13 @@ def split_policies(text: str) -> list[str]:
 def setup(args) -> None:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            from ..errors import InputError
+
+            raise InputError(f"--threads {threads}: give a positive number of threads (1 by default)")
+        torch.set_num_threads(threads)
 
 
 def check_policy_specs(specs: list[str], overrides: dict) -> None:

@@ -111,12 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1; the cost model holds "
                                                           "for this count only)")
     cc.add_argument("-v", "--verbose", action="store_true")
-    cc.add_argument("--batches", default="1,4,8", help="batch sizes to measure (predictions interpolate between them)")
+    cc.add_argument("--batches", default="1,4,8", help="batch sizes to measure; predictions interpolate between them "
+                                                      "(default 1,4,8)")
     cc.add_argument("--contexts", default=None, help="per batch LOW,MID,HIGH contexts, e.g. '1:1024,4096,8000;"
-                                                    "8:512,2048,4096' (the default)")
-    cc.add_argument("--new-tokens", type=int, default=24, help="generated tokens per timed run (the median step counts)")
-    cc.add_argument("--passes", type=int, default=3, help="times the whole design is measured (each point's median "
-                                                        "over them is fitted)")
+                                                    "4:512,2048,4096' (default: 1024,4096,8000 at batch 1, "
+                                                    "512,2048,4096 at any other batch)")
+    cc.add_argument("--new-tokens", type=int, default=24, help="generated tokens per timed run; the median step counts "
+                                                             "(default 24)")
+    cc.add_argument("--passes", type=int, default=3, help="times the whole design is measured; each point's median "
+                                                        "over them is fitted (default 3)")
     cc.add_argument("--out", required=True, help="cost model JSON to write (CSV and PNG of the fit next to it)")
 
     d = sub.add_parser("demo", help="passkey on the embedded SmolLM2: unpatched vs accel, answers and speed")
