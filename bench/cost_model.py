@@ -12,7 +12,6 @@ cache of that context, median step), one run each. Writes the CSV and a PNG of p
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ DEFAULT_POLICIES = ("dense,hylra,hylra@topk_ratio=0.25,snapkv@budget_ratio=0.25,
 def main(argv=None):
     from accel.api import patch
     from accel.cli.calibrate_cost import draw_fit
-    from accel.cli.common import load_model
+    from accel.cli.common import load_model, write_csv
     from accel.perf import machine_facts
     from accel.policies.registry import split_spec
     from accel.scheduler.cost import cost_model_for
@@ -71,12 +70,7 @@ def main(argv=None):
                      "interpolated_batch": b not in cm.batches(), "cost_model": Path(args.cost).name,
                      "seconds": round(time.time() - t, 1), **facts})
         tqdm.write(f"{spec} batch {b} context {c}: predicted {pred:.1f} ms, measured {ms:.1f} ms ({100 * (pred / ms - 1):+.1f}%)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    out = write_csv(args.out, rows)
     draw_fit(rows, out.with_suffix(".png"), f"cost model vs measured steps, {args.model} (plans it was not fitted on)",
              pred_key="predicted_ms")
     worst = max(rows, key=lambda r: abs(r["error"]))

@@ -16,7 +16,6 @@ runtimes a user would pick instead, run by ``DIR/run_anchors.sh`` when they are 
 from __future__ import annotations
 from .. import compat
 
-import csv
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from ..errors import AccelError
 from .common import (BASELINE, check_policy_specs, int_list, load_model, parse_overrides, patch_for, setup,
-                     split_policies)
+                     split_policies, write_csv)
 
 #: transformers' own fastest decode: static cache + torch.compile of the forward
 HF_COMPILE = "hf-compile"
@@ -191,7 +190,7 @@ def run(args) -> int:
     if anchor_note:
         print(anchor_note, file=sys.stderr)
     rows += [{**{k: "" for k in rows[0]}, **a} for a in anchor_rows]
-    out = _write_csv(args.out, rows)
+    out = write_csv(args.out, rows)
     _print_table(rows)
     _plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
@@ -268,16 +267,6 @@ def parse_anchor_csv(text: str) -> list[dict]:
         out.append({"policy": f"anchor:{parts[0]} {parts[1]}/{parts[2]}", "context": ctx, "context_requested": ctx,
                     "batch": batch, "decode_tok_s": round(tps, 3), "decode_step_ms": round(1e3 * batch / tps, 3),
                     "decode_path": "anchor"})
-    return out
-
-
-def _write_csv(path, rows) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
     return out
 
 
@@ -399,7 +388,7 @@ def _run_mla(args, model) -> int:
         torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
-    out = _write_csv(args.out, rows)
+    out = write_csv(args.out, rows)
     for r in rows:
         print(f"{r['policy']:>28} ctx {r['context']:>6} batch {r['batch']:>2}: {r['decode_step_ms']:9.1f} ms/step  "
               f"KV/rank {r['kv_bytes_per_rank'] / 2**20:8.1f} MiB  weights/rank {r['weight_bytes_per_rank'] / 2**20:7.1f} MiB")

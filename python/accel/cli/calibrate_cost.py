@@ -2,11 +2,10 @@
 (with a CSV of every calibration run, fitted against measured, and a PNG of the two)."""
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
-from .common import int_list, load_model, setup
+from .common import int_list, load_model, setup, write_csv
 
 
 def run(args) -> int:
@@ -44,10 +43,7 @@ def run(args) -> int:
     rows = [{"model": args.model, **{k: v for k, v in r.items() if k != "overrides"},
              "overrides": ";".join(f"{k}={v}" for k, v in r["overrides"].items()),
              "error": round(r["fitted_ms"] / r["step_ms"] - 1, 4), **cm.machine} for r in cm.runs]
-    with out.with_suffix(".csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out.with_suffix(".csv"), rows)
     worst = max(rows, key=lambda r: abs(r["error"]))
     print(f"fit: worst calibration run {worst['policy']} {worst['modes']} {worst['overrides']} batch {worst['batch']} "
           f"context {worst['context']}: measured {worst['step_ms']:.1f} ms, fitted {worst['fitted_ms']:.1f} "

@@ -179,3 +179,17 @@ def timed_generate(model, tok, prompts: list[str], max_new_tokens: int, force_le
         out = model.generate(**enc, **kw)
     texts = tok.batch_decode(out[:, n_prompt:], skip_special_tokens=True)
     return texts, st, n_prompt
+
+
+def write_csv(path, rows: list[dict]):
+    """Write ``rows`` (dicts with the same keys) as a CSV at ``path``, creating its folder; returns the path."""
+    import csv
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    return out

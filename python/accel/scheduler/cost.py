@@ -21,9 +21,10 @@ and ``unstacked_ms`` once per step when the step runs layer by layer instead of 
 "keys" counts rows x KV heads x tokens, in millions (``held-keys`` sums each head's own count). Every coefficient is
 fitted per measured batch size (the kernels parallelise over rows x heads, so the per-key cost changes with the batch)
 and interpolated linearly between measured batch sizes, never extrapolated. Coefficients are least-squares fits
-(``fit``) of steps measured by
-``accel.scheduler.measure.calibrate_cost`` (``accel calibrate-cost``), stored as versioned JSON with the machine's
-facts; ``CostModel.predict`` refuses a model, dtype or machine it was not measured for.
+(``fit``) of steps measured by ``accel.scheduler.measure.calibrate_cost`` (``accel calibrate-cost``), stored as
+versioned JSON with the machine's facts; ``cost_model_for`` refuses a model, device, dtype or machine it was not
+measured for, ``CostModel.predict`` a placeholder, a batch size outside the measured ones and a decode path never
+measured.
 """
 from __future__ import annotations
 
@@ -306,7 +307,7 @@ def cost_model_for(model, path: str | Path | None = None) -> CostModel:
 
     info = get_adapter(model).info()
     here = {**machine_facts(), "device": device_kind(model)}
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    dtype = model_dtype(model)
     if path is not None:
         cm = CostModel.load(path)
     else:
@@ -332,3 +333,8 @@ def device_kind(model) -> str:
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev)}"
     return dev.type
+
+
+def model_dtype(model) -> str:
+    """The model's parameter dtype as a cost model names it (``float32``, ``bfloat16``...)."""
+    return str(next(model.parameters()).dtype).replace("torch.", "")

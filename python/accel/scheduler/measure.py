@@ -4,8 +4,7 @@ cost model's per-layer work (``step_work``).
 Every measurement is a real ``generate()`` of the patched model from a cache of random keys and values of the given
 context (speed only: the cost of these layer kinds depends on how many keys they touch, not on which), timed per step
 by a streamer; a run's step is the median of its steps. The calibration design varies each layer kind's context and
-budget on whole-model plans (every layer dense; every layer ``select``; one ``select`` anchor and the rest ``reuse``;
-one full anchor and the rest ``reuse``; SnapKV and StreamingLLM at two budgets), so every coefficient is determined.
+budget on whole-model plans (``calibration_design``), so every coefficient is determined.
 """
 from __future__ import annotations
 
@@ -181,10 +180,8 @@ def patch_run(model, run: dict):
     """Patch ``model`` for one design run; returns the handle."""
     from ..api import patch
 
-    if run["modes"] is not None:
-        return patch(model, run["policy"], plan=layer_plan(model, run["modes"]), reserve=run["context"] + 128,
-                     **run["overrides"])
-    return patch(model, run["policy"], reserve=run["context"] + 128, **run["overrides"])
+    plan = layer_plan(model, run["modes"]) if run["modes"] is not None else None
+    return patch(model, run["policy"], plan=plan, reserve=run["context"] + 128, **run["overrides"])
 
 
 def calibrate_cost(model, model_name: str, batches=(1, 4, 8), contexts=None, new_tokens: int = 24,
@@ -197,7 +194,7 @@ def calibrate_cost(model, model_name: str, batches=(1, 4, 8), contexts=None, new
 
     from ..models.registry import get_adapter
     from ..perf import machine_facts
-    from .cost import device_kind
+    from .cost import device_kind, model_dtype
 
     info = get_adapter(model).info()
     contexts = contexts or {}
@@ -240,13 +237,12 @@ def calibrate_cost(model, model_name: str, batches=(1, 4, 8), contexts=None, new
                           []).append(r)
     per_batch, paths = fit([{**g[0], "step_ms": statistics.median(x["step_ms"] for x in g)} for g in points.values()],
                            info.num_kv_heads)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     cm = CostModel(model=model_name, model_type=info.model_type, fingerprint=info.fingerprint,
-                   num_layers=info.num_layers, num_kv_heads=info.num_kv_heads, head_dim=info.head_dim, dtype=dtype,
-                   machine={**machine_facts(), "device": device_kind(model)},
-                   per_batch=per_batch, stacked_paths=paths, provenance={"command": "accel calibrate-cost", "new_tokens": new_tokens, "passes": passes,
-                                                    "seconds": round(time.time() - t0, 1),
-                                                    "measured": time.strftime("%Y-%m-%d")})
+                   num_layers=info.num_layers, num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
+                   dtype=model_dtype(model), machine={**machine_facts(), "device": device_kind(model)},
+                   per_batch=per_batch, stacked_paths=paths,
+                   provenance={"command": "accel calibrate-cost", "new_tokens": new_tokens, "passes": passes,
+                               "seconds": round(time.time() - t0, 1), "measured": time.strftime("%Y-%m-%d")})
     for r in runs:
         pred = cm.predict(r["work"], r["batch"])
         cm.runs.append({k: v for k, v in r.items() if k != "work"} | {"step_ms": round(r["step_ms"], 3),
