@@ -141,7 +141,7 @@ def test_each_registered_policy_resolves_and_names_its_paper(name):
 def test_calibratable_policies_are_discovered_from_the_registry():
     import accel
 
-    assert set(accel.list_calibratable()) == {"hylra", "duo", "moa", "tca", "flux"}
+    assert set(accel.list_calibratable()) == {"hylra", "duo", "moa", "tca", "flux", "auto"}
     for name in accel.list_calibratable():
         cal = importlib.import_module("accel.policies.registry").get_calibrator(name)
         assert "progress" in cal.options

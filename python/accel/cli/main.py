@@ -102,7 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--metric", default=None, choices=["overlap", "mass", "mass_min", "far_mass", "residual", "relative"],
                     help="hylra: inter-layer similarity for the DP (mass_min; overlap = HyLRA/UCM's chunk overlap, mass); "
                          "duo: head score (far_mass; residual, relative)")
-    pl.add_argument("--reduce", default=None, choices=["max", "mean"], help="duo: head score over the profiled steps (max)")
+    pl.add_argument("--reduce", default=None, choices=["max", "mean"],
+                    help="duo: head score over the profiled steps; auto: damage over the scored queries (max)")
+    pl.add_argument("--kv-budget", type=float, default=None,
+                    help="auto: the target, the mean share of the prompt a full-attention KV head keeps (0.25)")
+    pl.add_argument("--speed", type=float, default=None,
+                    help="auto: the target, a predicted decode speed-up over dense attention at --context/--batch "
+                         "(needs this machine's cost model, `accel calibrate-cost`)")
+    pl.add_argument("--context", type=int, default=None, help="auto: the context a --speed target is for (4096)")
+    pl.add_argument("--batch", type=int, default=None, help="auto: the batch size a --speed target is for (1)")
+    pl.add_argument("--cost", default=None, help="auto: cost model JSON (default: the one shipped for this model and "
+                                                 "machine, if any)")
+    pl.add_argument("--from", dest="from_plan", default=None,
+                    help="auto: solve from this auto plan's calibration profile instead of calibrating again")
+    pl.add_argument("--explain", action="store_true", help="auto: print which layer and head got what and why")
 
     cc = sub.add_parser("calibrate-cost", help="measure the decode cost model of a model on this machine (versioned "
                                               "JSON + CSV + PNG of the fit)")

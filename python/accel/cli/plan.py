@@ -190,13 +190,104 @@ def check_request(args):
     return cal, opts
 
 
+AUTO_FLAGS = ("kv_budget", "speed", "context", "batch", "cost", "from_plan", "explain")
+
+
+def check_auto_flags(args) -> dict:
+    """``accel plan --policy auto``'s target, checked before the model loads; other policies refuse its flags."""
+    from ..errors import InputError
+
+    given = [f for f in AUTO_FLAGS if getattr(args, f, None) not in (None, False)]
+    if args.policy != "auto":
+        if given:
+            flags = ", ".join("--" + ("from" if f == "from_plan" else f.replace("_", "-")) for f in given)
+            raise InputError(f"{flags} appl{'ies' if len(given) == 1 else 'y'} to --policy auto only")
+        return {}
+    if args.kv_budget is not None and args.speed is not None:
+        raise InputError("give one target: --kv-budget or --speed")
+    if (args.context is not None or args.batch is not None) and args.speed is None:
+        raise InputError("--context and --batch set what a --speed target is for; add --speed")
+    from ..policies.auto import AutoPolicy
+
+    target = {k: getattr(args, k) for k in ("kv_budget", "speed", "context", "batch") if getattr(args, k) is not None}
+    pol = AutoPolicy.from_overrides(**target)  # the same one-line checks as accel.patch
+    return pol.target()
+
+
+def run_auto(args, model, tok, cal, opts, target: dict):
+    """Calibrate (or read ``--from``), then solve for ``target`` with this machine's cost model when there is one."""
+    from ..errors import AccelError
+    from ..models.registry import get_adapter
+    from ..plan import Plan
+    from ..scheduler.cost import cost_model_for
+    from ..scheduler.solve import explain, solve_plan
+
+    info = get_adapter(model).info()
+    if args.from_plan:
+        if opts:
+            raise AccelError("--from solves from a profile already made; calibration options do not apply")
+        profile = Plan.load(args.from_plan)
+        profile.validate(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads)
+        if profile.policy != "auto" or profile.provenance.get("fingerprint") != info.fingerprint:
+            raise AccelError(f"--from {args.from_plan}: not an auto plan for this model ({info.fingerprint})")
+    else:
+        profile = cal(model, tok, progress=True, **opts)
+    try:
+        cost = cost_model_for(model, args.cost)
+    except AccelError as exc:
+        if "speed" in target or args.cost:
+            raise
+        cost = None
+        logger.info("no cost model for this model and machine (%s): the plan carries no predicted step time", exc)
+    plan = solve_plan(profile, target, cost=cost, info=info)
+    if args.explain:
+        print("\n".join(explain(plan)))
+    return plan
+
+
+def draw_auto_plan(plan, path: str | Path, title: str | None = None) -> None:
+    """An auto plan: a layers x KV-heads map of the share of the prompt each head keeps, each compressed layer's rule
+    written under it (W: window, S: scored), with the plan's target and predictions in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    L, H = plan.num_layers, plan.num_kv_heads
+    grid = np.ones((H, L))
+    for i, lp in enumerate(plan.layers):
+        for h, hp in enumerate(lp.heads or []):
+            grid[h, i] = 1.0 if hp.kind == "full" else hp.beta
+    fig, ax = plt.subplots(figsize=(max(8, L * 0.35), 1.6 + 0.45 * H))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    for i, lp in enumerate(plan.layers):
+        label = {"window": "W", "scored": "S"}.get((lp.params or {}).get("rule"), "") if lp.mode == "compress" else ""
+        ax.text(i, -0.55, label, ha="center", va="bottom", fontsize=7)
+    ax.set_xlabel("layer (W: window rule, S: scored rule, blank: kept whole)")
+    ax.set_ylabel("KV head")
+    ax.set_yticks(range(H))
+    p = plan.params.get("predicted", {})
+    extra = f", predicted {p['speedup']}x decode" if "speedup" in p else ""
+    ax.set_ylim(H - 0.5, -1.1)
+    ax.set_title(title or (f"auto plan for {plan.params.get('target')}: share of the prompt each head keeps (mean "
+                           f"{p.get('kv_share')}{extra})"), fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args) -> int:
     from ..plan import Plan
 
     setup(args)
+    target = check_auto_flags(args)
     cal, opts = check_request(args)
     model, tok = load_model(args.model, args.dtype)
-    if cal is not None:
+    if args.policy == "auto":
+        plan = run_auto(args, model, tok, cal, opts, target)
+    elif cal is not None:
         plan = cal(model, tok, progress=True, **opts) if "progress" in cal.options else cal(model, tok, **opts)
     else:
         from ..models.registry import get_adapter
@@ -210,7 +301,9 @@ def run(args) -> int:
     plan.save(out)
     Plan.load(out)  # what we wrote reads back and validates
     png = args.png or str(out.with_suffix(".png"))
-    if plan.policy == "flux":
+    if plan.policy == "auto":
+        draw_auto_plan(plan, png)
+    elif plan.policy == "flux":
         draw_flux_plan(plan, png)
     elif any(lp.heads for lp in plan.layers):
         draw_head_plan(plan, png)

@@ -31,7 +31,7 @@ from ..attention.decode import ragged_prefill
 from ..attention.masks import prompt_valid
 from ..policies.base import ComposedPolicy, KVCachePolicy
 from ..policies.budgeted import merge_statistics
-from ..policies.registry import make_policy
+from ..policies.registry import get_planner, make_policy
 from ..plan import Plan
 from .attention_fn import ATTN_NAME, MODULE_RUNTIME, ensure_registered
 from .tensor_parallel import head_slice, local_info, refuse_policies
@@ -367,7 +367,11 @@ def patch_lm(model, request, plan: Plan | str | Path | dict | None = None, *, re
         raise AccelError(f"policy {pol.name!r} cannot run on this model: " + "; ".join(reasons))
     refuse_policies(parts, heads, None)  # before a plan is looked for: what no plan changes
     # plans describe the whole model (every KV head), also on a tensor-parallel rank
-    plan_obj = pol.build_plan(info) if plan is None else Plan.coerce(plan)
+    planner = next((p for p in parts if get_planner(p) is not None), None)
+    if planner is not None:  # a plan solved for this model and machine (policy="auto")
+        plan_obj = get_planner(planner)(planner, model, info, plan)
+    else:
+        plan_obj = pol.build_plan(info) if plan is None else Plan.coerce(plan)
     plan_obj.validate(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads)
     pol.check_plan(plan_obj)  # the policy executes every layer mode and head kind the plan names
     refuse_policies(parts, heads, plan_obj)

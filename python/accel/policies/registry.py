@@ -20,6 +20,7 @@ _LAZY: dict[str, str] = {
     "duo": "accel.policies.duo:DuoAttentionPolicy",
     "taskkv": "accel.policies.taskkv:TaskKVPolicy",
     "moa": "accel.policies.moa:MoAPolicy",
+    "auto": "accel.policies.auto:AutoPolicy",
     "quest": "accel.policies.quest:QuestPolicy",
     "hip": "accel.policies.hip:HiPPolicy",
     "tca": "accel.policies.tca:TCAPolicy",
@@ -63,6 +64,16 @@ def get_policy_class(name: str) -> type:
 def list_calibratable() -> list[str]:
     """Policies whose plan comes from calibration (``accel.calibrate`` / ``accel plan``)."""
     return [n for n in list_policies() if getattr(get_policy_class(n), "calibrator", None)]
+
+
+def get_planner(policy):
+    """The function that makes ``policy``'s plan when patching (``planner = "module:function"`` on its class, resolved
+    on use like calibrators: ``fn(policy, model, info, plan) -> Plan``), None for a policy without one."""
+    ref = getattr(policy, "planner", None)
+    if not ref:
+        return None
+    mod, fn_name = ref.split(":")
+    return getattr(importlib.import_module(mod), fn_name)
 
 
 def get_calibrator(name: str):
@@ -160,6 +171,10 @@ def make_policy(spec, overrides: dict | None = None):
     for n, opts in inline.items():
         per[n].update(opts)  # options written into the spec win over global overrides
     objs = [cls.from_overrides(**per[n]) for n, cls in zip(names, classes)]
+    alone = [o.name for o in objs if getattr(o, "alone", False)]
+    if alone and len(objs) > 1:
+        raise AccelError(f"{alone[0]!r} plans every layer and head itself and runs alone; use policy={alone[0]!r} "
+                         f"without {'+'.join(o.name for o in objs if o.name != alone[0])}")
     attn = [o for o in objs if isinstance(o, AttentionPolicy)]
     kv = [o for o in objs if isinstance(o, KVCachePolicy)]
     if len(attn) > 1:

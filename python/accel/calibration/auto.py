@@ -1,0 +1,176 @@
+"""The scheduler's quality model: every KV head's predicted damage under each eviction rule and budget.
+
+For ``policy="auto"`` (``accel.policies.auto``, ``accel.scheduler.solve``). Calibration texts are prefilled densely
+once each; for every full-attention layer, KV head, rule (``window``: sinks + newest tokens; ``scored``: SnapKV's
+score from the prompt's last ``window`` queries) and share of the prompt kept, the profile records
+
+    damage(l, h, rule, share) = attention mass the head's queries after the prompt put on the prompt tokens
+                                that head would drop (the largest over its GQA group's query heads),
+
+reduced over those queries by ``reduce`` ("max": the worst step, default; "mean") and averaged over the texts.
+It is the attention a compressed head loses at decode time, one head compressed at a time (the independence MoA's
+profile assumes too); the solver adds it over heads. ``far_mass`` in ``accel.calibration.duo`` is the same
+quantity for one window; its A/B there (max over the answer steps ranked heads better than the mean output error)
+set the default ([INFER] the metric and its reduction).
+
+Texts ([INFER]): ``n_texts`` prompts of ``tokens`` tokens, alternating passkey and needle retrieval prompts (split at
+the end of the question: the queries scored are the answer's tokens, as DuoAttention profiles on synthetic passkey
+retrieval with the answer appended) and plain essay text (the last ``steps`` tokens scored, for perplexity). Seeds
+and essay offsets are disjoint from the evaluation's (``CALIB_SEED``; the second half of the essays, while the
+perplexity task reads the first).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from ..errors import AccelError
+from ..models.base import last_logits_only
+from ..models.registry import get_adapter
+from ..patching.lm import patch_lm
+from ..plan import LayerPlan, Plan
+from ..policies.auto import RULES
+from .common import CALIB_SEED, Recorder, progress_bar
+
+logger = logging.getLogger("accel")
+
+#: the shares of the prompt the profile measures (1.0 is every token: no damage)
+SHARES = (0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)
+
+
+def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64) -> list[tuple[torch.Tensor, int]]:
+    """``n`` calibration texts as (ids [1, T], split): retrieval prompts with their answer appended (split at the
+    prompt's end) and essay text (split ``steps`` tokens before the end), in turn: passkey, needle, essay."""
+    from ..eval.niah import make_niah
+    from ..eval.passkey import make_passkey
+    from ..eval.text import essays_text
+
+    text = essays_text()
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind < 2:
+            make = make_passkey if kind == 0 else make_niah
+            s = make(tokenizer, tokens - 24, depth=(0.1 + 0.8 * ((i * 0.37) % 1.0)), seed=CALIB_SEED + i)
+            p = tokenizer(s.prompt, return_tensors="pt")["input_ids"]
+            a = tokenizer(" " + s.answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            out.append((torch.cat([p, a], 1), p.shape[1]))
+        else:
+            half = len(text) // 2
+            start = half + ((CALIB_SEED + i) * 104_729) % max(1, half - tokens * 6)
+            ids = tokenizer(text[start:start + tokens * 6], return_tensors="pt")["input_ids"][:, :tokens]
+            if ids.shape[1] < tokens:
+                raise AccelError("calibrate(auto): not enough essay text for the requested length")
+            out.append((ids, tokens - steps))
+    return out
+
+
+def keep_orders(q_win: torch.Tensor, k_prompt: torch.Tensor, scale: float, rule: str, sink: int, window: int,
+                kernel: int) -> torch.Tensor:
+    """[Hkv, c] prompt positions of one layer in the order a head of ``rule`` keeps them (the first ``b`` are what a
+    budget of ``b`` tokens keeps), exactly as ``AutoPolicy`` compresses: ``window`` keeps the first ``sink`` tokens
+    then the newest; ``scored`` the observation window then SnapKV's score, highest first."""
+    from ..policies.budgeted import PrefillView, sinks_then_newest
+    from ..policies.snapkv import snapkv_scores
+
+    Hkv, c, _ = k_prompt.shape
+    keys = k_prompt.unsqueeze(0)
+    if rule == "window":
+        s = sinks_then_newest(keys, None, sink)[0]
+    else:
+        s = snapkv_scores(PrefillView(query=q_win.unsqueeze(0)), keys, None, scale, window, kernel)[0].double()
+        w = min(window, c)
+        s[:, c - w:] = 1e12 + torch.arange(c - w, c, dtype=torch.float64)
+    return torch.sort(s, dim=-1, descending=True, stable=True).indices
+
+
+def lost_mass(q_eval: torch.Tensor, k: torch.Tensor, scale: float, c: int, orders: torch.Tensor,
+              budgets: list[int], reduce: str) -> torch.Tensor:
+    """[Hkv, len(budgets)]: the attention mass the queries ``q_eval`` [H, S, D] (positions c..c+S-1) put on the
+    prompt tokens a head keeping its first ``b`` tokens of ``orders`` [Hkv, c] drops, max over the GQA group, reduced
+    over the queries."""
+    H, S, D = q_eval.shape
+    Hkv, T, _ = k.shape
+    G = H // Hkv
+    logits = torch.einsum("hsd,htd->hst", q_eval, k.repeat_interleave(G, 0)) * scale
+    pos = torch.arange(c, c + S).view(S, 1)
+    logits = logits.masked_fill(torch.arange(T).view(1, T) > pos, float("-inf"))
+    p = torch.softmax(logits.double(), -1)[..., :c]  # [H, S, c] mass on the prompt
+    total = p.sum(-1)  # [H, S]
+    ordered = p.gather(-1, orders.repeat_interleave(G, 0).view(H, 1, c).expand(H, S, c))
+    kept = ordered.cumsum(-1)  # [H, S, c]
+    idx = torch.tensor([min(b, c) - 1 for b in budgets])
+    lost = (total.unsqueeze(-1) - kept[..., idx]).clamp(min=0)  # [H, S, nb]
+    lost = lost.view(Hkv, G, S, -1).amax(1)  # [Hkv, S, nb]
+    return (lost.amax(1) if reduce == "max" else lost.mean(1)).float()
+
+
+def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts: int = 6, steps: int = 64,
+                   sink: int = 16, window: int = 32, kernel: int = 7, reduce: str = "max",
+                   progress: bool = True) -> Plan:
+    """Profile every full-attention KV head (module docstring) and return an ``auto`` profile plan: its
+    ``params["profile"]`` holds the damage table and its layers are not assigned yet, so one calibration serves every
+    target (``accel.patch(model, "auto", plan=plan, kv_budget=...)`` solves it for the target, 25% by default;
+    ``accel plan --policy auto`` writes it solved). ``texts``: a list of ``(ids [1, T], split)`` pairs (default
+    ``auto_texts``)."""
+    from ..policies.auto import kept_tokens
+
+    if reduce not in ("max", "mean"):
+        raise AccelError(f"calibrate(auto): reduce must be 'max' or 'mean', got {reduce!r}")
+    info = get_adapter(model).info()
+    tokens = min(tokens, info.max_context or tokens)
+    if tokens < 4 * (steps + window + sink):
+        raise AccelError(f"calibrate(auto): tokens ({tokens}) must be at least 4 x (steps + window + sink)")
+    if texts is None:
+        texts = auto_texts(tokenizer, n_texts, tokens, steps)
+    full_layers = [i for i, w in enumerate(info.sliding_windows) if w is None]
+    if not full_layers:
+        raise AccelError("calibrate(auto): the model has no full-attention layer to compress")
+    bar = progress_bar(progress, len(texts), "calibrating auto")
+    t0 = time.perf_counter()
+    damage = {r: {li: torch.zeros(info.num_kv_heads, len(SHARES)) for li in full_layers} for r in RULES}
+    dev = next(model.parameters()).device
+    for ids, split in texts:
+        T = ids.shape[1]
+        if not (window < split < T):
+            raise AccelError(f"calibrate(auto): a text's split ({split}) must lie between the observation window "
+                             f"({window}) and its length ({T})")
+        rec = Recorder(steps=T - split + window)
+        with patch_lm(model, (rec, {}), fast_linear=False), torch.no_grad():
+            model(input_ids=ids.to(dev), use_cache=True, **last_logits_only(model))
+        for li in full_layers:
+            q, k, scale = rec.records[li]
+            q, k = q.cpu(), k.cpu()
+            for r in RULES:
+                budgets = [kept_tokens(s, split, r, sink, window) for s in SHARES]
+                orders = keep_orders(q[:, :window], k[:, :split], scale, r, sink, window, kernel)
+                damage[r][li] += lost_mass(q[:, window:], k, scale, split, orders, budgets, reduce)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    n = len(texts)
+    profile = {
+        "metric": "lost_mass", "reduce": reduce, "context": int(round(sum(i.shape[1] for i, _ in texts) / n)),
+        "shares": list(SHARES), "rules": list(RULES), "layers": full_layers,
+        "damage": {r: [[[round(float(x) / n, 6) for x in row] for row in damage[r][li]] for li in full_layers]
+                   for r in RULES},
+    }
+    layers = [LayerPlan(mode="full") for _ in range(info.num_layers)]
+    plan = Plan(
+        policy="auto", num_layers=info.num_layers, num_kv_heads=info.num_kv_heads, model_type=info.model_type,
+        params={"sink": sink, "window": window, "kernel": kernel, "profile": profile}, layers=layers,
+        provenance={
+            "fingerprint": info.fingerprint,
+            "source": "accel.calibrate (auto: per-head attention mass lost under each rule and budget)",
+            "args": {"tokens": tokens, "n_texts": n, "steps": steps, "sink": sink, "window": window,
+                     "kernel": kernel, "reduce": reduce},
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+    )
+    if any(not math.isfinite(x) for r in RULES for L in profile["damage"][r] for row in L for x in row):
+        raise AccelError("calibrate(auto): the profile holds non-finite damage; check the model's dtype")
+    return plan

@@ -1,0 +1,331 @@
+"""policy="auto": the executor (per-layer rule, per-head budgets), the quality profile, the MILP solver, the patch
+entry point and the plan command."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import accel
+from accel.calibration.auto import SHARES, keep_orders, lost_mass
+from accel.errors import AccelError
+from accel.plan import HeadPlan, LayerPlan, Plan
+from accel.policies.auto import AutoPolicy, kept_tokens
+from accel.policies.budgeted import PrefillView, keep_top
+from accel.scheduler.solve import explain, solve_plan
+
+from .conftest import gen, model4, same
+
+
+def prompt(n=100, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (1, n), generator=g)
+
+
+def auto_plan(layers, Hkv=2, L=4, **params):
+    """``layers``: {layer: (rule, [share per head])}; a share of 1.0 is a full head; other layers kept whole."""
+    out = []
+    for i in range(L):
+        if i not in layers:
+            out.append(LayerPlan(mode="full"))
+            continue
+        rule, shares = layers[i]
+        out.append(LayerPlan(mode="compress", kv="auto", params={"rule": rule},
+                             heads=[HeadPlan(kind="full" if s >= 1 else rule, beta=s) for s in shares]))
+    return Plan(policy="auto", num_layers=L, num_kv_heads=Hkv, layers=out,
+                params={"sink": 4, "window": 8, "kernel": 7, **params})
+
+
+# -- the executor --------------------------------------------------------------------------------------------------
+def test_every_head_full_or_every_layer_whole_is_exactly_dense():
+    m = model4("llama")
+    ids = prompt()
+    ref = gen(m, ids, "dense")
+    full = auto_plan({i: ("scored", [1.0, 1.0]) for i in range(4)})
+    assert same(ref, gen(m, ids, "auto", plan=full, sink=4, window=8))
+    assert same(ref, gen(m, ids, "auto", plan=auto_plan({}), sink=4, window=8))
+
+
+def test_a_uniform_window_plan_is_streamingllm_and_a_uniform_scored_plan_is_snapkv():
+    m = model4("llama")
+    ids = prompt()
+    win = auto_plan({i: ("window", [0.25, 0.25]) for i in range(4)})
+    assert same(gen(m, ids, "streaming", sink=4, budget_ratio=0.25),
+                gen(m, ids, "auto", plan=win, sink=4, window=8))
+    sc = auto_plan({i: ("scored", [0.25, 0.25]) for i in range(4)})
+    assert same(gen(m, ids, "snapkv", window=8, budget_ratio=0.25),
+                gen(m, ids, "auto", plan=sc, sink=4, window=8))
+
+
+def test_each_head_holds_its_own_budget_and_full_heads_keep_every_token():
+    m = model4("llama")
+    ids = prompt()
+    plan = auto_plan({0: ("window", [1.0, 0.1]), 2: ("scored", [0.3, 0.5])})
+    out = gen(m, ids, "auto", plan=plan, sink=4, window=8, new=6)
+    layers = out.past_key_values.layers
+    # 100 prompt tokens + 5 cached decode tokens; compressed heads stay at ceil(share * 100) during decode
+    assert [int(x) for x in layers[0].ragged.lengths[0]] == [105, 10]
+    assert [int(x) for x in layers[2].ragged.lengths[0]] == [30, 50]
+    assert layers[1].ragged is None and layers[3].ragged is None  # kept whole
+
+
+def test_the_profile_keep_order_is_what_the_runtime_keeps():
+    g = torch.Generator().manual_seed(3)
+    H, Hkv, c, D = 4, 2, 90, 16
+    q = torch.randn(H, 8, D, generator=g)
+    k = torch.randn(Hkv, c, D, generator=g)
+    pol = AutoPolicy(sink=4, window=8, kernel=5)
+    for rule in ("window", "scored"):
+        pol._rule = rule
+        order = keep_orders(q, k, 0.25, rule, 4, 8, 5)
+        for b in (9, 20, 47):
+            s = pol.token_scores(PrefillView(query=q.unsqueeze(0)), k.unsqueeze(0), None,
+                                 torch.full((1, Hkv), b), 0.25)
+            keep, counts = keep_top(s, torch.full((1, Hkv), b))
+            for h in range(Hkv):
+                assert set(keep[0, h, :b].tolist()) == set(order[h, :b].tolist()), (rule, b, h)
+
+
+def test_lost_mass_matches_masked_attention_and_falls_with_the_budget():
+    g = torch.Generator().manual_seed(4)
+    H, Hkv, c, S, D = 4, 2, 60, 5, 8
+    q = torch.randn(H, S, D, generator=g)
+    k = torch.randn(Hkv, c + S, D, generator=g)
+    order = torch.stack([torch.randperm(c, generator=g) for _ in range(Hkv)])
+    budgets = [5, 20, 40, 60]
+    got = lost_mass(q, k, 0.3, c, order, budgets, "max")
+    for h in range(Hkv):
+        for j, b in enumerate(budgets):
+            dropped = torch.ones(c, dtype=torch.bool)
+            dropped[order[h, :b]] = False
+            worst = 0.0
+            for qh in range(2 * h, 2 * h + 2):
+                for s in range(S):
+                    logits = (k[h, :c + s + 1] @ q[qh, s]) * 0.3
+                    p = torch.softmax(logits.double(), -1)
+                    worst = max(worst, float(p[:c][dropped].sum()))
+            assert abs(float(got[h, j]) - worst) < 1e-5
+    assert (got[:, :-1] >= got[:, 1:] - 1e-7).all() and float(got[:, -1].abs().max()) < 1e-6
+
+
+def test_the_profile_of_a_real_calibration_has_zero_damage_for_the_whole_cache():
+    m = model4("llama")
+    texts = [(prompt(160, seed=s), 120) for s in range(2)]
+    plan = accel.calibrate(m, None, texts, policy="auto", tokens=160, steps=8, sink=4, window=8, progress=False)
+    prof = plan.params["profile"]
+    assert prof["layers"] == [0, 1, 2, 3] and prof["shares"] == list(SHARES)
+    for rule in ("window", "scored"):
+        for layer in prof["damage"][rule]:
+            for row in layer:
+                assert row[-1] == 0.0 and all(0 <= x <= 1 for x in row)
+                assert all(a >= b - 1e-6 for a, b in zip(row, row[1:]))  # nested kept sets lose less
+    assert "target" not in plan.params and all(lp.mode == "full" for lp in plan.layers)  # a profile, not solved yet
+    solved = solve_plan(plan, {"kv_budget": 0.25})
+    assert solved.params["predicted"]["kv_share"] <= 0.25 + 1e-9
+
+
+# -- the solver ----------------------------------------------------------------------------------------------------
+def profile_plan(damage, shares, L=2, Hkv=2, context=1000):
+    layers = [LayerPlan(mode="full") for _ in range(L)]
+    return Plan(policy="auto", num_layers=L, num_kv_heads=Hkv, layers=layers,
+                params={"sink": 4, "window": 8, "kernel": 7,
+                        "profile": {"shares": shares, "rules": ["window", "scored"], "layers": list(range(L)),
+                                    "damage": damage, "context": context}})
+
+
+def random_profile(seed, L=2, Hkv=2, shares=(0.1, 0.3, 1.0)):
+    g = torch.Generator().manual_seed(seed)
+    dmg = {}
+    for r in ("window", "scored"):
+        x = torch.rand(L, Hkv, len(shares), generator=g).sort(-1, descending=True).values
+        x[..., -1] = 0
+        dmg[r] = [[[round(float(v), 4) for v in row] for row in layer] for layer in x]
+    return profile_plan(dmg, list(shares), L, Hkv)
+
+
+def brute_force(plan, budget):
+    """The least damage of any assignment (one rule per compressed layer) within ``budget``, by enumeration."""
+    prof = plan.params["profile"]
+    shares, L, Hkv = prof["shares"], plan.num_layers, plan.num_kv_heads
+    best = math.inf
+    for rules in itertools.product(("dense", "window", "scored"), repeat=L):
+        per_layer = []
+        for l, r in enumerate(rules):
+            if r == "dense":
+                per_layer.append([(0.0, 1.0 * Hkv)])
+                continue
+            opts = []
+            for combo in itertools.product(range(len(shares)), repeat=Hkv):
+                if all(shares[c] >= 1 for c in combo):
+                    continue  # a compressed layer compresses at least one head
+                d = sum(prof["damage"][r][l][h][c] for h, c in enumerate(combo))
+                b = sum(kept_tokens(shares[c], 1000, r, 4, 8) / 1000 for c in combo)
+                opts.append((d, b))
+            per_layer.append(opts)
+        for pick in itertools.product(*per_layer):
+            if sum(b for _, b in pick) <= budget * L * Hkv + 1e-9:
+                best = min(best, sum(d for d, _ in pick))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("budget", [0.2, 0.45, 0.7])
+def test_the_solver_finds_the_least_damage_within_the_budget(seed, budget):
+    prof = random_profile(seed)
+    plan = solve_plan(prof, {"kv_budget": budget})
+    assert plan.params["predicted"]["kv_share"] <= budget + 1e-9
+    assert abs(plan.params["predicted"]["damage"] - brute_force(prof, budget)) < 1e-5
+    got = 0.0
+    for l, lp in enumerate(plan.layers):  # the plan's heads carry the damage the objective counted
+        assert lp.mode != "compress" or any(hp.kind != "full" for hp in lp.heads)
+        for h, hp in enumerate(lp.heads or []):
+            got += hp.score
+            rule = lp.params["rule"]
+            assert hp.kind in ("full", rule) and hp.beta in prof.params["profile"]["shares"]
+    assert abs(got - plan.params["predicted"]["damage"]) < 1e-5
+
+
+def test_a_budget_covering_everything_keeps_every_layer_whole_and_too_small_a_budget_is_refused():
+    prof = random_profile(0)
+    plan = solve_plan(prof, {"kv_budget": 1.0})
+    assert all(lp.mode == "full" for lp in plan.layers) and plan.params["predicted"]["damage"] == 0
+    with pytest.raises(AccelError, match="below what the profile's smallest share keeps"):
+        solve_plan(prof, {"kv_budget": 0.05})
+    with pytest.raises(AccelError, match="no calibration profile"):
+        solve_plan(Plan(policy="auto", num_layers=2, num_kv_heads=2, layers=[LayerPlan(), LayerPlan()]),
+                   {"kv_budget": 0.5})
+
+
+def fake_cost(L=2, Hkv=2):
+    from accel.scheduler.cost import TERMS, CostModel
+
+    coef = {t: 0.0 for t in TERMS}
+    coef.update(base_ms=2.0, full_slope=1000.0, kv_plain_slope=1000.0, kv_scored_slope=1500.0,
+                kv_plain_fixed=0.1, kv_scored_fixed=0.2)
+    return CostModel(model="tiny", model_type="llama", fingerprint="fp", num_layers=L, num_kv_heads=Hkv, head_dim=16,
+                     dtype="float32", machine={"device": "cpu", "cpu": "x", "threads": 1}, per_batch={"1": coef})
+
+
+def test_a_speed_target_is_met_by_the_cost_model_and_an_unreachable_one_is_refused():
+    from accel.scheduler.cost import LayerWork, StepWork
+
+    prof = random_profile(1)
+    cost = fake_cost()
+    plan = solve_plan(prof, {"speed": 1.5, "context": 1000, "batch": 1}, cost=cost)
+    p = plan.params["predicted"]
+    assert p["speedup"] >= 1.5 - 1e-6
+    # the predicted step is the cost model's prediction of the plan's own work
+    layers = []
+    for lp in plan.layers:
+        if lp.mode != "compress":
+            layers.append(LayerWork("full", attend=1001))
+            continue
+        kind = "kv_scored" if lp.params["rule"] == "scored" else "kv_plain"
+        held = [kept_tokens(1.0 if hp.kind == "full" else hp.beta, 1000, lp.params["rule"], 4, 8) + 1
+                for hp in lp.heads]
+        layers.append(LayerWork(kind, attend=sum(held) / len(held)))
+    assert abs(cost.predict(StepWork(layers), 1) - p["step_ms"]) < 1e-3
+    # a per-key cost the calibration left at about zero would make a rule look free: a speed target leaves it out
+    cheap = fake_cost()
+    cheap.per_batch["1"]["kv_plain_slope"] = 1e-9
+    plan = solve_plan(prof, {"speed": 1.5, "context": 1000, "batch": 1}, cost=cheap)
+    assert plan.params["predicted"]["rules_left_out"] == ["window"]
+    assert all((lp.params or {}).get("rule") != "window" for lp in plan.layers)
+    with pytest.raises(AccelError, match="no plan reaches a 5.0x decode speed-up"):
+        solve_plan(prof, {"speed": 5.0, "context": 1000, "batch": 1}, cost=cost)
+    with pytest.raises(AccelError, match="needs this machine's cost model"):
+        solve_plan(prof, {"speed": 1.5, "context": 1000, "batch": 1})
+
+
+def test_explain_names_every_layer_and_the_alternative_it_passed_over():
+    plan = solve_plan(random_profile(2), {"kv_budget": 0.45})
+    lines = explain(plan)
+    assert lines[0].startswith("target {'kv_budget': 0.45}")
+    assert len(lines) == 1 + plan.num_layers
+    for line, lp in zip(lines[1:], plan.layers):
+        assert ("kept whole" in line) == (lp.mode != "compress")
+        if lp.mode == "compress":
+            assert "under " + ("window" if lp.params["rule"] == "scored" else "scored") in line
+
+
+# -- the entry point -----------------------------------------------------------------------------------------------
+def tiny_profile(m):
+    from accel.models.registry import get_adapter
+
+    info = get_adapter(m).info()
+    plan = accel.calibrate(m, None, [(prompt(160, seed=s), 120) for s in range(2)], policy="auto", tokens=160,
+                           steps=8, sink=4, window=8, progress=False)
+    return plan, info
+
+
+def test_patch_refusals_are_one_line_and_remove_restores_the_model():
+    m = model4("llama")
+    with pytest.raises(AccelError, match="accel ships none for this model.*accel plan --model PATH --policy auto"):
+        accel.patch(m, "auto")
+    profile, _ = tiny_profile(m)
+    for spec, kw, msg in [("auto+snapkv", {}, "runs alone"), ("hylra+auto", {}, "runs alone"),
+                          ("auto", {"kv_budget": 0.2, "speed": 1.2}, "one target"),
+                          ("auto", {"budget_ratio": 0.2}, "instead of budget"),
+                          ("auto", {"kv_budget": 1.5}, r"kv_budget must be a share of the prompt in \(0, 1\]"),
+                          ("auto", {"speed": 0.5}, "speed must be a decode speed-up >= 1")]:
+        with pytest.raises(AccelError, match=msg):
+            accel.patch(m, spec, plan=profile, **kw)
+        assert accel.get_handle(m) is None
+    duo = Plan(policy="duo", num_layers=4, num_kv_heads=2, layers=[LayerPlan() for _ in range(4)])
+    with pytest.raises(AccelError, match="this is a 'duo' plan"):
+        accel.patch(m, "auto", plan=duo)
+    bad = auto_plan({1: ("scored", [0.3, 0.2])})
+    bad.layers[1].heads[0].kind = "window"
+    with pytest.raises(AccelError, match="a head of a 'scored' layer is 'full' or 'scored'"):
+        accel.patch(m, "auto", plan=bad)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ids = prompt()
+    ref = m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    h = accel.patch(m, "auto", plan=profile, kv_budget=0.3)
+    h.remove()
+    assert torch.equal(ref, m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_a_profile_is_solved_for_the_target_a_solved_plan_runs_as_written():
+    m = model4("llama")
+    profile, _ = tiny_profile(m)
+    with accel.patch(m, "auto", plan=profile) as h:  # never solved: solved for the default 25%
+        assert h.runtime.plan.params["target"] == {"kv_budget": 0.25}
+        solved = h.runtime.plan
+    assert solved.to_dict() == solve_plan(profile, {"kv_budget": 0.25}).to_dict()
+    with accel.patch(m, "auto", plan=solved) as h:
+        assert h.runtime.plan.to_dict() == solved.to_dict()
+    with accel.patch(m, "auto", plan=solved, kv_budget=0.1) as h:  # a target with it: solved again from its profile
+        assert h.runtime.plan.params["target"] == {"kv_budget": 0.1}
+        assert h.runtime.plan.params["predicted"]["kv_share"] <= 0.1 + 1e-9
+    hand = auto_plan({1: ("window", [0.5, 1.0])})
+    with pytest.raises(AccelError, match="carries no calibration profile to solve again"):
+        accel.patch(m, "auto", plan=hand, kv_budget=0.1)
+    with pytest.raises(AccelError, match="solved for the model and machine when patching"):
+        AutoPolicy().build_plan(None)
+
+
+def test_step_work_describes_each_layer_by_its_rule():
+    from accel.scheduler.measure import step_work
+
+    m = model4("llama")
+    plan = auto_plan({0: ("window", [0.1, 0.2]), 2: ("scored", [1.0, 0.5])})
+    with accel.patch(m, "auto", plan=plan, sink=4, window=8) as h:
+        w = step_work(h, m, 200)
+    kinds = [lw.kind for lw in w.layers]
+    assert kinds == ["kv_plain", "full", "kv_scored", "full"]
+    assert w.layers[0].attend == pytest.approx((20 + 40) / 2 + 1)
+    assert w.layers[2].attend == pytest.approx((200 + 100) / 2 + 1)
+
+
+def test_plan_command_flags_are_checked_before_the_model_loads(capsys):
+    from accel.cli.main import main
+
+    for argv, msg in [(["--policy", "duo", "--kv-budget", "0.2"], "--kv-budget applies to --policy auto only"),
+                      (["--policy", "auto", "--kv-budget", "0.2", "--speed", "1.3"], "one target"),
+                      (["--policy", "auto", "--context", "8192"], "add --speed"),
+                      (["--policy", "auto", "--kv-budget", "2"], "kv_budget must be a share")]:
+        assert main(["plan", "--model", "no-such-model-folder", *argv, "--out", "x.json"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
