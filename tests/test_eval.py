@@ -98,6 +98,8 @@ def test_quick_mode_end_to_end(tmp_path):
     for t in ("passkey", "niah", "ruler_niah_single_1"):
         assert by[(t, "dense")]["accuracy"] == by[(t, "hf")]["accuracy"]  # exact policy, same answers
     assert float(by[("lm", "dense")]["top1_agree"]) == 1.0
+    for t in ("passkey", "niah", "ruler_niah_single_1", "lm"):  # accel's cache reports what it holds; HF's is not read
+        assert float(by[(t, "dense")]["kv_mb"]) > 0 and by[(t, "hf")]["kv_mb"] == ""
     assert abs(float(by[("lm", "hf")]["ppl"]) - float(by[("lm", "dense")]["ppl"])) < 1e-3
     samples = list(csv.DictReader((tmp_path / "eval_samples.csv").open()))
     pred = {(s["task"], s["idx"], s["policy"]): s["prediction"] for s in samples}
@@ -151,3 +153,12 @@ def test_results_quality_table_later_csv_wins(tmp_path, monkeypatch):
     assert q.cell("moa@density=0.25", 4096, "passkey", slack=2) == "3/20 ✗"
     assert q.ppl("moa@density=0.25", 4096) == "21.00 (+5.0%)" and q.ppl("dense", 4096) == "20.00"
     assert q.cell("streaming", 4096, "passkey") == "-"
+
+
+def test_summary_kv_mb_is_the_mean_held_and_blank_when_any_sample_has_none():
+    from accel.eval.runner import Result, summarise
+
+    mk = lambda pol, i, b: Result(pol, "passkey", 100, 100, 0.5, i, 1.0, "", extra={"kv_bytes": b})  # noqa: E731
+    rows = {r["policy"]: r for r in summarise([mk("a", 0, 2**20), mk("a", 1, 3 * 2**20), mk("b", 0, float("nan")),
+                                                 mk("b", 1, 2**20)])}
+    assert rows["a"]["kv_mb"] == 2.0 and rows["b"]["kv_mb"] == ""

@@ -5,10 +5,11 @@ once each; for every full-attention layer, KV head, rule (``window``: sinks + ne
 score from the prompt's last ``window`` queries) and share of the prompt kept, the profile records
 
     damage(l, h, rule, share) = attention mass the head's queries after the prompt put on the prompt tokens
-                                that head would drop (the largest over its GQA group's query heads),
+                                that head has dropped by then (the largest over its GQA group's query heads),
 
 reduced over those queries by ``reduce`` ("max": the worst step, default; "mean") and averaged over the texts.
-It is the attention a compressed head loses at decode time, one head compressed at a time (the independence MoA's
+It is the attention a compressed head loses at decode time under ``decode="fixed"`` (each generated token takes a
+prompt token's place, ``lost_mass``), one head compressed at a time (the independence MoA's
 profile assumes too); the solver adds it over heads. ``far_mass`` in ``accel.calibration.duo`` is the same
 quantity for one window; its A/B there (max over the answer steps ranked heads better than the mean output error)
 set the default ([INFER] the metric and its reduction).
@@ -88,10 +89,16 @@ def keep_orders(q_win: torch.Tensor, k_prompt: torch.Tensor, scale: float, rule:
 
 
 def lost_mass(q_eval: torch.Tensor, k: torch.Tensor, scale: float, c: int, orders: torch.Tensor,
-              budgets: list[int], reduce: str) -> torch.Tensor:
+              budgets: list[int], reduce: str, evict: bool = True, protected: int = 0) -> torch.Tensor:
     """[Hkv, len(budgets)]: the attention mass the queries ``q_eval`` [H, S, D] (positions c..c+S-1) put on the
-    prompt tokens a head keeping its first ``b`` tokens of ``orders`` [Hkv, c] drops, max over the GQA group, reduced
-    over the queries."""
+    prompt tokens a head of budget ``b`` has dropped, max over the GQA group, reduced over the queries.
+
+    The head keeps the first ``b`` tokens of ``orders`` [Hkv, c] at compression; with ``evict`` (``decode="fixed"``)
+    each generated token then takes one prompt token's place, so the query at step ``s`` sees the first ``b - s``:
+    exact for the window rule (the oldest non-sink token leaves first, and ``orders`` lists sinks then newest), for
+    the scored rule the lowest-scored token first, without the scores the decode steps add. The first ``protected``
+    tokens of ``orders`` are never evicted (the window rule's sinks). A budget covering the prompt keeps everything
+    (such a head grows)."""
     H, S, D = q_eval.shape
     Hkv, T, _ = k.shape
     G = H // Hkv
@@ -101,9 +108,13 @@ def lost_mass(q_eval: torch.Tensor, k: torch.Tensor, scale: float, c: int, order
     p = torch.softmax(logits.double(), -1)[..., :c]  # [H, S, c] mass on the prompt
     total = p.sum(-1)  # [H, S]
     ordered = p.gather(-1, orders.repeat_interleave(G, 0).view(H, 1, c).expand(H, S, c))
-    kept = ordered.cumsum(-1)  # [H, S, c]
-    idx = torch.tensor([min(b, c) - 1 for b in budgets])
-    lost = (total.unsqueeze(-1) - kept[..., idx]).clamp(min=0)  # [H, S, nb]
+    kept = torch.cat([torch.zeros(H, S, 1, dtype=ordered.dtype), ordered.cumsum(-1)], -1)  # [H, S, c + 1]
+    steps = torch.arange(S).view(S, 1)
+    b = torch.tensor([min(x, c) for x in budgets]).view(1, -1)
+    floor = b.clamp(max=protected)
+    held = torch.where(b >= c, b, torch.maximum(b - steps, floor)) if evict else b.expand(S, -1)  # [S, nb] prompt
+    got = kept.gather(-1, held.view(1, S, -1).expand(H, S, held.shape[1]))  # [H, S, nb]
+    lost = (total.unsqueeze(-1) - got).clamp(min=0)
     lost = lost.view(Hkv, G, S, -1).amax(1)  # [Hkv, S, nb]
     return (lost.amax(1) if reduce == "max" else lost.mean(1)).float()
 
@@ -147,14 +158,15 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
             for r in RULES:
                 budgets = [kept_tokens(s, split, r, sink, window) for s in SHARES]
                 orders = keep_orders(q[:, :window], k[:, :split], scale, r, sink, window, kernel)
-                damage[r][li] += lost_mass(q[:, window:], k, scale, split, orders, budgets, reduce)
+                damage[r][li] += lost_mass(q[:, window:], k, scale, split, orders, budgets, reduce,
+                                           protected=sink if r == "window" else 0)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     n = len(texts)
     profile = {
-        "metric": "lost_mass", "reduce": reduce, "context": int(round(sum(i.shape[1] for i, _ in texts) / n)),
+        "metric": "lost_mass", "reduce": reduce, "context": int(round(sum(split for _, split in texts) / n)),
         "shares": list(SHARES), "rules": list(RULES), "layers": full_layers,
         "damage": {r: [[[round(float(x) / n, 6) for x in row] for row in damage[r][li]] for li in full_layers]
                    for r in RULES},

@@ -207,6 +207,13 @@ def _own_overrides(name: str, overrides: dict | None) -> dict | None:
     return overrides if name not in ("hf", "dense") else None
 
 
+def kv_bytes(cache) -> float:
+    """KV bytes a policy's cache holds when its decode starts (after compression), NaN where the cache is not
+    accel's (the unpatched baseline's)."""
+    f = getattr(cache, "nbytes", None)
+    return float(f()) if callable(f) else float("nan")
+
+
 def _compress_fork(handle, cache, mask) -> None:
     """Let the KV-cache policies of ``handle`` compress a forked, recorded prefill cache."""
     if handle is None or cache is None:
@@ -232,6 +239,7 @@ def run_generation(model, tok, samples: list[Sample], policies: list[str], overr
             handle = patch_for(model, pol, overrides if pol != "hf" else None)
             try:
                 _compress_fork(handle, cache, mask[:, :-1])
+                held = kv_bytes(cache)
                 t = time.perf_counter()
                 with torch.no_grad():
                     out = model.generate(input_ids=ids, attention_mask=mask, **compat.cache_kwargs(model, cache),
@@ -243,7 +251,7 @@ def run_generation(model, tok, samples: list[Sample], policies: list[str], overr
                     handle.remove()
             pred = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             results.append(Result(pol, s.task, s.target_len, s.n_tokens, s.depth, s.idx, score(s.task, pred, s.answers),
-                                  pred.strip()[:200], dt))
+                                  pred.strip()[:200], dt, extra={"kv_bytes": held}))
         if progress is not None:
             progress.update(1)
     return results
@@ -277,6 +285,7 @@ def run_lm(model, tok, policies: list[str], lengths: list[int], n_eval: int, n_s
                 handle = patch_for(model, pol, overrides if pol not in ("hf", "dense") else None)
                 try:
                     _compress_fork(handle, cache, None)
+                    held = kv_bytes(cache)
                     logps = []
                     tok_in = prefix[:, -1:]
                     with torch.no_grad():
@@ -296,7 +305,7 @@ def run_lm(model, tok, policies: list[str], lengths: list[int], n_eval: int, n_s
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
                 if pol in policies:
                     results.append(Result(pol, "lm", L_req, L, None, i, agree, "", extra={
-                        "ppl": math.exp(nll), "nll": nll, "top1_agree": agree, "kl": kl}))
+                        "ppl": math.exp(nll), "nll": nll, "top1_agree": agree, "kl": kl, "kv_bytes": held}))
             if progress is not None:
                 progress.update(1)
     return results
@@ -322,6 +331,8 @@ def summarise(results: list[Result]) -> list[dict]:
         n = len(rs)
         mean = sum(r.score for r in rs) / n
         row = {"policy": pol, "task": task, "context": L, "n": n, "mean_tokens": round(sum(r.n_tokens for r in rs) / n)}
+        held = [r.extra.get("kv_bytes", float("nan")) for r in rs]
+        row["kv_mb"] = "" if any(math.isnan(b) for b in held) else round(sum(held) / n / 2**20, 3)
         if task == "lm":
             for k in ("ppl", "top1_agree", "kl"):
                 row[k] = round(sum(r.extra[k] for r in rs) / n, 5)

@@ -47,9 +47,9 @@ class AutoPolicy(BudgetedKVPolicy):
     kv_budget: float | None = None
     #: the predicted decode speed-up over dense attention (needs this machine's cost model)
     speed: float | None = None
-    #: the context and batch size the speed target is for
-    context: int = 4096
-    batch: int = 1
+    #: the context and batch size a speed target is for (4096 and 1 when not given)
+    context: int | None = None
+    batch: int | None = None
     sink: int = 16
     window: int = 32
     kernel: int = 7
@@ -66,15 +66,25 @@ class AutoPolicy(BudgetedKVPolicy):
         if self.budget is not None or self.budget_ratio is not None:
             raise AccelError("auto: the plan sets every head's budget; give kv_budget=<share of the prompt kept> or "
                              "speed=<decode speed-up> instead of budget / budget_ratio")
+        if self.min_budget is not None:
+            raise AccelError("auto: the plan sets every head's floor (sink + 1 tokens for the window rule, the "
+                             "observation window for the scored rule); drop min_budget")
         if self.kv_budget is not None and self.speed is not None:
             raise AccelError("auto: give one target, kv_budget or speed, not both")
-        if self.kv_budget is not None and not (isinstance(self.kv_budget, (int, float)) and 0 < self.kv_budget <= 1):
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if self.kv_budget is not None and not (number(self.kv_budget) and 0 < self.kv_budget <= 1):
             raise AccelError(f"auto: kv_budget must be a share of the prompt in (0, 1], got {self.kv_budget!r}")
-        if self.speed is not None and not (isinstance(self.speed, (int, float)) and self.speed >= 1):
+        if self.speed is not None and not (number(self.speed) and self.speed >= 1):
             raise AccelError(f"auto: speed must be a decode speed-up >= 1 over dense attention, got {self.speed!r}")
+        if (self.context is not None or self.batch is not None) and self.speed is None:
+            raise AccelError("auto: context and batch set what a speed target is for; add speed=..., or drop them "
+                             "(a kv_budget is a share of any prompt)")
+        if self.speed is not None and self.decode != "fixed":
+            raise AccelError("auto: a speed target is predicted for heads that stay at their budget; use "
+                             "decode='fixed' with speed")
         for name in ("context", "batch", "window", "kernel"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise AccelError(f"auto: {name} must be a positive integer, got {v!r}")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise AccelError(f"auto: sink must be an integer >= 0, got {self.sink!r}")
@@ -84,7 +94,7 @@ class AutoPolicy(BudgetedKVPolicy):
     def target(self) -> dict:
         """The solver's target: ``{"kv_budget": x}`` or ``{"speed": s, "context": n, "batch": b}`` (default 25%)."""
         if self.speed is not None:
-            return {"speed": float(self.speed), "context": int(self.context), "batch": int(self.batch)}
+            return {"speed": float(self.speed), "context": int(self.context or 4096), "batch": int(self.batch or 1)}
         return {"kv_budget": float(self.kv_budget if self.kv_budget is not None else 0.25)}
 
     # -- plan --------------------------------------------------------------------------------------------
@@ -106,6 +116,7 @@ class AutoPolicy(BudgetedKVPolicy):
                                      f"{theirs!r} (its profile was measured with it); drop the option, or calibrate "
                                      f"a plan with `accel plan --policy auto --set {knob}=...`")
                 object.__setattr__(self, knob, theirs)
+        self.validate()  # the plan's own values, held to the same rules
         for i, lp in enumerate(plan.layers):
             if lp.mode != "compress":
                 if lp.heads and any(h.kind != "full" for h in lp.heads):
@@ -178,7 +189,8 @@ class AutoPolicy(BudgetedKVPolicy):
         return torch.zeros_like(budgets), torch.full_like(budgets, self.window).minimum(budgets)
 
     def prefill_statistics(self, query, keys, valid, scaling) -> dict:
-        return {"q_window": query[:, :, -self.window:].detach().clone()}
+        # recorded before a plan is attached (the evaluation's shared prefill): enough queries for the plan's window
+        return {"q_window": query[:, :, -max(self.window, 64):].detach().clone()}
 
     def token_scores(self, view, keys, valid, budgets, scaling):
         if self._rule == "window":

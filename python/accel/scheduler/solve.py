@@ -101,7 +101,12 @@ def plan_for_patch(policy, model, info, plan) -> Plan:
     from ..plan.shipped import require_shipped_plan
     from .cost import cost_model_for
 
+    from ..patching.tensor_parallel import tensor_parallel_size
+
     explicit = policy.explicit_knobs() & {"kv_budget", "speed", "context", "batch"}
+    if policy.speed is not None and tensor_parallel_size(model) != 1:
+        raise AccelError("auto: a speed target is predicted by a one-process cost model; under tensor parallelism "
+                         "give kv_budget instead")
     cost = cost_model_for(model) if policy.speed is not None else None
     if plan is None:
         profile = require_shipped_plan("auto", info, "a calibration profile (each head's damage under each rule and "
@@ -111,6 +116,14 @@ def plan_for_patch(policy, model, info, plan) -> Plan:
     if given.policy != "auto":
         raise AccelError(f"auto: this is a {given.policy!r} plan; auto runs plans from `accel plan --policy auto` or "
                          "accel.calibrate(..., policy='auto')")
+    theirs = (given.provenance or {}).get("fingerprint")
+    if theirs is not None and theirs != info.fingerprint:
+        raise AccelError(f"auto: this plan was made for another model ({theirs}), not this one ({info.fingerprint}); "
+                         "make one with `accel plan --model PATH --policy auto`")
+    sliding = [i for i, (lp, w) in enumerate(zip(given.layers, info.sliding_windows)) if w and lp.mode == "compress"]
+    if sliding:
+        raise AccelError(f"auto: plan layers {sliding} are sliding-window layers of this model (bounded already, "
+                         "never compressed); keep them whole (mode 'full')")
     params = given.params or {}
     if "profile" in params and (explicit or "target" not in params):
         return solve_plan(given, policy.target(), cost=cost, info=info)
@@ -141,6 +154,22 @@ def solve_plan(profile_plan: Plan, target: dict, cost: CostModel | None = None, 
     return Plan.from_dict(copy.deepcopy(_SOLVED[key]))
 
 
+def _slope_floor(cost: CostModel, batch: int, term: str) -> float:
+    """The smallest value ``term`` has at the measured batch sizes ``batch`` is interpolated between (or at ``batch``)."""
+    bs = cost.batches()
+    near = [b for b in bs if b == batch] or [max(b for b in bs if b < batch), min(b for b in bs if b > batch)]
+    return min(cost.per_batch[str(b)][term] for b in near)
+
+
+def _whole_plan(profile_plan: Plan, target: dict, predicted: dict) -> Plan:
+    params = copy.deepcopy(profile_plan.params)
+    params["target"], params["predicted"] = dict(target), predicted
+    prov = copy.deepcopy(profile_plan.provenance)
+    return Plan(policy="auto", num_layers=profile_plan.num_layers, num_kv_heads=profile_plan.num_kv_heads,
+                model_type=profile_plan.model_type, params=params,
+                layers=[LayerPlan(mode="full") for _ in range(profile_plan.num_layers)], provenance=prov)
+
+
 def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None, info) -> Plan:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -150,6 +179,11 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
     Hkv, L = int(profile_plan.num_kv_heads), int(profile_plan.num_layers)
     sink = int(profile_plan.params.get("sink", 16))
     window = int(profile_plan.params.get("window", 32))
+    if info is not None:
+        full_layers = [i for i, w in enumerate(info.sliding_windows) if w is None]
+        if layers != full_layers:
+            raise AccelError(f"auto: the profile covers layers {layers} but the model's full-attention layers are "
+                             f"{full_layers}; make a profile for this model with `accel plan --policy auto`")
     if "speed" in target:
         if cost is None:
             raise AccelError("auto: a speed target needs this machine's cost model; run `accel calibrate-cost` (or "
@@ -160,14 +194,25 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
         context, batch = int(target.get("context", prof["context"])), int(target.get("batch", 1))
     coef = _fit_cost(cost, profile_plan, info, batch) if cost is not None else None
     windows = list(info.sliding_windows) if info is not None else [None] * L
+    n_bytes = int(prof["context"]) if "speed" not in target else context
+    T = context + 1
+    m = batch / 1e6  # ms coefficients are per million row x head x token keys
+    const_ms = dense_ms = None
+    if coef is not None:
+        const_ms = coef["base_ms"] + sum(coef["full_slope"] * m * Hkv * (min(T, w) if w else T)
+                                         for i, w in enumerate(windows) if i not in layers)
+        dense_ms = const_ms + sum(coef["full_slope"] * m * Hkv * T for _ in layers)
+    whole = {"kv_share": 1.0, "damage": 0.0, "context": n_bytes, "batch": batch}
+    if coef is not None:
+        whole.update(step_ms=round(dense_ms, 3), dense_step_ms=round(dense_ms, 3), speedup=1.0)
+    if target.get("kv_budget", 0) >= 1 or target.get("speed", 0) == 1:
+        return _whole_plan(profile_plan, target, whole)  # the budget covers everything: exactly dense
 
     # variables: per layer its option y (3), per layer x head x (option, share) its choice x
     choices = [("dense", 1.0)] + [(r, s) for r in ("window", "scored") for s in shares]
-    C = len(choices)
-    nl = len(layers)
+    C, nl = len(choices), len(layers)
     ny = nl * 3
-    nx = nl * Hkv * C
-    N = ny + nx
+    N = ny + nl * Hkv * C
 
     def yi(l, o):
         return l * 3 + LAYER_OPTIONS.index(o)
@@ -175,120 +220,113 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
     def xi(l, h, c):
         return ny + (l * Hkv + h) * C + c
 
-    n_bytes = int(prof["context"]) if "speed" not in target else context
     eff = np.array([kept_tokens(s, n_bytes, "window" if r == "dense" else r, sink, window) / n_bytes
                     for r, s in choices])
-    dmg = np.zeros(N)
-    obj = np.zeros(N)
-    T = context + 1
-    m = batch / 1e6  # ms coefficients are per million row x head x token keys
-    step = np.zeros(N)  # predicted ms per variable (speed target / prediction)
-    const_ms = 0.0
-    if coef is not None:
-        const_ms = coef["base_ms"]
-        for i, w in enumerate(windows):
-            if i not in layers:
-                const_ms += coef["full_slope"] * m * Hkv * (min(T, w) if w else T)
-    for l, li in enumerate(layers):
+    dmg, size, step, compressed = np.zeros(N), np.zeros(N), np.zeros(N), np.zeros(N)
+    for l in range(nl):
         for o in ("window", "scored"):
-            obj[yi(l, o)] = 1e-7  # ties: keep a layer whole rather than compress it with every head full
+            compressed[yi(l, o)] = 1.0
             if coef is not None:
                 step[yi(l, o)] = coef[f"{_KIND[o]}_fixed"]
         for h in range(Hkv):
             for c, (r, s) in enumerate(choices):
-                d = 0.0 if r == "dense" else float(prof["damage"][r][l][h][shares.index(s)])
-                dmg[xi(l, h, c)] = d
-                obj[xi(l, h, c)] = d + 1e-5 * eff[c]
+                dmg[xi(l, h, c)] = 0.0 if r == "dense" else float(prof["damage"][r][l][h][shares.index(s)])
+                size[xi(l, h, c)] = eff[c]
                 if coef is not None:
                     held = T if r == "dense" else kept_tokens(s, context, r, sink, window) + 1
                     step[xi(l, h, c)] = coef[f"{_KIND[r]}_slope"] * m * held
     rows, lo, hi = [], [], []
 
-    def add(coeffs: dict, a: float, b: float):
-        row = np.zeros(N)
-        for k, v in coeffs.items():
-            row[k] = v
-        rows.append(row)
+    def add(vec, a: float, b: float):
+        rows.append(vec)
         lo.append(a)
         hi.append(b)
 
+    def row(coeffs: dict):
+        v = np.zeros(N)
+        for k, x in coeffs.items():
+            v[k] = x
+        return v
+
     # a rule whose per-key decode cost the cost model did not determine (fitted to about zero: under a tenth of dense
-    # attention's, which reads keys with the same kernels) would look free: a speed target leaves it out rather than
-    # trust that
+    # attention's, which reads keys with the same kernels, at a measured batch size this one is interpolated from)
+    # would look free: a speed target leaves it out rather than trust that
     excluded = [o for o in ("window", "scored") if coef is not None and "speed" in target
-                and coef[f"{_KIND[o]}_slope"] < 0.1 * coef["full_slope"]]
+                and _slope_floor(cost, batch, f"{_KIND[o]}_slope") < 0.1 * coef["full_slope"]]
+    if len(excluded) == 2:
+        raise AccelError(f"auto: the cost model's per-key costs of KV-compressed layers near batch {batch} are "
+                         "undetermined (fitted to about zero); re-run `accel calibrate-cost` before a speed target")
     if excluded:
-        logger.warning("auto: the cost model's per-key cost of %s layers at batch %d is %s; the speed target is "
-                       "solved without the %s rule", _KIND[excluded[0]], batch, coef[f"{_KIND[excluded[0]]}_slope"],
-                       "/".join(excluded))
+        logger.warning("auto: the cost model's per-key cost of %s layers near batch %d is undetermined (about zero); "
+                       "the speed target is solved without the %s rule", _KIND[excluded[0]], batch, excluded[0])
     for l in range(nl):
-        add({yi(l, o): 1.0 for o in LAYER_OPTIONS}, 1, 1)  # one option per layer
+        add(row({yi(l, o): 1.0 for o in LAYER_OPTIONS}), 1, 1)  # one option per layer
         for o in excluded:
-            add({yi(l, o): 1.0}, 0, 0)
+            add(row({yi(l, o): 1.0}), 0, 0)
         for o in ("window", "scored"):  # a compressed layer compresses at least one head (else it stays whole)
             sel = {xi(l, h, choices.index((o, 1.0))): 1.0 for h in range(Hkv)}
             sel[yi(l, o)] = 1.0
-            add(sel, -np.inf, Hkv)
+            add(row(sel), -np.inf, Hkv)
         for h in range(Hkv):
-            add({xi(l, h, c): 1.0 for c in range(C)}, 1, 1)  # one choice per head
+            add(row({xi(l, h, c): 1.0 for c in range(C)}), 1, 1)  # one choice per head
             for o in LAYER_OPTIONS:  # a head's choice follows its layer's option
                 sel = {xi(l, h, c): 1.0 for c, (r, _) in enumerate(choices) if r == o}
                 sel[yi(l, o)] = -1.0
-                add(sel, -np.inf, 0)
-    dense_ms = None
-    if coef is not None:
-        dense_ms = const_ms + sum(coef["full_slope"] * m * Hkv * T for _ in layers)
+                add(row(sel), -np.inf, 0)
     if "speed" in target:
-        limit = dense_ms / float(target["speed"]) - const_ms
-        add({k: step[k] for k in range(N) if step[k] != 0}, -np.inf, limit)
+        add(step, -np.inf, dense_ms / float(target["speed"]) - const_ms)
     else:
-        add({xi(l, h, c): eff[c] for l in range(nl) for h in range(Hkv) for c in range(C)}, -np.inf,
-            kv_budget * nl * Hkv)
-    with _native_stdout_silenced():
-        res = milp(obj, constraints=[LinearConstraint(np.array(rows), lo, hi)], integrality=np.ones(N),
-                   bounds=Bounds(0, 1))
+        add(size, -np.inf, kv_budget * nl * Hkv)
+
+    def run(objective):
+        with _native_stdout_silenced():
+            return milp(objective, constraints=[LinearConstraint(np.array(rows), lo, hi)], integrality=np.ones(N),
+                        bounds=Bounds(0, 1))
+
+    res = run(dmg)  # least damage first
+    if res.status == 0 and res.x is not None:
+        # then, among plans of (numerically) that damage, the fewest kept tokens, and layers kept whole
+        add(dmg, -np.inf, float(dmg @ res.x) * (1 + 1e-7) + 1e-9)
+        res2 = run(size + 1e-6 * compressed)
+        res = res2 if res2.status == 0 and res2.x is not None else res
     if res.status != 0 or res.x is None:
+        if res.status != 2:  # not "infeasible": the solver itself failed (a limit, numerics)
+            raise AccelError(f"auto: the MILP solver stopped without a plan ({res.message}); try another target")
         if "speed" in target:
-            fastest = min(eff)  # every head at the smallest share, the cheaper rule per layer
-            best = const_ms + sum(min(coef[f"{_KIND[r]}_fixed"] + Hkv * coef[f"{_KIND[r]}_slope"] * m *
-                                      (kept_tokens(shares[0], context, r, sink, window) + 1)
-                                      for r in ("window", "scored") if r not in excluded)
+            allowed = [r for r in ("window", "scored") if r not in excluded]
+            best = const_ms + sum(min([coef["full_slope"] * m * Hkv * T]
+                                      + [coef[f"{_KIND[r]}_fixed"] + Hkv * coef[f"{_KIND[r]}_slope"] * m
+                                         * (kept_tokens(shares[0], context, r, sink, window) + 1) for r in allowed])
                                   for _ in layers)
             raise AccelError(f"auto: no plan reaches a {target['speed']}x decode speed-up at context {context}, batch "
                              f"{batch} on this machine: the cost model predicts at most {dense_ms / best:.2f}x (every "
-                             f"head at {fastest:.1%} of the prompt); ask for less, a longer context or a larger batch")
+                             f"head at {shares[0]:.0%} of the prompt); ask for less, a longer context or a larger "
+                             "batch")
         raise AccelError(f"auto: kv_budget {kv_budget} is below what the profile's smallest share keeps "
                          f"({min(eff):.1%} of a {n_bytes}-token prompt per head); give a larger kv_budget")
     x = np.round(res.x).astype(int)
     out_layers = [LayerPlan(mode="full") for _ in range(L)]
-    share_sum, heads_n = 0.0, 0
     for l, li in enumerate(layers):
         opt = next(o for o in LAYER_OPTIONS if x[yi(l, o)])
-        picks = [next(c for c in range(C) if x[xi(l, h, c)]) for h in range(Hkv)]
-        share_sum += sum(eff[c] for c in picks)
-        heads_n += Hkv
         if opt == "dense":
             continue
         heads = []
-        for h, c in enumerate(picks):
+        for h in range(Hkv):
+            c = next(c for c in range(C) if x[xi(l, h, c)])
             r, s = choices[c]
             heads.append(HeadPlan(kind="full" if s >= 1 else r, beta=s, score=round(float(dmg[xi(l, h, c)]), 6)))
         out_layers[li] = LayerPlan(mode="compress", kv="auto", params={"rule": opt}, heads=heads)
-    predicted = {"kv_share": round(float(share_sum / heads_n), 4), "damage": round(float(dmg @ x), 6),
-                 "context": context if "speed" in target else n_bytes, "batch": batch}
+    predicted = {"kv_share": round(float(size @ x) / (nl * Hkv), 4), "damage": round(float(dmg @ x), 6),
+                 "context": n_bytes, "batch": batch}
     if excluded:
         predicted["rules_left_out"] = excluded
     if coef is not None:
         predicted["step_ms"] = round(float(const_ms + step @ x), 3)
         predicted["dense_step_ms"] = round(float(dense_ms), 3)
         predicted["speedup"] = round(float(dense_ms / (const_ms + step @ x)), 3)
-    params = copy.deepcopy(profile_plan.params)
-    params["target"] = dict(target)
-    params["predicted"] = predicted
-    prov = copy.deepcopy(profile_plan.provenance)
-    prov["solver"] = "scipy.optimize.milp (HiGHS)"
-    plan = Plan(policy="auto", num_layers=L, num_kv_heads=Hkv, model_type=profile_plan.model_type, params=params,
-                layers=out_layers, provenance=prov)
+    plan = _whole_plan(profile_plan, target, predicted)
+    plan.layers = out_layers
+    plan.provenance["solver"] = "scipy.optimize.milp (HiGHS): least damage, then fewest kept tokens"
     plan.validate()
     logger.info("auto plan for %s: %.1f%% of the prompt kept per head on average, predicted damage %.3f",
                 target, 100 * predicted["kv_share"], predicted["damage"])
