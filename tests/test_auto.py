@@ -316,7 +316,8 @@ def test_plan_command_flags_are_checked_before_the_model_loads(capsys):
     for argv, msg in [(["--policy", "duo", "--kv-budget", "0.2"], "--kv-budget applies to --policy auto only"),
                       (["--policy", "auto", "--kv-budget", "0.2", "--speed", "1.3"], "one target"),
                       (["--policy", "auto", "--context", "8192"], "add --speed"),
-                      (["--policy", "auto", "--kv-budget", "2"], "kv_budget must be a share")]:
+                      (["--policy", "auto", "--kv-budget", "2"], "kv_budget must be a share"),
+                      (["--policy", "auto", "--from", "no-such.json"], "--from no-such.json: no such plan file")]:
         assert main(["plan", "--model", "no-such-model-folder", *argv, "--out", "x.json"]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
@@ -410,3 +411,21 @@ def test_gemma_profiles_cover_only_its_full_layers_and_the_plan_compresses_only_
             want = [103 if hp.kind == "full" else kept_tokens(hp.beta, 100, lp.params["rule"], 4, 8)
                     for hp in lp.heads]
             assert [int(x) for x in layers[i].ragged.lengths[0]] == want
+
+
+def test_plan_command_solves_the_shipped_profile_and_prints_its_prediction(tmp_path, capsys):
+    from accel.cli.main import main
+
+    out = tmp_path / "a.json"
+    assert main(["plan", "--policy", "auto", "--from", "shipped", "--kv-budget", "0.1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "target {'kv_budget': 0.1}: mean share kept 0.1" in printed
+    plan = Plan.load(out)
+    assert plan.params["target"] == {"kv_budget": 0.1} and (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_a_plan_that_is_not_a_plan_is_refused_in_one_line():
+    m = model4("llama")
+    with pytest.raises(AccelError, match="pass policy options as keywords"):
+        accel.patch(m, "auto", 0.2)
+    assert accel.get_handle(m) is None

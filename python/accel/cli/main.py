@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cost", default=None, help="auto: cost model JSON (default: the one shipped for this model and "
                                                  "machine, if any)")
     pl.add_argument("--from", dest="from_plan", default=None,
-                    help="auto: solve from this auto plan's calibration profile instead of calibrating again")
+                    help="auto: solve from this auto plan's calibration profile instead of calibrating again ('shipped': the "
+                         "profile accel ships for the model)")
     pl.add_argument("--explain", action="store_true", help="auto: print which layer and head got what and why")
 
     cc = sub.add_parser("calibrate-cost", help="measure the decode cost model of a model on this machine (versioned "

@@ -209,6 +209,9 @@ def check_auto_flags(args) -> dict:
         raise InputError("--context and --batch set what a --speed target is for; add --speed")
     from ..policies.auto import AutoPolicy
 
+    if args.from_plan and args.from_plan != "shipped" and not Path(args.from_plan).is_file():
+        raise InputError(f"--from {args.from_plan}: no such plan file (give an auto plan or profile from `accel plan "
+                         "--policy auto`, or --from shipped for the profile accel ships for the model)")
     target = {k: getattr(args, k) for k in ("kv_budget", "speed", "context", "batch") if getattr(args, k) is not None}
     pol = AutoPolicy.from_overrides(**target)  # the same one-line checks as accel.patch
     return pol.target()
@@ -223,7 +226,11 @@ def run_auto(args, model, tok, cal, opts, target: dict):
     from ..scheduler.solve import explain, solve_plan
 
     info = get_adapter(model).info()
-    if args.from_plan:
+    if args.from_plan == "shipped":
+        from ..plan.shipped import require_shipped_plan
+
+        profile = require_shipped_plan("auto", info, "a calibration profile")
+    elif args.from_plan:
         if opts:
             raise AccelError("--from solves from a profile already made; calibration options do not apply")
         profile = Plan.load(args.from_plan)
@@ -236,12 +243,14 @@ def run_auto(args, model, tok, cal, opts, target: dict):
         cost = cost_model_for(model, args.cost)
     except AccelError as exc:
         if "speed" in target or args.cost:
+            if "threads=" in str(exc):  # on the command line the thread count is a flag
+                raise AccelError(f"{exc}; on the command line pass --threads with the cost model's count") from None
             raise
         cost = None
         logger.info("no cost model for this model and machine (%s): the plan carries no predicted step time", exc)
     plan = solve_plan(profile, target, cost=cost, info=info)
-    if args.explain:
-        print("\n".join(explain(plan)))
+    lines = explain(plan)
+    print("\n".join(lines if args.explain else lines[:2 if "step_ms" in plan.params["predicted"] else 1]))
     return plan
 
 
@@ -270,7 +279,8 @@ def draw_auto_plan(plan, path: str | Path, title: str | None = None) -> None:
     p = plan.params.get("predicted", {})
     extra = f", predicted {p['speedup']}x decode" if "speedup" in p else ""
     ax.set_ylim(H - 0.5, -1.1)
-    ax.set_title(title or (f"auto plan for {plan.params.get('target')}: share of the prompt each head keeps (mean "
+    tgt = ", ".join(f"{k} {v}" for k, v in (plan.params.get("target") or {}).items())
+    ax.set_title(title or (f"auto plan ({tgt}): share of the prompt each head keeps (mean "
                            f"{p.get('kv_share')}{extra})"), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()

@@ -128,6 +128,10 @@ class Plan:
             return plan
         if isinstance(plan, dict):
             return cls.from_dict(plan)
+        if not isinstance(plan, (str, Path)):
+            raise PlanValidationError(
+                f"plan must be a Plan, a dict of one or a path to a JSON file, got {type(plan).__name__} ({plan!r}); "
+                "pass policy options as keywords, e.g. accel.patch(model, 'auto', kv_budget=0.2)")
         return cls.load(plan)
 
     @classmethod
