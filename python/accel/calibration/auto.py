@@ -72,20 +72,15 @@ def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64) -> list[tuple[to
 def keep_orders(q_win: torch.Tensor, k_prompt: torch.Tensor, scale: float, rule: str, sink: int, window: int,
                 kernel: int) -> torch.Tensor:
     """[Hkv, c] prompt positions of one layer in the order a head of ``rule`` keeps them (the first ``b`` are what a
-    budget of ``b`` tokens keeps), exactly as ``AutoPolicy`` compresses: ``window`` keeps the first ``sink`` tokens
-    then the newest; ``scored`` the observation window then SnapKV's score, highest first."""
-    from ..policies.budgeted import PrefillView, sinks_then_newest
-    from ..policies.snapkv import snapkv_scores
+    budget of ``b`` tokens keeps): ``AutoPolicy``'s own keep scores (``window``: the first ``sink`` tokens then the
+    newest; ``scored``: the observation window then SnapKV's score), highest first."""
+    from ..policies.auto import AutoPolicy
+    from ..policies.budgeted import PrefillView
 
-    Hkv, c, _ = k_prompt.shape
-    keys = k_prompt.unsqueeze(0)
-    if rule == "window":
-        s = sinks_then_newest(keys, None, sink)[0]
-    else:
-        s = snapkv_scores(PrefillView(query=q_win.unsqueeze(0)), keys, None, scale, window, kernel)[0].double()
-        w = min(window, c)
-        s[:, c - w:] = 1e12 + torch.arange(c - w, c, dtype=torch.float64)
-    return torch.sort(s, dim=-1, descending=True, stable=True).indices
+    pol = AutoPolicy(sink=sink, window=window, kernel=kernel)
+    pol._rule = rule
+    s = pol.token_scores(PrefillView(query=q_win.unsqueeze(0)), k_prompt.unsqueeze(0), None, None, scale)[0]
+    return torch.sort(s.double(), dim=-1, descending=True, stable=True).indices
 
 
 def lost_mass(q_eval: torch.Tensor, k: torch.Tensor, scale: float, c: int, orders: torch.Tensor,

@@ -223,7 +223,7 @@ def run_auto(args, model, tok, cal, opts, target: dict):
     from ..models.registry import get_adapter
     from ..plan import Plan
     from ..scheduler.cost import cost_model_for
-    from ..scheduler.solve import explain, solve_plan
+    from ..scheduler.solve import check_for_model, explain, solve_plan
 
     info = get_adapter(model).info()
     if args.from_plan == "shipped":
@@ -233,10 +233,8 @@ def run_auto(args, model, tok, cal, opts, target: dict):
     elif args.from_plan:
         if opts:
             raise AccelError("--from solves from a profile already made; calibration options do not apply")
-        profile = Plan.load(args.from_plan)
+        profile = check_for_model(Plan.load(args.from_plan), info)
         profile.validate(num_layers=info.num_layers, num_kv_heads=info.num_kv_heads)
-        if profile.policy != "auto" or profile.provenance.get("fingerprint") != info.fingerprint:
-            raise AccelError(f"--from {args.from_plan}: not an auto plan for this model ({info.fingerprint})")
     else:
         profile = cal(model, tok, progress=True, **opts)
     try:
@@ -263,11 +261,13 @@ def draw_auto_plan(plan, path: str | Path, title: str | None = None) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from ..policies.auto import head_share
+
     L, H = plan.num_layers, plan.num_kv_heads
     grid = np.ones((H, L))
     for i, lp in enumerate(plan.layers):
         for h, hp in enumerate(lp.heads or []):
-            grid[h, i] = 1.0 if hp.kind == "full" else hp.beta
+            grid[h, i] = head_share(hp.kind, hp.beta)
     fig, ax = plt.subplots(figsize=(max(8, L * 0.35), 1.6 + 0.45 * H))
     im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0, vmax=1)
     for i, lp in enumerate(plan.layers):

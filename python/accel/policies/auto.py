@@ -32,9 +32,9 @@ import torch
 from ..errors import AccelError
 from ..models.base import ModelInfo
 from ..plan import Plan
-from .budgeted import FORCED, BudgetedKVPolicy, sinks_then_newest
+from .budgeted import BudgetedKVPolicy, sinks_then_newest
 from .registry import register_policy
-from .snapkv import snapkv_scores
+from .snapkv import force_window, snapkv_scores
 
 RULES = ("window", "scored")
 
@@ -143,10 +143,9 @@ class AutoPolicy(BudgetedKVPolicy):
             raise AccelError("auto: no plan attached (patch the model with an auto plan)")
         return plan.layers[layer_idx]
 
-    def layer_rule(self, layer_idx: int, plan: Plan | None = None) -> str | None:
-        """The layer's eviction rule, None for a layer kept whole."""
-        lp = (plan or self._plan).layers[layer_idx]
-        return lp.params.get("rule") if lp.mode == "compress" else None
+    def scored_layer(self, layer_idx: int, plan: Plan) -> bool:
+        lp = plan.layers[layer_idx]
+        return lp.mode == "compress" and lp.params.get("rule") == "scored"
 
     def compress(self, cl, layer_idx, num_layers, view, valid, scaling, state, reserve=0, plan=None, kv_offset=0):
         self._plan = plan
@@ -173,7 +172,7 @@ class AutoPolicy(BudgetedKVPolicy):
         off = getattr(self, "_kv_offset", 0)
         heads = lp.heads[off:off + Hkv]
         full = torch.tensor([h.kind == "full" for h in heads]).view(1, Hkv).expand(n.shape[0], Hkv)
-        share = torch.tensor([1.0 if h.kind == "full" else float(h.beta) for h in heads], dtype=torch.float64)
+        share = torch.tensor([head_share(h.kind, h.beta) for h in heads], dtype=torch.float64)
         budgets = torch.ceil(n.double().view(-1, 1) * share.view(1, Hkv)).long()
         self._full = full.clone()
         return torch.where(full, n.view(-1, 1).expand(-1, Hkv), budgets).clone()
@@ -195,13 +194,9 @@ class AutoPolicy(BudgetedKVPolicy):
     def token_scores(self, view, keys, valid, budgets, scaling):
         if self._rule == "window":
             return sinks_then_newest(keys, valid, self.sink)
-        T = keys.shape[2]
-        w = min(self.window, T)
         s = snapkv_scores(view, keys, valid, scaling, self.window, self.kernel)
         self._raw = s.clone()
-        s = s.double()
-        s[:, :, T - w:] = FORCED + torch.arange(T - w, T, dtype=torch.float64, device=s.device)
-        return s
+        return force_window(s, self.window)
 
 
 def head_share(kind: str, beta: float | None) -> float:

@@ -290,6 +290,11 @@ class BudgetedKVPolicy(KVCachePolicy):
             recent=recent, evict_by=self.evict_by,
             accumulate=self.accumulate and self.decode == "fixed" and self.evict_by == "score")
 
+    def scored_layer(self, layer_idx: int, plan) -> bool:
+        """Whether a compressed layer evicts by a score its decode steps accumulate (the cost model's ``kv_scored``
+        kind) rather than by age or a fixed score (``kv_plain``); per layer where a plan sets the rule per layer."""
+        return bool(self.accumulate) and self.evict_by == "score"
+
     def accumulates(self, ctx: LayerContext) -> bool:
         st = ctx.state.get(self.STATE_KEY)
         return st is not None and st.accumulate

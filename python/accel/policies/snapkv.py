@@ -57,6 +57,16 @@ def snapkv_scores(view: "PrefillView", keys, valid, scaling: float, window: int,
     return pool1d(a, kernel, pooling, valid)
 
 
+def force_window(s: torch.Tensor, window: int) -> torch.Tensor:
+    """SnapKV's keep scores: the statistic ``s`` [B, Hkv, T] as float64 with the last ``window`` prompt tokens (the
+    observation window) forced in, newest highest."""
+    T = s.shape[-1]
+    w = min(window, T)
+    s = s.double()
+    s[..., T - w:] = FORCED + torch.arange(T - w, T, dtype=torch.float64, device=s.device)
+    return s
+
+
 @register_policy("snapkv")
 @dataclass
 class SnapKVPolicy(BudgetedKVPolicy):
@@ -89,11 +99,7 @@ class SnapKVPolicy(BudgetedKVPolicy):
         return {"q_window": query[:, :, -self.window:].detach().clone()}
 
     def token_scores(self, view, keys, valid, budgets, scaling):
-        T = keys.shape[2]
-        w = min(self.window, T)
         s = snapkv_scores(view, keys, valid, scaling, self.window, self.kernel, self.pooling, self.agg)
         self._raw = s.clone()
-        s = s.double()
-        s[:, :, T - w :] = FORCED + torch.arange(T - w, T, dtype=torch.float64, device=s.device)
-        return s
+        return force_window(s, self.window)
 

@@ -69,10 +69,7 @@ def step_work(handle, model, context: int) -> StepWork:
             raise AccelError(f"{what}; {p.name} does work of its own every decode step that the cost model does not "
                              "measure")
         held = _held_per_layer(handle, model, int(context))
-        if hasattr(p, "layer_rule"):  # a rule per layer (policy="auto"): scored layers accumulate, window ones do not
-            kinds = ["kv_scored" if p.layer_rule(i, rt.plan) == "scored" else "kv_plain" for i in range(len(full))]
-        else:
-            kinds = ["kv_scored" if (p.accumulate and p.evict_by == "score") else "kv_plain"] * len(full)
+        kinds = ["kv_scored" if p.scored_layer(i, rt.plan) else "kv_plain" for i in range(len(full))]
         layers = [fw if h is None else LayerWork(k, attend=h + 1) for fw, h, k in zip(full, held, kinds)]
         return StepWork(layers, stacked=_stacked(rt))
     if att.name not in LAYER_POLICIES:

@@ -93,6 +93,19 @@ def _native_stdout_silenced():
         os.close(saved)
 
 
+def check_for_model(plan: Plan, info) -> Plan:
+    """``plan`` if it is an auto plan (or profile) for this model (its recorded fingerprint, where it has one), else one
+    line saying what it is."""
+    if plan.policy != "auto":
+        raise AccelError(f"auto: this is a {plan.policy!r} plan; auto runs plans from `accel plan --policy auto` or "
+                         "accel.calibrate(..., policy='auto')")
+    theirs = (plan.provenance or {}).get("fingerprint")
+    if theirs is not None and theirs != info.fingerprint:
+        raise AccelError(f"auto: this plan was made for another model ({theirs}), not this one ({info.fingerprint}); "
+                         "make one with `accel plan --model PATH --policy auto`")
+    return plan
+
+
 def plan_for_patch(policy, model, info, plan) -> Plan:
     """The plan ``accel.patch(model, "auto", ...)`` runs (``AutoPolicy.planner``): ``plan`` as written when it was
     solved already and no target is given with it; solved from its profile for the policy's target when a target is
@@ -112,14 +125,7 @@ def plan_for_patch(policy, model, info, plan) -> Plan:
         profile = require_shipped_plan("auto", info, "a calibration profile (each head's damage under each rule and "
                                        "budget)")
         return solve_plan(profile, policy.target(), cost=cost, info=info)
-    given = Plan.coerce(plan)
-    if given.policy != "auto":
-        raise AccelError(f"auto: this is a {given.policy!r} plan; auto runs plans from `accel plan --policy auto` or "
-                         "accel.calibrate(..., policy='auto')")
-    theirs = (given.provenance or {}).get("fingerprint")
-    if theirs is not None and theirs != info.fingerprint:
-        raise AccelError(f"auto: this plan was made for another model ({theirs}), not this one ({info.fingerprint}); "
-                         "make one with `accel plan --model PATH --policy auto`")
+    given = check_for_model(Plan.coerce(plan), info)
     sliding = [i for i, (lp, w) in enumerate(zip(given.layers, info.sliding_windows)) if w and lp.mode == "compress"]
     if sliding:
         raise AccelError(f"auto: plan layers {sliding} are sliding-window layers of this model (bounded already, "
@@ -336,6 +342,8 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
 def explain(plan: Plan) -> list[str]:
     """Lines saying which layer and head got what and why (the profile's damage of the choice against the
     alternatives), with the plan's target and predictions."""
+    from ..policies.auto import head_share
+
     prof = profile_of(plan)
     shares, layers = prof["shares"], prof["layers"]
     p = plan.params.get("predicted", {})
@@ -355,7 +363,7 @@ def explain(plan: Plan) -> list[str]:
         other = "window" if rule == "scored" else "scored"
         parts = []
         for h, hp in enumerate(lp.heads):
-            share = 1.0 if hp.kind == "full" else float(hp.beta)
+            share = head_share(hp.kind, hp.beta)
             why = ""
             if share in shares:  # a hand-edited share off the profile's grid has no profiled alternative
                 k = shares.index(share)
