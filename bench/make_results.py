@@ -142,6 +142,8 @@ COMMITTED = {
     "auto_pareto_smollm2_4k.csv": "2026-12-07",
     "eval_auto_smollm2_4k.csv": "2026-12-07",
     "eval_auto_smollm2_4k_lm.csv": "2026-12-07",
+    "auto_ppl_smollm2_4k.csv": "2026-12-07",
+    "auto_ppl_gemma3_4k.csv": "2026-12-07",
     "decode_auto_smollm2_b1.csv": "2026-12-07",
     "decode_auto_smollm2_b8.csv": "2026-12-07",
     "cost_model_auto.csv": "2026-12-07",
@@ -1269,6 +1271,31 @@ def sec_auto() -> list[str]:
                    f"{100 * float(r['error']):+.1f}%"] for r in chk])
     out += ["![predicted vs measured](../bench/results/cost_model_auto.png)", ""]
     out += sources(AUTO_PARETO, AUTO_EVAL, AUTO_LM, *AUTO_SPEED, AUTO_COST_FIRST, "cost_model_smollm2_b.csv", AUTO_COST)
+    out += sec_auto_ppl()
+    return out
+
+
+AUTO_PPL = ("auto_ppl_smollm2_4k.csv", "auto_ppl_gemma3_4k.csv")
+
+
+def sec_auto_ppl() -> list[str]:
+    out = ["### A perplexity target", "",
+           "`auto` solved for `max_ppl_increase` alone (the fewest kept tokens within the damage bound the shipped "
+           "profile's measured perplexity curve gives), then measured on the evaluation's held-out text (the `lm` "
+           "task: 64 teacher-forced tokens after a 4K prefix of the essays' first half, perplexity pooled over the "
+           "samples), one run each. *Predicted* is the increase the curve predicts for the plan (measured on "
+           "calibration passages from the essays' second half); *within* says whether the measured increase is at "
+           "most the target.", ""]
+    for name in AUTO_PPL:
+        rows = load(name)
+        d = rows[0]
+        out += [f"{d['model']}, {d['samples']} samples: dense perplexity {f(d['ppl'], 2)}, {f(d['kv_mb'], 1)} KV MB.", ""]
+        out += table(["max_ppl_increase", "mean share kept", "KV MB", "predicted", "measured", "within"],
+                     [[r["target"], r["kv_share"], f(r["kv_mb"], 1),
+                       pct(float(r["predicted_increase"]), 2) if r["predicted_increase"] else "-",
+                       pct(float(r["increase"]), 2), "yes" if r["within"] == "True" else "**no**"]
+                      for r in rows[1:]])
+    out += sources(*AUTO_PPL)
     return out
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import accel
-from accel.calibration.auto import SHARES, keep_orders, lost_mass
+from accel.calibration.auto import PPL_BUDGETS, SHARES, keep_orders, lost_mass, ppl_curve
 from accel.errors import AccelError
 from accel.plan import HeadPlan, LayerPlan, Plan
 from accel.policies.auto import AutoPolicy, kept_tokens
 from accel.policies.budgeted import PrefillView, keep_top
-from accel.scheduler.solve import explain, solve_plan
+from accel.scheduler.solve import damage_bound, explain, predicted_ppl_increase, solve_plan
 
 from .conftest import gen, model4, same
 
@@ -115,7 +115,9 @@ def test_lost_mass_matches_masked_attention_and_falls_with_the_budget():
 def test_the_profile_of_a_real_calibration_has_zero_damage_for_the_whole_cache():
     m = model4("llama")
     texts = [(prompt(160, seed=s), 120) for s in range(2)]
-    plan = accel.calibrate(m, None, texts, policy="auto", tokens=160, steps=8, sink=4, window=8, progress=False)
+    passages = [prompt(160, seed=7)]
+    plan = accel.calibrate(m, None, texts, policy="auto", tokens=160, steps=8, sink=4, window=8, progress=False,
+                           ppl_texts=passages)
     prof = plan.params["profile"]
     assert prof["layers"] == [0, 1, 2, 3] and prof["shares"] == list(SHARES)
     for rule in ("window", "scored"):
@@ -126,6 +128,18 @@ def test_the_profile_of_a_real_calibration_has_zero_damage_for_the_whole_cache()
     assert "target" not in plan.params and all(lp.mode == "full" for lp in plan.layers)  # a profile, not solved yet
     solved = solve_plan(plan, {"kv_budget": 0.25})
     assert solved.params["predicted"]["kv_share"] <= 0.25 + 1e-9
+    # the perplexity curve: the solver's plan at each budget the profile can reach, its damage and measured ppl
+    curve = prof["ppl"]
+    assert curve["budgets"] == [b for b in PPL_BUDGETS if b >= curve["budgets"][0]] and curve["passages"] == 1
+    assert curve["damage"] == [solve_plan(plan, {"kv_budget": b}).params["predicted"]["damage"]
+                               for b in curve["budgets"]]
+    assert all(a >= b for a, b in zip(curve["damage"], curve["damage"][1:]))  # a larger budget, less damage
+    assert any(x != 0 for x in curve["ppl_increase"]) and curve["dense_ppl"] > 1
+    # a plan keeping everything measures exactly dense's perplexity; a budget the profile cannot reach is left out
+    assert ppl_curve(m, None, plan, passages, 8, budgets=(1.0,))["ppl_increase"] == [0.0]
+    assert ppl_curve(m, None, plan, passages, 8, budgets=(0.001, 0.5))["budgets"] == [0.5]
+    with pytest.raises(AccelError, match="need the tokenizer"):
+        accel.calibrate(m, None, texts, policy="auto", tokens=160, steps=8, sink=4, window=8, progress=False)
 
 
 # -- the solver ----------------------------------------------------------------------------------------------------
@@ -149,9 +163,15 @@ def random_profile(seed, L=2, Hkv=2, shares=(0.1, 0.3, 1.0)):
 
 def brute_force(plan, budget):
     """The least damage of any assignment (one rule per compressed layer) within ``budget``, by enumeration."""
+    return min((d for d, b in assignments(plan) if b <= budget * plan.num_layers * plan.num_kv_heads + 1e-9),
+               default=math.inf)
+
+
+def assignments(plan):
+    """(damage, kept shares summed over heads) of every assignment (one rule per compressed layer)."""
     prof = plan.params["profile"]
     shares, L, Hkv = prof["shares"], plan.num_layers, plan.num_kv_heads
-    best = math.inf
+    out = []
     for rules in itertools.product(("dense", "window", "scored"), repeat=L):
         per_layer = []
         for l, r in enumerate(rules):
@@ -167,9 +187,8 @@ def brute_force(plan, budget):
                 opts.append((d, b))
             per_layer.append(opts)
         for pick in itertools.product(*per_layer):
-            if sum(b for _, b in pick) <= budget * L * Hkv + 1e-9:
-                best = min(best, sum(d for d, _ in pick))
-    return best
+            out.append((sum(d for d, _ in pick), sum(b for _, b in pick)))
+    return out
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -198,6 +217,72 @@ def test_a_budget_covering_everything_keeps_every_layer_whole_and_too_small_a_bu
     with pytest.raises(AccelError, match="no calibration profile"):
         solve_plan(Plan(policy="auto", num_layers=2, num_kv_heads=2, layers=[LayerPlan(), LayerPlan()]),
                    {"kv_budget": 0.5})
+
+
+def with_curve(plan, damage, increase, budgets=None):
+    plan.params["profile"]["ppl"] = {"budgets": budgets or [0.1 * (i + 1) for i in range(len(damage))],
+                                     "damage": damage, "ppl_increase": increase, "dense_ppl": 10.0,
+                                     "passages": 1, "steps": 8}
+    return plan
+
+
+def test_the_perplexity_curve_is_read_conservatively():
+    prof = with_curve(random_profile(0), [0.9, 0.5, 0.2, 0.1], [0.08, 0.01, 0.02, -0.01])
+    p = prof.params["profile"]
+    # points from (0, 0) by damage, increases made non-decreasing: 0.1 -> 0, 0.2 -> 0.02, 0.5 -> 0.02, 0.9 -> 0.08
+    assert damage_bound(p, 0.0) == 0.1 and damage_bound(p, 0.019) == 0.1
+    assert damage_bound(p, 0.02) == 0.5 and damage_bound(p, 0.05) == 0.5 and damage_bound(p, 1.0) == 0.9
+    assert predicted_ppl_increase(p, 0.15) == pytest.approx(0.01)
+    assert predicted_ppl_increase(p, 0.7) == pytest.approx(0.05)
+    assert predicted_ppl_increase(p, 0.95) is None  # beyond the most damaged plan measured
+    del p["ppl"]
+    with pytest.raises(AccelError, match="no measured perplexity curve"):
+        solve_plan(prof, {"max_ppl_increase": 0.02})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("max_ppl", [0.005, 0.03, 0.2])
+def test_a_perplexity_target_alone_keeps_the_fewest_tokens_within_its_damage_bound(seed, max_ppl):
+    prof = random_profile(seed)
+    ds = [d for d, _ in assignments(prof)]
+    top = max(ds)
+    curve_d = [top, top * 0.6, top * 0.3, top * 0.1]
+    with_curve(prof, curve_d, [0.1, 0.04, 0.01, 0.004])
+    bound = damage_bound(prof.params["profile"], max_ppl)
+    plan = solve_plan(prof, {"max_ppl_increase": max_ppl})
+    pr = plan.params["predicted"]
+    fewest = min(b for d, b in assignments(prof) if d <= bound + 1e-9) / (prof.num_layers * prof.num_kv_heads)
+    assert pr["damage"] <= bound + 1e-6 and pr["kv_share"] == pytest.approx(fewest, abs=1e-4)
+    # at that size, the least damage
+    least = min(d for d, b in assignments(prof) if d <= bound + 1e-9
+                and b / (prof.num_layers * prof.num_kv_heads) <= fewest + 1e-4)
+    assert pr["damage"] == pytest.approx(least, abs=1e-5)
+    assert pr["ppl_increase"] == pytest.approx(predicted_ppl_increase(prof.params["profile"], pr["damage"]), abs=1e-5)
+    assert pr["ppl_increase"] <= max_ppl + 1e-9
+
+
+def test_targets_combine_as_constraints_and_a_bound_no_plan_meets_is_refused():
+    prof = random_profile(1)
+    top = max(d for d, _ in assignments(prof))
+    with_curve(prof, [top, top * 0.5, top * 0.1], [0.3, 0.05, 0.01])
+    alone = solve_plan(prof, {"kv_budget": 0.45})
+    both = solve_plan(prof, {"kv_budget": 0.45, "max_ppl_increase": 0.3})  # the bound does not bind
+    assert both.layers == alone.layers and both.params["target"] == {"kv_budget": 0.45, "max_ppl_increase": 0.3}
+    with pytest.raises(AccelError, match="no plan meets kv_budget 0.2, max_ppl_increase 0.01"):
+        solve_plan(prof, {"kv_budget": 0.2, "max_ppl_increase": 0.01})
+    # no increase at all: every layer whole, which no bytes target below dense allows
+    whole = solve_plan(prof, {"max_ppl_increase": 0.0})
+    assert all(lp.mode == "full" for lp in whole.layers)
+    with pytest.raises(AccelError, match="keeps every head whole"):
+        solve_plan(prof, {"kv_budget": 0.5, "max_ppl_increase": 0.0})
+    # bytes and speed together: both met, least damage among the plans meeting both
+    cost = fake_cost()
+    sp = solve_plan(prof, {"kv_budget": 0.6, "speed": 1.3, "context": 1000, "batch": 1}, cost=cost)
+    assert sp.params["predicted"]["kv_share"] <= 0.6 + 1e-9 and sp.params["predicted"]["speedup"] >= 1.3 - 1e-6
+    only_speed = solve_plan(prof, {"speed": 1.3, "context": 1000, "batch": 1}, cost=cost)
+    assert sp.params["predicted"]["damage"] >= only_speed.params["predicted"]["damage"] - 1e-9
+    with pytest.raises(AccelError, match="no plan meets both kv_budget 0.5 and a 5.0x speed-up"):
+        solve_plan(prof, {"kv_budget": 0.5, "speed": 5.0, "context": 1000, "batch": 1}, cost=cost)
 
 
 def fake_cost(L=2, Hkv=2):
@@ -244,7 +329,7 @@ def tiny_profile(m):
 
     info = get_adapter(m).info()
     plan = accel.calibrate(m, None, [(prompt(160, seed=s), 120) for s in range(2)], policy="auto", tokens=160,
-                           steps=8, sink=4, window=8, progress=False)
+                           steps=8, sink=4, window=8, progress=False, ppl_texts=[prompt(160, seed=7)])
     return plan, info
 
 
@@ -254,7 +339,8 @@ def test_patch_refusals_are_one_line_and_remove_restores_the_model():
         accel.patch(m, "auto")
     profile, _ = tiny_profile(m)
     for spec, kw, msg in [("auto+snapkv", {}, "runs alone"), ("hylra+auto", {}, "runs alone"),
-                          ("auto", {"kv_budget": 0.2, "speed": 1.2}, "one target"),
+                          ("auto", {"max_ppl_increase": -0.1}, "max_ppl_increase must be a relative perplexity"),
+                          ("auto", {"max_ppl_increase": "2%"}, "max_ppl_increase must be a number"),
                           ("auto", {"budget_ratio": 0.2}, "instead of budget"),
                           ("auto", {"kv_budget": 1.5}, r"kv_budget must be a share of the prompt in \(0, 1\]"),
                           ("auto", {"speed": 0.5}, "speed must be a decode speed-up >= 1")]:
@@ -314,7 +400,7 @@ def test_plan_command_flags_are_checked_before_the_model_loads(capsys):
     from accel.cli.main import main
 
     for argv, msg in [(["--policy", "duo", "--kv-budget", "0.2"], "--kv-budget applies to --policy auto only"),
-                      (["--policy", "auto", "--kv-budget", "0.2", "--speed", "1.3"], "one target"),
+                      (["--policy", "auto", "--max-ppl-increase", "-1"], "max_ppl_increase must be a relative"),
                       (["--policy", "auto", "--context", "8192"], "add --speed"),
                       (["--policy", "auto", "--kv-budget", "2"], "kv_budget must be a share"),
                       (["--policy", "auto", "--from", "no-such.json"], "--from no-such.json: no such plan file")]:
@@ -396,8 +482,8 @@ def test_options_that_would_be_ignored_and_plans_for_another_model_are_refused()
 def test_gemma_profiles_cover_only_its_full_layers_and_the_plan_compresses_only_them():
     g = model4("gemma3_text")
     plan = accel.calibrate(g, None, [(prompt(160, seed=s), 120) for s in range(2)], policy="auto", tokens=160,
-                           steps=8, sink=4, window=8, progress=False)
-    assert plan.params["profile"]["layers"] == [1, 3]
+                           steps=8, sink=4, window=8, progress=False, ppl_texts=[prompt(160, seed=7)])
+    assert plan.params["profile"]["layers"] == [1, 3] and plan.params["profile"]["ppl"]["budgets"]
     ids = prompt()
     with accel.patch(g, "auto", plan=plan, kv_budget=0.3) as h:
         solved = h.runtime.plan

@@ -40,6 +40,9 @@ logger = logging.getLogger("accel")
 
 #: the shares of the prompt the profile measures (1.0 is every token: no damage)
 SHARES = (0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)
+#: the kv_budget targets whose plans' perplexity the profile measures ([INFER]: the evaluation's budgets and the
+#: steps between them)
+PPL_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)
 
 
 def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64) -> list[tuple[torch.Tensor, int]]:
@@ -47,9 +50,7 @@ def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64) -> list[tuple[to
     prompt's end) and essay text (split ``steps`` tokens before the end), in turn: passkey, needle, essay."""
     from ..eval.niah import make_niah
     from ..eval.passkey import make_passkey
-    from ..eval.text import essays_text
 
-    text = essays_text()
     out = []
     for i in range(n):
         kind = i % 3
@@ -60,12 +61,27 @@ def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64) -> list[tuple[to
             a = tokenizer(" " + s.answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
             out.append((torch.cat([p, a], 1), p.shape[1]))
         else:
-            half = len(text) // 2
-            start = half + ((CALIB_SEED + i) * 104_729) % max(1, half - tokens * 6)
-            ids = tokenizer(text[start:start + tokens * 6], return_tensors="pt")["input_ids"][:, :tokens]
-            if ids.shape[1] < tokens:
-                raise AccelError("calibrate(auto): not enough essay text for the requested length")
-            out.append((ids, tokens - steps))
+            out.append((essay_passages(tokenizer, 1, tokens, first=i)[0], tokens - steps))
+    return out
+
+
+def essay_passages(tokenizer, n: int, tokens: int, first: int = 0) -> list[torch.Tensor]:
+    """``n`` passages [1, tokens] of the essays' second half (the evaluation reads the first), at the calibration's
+    offsets ``first``, ``first + 1``, ..."""
+    from ..eval.text import essays_text
+
+    text = essays_text()
+    half = len(text) // 2
+    out = []
+    for i in range(first, first + n):
+        x = ((CALIB_SEED + i) * 104_729) % max(1, half - tokens * 6)
+        if x < 7 * tokens:  # clear of the evaluation's passages (from the first half, 6 characters a token)
+            x += 7 * tokens
+        start = half + x
+        ids = tokenizer(text[start:start + tokens * 6], return_tensors="pt")["input_ids"][:, :tokens]
+        if ids.shape[1] < tokens:
+            raise AccelError("calibrate(auto): not enough essay text for the requested length")
+        out.append(ids)
     return out
 
 
@@ -114,14 +130,53 @@ def lost_mass(q_eval: torch.Tensor, k: torch.Tensor, scale: float, c: int, order
     return (lost.amax(1) if reduce == "max" else lost.mean(1)).float()
 
 
+def ppl_curve(model, tokenizer, profile_plan: Plan, passages: list[torch.Tensor], steps: int,
+              budgets=PPL_BUDGETS, bar=None) -> dict:
+    """The measured perplexity of the plans the solver picks for ``budgets`` (``kv_budget`` targets) on
+    ``passages`` (each [1, T]: the last ``steps`` tokens scored teacher-forced after the rest, on a fork of one dense
+    prefill, as the evaluation's ``lm`` task), against dense attention: ``{"budgets", "damage" (each plan's predicted
+    damage), "ppl_increase" (ppl / dense ppl - 1, the tokens of every passage pooled), "dense_ppl", "passages",
+    "steps"}``. Budgets below what the profile's smallest share keeps are left out."""
+    from ..eval.runner import teacher_forced
+    from ..policies.auto import kept_tokens
+    from ..scheduler.solve import solve_plan
+
+    info = get_adapter(model).info()
+    prof = profile_plan.params["profile"]
+    sink, window = int(profile_plan.params["sink"]), int(profile_plan.params["window"])
+    n = int(prof["context"])
+    floor = max(kept_tokens(prof["shares"][0], n, r, sink, window) for r in RULES) / n
+    budgets = [float(b) for b in budgets if b >= floor]
+    plans = {f"auto@kv_budget={b}": solve_plan(profile_plan, {"kv_budget": b}, info=info) for b in budgets}
+    names = ["dense", *plans]
+    nll = dict.fromkeys(names, 0.0)
+    for ids in passages:
+        prefix, cont = ids[:, :-steps], ids[0, -steps:]
+        scored = teacher_forced(model, prefix, cont, names, plans=plans)
+        for name, (logp, _) in scored.items():
+            nll[name] += -float(logp.gather(1, cont.view(-1, 1)).sum())
+        if bar is not None:
+            bar.update(1)
+    total = steps * len(passages)
+    dense = math.exp(nll["dense"] / total)
+    return {
+        "budgets": budgets,
+        "damage": [plans[k].params["predicted"]["damage"] for k in plans],
+        "ppl_increase": [round(math.exp(nll[k] / total) / dense - 1, 6) for k in plans],
+        "dense_ppl": round(dense, 6), "passages": len(passages), "steps": steps,
+    }
+
+
 def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts: int = 6, steps: int = 64,
-                   sink: int = 16, window: int = 32, kernel: int = 7, reduce: str = "max",
+                   sink: int = 16, window: int = 32, kernel: int = 7, reduce: str = "max", ppl_texts: int | list = 3,
                    progress: bool = True) -> Plan:
     """Profile every full-attention KV head (module docstring) and return an ``auto`` profile plan: its
     ``params["profile"]`` holds the damage table and its layers are not assigned yet, so one calibration serves every
     target (``accel.patch(model, "auto", plan=plan, kv_budget=...)`` solves it for the target, 25% by default;
     ``accel plan --policy auto`` writes it solved). ``texts``: a list of ``(ids [1, T], split)`` pairs (default
-    ``auto_texts``)."""
+    ``auto_texts``). ``ppl_texts``: how many essay passages of ``tokens`` tokens the perplexity curve (``ppl_curve``)
+    is measured on, or the passages themselves (token ids [1, T]); 0: no curve, and no ``max_ppl_increase`` target
+    from this profile."""
     from ..policies.auto import kept_tokens
 
     if reduce not in ("max", "mean"):
@@ -130,12 +185,23 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
     tokens = min(tokens, info.max_context or tokens)
     if tokens < 4 * (steps + window + sink):
         raise AccelError(f"calibrate(auto): tokens ({tokens}) must be at least 4 x (steps + window + sink)")
+    if isinstance(ppl_texts, (list, tuple)):
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == 1 and t.shape[1] > 2 * steps
+                   for t in ppl_texts):
+            raise AccelError(f"calibrate(auto): ppl_texts must be token ids [1, T] with T > 2 x steps ({2 * steps})")
+    elif isinstance(ppl_texts, bool) or not isinstance(ppl_texts, int) or ppl_texts < 0:
+        raise AccelError(f"calibrate(auto): ppl_texts must be a number of essay passages >= 0 or a list of token "
+                         f"ids [1, T], got {ppl_texts!r}")
+    elif ppl_texts and tokenizer is None:
+        raise AccelError("calibrate(auto): the perplexity curve's essay passages need the tokenizer; pass "
+                         "ppl_texts=[ids, ...] or ppl_texts=0 (no curve)")
+    n_ppl = len(ppl_texts) if isinstance(ppl_texts, (list, tuple)) else ppl_texts
     if texts is None:
         texts = auto_texts(tokenizer, n_texts, tokens, steps)
     full_layers = [i for i, w in enumerate(info.sliding_windows) if w is None]
     if not full_layers:
         raise AccelError("calibrate(auto): the model has no full-attention layer to compress")
-    bar = progress_bar(progress, len(texts), "calibrating auto")
+    bar = progress_bar(progress, len(texts) + n_ppl, "calibrating auto")
     t0 = time.perf_counter()
     damage = {r: {li: torch.zeros(info.num_kv_heads, len(SHARES)) for li in full_layers} for r in RULES}
     dev = next(model.parameters()).device
@@ -157,8 +223,6 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
                                            protected=sink if r == "window" else 0)
         if bar is not None:
             bar.update(1)
-    if bar is not None:
-        bar.close()
     n = len(texts)
     profile = {
         "metric": "lost_mass", "reduce": reduce, "context": int(round(sum(split for _, split in texts) / n)),
@@ -174,10 +238,16 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
             "fingerprint": info.fingerprint,
             "source": "accel.calibrate (auto: per-head attention mass lost under each rule and budget)",
             "args": {"tokens": tokens, "n_texts": n, "steps": steps, "sink": sink, "window": window,
-                     "kernel": kernel, "reduce": reduce},
-            "seconds": round(time.perf_counter() - t0, 1),
+                     "kernel": kernel, "reduce": reduce, "ppl_texts": n_ppl},
         },
     )
     if any(not math.isfinite(x) for r in RULES for L in profile["damage"][r] for row in L for x in row):
         raise AccelError("calibrate(auto): the profile holds non-finite damage; check the model's dtype")
+    if n_ppl:
+        passages = (list(ppl_texts) if isinstance(ppl_texts, (list, tuple))
+                    else essay_passages(tokenizer, ppl_texts, tokens, first=n))
+        profile["ppl"] = ppl_curve(model, tokenizer, plan, passages, steps, bar=bar)
+    if bar is not None:
+        bar.close()
+    plan.provenance["seconds"] = round(time.perf_counter() - t0, 1)
     return plan

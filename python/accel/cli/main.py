@@ -105,10 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--reduce", default=None, choices=["max", "mean"],
                     help="duo: head score over the profiled steps; auto: damage over the scored queries (max)")
     pl.add_argument("--kv-budget", type=float, default=None,
-                    help="auto: the target, the mean share of the prompt a full-attention KV head keeps (0.25)")
+                    help="auto: a target, the mean share of the prompt a full-attention KV head keeps (0.25 when no "
+                         "target is given)")
     pl.add_argument("--speed", type=float, default=None,
-                    help="auto: the target, a predicted decode speed-up over dense attention at --context/--batch "
+                    help="auto: a target, a predicted decode speed-up over dense attention at --context/--batch "
                          "(needs this machine's cost model, `accel calibrate-cost`)")
+    pl.add_argument("--max-ppl-increase", type=float, default=None,
+                    help="auto: a target, the largest relative perplexity increase over dense (0.02: +2%%), from the "
+                         "profile's measured curve; alone it asks for the fewest kept tokens, with --kv-budget or "
+                         "--speed it bounds their least-damage plan")
+    pl.add_argument("--ppl-texts", type=int, default=None,
+                    help="auto: essay passages the profile's perplexity curve is measured on (3; 0: no curve)")
     pl.add_argument("--context", type=int, default=None, help="auto: the context a --speed target is for (4096)")
     pl.add_argument("--batch", type=int, default=None, help="auto: the batch size a --speed target is for (1)")
     pl.add_argument("--cost", default=None, help="auto: cost model JSON (default: the one shipped for this model and "

@@ -145,7 +145,8 @@ def draw_head_plan(plan, path: str | Path, title: str | None = None) -> None:
 
 #: `accel plan` flags -> calibrator option names (any other option: --set KEY=VALUE)
 FLAG_OPTIONS = ("tokens", "n_texts", "steps", "chunk", "preserved_ratio", "sink", "recent", "retrieval_fraction",
-                "densities", "lengths", "sparsity", "computed_ratio", "anchor_mode", "data", "metric", "reduce")
+                "densities", "lengths", "sparsity", "computed_ratio", "anchor_mode", "data", "metric", "reduce",
+                "ppl_texts")
 LIST_OPTIONS = {"densities": float, "lengths": int}
 
 
@@ -190,7 +191,8 @@ def check_request(args):
     return cal, opts
 
 
-AUTO_FLAGS = ("kv_budget", "speed", "context", "batch", "cost", "from_plan", "explain")
+AUTO_FLAGS = ("kv_budget", "speed", "max_ppl_increase", "context", "batch", "cost", "from_plan", "explain")
+TARGETS = ("kv_budget", "speed", "context", "batch", "max_ppl_increase")
 
 
 def check_auto_flags(args) -> dict:
@@ -203,8 +205,6 @@ def check_auto_flags(args) -> dict:
             flags = ", ".join("--" + ("from" if f == "from_plan" else f.replace("_", "-")) for f in given)
             raise InputError(f"{flags} appl{'ies' if len(given) == 1 else 'y'} to --policy auto only")
         return {}
-    if args.kv_budget is not None and args.speed is not None:
-        raise InputError("give one target: --kv-budget or --speed")
     if (args.context is not None or args.batch is not None) and args.speed is None:
         raise InputError("--context and --batch set what a --speed target is for; add --speed")
     from ..policies.auto import AutoPolicy
@@ -212,7 +212,7 @@ def check_auto_flags(args) -> dict:
     if args.from_plan and args.from_plan != "shipped" and not Path(args.from_plan).is_file():
         raise InputError(f"--from {args.from_plan}: no such plan file (give an auto plan or profile from `accel plan "
                          "--policy auto`, or --from shipped for the profile accel ships for the model)")
-    target = {k: getattr(args, k) for k in ("kv_budget", "speed", "context", "batch") if getattr(args, k) is not None}
+    target = {k: getattr(args, k) for k in TARGETS if getattr(args, k) is not None}
     pol = AutoPolicy.from_overrides(**target)  # the same one-line checks as accel.patch
     return pol.target()
 

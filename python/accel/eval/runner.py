@@ -278,37 +278,50 @@ def run_lm(model, tok, policies: list[str], lengths: list[int], n_eval: int, n_s
             if ids.shape[1] < L + n_eval:
                 raise AccelError("not enough held-out text for the requested length")
             prefix, cont = ids[:, :L], ids[0, L:]
-            base, _ = _prefill(model, prefix[:, :-1], torch.ones_like(prefix[:, :-1]), record)
-            ref_logp = None
-            for pol in refs:
-                cache = fork_cache(base, for_hf=(pol == "hf"))
-                handle = patch_for(model, pol, overrides if pol not in ("hf", "dense") else None)
-                try:
-                    _compress_fork(handle, cache, None)
-                    held = kv_bytes(cache)
-                    logps = []
-                    tok_in = prefix[:, -1:]
-                    with torch.no_grad():
-                        for t in range(n_eval):
-                            out = model(input_ids=tok_in, use_cache=True, **compat.cache_kwargs(model, cache))
-                            cache = compat.output_cache(out)
-                            logps.append(torch.log_softmax(out.logits[0, -1].float(), -1))
-                            tok_in = cont[t : t + 1].view(1, 1)
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                logp = torch.stack(logps)  # [n_eval, vocab]
+            scored = teacher_forced(model, prefix, cont, refs, overrides, record=record)
+            ref_logp = scored["dense"][0]
+            for pol in policies:
+                logp, held = scored[pol]
                 nll = -logp.gather(1, cont.view(-1, 1)).mean().item()
-                if pol == "dense":
-                    ref_logp = logp
                 agree = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
-                if pol in policies:
-                    results.append(Result(pol, "lm", L_req, L, None, i, agree, "", extra={
-                        "ppl": math.exp(nll), "nll": nll, "top1_agree": agree, "kl": kl, "kv_bytes": held}))
+                results.append(Result(pol, "lm", L_req, L, None, i, agree, "", extra={
+                    "ppl": math.exp(nll), "nll": nll, "top1_agree": agree, "kl": kl, "kv_bytes": held}))
             if progress is not None:
                 progress.update(1)
     return results
+
+
+def teacher_forced(model, prefix: torch.Tensor, cont: torch.Tensor, policies: list[str],
+                   overrides: dict | None = None, plans: dict | None = None, record: list | None = None) -> dict:
+    """``{policy: (log-probabilities [len(cont), vocab], KV bytes held after compression)}``: every policy decodes
+    ``cont`` [n] teacher-forced after ``prefix`` [1, L] from its own fork of one dense prefill of ``prefix[:, :-1]``
+    (compressed by its KV-cache policies). ``plans``: a plan per policy name; ``record``: the prefill statistics the
+    policies need (``_stats_needed``, computed from ``policies`` when not given)."""
+    if record is None:
+        record = _stats_needed(policies, overrides)
+    base, _ = _prefill(model, prefix[:, :-1], torch.ones_like(prefix[:, :-1]), record)
+    out = {}
+    for pol in policies:
+        cache = fork_cache(base, for_hf=(pol == "hf"))
+        handle = patch_for(model, pol, overrides if pol not in ("hf", "dense") else None,
+                           plan=(plans or {}).get(pol))
+        try:
+            _compress_fork(handle, cache, None)
+            held = kv_bytes(cache)
+            logps = []
+            tok_in = prefix[:, -1:]
+            with torch.no_grad():
+                for t in range(cont.shape[0]):
+                    o = model(input_ids=tok_in, use_cache=True, **compat.cache_kwargs(model, cache))
+                    cache = compat.output_cache(o)
+                    logps.append(torch.log_softmax(o.logits[0, -1].float(), -1))
+                    tok_in = cont[t : t + 1].view(1, 1)
+        finally:
+            if handle is not None:
+                handle.remove()
+        out[pol] = (torch.stack(logps), held)
+    return out
 
 
 # -- statistics -------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ because decode-time eviction is one kernel call per layer.
 
 ``accel.patch(model, "auto", kv_budget=0.25)`` solves the plan from the shipped calibration profile of the model
 (``accel plan --policy auto`` makes one for another model) for that target; ``speed=1.3`` (with ``context`` and
-``batch``) asks for a predicted decode speed-up over dense attention on this machine instead, from its measured cost
-model (``accel calibrate-cost``). A plan file solved by ``accel plan --policy auto ...`` runs exactly as written.
-Every head ``full`` is exactly dense.
+``batch``) asks for a predicted decode speed-up over dense attention on this machine, from its measured cost
+model (``accel calibrate-cost``); ``max_ppl_increase=0.02`` for the fewest kept tokens whose perplexity the profile's
+measured curve predicts within +2%. Targets given together are all met. A plan file solved by
+``accel plan --policy auto ...`` runs exactly as written. Every head ``full`` is exactly dense.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class AutoPolicy(BudgetedKVPolicy):
     kv_budget: float | None = None
     #: the predicted decode speed-up over dense attention (needs this machine's cost model)
     speed: float | None = None
+    #: the largest perplexity increase allowed (0.02: +2% over dense), predicted from the profile's measured curve
+    max_ppl_increase: float | None = None
     #: the context and batch size a speed target is for (4096 and 1 when not given)
     context: int | None = None
     batch: int | None = None
@@ -69,11 +72,13 @@ class AutoPolicy(BudgetedKVPolicy):
         if self.min_budget is not None:
             raise AccelError("auto: the plan sets every head's floor (sink + 1 tokens for the window rule, the "
                              "observation window for the scored rule); drop min_budget")
-        if self.kv_budget is not None and self.speed is not None:
-            raise AccelError("auto: give one target, kv_budget or speed, not both")
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         if self.kv_budget is not None and not (number(self.kv_budget) and 0 < self.kv_budget <= 1):
             raise AccelError(f"auto: kv_budget must be a share of the prompt in (0, 1], got {self.kv_budget!r}")
+        if self.max_ppl_increase is not None and not (number(self.max_ppl_increase) and self.max_ppl_increase >= 0
+                                                          and math.isfinite(self.max_ppl_increase)):
+            raise AccelError("auto: max_ppl_increase must be a relative perplexity increase >= 0 (0.02: +2%), got "
+                             f"{self.max_ppl_increase!r}")
         if self.speed is not None and not (number(self.speed) and self.speed >= 1):
             raise AccelError(f"auto: speed must be a decode speed-up >= 1 over dense attention, got {self.speed!r}")
         if (self.context is not None or self.batch is not None) and self.speed is None:
@@ -92,10 +97,16 @@ class AutoPolicy(BudgetedKVPolicy):
             raise AccelError(f"auto: decode must be 'fixed' (stay at the budget) or 'grow', got {self.decode!r}")
 
     def target(self) -> dict:
-        """The solver's target: ``{"kv_budget": x}`` or ``{"speed": s, "context": n, "batch": b}`` (default 25%)."""
+        """The solver's targets, any of ``kv_budget``, ``speed`` (with ``context`` and ``batch``) and
+        ``max_ppl_increase``, each a constraint on the plan (``kv_budget`` 0.25 when none is given)."""
+        out = {}
+        if self.kv_budget is not None:
+            out["kv_budget"] = float(self.kv_budget)
         if self.speed is not None:
-            return {"speed": float(self.speed), "context": int(self.context or 4096), "batch": int(self.batch or 1)}
-        return {"kv_budget": float(self.kv_budget if self.kv_budget is not None else 0.25)}
+            out.update(speed=float(self.speed), context=int(self.context or 4096), batch=int(self.batch or 1))
+        if self.max_ppl_increase is not None:
+            out["max_ppl_increase"] = float(self.max_ppl_increase)
+        return out or {"kv_budget": 0.25}
 
     # -- plan --------------------------------------------------------------------------------------------
     #: solves the plan at patch time for this model and machine (``accel.scheduler.solve.plan_for_patch``)

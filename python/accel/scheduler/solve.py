@@ -5,12 +5,14 @@ KV head of a compressed layer keeps a share of the prompt from the profile's gri
 retrieval head). The choice is a mixed-integer program (HiGHS through ``scipy.optimize.milp``):
 
     minimise    sum over heads of damage(l, h, rule_l, share_h)     (the profile's predicted lost attention)
-    subject to  one rule per layer, one share per head (a head's rule is its layer's),
-                kv_budget:  mean kept share over full-attention KV heads <= kv_budget, or
+    subject to  one rule per layer, one share per head (a head's rule is its layer's), and each target given:
+                kv_budget:  mean kept share over full-attention KV heads <= kv_budget;
                 speed:      predicted decode step <= dense step / speed at ``context`` and ``batch``, from this
                             machine's measured cost model (``accel.scheduler.cost``): per layer a fixed cost plus a
                             per-key slope for its kind (``full`` / ``kv_plain`` / ``kv_scored``), so the step is
-                            linear in the choices.
+                            linear in the choices;
+                max_ppl_increase: summed damage <= the bound the profile's measured perplexity curve gives
+                            (``damage_bound``); given alone, the objective is the fewest kept tokens instead.
 
 Ties go to fewer kept tokens, then to layers kept whole. Shares count each rule's floor (a ``window`` head never
 keeps fewer than sink + 1 tokens, a ``scored`` one fewer than its observation window) at the profile's context for a
@@ -24,6 +26,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 
@@ -116,7 +119,7 @@ def plan_for_patch(policy, model, info, plan) -> Plan:
 
     from ..patching.tensor_parallel import tensor_parallel_size
 
-    explicit = policy.explicit_knobs() & {"kv_budget", "speed", "context", "batch"}
+    explicit = policy.explicit_knobs() & {"kv_budget", "speed", "context", "batch", "max_ppl_increase"}
     if policy.speed is not None and tensor_parallel_size(model) != 1:
         raise AccelError("auto: a speed target is predicted by a one-process cost model; under tensor parallelism "
                          "give kv_budget instead")
@@ -167,6 +170,11 @@ def _slope_floor(cost: CostModel, batch: int, term: str) -> float:
     return min(cost.per_batch[str(b)][term] for b in near)
 
 
+def _named(target: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in target.items() if k not in ("context", "batch")) + (
+        f" at context {target['context']}, batch {target['batch']}" if "speed" in target else "")
+
+
 def _whole_plan(profile_plan: Plan, target: dict, predicted: dict) -> Plan:
     params = copy.deepcopy(profile_plan.params)
     params["target"], params["predicted"] = dict(target), predicted
@@ -174,6 +182,44 @@ def _whole_plan(profile_plan: Plan, target: dict, predicted: dict) -> Plan:
     return Plan(policy="auto", num_layers=profile_plan.num_layers, num_kv_heads=profile_plan.num_kv_heads,
                 model_type=profile_plan.model_type, params=params,
                 layers=[LayerPlan(mode="full") for _ in range(profile_plan.num_layers)], provenance=prov)
+
+
+def ppl_points(prof: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The profile's measured perplexity curve as (damage, increase) points from (0, 0) in increasing damage, the
+    increase made non-decreasing (a plan with more damage is never predicted better than one with less: a measured
+    dip below dense is noise); one line when the profile has no curve."""
+    c = prof.get("ppl")
+    if not isinstance(c, dict) or not c.get("budgets"):
+        raise AccelError("auto: this profile has no measured perplexity curve, so max_ppl_increase cannot be "
+                         "predicted; make a profile with `accel plan --policy auto` (ppl_texts > 0)")
+    d, p = c.get("damage"), c.get("ppl_increase")
+    if not (isinstance(d, list) and isinstance(p, list) and len(d) == len(p) == len(c["budgets"])
+            and all(isinstance(x, (int, float)) and math.isfinite(x) for x in d + p) and min(d) >= 0):
+        raise AccelError("auto: profile.ppl must hold one finite damage >= 0 and perplexity increase per budget")
+    order = sorted(range(len(d)), key=lambda i: (d[i], p[i]))
+    dam = np.array([0.0] + [float(d[i]) for i in order])
+    inc = np.maximum.accumulate(np.array([0.0] + [float(p[i]) for i in order]))
+    return dam, inc
+
+
+def predicted_ppl_increase(prof: dict, damage: float) -> float | None:
+    """The perplexity increase the profile's measured curve predicts at ``damage`` (linear between measured plans),
+    None beyond the most damaged plan measured or without a curve."""
+    if not isinstance(prof.get("ppl"), dict):
+        return None
+    dam, inc = ppl_points(prof)
+    if damage > dam[-1] * (1 + 1e-9) + 1e-12:
+        return None
+    return float(np.interp(damage, dam, inc))
+
+
+def damage_bound(prof: dict, max_increase: float) -> float:
+    """The most damage a plan may have for ``max_increase``: that of the most damaged measured plan whose perplexity
+    (and every less damaged one's) rose by at most ``max_increase`` on the calibration text, 0 when none did
+    (conservative: no extrapolation beyond a measured plan)."""
+    dam, inc = ppl_points(prof)
+    ok = inc <= max_increase + 1e-12
+    return float(dam[np.flatnonzero(ok).max()]) if ok.any() else 0.0
 
 
 def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None, info) -> Plan:
@@ -190,14 +236,18 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
         if layers != full_layers:
             raise AccelError(f"auto: the profile covers layers {layers} but the model's full-attention layers are "
                              f"{full_layers}; make a profile for this model with `accel plan --policy auto`")
+    kv_budget = float(target["kv_budget"]) if "kv_budget" in target else None
+    max_ppl = float(target["max_ppl_increase"]) if "max_ppl_increase" in target else None
     if "speed" in target:
         if cost is None:
             raise AccelError("auto: a speed target needs this machine's cost model; run `accel calibrate-cost` (or "
                              "give kv_budget instead)")
         context, batch = int(target["context"]), int(target["batch"])
     else:
-        kv_budget = float(target["kv_budget"])
         context, batch = int(target.get("context", prof["context"])), int(target.get("batch", 1))
+    bound = damage_bound(prof, float(max_ppl)) if max_ppl is not None else None
+    #: least damage under the bytes / speed targets; with only a perplexity bound, the fewest kept tokens under it
+    least_damage = kv_budget is not None or "speed" in target
     coef = _fit_cost(cost, profile_plan, info, batch) if cost is not None else None
     windows = list(info.sliding_windows) if info is not None else [None] * L
     n_bytes = int(prof["context"]) if "speed" not in target else context
@@ -209,10 +259,18 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
                                          for i, w in enumerate(windows) if i not in layers)
         dense_ms = const_ms + sum(coef["full_slope"] * m * Hkv * T for _ in layers)
     whole = {"kv_share": 1.0, "damage": 0.0, "context": n_bytes, "batch": batch}
+    if max_ppl is not None:
+        whole["ppl_increase"] = 0.0
     if coef is not None:
         whole.update(step_ms=round(dense_ms, 3), dense_step_ms=round(dense_ms, 3), speedup=1.0)
-    if target.get("kv_budget", 0) >= 1 or target.get("speed", 0) == 1:
-        return _whole_plan(profile_plan, target, whole)  # the budget covers everything: exactly dense
+    needs_compression = (kv_budget is not None and kv_budget < 1) or target.get("speed", 1) > 1
+    if not needs_compression and (least_damage or bound == 0):
+        return _whole_plan(profile_plan, target, whole)  # the targets allow every token: exactly dense
+    if bound == 0:
+        raise AccelError(f"auto: max_ppl_increase {max_ppl} is below what every measured compressed plan costs on "
+                         f"the calibration text (the least: +{ppl_points(prof)[1][1]:.2%}), so it keeps every "
+                         "head whole, which meets no kv_budget or speed below dense; raise max_ppl_increase or drop "
+                         "the other target")
 
     # variables: per layer its option y (3), per layer x head x (option, share) its choice x
     choices = [("dense", 1.0)] + [(r, s) for r in ("window", "scored") for s in shares]
@@ -281,7 +339,7 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
                 add(row(sel), -np.inf, 0)
     if "speed" in target:
         add(step, -np.inf, dense_ms / float(target["speed"]) - const_ms)
-    else:
+    if kv_budget is not None:
         add(size, -np.inf, kv_budget * nl * Hkv)
 
     def run(objective):
@@ -289,15 +347,38 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
             return milp(objective, constraints=[LinearConstraint(np.array(rows), lo, hi)], integrality=np.ones(N),
                         bounds=Bounds(0, 1))
 
-    res = run(dmg)  # least damage first
-    if res.status == 0 and res.x is not None:
-        # then, among plans of (numerically) that damage, the fewest kept tokens, and layers kept whole
-        add(dmg, -np.inf, float(dmg @ res.x) * (1 + 1e-7) + 1e-9)
-        res2 = run(size + 1e-6 * compressed)
-        res = res2 if res2.status == 0 and res2.x is not None else res
-    if res.status != 0 or res.x is None:
+    def solved(r):
+        return r.status == 0 and r.x is not None
+
+    if least_damage:
+        res = run(dmg)  # least damage first
+        if solved(res) and bound is not None and float(dmg @ res.x) > bound * (1 + 1e-7) + 1e-9:
+            at = predicted_ppl_increase(prof, float(dmg @ res.x))
+            raise AccelError(f"auto: no plan meets {_named(target)}: the least damage that target allows is "
+                             f"{float(dmg @ res.x):.3f}, above the {bound:.3f} the measured perplexity curve allows "
+                             f"for +{max_ppl:.2%} (it predicts "
+                             f"{'more than the most damaged plan measured' if at is None else f'+{at:.2%}'}); "
+                             + ", ".join((["raise kv_budget"] if kv_budget is not None else [])
+                                         + (["lower speed"] if "speed" in target else []))
+                             + " or raise max_ppl_increase")
+        if solved(res):
+            # then, among plans of (numerically) that damage, the fewest kept tokens, and layers kept whole
+            add(dmg, -np.inf, float(dmg @ res.x) * (1 + 1e-7) + 1e-9)
+            res2 = run(size + 1e-6 * compressed)
+            res = res2 if solved(res2) else res
+    else:
+        add(dmg, -np.inf, bound * (1 + 1e-7) + 1e-9)  # the perplexity bound, as the damage it allows
+        res = run(size)  # the fewest kept tokens first
+        if solved(res):
+            add(size, -np.inf, float(size @ res.x) * (1 + 1e-9) + 1e-9)
+            res2 = run(dmg + 1e-6 * compressed)  # then the least damage at that size (and layers kept whole)
+            res = res2 if solved(res2) else res
+    if not solved(res):
         if res.status != 2:  # not "infeasible": the solver itself failed (a limit, numerics)
             raise AccelError(f"auto: the MILP solver stopped without a plan ({res.message}); try another target")
+        if "speed" in target and kv_budget is not None:
+            raise AccelError(f"auto: no plan meets both kv_budget {kv_budget} and a {target['speed']}x speed-up at "
+                             f"context {context}, batch {batch}; relax one of them")
         if "speed" in target:
             allowed = [r for r in ("window", "scored") if r not in excluded]
             best = const_ms + sum(min([coef["full_slope"] * m * Hkv * T]
@@ -324,6 +405,10 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
         out_layers[li] = LayerPlan(mode="compress", kv="auto", params={"rule": opt}, heads=heads)
     predicted = {"kv_share": round(float(size @ x) / (nl * Hkv), 4), "damage": round(float(dmg @ x), 6),
                  "context": n_bytes, "batch": batch}
+    if isinstance(prof.get("ppl"), dict):
+        at = predicted_ppl_increase(prof, float(dmg @ x))
+        if at is not None:  # beyond the most damaged plan measured: no prediction rather than an extrapolation
+            predicted["ppl_increase"] = round(at, 5)
     if excluded:
         predicted["rules_left_out"] = excluded
     if coef is not None:
@@ -332,7 +417,9 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
         predicted["speedup"] = round(float(dense_ms / (const_ms + step @ x)), 3)
     plan = _whole_plan(profile_plan, target, predicted)
     plan.layers = out_layers
-    plan.provenance["solver"] = "scipy.optimize.milp (HiGHS): least damage, then fewest kept tokens"
+    plan.provenance["solver"] = ("scipy.optimize.milp (HiGHS): " + ("least damage, then fewest kept tokens"
+                                                                       if least_damage else
+                                                                       "fewest kept tokens, then least damage"))
     plan.validate()
     logger.info("auto plan for %s: %.1f%% of the prompt kept per head on average, predicted damage %.3f",
                 target, 100 * predicted["kv_share"], predicted["damage"])
@@ -348,7 +435,9 @@ def explain(plan: Plan) -> list[str]:
     shares, layers = prof["shares"], prof["layers"]
     p = plan.params.get("predicted", {})
     out = [f"target {plan.params.get('target')}: mean share kept {p.get('kv_share')}, predicted damage "
-           f"{p.get('damage')} (attention mass lost, summed over heads)"]
+           f"{p.get('damage')} (attention mass lost, summed over heads)"
+           + (f", perplexity {p['ppl_increase']:+.2%} over dense (the profile's measured curve)"
+              if "ppl_increase" in p else "")]
     if "step_ms" in p:
         out.append(f"predicted decode step {p['step_ms']} ms vs dense {p['dense_step_ms']} ms ({p['speedup']}x) at "
                    f"context {p['context']}, batch {p['batch']}")
