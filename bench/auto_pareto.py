@@ -7,6 +7,7 @@ tokens/s (from `accel bench`), one Pareto plot per budget.
     accel bench --threads 2 --policies <the same> --contexts 4096 --batch 1 --synthetic-kv --new-tokens 32 \\
         --out bench/results/decode_auto_smollm2_b1.csv        (and --batch 8 ... decode_auto_smollm2_b8.csv)
     python bench/auto_pareto.py --eval bench/results/eval_auto_smollm2_4k.csv \\
+        [--eval a later evaluation of some of the same policies, whose rows replace the first's] \\
         --speed bench/results/decode_auto_smollm2_b1.csv --speed bench/results/decode_auto_smollm2_b8.csv \\
         --out bench/results/auto_pareto_smollm2_4k.csv
 
@@ -39,12 +40,18 @@ def main(argv=None):
     from accel.cli.common import write_csv
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--eval", required=True, help="summary CSV of `accel eval`")
+    ap.add_argument("--eval", action="append", required=True,
+                    help="summary CSV of `accel eval` (repeatable: a later file's rows replace an earlier one's for "
+                         "the same policy and task, as when auto alone is evaluated again with a new profile)")
     ap.add_argument("--speed", action="append", required=True, help="CSV of `accel bench` (one per batch size)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
-    ev = load_rows(args.eval)
+    merged = {}
+    for path in args.eval:
+        for r in load_rows(path):
+            merged[(r["policy"], r["task"], r["context"])] = r
+    ev = list(merged.values())
     tasks = sorted({r["task"] for r in ev if r["task"] != "lm"})
     speed = {}  # (policy, batch) -> tokens/s
     batches = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import accel
-from accel.calibration.auto import PPL_BUDGETS, SHARES, keep_orders, lost_mass, ppl_curve
+from accel.calibration.auto import PPL_BUDGETS, SHARES, keep_orders, lost_mass, output_error, ppl_curve
 from accel.errors import AccelError
 from accel.plan import HeadPlan, LayerPlan, Plan
 from accel.policies.auto import AutoPolicy, kept_tokens
@@ -112,6 +112,36 @@ def test_lost_mass_matches_masked_attention_and_falls_with_the_budget():
         assert (got[:, :-1] >= got[:, 1:] - 1e-7).all() and float(got[:, -1].abs().max()) < 1e-6
 
 
+def test_output_error_matches_the_masked_attention_output():
+    g = torch.Generator().manual_seed(5)
+    H, Hkv, c, S, D = 4, 2, 50, 4, 8
+    q = torch.randn(H, S, D, generator=g)
+    k = torch.randn(Hkv, c + S, D, generator=g)
+    v = torch.randn(Hkv, c + S, D, generator=g)
+    order = torch.stack([torch.randperm(c, generator=g) for _ in range(Hkv)])
+    budgets = [2, 6, 25, 50]
+    for evict, reduce in ((True, "max"), (False, "mean")):
+        got = output_error(q, k, v, 0.3, c, order, budgets, reduce, evict=evict, protected=3)
+        for h in range(Hkv):
+            for j, b in enumerate(budgets):
+                per_step = []
+                for s in range(S):
+                    held = b if (b >= c or not evict) else max(b - s, min(3, b))
+                    keep = torch.zeros(c + s + 1, dtype=torch.bool)
+                    keep[order[h, :held]] = True
+                    keep[c:] = True  # the tokens after the prompt stay
+                    worst = 0.0
+                    for qh in range(2 * h, 2 * h + 2):
+                        logits = (k[h, :c + s + 1] @ q[qh, s]).double() * 0.3
+                        full = torch.softmax(logits, -1) @ v[h, :c + s + 1].double()
+                        part = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1) @ v[h, :c + s + 1].double()
+                        worst = max(worst, float((part - full).norm() / full.norm()))
+                    per_step.append(worst)
+                want = max(per_step) if reduce == "max" else sum(per_step) / S
+                assert abs(float(got[h, j]) - want) < 1e-4, (evict, h, b)
+        assert float(got[:, -1].abs().max()) == 0.0  # the whole prompt kept: exact
+
+
 def test_the_profile_of_a_real_calibration_has_zero_damage_for_the_whole_cache():
     m = model4("llama")
     texts = [(prompt(160, seed=s), 120) for s in range(2)]
@@ -140,6 +170,16 @@ def test_the_profile_of_a_real_calibration_has_zero_damage_for_the_whole_cache()
     assert ppl_curve(m, None, plan, passages, 8, budgets=(0.001, 0.5))["budgets"] == [0.5]
     with pytest.raises(AccelError, match="need the tokenizer"):
         accel.calibrate(m, None, texts, policy="auto", tokens=160, steps=8, sink=4, window=8, progress=False)
+    # the output-error metric: exact for the whole cache, smaller where more is kept (up to float rounding)
+    out = accel.calibrate(m, None, texts, policy="auto", tokens=160, steps=8, sink=4, window=8, progress=False,
+                          ppl_texts=0, metric="output")
+    assert out.params["profile"]["metric"] == "output" and "ppl" not in out.params["profile"]
+    for rule in ("window", "scored"):
+        for layer in out.params["profile"]["damage"][rule]:
+            for row in layer:
+                assert row[-1] == 0.0 and min(row) >= 0
+    with pytest.raises(AccelError, match="metric must be one of lost_mass, output"):
+        accel.calibrate(m, None, texts, policy="auto", tokens=160, steps=8, progress=False, ppl_texts=0, metric="kl")
 
 
 # -- the solver ----------------------------------------------------------------------------------------------------
@@ -515,3 +555,19 @@ def test_a_plan_that_is_not_a_plan_is_refused_in_one_line():
     with pytest.raises(AccelError, match="pass policy options as keywords"):
         accel.patch(m, "auto", 0.2)
     assert accel.get_handle(m) is None
+
+
+def test_retrieval_calibration_texts_are_the_mixed_sequence_without_its_essays():
+    from transformers import AutoTokenizer
+
+    from accel.calibration.auto import auto_texts
+    from accel.models.loader import converted_path
+
+    tok = AutoTokenizer.from_pretrained(str(converted_path("smollm2-135m")))
+    mixed = auto_texts(tok, 6, 600, steps=32, data="mixed")
+    retrieval = auto_texts(tok, 4, 600, steps=32, data="retrieval")
+    assert [split for _, split in mixed[2::3]] == [600 - 32, 600 - 32]  # every third text is essay, split by steps
+    kept = [t for i, t in enumerate(mixed) if i % 3 < 2]
+    assert len(retrieval) == 4 and all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(retrieval, kept))
+    with pytest.raises(AccelError, match="data must be one of retrieval, mixed"):
+        auto_texts(tok, 2, 600, data="essays")

@@ -16,9 +16,10 @@ set the default ([INFER] the metric and its reduction).
 
 Texts ([INFER]): ``n_texts`` prompts of ``tokens`` tokens, alternating passkey and needle retrieval prompts (split at
 the end of the question: the queries scored are the answer's tokens, as DuoAttention profiles on synthetic passkey
-retrieval with the answer appended) and plain essay text (the last ``steps`` tokens scored, for perplexity). Seeds
-and essay offsets are disjoint from the evaluation's (``CALIB_SEED``; the second half of the essays, while the
-perplexity task reads the first).
+retrieval with the answer appended); ``data="mixed"`` adds plain essay text after every two (the last ``steps``
+tokens scored). Seeds and essay offsets are disjoint from the evaluation's (``CALIB_SEED``; the second half of the
+essays, while the perplexity task reads the first). ``metric="output"`` ([INFER]) records the relative change of
+the head's output instead of the lost mass (``output_error``).
 """
 from __future__ import annotations
 
@@ -42,17 +43,30 @@ logger = logging.getLogger("accel")
 SHARES = (0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)
 #: the kv_budget targets whose plans' perplexity the profile measures ([INFER]: the evaluation's budgets and the
 #: steps between them)
+#: the damage a profile records: attention mass lost, or the relative change of the head's output ([INFER])
+METRICS = ("lost_mass", "output")
 PPL_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)
 
 
-def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64) -> list[tuple[torch.Tensor, int]]:
+#: what the damage profile is measured on: ``retrieval`` (passkey and needle prompts with their answers) or
+#: ``mixed`` (those and essay text, in turn)
+DATA = ("retrieval", "mixed")
+
+
+def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64, data: str = "mixed") -> list[tuple[torch.Tensor, int]]:
     """``n`` calibration texts as (ids [1, T], split): retrieval prompts with their answer appended (split at the
-    prompt's end) and essay text (split ``steps`` tokens before the end), in turn: passkey, needle, essay."""
+    prompt's end) and essay text (split ``steps`` tokens before the end), in turn: passkey, needle, essay.
+    ``data="retrieval"``: the same sequence without its essay texts (the first ``n`` of its passkey and needle
+    prompts, each with the seed and depth it has in the mixed sequence)."""
     from ..eval.niah import make_niah
     from ..eval.passkey import make_passkey
 
+    if data not in DATA:
+        raise AccelError(f"calibrate(auto): data must be one of {', '.join(DATA)}, got {data!r}")
     out = []
-    for i in range(n):
+    i = -1
+    while len(out) < n:
+        i += 1
         kind = i % 3
         if kind < 2:
             make = make_passkey if kind == 0 else make_niah
@@ -60,7 +74,7 @@ def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64) -> list[tuple[to
             p = tokenizer(s.prompt, return_tensors="pt")["input_ids"]
             a = tokenizer(" " + s.answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
             out.append((torch.cat([p, a], 1), p.shape[1]))
-        else:
+        elif data == "mixed":
             out.append((essay_passages(tokenizer, 1, tokens, first=i)[0], tokens - steps))
     return out
 
@@ -130,6 +144,46 @@ def lost_mass(q_eval: torch.Tensor, k: torch.Tensor, scale: float, c: int, order
     return (lost.amax(1) if reduce == "max" else lost.mean(1)).float()
 
 
+def output_error(q_eval: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c: int, orders: torch.Tensor,
+                 budgets: list[int], reduce: str, evict: bool = True, protected: int = 0) -> torch.Tensor:
+    """[Hkv, len(budgets)]: like ``lost_mass``, but the damage is the change of the head's output, the relative error
+    ``||o - o_b|| / ||o||`` of the attention output ``o`` when the head keeps only what a budget ``b`` keeps of the
+    prompt (the weights of what it keeps renormalised, the tokens after the prompt always kept), max over the GQA
+    group, reduced over the queries. Dropping many small weights of similar values (a diffuse head) changes the
+    output little; dropping the one token a retrieval head copies changes it entirely, which lost mass cannot tell
+    apart ([INFER]; DuoAttention's ``relative`` metric for every rule and share)."""
+    H, S, D = q_eval.shape
+    Hkv, T, _ = k.shape
+    G = H // Hkv
+    steps = torch.arange(S).view(S, 1)
+    b = torch.tensor([min(x, c) for x in budgets]).view(1, -1)
+    floor = b.clamp(max=protected)
+    held = torch.where(b >= c, b, torch.maximum(b - steps, floor)) if evict else b.expand(S, -1)  # [S, nb]
+    nb = held.shape[1]
+    pos = torch.arange(c, c + S).view(S, 1)
+    out = torch.zeros(Hkv, G, S, nb, dtype=torch.float64)
+    for h in range(H):
+        kv = h // G
+        logits = (q_eval[h] @ k[kv].T) * scale  # [S, T]
+        logits = logits.masked_fill(torch.arange(T).view(1, T) > pos, float("-inf"))
+        p = torch.softmax(logits.double(), -1)
+        vv = v[kv].double()
+        full = p @ vv  # [S, D]
+        tail_w, tail_m = p[:, c:] @ vv[c:], p[:, c:].sum(-1, keepdim=True)  # the tokens after the prompt
+        order = orders[kv]
+        p_ord = p[:, :c].gather(-1, order.view(1, c).expand(S, c))  # [S, c]
+        cw = torch.cat([torch.zeros(S, 1, D), (p_ord.float().unsqueeze(-1) * v[kv][order].float().unsqueeze(0))
+                        .cumsum(1)], 1)  # [S, c + 1, D] the kept weighted values
+        cm = torch.cat([torch.zeros(S, 1, dtype=p_ord.dtype), p_ord.cumsum(-1)], -1)  # [S, c + 1] the kept mass
+        kept_w = cw.gather(1, held.view(S, nb, 1).expand(S, nb, D)).double() + tail_w.unsqueeze(1)  # [S, nb, D]
+        kept_m = cm.gather(1, held) + tail_m  # [S, nb]
+        o_b = kept_w / kept_m.clamp(min=1e-300).unsqueeze(-1)
+        err = (o_b - full.unsqueeze(1)).norm(dim=-1) / full.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        out[kv, h % G] = torch.where(held >= c, torch.zeros_like(err), err)  # everything kept: exact
+    out = out.amax(1)  # [Hkv, S, nb]
+    return (out.amax(1) if reduce == "max" else out.mean(1)).float()
+
+
 def ppl_curve(model, tokenizer, profile_plan: Plan, passages: list[torch.Tensor], steps: int,
               budgets=PPL_BUDGETS, bar=None) -> dict:
     """The measured perplexity of the plans the solver picks for ``budgets`` (``kv_budget`` targets) on
@@ -167,9 +221,9 @@ def ppl_curve(model, tokenizer, profile_plan: Plan, passages: list[torch.Tensor]
     }
 
 
-def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts: int = 6, steps: int = 64,
+def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts: int = 12, steps: int = 64,
                    sink: int = 16, window: int = 32, kernel: int = 7, reduce: str = "max", ppl_texts: int | list = 3,
-                   progress: bool = True) -> Plan:
+                   metric: str = "lost_mass", data: str = "retrieval", progress: bool = True) -> Plan:
     """Profile every full-attention KV head (module docstring) and return an ``auto`` profile plan: its
     ``params["profile"]`` holds the damage table and its layers are not assigned yet, so one calibration serves every
     target (``accel.patch(model, "auto", plan=plan, kv_budget=...)`` solves it for the target, 25% by default;
@@ -181,6 +235,10 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
 
     if reduce not in ("max", "mean"):
         raise AccelError(f"calibrate(auto): reduce must be 'max' or 'mean', got {reduce!r}")
+    if metric not in METRICS:
+        raise AccelError(f"calibrate(auto): metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if data not in DATA:
+        raise AccelError(f"calibrate(auto): data must be one of {', '.join(DATA)}, got {data!r}")
     info = get_adapter(model).info()
     tokens = min(tokens, info.max_context or tokens)
     if tokens < 4 * (steps + window + sink):
@@ -196,8 +254,9 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
         raise AccelError("calibrate(auto): the perplexity curve's essay passages need the tokenizer; pass "
                          "ppl_texts=[ids, ...] or ppl_texts=0 (no curve)")
     n_ppl = len(ppl_texts) if isinstance(ppl_texts, (list, tuple)) else ppl_texts
+    given = texts
     if texts is None:
-        texts = auto_texts(tokenizer, n_texts, tokens, steps)
+        texts = auto_texts(tokenizer, n_texts, tokens, steps, data)
     full_layers = [i for i, w in enumerate(info.sliding_windows) if w is None]
     if not full_layers:
         raise AccelError("calibrate(auto): the model has no full-attention layer to compress")
@@ -210,7 +269,7 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
         if not (window < split < T):
             raise AccelError(f"calibrate(auto): a text's split ({split}) must lie between the observation window "
                              f"({window}) and its length ({T})")
-        rec = Recorder(steps=T - split + window)
+        rec = Recorder(steps=T - split + window, keep_values=metric == "output")
         with patch_lm(model, (rec, {}), fast_linear=False), torch.no_grad():
             model(input_ids=ids.to(dev), use_cache=True, **last_logits_only(model))
         for li in full_layers:
@@ -219,13 +278,17 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
             for r in RULES:
                 budgets = [kept_tokens(s, split, r, sink, window) for s in SHARES]
                 orders = keep_orders(q[:, :window], k[:, :split], scale, r, sink, window, kernel)
-                damage[r][li] += lost_mass(q[:, window:], k, scale, split, orders, budgets, reduce,
-                                           protected=sink if r == "window" else 0)
+                if metric == "output":
+                    damage[r][li] += output_error(q[:, window:], k, rec.values[li].cpu(), scale, split, orders,
+                                                  budgets, reduce, protected=sink if r == "window" else 0)
+                else:
+                    damage[r][li] += lost_mass(q[:, window:], k, scale, split, orders, budgets, reduce,
+                                               protected=sink if r == "window" else 0)
         if bar is not None:
             bar.update(1)
     n = len(texts)
     profile = {
-        "metric": "lost_mass", "reduce": reduce, "context": int(round(sum(split for _, split in texts) / n)),
+        "metric": metric, "reduce": reduce, "context": int(round(sum(split for _, split in texts) / n)),
         "shares": list(SHARES), "rules": list(RULES), "layers": full_layers,
         "damage": {r: [[[round(float(x) / n, 6) for x in row] for row in damage[r][li]] for li in full_layers]
                    for r in RULES},
@@ -238,7 +301,8 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
             "fingerprint": info.fingerprint,
             "source": "accel.calibrate (auto: per-head attention mass lost under each rule and budget)",
             "args": {"tokens": tokens, "n_texts": n, "steps": steps, "sink": sink, "window": window,
-                     "kernel": kernel, "reduce": reduce, "ppl_texts": n_ppl},
+                     "kernel": kernel, "reduce": reduce, "ppl_texts": n_ppl, "metric": metric,
+                     "data": data if given is None else "given"},
         },
     )
     if any(not math.isfinite(x) for r in RULES for L in profile["damage"][r] for row in L for x in row):

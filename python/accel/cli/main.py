@@ -97,11 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--sparsity", type=float, default=None, help="hylra: rollback layers = ceil(L*(1-sparsity)) (0.91)")
     pl.add_argument("--computed-ratio", type=float, default=None, help="hylra: switch budget share of the DP (0.2)")
     pl.add_argument("--anchor-mode", default=None, choices=["full", "select"], help="hylra (full)")
-    pl.add_argument("--data", default=None, choices=["essays", "retrieval"],
-                    help="hylra calibration text: plain essays or synthetic passkey/needle prompts (default retrieval)")
-    pl.add_argument("--metric", default=None, choices=["overlap", "mass", "mass_min", "far_mass", "residual", "relative"],
+    pl.add_argument("--data", default=None, choices=["essays", "retrieval", "mixed"],
+                    help="hylra calibration text: plain essays or synthetic passkey/needle prompts (default retrieval); "
+                         "auto: passkey/needle prompts (retrieval) or those and essays in turn (mixed)")
+    pl.add_argument("--metric", default=None, choices=["overlap", "mass", "mass_min", "far_mass", "residual", "relative",
+                                                       "lost_mass", "output"],
                     help="hylra: inter-layer similarity for the DP (mass_min; overlap = HyLRA/UCM's chunk overlap, mass); "
-                         "duo: head score (far_mass; residual, relative)")
+                         "duo: head score (far_mass; residual, relative); auto: a head's damage (lost_mass, output)")
     pl.add_argument("--reduce", default=None, choices=["max", "mean"],
                     help="duo: head score over the profiled steps; auto: damage over the scored queries (max)")
     pl.add_argument("--kv-budget", type=float, default=None,
