@@ -17,9 +17,10 @@ set the default ([INFER] the metric and its reduction).
 Texts ([INFER]): ``n_texts`` prompts of ``tokens`` tokens, alternating passkey and needle retrieval prompts (split at
 the end of the question: the queries scored are the answer's tokens, as DuoAttention profiles on synthetic passkey
 retrieval with the answer appended); ``data="mixed"`` adds plain essay text after every two (the last ``steps``
-tokens scored). Seeds and essay offsets are disjoint from the evaluation's (``CALIB_SEED``; the second half of the
-essays, while the perplexity task reads the first). ``metric="output"`` ([INFER]) records the relative change of
-the head's output instead of the lost mass (``output_error``).
+tokens scored). The retrieval prompts have seeds of their own (``CALIB_SEED``); essay passages come from the essays'
+second half, clear of the evaluation's perplexity passages (which start in the first half) up to 7/6 of ``tokens``.
+``metric="output"`` ([INFER]) records the relative change of the head's output instead of the lost mass
+(``output_error``).
 """
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ logger = logging.getLogger("accel")
 
 #: the shares of the prompt the profile measures (1.0 is every token: no damage)
 SHARES = (0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)
-#: the kv_budget targets whose plans' perplexity the profile measures ([INFER]: the evaluation's budgets and the
-#: steps between them)
 #: the damage a profile records: attention mass lost, or the relative change of the head's output ([INFER])
 METRICS = ("lost_mass", "output")
+#: the kv_budget targets whose plans' perplexity the profile measures ([INFER]: the evaluation's budgets and the
+#: steps between them)
 PPL_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)
 
 
@@ -53,7 +54,8 @@ PPL_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)
 DATA = ("retrieval", "mixed")
 
 
-def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64, data: str = "mixed") -> list[tuple[torch.Tensor, int]]:
+def auto_texts(tokenizer, n: int, tokens: int, steps: int = 64,
+               data: str = "retrieval") -> list[tuple[torch.Tensor, int]]:
     """``n`` calibration texts as (ids [1, T], split): retrieval prompts with their answer appended (split at the
     prompt's end) and essay text (split ``steps`` tokens before the end), in turn: passkey, needle, essay.
     ``data="retrieval"``: the same sequence without its essay texts (the first ``n`` of its passkey and needle
@@ -113,6 +115,16 @@ def keep_orders(q_win: torch.Tensor, k_prompt: torch.Tensor, scale: float, rule:
     return torch.sort(s.double(), dim=-1, descending=True, stable=True).indices
 
 
+def _held(S: int, c: int, budgets: list[int], evict: bool, protected: int) -> torch.Tensor:
+    """[S, len(budgets)]: how many of its kept prompt tokens a head of each budget still holds at each of ``S`` decode
+    steps (``lost_mass``: one evicted per generated token under ``evict``, never below ``protected``; all of them when
+    the budget covers the prompt)."""
+    steps = torch.arange(S).view(S, 1)
+    b = torch.tensor([min(x, c) for x in budgets]).view(1, -1)
+    floor = b.clamp(max=protected)
+    return torch.where(b >= c, b, torch.maximum(b - steps, floor)) if evict else b.expand(S, -1)
+
+
 def lost_mass(q_eval: torch.Tensor, k: torch.Tensor, scale: float, c: int, orders: torch.Tensor,
               budgets: list[int], reduce: str, evict: bool = True, protected: int = 0) -> torch.Tensor:
     """[Hkv, len(budgets)]: the attention mass the queries ``q_eval`` [H, S, D] (positions c..c+S-1) put on the
@@ -134,10 +146,7 @@ def lost_mass(q_eval: torch.Tensor, k: torch.Tensor, scale: float, c: int, order
     total = p.sum(-1)  # [H, S]
     ordered = p.gather(-1, orders.repeat_interleave(G, 0).view(H, 1, c).expand(H, S, c))
     kept = torch.cat([torch.zeros(H, S, 1, dtype=ordered.dtype), ordered.cumsum(-1)], -1)  # [H, S, c + 1]
-    steps = torch.arange(S).view(S, 1)
-    b = torch.tensor([min(x, c) for x in budgets]).view(1, -1)
-    floor = b.clamp(max=protected)
-    held = torch.where(b >= c, b, torch.maximum(b - steps, floor)) if evict else b.expand(S, -1)  # [S, nb] prompt
+    held = _held(S, c, budgets, evict, protected)  # [S, nb] prompt tokens each query sees
     got = kept.gather(-1, held.view(1, S, -1).expand(H, S, held.shape[1]))  # [H, S, nb]
     lost = (total.unsqueeze(-1) - got).clamp(min=0)
     lost = lost.view(Hkv, G, S, -1).amax(1)  # [Hkv, S, nb]
@@ -155,10 +164,7 @@ def output_error(q_eval: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     H, S, D = q_eval.shape
     Hkv, T, _ = k.shape
     G = H // Hkv
-    steps = torch.arange(S).view(S, 1)
-    b = torch.tensor([min(x, c) for x in budgets]).view(1, -1)
-    floor = b.clamp(max=protected)
-    held = torch.where(b >= c, b, torch.maximum(b - steps, floor)) if evict else b.expand(S, -1)  # [S, nb]
+    held = _held(S, c, budgets, evict, protected)  # [S, nb]
     nb = held.shape[1]
     pos = torch.arange(c, c + S).view(S, 1)
     out = torch.zeros(Hkv, G, S, nb, dtype=torch.float64)
@@ -184,24 +190,26 @@ def output_error(q_eval: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return (out.amax(1) if reduce == "max" else out.mean(1)).float()
 
 
-def ppl_curve(model, tokenizer, profile_plan: Plan, passages: list[torch.Tensor], steps: int,
-              budgets=PPL_BUDGETS, bar=None) -> dict:
+def ppl_curve(model, profile_plan: Plan, passages: list[torch.Tensor], steps: int, budgets=PPL_BUDGETS,
+              bar=None) -> dict:
     """The measured perplexity of the plans the solver picks for ``budgets`` (``kv_budget`` targets) on
     ``passages`` (each [1, T]: the last ``steps`` tokens scored teacher-forced after the rest, on a fork of one dense
     prefill, as the evaluation's ``lm`` task), against dense attention: ``{"budgets", "damage" (each plan's predicted
     damage), "ppl_increase" (ppl / dense ppl - 1, the tokens of every passage pooled), "dense_ppl", "passages",
     "steps"}``. Budgets below what the profile's smallest share keeps are left out."""
+    from ..api import patch
     from ..eval.runner import teacher_forced
     from ..policies.auto import kept_tokens
-    from ..scheduler.solve import solve_plan
 
-    info = get_adapter(model).info()
     prof = profile_plan.params["profile"]
     sink, window = int(profile_plan.params["sink"]), int(profile_plan.params["window"])
     n = int(prof["context"])
     floor = max(kept_tokens(prof["shares"][0], n, r, sink, window) for r in RULES) / n
     budgets = [float(b) for b in budgets if b >= floor]
-    plans = {f"auto@kv_budget={b}": solve_plan(profile_plan, {"kv_budget": b}, info=info) for b in budgets}
+    plans = {}
+    for b in budgets:  # each solved by the policy's own planner, as accel.patch(model, "auto", kv_budget=b) solves it
+        with patch(model, f"auto@kv_budget={b}", plan=profile_plan) as h:
+            plans[f"auto@kv_budget={b}"] = h.runtime.plan
     names = ["dense", *plans]
     nll = dict.fromkeys(names, 0.0)
     for ids in passages:
@@ -299,7 +307,7 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
         params={"sink": sink, "window": window, "kernel": kernel, "profile": profile}, layers=layers,
         provenance={
             "fingerprint": info.fingerprint,
-            "source": "accel.calibrate (auto: per-head attention mass lost under each rule and budget)",
+            "source": f"accel.calibrate (auto: each head's {metric} under each rule and budget)",
             "args": {"tokens": tokens, "n_texts": n, "steps": steps, "sink": sink, "window": window,
                      "kernel": kernel, "reduce": reduce, "ppl_texts": n_ppl, "metric": metric,
                      "data": data if given is None else "given"},
@@ -310,7 +318,7 @@ def calibrate_auto(model, tokenizer, texts=None, *, tokens: int = 4096, n_texts:
     if n_ppl:
         passages = (list(ppl_texts) if isinstance(ppl_texts, (list, tuple))
                     else essay_passages(tokenizer, ppl_texts, tokens, first=n))
-        profile["ppl"] = ppl_curve(model, tokenizer, plan, passages, steps, bar=bar)
+        profile["ppl"] = ppl_curve(model, plan, passages, steps, bar=bar)
     if bar is not None:
         bar.close()
     plan.provenance["seconds"] = round(time.perf_counter() - t0, 1)

@@ -212,6 +212,21 @@ def check_auto_flags(args) -> dict:
     if args.from_plan and args.from_plan != "shipped" and not Path(args.from_plan).is_file():
         raise InputError(f"--from {args.from_plan}: no such plan file (give an auto plan or profile from `accel plan "
                          "--policy auto`, or --from shipped for the profile accel ships for the model)")
+    calib = ["--" + k.replace("_", "-") for k in sorted(calibration_options(args))] + (
+        ["--set"] if getattr(args, "set", None) else [])
+    if args.from_plan and calib:
+        raise InputError(f"--from solves a profile already made; calibration options ({', '.join(calib)}) do not "
+                         "apply: drop them, or drop --from to calibrate again")
+    from ..calibration.auto import DATA, METRICS
+
+    if getattr(args, "data", None) is not None and args.data not in DATA:
+        raise InputError(f"--data {args.data} does not apply to auto; its calibration texts are {' or '.join(DATA)}")
+    if getattr(args, "metric", None) is not None and args.metric not in METRICS:
+        raise InputError(f"--metric {args.metric} does not apply to auto; its damage metrics are "
+                         f"{' or '.join(METRICS)}")
+    if args.max_ppl_increase is not None and not args.from_plan and getattr(args, "ppl_texts", None) == 0:
+        raise InputError("--max-ppl-increase is predicted from the profile's perplexity curve, which --ppl-texts 0 "
+                         "leaves out; drop --ppl-texts 0")
     target = {k: getattr(args, k) for k in TARGETS if getattr(args, k) is not None}
     pol = AutoPolicy.from_overrides(**target)  # the same one-line checks as accel.patch
     return pol.target()

@@ -67,8 +67,9 @@ class AutoPolicy(BudgetedKVPolicy):
 
     def validate(self) -> None:
         if self.budget is not None or self.budget_ratio is not None:
-            raise AccelError("auto: the plan sets every head's budget; give kv_budget=<share of the prompt kept> or "
-                             "speed=<decode speed-up> instead of budget / budget_ratio")
+            raise AccelError("auto: the plan sets every head's budget; give kv_budget=<share of the prompt kept>, "
+                             "speed=<decode speed-up> or max_ppl_increase=<relative increase> instead of budget / "
+                             "budget_ratio")
         if self.min_budget is not None:
             raise AccelError("auto: the plan sets every head's floor (sink + 1 tokens for the window rule, the "
                              "observation window for the scored rule); drop min_budget")
