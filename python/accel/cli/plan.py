@@ -192,7 +192,6 @@ def check_request(args):
 
 
 AUTO_FLAGS = ("kv_budget", "speed", "max_ppl_increase", "context", "batch", "cost", "from_plan", "explain")
-TARGETS = ("kv_budget", "speed", "context", "batch", "max_ppl_increase")
 
 
 def check_auto_flags(args) -> dict:
@@ -207,7 +206,7 @@ def check_auto_flags(args) -> dict:
         return {}
     if (args.context is not None or args.batch is not None) and args.speed is None:
         raise InputError("--context and --batch set what a --speed target is for; add --speed")
-    from ..policies.auto import AutoPolicy
+    from ..policies.auto import TARGET_KNOBS, AutoPolicy
 
     if args.from_plan and args.from_plan != "shipped" and not Path(args.from_plan).is_file():
         raise InputError(f"--from {args.from_plan}: no such plan file (give an auto plan or profile from `accel plan "
@@ -227,7 +226,7 @@ def check_auto_flags(args) -> dict:
     if args.max_ppl_increase is not None and not args.from_plan and getattr(args, "ppl_texts", None) == 0:
         raise InputError("--max-ppl-increase is predicted from the profile's perplexity curve, which --ppl-texts 0 "
                          "leaves out; drop --ppl-texts 0")
-    target = {k: getattr(args, k) for k in TARGETS if getattr(args, k) is not None}
+    target = {k: getattr(args, k) for k in TARGET_KNOBS if getattr(args, k) is not None}
     pol = AutoPolicy.from_overrides(**target)  # the same one-line checks as accel.patch
     return pol.target()
 

@@ -38,6 +38,8 @@ from .registry import register_policy
 from .snapkv import force_window, snapkv_scores
 
 RULES = ("window", "scored")
+#: the options that state a target (and what a speed target is for): given with a solved plan, it is solved again
+TARGET_KNOBS = ("kv_budget", "speed", "context", "batch", "max_ppl_increase")
 
 
 @register_policy("auto")

@@ -114,12 +114,13 @@ def plan_for_patch(policy, model, info, plan) -> Plan:
     solved already and no target is given with it; solved from its profile for the policy's target when a target is
     given or it is a calibration profile never solved; without ``plan``, solved from the profile accel ships for the
     model. A speed target reads this machine's cost model (``cost_model_for``, one line when there is none)."""
+    from ..policies.auto import TARGET_KNOBS
     from ..plan.shipped import require_shipped_plan
     from .cost import cost_model_for
 
     from ..patching.tensor_parallel import tensor_parallel_size
 
-    explicit = policy.explicit_knobs() & {"kv_budget", "speed", "context", "batch", "max_ppl_increase"}
+    explicit = policy.explicit_knobs() & set(TARGET_KNOBS)
     if policy.speed is not None and tensor_parallel_size(model) != 1:
         raise AccelError("auto: a speed target is predicted by a one-process cost model; under tensor parallelism "
                          "give kv_budget instead")
