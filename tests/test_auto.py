@@ -432,6 +432,17 @@ def test_a_profile_is_solved_for_the_target_a_solved_plan_runs_as_written():
     with accel.patch(m, "auto", plan=solved, kv_budget=0.1) as h:  # a target with it: solved again from its profile
         assert h.runtime.plan.params["target"] == {"kv_budget": 0.1}
         assert h.runtime.plan.params["predicted"]["kv_share"] <= 0.1 + 1e-9
+        # the summary says what the plan gives the heads, as the plan holds it
+        plan = h.runtime.plan
+        line = h.summary()
+        compressed = [lp for lp in plan.layers if lp.mode == "compress"]
+        assert f"auto: target {{'kv_budget': 0.1}}, {len(compressed)} of {plan.num_layers} layers compressed" in line
+        assert f"mean share of the prompt kept {plan.params['predicted']['kv_share']:.1%}" in line
+        counts = {}
+        for hp in (hp for lp in compressed for hp in lp.heads):
+            k = "full" if hp.kind == "full" else f"{hp.kind} at {hp.beta:.0%}"
+            counts[k] = counts.get(k, 0) + 1
+        assert all(f"{v} {k}" in line for k, v in counts.items()) and "\n" not in line
     hand = auto_plan({1: ("window", [0.5, 1.0])})
     with pytest.raises(AccelError, match="carries no calibration profile to solve again"):
         accel.patch(m, "auto", plan=hand, kv_budget=0.1)
@@ -591,3 +602,41 @@ def test_retrieval_calibration_texts_are_the_mixed_sequence_without_its_essays()
     assert len(retrieval) == 4 and all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(retrieval, kept))
     with pytest.raises(AccelError, match="data must be one of retrieval, mixed"):
         auto_texts(tok, 2, 600, data="essays")
+
+
+def test_a_refusal_says_how_far_to_relax_each_target_and_each_advice_is_met():
+    import re
+
+    prof = random_profile(1)
+    top = max(d for d, _ in assignments(prof))
+    with_curve(prof, [top, top * 0.5, top * 0.1], [0.3, 0.05, 0.01])
+    number = lambda msg, what: float(re.search(rf"{what} ([0-9.]+) or (more|less)", msg).group(1))  # noqa: E731
+    with pytest.raises(AccelError) as e:
+        solve_plan(prof, {"kv_budget": 0.2, "max_ppl_increase": 0.01})
+    kb, mp = number(str(e.value), "kv_budget"), number(str(e.value), "max_ppl_increase")
+    assert str(e.value).count("\n") == 0 and 0.2 < kb <= 1 and 0.01 < mp
+    solve_plan(prof, {"kv_budget": kb, "max_ppl_increase": 0.01})  # each advice alone meets the targets
+    solve_plan(prof, {"kv_budget": 0.2, "max_ppl_increase": mp})
+    with pytest.raises(AccelError, match="no plan meets"):  # and is the least change that does
+        solve_plan(prof, {"kv_budget": kb - 2e-4, "max_ppl_increase": 0.01})
+    # bytes and speed together
+    cost = fake_cost()
+    with pytest.raises(AccelError) as e:
+        solve_plan(prof, {"kv_budget": 0.5, "speed": 5.0, "context": 1000, "batch": 1}, cost=cost)
+    # compressing lowers both bytes and step time, so only a speed out of reach alone makes the pair infeasible
+    assert "no kv_budget meets the other targets" in str(e.value)
+    sp = number(str(e.value), "speed")
+    assert 1 <= sp < 5.0
+    met = solve_plan(prof, {"kv_budget": 0.5, "speed": sp, "context": 1000, "batch": 1}, cost=cost)
+    assert met.params["predicted"]["speedup"] >= sp - 1e-9
+    # speed and a perplexity bound
+    tight = with_curve(random_profile(1), [top, top * 0.5, top * 1e-3], [0.3, 0.05, 0.01])
+    with pytest.raises(AccelError) as e:
+        solve_plan(tight, {"speed": 1.3, "context": 1000, "batch": 1, "max_ppl_increase": 0.02}, cost=cost)
+    sp, mp = number(str(e.value), "speed"), number(str(e.value), "max_ppl_increase")
+    solve_plan(tight, {"speed": sp, "context": 1000, "batch": 1, "max_ppl_increase": 0.02}, cost=cost)
+    solve_plan(tight, {"speed": 1.3, "context": 1000, "batch": 1, "max_ppl_increase": mp}, cost=cost)
+    # a bytes target below the profile's smallest share names the least it can be
+    with pytest.raises(AccelError) as e:
+        solve_plan(prof, {"kv_budget": 1e-4})
+    solve_plan(prof, {"kv_budget": number(str(e.value), "kv_budget")})

@@ -315,8 +315,10 @@ class PatchHandle(HandleBase):
         out = (f"accel policy={self.runtime.policy.name} on {info.model_type} "
                f"({info.num_layers} layers, {info.num_heads}/{info.num_kv_heads} heads, head_dim {info.head_dim}); "
                f"layers by mode: {mode_s}")
-        describe = getattr(self.runtime.attention, "describe", None)  # a policy's own run-time decisions (flux)
-        return out + ("; " + describe(self.runtime) if describe is not None else "")
+        # a policy's own decisions: flux's routes, auto's per-head plan
+        lines = [d(self.runtime) for d in (getattr(p, "describe", None) for p in [self.runtime.attention]
+                                           + list(self.runtime.kv)) if d is not None]
+        return out + "".join("; " + line for line in lines)
 
     def remove(self) -> None:
         if not self.active:

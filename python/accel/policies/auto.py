@@ -150,6 +150,23 @@ class AutoPolicy(BudgetedKVPolicy):
                     raise AccelError(f"auto: plan layers[{i}].heads[{j}].beta (the share of the prompt it keeps) must "
                                      f"be in (0, 1], got {hp.beta!r}")
 
+    def describe(self, runtime) -> str:
+        """One line for ``PatchHandle.summary()``: the target, and what the plan gives each layer and KV head."""
+        plan = runtime.plan
+        p = plan.params.get("predicted", {})
+        layers = [lp for lp in plan.layers if lp.mode == "compress"]
+        kinds: dict[str, int] = {}
+        for lp in layers:
+            for hp in lp.heads:
+                k = "full" if hp.kind == "full" else f"{hp.kind} at {hp.beta:.0%}"
+                kinds[k] = kinds.get(k, 0) + 1
+        heads = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+        return (f"auto: target {plan.params.get('target')}, {len(layers)} of {plan.num_layers} layers compressed"
+                + (f" (KV heads: {heads})" if heads else "")
+                + (f", mean share of the prompt kept {p['kv_share']:.1%}" if "kv_share" in p else "")
+                + (f", predicted perplexity {p['ppl_increase']:+.2%}" if "ppl_increase" in p else "")
+                + (f", predicted {p['speedup']}x dense's decode step" if "speedup" in p else ""))
+
     # -- per layer -----------------------------------------------------------------------------------------
     def _layer(self, layer_idx: int):
         plan = getattr(self, "_plan", None)

@@ -346,37 +346,64 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
                 sel = {xi(l, h, c): 1.0 for c, (r, _) in enumerate(choices) if r == o}
                 sel[yi(l, o)] = -1.0
                 add(row(sel), -np.inf, 0)
-    if "speed" in target:
-        add(step, -np.inf, dense_ms / float(target["speed"]) - const_ms)
-    if kv_budget is not None:
-        add(size, -np.inf, kv_budget * nl * Hkv)
+    n_struct = len(rows)  # the rows every plan obeys; the targets' rows follow
+    speed_row = (step, -np.inf, dense_ms / float(target["speed"]) - const_ms) if "speed" in target else None
+    budget_row = (size, -np.inf, kv_budget * nl * Hkv) if kv_budget is not None else None
+    bound_row = (dmg, -np.inf, bound * (1 + 1e-7) + 1e-9) if bound is not None else None
+    for r in (speed_row, budget_row):
+        if r is not None:
+            add(*r)
 
-    def run(objective):
+    def run(objective, only=None):
+        """Solve with every row so far, or (``only``: target rows) with the structural rows and those alone."""
+        keep = (rows, lo, hi) if only is None else (
+            rows[:n_struct] + [r[0] for r in only], lo[:n_struct] + [r[1] for r in only],
+            hi[:n_struct] + [r[2] for r in only])
         with _native_stdout_silenced():
-            return milp(objective, constraints=[LinearConstraint(np.array(rows), lo, hi)], integrality=np.ones(N),
-                        bounds=Bounds(0, 1))
+            return milp(objective, constraints=[LinearConstraint(np.array(keep[0]), keep[1], keep[2])],
+                        integrality=np.ones(N), bounds=Bounds(0, 1))
 
     def solved(r):
         return r.status == 0 and r.x is not None
+
+    def least_budget(others) -> str:
+        """The smallest kv_budget the other targets (``others``: their rows) allow, as advice."""
+        r = run(size, [o for o in others if o is not None])
+        if not solved(r):
+            return "no kv_budget meets the other targets"
+        need = float(size @ r.x) / (nl * Hkv)
+        return f"kv_budget {math.ceil(need * 1e4) / 1e4} or more"
+
+    def most_speed(others) -> str:
+        """The largest speed-up the cost model predicts under the other targets (``others``: their rows)."""
+        r = run(step, [o for o in others if o is not None])
+        if not solved(r):
+            return "no speed-up meets the other targets"
+        return f"speed {math.floor(dense_ms / (const_ms + float(step @ r.x)) * 1e3) / 1e3} or less"
 
     if least_damage:
         res = run(dmg)  # least damage first
         if solved(res) and bound is not None and float(dmg @ res.x) > bound * (1 + 1e-7) + 1e-9:
             at = predicted_ppl_increase(prof, float(dmg @ res.x))
+            dam, inc = ppl_points(prof)
+            # the bound admits a damage up to a measured plan's: the first measured plan at least this damaged
+            over = np.flatnonzero(dam >= float(dmg @ res.x) * (1 - 1e-9) - 1e-12)
+            advice = ([least_budget([speed_row, bound_row])] if kv_budget is not None else []) + (
+                [most_speed([budget_row, bound_row])] if "speed" in target else []) + (
+                [f"max_ppl_increase {math.ceil(float(inc[over[0]]) * 1e4) / 1e4} or more"] if len(over) else
+                ["no max_ppl_increase: the curve measured no plan this damaged"])
             raise AccelError(f"auto: no plan meets {_named(target)}: the least damage that target allows is "
                              f"{float(dmg @ res.x):.3f}, above the {bound:.3f} of the most damaged measured plan "
                              f"within +{max_ppl:.2%} (the curve predicts "
                              f"{'more than the most damaged plan measured' if at is None else f'+{at:.2%}'}); "
-                             + ", ".join((["raise kv_budget"] if kv_budget is not None else [])
-                                         + (["lower speed"] if "speed" in target else []))
-                             + " or raise max_ppl_increase")
+                             f"relax one: {'; '.join(advice)}")
         if solved(res):
             # then, among plans of (numerically) that damage, the fewest kept tokens, and layers kept whole
             add(dmg, -np.inf, float(dmg @ res.x) * (1 + 1e-7) + 1e-9)
             res2 = run(size + 1e-6 * compressed)
             res = res2 if solved(res2) else res
     else:
-        add(dmg, -np.inf, bound * (1 + 1e-7) + 1e-9)  # the perplexity bound, as the damage it allows
+        add(*bound_row)  # the perplexity bound, as the damage it allows
         res = run(size)  # the fewest kept tokens first
         if solved(res):
             add(size, -np.inf, float(size @ res.x) * (1 + 1e-9) + 1e-9)
@@ -387,7 +414,8 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
             raise AccelError(f"auto: the MILP solver stopped without a plan ({res.message}); try another target")
         if "speed" in target and kv_budget is not None:
             raise AccelError(f"auto: no plan meets both kv_budget {kv_budget} and a {target['speed']}x speed-up at "
-                             f"context {context}, batch {batch}; relax one of them")
+                             f"context {context}, batch {batch}; relax one: {least_budget([speed_row, bound_row])}; "
+                             f"{most_speed([budget_row, bound_row])}")
         if "speed" in target:
             allowed = [r for r in ("window", "scored") if r not in excluded]
             best = const_ms + sum(min([coef["full_slope"] * m * Hkv * T]
@@ -399,7 +427,8 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
                              f"head at {shares[0]:.0%} of the prompt); ask for less, a longer context or a larger "
                              "batch")
         raise AccelError(f"auto: kv_budget {kv_budget} is below what the profile's smallest share keeps "
-                         f"({min(eff):.1%} of a {n_bytes}-token prompt per head); give a larger kv_budget")
+                         f"({min(eff):.1%} of a {n_bytes}-token prompt per head); give kv_budget "
+                         f"{math.ceil(min(eff) * 1e4) / 1e4} or more")
     x = np.round(res.x).astype(int)
     out_layers = [LayerPlan(mode="full") for _ in range(L)]
     for l, li in enumerate(layers):
