@@ -96,6 +96,27 @@ constexpr int kMaxGroup = 64;
 #endif
 constexpr int64_t kPfAheadBytes = ACCEL_DECODE_PF_BYTES;
 
+// Cross-stream requests (contiguous rows): a tile reads one stream (K in its score pass, V in its value pass), so
+// requests of the row being read keep only that stream in flight, and the other one's requests wait for its pass.
+// The score pass therefore also requests the V rows of the same tokens kXPfBytes ahead (the value pass that follows
+// finds them arriving), and the value pass the next tile's K rows kXPfBytes past its start. On the AVX-512 project
+// machine (AMD EPYC, 30 layers x 8K tokens, 3 KV heads, G = 3, from DRAM, csrc/tools/decode_bench.cpp, 2026-12-07)
+// fp32 read 26.4-26.9 GB/s without them and 31.7-34.1 GB/s with them at 2-8 KB (the same bytes summed: 37-40 GB/s);
+// with the caches in L2 the extra requests cost ~10% (54 against 48-49 GB/s). The bf16 tiles (split below) read at
+// the plain sum's rate without them and do not make them. 0 turns them off.
+#ifndef ACCEL_DECODE_XPF_BYTES
+#define ACCEL_DECODE_XPF_BYTES 8192
+#endif
+constexpr int64_t kXPfBytes = ACCEL_DECODE_XPF_BYTES;
+
+// the other stream of a tile: its base, row stride and how far ahead (elements) of a token's row to request
+template <typename T>
+struct CrossRows {
+  const T* base = nullptr;
+  int64_t st = 0;
+  int64_t ahead = 0;  // 0: no cross-stream requests
+};
+
 // request the cache lines of the row `ahead` elements after `row` (prefetches never fault: the rows requested past the
 // end of a span, up to kPfAheadBytes of them, are wasted requests). ahead = 0 (index lists, which make their own
 // requests one tile ahead) requests the row about to be read: a few redundant instructions per row, measured
@@ -155,13 +176,15 @@ static inline void store_scores(const V* acc, int j0, int m, float scale, float 
 // s[g][j] = scale * q_g . K[tok[j]] for j < n (rows of masked tokens are computed and overwritten by the caller)
 template <typename V, typename T, int DC, int G>
 static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
-                               float (*s)[kTile], int64_t pf) {
+                               float (*s)[kTile], int64_t pf, CrossRows<T> x) {
   using O = VecOps<V>;
   constexpr int NC = DC / O::n, R = score_rows<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const T* kr[R];
     for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
     for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(kr[jj], pf);
+    if (x.ahead)
+      for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(x.base + tok[std::min(j0 + jj, n - 1)] * x.st, x.ahead);
     const int m = std::min(R, n - j0);
     V acc[G * R];
     for (int i = 0; i < G * R; ++i) acc[i] = V{};
@@ -190,7 +213,7 @@ static inline void live_rows(const float (*p)[kTile], int n, bool* live) {
 // acc_g += sum_j p[g][j] * V[tok[j]] for the group's heads (p = 0 for masked tokens, whose rows are skipped)
 template <typename V, typename T, int DC, int G>
 static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int64_t* tok, int n,
-                               const float (*p)[kTile], int64_t pf) {
+                               const float (*p)[kTile], int64_t pf, CrossRows<T> x) {
   using O = VecOps<V>;
   constexpr int NC = DC / O::n, CB = value_chunks<G, NC>();
   bool live[kTile];
@@ -203,6 +226,7 @@ static inline void tile_values(float* acc, const T* vb, int64_t v_st, const int6
       if (!live[j]) continue;
       const T* vr = vb + tok[j] * v_st + O::n * c0;
       if (c0 == 0) prefetch_row_ahead<T, DC>(vr, pf);
+      if (c0 == 0 && x.ahead) prefetch_row_ahead<T, DC>(x.base + tok[j] * x.st, x.ahead);
       V vv[CB];
       for (int cb = 0; cb < CB; ++cb) vv[cb] = O::load(vr + O::n * cb);
       for (int g = 0; g < G; ++g) {
@@ -266,12 +290,14 @@ static inline void store_block16(const v16f (*acc)[R], int j0, float scale, floa
 
 template <typename T, int DC, int G>
 static inline void tile_scores16(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
-                                 float (*s)[kTile], int64_t pf) {
+                                 float (*s)[kTile], int64_t pf, CrossRows<T> x) {
   constexpr int NC = DC / 16, R = score_rows16<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const T* kr[R];
     for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
     for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(kr[jj], pf);
+    if (x.ahead)
+      for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(x.base + tok[std::min(j0 + jj, n - 1)] * x.st, x.ahead);
     v16f acc[G][R];
     for (int g = 0; g < G; ++g)
       for (int jj = 0; jj < R; ++jj) acc[g][jj] = v16f{};
@@ -292,23 +318,23 @@ static inline void tile_scores16(const float* q, const T* kb, int64_t k_st, cons
 // the score tile of this build: tile_scores16 with AVX-512, the register-count-sized tile_scores otherwise
 template <typename T, int DC, int G>
 static inline void scores_tile(const float* q, const T* kb, int64_t k_st, const int64_t* tok, int n, float scale,
-                               float (*s)[kTile], int64_t pf) {
+                               float (*s)[kTile], int64_t pf, CrossRows<T> x) {
 #ifdef ACCEL_V16F_NATIVE
-  tile_scores16<T, DC, G>(q, kb, k_st, tok, n, scale, s, pf);
+  tile_scores16<T, DC, G>(q, kb, k_st, tok, n, scale, s, pf, x);
 #else
-  tile_scores<vnf, T, DC, G>(q, kb, k_st, tok, n, scale, s, pf);
+  tile_scores<vnf, T, DC, G>(q, kb, k_st, tok, n, scale, s, pf, x);
 #endif
 }
 
 template <typename T, int DC>
 static inline bool fast_tile(int G, bool values, const float* q, float* acc, const T* base, int64_t st,
-                             const int64_t* tok, int n, float scale, float (*s)[kTile], int64_t pf) {
+                             const int64_t* tok, int n, float scale, float (*s)[kTile], int64_t pf, CrossRows<T> x) {
   if constexpr (DC > 0 && DC % kLanes == 0 && DC <= 256) {
     switch (G) {
 #define ACCEL_TILE_CASE(GG)                                                          \
   case GG:                                                                           \
-    if (values) tile_values<vnf, T, DC, GG>(acc, base, st, tok, n, s, pf);           \
-    else scores_tile<T, DC, GG>(q, base, st, tok, n, scale, s, pf);                 \
+    if (values) tile_values<vnf, T, DC, GG>(acc, base, st, tok, n, s, pf, x);        \
+    else scores_tile<T, DC, GG>(q, base, st, tok, n, scale, s, pf, x);              \
     return true;
       ACCEL_TILE_CASE(1)
       ACCEL_TILE_CASE(2)
@@ -491,6 +517,10 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   // the distances are in elements, for the tiles' pointer arithmetic
   const int64_t pf_rows = std::max<int64_t>(1, kPfAheadBytes / krow_bytes);
   const int64_t pf_k = idx ? 0 : pf_rows * p.k_st, pf_v = idx ? 0 : pf_rows * p.v_st;
+  // contiguous rows: the score pass requests V rows, the value pass the next tile's K rows (see kXPfBytes)
+  const int64_t x_rows = kXPfBytes / krow_bytes;
+  const CrossRows<T> x_scores{vb, p.v_st, idx || x_rows < 1 ? 0 : x_rows * p.v_st};
+  const CrossRows<T> x_values{kb, p.k_st, idx || x_rows < 1 ? 0 : (kTile + x_rows) * p.k_st};
   if (idx) {
     prefetch_rows(kb, p.k_st, i0, std::min<int64_t>(i1, i0 + kPfK * kTile));
     prefetch_rows(vb, p.v_st, i0, std::min<int64_t>(i1, i0 + kTile));
@@ -510,7 +540,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     // scores: the group's queries are held in registers; the tile's K rows come from memory once
     // (first head) and from L1 for the other heads of the group
     if (split ? split_tile<T, DC>(G, false, qs, acc, kb, p.k_st, tok, n, p.scale, s, pf_k)
-              : fast_tile<T, DC>(G, false, q, acc, kb, p.k_st, tok, n, p.scale, s, pf_k)) {
+              : fast_tile<T, DC>(G, false, q, acc, kb, p.k_st, tok, n, p.scale, s, pf_k, x_scores)) {
       for (int j = 0; j < n; ++j)
         if (!ok[j])
           for (int g = 0; g < G; ++g) s[g][j] = ninf;
@@ -600,7 +630,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     }
     // values: the accumulator of one head stays in registers across the tile
     if (split ? split_tile<T, DC>(G, true, qs, acc, vb, p.v_st, tok, n, p.scale, s, pf_v)
-              : fast_tile<T, DC>(G, true, q, acc, vb, p.v_st, tok, n, p.scale, s, pf_v)) {
+              : fast_tile<T, DC>(G, true, q, acc, vb, p.v_st, tok, n, p.scale, s, pf_v, x_values)) {
     } else if constexpr (DC > 0 && DC % 16 == 0) {
       constexpr int NV = DC / 16;
       for (int g = 0; g < G; ++g) {
