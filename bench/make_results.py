@@ -32,8 +32,9 @@ COMMITTED = {
     "decode_anchors_smollm2_b1_runtimes.csv": "2026-12-04",
     "decode_anchors_smollm2_b8_bf16.csv": "2026-12-04",
     "decode_kvpolicies_smollm2_b1_bf16.csv": "2026-12-05",
+    "decode_kvpolicies_smollm2_b1_fp32.csv": "2026-12-07",
     "bf16_quality_smollm2.csv": "2026-12-05",
-    "decode_fused_smollm2_b1.csv": "2026-12-05",
+    "decode_fused_smollm2_b1.csv": "2026-12-07",
     "decode_anchors_smollm2_b1_bf16_dense.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_bf16_8k.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_fp32_dense.csv": "2026-12-05",
@@ -155,6 +156,10 @@ COMMITTED = {
     "cost_model_auto.csv": "2026-12-07",
     "cost_model_auto_first.csv": "2026-12-07",
     "cost_model_smollm2_b.csv": "2026-12-07",
+    "eval_auto_smollm2_8k.csv": "2026-12-07",
+    "decode_auto_smollm2_8k_b1.csv": "2026-12-07",
+    "decode_auto_smollm2_8k_b8.csv": "2026-12-07",
+    "auto_pareto_smollm2_8k.csv": "2026-12-07",
     "eval_smollm2_long.csv": "2026-11-23",
     "eval_smollm2_ruler.csv": "2026-11-23",
     "kv_long_generation.csv": "2026-11-27",
@@ -558,6 +563,13 @@ def sec_step() -> list[str]:
     kvp = load("decode_kvpolicies_smollm2_b1_bf16.csv")
     out += ["The other KV policies the same way at 8K (`accel bench --dtype bfloat16`, default budgets, one run):", ""]
     out += follow_the_bytes(kvp, "decode_kvpolicies_smollm2_b1_bf16.csv")
+    kvf = load("decode_kvpolicies_smollm2_b1_fp32.csv")
+    dn = next(r for r in kvf if r["policy"] == "dense")
+    out += ["The KV policies, hylra and quest at 8K in fp32 after a real prefill, after the attention kernel's "
+            "requests of both streams (the dense notes), one run: accel dense "
+            f"{f(dn['decode_step_ms'], 1)} ms a step, {f(dn['overhead_ms'], 1)} ms beyond its bytes, "
+            f"{pct(dn['frac_read_bw'])} of the read bandwidth measured with it.", ""]
+    out += follow_the_bytes(kvf, "decode_kvpolicies_smollm2_b1_fp32.csv")
     out += anchor_section(
         "decode_anchors_smollm2_b1_runtimes.csv",
         "In fp32 against all three anchor runtimes (llama.cpp with F32 weights, vLLM's CPU build and OpenVINO GenAI "
@@ -1207,6 +1219,8 @@ AUTO_LM = ("eval_auto_smollm2_4k_lm.csv", "eval_auto_retrieval_smollm2_4k_lm.csv
 AUTO_SPEED = ("decode_auto_smollm2_b1.csv", "decode_auto_smollm2_b8.csv")
 AUTO_GEMMA = ("auto_pareto_gemma3_4k.csv", ("eval_auto_gemma3_4k.csv",), (),
               ("decode_auto_gemma3_b1.csv", "decode_auto_gemma3_b8.csv"))
+AUTO_8K = ("auto_pareto_smollm2_8k.csv", ("eval_auto_smollm2_8k.csv",), (),
+           ("decode_auto_smollm2_8k_b1.csv", "decode_auto_smollm2_8k_b8.csv"))
 AUTO_COST = "cost_model_auto.csv"
 AUTO_COST_FIRST = "cost_model_auto_first.csv"
 
@@ -1219,7 +1233,7 @@ def merged(names, key) -> list[dict]:
     return list(out.values())
 
 
-def auto_pareto_tables(pareto: str, evals, lms, model: str) -> list[str]:
+def auto_pareto_tables(pareto: str, evals, lms, model: str, ctx: str = "4K") -> list[str]:
     rows = load(pareto)
     ev = merged(evals, lambda r: (r["policy"], r["task"]))
     lm = {r["policy"]: r for r in merged(lms, lambda r: r["policy"])}
@@ -1236,9 +1250,9 @@ def auto_pareto_tables(pareto: str, evals, lms, model: str) -> list[str]:
         v, d = lm.get(p), lm.get("dense")
         return "-" if v is None else f"{float(v['ppl']):.2f} ({100 * (float(v['ppl']) / float(d['ppl']) - 1):+.1f}%)"
 
-    out = [f"{model} at 4K: " + ", ".join(f"{label[t]} ({n_task[t]} samples)" for t in tasks)
-           + (", perplexity of 64 held-out tokens after 4K of essay (3 samples)" if lm else "")
-           + "; decode tokens/s from a random 4K cache (`--synthetic-kv`, 32 new tokens) at batch "
+    out = [f"{model} at {ctx}: " + ", ".join(f"{label[t]} ({n_task[t]} samples)" for t in tasks)
+           + (f", perplexity of 64 held-out tokens after {ctx} of essay (3 samples)" if lm else "")
+           + f"; decode tokens/s from a random {ctx} cache (`--synthetic-kv`, 32 new tokens) at batch "
            + " and ".join(map(str, batches)) + ".", "",
            "Dense: " + ", ".join(f"{label[t]} {count(dense, t)}" for t in tasks)
            + (f", perplexity {ppl('dense')}" if lm else "") + ", "
@@ -1249,7 +1263,7 @@ def auto_pareto_tables(pareto: str, evals, lms, model: str) -> list[str]:
         a = next(r for r in sel if r["method"] == "auto")
         front = [b for b in batches if not a[f"dominated_by_b{b}"]]
         best = max((r for r in sel if r["method"] != "auto"), key=lambda r: int(r["correct"]))
-        out += [f"#### {model}, budget {budget:g}", "",
+        out += [f"#### {model}, {ctx}, budget {budget:g}", "",
                 f"auto: {a['correct']}/{a['n']} correct (best single policy: {best['policy']} {best['correct']}/"
                 f"{best['n']}); on the Pareto front at " + (" and ".join(f"batch {b}" for b in front) or "no batch size")
                 + ".", ""]
@@ -1271,8 +1285,10 @@ def sec_auto() -> list[str]:
            "single policies of the same budget at least as accurate (tasks pooled) and at least as fast at that "
            "batch, and better in one of the two; empty: on the accuracy-vs-speed Pareto front. On SmolLM2 the auto "
            "rows come from a later run with the profile shipped now (retrieval calibration texts; the accuracy of "
-           "the other policies does not change between runs), and every speed row from one run after it.", ""]
+           "the other policies does not change between runs), and every speed row from one run after it. At 8K (SmolLM2, 12 "
+           "samples per task) the evaluation and each speed run are one run on the machine their source line names.", ""]
     out += auto_pareto_tables(AUTO_PARETO, AUTO_EVAL, AUTO_LM, "SmolLM2-135M")
+    out += auto_pareto_tables(AUTO_8K[0], AUTO_8K[1], AUTO_8K[2], "SmolLM2-135M", "8K")
     out += auto_pareto_tables(AUTO_GEMMA[0], AUTO_GEMMA[1], AUTO_GEMMA[2], "Gemma-3-270m")
     chk = load(AUTO_COST)
     first = load(AUTO_COST_FIRST)
@@ -1297,7 +1313,8 @@ def sec_auto() -> list[str]:
                  [[r["policy"], r["batch"], r["context"], f(r["predicted_ms"], 1), f(r["step_ms"], 1),
                    f"{100 * float(r['error']):+.1f}%"] for r in chk])
     out += ["![predicted vs measured](../bench/results/cost_model_auto.png)", ""]
-    out += sources(AUTO_PARETO, *AUTO_EVAL, *AUTO_LM, *AUTO_SPEED, AUTO_GEMMA[0], *AUTO_GEMMA[1], *AUTO_GEMMA[3],
+    out += sources(AUTO_PARETO, *AUTO_EVAL, *AUTO_LM, *AUTO_SPEED, AUTO_8K[0], *AUTO_8K[1], *AUTO_8K[3],
+                   AUTO_GEMMA[0], *AUTO_GEMMA[1], *AUTO_GEMMA[3],
                    AUTO_COST_FIRST, "cost_model_smollm2_b.csv", AUTO_COST)
     out += sec_auto_ppl()
     return out
