@@ -66,6 +66,7 @@ inline void ragged_accumulate_rows(const float* lg, int64_t W, const float* ls, 
     float* s = sc + off[bh];
     const int64_t n = len[bh];
     int64_t t = 0;
+#if defined(__AVX2__)
     for (; t + 16 <= n; t += 16) {
       v16f acc = load16(s + t);
       for (int64_t g = 0; g < ng; ++g) acc += fast_exp16(load16(rows[g] + t) - splat16(lse[g])) * iv;
@@ -73,6 +74,12 @@ inline void ragged_accumulate_rows(const float* lg, int64_t W, const float* ls, 
     }
     for (; t < n; ++t)
       for (int64_t g = 0; g < ng; ++g) s[t] += fast_exp(rows[g][t] - lse[g]) * inv;
+#else
+    // baseline x86-64 (SSE2) builds: the 16-lane vectors are emulated there and ran 2x slower than libm's expf
+    (void)iv;
+    for (; t < n; ++t)
+      for (int64_t g = 0; g < ng; ++g) s[t] += std::exp(rows[g][t] - lse[g]) * inv;
+#endif
   }
 }
 
