@@ -1286,7 +1286,9 @@ def sec_auto() -> list[str]:
            "batch, and better in one of the two; empty: on the accuracy-vs-speed Pareto front. On SmolLM2 the auto "
            "rows come from a later run with the profile shipped now (retrieval calibration texts; the accuracy of "
            "the other policies does not change between runs), and every speed row from one run after it. At 8K (SmolLM2, 12 "
-           "samples per task) the evaluation and each speed run are one run on the machine their source line names.", ""]
+           "samples per task) the evaluation and each speed run are one run on the machine their source line names; "
+           "the speed runs came after, and the evaluation before, the eviction scores' vectorised exponentials "
+           "(scores within ~1e-6 relative; the dense notes).", ""]
     out += auto_pareto_tables(AUTO_PARETO, AUTO_EVAL, AUTO_LM, "SmolLM2-135M")
     out += auto_pareto_tables(AUTO_8K[0], AUTO_8K[1], AUTO_8K[2], "SmolLM2-135M", "8K")
     out += auto_pareto_tables(AUTO_GEMMA[0], AUTO_GEMMA[1], AUTO_GEMMA[2], "Gemma-3-270m")
