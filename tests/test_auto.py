@@ -440,7 +440,7 @@ def test_a_profile_is_solved_for_the_target_a_solved_plan_runs_as_written():
         assert f"mean share of the prompt kept {plan.params['predicted']['kv_share']:.1%}" in line
         counts = {}
         for hp in (hp for lp in compressed for hp in lp.heads):
-            k = "full" if hp.kind == "full" else f"{hp.kind} at {hp.beta:.0%}"
+            k = "full" if hp.kind == "full" else f"{hp.kind} at {hp.beta:.4g} of the prompt"
             counts[k] = counts.get(k, 0) + 1
         assert all(f"{v} {k}" in line for k, v in counts.items()) and "\n" not in line
     hand = auto_plan({1: ("window", [0.5, 1.0])})
@@ -640,3 +640,29 @@ def test_a_refusal_says_how_far_to_relax_each_target_and_each_advice_is_met():
     with pytest.raises(AccelError) as e:
         solve_plan(prof, {"kv_budget": 1e-4})
     solve_plan(prof, {"kv_budget": number(str(e.value), "kv_budget")})
+
+
+def test_a_speed_target_takes_a_cost_model_file_measured_here_and_refuses_one_from_another_cpu(tmp_path):
+    from accel.perf import machine_facts
+
+    m = model4("llama")
+    profile, info = tiny_profile(m)
+    cost = fake_cost(L=4)
+    cost.fingerprint = info.fingerprint
+    cost.machine = {**machine_facts(), "device": "cpu"}
+    path = tmp_path / "cost.json"
+    cost.save(path)
+    with accel.patch(m, "auto", plan=profile, speed=1.2, context=400, cost=str(path)) as h:
+        pr = h.runtime.plan.params["predicted"]
+        assert pr["speedup"] >= 1.2 - 1e-6
+        assert h.runtime.plan.to_dict() == solve_plan(profile, {"speed": 1.2, "context": 400, "batch": 1},
+                                                      cost=cost, info=info).to_dict()
+    other = fake_cost(L=4)
+    other.fingerprint = info.fingerprint
+    other.machine = {**machine_facts(), "device": "cpu", "cpu": "Some Other CPU"}
+    other.save(tmp_path / "other.json")
+    with pytest.raises(AccelError, match=r"measured with cpu='Some Other CPU'.*accel calibrate-cost --threads N") as e:
+        accel.patch(m, "auto", plan=profile, speed=1.2, context=400, cost=str(tmp_path / "other.json"))
+    assert "\n" not in str(e.value) and "same thread count" not in str(e.value)
+    with pytest.raises(AccelError, match="give it with speed"):
+        accel.patch(m, "auto", plan=profile, kv_budget=0.3, cost=str(path))

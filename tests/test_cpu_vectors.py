@@ -41,7 +41,7 @@ def test_kernel_headers_compile_for_each_x86_target(tmp_path, arch):
     src = tmp_path / "all.cpp"
     src.write_text("".join(f'#include "accel/cpu/{h}.h"\n' for h in
                            ("decode_attention", "latent_decode", "block_sparse_prefill", "select", "linear",
-                                                              "quest"))
+                            "quest", "ragged_kv"))
                    + "int main() { return 0; }\n")
     r = subprocess.run([CXX, "-fsyntax-only", "-std=c++17", "-fopenmp", "-Wno-psabi", f"-march={arch}",
                         "-I", str(ROOT / "csrc" / "include"), str(src)], capture_output=True, text=True, timeout=300)

@@ -55,6 +55,8 @@ class AutoPolicy(BudgetedKVPolicy):
     #: the context and batch size a speed target is for (4096 and 1 when not given)
     context: int | None = None
     batch: int | None = None
+    #: a speed target's cost model file (from `accel calibrate-cost --out cost.json`); None: the one accel ships
+    cost: str | None = None
     sink: int = 16
     window: int = 32
     kernel: int = 7
@@ -84,6 +86,10 @@ class AutoPolicy(BudgetedKVPolicy):
                              f"{self.max_ppl_increase!r}")
         if self.speed is not None and not (number(self.speed) and self.speed >= 1):
             raise AccelError(f"auto: speed must be a decode speed-up >= 1 over dense attention, got {self.speed!r}")
+        if self.cost is not None and (self.speed is None or not isinstance(self.cost, str) or not self.cost):
+            raise AccelError("auto: cost is the cost model file of a speed target (`accel calibrate-cost --out "
+                             f"cost.json`); give it with speed=..., got cost={self.cost!r}"
+                             + ("" if self.speed is not None else " without speed"))
         if (self.context is not None or self.batch is not None) and self.speed is None:
             raise AccelError("auto: context and batch set what a speed target is for; add speed=..., or drop them "
                              "(a kv_budget is a share of any prompt)")
@@ -158,13 +164,17 @@ class AutoPolicy(BudgetedKVPolicy):
         kinds: dict[str, int] = {}
         for lp in layers:
             for hp in lp.heads:
-                k = "full" if hp.kind == "full" else f"{hp.kind} at {hp.beta:.0%}"
+                k = "full" if hp.kind == "full" else f"{hp.kind} at {hp.beta:.4g} of the prompt"
                 kinds[k] = kinds.get(k, 0) + 1
         heads = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
-        return (f"auto: target {plan.params.get('target')}, {len(layers)} of {plan.num_layers} layers compressed"
+        target = plan.params.get("target")
+        return ("auto: " + (f"target {target}, " if target else "a plan as written, ")
+                + f"{len(layers)} of {plan.num_layers} layers compressed"
                 + (f" (KV heads: {heads})" if heads else "")
                 + (f", mean share of the prompt kept {p['kv_share']:.1%}" if "kv_share" in p else "")
-                + (f", predicted perplexity {p['ppl_increase']:+.2%}" if "ppl_increase" in p else "")
+                + (f", predicted perplexity {p['ppl_increase']:+.2%}" if "ppl_increase" in p else
+                   ", perplexity beyond the most damaged plan the profile's curve measured (no prediction)"
+                   if layers and isinstance((plan.params.get("profile") or {}).get("ppl"), dict) else "")
                 + (f", predicted {p['speedup']}x dense's decode step" if "speedup" in p else ""))
 
     # -- per layer -----------------------------------------------------------------------------------------

@@ -147,7 +147,10 @@ class CostModel:
             for key in ("cpu", "isa", "threads"):
                 if key in self.machine and key in machine and machine[key] != self.machine[key]:
                     raise AccelError(f"this cost model was measured with {key}={self.machine[key]!r}, this process has "
-                                     f"{machine[key]!r}; run `accel calibrate-cost` here (or set the same threads)")
+                                     f"{machine[key]!r}; " + ("set the same thread count or " if key == "threads" else "")
+                                     + "measure this machine's with `accel calibrate-cost --threads N --out cost.json` "
+                                     "(about 12 minutes for SmolLM2-135M) and give it: accel.patch(model, 'auto', "
+                                     "speed=..., cost='cost.json') or `accel plan ... --cost cost.json`")
 
     def batches(self) -> list[int]:
         return sorted(int(b) for b in self.per_batch)
@@ -318,8 +321,10 @@ def cost_model_for(model, path: str | Path | None = None) -> CostModel:
         if not found:
             raise AccelError(f"accel ships no cost model for this model ({info.model_type}, {info.num_layers} layers) on "
                              f"{here['device']}; measure one (minutes): `accel calibrate-cost --model PATH --threads "
-                             f"{here['threads']} --dtype {dtype} --out cost.json`, then "
-                             "`accel.scheduler.cost_model_for(model, path='cost.json')`")
+                             f"{here['threads']} --dtype {dtype} --out cost.json`, then give it: accel.patch(model, "
+                             "'auto', speed=..., cost='cost.json')")
+        # of several measured here, the one of this CPU, instruction set and thread count first
+        found.sort(key=lambda c: [c.machine.get(k) != here.get(k) for k in ("cpu", "isa", "threads")])
         cm = found[0]
     cm.check_fits(info.fingerprint, info.num_layers, info.num_kv_heads, dtype, here)
     return cm

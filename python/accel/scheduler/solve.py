@@ -124,7 +124,7 @@ def plan_for_patch(policy, model, info, plan) -> Plan:
     if policy.speed is not None and tensor_parallel_size(model) != 1:
         raise AccelError("auto: a speed target is predicted by a one-process cost model; under tensor parallelism "
                          "give kv_budget instead")
-    cost = cost_model_for(model) if policy.speed is not None else None
+    cost = cost_model_for(model, policy.cost) if policy.speed is not None else None
     if plan is None:
         profile = require_shipped_plan("auto", info, "a calibration profile (each head's damage under each rule and "
                                        "budget)")
@@ -169,6 +169,16 @@ def _slope_floor(cost: CostModel, batch: int, term: str) -> float:
     bs = cost.batches()
     near = [b for b in bs if b == batch] or [max(b for b in bs if b < batch), min(b for b in bs if b > batch)]
     return min(cost.per_batch[str(b)][term] for b in near)
+
+
+def _up(x: float, nd: int = 4) -> float:
+    """``x`` rounded up to ``nd`` decimals (advice that is met), a value already on that grid kept."""
+    return math.ceil(round(x * 10 ** nd, 6)) / 10 ** nd
+
+
+def _down(x: float, nd: int = 3) -> float:
+    """``x`` rounded down to ``nd`` decimals, a value already on that grid kept."""
+    return math.floor(round(x * 10 ** nd, 6)) / 10 ** nd
 
 
 def _named(target: dict) -> str:
@@ -276,10 +286,11 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
     if not needs_compression and (least_damage or bound == 0):
         return _whole_plan(profile_plan, target, whole)  # the targets allow every token: exactly dense
     if bound == 0:
+        least = float(ppl_points(prof)[1][1])
         raise AccelError(f"auto: max_ppl_increase {max_ppl} is below what every measured compressed plan costs on "
-                         f"the calibration text (the least: +{ppl_points(prof)[1][1]:.2%}), so it keeps every "
-                         "head whole, which meets no kv_budget or speed below dense; raise max_ppl_increase or drop "
-                         "the other target")
+                         f"the calibration text (the least: +{least:.2%}), so it keeps every head whole, which "
+                         f"meets no kv_budget or speed below dense; give max_ppl_increase {_up(least)} or more, or "
+                         "drop the other target")
 
     # variables: per layer its option y (3), per layer x head x (option, share) its choice x
     choices = [("dense", 1.0)] + [(r, s) for r in ("window", "scored") for s in shares]
@@ -372,14 +383,17 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
         if not solved(r):
             return "no kv_budget meets the other targets"
         need = float(size @ r.x) / (nl * Hkv)
-        return f"kv_budget {math.ceil(need * 1e4) / 1e4} or more"
+        return f"kv_budget {_up(need)} or more"
 
     def most_speed(others) -> str:
         """The largest speed-up the cost model predicts under the other targets (``others``: their rows)."""
         r = run(step, [o for o in others if o is not None])
         if not solved(r):
             return "no speed-up meets the other targets"
-        return f"speed {math.floor(dense_ms / (const_ms + float(step @ r.x)) * 1e3) / 1e3} or less"
+        most = dense_ms / (const_ms + float(step @ r.x))
+        if _down(most, 3) < 1:  # a speed target is a speed-up >= 1: none is left to give
+            return f"no speed-up meets the other targets (at most {most:.3f}x at context {context}); drop speed"
+        return f"speed {_down(most, 3)} or less"
 
     if least_damage:
         res = run(dmg)  # least damage first
@@ -390,7 +404,7 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
             over = np.flatnonzero(dam >= float(dmg @ res.x) * (1 - 1e-9) - 1e-12)
             advice = ([least_budget([speed_row, bound_row])] if kv_budget is not None else []) + (
                 [most_speed([budget_row, bound_row])] if "speed" in target else []) + (
-                [f"max_ppl_increase {math.ceil(float(inc[over[0]]) * 1e4) / 1e4} or more"] if len(over) else
+                [f"max_ppl_increase {_up(float(inc[over[0]]))} or more"] if len(over) else
                 ["no max_ppl_increase: the curve measured no plan this damaged"])
             raise AccelError(f"auto: no plan meets {_named(target)}: the least damage that target allows is "
                              f"{float(dmg @ res.x):.3f}, above the {bound:.3f} of the most damaged measured plan "
@@ -428,7 +442,8 @@ def _solve(profile_plan: Plan, prof: dict, target: dict, cost: CostModel | None,
                              "batch")
         raise AccelError(f"auto: kv_budget {kv_budget} is below what the profile's smallest share keeps "
                          f"({min(eff):.1%} of a {n_bytes}-token prompt per head); give kv_budget "
-                         f"{math.ceil(min(eff) * 1e4) / 1e4} or more")
+                         f"{_up(min(eff))} or more (the least the profile allows"
+                         + (", with the other targets still to meet)" if len(target) > 1 else ")"))
     x = np.round(res.x).astype(int)
     out_layers = [LayerPlan(mode="full") for _ in range(L)]
     for l, li in enumerate(layers):

@@ -100,8 +100,9 @@ constexpr int64_t kPfAheadBytes = ACCEL_DECODE_PF_BYTES;
 // requests of the row being read keep only that stream in flight, and the other one's requests wait for its pass.
 // The score pass therefore also requests the V rows of the same tokens kXPfBytes ahead (the value pass that follows
 // finds them arriving), and the value pass the next tile's K rows kXPfBytes past its start. On the AVX-512 project
-// machine (AMD EPYC, 30 layers x 8K tokens, 3 KV heads, G = 3, from DRAM, csrc/tools/decode_bench.cpp, 2026-12-07)
-// fp32 read 26.4-26.9 GB/s without them and 31.7-34.1 GB/s with them at 2-8 KB (the same bytes summed: 37-40 GB/s);
+// machine (AMD EPYC, 30 layers x 8K tokens, 3 KV heads, G = 3, from DRAM, csrc/tools/decode_bench.cpp, 2026-12-07,
+// three runs each) fp32 read 27.5-28.5 GB/s without them and 37.0-38.5 GB/s with them at 8 KB (the same bytes summed:
+// 38.5-39.2 GB/s); a first harness read 31-34 GB/s at 2-8 KB and 29-30 at 16 KB;
 // with the caches in L2 the extra requests cost ~10% (54 against 48-49 GB/s). The bf16 tiles (split below) read at
 // the plain sum's rate without them and do not make them. 0 turns them off.
 #ifndef ACCEL_DECODE_XPF_BYTES
