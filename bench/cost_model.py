@@ -53,6 +53,8 @@ def main(argv=None):
     rows = []
     for spec, b, c in tqdm(jobs, desc="cost model check"):
         name, opts = split_spec(spec)
+        if name == "auto" and "speed" in opts and args.cost:
+            opts["cost"] = str(args.cost)  # a speed plan is solved with the cost model it is checked against
         h = patch(model, name, reserve=c + args.new_tokens + 64, **opts)
         try:
             t = time.time()

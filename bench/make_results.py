@@ -160,6 +160,8 @@ COMMITTED = {
     "decode_auto_smollm2_8k_b1.csv": "2026-12-07",
     "decode_auto_smollm2_8k_b8.csv": "2026-12-07",
     "auto_pareto_smollm2_8k.csv": "2026-12-07",
+    "cost_model_smollm2_amd.csv": "2026-12-07",
+    "cost_model_auto_amd.csv": "2026-12-07",
     "eval_smollm2_long.csv": "2026-11-23",
     "eval_smollm2_ruler.csv": "2026-11-23",
     "kv_long_generation.csv": "2026-11-27",
@@ -1315,9 +1317,19 @@ def sec_auto() -> list[str]:
                  [[r["policy"], r["batch"], r["context"], f(r["predicted_ms"], 1), f(r["step_ms"], 1),
                    f"{100 * float(r['error']):+.1f}%"] for r in chk])
     out += ["![predicted vs measured](../bench/results/cost_model_auto.png)", ""]
+    amd = load("cost_model_auto_amd.csv")
+    aerr = [abs(float(r["error"])) for r in amd]
+    out += [f"The same check on the AMD EPYC machine (its own cost model, `accel calibrate-cost`, "
+            f"{len(load('cost_model_smollm2_amd.csv'))} runs, then the plans right after; the speed plans solved with "
+            f"that cost model): **{sum(e <= 0.15 for e in aerr)} of {len(amd)} within 15%**, worst "
+            f"{pct(max(aerr), 1)}.", ""]
+    out += table(["plan", "batch", "context", "predicted ms", "measured ms", "error"],
+                 [[r["policy"], r["batch"], r["context"], f(r["predicted_ms"], 1), f(r["step_ms"], 1),
+                   f"{100 * float(r['error']):+.1f}%"] for r in amd])
     out += sources(AUTO_PARETO, *AUTO_EVAL, *AUTO_LM, *AUTO_SPEED, AUTO_8K[0], *AUTO_8K[1], *AUTO_8K[3],
                    AUTO_GEMMA[0], *AUTO_GEMMA[1], *AUTO_GEMMA[3],
-                   AUTO_COST_FIRST, "cost_model_smollm2_b.csv", AUTO_COST)
+                   AUTO_COST_FIRST, "cost_model_smollm2_b.csv", AUTO_COST, "cost_model_smollm2_amd.csv",
+                   "cost_model_auto_amd.csv")
     out += sec_auto_ppl()
     return out
 

@@ -149,7 +149,7 @@ class CostModel:
                     raise AccelError(f"this cost model was measured with {key}={self.machine[key]!r}, this process has "
                                      f"{machine[key]!r}; " + ("set the same thread count or " if key == "threads" else "")
                                      + "measure this machine's with `accel calibrate-cost --threads N --out cost.json` "
-                                     "(about 12 minutes for SmolLM2-135M) and give it: accel.patch(model, 'auto', "
+                                     "(5-12 minutes for SmolLM2-135M) and give it: accel.patch(model, 'auto', "
                                      "speed=..., cost='cost.json') or `accel plan ... --cost cost.json`")
 
     def batches(self) -> list[int]:
