@@ -300,3 +300,27 @@ def test_cost_model_for_a_model(tmp_path):
         else:
             assert c.batches() and all(c.per_batch[b][t] >= 0 for b in c.per_batch for t in TERMS
                                        if not t.endswith("_fixed"))
+
+
+def test_of_several_shipped_cost_models_the_one_of_this_cpu_serves(monkeypatch):
+    """accel ships a cost model per measured CPU: the one whose CPU, instruction set and thread count match this
+    process serves, and one of another CPU is never taken silently (it is refused in one line)."""
+    import accel.scheduler.cost as costmod
+    from accel.models.registry import get_adapter
+    from accel.perf import machine_facts
+
+    m = model4("llama")
+    info = get_adapter(m).info()
+    here = {**machine_facts(), "device": "cpu"}
+
+    def made(cpu):
+        return CostModel(model="tiny", model_type=info.model_type, fingerprint=info.fingerprint, num_layers=4,
+                         num_kv_heads=2, head_dim=16, dtype="float32", machine={**here, "cpu": cpu},
+                         per_batch={"1": _truth(1)})
+
+    other, mine = made("Some Other CPU"), made(here["cpu"])
+    monkeypatch.setattr(costmod, "shipped_cost_models", lambda: [other, mine])
+    assert cost_model_for(m) == mine
+    monkeypatch.setattr(costmod, "shipped_cost_models", lambda: [other])
+    with pytest.raises(AccelError, match="measured with cpu='Some Other CPU'"):
+        cost_model_for(m)
