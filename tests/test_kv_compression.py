@@ -56,6 +56,81 @@ def test_ragged_store_append_evict_grow_and_reorder():
     assert rg.shape == (3, 3) and torch.equal(rg.lengths[2], torch.tensor([4, 4, 5], dtype=torch.int32))
 
 
+def _victim_by_the_rule(pos, score, se, rc, by_age):
+    """The eviction rule as one reads it: the lowest score (by_age: oldest position) among rows neither a sink
+    (pos < se) nor among the rc newest positions, the first on ties, with the scalar rule's NaN behaviour (a NaN
+    eligible row first in line stays the pick); else the oldest non-sink row; else the oldest row."""
+    newest = max(pos)
+    best = fb = oldest = None
+    for i, p in enumerate(pos):
+        if oldest is None or p < pos[oldest]:
+            oldest = i
+        if p < se:
+            continue
+        if fb is None or p < pos[fb]:
+            fb = i
+        if p > newest - rc:
+            continue
+        if by_age:
+            if best is None or p < pos[best]:
+                best = i
+        elif best is None or score[i] < score[best]:
+            best = i
+    return best if best is not None else (fb if fb is not None else oldest)
+
+
+@pytest.mark.parametrize("heads", [3, 48])  # 48 x ~1100 rows: the threaded path of the C++ eviction
+@pytest.mark.parametrize("by_age", [False, True])
+def test_cpp_eviction_picks_the_rules_victim(heads, by_age):
+    from accel import _ext
+
+    if not _ext.HAS_CPU_EXT:
+        pytest.skip("the C++ CPU extension is not built")
+    g = torch.Generator().manual_seed(3 + heads)
+    n, D = 1100, 4
+    caps = torch.full((1, heads), n + 2)
+    offsets = torch.arange(heads) * (n + 2)
+    R = int(caps.sum())
+    k, v = torch.randn(R, D, generator=g), torch.randn(R, D, generator=g)
+    pos, score = torch.full((R,), -1, dtype=torch.long), torch.zeros(R)
+    lengths = torch.full((heads,), n, dtype=torch.int32)
+    sink_end, recent = torch.full((heads,), 16), torch.full((heads,), 32)
+    recent[::2] = 0
+    for h in range(heads):
+        o = h * (n + 2)
+        pos[o:o + n] = torch.randperm(3 * n, generator=g)[:n]
+        kind = h % 6
+        s = torch.rand(n, generator=g)
+        if kind == 1:
+            s = torch.floor(s * 4)  # ties: the first row at the least score
+        elif kind == 2:
+            s[torch.randint(0, n, (5,), generator=g)] = float("nan")
+        elif kind == 3:
+            s[:] = float("inf")  # every eligible row +inf: the first eligible one
+        elif kind == 4:
+            sink_end[h] = 10 * n  # every row a sink: the oldest row
+        elif kind == 5:
+            recent[h] = 10 * n  # every row recent: the oldest non-sink row
+        score[o:o + n] = s
+    budget = lengths.long() - torch.randint(1, 4, (heads,), generator=g)
+    ref_pos, ref_score, ref_k = pos.clone(), score.clone(), k.clone()
+    ref_len = lengths.clone()
+    for h in range(heads):  # the reference: evict one row at a time by the rule, moving the last row into it
+        o = h * (n + 2)
+        while int(ref_len[h]) > int(budget[h]):
+            m = int(ref_len[h])
+            vic = _victim_by_the_rule(ref_pos[o:o + m].tolist(), ref_score[o:o + m].tolist(), int(sink_end[h]),
+                                      int(recent[h]), by_age)
+            ref_pos[o + vic], ref_score[o + vic], ref_k[o + vic] = ref_pos[o + m - 1], ref_score[o + m - 1], ref_k[o + m - 1]
+            ref_pos[o + m - 1] = -1
+            ref_len[h] = m - 1
+    _ext.cpu_ext().ragged_evict(k, v, pos, score, offsets, lengths, budget, sink_end, recent, by_age)
+    assert torch.equal(lengths, ref_len)
+    assert torch.equal(pos, ref_pos)
+    assert torch.equal(k, ref_k)
+    assert torch.equal(score.nan_to_num(-7.0), ref_score.nan_to_num(-7.0))
+
+
 # -- exactness and savings on tiny models --------------------------------------------------------------
 @pytest.mark.exactness
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text", "phi3"])
