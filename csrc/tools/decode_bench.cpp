@@ -1,4 +1,5 @@
-// Timing of the decode-attention kernel alone (accel/cpu/decode_attention.h), torch-free, one thread: one query
+// Timing of the decode-attention kernel alone (accel/cpu/decode_attention.h), torch-free, one thread (or the
+// optional third argument's count; the plain sum stays on one): one query
 // per KV head group over L layers' caches of T tokens each (SmolLM2's shape: 3 KV heads, 3 query heads per KV head,
 // head_dim 64), in fp32 and bf16. With L = 30 and T = 8000 the caches (369 MB fp32) stream from DRAM, as in a decode
 // step; with L = 1 and a small T they stay in cache (compute only). A plain sum over the same bytes, in the same
@@ -9,6 +10,7 @@
 //   g++ -O3 -march=native -fopenmp -std=c++17 -I /tmp/old csrc/tools/decode_bench.cpp -o /tmp/att_old
 //   g++ -O3 -march=native -fopenmp -std=c++17 -I csrc/include csrc/tools/decode_bench.cpp -o /tmp/att_new
 //   /tmp/att_new 8000 30      # T L: best of 15 passes over all layers, ms and GB/s of K+V, fp32 and bf16
+//   /tmp/att_new 8000 30 2    # the same on two threads
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -44,7 +46,7 @@ T value(int i) {  // normal values (small integers in bf16 would be denormals)
 }
 
 template <typename T>
-void run(int T_, int L) {
+void run(int T_, int L, int threads) {
   const int Hkv = 3, G = 3, H = Hkv * G, D = 64;
   std::vector<std::vector<T>> K(L), V(L);
   for (int l = 0; l < L; ++l) {
@@ -68,7 +70,7 @@ void run(int T_, int L) {
       p.lengths = len.data();
       p.scale = 0.125f;
       p.out = out.data();
-      p.B = 1, p.H = H, p.Hkv = Hkv, p.D = D, p.num_threads = 1;
+      p.B = 1, p.H = H, p.Hkv = Hkv, p.D = D, p.num_threads = threads;
       decode_attention<T>(p);
     }
     auto t1 = std::chrono::steady_clock::now();
@@ -80,20 +82,20 @@ void run(int T_, int L) {
     best_sum = std::min(best_sum, std::chrono::duration<double>(t2 - t1).count());
   }
   const double bytes = 2.0 * Hkv * T_ * D * sizeof(T) * L;
-  std::printf("%s T=%d L=%d: attention %.2f ms (%.1f GB/s), plain sum %.2f ms (%.1f GB/s)\n",
-              sizeof(T) == 2 ? "bf16" : "fp32", T_, L, best_att * 1e3, bytes / best_att / 1e9, best_sum * 1e3,
+  std::printf("%s T=%d L=%d threads=%d: attention %.2f ms (%.1f GB/s), plain sum %.2f ms (%.1f GB/s)\n",
+              sizeof(T) == 2 ? "bf16" : "fp32", T_, L, threads, best_att * 1e3, bytes / best_att / 1e9, best_sum * 1e3,
               bytes / best_sum / 1e9);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s T L\n", argv[0]);
+  if (argc != 3 && argc != 4) {
+    std::fprintf(stderr, "usage: %s T L [threads]\n", argv[0]);
     return 2;
   }
-  const int T_ = std::atoi(argv[1]), L = std::atoi(argv[2]);
-  run<float>(T_, L);
-  run<uint16_t>(T_, L);
+  const int T_ = std::atoi(argv[1]), L = std::atoi(argv[2]), threads = argc == 4 ? std::atoi(argv[3]) : 1;
+  run<float>(T_, L, threads);
+  run<uint16_t>(T_, L, threads);
   return 0;
 }

@@ -672,6 +672,9 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   }
 }
 
+// the shortest piece of a head's rows decode_attention_impl splits off to share a batch's heads evenly over threads
+constexpr int64_t kMinSplitRows = 256;
+
 template <typename T, int DC>
 static void decode_attention_impl(const DecodeParams& p) {
   const int D = DC > 0 ? DC : p.D;
@@ -684,17 +687,35 @@ static void decode_attention_impl(const DecodeParams& p) {
 #ifdef _OPENMP
   threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
 #endif
-  // Split the token axis when there are fewer (b, kv-head) items than ~4 per thread.
+  // Split the token axis when there are fewer (b, kv-head) items than ~4 per thread, into a count of items the
+  // threads share evenly where the pieces can stay at least kMinSplitRows long: 3 KV heads in 3 pieces each on 2
+  // threads leave one thread a fifth piece while the other waits (batch 1 of SmolLM2); 4 pieces each do not.
   int64_t splits = 1;
   if (threads > 1 && BH < 4 * threads) {
     splits = std::max<int64_t>(1, std::min<int64_t>((4 * threads + BH - 1) / BH, max_len / 512));
+    int64_t even = splits;
+    while ((BH * even) % threads != 0 && max_len / (even + 1) >= kMinSplitRows) ++even;
+    if ((BH * even) % threads == 0) splits = even;
   }
   const int64_t chunk = splits > 1 ? (max_len + splits - 1) / splits : std::max<int64_t>(max_len, 1);
   const int64_t items = BH * splits;
   std::vector<float> pm(items * G), pl(items * G), pacc(items * G * static_cast<int64_t>(D));
 
+  // longest items first (heads keep different numbers of rows under per-head KV budgets: a long head taken last
+  // would leave the other threads waiting); each item's result and the merge below do not depend on the order
+  std::vector<int64_t> order(static_cast<size_t>(items));
+  for (int64_t it = 0; it < items; ++it) order[it] = it;
+  if (threads > 1 && items > 1) {
+    auto rows_of = [&](int64_t it) {
+      const int64_t len = p.lengths[it / splits], sp = it % splits;
+      return std::min(len, (sp + 1) * chunk) - std::min(len, sp * chunk);
+    };
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rows_of(a) > rows_of(b); });
+  }
+
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && items > 1)
-  for (int64_t it = 0; it < items; ++it) {
+  for (int64_t oi = 0; oi < items; ++oi) {
+    const int64_t it = order[oi];
     const int64_t bh = it / splits, sp = it % splits;
     const int b = static_cast<int>(bh / p.Hkv), kh = static_cast<int>(bh % p.Hkv);
     const int64_t len = p.lengths[bh];
