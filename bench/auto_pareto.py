@@ -14,8 +14,10 @@ tokens/s (from `accel bench`), one Pareto plot per budget.
 Each row: a policy at a budget, its accuracy on every task and their mean (the samples pooled), the KV bytes it held
 after compression (measured by the evaluation), and its decode tokens/s at each batch size; ``dominated_by`` names
 the single policies of the same budget that are at least as accurate and at least as fast at that batch, and more
-accurate or faster (none: on the Pareto front). Writes the CSV and one PNG per budget (accuracy against tokens/s,
-one panel per batch size).
+accurate or faster (none: on the Pareto front), by the median run when the speed runs were repeated (`accel bench
+--repeats N`); ``clearly_dominated_by`` asks the same of the other policy's slowest run against this one's fastest
+(the runs' spread: on a shared machine the read bandwidth drifts by tens of percent within minutes). Writes the CSV and one PNG per budget (accuracy against tokens/s,
+one panel per batch size, bars from the slowest to the fastest run).
 """
 from __future__ import annotations
 
@@ -29,6 +31,17 @@ def budget_of(spec: str) -> float | None:
     """The budget a policy spec names (``@budget_ratio=``, ``@kv_budget=``, ``@density=``), None for dense."""
     m = re.search(r"@(?:budget_ratio|kv_budget|density)=([0-9.]+)", spec)
     return float(m.group(1)) if m else None
+
+
+def runs_tok_s(r: dict) -> tuple[float, float]:
+    """(slowest, fastest) tokens/s over an `accel bench` row's runs (``step_ms_all`` with --repeats; the row's own
+    tokens/s for a single run)."""
+    steps = [float(x) for x in (r.get("step_ms_all") or "").split()]
+    if len(steps) < 2:
+        v = float(r["decode_tok_s"])
+        return v, v
+    per_step = float(r["decode_tok_s"]) * float(r["decode_step_ms"])  # tokens per step x 1000: batch rows
+    return per_step / max(steps), per_step / min(steps)
 
 
 def load_rows(path: str) -> list[dict]:
@@ -53,7 +66,8 @@ def main(argv=None):
             merged[(r["policy"], r["task"], r["context"])] = r
     ev = list(merged.values())
     tasks = sorted({r["task"] for r in ev if r["task"] != "lm"})
-    speed = {}  # (policy, batch) -> tokens/s
+    speed = {}  # (policy, batch) -> tokens/s (the median run's, with --repeats)
+    spread = {}  # (policy, batch) -> (slowest, fastest) tokens/s over the repeated runs
     batches = []
     for path in args.speed:
         for r in load_rows(path):
@@ -61,6 +75,7 @@ def main(argv=None):
             if b not in batches:
                 batches.append(b)
             speed[(r["policy"], b)] = float(r["decode_tok_s"])
+            spread[(r["policy"], b)] = runs_tok_s(r)
     policies = sorted({r["policy"] for r in ev if r["policy"] != "hf"})
     rows = []
     for pol in policies:
@@ -76,6 +91,8 @@ def main(argv=None):
             if (pol, b) not in speed:
                 raise SystemExit(f"{pol} has no tokens/s at batch {b} in {args.speed}")
             row[f"tok_s_b{b}"] = round(speed[(pol, b)], 3)
+            lo, hi = spread[(pol, b)]
+            row[f"tok_s_b{b}_min"], row[f"tok_s_b{b}_max"] = round(lo, 3), round(hi, 3)
         rows.append(row)
     facts = {k: ev[0][k] for k in ("cpu", "isa", "threads", "torch", "transformers", "accel") if k in ev[0]}
     for r in rows:
@@ -90,15 +107,24 @@ def main(argv=None):
                    and o["accuracy"] >= r["accuracy"] and o[key] >= r[key]
                    and (o["accuracy"] > r["accuracy"] or o[key] > r[key])]
             r[f"dominated_by_b{b}"] = " ".join(dom)
+            # beyond the runs' spread: the other policy's slowest run at least as fast as this one's fastest
+            lo, hi = f"tok_s_b{b}_min", f"tok_s_b{b}_max"
+            clear = [o["policy"] for o in rows if o is not r and o["budget"] == r["budget"] and o["method"] != "dense"
+                     and o["accuracy"] >= r["accuracy"] and o[lo] >= r[hi]
+                     and (o["accuracy"] > r["accuracy"] or o[lo] > r[hi])]
+            r[f"clearly_dominated_by_b{b}"] = " ".join(clear)
     out = write_csv(args.out, rows)
     draw(rows, batches, out)
     for r in rows:
         if r["method"] == "auto":
             front = all(not r[f"dominated_by_b{b}"] for b in batches)
+            clear = [f"b{b} by {r[f'clearly_dominated_by_b{b}']}" for b in batches if r[f"clearly_dominated_by_b{b}"]]
             print(f"{r['policy']}: {r['correct']}/{r['n']} correct, {r['kv_mb']} MB, "
                   + ", ".join(f"{r[f'tok_s_b{b}']} tok/s at b{b}" for b in batches)
                   + ("; on the front at every batch" if front else "; dominated: "
-                     + "; ".join(f"b{b} by {r[f'dominated_by_b{b}']}" for b in batches if r[f"dominated_by_b{b}"])))
+                     + "; ".join(f"b{b} by {r[f'dominated_by_b{b}']}" for b in batches if r[f"dominated_by_b{b}"]))
+                  + ("; beyond the runs' spread: " + "; ".join(clear) if clear else
+                     "; by no policy beyond the runs' spread" if not front else ""))
     print(f"wrote {out}")
 
 
@@ -116,8 +142,12 @@ def draw(rows, batches, out: Path) -> None:
             key = f"tok_s_b{b}"
             for r in sel:
                 auto = r["method"] == "auto"
-                ax.scatter(r[key], r["accuracy"], s=70 if auto else 35, marker="*" if auto else "o",
-                           color="#d62728" if auto else "#1f77b4", zorder=3)
+                color = "#d62728" if auto else "#1f77b4"
+                if r[f"{key}_min"] != r[f"{key}_max"]:  # repeated runs: the slowest to the fastest
+                    ax.errorbar(r[key], r["accuracy"], xerr=[[r[key] - r[f"{key}_min"]], [r[f"{key}_max"] - r[key]]],
+                                fmt="none", ecolor=color, alpha=0.5, capsize=2, zorder=2)
+                ax.scatter(r[key], r["accuracy"], s=70 if auto else 35, marker="*" if auto else "o", color=color,
+                           zorder=3)
                 ax.annotate(r["method"], (r[key], r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
             if dense is not None:
                 ax.scatter(dense[key], dense["accuracy"], marker="s", color="k", zorder=3)

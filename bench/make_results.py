@@ -1240,7 +1240,7 @@ def auto_pareto_tables(pareto: str, evals, lms, model: str, ctx: str = "4K") -> 
     ev = merged(evals, lambda r: (r["policy"], r["task"]))
     lm = {r["policy"]: r for r in merged(lms, lambda r: r["policy"])}
     tasks = [t for t in ("passkey", "niah", "ruler_niah_single_1") if t in rows[0]]
-    batches = sorted(int(k[len("tok_s_b"):]) for k in rows[0] if k.startswith("tok_s_b"))
+    batches = sorted(int(k[len("tok_s_b"):]) for k in rows[0] if re.fullmatch(r"tok_s_b\d+", k))
     dense = next(r for r in rows if r["method"] == "dense")
     n_task = {t: next(int(x["n"]) for x in ev if x["task"] == t and x["policy"] == "dense") for t in tasks}
     label = {"passkey": "passkey", "niah": "NIAH", "ruler_niah_single_1": "RULER niah"}
@@ -1264,16 +1264,28 @@ def auto_pareto_tables(pareto: str, evals, lms, model: str, ctx: str = "4K") -> 
                      key=lambda r: (-int(r["correct"]), r["policy"]))
         a = next(r for r in sel if r["method"] == "auto")
         front = [b for b in batches if not a[f"dominated_by_b{b}"]]
+        spread = all(f"tok_s_b{b}_min" in a for b in batches)  # repeated speed runs: their spread is known
+        clear = [b for b in batches if spread and a[f"clearly_dominated_by_b{b}"]]
         best = max((r for r in sel if r["method"] != "auto"), key=lambda r: int(r["correct"]))
         out += [f"#### {model}, {ctx}, budget {budget:g}", "",
                 f"auto: {a['correct']}/{a['n']} correct (best single policy: {best['policy']} {best['correct']}/"
                 f"{best['n']}); on the Pareto front at " + (" and ".join(f"batch {b}" for b in front) or "no batch size")
-                + ".", ""]
+                + (("; dominated beyond the runs' spread at " + " and ".join(
+                    f"batch {b} (by {a[f'clearly_dominated_by_b{b}'].replace(' ', ', ')})" for b in clear)
+                    if clear else "; dominated by no policy beyond the runs' spread") if spread and len(front) < len(batches)
+                   else "") + ".", ""]
+
+        def speed(r, b):
+            med = f(r[f"tok_s_b{b}"], 1)
+            if not spread or r[f"tok_s_b{b}_min"] == r[f"tok_s_b{b}_max"]:
+                return med
+            return f"{med} ({f(r[f'tok_s_b{b}_min'], 1)}-{f(r[f'tok_s_b{b}_max'], 1)})"
+
         out += table(["policy"] + [label[t] for t in tasks] + ["pooled"] + (["perplexity"] if lm else []) + ["KV MB"]
                      + [f"tok/s b{b}" for b in batches] + [f"dominated by (b{b})" for b in batches],
                      [[("**auto**" if r["method"] == "auto" else r["policy"])] + [count(r, t) for t in tasks]
                       + [f"{r['correct']}/{r['n']}"] + ([ppl(r["policy"])] if lm else []) + [f(r["kv_mb"], 1)]
-                      + [f(r[f"tok_s_b{b}"], 1) for b in batches]
+                      + [speed(r, b) for b in batches]
                       + [r[f"dominated_by_b{b}"].replace(" ", ", ") or "—" for b in batches] for r in sel])
         out += [f"![Pareto, budget {budget:g}](../bench/results/{pareto[:-4]}_{int(round(budget * 100))}.png)", ""]
     return out
@@ -1288,9 +1300,12 @@ def sec_auto() -> list[str]:
            "batch, and better in one of the two; empty: on the accuracy-vs-speed Pareto front. On SmolLM2 the auto "
            "rows come from a later run with the profile shipped now (retrieval calibration texts; the accuracy of "
            "the other policies does not change between runs), and every speed row from one run after it. At 8K (SmolLM2, 12 "
-           "samples per task) the evaluation and each speed run are one run on the machine their source line names; "
-           "the speed runs came after, and the evaluation before, the eviction scores' vectorised exponentials "
-           "(scores within ~1e-6 relative; the dense notes).", ""]
+           "samples per task) the evaluation is one run on the machine its source line names; each speed figure is the "
+           "median of three runs of the whole grid, interleaved (`accel bench --repeats 3`; the slowest and fastest "
+           "run in brackets): on this shared machine the read bandwidth drifts by tens of "
+           "percent within minutes, more than the policies differ at one budget. The speed runs came after, and the "
+           "evaluation before, the eviction scores' vectorised exponentials (scores within ~1e-6 relative; the dense "
+           "notes) and the vectorised choice of eviction victims (the same victims, tested row by row).", ""]
     out += auto_pareto_tables(AUTO_PARETO, AUTO_EVAL, AUTO_LM, "SmolLM2-135M")
     out += auto_pareto_tables(AUTO_8K[0], AUTO_8K[1], AUTO_8K[2], "SmolLM2-135M", "8K")
     out += auto_pareto_tables(AUTO_GEMMA[0], AUTO_GEMMA[1], AUTO_GEMMA[2], "Gemma-3-270m")

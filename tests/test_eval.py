@@ -162,3 +162,41 @@ def test_summary_kv_mb_is_the_mean_held_and_blank_when_any_sample_has_none():
     rows = {r["policy"]: r for r in summarise([mk("a", 0, 2**20), mk("a", 1, 3 * 2**20), mk("b", 0, float("nan")),
                                                  mk("b", 1, 2**20)])}
     assert rows["a"]["kv_mb"] == 2.0 and rows["b"]["kv_mb"] == ""
+
+
+def test_auto_pareto_dominance_by_median_and_beyond_the_runs_spread(tmp_path):
+    """bench/auto_pareto.py: a single policy at least as accurate and faster by the median run dominates auto; it
+    dominates clearly only when its slowest run is at least as fast as auto's fastest."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("auto_pareto",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "auto_pareto.py")
+    ap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ap)
+
+    def write(name, fields, rows):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        return str(tmp_path / name)
+
+    ev = write("ev.csv", ["policy", "task", "context", "n", "accuracy", "kv_mb"],
+               [{"policy": p, "task": "passkey", "context": 8192, "n": 10, "accuracy": a, "kv_mb": 9}
+                for p, a in [("dense", 0.8), ("auto@kv_budget=0.25", 0.7), ("duo@budget_ratio=0.25", 0.7),
+                             ("snapkv@budget_ratio=0.25", 0.8)]])
+    # batch 2: step ms per run; tokens/s = 2000 / median step
+    runs = {"dense": [40, 41, 42], "auto@kv_budget=0.25": [20, 25, 30], "duo@budget_ratio=0.25": [19, 24, 29],
+            "snapkv@budget_ratio=0.25": [12, 13, 14]}
+    sp = write("sp.csv", ["policy", "batch", "decode_tok_s", "decode_step_ms", "step_ms_all"],
+               [{"policy": p, "batch": 2, "decode_tok_s": 2000 / sorted(v)[1], "decode_step_ms": sorted(v)[1],
+                 "step_ms_all": " ".join(map(str, v))} for p, v in runs.items()])
+    ap.main(["--eval", ev, "--speed", sp, "--out", str(tmp_path / "p.csv")])
+    rows = {r["policy"]: r for r in csv.DictReader(open(tmp_path / "p.csv"))}
+    auto = rows["auto@kv_budget=0.25"]
+    assert set(auto["dominated_by_b2"].split()) == {"duo@budget_ratio=0.25", "snapkv@budget_ratio=0.25"}
+    assert auto["clearly_dominated_by_b2"] == "snapkv@budget_ratio=0.25"  # duo's runs overlap auto's
+    assert float(auto["tok_s_b2_min"]) == pytest.approx(2000 / 30, abs=1e-3)
+    assert float(auto["tok_s_b2_max"]) == pytest.approx(2000 / 20, abs=1e-3)
+    assert rows["snapkv@budget_ratio=0.25"]["dominated_by_b2"] == ""
