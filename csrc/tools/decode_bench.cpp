@@ -1,7 +1,7 @@
 // Timing of the decode-attention kernel alone (accel/cpu/decode_attention.h), torch-free, one thread (or the
-// optional third argument's count; the plain sum stays on one): one query
-// per KV head group over L layers' caches of T tokens each (SmolLM2's shape: 3 KV heads, 3 query heads per KV head,
-// head_dim 64), in fp32 and bf16. With L = 30 and T = 8000 the caches (369 MB fp32) stream from DRAM, as in a decode
+// optional third argument's count; the plain sum stays on one): one query per KV head group over L layers' caches
+// of T tokens each (SmolLM2's shape: 3 KV heads, 3 query heads per KV head, head_dim 64), in fp32, bf16 and fp16.
+// With L = 30 and T = 8000 the caches (369 MB fp32) stream from DRAM, as in a decode
 // step; with L = 1 and a small T they stay in cache (compute only). A plain sum over the same bytes, in the same
 // order, gives the machine's streaming rate beside it. Compiling it against another commit's header compares kernel
 // versions on one machine:
@@ -9,13 +9,14 @@
 //     git show <rev>:csrc/include/accel/cpu/$h.h > /tmp/old/accel/cpu/$h.h; done
 //   g++ -O3 -march=native -fopenmp -std=c++17 -I /tmp/old csrc/tools/decode_bench.cpp -o /tmp/att_old
 //   g++ -O3 -march=native -fopenmp -std=c++17 -I csrc/include csrc/tools/decode_bench.cpp -o /tmp/att_new
-//   /tmp/att_new 8000 30      # T L: best of 15 passes over all layers, ms and GB/s of K+V, fp32 and bf16
+//   /tmp/att_new 8000 30      # T L: best of 15 passes over all layers, ms and GB/s of K+V, fp32, bf16 and fp16
 //   /tmp/att_new 8000 30 2    # the same on two threads
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "accel/cpu/decode_attention.h"
@@ -41,7 +42,8 @@ float sum_all(const std::vector<T>& x) {  // the streaming reference: four indep
 
 template <typename T>
 T value(int i) {  // normal values (small integers in bf16 would be denormals)
-  if constexpr (sizeof(T) == 2) return static_cast<T>(0x3f00 + i % 128);
+  if constexpr (std::is_same<T, f16>::value) return f16{static_cast<uint16_t>(0x3800 + i % 128)};  // 0.5 .. 0.56
+  else if constexpr (sizeof(T) == 2) return static_cast<T>(0x3f00 + i % 128);
   else return static_cast<T>(i % 7) * 0.25f;
 }
 
@@ -83,7 +85,7 @@ void run(int T_, int L, int threads) {
   }
   const double bytes = 2.0 * Hkv * T_ * D * sizeof(T) * L;
   std::printf("%s T=%d L=%d threads=%d: attention %.2f ms (%.1f GB/s), plain sum %.2f ms (%.1f GB/s)\n",
-              sizeof(T) == 2 ? "bf16" : "fp32", T_, L, threads, best_att * 1e3, bytes / best_att / 1e9, best_sum * 1e3,
+              std::is_same<T, f16>::value ? "fp16" : sizeof(T) == 2 ? "bf16" : "fp32", T_, L, threads, best_att * 1e3, bytes / best_att / 1e9, best_sum * 1e3,
               bytes / best_sum / 1e9);
 }
 
@@ -97,5 +99,6 @@ int main(int argc, char** argv) {
   const int T_ = std::atoi(argv[1]), L = std::atoi(argv[2]), threads = argc == 4 ? std::atoi(argv[3]) : 1;
   run<float>(T_, L, threads);
   run<uint16_t>(T_, L, threads);
+  run<f16>(T_, L, threads);
   return 0;
 }
