@@ -10,7 +10,7 @@ import torch
 
 import accel
 from accel.errors import AccelError
-from accel.scheduler.cost import (COST_SCHEMA_VERSION, TERMS, CostModel, LayerWork, StepWork, cost_model_for,
+from accel.scheduler.cost import (COST_SCHEMA_VERSION, KV_SLOPES, TERMS, CostModel, LayerWork, StepWork, cost_model_for,
                                   features, fit, shipped_cost_models)
 from accel.scheduler.measure import calibration_design, layer_plan, patch_run, step_work, time_steps
 
@@ -18,9 +18,13 @@ from .conftest import model4
 
 
 def _truth(b: int) -> dict:
-    """Known coefficients, all slopes positive (the fit bounds them at 0), fixed terms of both signs."""
+    """Known coefficients, all slopes positive (the fit bounds them at 0), fixed terms of both signs, the compressed
+    layers' per-key costs above a full layer's (as ``fit`` holds them by default)."""
     rng = random.Random(b)
-    return {t: (rng.uniform(-2, 2) if t.endswith("_fixed") else rng.uniform(5, 60)) * (1 + 0.1 * b) for t in TERMS}
+    out = {t: (rng.uniform(-2, 2) if t.endswith("_fixed") else rng.uniform(5, 60)) * (1 + 0.1 * b) for t in TERMS}
+    for t in KV_SLOPES:
+        out[t] += out["full_slope"]
+    return out
 
 
 def _step(layers, stacked=True) -> StepWork:
@@ -72,6 +76,24 @@ def test_fit_recovers_known_coefficients_from_the_calibration_design():
     cm = _model(per_batch)
     for r in runs:
         assert cm.predict(r["work"], r["batch"]) == pytest.approx(r["step_ms"], rel=1e-6)
+
+
+def test_fit_holds_compressed_per_key_costs_at_least_at_a_full_layers():
+    """Steps whose compressed layers cost less per key than full ones: the default fit holds those slopes at the full
+    slope (and stays within the runs' few percent), the free fit recovers them."""
+    truth = _truth(1)
+    truth["kv_scored_slope"] = 0.2 * truth["full_slope"]
+    runs = []
+    for r in _design_runs(batches=(1,)):
+        runs.append({**r, "step_ms": sum(truth[t] * features(r["work"], 1, 3)[t] for t in TERMS)})
+    free, _ = fit(runs, 3, kv_floor=False)
+    assert free["1"]["kv_scored_slope"] == pytest.approx(truth["kv_scored_slope"], rel=1e-6)
+    held, _ = fit(runs, 3)
+    assert held["1"]["kv_scored_slope"] >= held["1"]["full_slope"] > 0
+    assert held["1"]["kv_plain_slope"] >= held["1"]["full_slope"]
+    cm = _model(held)
+    errs = [abs(cm.predict(r["work"], 1) / r["step_ms"] - 1) for r in runs]
+    assert max(errs) < 0.5 and max(errs) > 1e-3  # the constraint binds: no longer an exact fit
 
 
 def test_fit_refuses_a_design_that_leaves_a_kind_unmeasured():

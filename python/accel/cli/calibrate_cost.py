@@ -37,7 +37,7 @@ def run(args) -> int:
     print(f"calibrate-cost: {args.model}, batches {batches}; {n_runs} timed generations per batch size and pass, "
           f"{args.passes} passes (minutes)", file=sys.stderr)
     cm = calibrate_cost(model, args.model, batches=batches, contexts=contexts, new_tokens=args.new_tokens,
-                        passes=args.passes, progress=True)
+                        passes=args.passes, progress=True, kv_floor=not args.free_kv_slopes)
     out = Path(args.out)
     cm.save(out)
     rows = [{"model": args.model, **{k: v for k, v in r.items() if k != "overrides"},

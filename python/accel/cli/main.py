@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default 24)")
     cc.add_argument("--passes", type=int, default=3, help="times the whole design is measured; each point's median "
                                                         "over them is fitted (default 3)")
+    cc.add_argument("--free-kv-slopes", action="store_true",
+                    help="fit the KV-compressed layers' per-key costs freely (default: at least a full layer's, which "
+                         "reads its rows with the same kernel)")
     cc.add_argument("--out", required=True, help="cost model JSON to write (CSV and PNG of the fit next to it)")
 
     d = sub.add_parser("demo", help="passkey on the embedded SmolLM2: unpatched vs accel, answers and speed")

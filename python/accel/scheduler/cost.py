@@ -256,13 +256,22 @@ class CostModel:
         return cls.from_dict(d)
 
 
-def fit(runs: list[dict], num_kv_heads: int) -> tuple[dict[str, dict[str, float]], list[bool]]:
+#: the per-key terms held at least at ``full_slope`` by ``fit(kv_floor=True)``: a KV-compressed layer reads each row
+#: it holds with the same decode kernel a full layer reads its rows with, and evicts (and accumulates) on top
+KV_SLOPES = ("kv_scored_slope", "kv_plain_slope")
+
+
+def fit(runs: list[dict], num_kv_heads: int, kv_floor: bool = True) -> tuple[dict[str, dict[str, float]], list[bool]]:
     """Least-squares coefficients per batch size from measured runs ``{"batch", "work": StepWork, "step_ms"}``, and the
     decode paths (stacked or not) the runs measured. Each run is weighted by 1 / its step, so the fit minimises
     relative errors (a 10 ms step matters as much as a 300 ms one); slopes, the base and ``unstacked_ms`` are held
     non-negative (scipy's bounded least squares), a kind's fixed cost is relative to a full layer's and may be
-    negative. An ``OPTIONAL`` term every run shares is left out (0). Refuses a design that does not determine every
-    other term (a layer kind never measured, or never at two sizes)."""
+    negative. [INFER] ``kv_floor``: the compressed layers' per-key costs (``KV_SLOPES``) are held at least at a full
+    layer's (fitted as ``full_slope`` plus a non-negative extra). Without it, on a machine whose read bandwidth drifts
+    between runs, a free fit traded one compressed kind's slope against the other's: the AMD EPYC calibration of
+    2026-12-07 fitted ``kv_scored_slope`` 0 and ``kv_plain_slope`` 6x ``full_slope`` at batch 1. An ``OPTIONAL`` term
+    every run shares is left out (0). Refuses a design that does not determine every other term (a layer kind never
+    measured, or never at two sizes)."""
     import numpy as np
     from scipy.optimize import lsq_linear
 
@@ -282,8 +291,15 @@ def fit(runs: list[dict], num_kv_heads: int) -> tuple[dict[str, dict[str, float]
         if rank < len(keep):
             raise AccelError(f"cost fit: the runs at batch {b} determine only {rank} of {len(keep)} coefficients; vary "
                              "the contexts and budgets of each layer kind")
+        cols = [TERMS[i] for i in keep]
+        full = cols.index("full_slope")
+        extras = [cols.index(t) for t in KV_SLOPES if t in cols] if kv_floor else []
+        if extras:  # slope = full + extra: the full column gains the compressed kinds' keys, theirs fit the extra
+            Aw[:, full] += Aw[:, extras].sum(axis=1)
         lower = np.array([-np.inf if TERMS[i].endswith("_fixed") else 0.0 for i in keep])
         coef = lsq_linear(Aw, np.ones(len(y)), bounds=(lower, np.full(len(keep), np.inf))).x
+        for j in extras:
+            coef[j] += coef[full]
         per_batch[str(b)] = {t: 0.0 for t in TERMS}
         per_batch[str(b)].update({TERMS[i]: float(c) for i, c in zip(keep, coef)})
     return per_batch, paths

@@ -185,10 +185,10 @@ def patch_run(model, run: dict):
 
 
 def calibrate_cost(model, model_name: str, batches=(1, 4, 8), contexts=None, new_tokens: int = 24,
-                   passes: int = 3, progress: bool = False) -> CostModel:
+                   passes: int = 3, progress: bool = False, kv_floor: bool = True) -> CostModel:
     """Measure the calibration design at each batch size ``passes`` times (each pass over the whole design, after one
     untimed warm-up generation) and fit the cost model to each design point's median step over the passes (minutes
-    on a 2-core CPU).
+    on a 2-core CPU). ``kv_floor``: the compressed layers' per-key costs at least a full layer's (``fit``).
     ``contexts``: ``{batch: (low, mid, high)}``; default (1024, 4096, 8000) at batch 1 and (512, 2048, 4096) above."""
     from tqdm.auto import tqdm
 
@@ -236,12 +236,13 @@ def calibrate_cost(model, model_name: str, batches=(1, 4, 8), contexts=None, new
         points.setdefault((r["batch"], r["policy"], r["modes"], tuple(sorted(r["overrides"].items())), r["context"]),
                           []).append(r)
     per_batch, paths = fit([{**g[0], "step_ms": statistics.median(x["step_ms"] for x in g)} for g in points.values()],
-                           info.num_kv_heads)
+                           info.num_kv_heads, kv_floor=kv_floor)
     cm = CostModel(model=model_name, model_type=info.model_type, fingerprint=info.fingerprint,
                    num_layers=info.num_layers, num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
                    dtype=model_dtype(model), machine={**machine_facts(), "device": device_kind(model)},
                    per_batch=per_batch, stacked_paths=paths,
                    provenance={"command": "accel calibrate-cost", "new_tokens": new_tokens, "passes": passes,
+                               "kv_floor": bool(kv_floor),
                                "seconds": round(time.time() - t0, 1), "measured": time.strftime("%Y-%m-%d")})
     for r in runs:
         pred = cm.predict(r["work"], r["batch"])
