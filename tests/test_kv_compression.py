@@ -79,9 +79,18 @@ def _victim_by_the_rule(pos, score, se, rc, by_age):
     return best if best is not None else (fb if fb is not None else oldest)
 
 
+@pytest.fixture
+def two_threads():
+    """torch (and the extension's OpenMP loops) on two threads for the test (the suite runs on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("heads", [3, 48])  # 48 x ~1100 rows: the threaded path of the C++ eviction
 @pytest.mark.parametrize("by_age", [False, True])
-def test_cpp_eviction_picks_the_rules_victim(heads, by_age):
+def test_cpp_eviction_picks_the_rules_victim(heads, by_age, two_threads):
     from accel import _ext
 
     if not _ext.HAS_CPU_EXT:
@@ -105,6 +114,10 @@ def test_cpp_eviction_picks_the_rules_victim(heads, by_age):
             s = torch.floor(s * 4)  # ties: the first row at the least score
         elif kind == 2:
             s[torch.randint(0, n, (5,), generator=g)] = float("nan")
+            if h % 12 == 2:  # the first eligible row NaN: the scalar rule keeps it as the victim
+                p = pos[o:o + n]
+                first = int(torch.nonzero((p >= 16) & (p <= int(p.max()) - int(recent[h])))[0])
+                s[first] = float("nan")
         elif kind == 3:
             s[:] = float("inf")  # every eligible row +inf: the first eligible one
         elif kind == 4:
@@ -129,6 +142,34 @@ def test_cpp_eviction_picks_the_rules_victim(heads, by_age):
     assert torch.equal(pos, ref_pos)
     assert torch.equal(k, ref_k)
     assert torch.equal(score.nan_to_num(-7.0), ref_score.nan_to_num(-7.0))
+
+
+def test_cpp_score_accumulation_is_the_same_on_one_and_two_threads():
+    """The accumulation splits heads over threads past 32K rows; each head's scores are its own, so the result is the
+    same bits on one thread and on two."""
+    from accel import _ext
+
+    if not _ext.HAS_CPU_EXT:
+        pytest.skip("the C++ CPU extension is not built")
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, G, W = 4, 3, 3, 3000
+    lengths = torch.randint(2000, W + 1, (B * Hkv,), generator=g).to(torch.int32)
+    offsets = torch.arange(B * Hkv) * W
+    logits = torch.randn(B, Hkv * G, W, generator=g)
+    lse = torch.logsumexp(logits, -1)
+    lse[0, 1] = float("-inf")  # a head that attended to nothing adds nothing
+    base = torch.rand(B * Hkv * W, generator=g)
+    out = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            sc = base.clone()
+            _ext.cpu_ext().ragged_accumulate(logits, lse, offsets, lengths, sc)
+            out.append(sc)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0], out[1]) and not torch.equal(out[0], base)
 
 
 # -- exactness and savings on tiny models --------------------------------------------------------------
