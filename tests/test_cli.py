@@ -329,3 +329,14 @@ def test_input_errors_are_one_line_rc2_before_the_model_loads(argv, words, tmp_p
     err = capsys.readouterr().err.strip()
     assert err.startswith("accel: error:") and "\n" not in err and "Traceback" not in err
     assert words in err, err
+
+
+def test_eval_quick_refuses_the_options_it_replaces(capsys):
+    """--quick brings its own tasks, contexts, samples and lm tokens: giving one of them too is refused in one line
+    (a typo in --tasks would otherwise pass silently), before the model loads."""
+    assert main(["eval", "--quick", "--tasks", "passkee"]) == 2
+    err = capsys.readouterr().err
+    assert "--quick sets its own" in err and "--tasks" in err and err.count("\n") == 1, err
+    assert main(["eval", "--quick", "--samples", "5", "--contexts", "1024"]) == 2
+    err = capsys.readouterr().err
+    assert "--contexts" in err and "--samples" in err, err

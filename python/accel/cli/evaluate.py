@@ -29,6 +29,14 @@ def run(args) -> int:
 
     setup(args)
     if args.quick:
+        from ..errors import InputError
+        from .main import build_parser
+
+        default = vars(build_parser().parse_args(["eval"]))
+        given = [f"--{k.replace('_', '-')}" for k in QUICK if getattr(args, k) != default[k]]
+        if given:
+            raise InputError(f"--quick sets its own tasks, contexts, samples and lm tokens; drop {', '.join(given)} "
+                             "or drop --quick")
         args.tasks, args.contexts, args.samples, args.lm_tokens = (QUICK["tasks"], QUICK["contexts"], QUICK["samples"],
                                                                    QUICK["lm_tokens"])
     # input errors before the model loads
@@ -95,14 +103,15 @@ def run(args) -> int:
 
 
 def _print(summary):
-    print(f"{'task':22s} {'ctx':>6s} {'policy':10s} {'n':>3s} {'accuracy':>9s} {'95% CI':>15s} {'ppl':>8s} {'agree':>6s} {'KL':>8s}")
+    pw = max([10] + [len(r["policy"]) for r in summary])
+    print(f"{'task':22s} {'ctx':>6s} {'policy':{pw}s} {'n':>3s} {'accuracy':>9s} {'95% CI':>15s} {'ppl':>8s} {'agree':>6s} {'KL':>8s}")
     for r in summary:
         ci = f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r["ci_low"] != "" else ""
         ppl = f"{r['ppl']:.3f}" if r["ppl"] != "" else ""
         ag = f"{r['top1_agree']:.3f}" if r["top1_agree"] != "" else ""
         kl = f"{r['kl']:.2e}" if r["kl"] != "" else ""
         acc = "" if r["task"] == "lm" else f"{r['accuracy']:.3f}"
-        print(f"{r['task']:22s} {r['context']:6d} {r['policy']:10s} {r['n']:3d} {acc:>9s} {ci:>15s} {ppl:>8s} {ag:>6s} {kl:>8s}")
+        print(f"{r['task']:22s} {r['context']:6d} {r['policy']:{pw}s} {r['n']:3d} {acc:>9s} {ci:>15s} {ppl:>8s} {ag:>6s} {kl:>8s}")
 
 
 def _plot(summary, path: Path, model: str) -> bool:

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lm-tokens", type=int, default=128, help="held-out tokens scored by the lm task")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--speed-csv", default=None, help="CSV from `accel bench` for the accuracy-vs-speed plot")
-    e.add_argument("--quick", action="store_true", help="a few samples at 512 tokens (smoke test, ~2 min)")
+    e.add_argument("--quick", action="store_true", help="a few samples at 512 tokens (smoke test, under a minute on "
+                   "2 cores): its own tasks, contexts, samples and lm tokens, so it refuses --tasks, --contexts, "
+                   "--samples and --lm-tokens")
     e.add_argument("--out", default="accel_results/eval.csv", help="summary CSV to write (per-sample CSV and PNG next to it)")
 
     pl = sub.add_parser("plan", help="make a plan for a policy: its calibrator on calibration text (hylra, duo, moa, tca) or "
