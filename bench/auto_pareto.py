@@ -37,11 +37,12 @@ def runs_tok_s(r: dict) -> tuple[float, float]:
     """(slowest, fastest) tokens/s over an `accel bench` row's runs (``step_ms_all`` with --repeats; the row's own
     tokens/s for a single run)."""
     steps = [float(x) for x in (r.get("step_ms_all") or "").split()]
+    v = float(r["decode_tok_s"])
     if len(steps) < 2:
-        v = float(r["decode_tok_s"])
         return v, v
-    per_step = float(r["decode_tok_s"]) * float(r["decode_step_ms"])  # tokens per step x 1000: batch rows
-    return per_step / max(steps), per_step / min(steps)
+    per_step = 1000.0 * int(r["batch"])  # tokens a step makes (one per row) x ms per second
+    # the row's own tokens/s inside the range: step_ms_all is rounded to 2 decimals, the median run's step to 3
+    return min(v, per_step / max(steps)), max(v, per_step / min(steps))
 
 
 def load_rows(path: str) -> list[dict]:

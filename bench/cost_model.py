@@ -8,13 +8,16 @@ measured, and at batch sizes between the measured ones (2 and 6, interpolated).
 Each row: a policy patched on the model, the cost model's predicted decode step (from the layer kinds and keys the
 step touches, ``accel.scheduler.measure.step_work``) and the step measured right after (``generate()`` from a random
 cache of that context, median step), one run each; and the same for dense at that point, measured just before the
-policy, so each row also compares the predicted speed-up over dense (what a speed target asks for) with the measured
-one, which the machine's drift between minutes moves much less than a step time. Writes the CSV and a PNG of
+policy (after one untimed dense generation at each new point: the first run at a batch size measured up to 20% slow),
+so each row also compares the predicted speed-up over dense (what a speed target asks for) with the measured one.
+With ``--repeats N`` the whole list runs N times, interleaved, and each row gives the median step and the median of its
+pairs' speed-ups (this machine's speed flips between fast and slow spells within seconds). Writes the CSV and a PNG of
 predicted against measured.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -41,6 +44,9 @@ def main(argv=None):
     ap.add_argument("--points", default="1:3000,6000;2:2500;4:2000;6:2500;8:1500,3000",
                     help="BATCH:CONTEXTS;... measured for every policy")
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure the whole list this many times, interleaved; each row gives the median step and the "
+                         "median of the (dense, plan) pairs' speed-ups")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/cost_model_check.csv")
     args = ap.parse_args(argv)
@@ -53,16 +59,19 @@ def main(argv=None):
     points = [(int(b), int(c)) for part in args.points.split(";") for b, cs in [part.split(":")]
               for c in cs.split(",")]
     jobs = [(p, b, c) for b, c in points for p in args.policies.split(",") if p]
-    rows = []
-    for spec, b, c in tqdm(jobs, desc="cost model check"):
+    runs = []
+    warmed = set()
+    for spec, b, c in tqdm(jobs * max(1, args.repeats), desc="cost model check"):
         name, opts = split_spec(spec)
         if name == "auto" and "speed" in opts and args.cost:
             opts["cost"] = str(args.cost)  # a speed plan is solved with the cost model it is checked against
         t = time.time()
-        # dense at the same point right before: the machine's speed drifts between minutes (its read bandwidth by tens
-        # of percent), a speed-up over a neighbouring dense run much less
+        # dense at the same point right before: the speed-up of the pair is what a speed target predicts
         hd = patch(model, "dense", reserve=c + args.new_tokens + 64)
         try:
+            if (b, c) not in warmed:  # an untimed generation first at each new point (allocator, caches)
+                time_steps(model, hd, b, c, 4)
+                warmed.add((b, c))
             pred_dense = cm.predict(step_work(hd, model, c), b)
             dense_ms = time_steps(model, hd, b, c, args.new_tokens)
         finally:
@@ -77,17 +86,29 @@ def main(argv=None):
         kinds = {} if work.stacked else {"layer by layer": 1}
         for w in work.layers:
             kinds[w.kind] = kinds.get(w.kind, 0) + 1
+        runs.append({"spec": spec, "b": b, "c": c, "kinds": kinds, "pred": pred, "pred_dense": pred_dense, "ms": ms,
+                     "dense_ms": dense_ms, "seconds": time.time() - t})
+        tqdm.write(f"{spec} batch {b} context {c}: predicted {pred:.1f} ms, measured {ms:.1f} ms "
+                   f"({100 * (pred / ms - 1):+.1f}%); speed-up over dense measured just before: predicted "
+                   f"{pred_dense / pred:.3f}x, measured {dense_ms / ms:.3f}x")
+    rows = []
+    for spec, b, c in jobs:
+        mine = [r for r in runs if (r["spec"], r["b"], r["c"]) == (spec, b, c)]
+        r0 = mine[0]
+        ms = statistics.median(r["ms"] for r in mine)
+        dense_ms = statistics.median(r["dense_ms"] for r in mine)
+        speedup = statistics.median(r["dense_ms"] / r["ms"] for r in mine)
+        pred, pred_dense = r0["pred"], r0["pred_dense"]
         rows.append({"model": args.model, "policy": spec, "batch": b, "context": c,
-                     "layer_kinds": " ".join(f"{k}:{n}" if k != "layer by layer" else k for k, n in kinds.items()),
+                     "layer_kinds": " ".join(f"{k}:{n}" if k != "layer by layer" else k for k, n in r0["kinds"].items()),
                      "predicted_ms": round(pred, 3), "step_ms": round(ms, 3), "error": round(pred / ms - 1, 4),
                      "dense_predicted_ms": round(pred_dense, 3), "dense_step_ms": round(dense_ms, 3),
-                     "predicted_speedup": round(pred_dense / pred, 4), "speedup": round(dense_ms / ms, 4),
-                     "speedup_error": round((pred_dense / pred) / (dense_ms / ms) - 1, 4),
+                     "predicted_speedup": round(pred_dense / pred, 4), "speedup": round(speedup, 4),
+                     "speedup_error": round((pred_dense / pred) / speedup - 1, 4),
+                     "repeats": len(mine), "step_ms_all": " ".join(f"{r['ms']:.2f}" for r in mine),
+                     "dense_step_ms_all": " ".join(f"{r['dense_ms']:.2f}" for r in mine),
                      "interpolated_batch": b not in cm.batches(), "cost_model": Path(args.cost).name,
-                     "seconds": round(time.time() - t, 1), **facts})
-        tqdm.write(f"{spec} batch {b} context {c}: predicted {pred:.1f} ms, measured {ms:.1f} ms ({100 * (pred / ms - 1):+.1f}%); "
-                   f"speed-up over dense measured just before: predicted {pred_dense / pred:.3f}x, measured "
-                   f"{dense_ms / ms:.3f}x ({100 * rows[-1]['speedup_error']:+.1f}%)")
+                     "seconds": round(sum(r["seconds"] for r in mine), 1), **facts})
     out = write_csv(args.out, rows)
     draw_fit(rows, out.with_suffix(".png"), f"cost model vs measured steps, {args.model} (plans it was not fitted on)",
              pred_key="predicted_ms")

@@ -268,8 +268,9 @@ def fit(runs: list[dict], num_kv_heads: int, kv_floor: bool = True) -> tuple[dic
     non-negative (scipy's bounded least squares), a kind's fixed cost is relative to a full layer's and may be
     negative. [INFER] ``kv_floor``: the compressed layers' per-key costs (``KV_SLOPES``) are held at least at a full
     layer's (fitted as ``full_slope`` plus a non-negative extra). Without it, on a machine whose read bandwidth drifts
-    between runs, a free fit traded one compressed kind's slope against the other's: the AMD EPYC calibration of
-    2026-12-07 fitted ``kv_scored_slope`` 0 and ``kv_plain_slope`` 6x ``full_slope`` at batch 1. An ``OPTIONAL`` term
+    between runs, a free fit traded one compressed kind's slope against the other's: the free AMD EPYC calibration of
+    2026-12-07 (``bench/results/cost_model_smollm2_amd_free.json``) fitted ``kv_scored_slope`` 0 and ``kv_plain_slope``
+    6x ``full_slope`` at batch 1. An ``OPTIONAL`` term
     every run shares is left out (0). Refuses a design that does not determine every other term (a layer kind never
     measured, or never at two sizes)."""
     import numpy as np
