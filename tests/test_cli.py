@@ -340,3 +340,20 @@ def test_eval_quick_refuses_the_options_it_replaces(capsys):
     assert main(["eval", "--quick", "--samples", "5", "--contexts", "1024"]) == 2
     err = capsys.readouterr().err
     assert "--contexts" in err and "--samples" in err, err
+
+
+def test_first_use_of_a_named_model_says_it_converts_once(tmp_path, monkeypatch, capsys):
+    """A named model not converted yet: the CLI says so in one line before the conversion's own progress bars."""
+    import accel.models as models
+    import accel.models.loader as loader
+    from accel.cli.common import load_model
+
+    monkeypatch.setattr(loader, "converted_path", lambda name: tmp_path / "models" / name)
+    monkeypatch.setattr(models, "load", lambda name, dtype: ("model", "tok"))
+    assert load_model("smollm2-135m") == ("model", "tok")
+    err = capsys.readouterr().err
+    assert "first use of smollm2-135m: converting" in err and err.count("\n") == 1, err
+    (tmp_path / "models" / "smollm2-135m").mkdir(parents=True)
+    (tmp_path / "models" / "smollm2-135m" / "config.json").write_text("{}")
+    load_model("smollm2-135m")
+    assert capsys.readouterr().err == ""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import sys
+
 import torch
 
 
@@ -109,6 +111,11 @@ def load_model(name: str, dtype: str = "float32", tp_plan: str | None = None):
         from ..research.mla_models import ByteTokenizer, random_mla
 
         return random_mla(RANDOM_MODELS[name]).to(dt), ByteTokenizer()
+    from ..models.loader import NAMED_MODELS, converted_path
+
+    if name in NAMED_MODELS and not (converted_path(name) / "config.json").exists():
+        print(f"first use of {name}: converting its packaged GGUF weights to {converted_path(name)} (once; 10-30 s)",
+              file=sys.stderr)
     if tp_plan is not None:
         import torch.distributed as dist
 

@@ -143,6 +143,11 @@ def _plot(summary, path: Path, model: str) -> bool:
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=pol)
         ax.set_title("lm (perplexity, lower is better)" if task == "lm" else task, fontsize=9)
         ax.set_xscale("log", base=2)
+        ctxs = sorted({r["context"] for r in summary if r["task"] == task})
+        if ctxs:  # ticks at the contexts run, and limits around them (one context would otherwise span the axis)
+            ax.set_xticks(ctxs, [str(c) for c in ctxs])
+            ax.minorticks_off()
+            ax.set_xlim(ctxs[0] / 1.25, ctxs[-1] * (1 + 0.04 * len(pols)) * 1.25)
         if task == "lm":
             ax.set_ylabel("perplexity")
         else:
