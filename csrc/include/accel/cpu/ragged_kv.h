@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 #include "accel/cpu/vec_math.h"
 
@@ -23,8 +22,6 @@ namespace cpu {
 // split over the caller's OpenMP threads: below it the fork and join (a few microseconds) costs more than the work it
 // shares (~0.5 ns a row on one thread). Heads own disjoint rows (the pool's layout), so they run independently.
 constexpr int64_t kRaggedParallelRows = 32768;
-// query heads per KV head the accumulation keeps on the stack (larger groups: on the heap)
-constexpr int64_t kRaggedStackGroup = 64;
 
 // whether every head has a spare row for one more token
 inline bool ragged_has_room(const int32_t* len, const int64_t* cap, int64_t BH) {
@@ -64,41 +61,34 @@ inline void ragged_accumulate_rows(const float* lg, int64_t W, const float* ls, 
   for (int64_t bh = 0; bh < B * Hkv; ++bh) work += len[bh];
 #pragma omp parallel for schedule(static) if (B * Hkv > 1 && work >= kRaggedParallelRows)
   for (int64_t bh = 0; bh < B * Hkv; ++bh) {
-    const float* rows_stack[kRaggedStackGroup];
-    float lse_stack[kRaggedStackGroup];
-    std::vector<const float*> rows_heap;
-    std::vector<float> lse_heap;
-    if (G > kRaggedStackGroup) rows_heap.resize(static_cast<size_t>(G)), lse_heap.resize(static_cast<size_t>(G));
-    const float** rows = G > kRaggedStackGroup ? rows_heap.data() : rows_stack;
-    float* lse = G > kRaggedStackGroup ? lse_heap.data() : lse_stack;
     const int64_t b = bh / Hkv, kh = bh % Hkv;
-    int64_t ng = 0;
-    for (int64_t g = 0; g < G; ++g) {  // heads with nothing attended (lse not finite) add nothing
-      const int64_t h = kh * G + g;
-      if (!std::isfinite(ls[b * H + h])) continue;
-      rows[ng] = lg + (b * H + h) * W;
-      lse[ng++] = ls[b * H + h];
-    }
-    if (ng == 0) continue;
+    const float* lgh = lg + (b * H + kh * G) * W;  // the group's G rows of logits
+    const float* lsh = ls + b * H + kh * G;        // and their log-sum-exps
+    bool any = false;  // heads with nothing attended (lse not finite) add nothing
+    for (int64_t g = 0; g < G; ++g) any = any || std::isfinite(lsh[g]);
+    if (!any) continue;
     float* s = sc + off[bh];
     const int64_t n = len[bh];
     int64_t t = 0;
 #if defined(__AVX2__)
     for (; t + 16 <= n; t += 16) {
       v16f acc = load16(s + t);
-      for (int64_t g = 0; g < ng; ++g) acc += fast_exp16(load16(rows[g] + t) - splat16(lse[g])) * iv;
+      for (int64_t g = 0; g < G; ++g)
+        if (std::isfinite(lsh[g])) acc += fast_exp16(load16(lgh + g * W + t) - splat16(lsh[g])) * iv;
       store16(s + t, acc);
     }
     for (; t < n; ++t)
-      for (int64_t g = 0; g < ng; ++g) {
-        const float x = rows[g][t] - lse[g];  // -inf gives exactly 0, as in the vector body
+      for (int64_t g = 0; g < G; ++g) {
+        if (!std::isfinite(lsh[g])) continue;
+        const float x = lgh[g * W + t] - lsh[g];  // -inf gives exactly 0, as in the vector body
         s[t] += (x == -std::numeric_limits<float>::infinity() ? 0.f : fast_exp(x)) * inv;
       }
 #else
     // baseline x86-64 (SSE2) builds: the 16-lane vectors are emulated there and ran 2x slower than libm's expf
     (void)iv;
     for (; t < n; ++t)
-      for (int64_t g = 0; g < ng; ++g) s[t] += std::exp(rows[g][t] - lse[g]) * inv;
+      for (int64_t g = 0; g < G; ++g)
+        if (std::isfinite(lsh[g])) s[t] += std::exp(lgh[g * W + t] - lsh[g]) * inv;
 #endif
   }
 }
