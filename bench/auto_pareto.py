@@ -16,8 +16,9 @@ after compression (measured by the evaluation), and its decode tokens/s at each 
 the single policies of the same budget that are at least as accurate and at least as fast at that batch, and more
 accurate or faster (none: on the Pareto front), by the median run when the speed runs were repeated (`accel bench
 --repeats N`); ``clearly_dominated_by`` asks the same of the other policy's slowest run against this one's fastest
-(the runs' spread: on a shared machine the read bandwidth drifts by tens of percent within minutes). Writes the CSV and one PNG per budget (accuracy against tokens/s,
-one panel per batch size, bars from the slowest to the fastest run).
+(the runs' spread: on a shared machine the read bandwidth drifts by tens of percent within minutes). Writes the CSV
+and one PNG per budget (accuracy against tokens/s, one panel per batch size, bars from the slowest to the fastest
+run).
 """
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ def runs_tok_s(r: dict) -> tuple[float, float]:
     per_step = 1000.0 * int(r["batch"])  # tokens a step makes (one per row) x ms per second
     # the row's own tokens/s inside the range: step_ms_all is rounded to 2 decimals, the median run's step to 3
     return min(v, per_step / max(steps)), max(v, per_step / min(steps))
+
+
+def dominating(r: dict, rows: list[dict], theirs: str, mine: str) -> str:
+    """The single policies of ``r``'s budget at least as accurate as ``r`` and at least as fast (their speed column
+    ``theirs`` against ``r``'s column ``mine``), and better in one of the two, space-separated."""
+    return " ".join(o["policy"] for o in rows if o is not r and o["budget"] == r["budget"] and o["method"] != "dense"
+                    and o["accuracy"] >= r["accuracy"] and o[theirs] >= r[mine]
+                    and (o["accuracy"] > r["accuracy"] or o[theirs] > r[mine]))
 
 
 def load_rows(path: str) -> list[dict]:
@@ -104,16 +113,9 @@ def main(argv=None):
             if r["method"] == "dense":
                 r[f"dominated_by_b{b}"] = ""
                 continue
-            dom = [o["policy"] for o in rows if o is not r and o["budget"] == r["budget"] and o["method"] != "dense"
-                   and o["accuracy"] >= r["accuracy"] and o[key] >= r[key]
-                   and (o["accuracy"] > r["accuracy"] or o[key] > r[key])]
-            r[f"dominated_by_b{b}"] = " ".join(dom)
+            r[f"dominated_by_b{b}"] = dominating(r, rows, key, key)
             # beyond the runs' spread: the other policy's slowest run at least as fast as this one's fastest
-            lo, hi = f"tok_s_b{b}_min", f"tok_s_b{b}_max"
-            clear = [o["policy"] for o in rows if o is not r and o["budget"] == r["budget"] and o["method"] != "dense"
-                     and o["accuracy"] >= r["accuracy"] and o[lo] >= r[hi]
-                     and (o["accuracy"] > r["accuracy"] or o[lo] > r[hi])]
-            r[f"clearly_dominated_by_b{b}"] = " ".join(clear)
+            r[f"clearly_dominated_by_b{b}"] = dominating(r, rows, f"{key}_min", f"{key}_max")
     out = write_csv(args.out, rows)
     draw(rows, batches, out)
     for r in rows:

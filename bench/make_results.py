@@ -1218,6 +1218,8 @@ def sec_cost_model() -> list[str]:
     return out
 
 
+#: the retrieval tasks' names in the auto tables
+TASK_LABEL = {"passkey": "passkey", "niah": "NIAH", "ruler_niah_single_1": "RULER niah"}
 AUTO_PARETO = "auto_pareto_smollm2_4k.csv"
 #: evaluation summaries of the auto comparison: a later file's rows replace an earlier one's (auto evaluated again)
 AUTO_EVAL = ("eval_auto_smollm2_4k.csv", "eval_auto_retrieval_smollm2_4k.csv")
@@ -1247,7 +1249,7 @@ def auto_pareto_tables(pareto: str, evals, lms, model: str, ctx: str = "4K") -> 
     batches = sorted(int(k[len("tok_s_b"):]) for k in rows[0] if re.fullmatch(r"tok_s_b\d+", k))
     dense = next(r for r in rows if r["method"] == "dense")
     n_task = {t: next(int(x["n"]) for x in ev if x["task"] == t and x["policy"] == "dense") for t in tasks}
-    label = {"passkey": "passkey", "niah": "NIAH", "ruler_niah_single_1": "RULER niah"}
+    label = TASK_LABEL
 
     def count(r, t):
         return f"{round(float(r[t]) * n_task[t])}/{n_task[t]}"
@@ -1304,7 +1306,7 @@ def auto_speed_plans() -> list[str]:
     """auto's speed-target plans at 8K: what they keep, their accuracy, their predicted and measured speed-ups."""
     ev, chk = load(AUTO_SPEED_8K[0]), load(AUTO_SPEED_8K[1])
     tasks = [t for t in ("passkey", "niah", "ruler_niah_single_1") if any(r["task"] == t for r in ev)]
-    label = {"passkey": "passkey", "niah": "NIAH", "ruler_niah_single_1": "RULER niah"}
+    label = TASK_LABEL
     by = {(r["policy"], r["task"]): r for r in ev}
     kv_dense = sum(float(by[("dense", t)]["kv_mb"]) for t in tasks) / len(tasks)
     pols = ["dense"] + sorted({r["policy"] for r in ev if r["policy"].startswith("auto@speed")})
@@ -1342,11 +1344,11 @@ def sec_auto() -> list[str]:
            "single policies of the same budget at least as accurate (tasks pooled) and at least as fast at that "
            "batch, and better in one of the two; empty: on the accuracy-vs-speed Pareto front. On SmolLM2 the auto "
            "rows come from a later run with the profile shipped now (retrieval calibration texts; the accuracy of "
-           "the other policies does not change between runs), and every speed row from one run after it. At 8K (SmolLM2, 12 "
-           "samples per task) the evaluation is one run on the machine its source line names; each speed figure is the "
-           "median of three runs of the whole grid, interleaved (`accel bench --repeats 3`; the slowest and fastest "
-           "run in brackets): on this shared machine the read bandwidth drifts by tens of "
-           "percent within minutes, more than the policies differ at one budget. The speed runs came after, and the "
+           "the other policies does not change between runs), and every speed row from one run after it. At 8K "
+           "(SmolLM2, 12 samples per task) the evaluation is one run on the machine its source line names; each speed "
+           "figure is the median of three runs of the whole grid, interleaved (`accel bench --repeats 3`; the slowest "
+           "and fastest run in brackets): on this shared machine the read bandwidth drifts by tens of percent within "
+           "minutes, more than the policies differ at one budget. The speed runs came after, and the "
            "evaluation before, the eviction scores' vectorised exponentials (scores within ~1e-6 relative; the dense "
            "notes) and the vectorised choice of eviction victims (the same victims, tested row by row).", ""]
     out += auto_pareto_tables(AUTO_PARETO, AUTO_EVAL, AUTO_LM, "SmolLM2-135M")

@@ -270,9 +270,8 @@ def fit(runs: list[dict], num_kv_heads: int, kv_floor: bool = True) -> tuple[dic
     layer's (fitted as ``full_slope`` plus a non-negative extra). Without it, on a machine whose read bandwidth drifts
     between runs, a free fit traded one compressed kind's slope against the other's: the free AMD EPYC calibration of
     2026-12-07 (``bench/results/cost_model_smollm2_amd_free.json``) fitted ``kv_scored_slope`` 0 and ``kv_plain_slope``
-    6x ``full_slope`` at batch 1. An ``OPTIONAL`` term
-    every run shares is left out (0). Refuses a design that does not determine every other term (a layer kind never
-    measured, or never at two sizes)."""
+    6x ``full_slope`` at batch 1. An ``OPTIONAL`` term every run shares is left out (0). Refuses a design that does
+    not determine every other term (a layer kind never measured, or never at two sizes)."""
     import numpy as np
     from scipy.optimize import lsq_linear
 
