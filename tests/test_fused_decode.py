@@ -803,3 +803,34 @@ def test_a_layer_wrapped_after_patching_turns_the_whole_stack_off(in_place):
         model.model.layers[1] = inner
     assert torch.equal(out.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_stack_sees_weights_changed_between_decode_steps(dtype):
+    """The whole-stack call reuses its per-layer weight tuples from step to step (``FusedDecode._stack_weights``) only
+    while they are what the modules hold: a parameter assigned, a (16-bit) norm weight changed in place or an epsilon
+    changed after the stack has run gives the numbers of a fresh patch of the changed model, bit for bit."""
+    model = tiny_model("llama", dtype=dtype)
+    ids, mask = _batch(B=2)
+    with torch.no_grad():
+        h = accel.patch(model, "dense")
+        _generate(model, ids, mask)
+        fd = h.runtime.fused
+        assert fd._weights_memo is not None and h.runtime.stats["stack_calls"] > 0
+        calls = h.runtime.stats["stack_calls"]
+        memo = fd._weights_memo
+        _generate(model, ids, mask)
+        assert fd._weights_memo is memo  # nothing changed: reused
+        layers = model.model.layers
+        layers[1].self_attn.k_proj.weight = torch.nn.Parameter(torch.randn_like(layers[1].self_attn.k_proj.weight) * 0.1)
+        layers[0].input_layernorm.weight.mul_(1.5)
+        layers[-1].post_attention_layernorm.variance_epsilon = 1e-2
+        layers[0].mlp.down_proj.weight = torch.nn.Parameter(layers[0].mlp.down_proj.weight * 0.5)
+        out = _generate(model, ids, mask)
+        assert h.runtime.stats["stack_calls"] > calls and fd._weights_memo is not memo
+        h.remove()
+        with accel.patch(model, "dense"):
+            ref = _generate(model, ids, mask)
+    assert torch.equal(out.sequences, ref.sequences)
+    for x, y in zip(out.scores, ref.scores):
+        assert torch.equal(x, y)
