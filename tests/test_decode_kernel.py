@@ -191,3 +191,32 @@ def test_ragged_pool_bad_offsets_are_clear_errors():
         decode_attention(q, kp, vp, ln, offsets=off + kp.shape[0], backend="cpp")
     with pytest.raises(RuntimeError, match="capacity"):
         decode_attention(q, kp, vp, ln + 1000, offsets=off, backend="cpp")
+
+
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+@pytest.mark.parametrize("G", [1, 2, 3, 4])
+def test_bf16_queries_over_a_bf16_cache_match_the_reference(D, G):
+    """A bf16 model's queries hold bf16 values: over a bf16 cache the kernel then scores with vdpbf16ps where the CPU
+    has it (exact products, only the summation order differs), in dense spans, under a padding mask, and over index
+    lists with per-query-head masks."""
+    Hkv, B, cap = 2, 3, 150
+    q, k, v = _case(B, G * Hkv, Hkv, D, cap, torch.bfloat16, seed=5)
+    q = q.bfloat16().float()  # fp32 rows holding bf16 values, as the fused stack hands a bf16 model's queries
+    lengths = torch.tensor([[150, 1], [70, 33], [64, 149]], dtype=torch.int32)
+    out, lse = decode_attention(q, k, v, lengths, scale=1 / math.sqrt(D), return_lse=True, backend="cpp")
+    ro, rl = decode_attention_ref(q, k, v, lengths, scale=1 / math.sqrt(D), return_lse=True)
+    torch.testing.assert_close(out, ro, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, rl, atol=1e-4, rtol=1e-5)
+    valid = torch.rand(B, cap, generator=torch.Generator().manual_seed(6)) > 0.3
+    out = decode_attention(q, k, v, valid=valid, backend="cpp")
+    ref = decode_attention_ref(q, k, v, torch.full((B, Hkv), cap, dtype=torch.int32), valid=valid,
+                               scale=1 / math.sqrt(D))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    g = torch.Generator().manual_seed(7)
+    idx = torch.stack([torch.stack([torch.randperm(cap, generator=g)[:90].sort().values for _ in range(Hkv)])
+                       for _ in range(B)]).int()
+    mask = torch.randint(1, 2 ** G, idx.shape, generator=g, dtype=torch.int64)
+    n = torch.full((B, Hkv), 90, dtype=torch.int32)
+    out = decode_attention(q, k, v, n, indices=idx, head_mask=mask, backend="cpp")
+    ref = decode_attention(q, k, v, n, indices=idx, head_mask=mask, backend="torch")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

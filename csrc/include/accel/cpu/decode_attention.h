@@ -105,6 +105,11 @@ constexpr int64_t kPfAheadBytes = ACCEL_DECODE_PF_BYTES;
 // 38.5-39.2 GB/s); a first harness read 31-34 GB/s at 2-8 KB and 29-30 at 16 KB;
 // with the caches in L2 the extra requests cost ~10% (54 against 48-49 GB/s). The bf16 tiles (split below) read at
 // the plain sum's rate without them and do not make them. 0 turns them off.
+// 1: bf16 scores always on the even/odd tile (for comparisons; see tile_scores_dot)
+#ifndef ACCEL_DECODE_NO_BF16_DOT
+#define ACCEL_DECODE_NO_BF16_DOT 0
+#endif
+
 #ifndef ACCEL_DECODE_XPF_BYTES
 #define ACCEL_DECODE_XPF_BYTES 8192
 #endif
@@ -421,6 +426,41 @@ static inline void tile_values_split(float* acc, const uint16_t* vb, int64_t v_s
   }
 }
 
+#if defined(ACCEL_V16F_NATIVE) && defined(__AVX512BF16__)
+#define ACCEL_DECODE_BF16_DOT 1
+// Scores of bf16 K rows against queries that hold bf16 values (a bf16 model's q, rounded to bf16 where transformers
+// rounds it): vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 lanes in one operation, half the multiply-adds of the
+// even/odd tile, whose score and value passes together kept the bf16 span bound by the FMA units (about the DRAM rate
+// with the data in cache). The products of two bf16 values are exact in fp32, so only the summation order differs
+// from the even/odd tile (and denormal inputs, which bf16 keys and queries of a trained model do not hold, count as
+// zero). qb: the group's queries as bf16 bits, DC per head; R K rows at a time against all G heads, as tile_scores.
+template <int DC, int G>
+static inline void tile_scores_dot(const uint16_t* qb, const uint16_t* kb, int64_t k_st, const int64_t* tok, int n,
+                                   float scale, float (*s)[kTile], int64_t pf) {
+  constexpr int NC = DC / 32, R = score_rows<G>();
+  __m512bh qv[G][NC];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < NC; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(qb + g * DC + 32 * c);
+  for (int j0 = 0; j0 < n; j0 += R) {
+    const uint16_t* kr[R];
+    for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+    for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<uint16_t, DC>(kr[jj], pf);
+    const int m = std::min(R, n - j0);
+    __m512 acc[G * R];
+    for (int i = 0; i < G * R; ++i) acc[i] = _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) {
+      __m512bh kv[R];
+      for (int jj = 0; jj < R; ++jj) kv[jj] = (__m512bh)_mm512_loadu_si512(kr[jj] + 32 * c);
+      for (int g = 0; g < G; ++g)
+        for (int jj = 0; jj < R; ++jj) acc[g * R + jj] = _mm512_dpbf16_ps(acc[g * R + jj], qv[g][c], kv[jj]);
+    }
+    v16f a[G * R];
+    for (int i = 0; i < G * R; ++i) std::memcpy(&a[i], &acc[i], sizeof(v16f));
+    store_scores<v16f, G, R>(a, j0, m, scale, s);
+  }
+}
+#endif
+
 // whether split_tile serves (T, DC, G): bf16 data, head_dim a multiple of two vectors, 1-4 query heads per KV head
 template <typename T, int DC>
 static inline bool has_split_tile(int G) {
@@ -430,21 +470,31 @@ static inline bool has_split_tile(int G) {
 }
 
 // the split tile for (G, DC) of bf16 data; false: the span uses the widening tiles
+// (qb: the group's queries as bf16 bits when they hold bf16 values and the CPU has vdpbf16ps, else nullptr: the
+// score pass then takes tile_scores_dot)
 template <typename T, int DC>
 static inline bool split_tile(int G, bool values, const float* qs, float* acc, const T* base, int64_t st,
-                              const int64_t* tok, int n, float scale, float (*s)[kTile], int64_t pf) {
+                              const int64_t* tok, int n, float scale, float (*s)[kTile], int64_t pf,
+                              const uint16_t* qb = nullptr) {
+  (void)qb;
   if constexpr (std::is_same<T, uint16_t>::value && DC > 0 && DC % (2 * kLanes) == 0 && DC <= 256) {
     switch (G) {
+#ifdef ACCEL_DECODE_BF16_DOT
+#define ACCEL_SCORES_DOT(GG) if (qb && DC % 32 == 0) tile_scores_dot<DC, GG>(qb, base, st, tok, n, scale, s, pf); else
+#else
+#define ACCEL_SCORES_DOT(GG)
+#endif
 #define ACCEL_SPLIT_CASE(GG)                                                   \
   case GG:                                                                     \
     if (values) tile_values_split<vnf, DC, GG>(acc, base, st, tok, n, s, pf);  \
-    else tile_scores_split<vnf, DC, GG>(qs, base, st, tok, n, scale, s, pf);       \
+    else ACCEL_SCORES_DOT(GG) tile_scores_split<vnf, DC, GG>(qs, base, st, tok, n, scale, s, pf); \
     return true;
       ACCEL_SPLIT_CASE(1)
       ACCEL_SPLIT_CASE(2)
       ACCEL_SPLIT_CASE(3)
       ACCEL_SPLIT_CASE(4)
 #undef ACCEL_SPLIT_CASE
+#undef ACCEL_SCORES_DOT
       default: return false;
     }
   }
@@ -482,6 +532,21 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
         qs[g * D + i] = q[g * D + 2 * i];
         qs[g * D + D / 2 + i] = q[g * D + 2 * i + 1];
       }
+  // queries that hold bf16 values (every low half zero) as bf16 bits, for tile_scores_dot
+  uint16_t qbits[4 * 256];
+  const uint16_t* qb = nullptr;
+#ifdef ACCEL_DECODE_BF16_DOT
+  if (split && !ACCEL_DECODE_NO_BF16_DOT) {
+    uint32_t low = 0;
+    for (int i = 0; i < G * D; ++i) {
+      uint32_t w;
+      std::memcpy(&w, q + i, sizeof(w));
+      low |= w & 0xFFFFu;
+      qbits[i] = static_cast<uint16_t>(w >> 16);
+    }
+    if (low == 0) qb = qbits;
+  }
+#endif
 
   float s[kMaxGroup][kTile];
   int64_t tok[kTile];
@@ -540,7 +605,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
     }
     // scores: the group's queries are held in registers; the tile's K rows come from memory once
     // (first head) and from L1 for the other heads of the group
-    if (split ? split_tile<T, DC>(G, false, qs, acc, kb, p.k_st, tok, n, p.scale, s, pf_k)
+    if (split ? split_tile<T, DC>(G, false, qs, acc, kb, p.k_st, tok, n, p.scale, s, pf_k, qb)
               : fast_tile<T, DC>(G, false, q, acc, kb, p.k_st, tok, n, p.scale, s, pf_k, x_scores)) {
       for (int j = 0; j < n; ++j)
         if (!ok[j])
