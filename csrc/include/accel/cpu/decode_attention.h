@@ -105,6 +105,11 @@ constexpr int64_t kPfAheadBytes = ACCEL_DECODE_PF_BYTES;
 // 38.5-39.2 GB/s); a first harness read 31-34 GB/s at 2-8 KB and 29-30 at 16 KB;
 // with the caches in L2 the extra requests cost ~10% (54 against 48-49 GB/s). The bf16 tiles (split below) read at
 // the plain sum's rate without them and do not make them. 0 turns them off.
+// 0: index-list rows requested by software prefetches one tile ahead instead of read by a touch pass (for comparisons;
+// see touch_rows in attend_span)
+#ifndef ACCEL_DECODE_IDX_TOUCH
+#define ACCEL_DECODE_IDX_TOUCH 1
+#endif
 // 1: bf16 scores always on the even/odd tile (for comparisons; see tile_scores_dot)
 #ifndef ACCEL_DECODE_NO_BF16_DOT
 #define ACCEL_DECODE_NO_BF16_DOT 0
@@ -587,17 +592,42 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   const int64_t x_rows = kXPfBytes / krow_bytes;
   const CrossRows<T> x_scores{vb, p.v_st, idx || x_rows < 1 ? 0 : x_rows * p.v_st};
   const CrossRows<T> x_values{kb, p.k_st, idx || x_rows < 1 ? 0 : (kTile + x_rows) * p.k_st};
-  if (idx) {
+  // Index lists, default (ACCEL_DECODE_IDX_TOUCH): each tile's K and V rows are first read by a pass of one plain
+  // load per cache line (touch_rows), so the tile's misses are all in flight together and its score and value passes
+  // then find the rows in L1. On the AMD EPYC project machine the software requests above did not do that for
+  // scattered rows: a Quest-like union (30 layers x 3 KV heads, ~1650 rows per KV head in 4-token pages, G = 3, fp32,
+  // one thread, scratch harness, 2026-12-07) attended in 8.5-9.8 ms with the requests one tile ahead, the same with
+  // them two tiles ahead, split in halves or left out, and with the cache on huge pages; in 5.1-5.5 ms with the touch
+  // pass (a plain sum of the same rows: 3.1-3.7 ms; the tiles compute at 36 GB/s with the rows in cache).
+  float touched = 0.f;
+  auto touch_rows = [&](int64_t a, int64_t e) {
+    float t = 0.f;
+    for (int64_t jj = a; jj < e; ++jj) {
+      const char* kr = reinterpret_cast<const char*>(kb + idx[jj] * p.k_st);
+      const char* vr = reinterpret_cast<const char*>(vb + idx[jj] * p.v_st);
+      for (int64_t off = 0; off < krow_bytes; off += 64) {
+        T x, y;
+        std::memcpy(&x, kr + off, sizeof(T));
+        std::memcpy(&y, vr + off, sizeof(T));
+        t += static_cast<float>(Load<T>::get(&x, 0)) + static_cast<float>(Load<T>::get(&y, 0));
+      }
+    }
+    touched += t;
+    asm volatile("" : : "g"(touched));  // the loads are the point: keep them
+  };
+  constexpr bool kTouch = ACCEL_DECODE_IDX_TOUCH != 0;
+  if (idx && !kTouch) {
     prefetch_rows(kb, p.k_st, i0, std::min<int64_t>(i1, i0 + kPfK * kTile));
     prefetch_rows(vb, p.v_st, i0, std::min<int64_t>(i1, i0 + kTile));
   }
   for (int64_t i = i0; i < i1; i += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, i1 - i));
-    if (idx) {
+    if (idx && kTouch) touch_rows(i, i + n);
+    if (idx && !kTouch) {
       const int64_t a = i + kPfK * kTile;
       prefetch_rows(kb, p.k_st, std::min(a, i1), std::min<int64_t>(i1, a + kTile));
     }
-    const int64_t pf0 = i + kTile, pf1 = idx ? std::min<int64_t>(i1, pf0 + kTile) : pf0;
+    const int64_t pf0 = i + kTile, pf1 = idx && !kTouch ? std::min<int64_t>(i1, pf0 + kTile) : pf0;
     for (int j = 0; j < n; ++j) {
       const int64_t t = idx ? idx[i + j] : i + j;
       tok[j] = t;
