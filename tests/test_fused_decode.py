@@ -805,27 +805,42 @@ def test_a_layer_wrapped_after_patching_turns_the_whole_stack_off(in_place):
     assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))
 
 
+def _change(model, kind, dtype):
+    layers = model.model.layers
+    with torch.no_grad():
+        if kind == "assign":  # a parameter replaced by assignment
+            w = layers[1].self_attn.k_proj.weight
+            layers[1].self_attn.k_proj.weight = torch.nn.Parameter(torch.randn_like(w) * 0.1)
+        elif kind == "inplace":  # a norm weight changed in place
+            layers[0].input_layernorm.weight.mul_(1.5)
+        elif kind == "epsilon":
+            layers[-1].post_attention_layernorm.variance_epsilon = 1e-2
+        elif kind == "data":  # the same parameter object, new storage
+            n = layers[0].post_attention_layernorm
+            n.weight.data = torch.rand_like(n.weight) + 0.5
+        elif kind == "to":  # the whole model converted: every parameter keeps its object, changes its storage
+            model.to(torch.bfloat16 if dtype == torch.float32 else torch.float16)
+
+
+@pytest.mark.parametrize("kind", ["assign", "inplace", "epsilon", "data", "to"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_stack_sees_weights_changed_between_decode_steps(dtype):
+def test_the_stack_sees_weights_changed_between_decode_steps(dtype, kind):
     """The whole-stack call reuses its per-layer weight tuples from step to step (``FusedDecode._stack_weights``) only
-    while they are what the modules hold: a parameter assigned, a (16-bit) norm weight changed in place or an epsilon
-    changed after the stack has run gives the numbers of a fresh patch of the changed model, bit for bit."""
+    while they are what the modules hold: each change below, made after the stack has run with the tuples reused,
+    gives the numbers of a fresh patch of the changed model, bit for bit (a parameter assigned, a norm weight changed
+    in place, an epsilon changed, a parameter's storage swapped with ``.data``, the model converted with ``.to``)."""
     model = tiny_model("llama", dtype=dtype)
     ids, mask = _batch(B=2)
     with torch.no_grad():
         h = accel.patch(model, "dense")
         _generate(model, ids, mask)
         fd = h.runtime.fused
-        assert fd._weights_memo is not None and h.runtime.stats["stack_calls"] > 0
-        calls = h.runtime.stats["stack_calls"]
         memo = fd._weights_memo
+        assert memo is not None and h.runtime.stats["stack_calls"] > 0
         _generate(model, ids, mask)
         assert fd._weights_memo is memo  # nothing changed: reused
-        layers = model.model.layers
-        layers[1].self_attn.k_proj.weight = torch.nn.Parameter(torch.randn_like(layers[1].self_attn.k_proj.weight) * 0.1)
-        layers[0].input_layernorm.weight.mul_(1.5)
-        layers[-1].post_attention_layernorm.variance_epsilon = 1e-2
-        layers[0].mlp.down_proj.weight = torch.nn.Parameter(layers[0].mlp.down_proj.weight * 0.5)
+        calls = h.runtime.stats["stack_calls"]
+        _change(model, kind, dtype)
         out = _generate(model, ids, mask)
         assert h.runtime.stats["stack_calls"] > calls and fd._weights_memo is not memo
         h.remove()

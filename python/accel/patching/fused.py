@@ -458,14 +458,16 @@ class FusedDecode:
         """The stack call's per-layer weight tuples (``layer_weights`` of every layer, 16-bit norm weights and biases
         widened by ``_f32``), reused from the previous step while every value they were built from is still the one
         the modules hold: the same parameter object under the same name (a parameter replaced by assignment is seen),
-        the same epsilon, and for each widened copy the same in-place version of its source. Checking those
+        the same epsilon, and for every norm weight and bias (widened or passed as they are) the same dtype, storage
+        and in-place version (``_storage_state``: ``model.to(dtype)`` and ``p.data = ...`` keep the parameter object
+        but change its storage). Checking those
         references is a fraction of rebuilding the tuples, which a decode step did on CPU caches the previous step's
         weights had just streamed through (~0.35 ms of SmolLM2's step). Packed q/k/v or gate/up layouts (slices of one
         weight) are rebuilt every step."""
         memo = self._weights_memo
         if memo is not None:
             refs, widened, out = memo
-            if all(d.get(k) is o for d, k, o in refs) and all(_version(t) == v for t, v in widened):
+            if all(d.get(k) is o for d, k, o in refs) and all(_storage_state(t) == v for t, v in widened):
                 return out
         pre_l, post_l, eps = [], [], []
         for layer, mods in zip(self.layers, self._mods):
@@ -487,8 +489,11 @@ class FusedDecode:
                     refs.append((m._parameters, "weight", m._parameters.get("weight")))
                     refs.append((m._parameters, "bias", m._parameters.get("bias")))
                 widen = [m._parameters.get("weight") for m in norms] + [m._parameters.get("bias") for m in (*qkv, o)]
-                widened += [(t, _version(t)) for t in widen if t is not None and t.dtype != torch.float32]
-            if all(o is not None for d, k, o in refs if k != "bias"):  # every value read from where it is checked
+                widened += [(t, _storage_state(t)) for t in widen if t is not None]
+            # every value read from where it is checked (a weight or bias that is not a parameter, e.g. a buffer,
+            # is read through getattr by layer_weights: no memo then)
+            if all(o is not None for d, k, o in refs if k != "bias") and all(
+                    k in d for d, k, o in refs):
                 self._weights_memo = (tuple(refs), tuple(widened), out)
         return out
 
@@ -526,22 +531,29 @@ def _kv_stack_problem(kv) -> str | None:
     return None
 
 
-_F32: dict = {}  # id(tensor) -> (weakref, version, fp32 copy): a 16-bit model's norm weights and biases, widened once
+_F32: dict = {}  # id(tensor) -> (weakref, _storage_state, fp32 copy): a 16-bit model's norm weights and biases, widened once
+
+
+def _storage_state(t) -> tuple:
+    """What a tensor holds, short of its values: dtype, storage address and in-place version (``.to(dtype)`` on a
+    module and ``p.data = ...`` keep the parameter object but change the first two; in-place writes bump the third)."""
+    return (t.dtype, t.data_ptr(), _version(t))
 
 
 def _f32(t):
     """A norm weight or bias as the kernels take it: fp32. A 16-bit model's (a few hundred values each) are widened once
-    and reused while the tensor lives unchanged (same object, same in-place version)."""
+    and reused while the tensor lives unchanged (same object, dtype, storage and in-place version)."""
     if t is None or t.dtype == torch.float32:
         return t
     e = _F32.get(id(t))
-    if e is not None and e[0]() is t and e[1] == t._version:
+    state = _storage_state(t)
+    if e is not None and e[0]() is t and e[1] == state:
         return e[2]
     if len(_F32) > 4096:
         for key in [k for k, v in _F32.items() if v[0]() is None]:
             del _F32[key]
     t32 = t.float()
-    _F32[id(t)] = (weakref.ref(t), t._version, t32)
+    _F32[id(t)] = (weakref.ref(t), state, t32)
     return t32
 
 
