@@ -598,7 +598,7 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   // scattered rows: a Quest-like union (30 layers x 3 KV heads, ~1650 rows per KV head in 4-token pages, G = 3, fp32,
   // one thread, scratch harness, 2026-12-07) attended in 8.5-9.8 ms with the requests one tile ahead, the same with
   // them two tiles ahead, split in halves or left out, and with the cache on huge pages; in 5.1-5.5 ms with the touch
-  // pass (a plain sum of the same rows: 3.1-3.7 ms; the tiles compute at 36 GB/s with the rows in cache).
+  // pass (a plain sum of the same rows: 3.0-3.7 ms; the tiles compute at 36 GB/s with the rows in cache).
   float touched = 0.f;
   auto touch_rows = [&](int64_t a, int64_t e) {
     float t = 0.f;

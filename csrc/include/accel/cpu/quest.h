@@ -115,7 +115,7 @@ static inline void page_bound_lanes(const float* qp, const float* qn, const S* M
 // (+inf). GC > 0: the group size known at compile time and D a multiple of 16 (page_bound_lanes).
 // DC > 0: the head dim known at compile time (64 and 128; the page loops then run unrolled). With the head dim a
 // runtime value the head-by-head traversal below gained nothing: the whole selection of 30 layers x 3 KV heads x
-// 2000 fp32 pages, G = 3, one selection per query head, took 10.2-10.4 ms either way, and 8.2-8.5 ms with both
+// 2000 fp32 pages, G = 3, one selection per query head, took 10.2-10.4 ms either way, and 8.2-8.5 ms with both (7.9-8.1 with the branch-free page marking below)
 // (scratch harness, one thread, AMD EPYC, 2026-12-07).
 // (Kept out of line: inlined into quest_select_t's loop, the selection measured ~2 ms a step slower in the harness
 // of kth_largest below.)
@@ -225,8 +225,9 @@ __attribute__((noinline)) static void quest_bounds(const float* qp, const float*
 // largest key t with at least `want` keys >= t, by bisection between the least and the greatest key (at most 32
 // branch-free counting passes over the keys). It replaced a threshold bracketed from a sample of every 8th value and
 // selected with std::nth_element (the same value): the whole selection of 30 layers x 3 KV heads x 2000 pages, G = 3,
-// one selection per query head, 7.6-8.1 -> 5.6-6.0 ms a step (scratch harness, one thread, AMD EPYC, 2026-12-07, with
-// quest_bounds kept out of line as below; inlined into the selection loop the change measured nothing).
+// one selection per query head, 8.0-8.4 ms a step before (bracket, quest_bounds inlined into the selection loop) and
+// 6.1-6.5 ms after (bisection, quest_bounds out of line); with quest_bounds out of line in both, 7.6-8.1 -> 5.6-6.0 ms,
+// and inlined in both the bisection measured no change (scratch harness, one thread, AMD EPYC, 2026-12-07).
 static inline float kth_largest(const float* sc, int64_t n, int64_t want, std::vector<uint32_t>& key) {
   key.resize(static_cast<size_t>(n));
   uint32_t* kp = key.data();
