@@ -34,7 +34,7 @@ COMMITTED = {
     "decode_anchors_smollm2_b8_bf16.csv": "2026-12-04",
     "decode_kvpolicies_smollm2_b1_bf16.csv": "2026-12-05",
     "decode_kvpolicies_smollm2_b1_fp32.csv": "2026-12-07",
-    "bf16_quality_smollm2.csv": "2026-12-05",
+    "bf16_quality_smollm2.csv": "2026-12-07",
     "decode_fused_smollm2_b1.csv": "2026-12-07",
     "decode_anchors_smollm2_b1_bf16_dense.csv": "2026-12-04",
     "decode_anchors_smollm2_b1_bf16_8k.csv": "2026-12-04",
