@@ -357,3 +357,18 @@ def test_first_use_of_a_named_model_says_it_converts_once(tmp_path, monkeypatch,
     (tmp_path / "models" / "smollm2-135m" / "config.json").write_text("{}")
     load_model("smollm2-135m")
     assert capsys.readouterr().err == ""
+
+
+def test_option_errors_are_one_line_naming_the_fix(capsys):
+    """argparse's own errors (an unknown option, a bad value) come out as one line, with the closest known options of
+    that subcommand and where its options are listed, exit code 2; no usage block."""
+    from accel.cli.main import main
+
+    for argv, want in ((["bench", "--new-tokenz", "4"], "did you mean --new-tokens?"),
+                       (["bench", "--dtype", "float64"], "invalid choice: 'float64'"),
+                       (["eval", "--samples", "x"], "invalid int value: 'x'")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and want in err and f"accel {argv[0]} --help" in err and "usage:" not in err, err

@@ -284,15 +284,16 @@ def _distinct_prompts(tok, n_tokens: int, batch: int) -> dict:
 
 
 def _print_table(rows):
-    hdr = f"{'policy':10s} {'ctx':>6s} {'B':>2s} {'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s} {'x HF':>6s} {'GB/s':>6s} {'%BW':>5s} {'KV MB':>8s} {'extra ms':>8s}"
+    w = max([10] + [len(str(r["policy"])) for r in rows])  # the policy column fits the longest spec
+    hdr = f"{'policy':{w}s} {'ctx':>6s} {'B':>2s} {'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s} {'x HF':>6s} {'GB/s':>6s} {'%BW':>5s} {'KV MB':>8s} {'extra ms':>8s}"
     print(hdr)
     for r in rows:
         if r.get("decode_path") == "anchor":
-            print(f"{r['policy']:10s} {r['context']:6d} {r['batch']:2d} {'-':>9s} {r['decode_step_ms']:8.2f} "
+            print(f"{r['policy']:{w}s} {r['context']:6d} {r['batch']:2d} {'-':>9s} {r['decode_step_ms']:8.2f} "
                   f"{r['decode_tok_s']:8.2f}")
             continue
         pre = f"{r['prefill_s']:9.2f}" if r["prefill_s"] != "" else f"{'-':>9s}"
-        print(f"{r['policy']:10s} {r['context']:6d} {r['batch']:2d} {pre} {r['decode_step_ms']:8.2f} "
+        print(f"{r['policy']:{w}s} {r['context']:6d} {r['batch']:2d} {pre} {r['decode_step_ms']:8.2f} "
               f"{r['decode_tok_s']:8.2f} {r['speedup_vs_hf']!s:>6s} {r['achieved_gbs']:6.2f} "
               f"{100 * r['frac_read_bw']:5.0f} {r['kv_held_mb']:8.1f} {r['overhead_ms']:8.1f}")
 

@@ -5,8 +5,47 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors as one line naming the fix (an unknown option: the closest known ones; any
+    error: where the options are listed) instead of the usage block; exit code 2 as argparse's."""
+
+    def parse_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
+    def error(self, message):
+        hint = ""
+        parser, prog = self, self.prog
+        subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs:  # the top-level parser reports a subcommand's unknown options: name that subcommand
+            cmd = next((w for w in getattr(self, "_argv", []) if w in subs[0].choices), None)
+            if cmd is not None:
+                parser, prog = subs[0].choices[cmd], f"{self.prog} {cmd}"
+        if message.startswith("unrecognized arguments:"):
+            import difflib
+
+            known = sorted({o for a in _all_actions(parser) for o in a.option_strings})
+            unknown = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            close = sorted({c for w in unknown for c in difflib.get_close_matches(w, known, n=3, cutoff=0.6)})
+            if close:
+                hint = f"; did you mean {', '.join(close)}?"
+        where = prog if prog != "accel" else "accel <command>"
+        self.exit(2, f"{prog}: error: {message}{hint} (options: {where} --help)\n")
+
+
+def _all_actions(parser):
+    """Every action of a parser and of its subcommands' parsers."""
+    out = []
+    for a in parser._actions:
+        out.append(a)
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                out += _all_actions(sp)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="accel", description="inference-time acceleration for HF transformers models")
+    p = _Parser(prog="accel", description="inference-time acceleration for HF transformers models")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, policy_default="dense"):
