@@ -139,6 +139,17 @@ static inline void prefetch_row_ahead(const T* row, int64_t ahead) {
   for (int c = 0; c < DC * static_cast<int>(sizeof(T)); c += 64) __builtin_prefetch(r + c, 0, 3);
 }
 
+// The K rows of the R-row block at j0 of a tile's n tokens (rows past n repeat the last one: computed, not stored),
+// each requested pf elements ahead, and with x.ahead the other stream's rows of the same tokens (see CrossRows)
+template <typename T, int DC, int R>
+static inline void block_rows(const T* kb, int64_t k_st, const int64_t* tok, int j0, int n, int64_t pf, const T** kr,
+                              CrossRows<T> x = {}) {
+  for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
+  for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(kr[jj], pf);
+  if (x.ahead)
+    for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(x.base + tok[std::min(j0 + jj, n - 1)] * x.st, x.ahead);
+}
+
 // ---- the register-blocked tiles of the common shapes (head_dim a multiple of the vector, 1-4 query heads per KV
 // head), written once over the native vector V (8 lanes on AVX2, 16 with AVX-512) ----
 // Scores: R K rows at a time against all G heads of the group: per vector chunk, R K loads and G query loads feed
@@ -192,10 +203,7 @@ static inline void tile_scores(const float* q, const T* kb, int64_t k_st, const 
   constexpr int NC = DC / O::n, R = score_rows<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const T* kr[R];
-    for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
-    for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(kr[jj], pf);
-    if (x.ahead)
-      for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(x.base + tok[std::min(j0 + jj, n - 1)] * x.st, x.ahead);
+    block_rows<T, DC, R>(kb, k_st, tok, j0, n, pf, kr, x);
     const int m = std::min(R, n - j0);
     V acc[G * R];
     for (int i = 0; i < G * R; ++i) acc[i] = V{};
@@ -305,10 +313,7 @@ static inline void tile_scores16(const float* q, const T* kb, int64_t k_st, cons
   constexpr int NC = DC / 16, R = score_rows16<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const T* kr[R];
-    for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
-    for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(kr[jj], pf);
-    if (x.ahead)
-      for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<T, DC>(x.base + tok[std::min(j0 + jj, n - 1)] * x.st, x.ahead);
+    block_rows<T, DC, R>(kb, k_st, tok, j0, n, pf, kr, x);
     v16f acc[G][R];
     for (int g = 0; g < G; ++g)
       for (int jj = 0; jj < R; ++jj) acc[g][jj] = v16f{};
@@ -372,8 +377,7 @@ static inline void tile_scores_split(const float* qs, const uint16_t* kb, int64_
   constexpr int NP = DC / (2 * O::n), H2 = DC / 2, R = score_rows<G>();
   for (int j0 = 0; j0 < n; j0 += R) {
     const uint16_t* kr[R];
-    for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
-    for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<uint16_t, DC>(kr[jj], pf);
+    block_rows<uint16_t, DC, R>(kb, k_st, tok, j0, n, pf, kr);
     const int m = std::min(R, n - j0);
     V acc[G * R];
     for (int i = 0; i < G * R; ++i) acc[i] = V{};
@@ -448,8 +452,7 @@ static inline void tile_scores_dot(const uint16_t* qb, const uint16_t* kb, int64
     for (int c = 0; c < NC; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(qb + g * DC + 32 * c);
   for (int j0 = 0; j0 < n; j0 += R) {
     const uint16_t* kr[R];
-    for (int jj = 0; jj < R; ++jj) kr[jj] = kb + tok[std::min(j0 + jj, n - 1)] * k_st;
-    for (int jj = 0; jj < R; ++jj) prefetch_row_ahead<uint16_t, DC>(kr[jj], pf);
+    block_rows<uint16_t, DC, R>(kb, k_st, tok, j0, n, pf, kr);
     const int m = std::min(R, n - j0);
     __m512 acc[G * R];
     for (int i = 0; i < G * R; ++i) acc[i] = _mm512_setzero_ps();

@@ -143,7 +143,7 @@ __attribute__((noinline)) static void quest_bounds(const float* qp, const float*
       // interleaved min/max buffer and separate max and min passes did not change that. Head by head with the next
       // block requested: 3.4-3.9 ms against 5.4-5.6 for 30 layers x 3 KV heads x 2000 pages of fp32 summaries, G = 3,
       // one thread, AMD EPYC, scratch harness, 2026-12-07.) Each head's two accumulators are those of
-      // page_bound_lanes, so the bounds are bit-identical.
+      // page_bound_lanes (one head), so the bounds are bit-identical.
       const int pf_head = GC > 1 ? 1 : 0;
       for (int g = 0; g < GC; ++g)
         for (int i = 0; i < cnt; ++i) {
@@ -152,14 +152,7 @@ __attribute__((noinline)) static void quest_bounds(const float* qp, const float*
             const char* b = reinterpret_cast<const char*>(mn + (j0 + 16 + i) * sp);
             for (int c = 0; c < D * static_cast<int>(sizeof(S)); c += 64) __builtin_prefetch(a + c, 0, 3), __builtin_prefetch(b + c, 0, 3);
           }
-          const S* M = mx + (j0 + i) * sp;
-          const S* m = mn + (j0 + i) * sp;
-          v16f up{}, un{};
-          for (int d = 0; d < D; d += 16) {
-            up += load16(qp + g * D + d) * load16(M + d);
-            un += load16(qn + g * D + d) * load16(m + d);
-          }
-          part[g][i] = up + un;
+          page_bound_lanes<S, 1>(qp + g * D, qn + g * D, mx + (j0 + i) * sp, mn + (j0 + i) * sp, D, &part[g][i]);
         }
       if (agg_code == 3) {  // every head's own bounds
         for (int g = 0; g < GC; ++g) {
