@@ -195,15 +195,15 @@ class FusedDecode:
         self.layers = adapter.layers()
         info = runtime.info
         self.H, self.Hkv, self.D = info.num_heads, info.num_kv_heads, info.head_dim
-        #: every module inside the layers (whose hooks would not run on the fused path) with where it sits: a module
-        #: replaced after patching -- an adapter injected, a layer swapped -- turns the fused path off
-        self._slots = [(parent, name, child) for layer in self.layers for parent in layer.modules()
-                       for name, child in parent._modules.items()]
-        #: the same, per parent: (parent's instance dict, ((name, child, child's instance dict), ...)) -- ``active``
-        #: reads the hook dicts and an instance ``forward`` from the instance dicts directly (see ``active``)
+        #: every module inside the layers (whose hooks would not run on the fused path) with where it sits, per parent:
+        #: (parent's instance dict, ((name, child, child's instance dict), ...)); a module replaced after patching -- an
+        #: adapter injected, a layer swapped -- turns the fused path off. ``active`` reads the hook dicts and an
+        #: instance ``forward`` from the instance dicts directly.
         by_parent: dict = {}
-        for parent, name, child in self._slots:
-            by_parent.setdefault(id(parent), (parent.__dict__, []))[1].append((name, child, child.__dict__))
+        for layer in self.layers:
+            for parent in layer.modules():
+                kids = by_parent.setdefault(id(parent), (parent.__dict__, []))[1]
+                kids += [(name, child, child.__dict__) for name, child in parent._modules.items()]
         self._parents = tuple((pd, tuple(kids)) for pd, kids in by_parent.values())
         #: each class's ``forward`` (the layers' own and their modules') as it was when patched: one replaced on the
         #: class later (a monkeypatch) turns the fused path off, as an instance forward does
@@ -466,8 +466,8 @@ class FusedDecode:
         weight) are rebuilt every step."""
         memo = self._weights_memo
         if memo is not None:
-            refs, widened, out = memo
-            if all(d.get(k) is o for d, k, o in refs) and all(_storage_state(t) == v for t, v in widened):
+            refs, tracked, out = memo
+            if all(d.get(k) is o for d, k, o in refs) and all(_storage_state(t) == v for t, v in tracked):
                 return out
         pre_l, post_l, eps = [], [], []
         for layer, mods in zip(self.layers, self._mods):
@@ -479,7 +479,7 @@ class FusedDecode:
         out = (pre_l, post_l, eps)
         self._weights_memo = None
         if all(rows is None and len(gu) == 2 for _, _, rows, _, _, _, gu, _ in self._mods):
-            refs, widened = [], []
+            refs, tracked = [], []
             for ln1, qkv, _, qk, o, ln2, gu, down in self._mods:
                 norms = (ln1, ln2) + (tuple(qk) if qk is not None else ())
                 for m in norms:
@@ -488,13 +488,13 @@ class FusedDecode:
                 for m in (*qkv, o, *gu, down):
                     refs.append((m._parameters, "weight", m._parameters.get("weight")))
                     refs.append((m._parameters, "bias", m._parameters.get("bias")))
-                widen = [m._parameters.get("weight") for m in norms] + [m._parameters.get("bias") for m in (*qkv, o)]
-                widened += [(t, _storage_state(t)) for t in widen if t is not None]
+                small = [m._parameters.get("weight") for m in norms] + [m._parameters.get("bias") for m in (*qkv, o)]
+                tracked += [(t, _storage_state(t)) for t in small if t is not None]
             # every value read from where it is checked (a weight or bias that is not a parameter, e.g. a buffer,
             # is read through getattr by layer_weights: no memo then)
             if all(o is not None for d, k, o in refs if k != "bias") and all(
                     k in d for d, k, o in refs):
-                self._weights_memo = (tuple(refs), tuple(widened), out)
+                self._weights_memo = (tuple(refs), tuple(tracked), out)
         return out
 
     def remove(self) -> None:
