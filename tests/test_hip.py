@@ -226,7 +226,7 @@ def test_the_cpu_search_equals_the_torch_path(dtype):
     key = buf[:, :, :T]  # a strided view, as the cache hands it over
     q = torch.randn(B, H, D, generator=g).to(dtype).float()
     first = torch.tensor([0, 13, 101])
-    for rep, aligned, rk in [(r, a, k) for r in ("middle", "first") for a in (False, True) for k in (1, 3, 4)]:
+    for rep, aligned, rk in [(r, a, k) for r in ("middle", "first") for a in (False, True) for k in (1, 3, 4, 16)]:
         for n_blocks, kb, sink, window, levels in ((20, 4, 8, 32, 2), (37, 1, 0, 0, 3), (5, 8, 4, 16, 0)):
             lo, hi, start = HIP.initial_branches(first, Hkv, T, sink, window, n_blocks, kb, aligned)
             coarse_at = kb << levels if levels else 0
@@ -249,6 +249,32 @@ def test_the_cpu_search_equals_the_torch_path(dtype):
                 t2 = HIP.hip_step(q, key, t[2][0], t[2][1], kb, rep, 0.125, 0, first, start, sink, window,
                                   backend="torch", aligned=aligned, rep_keys=rk)
                 assert torch.equal(c2[4], t2[4]) and torch.equal(c2[0], t2[0]) and torch.equal(c2[5], t2[5])
+
+
+def test_tied_children_keep_the_lower_ones_in_both_searches():
+    """Children whose scores tie go to the lower child: with every key equal all children tie and both searches keep
+    the first n at every level; with two tied groups of keys the C++ selection keeps the same set as the torch sort."""
+    from accel import _ext
+
+    if not (_ext.HAS_CPU_EXT and hasattr(_ext.cpu_ext(), "hip_search")):
+        pytest.fail("the C++ extension is not built with hip_search")
+    B, H, Hkv, T, D = 1, 4, 2, 900, 16
+    q = torch.ones(B, H, D)
+    first = torch.zeros(B, dtype=torch.long)
+    flat = torch.ones(B, Hkv, T, D)
+    g = torch.Generator().manual_seed(3)
+    two = torch.where(torch.rand(B, Hkv, T, 1, generator=g) < 0.5, 1.0, 2.0).expand(B, Hkv, T, D).contiguous()
+    for key in (flat, two):
+        for n_blocks, kb in ((40, 4), (100, 2)):
+            lo, hi, start = HIP.initial_branches(first, Hkv, T, 4, 16, n_blocks, kb)
+            c = HIP.hip_step(q, key, lo, hi, kb, "middle", 0.125, 0, first, start, 4, 16)
+            t = HIP.hip_step(q, key, lo, hi, kb, "middle", 0.125, 0, first, start, 4, 16, backend="torch")
+            assert torch.equal(c[0], t[0]) and torch.equal(c[1], t[1]) and torch.equal(c[4], t[4])
+            for h in range(Hkv):  # the positions (the two searches pad their lists to different widths)
+                n = int(c[4][0, h])
+                assert torch.equal(c[3][0, h, :n], t[3][0, h, :n])
+            if key is flat:  # every level keeps its first n children: the branches pack the span's start
+                assert int(c[0][0, 0, 0]) == int(start.view(-1)[0]) and bool((c[0][..., 1:] >= c[0][..., :-1]).all())
 
 
 def test_sparse_prefill_attends_sinks_window_and_searched_blocks_and_is_off_for_padding():
