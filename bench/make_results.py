@@ -61,6 +61,9 @@ COMMITTED = {
     "eval_hip_smollm2_8k.csv": "2026-12-06",
     "decode_hip_smollm2_b1.csv": "2026-12-06",
     "eval_hip_repkeys_smollm2_2k.csv": "2026-12-06",
+    "eval_hip_refresh_smollm2_2k.csv": "2026-12-07",
+    "eval_hip_gemma3_2k.csv": "2026-12-07",
+    "decode_hip_refresh_smollm2_b1.csv": "2026-12-07",
     "eval_tca_smollm2_2k.csv": "2026-12-06",
     "eval_tca_smollm2_4k.csv": "2026-12-06",
     "eval_tca_smollm2_4k_lm.csv": "2026-12-06",
@@ -74,6 +77,8 @@ COMMITTED = {
     "eval_flux_pages4_smollm2_4k.csv": "2026-12-06",
     "decode_flux_smollm2_b8_distinct.csv": "2026-12-06",
     "eval_flux_pages4_none_smollm2_4k.csv": "2026-12-06",
+    "eval_flux_hylra_smollm2_2k_60.csv": "2026-12-07",
+    "eval_flux_pages4_smollm2_2k_60.csv": "2026-12-07",
     "decode_flux_smollm2_b1.csv": "2026-12-05",
     "decode_flux_smollm2_b8.csv": "2026-12-05",
     "eval_sparse_smollm2_8k.csv": "2026-12-05",
@@ -728,6 +733,56 @@ def _reuse_quality() -> Quality:
 HIP_REPKEYS = "eval_hip_repkeys_smollm2_2k.csv"  # HiP children scored by several keys (the run also holds dense, hip)
 HIP_REPKEYS_LABELS = {"hip@rep_keys=4": "hip (4 middle keys per child)", "hip@rep_keys=16": "hip (16 middle keys per child)",
                       "hip@representative=first@rep_keys=4": "hip (first 4 keys per child)"}
+# HiP's branch estimate and its refresh against the exhaustive search, NIAH at 2K (the runs share the samples)
+HIP_REFRESH = "eval_hip_refresh_smollm2_2k.csv"
+HIP_GEMMA = "eval_hip_gemma3_2k.csv"
+HIP_SPEED = "decode_hip_refresh_smollm2_b1.csv"  # after the search's touch pass and selection (2026-12-07)
+HIP_SEARCHES = {"": "one middle key per child (default)", "rep_keys=4": "4 middle keys per child",
+                "rep_keys=16": "16 middle keys per child", "representative=max": "every key of the child (exhaustive)"}
+HIP_SCHEDULES = {"": "full search every 8 steps, 2 finest levels refined between (default)",
+                 "refresh=1": "full search every step", "refine_levels=3": "full search every 8 steps, 3 finest levels refined between"}
+
+
+def _hip_split(p: str):
+    """(search key, schedule key) of a hip policy spec, or None for other policies."""
+    parts = p.split("@")
+    if parts[0] != "hip":
+        return None
+    sched = [x for x in parts[1:] if x.split("=")[0] in ("refresh", "refine_levels")]
+    search = [x for x in parts[1:] if x not in sched]
+    return "@".join(search), "@".join(sched)
+
+
+def _hip_estimate() -> list[str]:
+    cells: dict = {}
+    for n in ("eval_hip_smollm2_2k.csv", HIP_REPKEYS, HIP_REFRESH):
+        for r in load(n):
+            k = _hip_split(r["policy"])
+            if k is None and r["policy"] in ("hf", "dense"):
+                k = ("dense", "")
+            if r["task"] == "niah" and int(r["context"]) == 2048 and k is not None:
+                cells[k] = f"{round(float(r['accuracy']) * int(r['n']))}/{r['n']}"
+    dense = cells.pop(("dense", ""))
+    rows = [[HIP_SEARCHES[sk]] + [cells.get((sk, sc), "-") for sc in HIP_SCHEDULES] for sk in HIP_SEARCHES]
+    out = ["### HiP: its branch estimate and its refresh against the exhaustive search", "",
+           f"NIAH at 2K, 20 samples (dense {dense}, the same samples), top-k 1/8: each child scored by its middle key "
+           "(the default), by several keys around it, or by every key (`representative=max`: the search then returns "
+           "the exact top key blocks), with the mask searched every 8 steps (the default) or at every step. The "
+           "exhaustive rows run the torch search (not timed here); the others the C++ one.", ""]
+    out += table(["children scored by"] + list(HIP_SCHEDULES.values()), rows)
+    out += sources("eval_hip_smollm2_2k.csv", HIP_REPKEYS, HIP_REFRESH)
+    out += ["What a step costs at 8K (real prefill, batch 1, fp32, one run, after the search's touch pass and "
+            "selection), the default against 16 keys per child searched at every step (the row that reaches dense's "
+            "NIAH above); hip's KV MB read include the key rows its search scored:", ""]
+    out += _speed_table([HIP_SPEED])
+    out += sources(HIP_SPEED)
+    g = {r["policy"]: f"{round(float(r['accuracy']) * int(r['n']))}/{r['n']}" for r in load(HIP_GEMMA)
+         if r["task"] == "niah"}
+    out += ["The same on Gemma-3-270m (its global layers; the sliding-window layers decode densely), NIAH at 2K:", ""]
+    out += table(["policy", "niah"], [[display(p), g[p]] for p in sorted(g, key=lambda p: (p != "hf", p))])
+    return out + sources(HIP_GEMMA)
+
+
 ONE_SET = "one page set per KV head"  # quest agg="max": the former default
 QUEST_SHARED = f"quest ({ONE_SET})"
 REUSE_ORDER = ["hf", "dense", "delta (paper layout)", "delta (calibrated layout)", "hylra (first plan)",
@@ -816,7 +871,8 @@ def sec_reuse() -> list[str]:
     out += _speed_table(["decode_quest_smollm2_b1_bf16.csv"])
     out += sources("decode_quest_smollm2_b1_bf16.csv")
     out += ["Real 8K prefill, batch 1: hip (one middle key per child, and 4 or 16: `hip@rep_keys=N`) against quest "
-            "and dense, one run on the Intel Xeon machine; hip's KV MB read include the key rows its search scored:", ""]
+            "and dense, one run on the Intel Xeon machine, before the search's touch pass and selection (the current "
+            "figures close this section); hip's KV MB read include the key rows its search scored:", ""]
     out += _speed_table(["decode_hip_smollm2_b1.csv"])
     out += sources("decode_hip_smollm2_b1.csv")
     out += ["Real 4K prefill, batch 8 (every row the same prompt), on the AVX-512 machine, one run: hip, quest with "
@@ -836,6 +892,7 @@ def sec_reuse() -> list[str]:
     out += ["On the AVX-512 machine, with the first hylra plan and delta's paper layout:", ""]
     out += _speed_table(["decode_reuse_smollm2_b1.csv", "decode_reuse_smollm2_b8.csv"])
     out += sources("decode_reuse_smollm2_b1.csv", "decode_reuse_smollm2_b8.csv")
+    out += _hip_estimate()
     return out
 
 
@@ -914,7 +971,49 @@ FLUX_DISTINCT = "decode_flux_smollm2_b8_distinct.csv"  # rows routed differently
 # runs' HF rows equal the committed dense ones
 FLUX_PAGES = ("eval_flux_pages4_smollm2_4k.csv", "eval_flux_pages4_none_smollm2_4k.csv")
 SPARSE_8K = "eval_sparse_smollm2_8k.csv"
+# 60 samples per task at 2K: flux and hylra in one run, the pages-of-4 backend in another (the same samples; each
+# run's HF row is the same unpatched model on them)
+FLUX_60 = ("eval_flux_hylra_smollm2_2k_60.csv", "eval_flux_pages4_smollm2_2k_60.csv")
 FLUX_HELDOUT = "flux_router_heldout.csv"
+
+
+def paired_answers(names, task: str) -> dict:
+    """{policy: {sample idx: answered}} of ``task`` from the per-sample CSVs of runs on the same samples."""
+    out: dict = {}
+    for n in names:
+        for r in load(n.replace(".csv", "_samples.csv")):
+            if r["task"] == task:
+                out.setdefault(r["policy"], {})[(r["target_len"], r["idx"])] = float(r["score"]) >= 1
+    return out
+
+
+def _flux_60() -> list[str]:
+    tasks = ("passkey", "niah")
+    ans = {t: paired_answers(FLUX_60, t) for t in tasks}
+    pols = ["hf", "hylra"] + sorted({p for t in tasks for p in ans[t]} - {"hf", "hylra"})
+
+    def vs(t, p, ref):
+        a, b = ans[t].get(p), ans[t].get(ref)
+        if a is None or b is None or p == ref:
+            return "-"
+        return f"+{sum(a[s] and not b[s] for s in a)} / -{sum(b[s] and not a[s] for s in a)}"
+
+    rows = []
+    for p in pols:
+        row = [display(p)]
+        for t in tasks:
+            a = ans[t].get(p)
+            row.append(f"{sum(a.values())}/{len(a)}" if a else "-")
+        for t in tasks:
+            row += [vs(t, p, "hf") if p != "hf" else "-", vs(t, p, "hylra") if p not in ("hf", "hylra") else "-"]
+        rows.append(row)
+    out = ["### flux against hylra on 60 samples at 2K", "",
+           "The same comparison on three times the samples (passkey and NIAH at 2K, seed 0, so the first 20 are the "
+           "table's above), with each policy's answers paired sample by sample: \"+a / -b\" counts the samples only "
+           "the policy answers (a) and only the reference answers (b). The pages-of-4 rows ran passkey only.", ""]
+    out += table(["policy", "passkey", "niah", "passkey vs dense", "passkey vs hylra", "niah vs dense",
+                  "niah vs hylra"], rows)
+    return out + sources(*FLUX_60)
 
 
 def sec_flux() -> list[str]:
@@ -935,6 +1034,7 @@ def sec_flux() -> list[str]:
            "Intel Xeon machine on the same samples. ✓ = within one sample of dense.", ""]
     out += table(["policy", "context"] + tasks + ["perplexity (vs dense)"], rows)
     out += sources(*FLUX_EVAL, *FLUX_PAGES)
+    out += _flux_60()
     out += ["Decode after a real prefill, one run each (\"KV MB read per step\": the runtime's own count):", ""]
     out += _speed_table(list(FLUX_SPEED))
     out += sources(*FLUX_SPEED)
@@ -1555,7 +1655,7 @@ def policy_table() -> list[str]:
 
     qd = {r["policy"]: r for r in load("decode_quest_none_smollm2_b1.csv")}
     qb8 = {r["policy"]: r for r in load("decode_quest_smollm2_b8.csv")}
-    hd = {r["policy"]: r for r in load("decode_hip_smollm2_b1.csv")}
+    hd = {r["policy"]: r for r in load(HIP_SPEED)}
     hsame, htotal, htasks, hctx = _headline_same()
     cells = {
         "dense": (f"{min(hctx) // 1024}K-{max(hctx) // 1024}K, {len(htasks)} tasks: same answers as unpatched on "
@@ -1569,8 +1669,9 @@ def policy_table() -> list[str]:
                   f"KV head {ratio(qd['quest@agg=max']['speedup_vs_accel_dense'])} in the same run), "
                   f"{ratio(qb8['quest']['speedup_vs_accel_dense'])} (4K, batch 8, distinct prompts)"),
         "hip": ("4K, top-k 1/8: " + pk(rq, "hip", 4096),
-                f"{ratio(hd['hip']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; quest with pages of 16 "
-                f"{ratio(hd['quest@page_size=16']['speedup_vs_accel_dense'])} in the same run)"),
+                f"{ratio(hd['hip']['speedup_vs_accel_dense'])} dense (8K, batch 1, real prefill; 16 keys per child "
+                f"searched every step {ratio(hd['hip@rep_keys=16@refresh=1']['speedup_vs_accel_dense'])} in the same "
+                "run)"),
         "tpla": ("random DeepSeek-V3 shape, g=2, Hadamard: relative output error "
                  f"{f(terr[('2', 'aligned', '1.0', '1', 'hadamard')]['rel_error'], 3)} (aligned queries)",
                  f"2 gloo ranks {ratio(tdec[('tpla-2-ranks', '32768')]['speedup_vs_mla_1_process'])} one process at 32K; "
