@@ -26,16 +26,16 @@ namespace cpu {
 #define ACCEL_HIP_PF_ROWS 16
 #endif
 constexpr int kHipPfRows = ACCEL_HIP_PF_ROWS;  // representative rows requested ahead (with ACCEL_HIP_TOUCH=0)
-// 1 (default): the representative rows of a level are read in tiles of about ACCEL_HIP_TOUCH_ROWS rows, each tile
+// 1 (default): the representative rows of a level are read in tiles of about ACCEL_HIP_TOUCH_BYTES bytes, each tile
 // first by a touch pass (one plain load per cache line of every row, so the tile's misses are in flight together)
 // and then scored from L1; 0: each row requested kHipPfRows rows ahead by a software prefetch instead (see below)
 #ifndef ACCEL_HIP_TOUCH
 #define ACCEL_HIP_TOUCH 1
 #endif
-#ifndef ACCEL_HIP_TOUCH_ROWS
-#define ACCEL_HIP_TOUCH_ROWS 64
+#ifndef ACCEL_HIP_TOUCH_BYTES
+#define ACCEL_HIP_TOUCH_BYTES 16384
 #endif
-constexpr int64_t kHipTouchRows = ACCEL_HIP_TOUCH_ROWS;
+constexpr int64_t kHipTouchBytes = ACCEL_HIP_TOUCH_BYTES;  // a tile's rows, in bytes (kept well inside L1)
 
 struct HipParams {
   const float* q = nullptr;  // [B, H, D] fp32
@@ -102,7 +102,7 @@ inline void hip_search(const HipParams& p) {
         // the representatives' rows are scattered over the cache. Scored as they come, each row's misses wait on the
         // previous row's; a touch pass over a tile of them first puts all the tile's misses in flight at once. On the
         // AMD EPYC project machine (SmolLM2-135M, fp32, 8K context, one thread, 2026-12-07) the search with each row
-        // requested 16 rows ahead by a software prefetch took 13.2 ms of a 32 ms decode step (~150 ns per row); the
+        // requested 16 rows ahead by a software prefetch took 13.3 ms of a 33-34 ms decode step (~150 ns per row); the
         // prefetches did not overlap the misses there, as the sparse decode kernel's did not (touch_rows).
         const int64_t row_bytes = static_cast<int64_t>(p.D) * sizeof(T);
         auto request = [&](int c) {
@@ -123,6 +123,9 @@ inline void hip_search(const HipParams& p) {
                 std::memcpy(&x, row + o, sizeof(T));
                 t += static_cast<float>(Load<T>::get(&x, 0));
               }
+              T x;  // a row that does not start on a cache line ends in one more
+              std::memcpy(&x, row + row_bytes - sizeof(T), sizeof(T));
+              t += static_cast<float>(Load<T>::get(&x, 0));
             }
           }
           touched += t;
@@ -138,9 +141,10 @@ inline void hip_search(const HipParams& p) {
           for (int c = 0; c < std::min(2 * n, kHipPfRows); ++c) request(c);
         int tile_end = 0;
         for (int c = 0; c < 2 * n; ++c) {
-          if (kTouch && c == tile_end) {  // the next tile: children until about kHipTouchRows rows
+          if (kTouch && c == tile_end) {  // the next tile: children until about kHipTouchBytes of rows
+            const int64_t tile_rows = std::max<int64_t>(1, kHipTouchBytes / row_bytes);
             int64_t rows = 0;
-            while (tile_end < 2 * n && (rows == 0 || rows + rlen[tile_end] <= kHipTouchRows)) rows += rlen[tile_end++];
+            while (tile_end < 2 * n && (rows == 0 || rows + rlen[tile_end] <= tile_rows)) rows += rlen[tile_end++];
             touch(c, tile_end);
           }
           if (!kTouch && c + kHipPfRows < 2 * n) request(c + kHipPfRows);
@@ -165,7 +169,8 @@ inline void hip_search(const HipParams& p) {
               best = dot != dot ? std::numeric_limits<float>::infinity() : std::max(best, dot);  // NaN ranks first
             }
           }
-          score[c] = best * p.scale;
+          const float sc = best * p.scale;
+          score[c] = sc != sc ? std::numeric_limits<float>::infinity() : sc;  // NaN after scaling ranks first (torch's too)
         }
         // the n best children under a strict total order (score descending, ties to the lower child), so the kept
         // set is unique and a selection finds the same set as a partial sort (the kept children are then taken in
