@@ -774,9 +774,10 @@ def _hip_estimate() -> list[str]:
            "exhaustive rows run the torch search (not timed here); the others the C++ one.", ""]
     out += table(["children scored by"] + list(HIP_SCHEDULES.values()), rows)
     out += sources("eval_hip_smollm2_2k.csv", HIP_REPKEYS, HIP_REFRESH)
-    out += ["What a step costs at 8K (real prefill, batch 1, fp32, one run, after the search's touch pass and "
-            "selection), the default against 16 keys per child searched at every step (the row that reaches dense's "
-            "NIAH above); hip's KV MB read include the key rows its search scored:", ""]
+    out += ["What a step costs at 8K (real prefill, batch 1, fp32, after the search's touch pass and selection; the "
+            "grid three times, interleaved, the median run), the default against 16 keys per child searched at every "
+            "step (the row that reaches dense's NIAH above); hip's KV MB read include the key rows its search scored:",
+            ""]
     out += _speed_table([HIP_SPEED])
     out += sources(HIP_SPEED)
     g = {r["policy"]: f"{round(float(r['accuracy']) * int(r['n']))}/{r['n']}" for r in load(HIP_GEMMA)
@@ -816,7 +817,7 @@ def quest_label(p: str):
 
 def sec_reuse() -> list[str]:
     q = _reuse_quality()
-    tasks = ["niah", "passkey", "ruler_niah_single_1"]
+    tasks = ["passkey", "niah", "ruler_niah_single_1"]
     rows = []
     for c in sorted({k[1] for k in q.acc}):
         for p in REUSE_ORDER:

@@ -205,7 +205,8 @@ def test_bad_options_are_refused_in_one_line():
     m = model4("llama")
     for kw, why in (({"representative": "last"}, "representative must be one of"), ({"key_block": 0}, "key_block"),
                     ({"refresh": 0}, "refresh"), ({"topk": -3}, "topk"),
-                    ({"topk": 40}, "exceed topk"),  # the default sink + window (80) would not fit
+                    # the default sink + window (80) would not fit: the message names them as hip does
+                    ({"topk": 40}, r"sink \+ window \(16 \+ 64\) exceed topk=40; .* lower sink/window or raise topk"),
                     ({"rep_keys": 0}, "rep_keys"), ({"rep_keys": 4, "representative": "max"}, "use rep_keys=1"),
                     ({"rep_keys": 4, "sparse_prefill": True}, "use rep_keys=1")):
         with pytest.raises(AccelError, match=why):

@@ -21,18 +21,22 @@ from ..errors import AccelError
 AGG_CHOICES = ("max", "mean", "sum", "shared")
 
 
-def check_budget_knobs(name: str, topk, topk_ratio, sink: int, recent: int, chunk: int) -> None:
+def check_budget_knobs(name: str, topk, topk_ratio, sink: int, recent: int, chunk: int,
+                       recent_name: str = "recent") -> None:
+    """The budget options of a top-k policy, refused in one line that names the policy's own options (``recent_name``:
+    what the policy calls its recent tokens, e.g. hip's ``window``)."""
     if topk is not None and (not isinstance(topk, int) or topk < 1):
         raise AccelError(f"{name}: topk must be a positive number of tokens or None (then topk_ratio applies), got {topk!r}")
     if topk is None and (topk_ratio is None or not (0.0 < float(topk_ratio) <= 1.0)):
         raise AccelError(f"{name}: topk_ratio must be in (0, 1] (fraction of the context kept), got {topk_ratio!r}")
     if not isinstance(chunk, int) or chunk < 1:
         raise AccelError(f"{name}: chunk must be a positive integer, got {chunk!r}")
+    r = recent_name
     if sink < 0 or recent < 0:
-        raise AccelError(f"{name}: sink and recent must be >= 0, got sink={sink}, recent={recent}")
+        raise AccelError(f"{name}: sink and {r} must be >= 0, got sink={sink}, {r}={recent}")
     if topk is not None and sink + recent > topk:
-        raise AccelError(f"{name}: sink + recent ({sink} + {recent}) exceed topk={topk}; the budget includes them, "
-                         "so lower sink/recent or raise topk")
+        raise AccelError(f"{name}: sink + {r} ({sink} + {recent}) exceed topk={topk}; the budget includes them, "
+                         f"so lower sink/{r} or raise topk")
 
 
 def token_budget(T: int, topk: int | None, topk_ratio: float | None, min_tokens: int = 0) -> int:

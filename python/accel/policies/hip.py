@@ -92,7 +92,7 @@ class HiPPolicy(AttentionPolicy):
         for knob in ("sink", "window", "dense_layers", "min_topk", "refine_levels"):
             if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 0:
                 raise AccelError(f"hip: {knob} must be an integer >= 0, got {getattr(self, knob)!r}")
-        check_budget_knobs("hip", self.topk, self.topk_ratio, self.sink, self.window, 1)
+        check_budget_knobs("hip", self.topk, self.topk_ratio, self.sink, self.window, 1, recent_name="window")
         for knob in ("key_block", "refresh", "rep_keys"):
             if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
                 raise AccelError(f"hip: {knob} must be an integer >= 1, got {getattr(self, knob)!r}")
