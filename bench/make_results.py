@@ -64,6 +64,7 @@ COMMITTED = {
     "eval_hip_refresh_smollm2_2k.csv": "2026-12-07",
     "eval_hip_gemma3_2k.csv": "2026-12-07",
     "decode_hip_refresh_smollm2_b1.csv": "2026-12-07",
+    "decode_hip_smollm2_b8.csv": "2026-12-07",
     "eval_tca_smollm2_2k.csv": "2026-12-06",
     "eval_tca_smollm2_4k.csv": "2026-12-06",
     "eval_tca_smollm2_4k_lm.csv": "2026-12-06",
@@ -737,6 +738,7 @@ HIP_REPKEYS_LABELS = {"hip@rep_keys=4": "hip (4 middle keys per child)", "hip@re
 HIP_REFRESH = "eval_hip_refresh_smollm2_2k.csv"
 HIP_GEMMA = "eval_hip_gemma3_2k.csv"
 HIP_SPEED = "decode_hip_refresh_smollm2_b1.csv"  # after the search's touch pass and selection (2026-12-07)
+HIP_SPEED_B8 = "decode_hip_smollm2_b8.csv"
 HIP_SEARCHES = {"": "one middle key per child (default)", "rep_keys=4": "4 middle keys per child",
                 "rep_keys=16": "16 middle keys per child", "representative=max": "every key of the child (exhaustive)"}
 HIP_SCHEDULES = {"": "full search every 8 steps, 2 finest levels refined between (default)",
@@ -780,6 +782,9 @@ def _hip_estimate() -> list[str]:
             ""]
     out += _speed_table([HIP_SPEED])
     out += sources(HIP_SPEED)
+    out += ["The same at 4K, batch 8 (every row the same prompt), one run:", ""]
+    out += _speed_table([HIP_SPEED_B8])
+    out += sources(HIP_SPEED_B8)
     g = {r["policy"]: f"{round(float(r['accuracy']) * int(r['n']))}/{r['n']}" for r in load(HIP_GEMMA)
          if r["task"] == "niah"}
     out += ["The same on Gemma-3-270m (its global layers; the sliding-window layers decode densely), NIAH at 2K:", ""]
