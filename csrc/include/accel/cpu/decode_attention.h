@@ -605,16 +605,9 @@ static void attend_span(const DecodeParams& p, int b, int kh, int64_t i0, int64_
   float touched = 0.f;
   auto touch_rows = [&](int64_t a, int64_t e) {
     float t = 0.f;
-    for (int64_t jj = a; jj < e; ++jj) {
-      const char* kr = reinterpret_cast<const char*>(kb + idx[jj] * p.k_st);
-      const char* vr = reinterpret_cast<const char*>(vb + idx[jj] * p.v_st);
-      for (int64_t off = 0; off < krow_bytes; off += 64) {
-        T x, y;
-        std::memcpy(&x, kr + off, sizeof(T));
-        std::memcpy(&y, vr + off, sizeof(T));
-        t += static_cast<float>(Load<T>::get(&x, 0)) + static_cast<float>(Load<T>::get(&y, 0));
-      }
-    }
+    for (int64_t jj = a; jj < e; ++jj)
+      t += touch_row<T>(reinterpret_cast<const char*>(kb + idx[jj] * p.k_st), krow_bytes) +
+           touch_row<T>(reinterpret_cast<const char*>(vb + idx[jj] * p.v_st), krow_bytes);
     touched += t;
     asm volatile("" : : "g"(touched));  // the loads are the point: keep them
   };

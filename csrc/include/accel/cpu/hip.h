@@ -12,7 +12,6 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -105,6 +104,7 @@ inline void hip_search(const HipParams& p) {
         // requested 16 rows ahead by a software prefetch took 13.3 ms of a 33-34 ms decode step (~150 ns per row); the
         // prefetches did not overlap the misses there, as the sparse decode kernel's did not (touch_rows).
         const int64_t row_bytes = static_cast<int64_t>(p.D) * sizeof(T);
+        const int64_t tile_rows = std::max<int64_t>(1, kHipTouchBytes / row_bytes);
         auto request = [&](int c) {
           for (int64_t j = 0; j < rlen[c]; ++j) {
             const char* row = reinterpret_cast<const char*>(kb + (rep[c] + j) * p.k_st);
@@ -116,17 +116,8 @@ inline void hip_search(const HipParams& p) {
           float t = 0.f;
           for (int c = a; c < e; ++c) {
             if (chi[c] <= clo[c]) continue;
-            for (int64_t j = 0; j < rlen[c]; ++j) {
-              const char* row = reinterpret_cast<const char*>(kb + (rep[c] + j) * p.k_st);
-              for (int64_t o = 0; o < row_bytes; o += 64) {
-                T x;
-                std::memcpy(&x, row + o, sizeof(T));
-                t += static_cast<float>(Load<T>::get(&x, 0));
-              }
-              T x;  // a row that does not start on a cache line ends in one more
-              std::memcpy(&x, row + row_bytes - sizeof(T), sizeof(T));
-              t += static_cast<float>(Load<T>::get(&x, 0));
-            }
+            for (int64_t j = 0; j < rlen[c]; ++j)
+              t += touch_row<T>(reinterpret_cast<const char*>(kb + (rep[c] + j) * p.k_st), row_bytes);
           }
           touched += t;
           asm volatile("" : : "g"(touched));  // the loads are the point: keep them
@@ -142,7 +133,6 @@ inline void hip_search(const HipParams& p) {
         int tile_end = 0;
         for (int c = 0; c < 2 * n; ++c) {
           if (kTouch && c == tile_end) {  // the next tile: children until about kHipTouchBytes of rows
-            const int64_t tile_rows = std::max<int64_t>(1, kHipTouchBytes / row_bytes);
             int64_t rows = 0;
             while (tile_end < 2 * n && (rows == 0 || rows + rlen[tile_end] <= tile_rows)) rows += rlen[tile_end++];
             touch(c, tile_end);

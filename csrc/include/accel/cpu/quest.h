@@ -115,13 +115,14 @@ static inline void page_bound_lanes(const float* qp, const float* qn, const S* M
 // (+inf). GC > 0: the group size known at compile time and D a multiple of 16 (page_bound_lanes).
 // DC > 0: the head dim known at compile time (64 and 128; the page loops then run unrolled). With the head dim a
 // runtime value the head-by-head traversal below gained nothing: the whole selection of 30 layers x 3 KV heads x
-// 2000 fp32 pages, G = 3, one selection per query head, took 10.2-10.4 ms either way, and 8.2-8.5 ms with both (7.9-8.1 with the branch-free page marking below)
-// (scratch harness, one thread, AMD EPYC, 2026-12-07).
+// 2000 fp32 pages, G = 3, one selection per query head, took 10.2-10.4 ms either way, and 8.2-8.5 ms with both
+// (7.9-8.1 with the branch-free page marking below; scratch harness, one thread, AMD EPYC, 2026-12-07).
 // (Kept out of line: inlined into quest_select_t's loop, the selection measured ~2 ms a step slower in the harness
 // of kth_largest below.)
 template <typename S, int GC, int DC = 0>
-__attribute__((noinline)) static void quest_bounds(const float* qp, const float* qn, const S* mn, const S* mx, int64_t sp, int64_t n_pages,
-                         int D_, int G, int agg_code, float* score) {
+__attribute__((noinline)) static void quest_bounds(const float* qp, const float* qn, const S* mn, const S* mx,
+                                                   int64_t sp, int64_t n_pages, int D_, int G, int agg_code,
+                                                   float* score) {
   const int D = DC > 0 ? DC : D_;
   const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
   int64_t j0 = 0;

@@ -89,6 +89,22 @@ template <> struct Load<f16> {
   static inline float get(const f16* p, int64_t i) { return f16_to_float(p[i].bits); }
 };
 
+// A touch of one row of `bytes` bytes: one plain load per cache line from its start, and its last element (the last
+// line of a row that does not start on one), summed as floats so the caller can keep the loads (an empty asm on the
+// sum). A pass of these over a tile of scattered rows puts the tile's misses in flight together; on the AMD EPYC
+// project machine software prefetches did not (decode_attention.h's index lists, hip.h's representative rows).
+template <typename T>
+static inline float touch_row(const char* row, int64_t bytes) {
+  float t = 0.f;
+  T x;
+  for (int64_t o = 0; o < bytes; o += 64) {
+    std::memcpy(&x, row + o, sizeof(T));
+    t += Load<T>::get(&x, 0);
+  }
+  std::memcpy(&x, row + bytes - sizeof(T), sizeof(T));
+  return t + Load<T>::get(&x, 0);
+}
+
 // 16-lane fp32 vector. With AVX-512 it is one GCC/Clang vector-extension type (one zmm). Without it, GCC
 // lowers a 64-byte vector-extension type through memory (measured on an AVX2-only EPYC: a GEMV at 4.6 GB/s
 // against 18 GB/s with 8-lane vectors), so there it is a pair of native 8-lane vectors (two ymm on AVX2)
