@@ -183,6 +183,7 @@ COMMITTED = {
     "vlm_digits_kept_on_digit.csv": "2026-11-24",
     "vlm_clutter_ceiling.csv": "2026-12-07",
     "vlm_clutter_curve.csv": "2026-12-06",
+    "vlm_clutter_lm_tuning.csv": "2026-12-07",
     "vlm_clutter_on_target.csv": "2026-12-06",
     "vlm_clutter_see.csv": "2026-12-06",
     "vlm_prefill_small.csv": "2026-11-24",
@@ -1272,6 +1273,15 @@ def sec_vlm_clutter() -> list[str]:
                    f(r["accuracy_position"], 3) if r["accuracy_position"] else "-",
                    pct(r["answer_is_a_digit_in_the_image"])] for r in ceil])
     out += sources("vlm_clutter_ceiling.csv")
+    tun = load("vlm_clutter_lm_tuning.csv")
+    out += ["Training the language model too (stage C: low-rank adapters on its attention projections, after stage B "
+            "aligned the projector; the small model of the pair, held-out questions):", ""]
+    out += table(["model", "accuracy", "by colour", "by position", "uniform pick among four", "last train loss",
+                  "train s"],
+                 [[r["model"], f(r["accuracy"], 3), f(r["accuracy_colour"], 3), f(r["accuracy_position"], 3),
+                   f(r["uniform_pick_among_four"], 3), f(r["train_loss_last"], 3), f(r["train_seconds"], 0)]
+                  for r in tun])
+    out += sources("vlm_clutter_lm_tuning.csv")
     see = load("vlm_clutter_see.csv")
     best, base = see_within_one_point()
     out += ["### SGL's early exit (SEE)", "",

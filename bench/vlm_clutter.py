@@ -169,12 +169,49 @@ def _ceiling(args, large, small, tok, image_id, cfg, batches):
     print(f"wrote {args.out or 'bench/results/vlm_clutter_ceiling.csv'}")
 
 
+def _lm_tuning(args):
+    """Stage C (low-rank adapters on the language model, after stage B) on the small model of the pair: the held-out
+    accuracy of the frozen-LM model against the same model after ``--lora-steps`` of stage C, and against a uniform
+    pick among the image's four digits (what a reader that ignores the question scores)."""
+    import copy
+
+    from accel.research import cluttered_vlm as C
+
+    scfg = C.small_config()
+    small, tok, image_id, srec = C.load_or_train(scfg, progress=True)
+    batches = C.test_batches(scfg, n=args.samples)
+    n_q = sum(len(b.answer) for b in batches)
+    uniform = float(sum(float((b.quadrant_digit == b.answer[:, None]).float().sum()) / 4 for b in batches) / n_q)
+
+    def row(name, steps, res, rec, secs):
+        return {"model": f"small, {name}", "stage_c_steps": steps, "questions_per_image": args.questions,
+                "accuracy": round(C.accuracy(res), 4),
+                **{f"accuracy_{k}": round(C.accuracy(res, k), 4) for k in scfg.kind_list},
+                "uniform_pick_among_four": round(uniform, 4), "questions": n_q,
+                "train_loss_last": rec.get("stage_c_loss_first_last", rec.get("stage_b_loss_first_last"))[1],
+                "train_seconds": secs,
+                "vlm": MODEL if not steps else MODEL.replace("frozen", "with stage C's adapters merged")}
+
+    rows = [row("frozen LM (stages A+B)", 0, C.answers(small, tok, image_id, scfg, batches), srec,
+                srec.get("seconds"))]
+    print(f"frozen LM: accuracy {rows[-1]['accuracy']:.3f} (uniform pick among four {uniform:.3f})", flush=True)
+    for steps in (int(s) for s in args.lora_steps.split(",") if s):
+        cfg = C.small_config(lora_steps=steps, questions_per_image=args.questions)
+        tuned = copy.deepcopy(small)
+        rec, _ = C.tune_language_model(tuned, tok, image_id, cfg, progress=True)
+        rows.append(row(f"+ stage C ({steps} steps of LM adapters, rank {cfg.lora_rank})", steps,
+                        C.answers(tuned, tok, image_id, scfg, batches), rec, rec["stage_c_seconds"]))
+        print(f"stage C {steps} steps: accuracy {rows[-1]['accuracy']:.3f}", flush=True)
+        del tuned
+    _write(rows, Path(args.out or "bench/results/vlm_clutter_lm_tuning.csv"))
+
+
 def main(argv=None):
     import accel
     from accel.research import cluttered_vlm as C
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "curve", "see", "diagnose", "ceiling"])
+    ap.add_argument("command", choices=["train", "curve", "see", "diagnose", "ceiling", "lm-tuning"])
     ap.add_argument("--lms", default="smollm2-135m,gemma3-270m", help="ceiling: the language models to ask in text")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--policies", default="sgl,sgl@layer=0,fastervlm,flowcut,fastv,randomprune")
@@ -182,11 +219,16 @@ def main(argv=None):
     ap.add_argument("--thresholds", default="0.2,0.25,0.3,0.35,0.4,0.5,0.7")
     ap.add_argument("--samples", type=int, default=200, help="held-out images per question kind")
     ap.add_argument("--see-keep", type=int, default=None, help="SGP's kept tokens beside SEE (default: keep all)")
+    ap.add_argument("--lora-steps", default="300", help="lm-tuning: stage C lengths to try on the small model")
+    ap.add_argument("--questions", type=int, default=1, help="lm-tuning: questions per training image in stage C")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
+
+    if args.command == "lm-tuning":
+        return _lm_tuning(args)
 
     lcfg, scfg = C.large_config(), C.small_config()
     t0 = time.time()

@@ -1,6 +1,7 @@
 """The cluttered-digits task and its project-trained VLM pair (accel.research.cluttered_vlm): the canvases put every
 digit where its labels say, each question names exactly one digit, the small model is the large model's language
 model cut to its first layers, training leaves the language model frozen, and a guided pair runs end to end."""
+import pytest
 import torch
 
 import accel
@@ -54,7 +55,7 @@ def test_prompts_of_a_kind_have_one_length_and_the_image_tokens():
         assert ids.shape[0] == 4 and int((ids == image_id).sum(1).unique()) == cfg.tokens
 
 
-def test_small_model_is_the_language_models_first_layers_frozen_through_training():
+def test_small_model_is_the_language_models_first_layers_frozen_through_training_without_adapters():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _tokenizer()
@@ -73,7 +74,8 @@ def test_small_model_is_the_language_models_first_layers_frozen_through_training
     torch.testing.assert_close(cut.hidden_states[1], full[1])  # after the first decoder layer
     torch.testing.assert_close(cut.last_hidden_state, lm.model.norm(full[2]))  # the second, then the final norm
     before = {k: v.clone() for k, v in inner.state_dict().items()}
-    rec = C.train(vlm, tok, image_id, cfg)
+    rec, adapters = C.train(vlm, tok, image_id, cfg)
+    assert adapters == {}
     assert all(torch.isfinite(torch.tensor(rec["stage_b_loss_first_last"])))
     assert all(torch.equal(v, before[k]) for k, v in inner.state_dict().items())
     # a guided pair on the task runs end to end: keep-all without exit answers as the large model does
@@ -84,3 +86,70 @@ def test_small_model_is_the_language_models_first_layers_frozen_through_training
         got = C.answers(large, tok, image_id, cfg, batches)
     assert torch.equal(ref["pred"], got["pred"])
     torch.testing.assert_close(ref["conf"], got["conf"])
+
+
+def test_adapters_change_only_the_attention_projections_and_reload_into_the_same_model():
+    """Stage C's low-rank adapters (with three questions per training image): training moves only the targeted
+    projections, by exactly ``B @ A``, leaves no hook behind, and a fresh model with the cached tower, projector and
+    adapters merged answers as the trained one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from accel.research.digits_vlm import _load_trainable, _trainable_state
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=len(tok), tie_word_embeddings=True)).eval()
+    cfg = C.large_config(width=32, layers=2, heads=2, stage_a_steps=2, stage_a_batch=8, stage_b_steps=2,
+                         stage_b_batch=4, n_train=64, lora_steps=3, lora_rank=4, lora_lr=5e-2, questions_per_image=3)
+    assert "lora4x3-q3" in cfg.key() and C.large_config().key() == "clutter-vlm-v1-c40p4w64l4-lmall-colour+position-s0"
+    vlm, image_id = C.build_vlm(lm, tok, cfg)
+    inner = vlm.model.language_model
+    before = {k: v.clone() for k, v in inner.state_dict().items()}
+    rec, adapters = C.train(vlm, tok, image_id, cfg)
+    targets = {f"layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert {k.rsplit(".", 1)[0] for k in adapters} == targets
+    for k, v in inner.state_dict().items():
+        path = k.rsplit(".", 1)[0]
+        if path in targets:
+            delta = adapters[f"{path}.B"] @ adapters[f"{path}.A"]
+            assert float(delta.abs().max()) > 0  # trained
+            torch.testing.assert_close(v, before[k] + delta)
+        else:
+            assert torch.equal(v, before[k]), k
+    assert all(not m._forward_hooks for m in inner.modules())
+    fresh, _ = C.build_vlm(lm, tok, cfg)
+    _load_trainable(fresh, _trainable_state(vlm))
+    C.merge_lora(fresh, adapters)
+    batches = C.test_batches(cfg, n=4, batch=4)
+    a, b = C.answers(vlm, tok, image_id, cfg, batches), C.answers(fresh, tok, image_id, cfg, batches)
+    assert torch.equal(a["pred"], b["pred"])
+    torch.testing.assert_close(a["conf"], b["conf"])
+    with pytest.raises(accel.AccelError, match="lacks"):
+        C.merge_lora(fresh, {"layers.9.self_attn.q_proj.A": adapters["layers.0.self_attn.q_proj.A"],
+                             "layers.9.self_attn.q_proj.B": adapters["layers.0.self_attn.q_proj.B"]})
+
+
+def test_training_conversations_ask_every_digit_and_start_with_the_test_prompt():
+    """Stage B's several-question prompts: the first turn is exactly the test-time prompt, every answer position is
+    followed by the asked quadrant's digit, and a batch's turns name four different quadrants."""
+    from accel.research.digits_vlm import digit_token_ids
+
+    tok = _tokenizer()
+    cfg = C.ClutterConfig()
+    image_id = tok.convert_tokens_to_ids("<jupyter_output>")
+    x, y, _, _ = digits_split(cfg)
+    b = C.render(x, y, cfg, 6, "colour", torch.Generator().manual_seed(3))
+    order = torch.stack([torch.cat([b.target[i:i + 1], torch.tensor([q for q in range(4) if q != int(b.target[i])])])
+                         for i in range(6)])
+    kinds = ["colour", "position", "position", "colour"]
+    ids, pos, ans = C.conversation_ids(tok, image_id, cfg.tokens, b, kinds, order)
+    first = C.prompt_ids(tok, image_id, cfg.tokens, "colour", b.which)
+    assert torch.equal(ids[:, :first.shape[1]], first) and int(pos[0]) == first.shape[1] - 1
+    digits = torch.tensor(digit_token_ids(tok))
+    assert torch.equal(ans[:, 0], digits[b.answer])
+    for j in range(4):
+        assert torch.equal(ids[:, pos[j] + 1], ans[:, j])
+        assert torch.equal(ans[:, j], digits[b.quadrant_digit.gather(1, order[:, j:j + 1])[:, 0]])
+    with pytest.raises(accel.AccelError, match="questions_per_image"):
+        C.ClutterConfig(questions_per_image=5).kind_list

@@ -230,22 +230,39 @@ def train(vlm, tok, image_id: int, cfg: DigitsConfig, progress: bool = False) ->
     return record
 
 
-def train_projector(vlm, cfg, batch, desc: str, progress: bool, window: int) -> tuple[list, list]:
+def train_projector(vlm, cfg, batch, desc: str, progress: bool, window: int,
+                    extra: tuple[list, float] | None = None, steps: int | None = None,
+                    lr: float | None = None) -> tuple[list, list]:
     """Stage B of the project-trained VLMs: the projector, and the tower at a tenth of the rate, through the frozen
     language model, cross-entropy on the answer token. ``batch(step)`` gives ``(input_ids, pixel_values, answer token
-    ids)``. Returns the per-step losses and accuracies; the tower is left in eval mode."""
+    ids)``, or ``(input_ids, pixel_values, (positions, answer ids))`` with several answers per prompt (the logits at
+    ``positions`` [Q] predict ``answer ids`` [B, Q]); ``extra``: more parameters to train and their learning rate (the
+    language model's low-rank adapters).
+    ``steps`` / ``lr``: the run's length and the projector's rate (default ``cfg.stage_b_steps`` / ``cfg.stage_b_lr``).
+    Returns the per-step losses and accuracies; the tower is left in eval mode."""
     from tqdm.auto import tqdm
 
+    steps = cfg.stage_b_steps if steps is None else steps
+    lr = cfg.stage_b_lr if lr is None else lr
     tower, proj = vlm.model.vision_tower, vlm.model.multi_modal_projector
-    opt = torch.optim.AdamW([{"params": proj.parameters(), "lr": cfg.stage_b_lr},
-                             {"params": tower.parameters(), "lr": cfg.stage_b_lr * 0.1}], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.stage_b_lr, cfg.stage_b_lr * 0.1],
-                                                total_steps=cfg.stage_b_steps, pct_start=0.1)
-    bar = tqdm(total=cfg.stage_b_steps, desc=desc, disable=not progress)
+    groups = [{"params": list(proj.parameters()), "lr": lr},
+              {"params": list(tower.parameters()), "lr": lr * 0.1}]
+    if extra is not None and extra[0]:
+        groups.append({"params": list(extra[0]), "lr": extra[1]})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
+                                                total_steps=steps, pct_start=0.1)
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
     losses, hits = [], []
-    for step in range(cfg.stage_b_steps):
+    for step in range(steps):
         ids, pv, answer = batch(step)
-        logits = vlm(input_ids=ids, pixel_values=pv, logits_to_keep=1, use_cache=False).logits[:, -1]
+        if isinstance(answer, tuple):  # (positions [Q], answer ids [B, Q]): several answers per prompt
+            pos, answer = answer
+            hidden = vlm.model(input_ids=ids, pixel_values=pv, use_cache=False).last_hidden_state
+            logits = vlm.lm_head(hidden[:, pos]).flatten(0, 1)
+            answer = answer.flatten()
+        else:
+            logits = vlm(input_ids=ids, pixel_values=pv, logits_to_keep=1, use_cache=False).logits[:, -1]
         loss = torch.nn.functional.cross_entropy(logits, answer)
         opt.zero_grad()
         loss.backward()
@@ -260,11 +277,13 @@ def train_projector(vlm, cfg, batch, desc: str, progress: bool, window: int) -> 
     return losses, hits
 
 
-def cached_vlm(cfg, build, train_fn, progress: bool, retrain: bool, what: str):
+def cached_vlm(cfg, build, train_fn, progress: bool, retrain: bool, what: str, load_extra=None):
     """A project-trained VLM ``(vlm, tokenizer, image_token_id, record)``: ``build(lm, tok, cfg)`` around the frozen
     SmolLM2-135M (installed offline by ``scripts/setup.sh``), its tower and projector loaded from
     ``$ACCEL_CACHE_DIR/vlm/<cfg.key()>`` or trained by ``train_fn(vlm, tok, image_id, cfg, progress=...)`` and
-    cached there."""
+    cached there. ``train_fn`` may return ``(record, extra)``: tensors saved beside the tower and projector (keys
+    prefixed ``extra.``) that ``load_extra(vlm, extra)`` applies when the model is loaded from the cache (the training
+    run has applied them itself)."""
     from safetensors.torch import load_file, save_file
 
     from ..models import load
@@ -274,12 +293,22 @@ def cached_vlm(cfg, build, train_fn, progress: bool, retrain: bool, what: str):
     path = cache_path(cfg)
     wfile, rfile = path / "trainable.safetensors", path / "record.json"
     if wfile.exists() and rfile.exists() and not retrain:
-        _load_trainable(vlm, load_file(str(wfile)))
+        state = load_file(str(wfile))
+        extra = {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")}
+        _load_trainable(vlm, {k: v for k, v in state.items() if not k.startswith("extra.")})
+        if extra:
+            if load_extra is None:
+                raise AccelError(f"the cached {what} at {path} holds tensors this loader cannot apply; retrain it")
+            load_extra(vlm, extra)
         return vlm, tok, image_id, json.loads(rfile.read_text())
     logger.info("training the %s (project-trained; cached under %s)", what, path)
     record = train_fn(vlm, tok, image_id, cfg, progress=progress)
+    extra = {}
+    if isinstance(record, tuple):
+        record, extra = record
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_trainable_state(vlm), str(wfile))
+    save_file({**_trainable_state(vlm), **{f"extra.{k}": v.detach().contiguous().clone() for k, v in extra.items()}},
+              str(wfile))
     rfile.write_text(json.dumps(record, indent=1))
     return vlm.eval(), tok, image_id, record
 
