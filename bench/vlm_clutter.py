@@ -184,7 +184,8 @@ def _lm_tuning(args):
     uniform = float(sum(float((b.quadrant_digit == b.answer[:, None]).float().sum()) / 4 for b in batches) / n_q)
 
     def row(name, steps, res, rec, secs):
-        return {"model": f"small, {name}", "stage_c_steps": steps, "questions_per_image": args.questions,
+        return {"model": f"small, {name}", "stage_c_steps": steps,
+                "questions_per_image": args.questions if steps else 1,
                 "accuracy": round(C.accuracy(res), 4),
                 **{f"accuracy_{k}": round(C.accuracy(res, k), 4) for k in scfg.kind_list},
                 "uniform_pick_among_four": round(uniform, 4), "questions": n_q,

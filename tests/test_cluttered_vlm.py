@@ -102,7 +102,10 @@ def test_adapters_change_only_the_attention_projections_and_reload_into_the_same
                                       num_key_value_heads=1, vocab_size=len(tok), tie_word_embeddings=True)).eval()
     cfg = C.large_config(width=32, layers=2, heads=2, stage_a_steps=2, stage_a_batch=8, stage_b_steps=2,
                          stage_b_batch=4, n_train=64, lora_steps=3, lora_rank=4, lora_lr=5e-2, questions_per_image=3)
-    assert "lora4x3-q3" in cfg.key() and C.large_config().key() == "clutter-vlm-v1-c40p4w64l4-lmall-colour+position-s0"
+    assert "-lora4x3-" in cfg.key() and cfg.key().endswith("-q3-colour+position-s0")
+    assert C.large_config().key() == "clutter-vlm-v1-c40p4w64l4-lmall-colour+position-s0"  # default: unchanged
+    assert cfg.key() != C.large_config(**{**cfg.__dict__, "lora_targets": "q_proj"}).key()  # targets name the cache
+    assert cfg.key() != C.large_config(**{**cfg.__dict__, "lora_lr": 1e-3}).key()
     vlm, image_id = C.build_vlm(lm, tok, cfg)
     inner = vlm.model.language_model
     before = {k: v.clone() for k, v in inner.state_dict().items()}
@@ -152,4 +155,54 @@ def test_training_conversations_ask_every_digit_and_start_with_the_test_prompt()
         assert torch.equal(ids[:, pos[j] + 1], ans[:, j])
         assert torch.equal(ans[:, j], digits[b.quadrant_digit.gather(1, order[:, j:j + 1])[:, 0]])
     with pytest.raises(accel.AccelError, match="questions_per_image"):
-        C.ClutterConfig(questions_per_image=5).kind_list
+        C.ClutterConfig(questions_per_image=5)
+    with pytest.raises(accel.AccelError, match="lora_rank"):
+        C.ClutterConfig(lora_steps=10, lora_rank=0)
+    # the training batches: the batch's own question first, then three other quadrants, each asked once
+    cfg4 = C.ClutterConfig(questions_per_image=4, stage_b_batch=5)
+    ids, pv, (pos, ans) = C._stage_batches(tok, image_id, cfg4, torch.Generator().manual_seed(0))(0)
+    assert ids.shape[0] == 5 and pv.shape == (5, 3, 40, 40) and pos.shape == (4,) and ans.shape == (5, 4)
+    g = torch.Generator().manual_seed(0)
+    b = C.render(*digits_split(cfg4)[:2], cfg4, 5, "colour", g)  # the same draw the batch made first
+    assert torch.equal(b.pixel_values, pv) and torch.equal(ans[:, 0], digits[b.answer])
+    for i in range(5):
+        turns = tok.decode(ids[i, 1 + cfg4.tokens:]).split("\nQuestion: ")[1:]
+        quads = []
+        for t, turn in enumerate(turns):
+            which = turn.split("?")[0].removeprefix("Which digit is ").removeprefix("at the ")
+            q = C.POSITIONS.index(which) if which in C.POSITIONS else \
+                int(b.quadrant_colour[i].tolist().index(C.COLOURS.index(which)))
+            quads.append(q)
+            assert int(ans[i, t]) == int(digits[b.quadrant_digit[i, q]])
+        assert quads[0] == int(b.target[i]) and sorted(quads) == [0, 1, 2, 3]
+
+
+def test_cached_model_with_adapters_loads_as_trained(tmp_path, monkeypatch):
+    """``load_or_train`` caches stage C's adapters beside the tower and projector and merges them on load: the reloaded
+    model answers as the trained one; a cache holding tensors no loader applies is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from accel.research import digits_vlm as D
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=len(tok), tie_word_embeddings=True)).eval()
+    monkeypatch.setenv("ACCEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(accel.models, "load", lambda name: (lm, tok))
+    cfg = C.large_config(width=32, layers=2, heads=2, stage_a_steps=2, stage_a_batch=8, stage_b_steps=2,
+                         stage_b_batch=4, n_train=64, lora_steps=2, lora_rank=4, lora_lr=5e-2)
+    trained, _, image_id, rec = C.load_or_train(cfg)
+    assert "stage_c_seconds" in rec
+    saved = (D.cache_path(cfg) / "trainable.safetensors")
+    from safetensors.torch import load_file
+
+    assert sum(k.startswith("extra.") for k in load_file(str(saved))) == 2 * 4 * 2  # A and B, 4 projections, 2 layers
+    loaded, _, _, rec2 = C.load_or_train(cfg)
+    assert rec2 == rec
+    batches = C.test_batches(cfg, n=4, batch=4)
+    a, b = C.answers(trained, tok, image_id, cfg, batches), C.answers(loaded, tok, image_id, cfg, batches)
+    assert torch.equal(a["pred"], b["pred"])
+    torch.testing.assert_close(a["conf"], b["conf"])
+    with pytest.raises(accel.AccelError, match="cannot apply"):
+        D.cached_vlm(cfg, C.build_vlm, C.train, False, False, "test VLM")

@@ -26,6 +26,7 @@ Held-out images are rendered from the held-out digits with a fixed seed. Every n
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -79,15 +80,20 @@ class ClutterConfig:
     seed: int = 0
     version: int = 1
 
+    def __post_init__(self):
+        if not 1 <= self.questions_per_image <= 4:
+            raise AccelError(f"cluttered digits: questions_per_image must be 1-4 (one per digit), "
+                             f"got {self.questions_per_image}")
+        if self.lora_steps < 0 or (self.lora_steps and self.lora_rank <= 0):
+            raise AccelError(f"cluttered digits: stage C needs lora_steps >= 0 and, when it runs, lora_rank > 0 "
+                             f"(got lora_steps={self.lora_steps}, lora_rank={self.lora_rank})")
+
     @property
     def tokens(self) -> int:
         return (self.canvas // self.patch) ** 2
 
     @property
     def kind_list(self) -> list[str]:
-        if not 1 <= self.questions_per_image <= 4:
-            raise AccelError(f"cluttered digits: questions_per_image must be 1-4 (one per digit), "
-                             f"got {self.questions_per_image}")
         ks = [k for k in self.kinds.split(",") if k]
         if not ks or any(k not in ("colour", "position") for k in ks):
             raise AccelError(f"cluttered digits: kinds must name 'colour' and/or 'position', got {self.kinds!r}")
@@ -95,7 +101,10 @@ class ClutterConfig:
 
     def key(self) -> str:
         lm = f"lm{self.lm_layers}" if self.lm_layers else "lmall"
-        lora = f"-lora{self.lora_rank}x{self.lora_steps}" if self.lora_steps else ""
+        lora = ""
+        if self.lora_steps:  # every stage C setting names the cache folder: a short digest of targets and rates
+            digest = hashlib.sha1(f"{self.lora_targets}|{self.lora_lr}|{self.lora_proj_lr}".encode()).hexdigest()[:6]
+            lora = f"-lora{self.lora_rank}x{self.lora_steps}-{digest}"
         lora += f"-q{self.questions_per_image}" if self.questions_per_image > 1 else ""
         return (f"clutter-vlm-v{self.version}-c{self.canvas}p{self.patch}w{self.width}l{self.layers}-{lm}{lora}"
                 f"-{self.kinds.replace(',', '+')}-s{self.seed}")
@@ -299,15 +308,17 @@ def merge_lora(vlm, factors: dict) -> None:
     paths = sorted({k.rsplit(".", 1)[0] for k in factors})
     for path in paths:
         lin = mods.get(path)
-        if not isinstance(lin, torch.nn.Linear) or f"{path}.A" not in factors or f"{path}.B" not in factors:
+        if not isinstance(lin, torch.nn.Linear):
             raise AccelError(f"cluttered digits: the cached adapters name {path!r}, which this language model lacks")
+        if f"{path}.A" not in factors or f"{path}.B" not in factors:
+            raise AccelError(f"cluttered digits: the cached adapters of {path!r} lack their A or B factor; retrain")
         with torch.no_grad():
             lin.weight += (factors[f"{path}.B"].to(torch.float32) @ factors[f"{path}.A"].to(torch.float32)).to(
                 lin.weight.dtype)
 
 
 # -- training ---------------------------------------------------------------------------------------------
-def train(vlm, tok, image_id: int, cfg: ClutterConfig, progress: bool = False) -> dict:
+def train(vlm, tok, image_id: int, cfg: ClutterConfig, progress: bool = False) -> tuple[dict, dict]:
     """Stage A: the tower alone ([CLS] predicts every colour's and quadrant's digit; every feature-layer patch its
     digit and colour). Stage B: projector + tower through the frozen LM on the answer token. Stage C (when
     ``cfg.lora_steps``): ``tune_language_model``. Returns ``(record, adapters)`` (``{}`` without stage C)."""
@@ -391,12 +402,12 @@ def tune_language_model(vlm, tok, image_id: int, cfg: ClutterConfig, progress: b
                         g: torch.Generator | None = None) -> tuple[dict, dict]:
     """Stage C on a VLM whose projector stage B has aligned: ``cfg.lora_steps`` steps of low-rank adapters on the
     language model's attention projections (LLaVA's second stage tunes the language model; adapters keep it to
-    minutes here), with the projector at ``cfg.lora_proj_lr`` and the tower at a tenth of it. It follows stage B
-    rather than joining it: in a trial run on the small model (2026-12-07), adapters trained from the start beside
-    a random projector answered worse than the frozen language model (0.18 against 0.28 after 300 steps). The
-    adapters are merged into the language model's weights; returns ``(record, adapters)``."""
-    if not cfg.lora_steps or not cfg.lora_rank:
-        raise AccelError("cluttered digits: stage C needs lora_steps > 0 and lora_rank > 0")
+    minutes here), with the projector at ``cfg.lora_proj_lr`` and the tower at a tenth of it. It follows stage B as
+    LLaVA's second stage follows its projector alignment, so the adapters do not start on a language model fed a
+    random projector's output. The adapters are merged into the language model's weights; returns
+    ``(record, adapters)``."""
+    if not cfg.lora_steps:
+        raise AccelError("cluttered digits: stage C needs lora_steps > 0")
     g = torch.Generator().manual_seed(cfg.seed + 2) if g is None else g
     t0 = time.time()
     factors, handles = _attach_lora(vlm, cfg)
