@@ -338,7 +338,7 @@ def train(vlm, tok, image_id: int, cfg: ClutterConfig, progress: bool = False) -
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.stage_a_lr, total_steps=cfg.stage_a_steps, pct_start=0.1)
     tower.train()
     bar = tqdm(total=cfg.stage_a_steps, desc=f"cluttered VLM {cfg.key()} stage A (tower)", disable=not progress)
-    accs = []
+    accs, patch_accs = [], []
     for step in range(cfg.stage_a_steps):
         b = render(xtr, ytr, cfg, cfg.stage_a_batch, kinds[step % len(kinds)], g)
         out = tower(b.pixel_values, output_hidden_states=True)
@@ -356,10 +356,14 @@ def train(vlm, tok, image_id: int, cfg: ClutterConfig, progress: bool = False) -
         opt.step()
         sched.step()
         accs.append(float((cl.argmax(-1) == tgt).float().mean()))
+        on_digit = b.patch_digit < 10
+        patch_accs.append(float((ph[..., :10].argmax(-1)[on_digit] == b.patch_digit[on_digit]).float().mean()))
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", cls_acc=f"{sum(accs[-10:]) / len(accs[-10:]):.3f}")
     bar.close()
     record["stage_a_cls_acc_last_10_steps"] = round(sum(accs[-10:]) / len(accs[-10:]), 4)
+    # how well a digit's own patches name it (their feature-layer outputs, the tokens the language model reads)
+    record["stage_a_patch_digit_acc_last_10_steps"] = round(sum(patch_accs[-10:]) / len(patch_accs[-10:]), 4)
     record["stage_a_seconds"] = round(time.time() - t0, 1)
     t1 = time.time()
     losses, hits = train_projector(vlm, cfg, _stage_batches(tok, image_id, cfg, g),
