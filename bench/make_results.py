@@ -1275,8 +1275,9 @@ def sec_vlm_clutter() -> list[str]:
     out += sources("vlm_clutter_ceiling.csv")
     tun = load("vlm_clutter_lm_tuning.csv")
     out += ["Training the language model too (stage C: low-rank adapters on its attention projections, after stage B "
-            "aligned the projector; the small model of the pair, held-out questions). Training seconds: stages A and "
-            "B for the frozen model, stage C alone for the tuned one:", ""]
+            f"aligned the projector; the small model of the pair, {tun[0]['questions']} held-out questions). The last "
+            "train loss is the mean of the last 10 steps of stage B for the frozen model and of stage C for the tuned "
+            "one; training seconds: stages A and B for the frozen model, stage C alone for the tuned one:", ""]
     out += table(["model", "accuracy", "by colour", "by position", "uniform pick among four", "last train loss",
                   "train s"],
                  [[r["model"], f(r["accuracy"], 3), f(r["accuracy_colour"], 3), f(r["accuracy_position"], 3),

@@ -6,11 +6,16 @@ asked digit's 16 of the 100 visual tokens hold the answer. The models are accel'
 for the large model, its first 8 for the small one). Their numbers are a **project-trained** pair's, not a published
 VLM's.
 
-    python bench/vlm_clutter.py train                  # both models, cached (~25 min on the 2-core CPU)
+    python bench/vlm_clutter.py train                  # both models, cached (about 30 min on 2 cores: 21 + 8)
     python bench/vlm_clutter.py curve --out bench/results/vlm_clutter_curve.csv
     python bench/vlm_clutter.py see --out bench/results/vlm_clutter_see.csv
     python bench/vlm_clutter.py diagnose --out bench/results/vlm_clutter_on_target.csv
     python bench/vlm_clutter.py ceiling --out bench/results/vlm_clutter_ceiling.csv
+    python bench/vlm_clutter.py lm-tuning --out bench/results/vlm_clutter_lm_tuning.csv   # ~13 min
+
+``lm-tuning``: stage C (low-rank adapters on the language model, after stage B) on the small model: its held-out
+accuracy with the frozen language model and after each of ``--lora-steps`` (trains and caches the small model first
+if it is not cached). Every command writes its CSV to ``--out`` (default: the committed file in bench/results).
 
 ``curve``: the large model's accuracy against kept visual tokens for each policy (``sgl`` guided by the small model),
 one row per (policy, kept tokens), and a PNG. ``see``: SGL's early exit at several thresholds: the share of questions
@@ -196,7 +201,7 @@ def _lm_tuning(args):
     rows = [row("frozen LM (stages A+B)", 0, C.answers(small, tok, image_id, scfg, batches), srec,
                 srec.get("seconds"))]
     print(f"frozen LM: accuracy {rows[-1]['accuracy']:.3f} (uniform pick among four {uniform:.3f})", flush=True)
-    for steps in (int(s) for s in args.lora_steps.split(",") if s):
+    for steps in args.lora_steps:
         cfg = C.small_config(lora_steps=steps, questions_per_image=args.questions)
         tuned = copy.deepcopy(small)
         rec, _ = C.tune_language_model(tuned, tok, image_id, cfg, progress=True)
@@ -204,7 +209,9 @@ def _lm_tuning(args):
                         C.answers(tuned, tok, image_id, scfg, batches), rec, rec["stage_c_seconds"]))
         print(f"stage C {steps} steps: accuracy {rows[-1]['accuracy']:.3f}", flush=True)
         del tuned
-    _write(rows, Path(args.out or "bench/results/vlm_clutter_lm_tuning.csv"))
+    out = Path(args.out or "bench/results/vlm_clutter_lm_tuning.csv")
+    _write(rows, out)
+    print(f"wrote {out}")
 
 
 def main(argv=None):
@@ -214,14 +221,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["train", "curve", "see", "diagnose", "ceiling", "lm-tuning"])
     ap.add_argument("--lms", default="smollm2-135m,gemma3-270m", help="ceiling: the language models to ask in text")
-    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--retrain", action="store_true", help="train: train both models again even if cached")
     ap.add_argument("--policies", default="sgl,sgl@layer=0,fastervlm,flowcut,fastv,randomprune")
     ap.add_argument("--keeps", default="16,8,4")
     ap.add_argument("--thresholds", default="0.2,0.25,0.3,0.35,0.4,0.5,0.7")
     ap.add_argument("--samples", type=int, default=200, help="held-out images per question kind")
     ap.add_argument("--see-keep", type=int, default=None, help="SGP's kept tokens beside SEE (default: keep all)")
-    ap.add_argument("--lora-steps", default="300", help="lm-tuning: stage C lengths to try on the small model")
-    ap.add_argument("--questions", type=int, default=1, help="lm-tuning: questions per training image in stage C")
+    ap.add_argument("--lora-steps", default="300",
+                    help="lm-tuning: stage C lengths to try on the small model, comma-separated (default 300)")
+    ap.add_argument("--questions", type=int, default=1,
+                    help="lm-tuning: questions per training image in stage C, 1-4 (default 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -229,6 +238,12 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     if args.command == "lm-tuning":
+        try:
+            args.lora_steps = [int(x) for x in args.lora_steps.split(",") if x]
+        except ValueError:
+            ap.error(f"--lora-steps takes whole step counts, comma-separated; got {args.lora_steps!r}")
+        if not args.lora_steps or min(args.lora_steps) < 1 or not 1 <= args.questions <= 4:
+            ap.error("--lora-steps needs positive step counts and --questions a number from 1 to 4")
         return _lm_tuning(args)
 
     lcfg, scfg = C.large_config(), C.small_config()
